@@ -1,0 +1,624 @@
+"""Fine-tuning a causal LM on a JSONL dataset: LoRA, QLoRA (4-bit base, CUDA only) or full.
+
+Read top to bottom: the config and its defaults → `resolve_config` (refuses what this worker cannot
+run, before any work) → `Finetune.setup` (model → adapter → optimizer → data → scheduler → resume)
+→ `Finetune.train` (one loop) → `save_outputs` → the result. `run(ctx)` strings them together.
+
+Batching: the training split is read as one stream of examples, each epoch in its own seeded
+permutation; an optimizer step takes `batch_size × gradient_accumulation_steps` examples from it.
+The stream position (epoch, index) is therefore exact, and a checkpoint resumes at the very example
+it stopped at. A step that runs past the end of an epoch tops up from the next epoch's order, so
+every step has the same size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
+
+from tunery_worker import data as datalib
+from tunery_worker.context import JobContext, JobStopped
+from tunery_worker.errors import InvalidConfig, InvalidDataset
+from tunery_worker.modeling import (
+    bitsandbytes_available,
+    count_params,
+    load_model_and_tokenizer,
+    mean_token_loss,
+    memory_gb,
+    token_loss_sum,
+)
+
+CHECKPOINT_FORMAT = "tunery-finetune-checkpoint/1"
+MAX_GRAD_NORM = 1.0  # gradients are clipped to this total norm; the reported grad_norm is before clipping
+PPL_SAMPLE = 64  # examples used for perplexity when there is no eval split
+METHODS = ("lora", "qlora", "full")
+
+
+# --- config: every default in one place --------------------------------------------------------------
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16  # adapter rank
+    alpha: float = 32  # scale = alpha / r
+    dropout: float = 0.05  # dropout on the adapter's input
+    target_modules: list[str] | str = "all-linear"  # module names, or every linear layer but the LM head
+    bias: str = "none"  # which biases train: none | all | lora_only
+
+
+@dataclass
+class TrainingSettings:
+    num_epochs: float = 3  # passes over the training split; used when max_steps is -1
+    max_steps: int = -1  # optimizer steps; -1 derives them from num_epochs
+    batch_size: int = 4  # examples per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 2e-4  # peak learning rate, reached after warmup
+    warmup_steps: int = 0  # linear warmup from 0
+    lr_scheduler: str = "linear"  # decay after warmup: linear | cosine | constant
+    weight_decay: float = 0.0  # AdamW decay on matrices (never on biases and norms)
+    max_seq_length: int = 2048  # longer examples are truncated
+    logging_steps: int = 10  # steps between metric points and log lines
+    save_steps: int = 500  # steps between checkpoints
+    eval_steps: int = 0  # steps between evaluations; 0 evaluates at the end only
+    eval_split: float = 0.0  # fraction of the dataset held out for evaluation
+    use_gradient_checkpointing: bool = False  # recompute activations: less memory, ~30% slower
+    bf16: bool = True  # bfloat16 autocast on CUDA GPUs that support it; ignored on CPU
+    seed: int = 42  # data order, dropout and adapter initialisation
+    train_on_inputs: bool = False  # also train on prompt / non-assistant tokens
+
+
+@dataclass
+class FinetuneConfig:
+    method: str  # lora | qlora | full
+    base_model: str  # what from_pretrained takes: a hub id or a local directory
+    base_model_name: str
+    output_name: str
+    device: str
+    dataset_format: str | None = None  # text | prompt_completion | chat; None detects it
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    # Resolved here, not asked for: bf16 only where the hardware has it.
+    use_bf16: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The protocol names LoRA settings `alpha`/`dropout`; the public API says `lora_alpha`/`lora_dropout`.
+_LORA_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
+
+
+def resolve_config(ctx: JobContext) -> FinetuneConfig:
+    """Merge the spec over the defaults and refuse, before any work, what this worker cannot run."""
+    spec = ctx.spec
+    method = spec.get("method", "lora")
+    if method not in METHODS:
+        raise InvalidConfig(f"unknown method {method!r}: expected one of {list(METHODS)}", param="method")
+    if method == "qlora" and not (ctx.device.startswith("cuda") and bitsandbytes_available()):
+        raise InvalidConfig(
+            f"method 'qlora' needs a CUDA GPU with bitsandbytes; this worker runs on {ctx.device}. "
+            "Use method 'lora' or run a GPU worker",
+            param="method",
+        )
+    distributed = spec.get("distributed") or {}
+    if distributed.get("enabled") and int(distributed.get("num_nodes", 1)) > 1:
+        raise InvalidConfig("multi-node training is not supported by this worker", param="distributed")
+
+    base = spec.get("base_model") or {}
+    source = base.get("source") or (str(ctx.inputs["model"]) if "model" in ctx.inputs else None)
+    if not source:
+        raise InvalidConfig("base_model.source is empty and no 'model' input was given", param="base_model")
+    if "dataset" not in ctx.inputs:
+        raise InvalidConfig("finetune needs a 'dataset' input", param="dataset")
+
+    lora_spec = {_LORA_ALIASES.get(k, k): v for k, v in (spec.get("lora") or {}).items()}
+    training_spec = dict(spec.get("training") or {})
+    training_spec.setdefault("seed", spec.get("seed", TrainingSettings.seed))
+    cfg = FinetuneConfig(
+        method=method,
+        base_model=str(source),
+        base_model_name=str(base.get("name") or source),
+        output_name=str(spec.get("output_name") or f"{ctx.job_id}-{method}"),
+        device=ctx.device,
+        dataset_format=spec.get("dataset_format"),
+        lora=_settings(LoraSettings, lora_spec, "lora"),
+        training=_settings(TrainingSettings, training_spec, "training"),
+    )
+    _check_ranges(cfg)
+    cfg.use_bf16 = bool(
+        cfg.training.bf16 and ctx.device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    )
+    return cfg
+
+
+def _settings(cls: Any, given: dict[str, Any], section: str) -> Any:
+    """Build a settings dataclass; keys it does not know (e.g. `task_type`) are ignored, not fatal."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in given.items() if k in known and v is not None}
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise InvalidConfig(f"{section}: {err}", param=section) from None
+
+
+def _check_ranges(cfg: FinetuneConfig) -> None:
+    t, lora = cfg.training, cfg.lora
+    rules = [
+        ("training.batch_size", t.batch_size >= 1, "must be ≥ 1"),
+        ("training.gradient_accumulation_steps", t.gradient_accumulation_steps >= 1, "must be ≥ 1"),
+        ("training.learning_rate", t.learning_rate > 0, "must be > 0"),
+        ("training.max_steps", t.max_steps == -1 or t.max_steps >= 1, "must be -1 or ≥ 1"),
+        ("training.num_epochs", t.max_steps != -1 or t.num_epochs > 0, "must be > 0"),
+        ("training.warmup_steps", t.warmup_steps >= 0, "must be ≥ 0"),
+        ("training.lr_scheduler", t.lr_scheduler in ("linear", "cosine", "constant"), "linear|cosine|constant"),
+        ("training.max_seq_length", t.max_seq_length >= 2, "must be ≥ 2"),
+        ("training.logging_steps", t.logging_steps >= 1, "must be ≥ 1"),
+        ("training.save_steps", t.save_steps >= 1, "must be ≥ 1"),
+        ("training.eval_steps", t.eval_steps >= 0, "must be ≥ 0"),
+        ("training.eval_split", 0 <= t.eval_split < 1, "must be in [0, 1)"),
+        ("lora.r", lora.r >= 1, "must be ≥ 1"),
+        ("lora.dropout", 0 <= lora.dropout < 1, "must be in [0, 1)"),
+        ("lora.bias", lora.bias in ("none", "all", "lora_only"), "none|all|lora_only"),
+    ]
+    for param, ok, rule in rules:
+        if not ok:
+            raise InvalidConfig(f"{param} {rule}", param=param)
+
+
+# --- the run --------------------------------------------------------------------------------------------
+
+
+def run(ctx: JobContext) -> dict[str, Any]:
+    ctx.set_phase("initializing")
+    cfg = resolve_config(ctx)
+    job = Finetune(ctx, cfg)
+    try:
+        job.setup()
+        job.train()
+        ctx.set_phase("evaluating")
+        job.final_eval()
+        ctx.set_phase("saving")
+        outputs = job.save_outputs()
+        return job.result(outputs)
+    finally:
+        job.cleanup()
+
+
+@dataclass
+class DataPosition:
+    """Where the example stream stands: the next example is `order(epoch)[index]`."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+class Finetune:
+    def __init__(self, ctx: JobContext, cfg: FinetuneConfig) -> None:
+        self.ctx, self.cfg = ctx, cfg
+        self.workdir = Path(ctx.workdir) / "finetune"
+        self.step = 0
+        self.total_steps = 0
+        self.position = DataPosition()
+        self._order: tuple[int, list[int]] | None = None  # cached (epoch, permutation)
+        self.stats: dict[str, Any] = {
+            "ppl_baseline": None,
+            "tokens_processed": 0,
+            "train_seconds": 0.0,
+            "loss_last": None,
+            "eval_loss_last": None,
+        }
+        self.last_saved_step = -1
+
+    # --- setup: model → adapter → optimizer → data → scheduler → resume --------------------------------
+
+    def setup(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.training.seed)
+        if cfg.training.bf16 and not cfg.use_bf16:
+            ctx.log(f"bf16 is not available on {cfg.device}; training in float32")
+
+        ctx.set_phase("loading_model")
+        self.model, self.tokenizer = self._load_model()
+        self.params_before = count_params(self.model)
+        # The adapter goes on after gradient checkpointing is enabled (peft relies on the base's hooks),
+        # and before the optimizer, which must see exactly the trainable parameters.
+        self._prepare_for_training()
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.params_trainable = count_params(self.model, trainable_only=True)
+        self.optimizer = self._make_optimizer()
+
+        ctx.set_phase("data_preparation")
+        self._prepare_data()
+        # The schedule's length depends on the dataset size, so the scheduler comes after the data.
+        self.total_steps = self._count_total_steps()
+        self.scheduler = get_scheduler(
+            "constant_with_warmup" if cfg.training.lr_scheduler == "constant" else cfg.training.lr_scheduler,
+            optimizer=self.optimizer,
+            num_warmup_steps=cfg.training.warmup_steps,
+            num_training_steps=self.total_steps,
+        )
+
+        if ctx.resume_checkpoint is not None:
+            self._restore(Path(ctx.resume_checkpoint))
+        else:
+            self.stats["ppl_baseline"] = self._perplexity()
+        ctx.log(
+            f"{cfg.method} on {cfg.base_model_name}: {self.params_trainable:,} of {self.params_before:,} "
+            f"parameters train; {len(self.train_examples)} train / {len(self.eval_examples)} eval examples; "
+            f"{self.total_steps} steps on {cfg.device}"
+        )
+
+    def _load_model(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        cfg = self.cfg
+        # Weights stay float32 (bf16 runs under autocast, keeping fp32 master weights), except QLoRA,
+        # whose frozen base is 4-bit and whose other weights can be bf16 to save memory.
+        dtype = torch.bfloat16 if cfg.method == "qlora" and cfg.use_bf16 else torch.float32
+        return load_model_and_tokenizer(
+            cfg.base_model, device=cfg.device, dtype=dtype, quantize_4bit=cfg.method == "qlora"
+        )
+
+    def _prepare_for_training(self) -> None:
+        cfg, model = self.cfg, self.model
+        model.config.use_cache = False  # the KV cache only serves generation and clashes with checkpointing
+        if cfg.method == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            # Casts norms to fp32 and enables input grads so checkpointing works through frozen 4-bit layers.
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=cfg.training.use_gradient_checkpointing
+            )
+        elif cfg.training.use_gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input grads, so it also works with a frozen base.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        if cfg.method == "full":
+            for param in model.parameters():
+                param.requires_grad_(True)
+            self.model = model
+            return
+        from peft import LoraConfig, get_peft_model
+
+        lora = cfg.lora
+        peft_config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            bias=lora.bias,
+            task_type="CAUSAL_LM",
+        )
+        self.model = get_peft_model(model, peft_config)  # type: ignore[assignment]
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        # Decay matrices only: decaying biases and norm gains just pulls them towards zero for no gain.
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        decay = [p for _, p in named if p.ndim >= 2]
+        no_decay = [p for _, p in named if p.ndim < 2]
+        groups = [
+            {"params": decay, "weight_decay": self.cfg.training.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.cfg.training.learning_rate)
+
+    def _prepare_data(self) -> None:
+        cfg, t = self.cfg, self.cfg.training
+        try:
+            records, fmt = datalib.load_records(self.ctx.inputs["dataset"], cfg.dataset_format)
+            dataset = datalib.build_dataset(records, fmt, self.tokenizer, t.max_seq_length, t.train_on_inputs)
+            train, evaluation = dataset.examples, []
+            if "eval_dataset" in self.ctx.inputs:
+                eval_records, _ = datalib.load_records(self.ctx.inputs["eval_dataset"], fmt)
+                evaluation = datalib.build_dataset(
+                    eval_records, fmt, self.tokenizer, t.max_seq_length, t.train_on_inputs
+                ).examples
+            elif t.eval_split > 0:
+                train, evaluation = datalib.split_train_eval(train, t.eval_split, t.seed)
+        except ValueError as err:
+            raise InvalidDataset(str(err), param="dataset") from None
+        if dataset.dropped:
+            self.ctx.log(f"{dataset.dropped} records had nothing to train on within max_seq_length; skipped")
+        self.data_format = fmt
+        self.train_examples, self.eval_examples = train, evaluation
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _count_total_steps(self) -> int:
+        t = self.cfg.training
+        if t.max_steps > 0:
+            return t.max_steps
+        per_step = t.batch_size * t.gradient_accumulation_steps
+        return max(1, math.ceil(t.num_epochs * len(self.train_examples) / per_step))
+
+    # --- the training loop --------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        cfg, ctx, t = self.cfg, self.ctx, self.cfg.training
+        ctx.set_phase("training", self._progress())
+        self.model.train()
+        try:
+            while self.step < self.total_steps:
+                # Exactly one stop check per step: a cancel lands within one step.
+                ctx.check_stop()
+                started = time.perf_counter()
+                loss, grad_norm, tokens = self._train_step()
+                elapsed = time.perf_counter() - started
+                self.step += 1
+                self.stats["train_seconds"] += elapsed
+                self.stats["tokens_processed"] += tokens
+                self.stats["loss_last"] = loss
+
+                if self.step % t.logging_steps == 0 or self.step in (1, self.total_steps):
+                    self._report_step(loss, grad_norm, tokens / max(elapsed, 1e-9))
+                if t.eval_steps and self.step % t.eval_steps == 0 and self.step < self.total_steps:
+                    self._evaluate()
+                if self.step % t.save_steps == 0:
+                    self.save_checkpoint()
+        except JobStopped:
+            # Keep the work done so far: a resumed attempt continues from here.
+            if self.step > max(self.last_saved_step, 0):
+                try:
+                    self.save_checkpoint()
+                except Exception as err:  # the lease may already be gone; the stop still wins
+                    ctx.log(f"could not save a checkpoint while stopping: {err}", stream="stderr")
+            raise
+        if cfg.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def _train_step(self) -> tuple[float, float, int]:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches → (loss, grad norm, tokens)."""
+        t = self.cfg.training
+        micro_batches = [
+            datalib.collate(self._next_examples(t.batch_size), self.pad_id)
+            for _ in range(t.gradient_accumulation_steps)
+        ]
+        # Normalise by the labelled tokens of the whole step, so every token weighs the same no matter
+        # how the accumulation window split them (a per-micro-batch mean would over-weight short ones).
+        labelled = sum(int((b["labels"][:, 1:] != datalib.IGNORE_INDEX).sum()) for b in micro_batches)
+        device = self.cfg.device
+        loss_total = 0.0
+        for batch in micro_batches:
+            with self._autocast():
+                logits = self.model(
+                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+                ).logits
+                loss_sum, _ = token_loss_sum(logits, batch["labels"].to(device))
+            (loss_sum / labelled).backward()
+            loss_total += float(loss_sum.detach())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, MAX_GRAD_NORM))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        return loss_total / labelled, grad_norm, tokens
+
+    def _next_examples(self, count: int) -> list[datalib.Example]:
+        n = len(self.train_examples)
+        picked = []
+        for _ in range(count):
+            if self.position.index >= n:
+                self.position = DataPosition(self.position.epoch + 1, 0)
+            picked.append(self.train_examples[self._epoch_order()[self.position.index]])
+            self.position.index += 1
+        return picked
+
+    def _epoch_order(self) -> list[int]:
+        epoch = self.position.epoch
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, datalib.epoch_order(len(self.train_examples), self.cfg.training.seed, epoch))
+        return self._order[1]
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.cfg.use_bf16:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _epoch(self) -> float:
+        return round(self.position.epoch + self.position.index / len(self.train_examples), 4)
+
+    def _lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def _progress(self) -> dict[str, Any]:
+        return {
+            "current_step": self.step,
+            "total_steps": self.total_steps,
+            "current_loss": self.stats["loss_last"],
+            "learning_rate": self._lr(),
+            "epoch": self._epoch(),
+            "progress": round(100.0 * self.step / self.total_steps, 2),
+        }
+
+    def _report_step(self, loss: float, grad_norm: float, throughput: float) -> None:
+        memory = memory_gb(self.cfg.device)
+        self.ctx.metric(
+            {
+                "step": self.step,
+                "ts": time.time(),
+                "phase": "train",
+                "epoch": self._epoch(),
+                "loss": round(loss, 6),
+                "lr": self._lr(),
+                "grad_norm": round(grad_norm, 6),
+                "throughput": round(throughput, 1),
+                # The protocol has one memory field: peak VRAM on CUDA, the process's RSS on CPU.
+                "vram_gb": memory.get("vram_gb", memory.get("rss_gb")),
+                "tokens": self.stats["tokens_processed"],
+            }
+        )
+        self.ctx.log(
+            f"step {self.step}/{self.total_steps} · loss {loss:.4f} · lr {self._lr():.1e} · "
+            f"grad_norm {grad_norm:.3f} · {throughput:,.0f} tok/s"
+        )
+        self.ctx.set_phase("training", self._progress())
+
+    # --- evaluation ------------------------------------------------------------------------------------------
+
+    def _evaluate(self) -> float | None:
+        if not self.eval_examples:
+            return None
+        batches = datalib.batches(self.eval_examples, self.cfg.training.batch_size, self.pad_id)
+        with self._autocast():
+            eval_loss = mean_token_loss(self.model, batches)
+        self.stats["eval_loss_last"] = eval_loss
+        self.ctx.metric(
+            {"step": self.step, "ts": time.time(), "phase": "eval", "epoch": self._epoch(), "eval_loss": eval_loss}
+        )
+        self.ctx.log(f"eval step {self.step} · eval_loss {eval_loss:.4f} · ppl {math.exp(eval_loss):.2f}")
+        return eval_loss
+
+    def _perplexity(self) -> float:
+        """Perplexity on the labelled tokens of the eval split (or a fixed sample of the training split)."""
+        examples = self.eval_examples or self.train_examples[:PPL_SAMPLE]
+        batches = datalib.batches(examples, self.cfg.training.batch_size, self.pad_id)
+        with self._autocast():
+            return math.exp(mean_token_loss(self.model, batches))
+
+    def final_eval(self) -> None:
+        self._evaluate()
+        self.stats["ppl_final"] = self._perplexity()
+
+    # --- checkpoints: everything needed to resume exactly -------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        name = f"checkpoint-{self.step}"
+        path = self.workdir / f"{name}.pt"
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "position": dataclasses.asdict(self.position),
+            "trainable": {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "config": self.cfg.to_dict(),
+            "stats": dict(self.stats),
+        }
+        torch.save(state, path)
+        self.ctx.save_checkpoint(name, self.step, path)
+        path.unlink(missing_ok=True)  # durable on the server now; the local copy only costs disk
+        self.last_saved_step = self.step
+        self.ctx.log(f"checkpoint {name} saved")
+
+    def _restore(self, path: Path) -> None:
+        # weights_only: a checkpoint arrives over the network, so it must not be able to run code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise InvalidConfig(f"{path.name} is not a finetune checkpoint", param="resume_from")
+        self._check_compatible(state["config"])
+        missing = {n for n, p in self.model.named_parameters() if p.requires_grad} - set(state["trainable"])
+        if missing:
+            raise InvalidConfig(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+        self.model.load_state_dict(state["trainable"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.position = DataPosition(**state["position"])
+        self.step = self.last_saved_step = int(state["step"])
+        self.stats.update(state["stats"])
+        self.ctx.event("resumed", {"step": self.step})
+        self.ctx.log(f"resumed from {path.name} at step {self.step}/{self.total_steps}")
+
+    def _check_compatible(self, saved: dict[str, Any]) -> None:
+        """The settings that shape the weights and the data stream must match the checkpoint's."""
+        now = self.cfg.to_dict()
+        keys = [("method",), ("lora",), ("training", "batch_size"), ("training", "gradient_accumulation_steps")]
+        keys += [("training", "seed"), ("training", "max_seq_length"), ("training", "eval_split")]
+        for key in keys:
+            old, new = saved, now
+            for part in key:
+                old, new = old.get(part), new.get(part)
+            if old != new:
+                raise InvalidConfig(
+                    f"cannot resume: {'.'.join(key)} was {old!r} in the checkpoint, now {new!r}",
+                    param=".".join(key),
+                )
+
+    # --- outputs and result ----------------------------------------------------------------------------------
+
+    def save_outputs(self) -> dict[str, Any]:
+        """Write the adapter (or full model), tokenizer and resolved config, and upload each file."""
+        out = self.workdir / "output"
+        out.mkdir(parents=True, exist_ok=True)
+        # One file, however large: outputs are flat names the server registers by name.
+        self.model.save_pretrained(out, max_shard_size="1000GB")
+        self.tokenizer.save_pretrained(out)
+        (out / "training_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        for path in sorted(p for p in out.iterdir() if p.is_file() and p.name != "README.md"):
+            self.ctx.upload_output(path)
+        if self.cfg.method == "full":
+            return {"adapter": None, "model": {"name": self.cfg.output_name}}
+        size = (out / "adapter_model.safetensors").stat().st_size
+        return {"adapter": {"name": self.cfg.output_name, "size_bytes": size}, "model": None}
+
+    def result(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        s = self.stats
+        baseline, final = s["ppl_baseline"], s["ppl_final"]
+        delta = None if not baseline else round(100.0 * (final - baseline) / baseline, 4)
+        return {
+            "loss_final": s["loss_last"],
+            "eval_loss_final": s["eval_loss_last"],
+            "ppl_baseline": baseline,
+            "ppl_final": final,
+            "ppl_delta_pct": delta,
+            "params_trainable": self.params_trainable,
+            "params_before": self.params_before,
+            # A LoRA adapter merges into the same shapes, so the deployed model keeps its size.
+            "params_after": self.params_before,
+            "tokens_processed": s["tokens_processed"],
+            "gpu_seconds": round(s["train_seconds"], 3),
+            "train_seconds": round(s["train_seconds"], 3),
+            "steps": self.step,
+            **outputs,
+        }
+
+    def cleanup(self) -> None:
+        for name in ("model", "optimizer", "scheduler"):
+            if hasattr(self, name):
+                delattr(self, name)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# --- randomness --------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator's state, in types `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(np.asarray(keys).copy()), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    # torch.save keeps tuples, but be lenient with lists (e.g. a state that went through JSON).
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
