@@ -1,0 +1,143 @@
+import { randomUUID } from 'node:crypto';
+import express, { type NextFunction, type Request, type Response } from 'express';
+import * as OpenApiValidator from 'express-openapi-validator';
+import { pinoHttp } from 'pino-http';
+import { authenticate } from './auth.js';
+import type { AppContext } from './context.js';
+import { ApiError } from './errors.js';
+import { type Handler, wrap } from './http.js';
+import { allRoutes } from './routes/index.js';
+import { specOperations, specPath } from './spec.js';
+
+/** Builds the Express app: request ids and logs, body parsing, spec validation, routes, errors. */
+export function createApp(ctx: AppContext): express.Express {
+  const app = express();
+  app.disable('x-powered-by');
+  app.set('query parser', 'extended');
+
+  app.use(
+    pinoHttp({
+      logger: ctx.logger,
+      genReqId: (req, res) => {
+        const id =
+          (req.headers['x-request-id'] as string | undefined) ?? `req_${randomUUID().replaceAll('-', '')}`;
+        res.setHeader('x-request-id', id);
+        return id;
+      },
+      customLogLevel: (_req, res, err) =>
+        err || res.statusCode >= 500 ? 'error' : res.statusCode >= 400 ? 'warn' : 'info',
+      autoLogging: { ignore: (req) => req.url === '/v1/health' },
+    }),
+  );
+  app.use(express.json({ limit: ctx.config.maxJsonBytes, type: ['application/json', 'application/*+json'] }));
+
+  app.use(
+    OpenApiValidator.middleware({
+      apiSpec: specPath,
+      validateRequests: { allowUnknownQueryParameters: false, coerceTypes: true },
+      validateResponses: { removeAdditional: false },
+      validateFormats: true,
+      fileUploader: { limits: { fileSize: ctx.config.maxJsonBytes * 10, files: 1 } },
+      validateSecurity: {
+        handlers: {
+          apiKey: async (req) => {
+            req.principal = await authenticate(ctx.knex, req.headers.authorization, 'user');
+            return true;
+          },
+          workerToken: async (req) => {
+            req.principal = await authenticate(ctx.knex, req.headers.authorization, 'worker');
+            return true;
+          },
+        },
+      },
+    }),
+  );
+
+  mountRoutes(app, ctx);
+
+  app.use((req: Request) => {
+    throw new ApiError(404, 'not_found', `No route ${req.method} ${req.path}.`);
+  });
+  app.use(errorHandler(ctx));
+  return app;
+}
+
+/** Operations of the spec that no route module handles (a test keeps this empty). */
+export function unhandledOperations(): string[] {
+  const handlers = allRoutes as Record<string, Handler>;
+  return specOperations()
+    .filter((op) => !handlers[op.operationId])
+    .map((op) => op.operationId);
+}
+
+/** Mounts one handler per spec operation, at the spec's path and method. */
+function mountRoutes(app: express.Express, ctx: AppContext): void {
+  const handlers = allRoutes as Record<string, Handler>;
+  for (const op of specOperations()) {
+    const handler = handlers[op.operationId];
+    if (handler) app[op.method](op.expressPath, wrap(handler, ctx));
+  }
+}
+
+interface ValidatorError {
+  status?: number;
+  statusCode?: number;
+  type?: string;
+  message?: string;
+  errors?: { path?: string; message?: string; errorCode?: string }[];
+}
+
+/** `/body/training_config/batch_size` → `training_config.batch_size`; `/query/limit` → `limit`. */
+function paramFromPath(path: string | undefined): string | null {
+  if (!path) return null;
+  const parts = path
+    .replace(/^\.?\/?/, '')
+    .split(/[/.]/)
+    .filter(Boolean);
+  if (['body', 'query', 'params', 'headers', 'path'].includes(parts[0] ?? '')) parts.shift();
+  return parts.length ? parts.join('.') : null;
+}
+
+/** Maps every failure to the spec's error shape. Never HTML, never a stack trace. */
+function toApiError(err: unknown): ApiError {
+  if (err instanceof ApiError) return err;
+  const e = err as ValidatorError;
+  const status = e.status ?? e.statusCode ?? 500;
+  if (e.type === 'entity.too.large' || status === 413) {
+    return new ApiError(413, 'payload_too_large', 'Request body is too large.');
+  }
+  if (e.type === 'entity.parse.failed')
+    return new ApiError(400, 'invalid_request', 'Malformed JSON in request body.');
+  if (status === 401)
+    return new ApiError(401, 'unauthorized', e.errors?.[0]?.message ?? 'Missing or invalid API key.');
+  if (status === 404) return new ApiError(404, 'not_found', 'No such route.');
+  if (status === 405) return new ApiError(405, 'method_not_allowed', e.message ?? 'Method not allowed.');
+  if (status === 415)
+    return new ApiError(415, 'unsupported_media_type', e.message ?? 'Unsupported content type.');
+  if (status >= 400 && status < 500) {
+    const first = e.errors?.[0];
+    const param = paramFromPath(first?.path);
+    const detail = first ? `${param ?? 'request'}: ${first.message}` : (e.message ?? 'Invalid request.');
+    return new ApiError(status, 'invalid_request', detail, param);
+  }
+  return new ApiError(500, 'internal_error', 'Internal server error.');
+}
+
+function errorHandler(ctx: AppContext) {
+  return (err: unknown, req: Request, res: Response, _next: NextFunction) => {
+    const apiError = toApiError(err);
+    if (apiError.status >= 500) ctx.logger.error({ err, reqId: req.id }, 'request failed');
+    if (res.headersSent) {
+      res.destroy();
+      return;
+    }
+    for (const [name, value] of Object.entries(apiError.headers)) res.setHeader(name, value);
+    // Written directly: the error shape is the spec's, and the validator must not re-check it.
+    res
+      .status(apiError.status)
+      .type('application/json')
+      .send(
+        JSON.stringify({ error: { code: apiError.code, message: apiError.message, param: apiError.param } }),
+      );
+  };
+}

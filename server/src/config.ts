@@ -1,0 +1,49 @@
+import { resolve } from 'node:path';
+
+/** Server settings, all from the environment. README's configuration table lists the same variables. */
+export interface Config {
+  port: number;
+  host: string;
+  dataDir: string;
+  /** Postgres URL; unset means embedded PGlite under `${dataDir}/db`. */
+  databaseUrl: string | undefined;
+  /** Seconds a claimed job's lease lasts without a heartbeat. */
+  leaseSeconds: number;
+  /** How often the sweeper rescues expired leases, ms. */
+  sweepIntervalMs: number;
+  /** Largest JSON body accepted, bytes. */
+  maxJsonBytes: number;
+  /** Largest single uploaded file (dataset, artifact, checkpoint), bytes. */
+  maxUploadBytes: number;
+  /** Total bytes the data directory may hold; uploads beyond it are refused with 413. */
+  storageQuotaBytes: number;
+  /** Price used for cost_accrued and budgets, USD per GPU(or CPU)-hour. */
+  pricePerGpuHour: number;
+  logLevel: string;
+}
+
+function intEnv(name: string, fallback: number): number {
+  const raw = process.env[name];
+  if (raw === undefined || raw === '') return fallback;
+  const value = Number(raw);
+  if (!Number.isFinite(value) || value < 0)
+    throw new Error(`${name} must be a non-negative number, got "${raw}"`);
+  return value;
+}
+
+export function loadConfig(overrides: Partial<Config> = {}): Config {
+  return {
+    port: intEnv('PORT', 8000),
+    host: process.env.HOST ?? '127.0.0.1',
+    dataDir: resolve(process.env.TUNERY_DATA_DIR ?? './data'),
+    databaseUrl: process.env.DATABASE_URL || undefined,
+    leaseSeconds: intEnv('TUNERY_LEASE_SECONDS', 60),
+    sweepIntervalMs: intEnv('TUNERY_SWEEP_INTERVAL_MS', 5000),
+    maxJsonBytes: intEnv('TUNERY_MAX_JSON_BYTES', 10 * 1024 * 1024),
+    maxUploadBytes: intEnv('TUNERY_MAX_UPLOAD_BYTES', 20 * 1024 * 1024 * 1024),
+    storageQuotaBytes: intEnv('TUNERY_STORAGE_QUOTA_BYTES', 0) || Number.POSITIVE_INFINITY,
+    pricePerGpuHour: intEnv('TUNERY_PRICE_PER_GPU_HOUR', 2),
+    logLevel: process.env.LOG_LEVEL ?? 'info',
+    ...overrides,
+  };
+}

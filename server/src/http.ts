@@ -1,0 +1,89 @@
+import type { NextFunction, Request, Response } from 'express';
+import type { Principal } from './auth.js';
+import type { AppContext } from './context.js';
+import { ApiError } from './errors.js';
+import type { components, operations } from './generated/api.js';
+
+export type Schemas = components['schemas'];
+export type OperationId = keyof operations;
+
+/** Request body type of an operation, from the generated spec types. */
+export type BodyOf<Op extends OperationId> = operations[Op] extends {
+  requestBody?: { content: { 'application/json': infer B } };
+}
+  ? B
+  : never;
+
+/** A route handler: the validator has already checked the request against the spec. */
+export type Handler = (req: Request, res: Response, ctx: AppContext) => Promise<void>;
+export type Routes = Partial<Record<OperationId, Handler>>;
+
+declare global {
+  namespace Express {
+    interface Request {
+      /** Set by the validator's security handlers (app.ts). */
+      principal?: Principal;
+    }
+  }
+}
+
+/** The calling user's tenant; every user-facing query filters on it. */
+export function tenantOf(req: Request): string {
+  const principal = req.principal;
+  if (principal?.kind !== 'user') throw new ApiError(401, 'unauthorized', 'A user API key is required.');
+  return principal.tenantId;
+}
+
+export function isAdmin(req: Request): boolean {
+  return req.principal?.kind === 'user' && req.principal.admin;
+}
+
+/** `tenant_id` (seed 000) may be sent, but only as the key's own tenant. */
+export function checkTenantParam(req: Request, given: unknown): string {
+  const tenant = tenantOf(req);
+  if (given !== undefined && given !== tenant) {
+    throw new ApiError(
+      403,
+      'permission_denied',
+      "tenant_id does not match your API key's tenant.",
+      'tenant_id',
+    );
+  }
+  return tenant;
+}
+
+export function pathParam(req: Request, name: string): string {
+  const value = req.params[name];
+  if (typeof value !== 'string')
+    throw new ApiError(400, 'invalid_request', `Missing path parameter ${name}.`, name);
+  return value;
+}
+
+export function queryInt(req: Request, name: string, fallback: number): number {
+  const value = req.query[name];
+  if (value === undefined) return fallback;
+  return Number(value);
+}
+
+export function page(req: Request): { limit: number; offset: number } {
+  return { limit: queryInt(req, 'limit', 20), offset: queryInt(req, 'offset', 0) };
+}
+
+/** `{"<plural>": items, total, has_more}`, the one list envelope. */
+export function listEnvelope<K extends string, T>(key: K, items: T[], total: number, offset: number) {
+  return { [key]: items, total, has_more: offset + items.length < total } as { [P in K]: T[] } & {
+    total: number;
+    has_more: boolean;
+  };
+}
+
+/** Wraps an async handler so its rejection reaches the error middleware. */
+export function wrap(handler: Handler, ctx: AppContext) {
+  return (req: Request, res: Response, next: NextFunction) => {
+    handler(req, res, ctx).catch(next);
+  };
+}
+
+export const iso = (value: Date | string | null | undefined): string | null =>
+  value == null ? null : new Date(value).toISOString();
+export const isoRequired = (value: Date | string): string => new Date(value).toISOString();

@@ -1,0 +1,11 @@
+import type { Knex } from 'knex';
+import { init } from './001_init.js';
+
+export interface Migration {
+  name: string;
+  up(knex: Knex): Promise<void>;
+  down(knex: Knex): Promise<void>;
+}
+
+/** Every migration, in order. Add new ones at the end; never edit one that has shipped. */
+export const migrations: Migration[] = [init];

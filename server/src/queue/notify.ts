@@ -1,0 +1,44 @@
+import pg from 'pg';
+import type { AppContext } from '../context.js';
+
+const CHANNEL = 'tunery_jobs';
+
+/**
+ * Wakes long-polling claims. On Postgres, NOTIFY reaches every server process sharing the database
+ * (each LISTENs on one dedicated connection); on PGlite there is one process, so an in-process event
+ * is enough.
+ */
+export async function notifyJobAvailable(
+  ctx: Pick<AppContext, 'knex' | 'dbKind' | 'queueSignal'>,
+): Promise<void> {
+  if (ctx.dbKind === 'postgres') await ctx.knex.raw(`NOTIFY ${CHANNEL}`);
+  else ctx.queueSignal.emit('job-available');
+}
+
+/** Starts the LISTEN connection (Postgres only); returns a function that closes it. */
+export async function listenForJobs(ctx: AppContext): Promise<() => Promise<void>> {
+  if (ctx.dbKind !== 'postgres' || !ctx.config.databaseUrl) return async () => {};
+  const client = new pg.Client({ connectionString: ctx.config.databaseUrl });
+  client.on('error', (err) => ctx.logger.warn({ err }, 'queue listener connection error'));
+  await client.connect();
+  client.on('notification', () => ctx.queueSignal.emit('job-available'));
+  await client.query(`LISTEN ${CHANNEL}`);
+  return async () => {
+    await client.end().catch(() => {});
+  };
+}
+
+/** Resolves on the next 'job-available' signal, after `ms`, or on shutdown — whichever comes first. */
+export function waitForJobSignal(ctx: AppContext, ms: number): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      ctx.queueSignal.off('job-available', done);
+      ctx.shuttingDown.signal.removeEventListener('abort', done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    ctx.queueSignal.once('job-available', done);
+    ctx.shuttingDown.signal.addEventListener('abort', done, { once: true });
+  });
+}

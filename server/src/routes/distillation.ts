@@ -1,0 +1,3 @@
+import type { Routes } from '../http.js';
+
+export const distillationRoutes: Routes = {};

@@ -1,0 +1,27 @@
+import type { Routes } from '../http.js';
+import { adapterRoutes } from './adapters.js';
+import { budgetRoutes } from './budget.js';
+import { datasetRoutes } from './datasets.js';
+import { distillationRoutes } from './distillation.js';
+import { metaRoutes } from './meta.js';
+import { modelRoutes } from './models.js';
+import { planningRoutes } from './planning.js';
+import { templateRoutes } from './templates.js';
+import { trainingJobRoutes } from './training-jobs.js';
+import { trajectoryRoutes } from './trajectories.js';
+import { workerRoutes } from './workers.js';
+
+/** operationId → handler, for every operation in the spec. */
+export const allRoutes: Routes = {
+  ...metaRoutes,
+  ...distillationRoutes,
+  ...trainingJobRoutes,
+  ...templateRoutes,
+  ...planningRoutes,
+  ...datasetRoutes,
+  ...trajectoryRoutes,
+  ...adapterRoutes,
+  ...modelRoutes,
+  ...budgetRoutes,
+  ...workerRoutes,
+};
