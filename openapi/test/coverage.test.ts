@@ -36,7 +36,7 @@ function specOperationIds(): Set<string> {
 }
 
 /** Endpoints a seed names in its prose, headings and tables (code blocks hold examples, not endpoints). */
-export function seedEndpoints(text: string): Set<string> {
+function seedEndpoints(text: string): Set<string> {
   const endpoints = new Set<string>();
   let inFence = false;
   for (const line of text.split('\n')) {

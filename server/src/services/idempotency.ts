@@ -1,0 +1,80 @@
+import { createHash } from 'node:crypto';
+import type { Request } from 'express';
+import type { AppContext } from '../context.js';
+import { ApiError } from '../errors.js';
+import { tenantOf } from '../http.js';
+import { type IdPrefix, newId } from '../ids.js';
+
+/** JSON with sorted keys, so two equal bodies hash the same whatever their key order. */
+function stableJson(value: unknown): string {
+  if (Array.isArray(value)) return `[${value.map(stableJson).join(',')}]`;
+  if (value && typeof value === 'object') {
+    const entries = Object.entries(value as Record<string, unknown>)
+      .filter(([k, v]) => k !== 'idempotency_key' && v !== undefined)
+      .sort(([a], [b]) => (a < b ? -1 : 1));
+    return `{${entries.map(([k, v]) => `${JSON.stringify(k)}:${stableJson(v)}`).join(',')}}`;
+  }
+  return JSON.stringify(value ?? null);
+}
+
+/** The request's idempotency key: the body's `idempotency_key`, else the `Idempotency-Key` header. */
+export function idempotencyKeyOf(req: Request): string | undefined {
+  const fromBody = (req.body as { idempotency_key?: unknown } | undefined)?.idempotency_key;
+  if (typeof fromBody === 'string' && fromBody) return fromBody;
+  const header = req.headers['idempotency-key'];
+  return typeof header === 'string' && header ? header : undefined;
+}
+
+/**
+ * Runs a creating operation at most once per (tenant, scope, key). The resource id is chosen first
+ * and reserved with the key, so a concurrent repeat finds it; `create(id)` must create the object
+ * with exactly that id. Returns the id and whether this call was a repeat. A repeat whose body differs
+ * is `409 idempotency_conflict`.
+ */
+export async function idempotent(
+  ctx: AppContext,
+  req: Request,
+  scope: string,
+  prefix: IdPrefix,
+  create: (id: string) => Promise<void>,
+  body: unknown = req.body,
+): Promise<{ id: string; repeat: boolean }> {
+  const key = idempotencyKeyOf(req);
+  const id = newId(prefix);
+  if (!key) {
+    await create(id);
+    return { id, repeat: false };
+  }
+  const tenantId = tenantOf(req);
+  const requestHash = createHash('sha256')
+    .update(stableJson(body ?? {}))
+    .digest('hex');
+  const inserted = await ctx
+    .knex('idempotency_keys')
+    .insert({ tenant_id: tenantId, scope, key, request_hash: requestHash, resource_id: id })
+    .onConflict(['tenant_id', 'scope', 'key'])
+    .ignore()
+    .returning('resource_id');
+  if (inserted.length > 0) {
+    try {
+      await create(id);
+    } catch (err) {
+      // The key was never used for a real object: free it so the client can retry.
+      await ctx.knex('idempotency_keys').where({ tenant_id: tenantId, scope, key }).delete();
+      throw err;
+    }
+    return { id, repeat: false };
+  }
+  const existing = await ctx.knex('idempotency_keys').where({ tenant_id: tenantId, scope, key }).first();
+  if (!existing)
+    throw new ApiError(409, 'conflict', 'A request with this idempotency key is in progress; retry.');
+  if (existing.request_hash !== requestHash) {
+    throw new ApiError(
+      409,
+      'idempotency_conflict',
+      'This idempotency key was already used with a different request body.',
+      'idempotency_key',
+    );
+  }
+  return { id: existing.resource_id as string, repeat: true };
+}
