@@ -36,13 +36,13 @@ import torch
 from gguf import (
     GGML_QUANT_SIZES,
     GGML_QUANT_VERSION,
-    GGMLQuantizationType,
-    GGUFWriter,
-    LlamaFileType,
     MODEL_ARCH,
     MODEL_ARCH_NAMES,
     MODEL_TENSOR,
     TENSOR_NAMES,
+    GGMLQuantizationType,
+    GGUFWriter,
+    LlamaFileType,
     RopeScalingType,
     TokenType,
     get_tensor_name_map,
@@ -113,7 +113,8 @@ def validate_quantization_types(types: list[str] | tuple[str, ...]) -> list[str]
                     "them); export f16 and run llama.cpp's llama-quantize for those."
                 )
             raise InvalidConfig(
-                f"unsupported quantization type {raw!r}: supported are {', '.join(SUPPORTED_QUANTIZATIONS)}.{hint}",
+                f"unsupported quantization type {raw!r}: "
+                f"supported are {', '.join(SUPPORTED_QUANTIZATIONS)}.{hint}",
                 param="quantization_types",
             )
         if name not in resolved:
@@ -169,13 +170,11 @@ def write_gguf(
     )
 
 
-# --- architecture --------------------------------------------------------------------------------------------
+# --- architecture ---------------------------------------------------------------------------------
 
 
-def _write_architecture(
-    writer: GGUFWriter, config: Any, arch: MODEL_ARCH
-) -> list[tuple[str, np.ndarray]]:
-    """Hyperparameters under `<arch>.*`; returns extra tensors the RoPE variant needs (llama3's rope_freqs)."""
+def _write_architecture(writer: GGUFWriter, config: Any, arch: MODEL_ARCH) -> list[tuple[str, np.ndarray]]:
+    """Hyperparameters under `<arch>.*`; returns the extra tensors its RoPE variant needs."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -232,7 +231,7 @@ def llama3_rope_factors(rope: dict[str, Any], head_dim: int) -> np.ndarray:
     return np.asarray(factors, dtype=np.float32)
 
 
-# --- tensors -------------------------------------------------------------------------------------------------
+# --- tensors --------------------------------------------------------------------------------------
 
 
 def _gguf_tensors(model: PreTrainedModel, arch: MODEL_ARCH):
@@ -281,7 +280,7 @@ def _tensor_type(gguf_name: str, array: np.ndarray, bulk_type: GGMLQuantizationT
     return bulk_type
 
 
-# --- tokenizer -----------------------------------------------------------------------------------------------
+# --- tokenizer ------------------------------------------------------------------------------------
 
 
 def _write_tokenizer(writer: GGUFWriter, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> list[int]:
@@ -314,7 +313,9 @@ def _write_tokenizer(writer: GGUFWriter, tokenizer: PreTrainedTokenizerBase, voc
             tokens[token_id] = f"[PAD{token_id}]"
             types[token_id] = int(TokenType.UNUSED)
 
-    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in spec["model"].get("merges", [])]
+    merges = [
+        merge if isinstance(merge, str) else " ".join(merge) for merge in spec["model"].get("merges", [])
+    ]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(_pre_tokenizer_name(spec.get("pre_tokenizer")))
     writer.add_token_list([str(token) for token in tokens])

@@ -19,10 +19,14 @@ def model_source(ctx: JobContext) -> str:
     base = ctx.spec.get("base_model") or {}
     source = base.get("source") if isinstance(base, dict) else None
     if not source:
-        raise InvalidConfig("no model to start from: give a `model` input or base_model.source", param="base_model")
+        raise InvalidConfig(
+            "no model to start from: give a `model` input or base_model.source", param="base_model"
+        )
     if _looks_like_path(source) and not (Path(source) / "config.json").is_file():
         # A hub id would be fetched; a path that is not a model directory can never load.
-        raise InvalidConfig(f"base_model.source {source!r} is not a model directory", param="base_model.source")
+        raise InvalidConfig(
+            f"base_model.source {source!r} is not a model directory", param="base_model.source"
+        )
     return str(source)
 
 

@@ -7,11 +7,9 @@ in range, or the job fails before doing any work with a message naming the field
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from tunery_worker.errors import InvalidConfig
-
-T = TypeVar("T")
 
 
 def section(spec: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -27,14 +25,25 @@ def section(spec: Mapping[str, Any], key: str) -> Mapping[str, Any]:
 def get_int(
     spec: Mapping[str, Any],
     key: str,
-    default: int | None,
+    default: int,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    where: str = "",
+) -> int:
+    value = get_optional_int(spec, key, minimum, maximum, where)
+    return default if value is None else value
+
+
+def get_optional_int(
+    spec: Mapping[str, Any],
+    key: str,
     minimum: int | None = None,
     maximum: int | None = None,
     where: str = "",
 ) -> int | None:
     value = spec.get(key)
     if value is None:
-        return default
+        return None
     name = where + key
     # JSON has one number type: 4.0 is accepted as 4, 4.5 and true are not.
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
@@ -47,12 +56,12 @@ def get_int(
 def get_float(
     spec: Mapping[str, Any],
     key: str,
-    default: float | None,
+    default: float,
     minimum: float | None = None,
     maximum: float | None = None,
     where: str = "",
     exclusive_minimum: bool = False,
-) -> float | None:
+) -> float:
     value = spec.get(key)
     if value is None:
         return default
@@ -78,10 +87,10 @@ def get_bool(spec: Mapping[str, Any], key: str, default: bool, where: str = "") 
 def get_str(
     spec: Mapping[str, Any],
     key: str,
-    default: str | None,
+    default: str,
     choices: Sequence[str] | None = None,
     where: str = "",
-) -> str | None:
+) -> str:
     value = spec.get(key)
     if value is None:
         return default

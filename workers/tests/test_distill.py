@@ -1,0 +1,356 @@
+"""`distill` jobs against a fake OpenAI-compatible teacher (an HTTP server on 127.0.0.1) and a local one."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGUFReader
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from tunery_worker.context import JobStopped, LocalJobContext
+from tunery_worker.data import tokenize_record
+from tunery_worker.errors import InvalidConfig, InvalidDataset
+from tunery_worker.jobs import HANDLERS
+from tunery_worker.jobs import distill as distill_module
+from tunery_worker.jobs.distill import TeacherError, bond_loss, curate
+from tunery_worker.modeling import load_model_and_tokenizer
+from tunery_worker.text_metrics import distinct_bigram_ratio
+
+# (content, mean token log-prob, finish_reason) of choice i. Choice 2 has the highest log-prob but
+# was cut off, so curation must rank it last: best is choice 0, worst choice 2.
+CANDIDATES = [
+    ("The answer is Paris.", -0.2, "stop"),
+    ("Paris Paris Paris Paris Paris Paris", -1.5, "stop"),
+    ("It is", -0.1, "length"),
+]
+PROMPTS = ["What is the capital of France?", "Name a day of the week.", "How many legs does a spider have?"]
+
+
+class FakeOpenAI:
+    """A chat-completions endpoint. `minimal=True` mimics a server that ignores `n` and rejects `logprobs`."""
+
+    def __init__(self, minimal: bool = False, status: int = 200) -> None:
+        self.minimal, self.status = minimal, status
+        self.requests: list[dict] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append(
+                    {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
+                )
+                if fake.status != 200:
+                    return self._send(fake.status, {"error": {"message": "nope"}})
+                if fake.minimal and body.get("logprobs"):
+                    return self._send(400, {"error": {"message": "logprobs is not supported"}})
+                n = 1 if fake.minimal else body["n"]
+                # Successive requests for one prompt get successive candidates.
+                answered = [r for r in fake.requests if r["body"]["messages"] == body["messages"]]
+                offset = sum(1 for r in answered if not r["body"].get("logprobs")) - 1
+                choices = [fake.choice(i if not fake.minimal else offset + i, body) for i in range(n)]
+                completion_tokens = sum(len(CANDIDATES[i % 3][0].split()) for i in range(n))
+                usage = {"prompt_tokens": 7, "completion_tokens": completion_tokens}
+                self._send(
+                    200, {"id": "cmpl", "object": "chat.completion", "choices": choices, "usage": usage}
+                )
+
+            def _send(self, status: int, payload: dict) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def choice(self, i: int, body: dict) -> dict:
+        content, logprob, finish = CANDIDATES[i % 3]
+        choice = {"index": i, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
+        if body.get("logprobs"):
+            choice["logprobs"] = {"content": [{"token": w, "logprob": logprob} for w in content.split()]}
+        return choice
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> FakeOpenAI:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def make_ctx(tmp_path: Path, student: Path, spec: dict, name: str = "job", **kwargs) -> LocalJobContext:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    workdir = tmp_path / name
+    workdir.mkdir()
+    return LocalJobContext(
+        job_id=f"job_{name}",
+        job_type="distill",
+        spec={"base_model": {"name": "student", "source": str(student)}, **spec},
+        workdir=workdir,
+        inputs={"prompts": prompts},
+        **kwargs,
+    )
+
+
+def openai_spec(server: FakeOpenAI, **overrides) -> dict:
+    spec = {
+        "teacher": {
+            "provider": "openai",
+            "model": "teacher-x",
+            "base_url": server.base_url,
+            "api_key": "sk-test",
+        },
+        "n_samples": 3,
+        "temperature": 0.7,
+        "max_new_tokens": 16,
+        "training_steps": 4,
+        "batch_size": 2,
+        "learning_rate": 5e-3,
+        "lora_rank": 4,
+        "save_steps": 2,
+        "output_name": "student-v1",
+    }
+    return {**spec, **overrides}
+
+
+def unique(phases: list[str]) -> list[str]:
+    return [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p]
+
+
+def test_openai_teacher_end_to_end_with_gguf(tmp_path, tiny_llama):
+    with FakeOpenAI() as server:
+        spec = openai_spec(server, export_gguf=True, quantization_types=["q8_0", "f16"])
+        ctx = make_ctx(tmp_path, tiny_llama, spec)
+        result = HANDLERS["distill"](ctx)
+
+    assert unique(ctx.phases) == ["initializing", "data_generation", "curation", "training", "export"]
+    assert len(server.requests) == 3  # one request per prompt: the endpoint honours n
+    request = server.requests[0]
+    assert request["path"] == "/v1/chat/completions" and request["auth"] == "Bearer sk-test"
+    assert request["body"]["model"] == "teacher-x" and request["body"]["n"] == 3
+    assert request["body"]["temperature"] == 0.7 and request["body"]["max_tokens"] == 16
+    assert request["body"]["logprobs"] is True
+
+    assert result["samples_generated"] == 9 and result["prompts_used"] == 3 and result["pairs_kept"] == 3
+    assert result["curation_score"] == "teacher_logprob"
+    assert result["teacher_prompt_tokens"] == 21 and result["teacher_completion_tokens"] == 3 * 12
+    assert result["teacher_tokens"] == 57 and result["teacher_requests"] == 3
+    assert result["steps"] == 4 and math.isfinite(result["loss_final"])
+    assert set(result["loss_components_final"]) == {"distill", "preference", "kl"}
+    assert result["adapter"]["name"] == "student-v1" and result["adapter"]["size_bytes"] > 0
+    assert [m["step"] for m in ctx.metrics] == [1, 2, 3, 4]
+
+    pairs = [json.loads(line) for line in ctx.outputs["curated_pairs.jsonl"].read_text().splitlines()]
+    assert all(p["best"]["text"] == "The answer is Paris." and p["worst"]["text"] == "It is" for p in pairs)
+    config_text = ctx.outputs["train_config.json"].read_text()
+    assert "sk-test" not in config_text and json.loads(config_text)["bond_beta"] == 0.5
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= set(ctx.outputs)
+    assert "README.md" not in ctx.outputs
+
+    # The GGUF files hold the merged student: compare with base + adapter merged by peft.
+    assert set(result["gguf"]) == {"q8_0", "f16"}
+    reader = GGUFReader(ctx.outputs["model-q8_0.gguf"])
+    assert reader.get_field("general.architecture").contents() == "llama"
+    assert reader.get_field("general.name").contents() == "student-v1"
+    base, tokenizer = load_model_and_tokenizer(tiny_llama)
+    merged = PeftModel.from_pretrained(
+        base, ctx.outputs["adapter_model.safetensors"].parent
+    ).merge_and_unload()
+    # On its own in a directory: beside adapter_config.json, transformers would load the adapter's base.
+    gguf_dir = tmp_path / "gguf-only"
+    gguf_dir.mkdir()
+    shutil.copyfile(ctx.outputs["model-f16.gguf"], gguf_dir / "model-f16.gguf")
+    from_gguf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="model-f16.gguf")
+    ids = tokenizer("The answer is Paris.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected, got = merged(ids).logits, from_gguf(ids).logits
+    assert ((got - expected).pow(2).mean() / expected.pow(2).mean()).sqrt() < 2e-3
+    # Training changed the student: the adapter is not a no-op.
+    with torch.no_grad():
+        assert not torch.allclose(expected, load_model_and_tokenizer(tiny_llama)[0](ids).logits)
+
+
+def test_an_endpoint_without_n_or_logprobs_still_works(tmp_path, tiny_llama, monkeypatch):
+    with FakeOpenAI(minimal=True) as server:
+        ctx = make_ctx(tmp_path, tiny_llama, openai_spec(server, training_steps=1, n_samples=2))
+        result = HANDLERS["distill"](ctx)
+    # Per prompt: one refused request (logprobs), then one request per candidate.
+    assert len(server.requests) == 1 + 3 * 2
+    assert all("logprobs" not in r["body"] for r in server.requests[1:])
+    assert result["samples_generated"] == 6
+    assert result["curation_score"] == "distinct_bigrams"
+    # Choice 1 (a loop) loses to choice 0 on distinct bigrams.
+    pairs = [json.loads(line) for line in ctx.outputs["curated_pairs.jsonl"].read_text().splitlines()]
+    assert pairs[0]["best"]["text"] == "The answer is Paris." and pairs[0]["worst"]["text"].startswith(
+        "Paris Paris"
+    )
+
+
+def test_local_teacher(tmp_path, tiny_llama, tiny_qwen2):
+    spec = {
+        "teacher": {"provider": "local", "model": str(tiny_qwen2)},
+        "n_samples": 2,
+        "max_new_tokens": 6,
+        "training_steps": 2,
+        "lora_rank": 2,
+        "num_prompts": 2,
+    }
+    ctx = make_ctx(tmp_path, tiny_llama, spec)
+    result = HANDLERS["distill"](ctx)
+    assert result["prompts_total"] == 2 and result["samples_generated"] == 4
+    assert result["curation_score"] == "teacher_logprob"
+    assert result["teacher_requests"] == 2 and 0 < result["teacher_completion_tokens"] <= 2 * 2 * 6
+    assert result["teacher_prompt_tokens"] > 0 and result["gpu_seconds"] > 0
+
+
+def test_resume_continues_training_without_asking_the_teacher_again(tmp_path, tiny_llama):
+    with FakeOpenAI() as server:
+        full = make_ctx(tmp_path, tiny_llama, openai_spec(server), name="full")
+        full_result = HANDLERS["distill"](full)
+        requests_for_full_run = len(server.requests)
+
+        # 3 checks during generation, then one per step: the 7th (start of step 4) stops the job.
+        interrupted = make_ctx(tmp_path, tiny_llama, openai_spec(server), name="cut", stop_after_checks=6)
+        with pytest.raises(JobStopped):
+            HANDLERS["distill"](interrupted)
+        assert sorted(interrupted.checkpoints) == ["checkpoint-2", "generation-3"]
+        requests_before_resume = len(server.requests)
+        _, checkpoint = interrupted.checkpoints["checkpoint-2"]
+        resumed = make_ctx(
+            tmp_path, tiny_llama, openai_spec(server), name="resumed", resume_checkpoint=checkpoint
+        )
+        resumed_result = HANDLERS["distill"](resumed)
+
+    assert requests_before_resume == 2 * requests_for_full_run
+    assert len(server.requests) == requests_before_resume  # the resumed attempt paid nothing
+    assert [m["step"] for m in resumed.metrics] == [3, 4]
+    assert resumed_result["teacher_tokens"] == full_result["teacher_tokens"]
+    assert resumed_result["loss_final"] == pytest.approx(full_result["loss_final"], rel=1e-4)
+
+
+def test_unsupported_gguf_type_fails_before_the_teacher_is_paid(tmp_path, tiny_llama):
+    with FakeOpenAI() as server:
+        spec = openai_spec(server, export_gguf=True, quantization_types=["q8_0", "q4_k_m"])
+        ctx = make_ctx(tmp_path, tiny_llama, spec)
+        with pytest.raises(InvalidConfig) as err:
+            HANDLERS["distill"](ctx)
+    assert err.value.param == "quantization_types" and "q4_k_m" in err.value.message
+    assert server.requests == [] and ctx.phases == []
+
+
+def test_teacher_failures(tmp_path, tiny_llama, monkeypatch):
+    monkeypatch.setattr(distill_module, "TEACHER_BACKOFF_S", 0.0)
+    with FakeOpenAI(status=503) as server:
+        with pytest.raises(TeacherError) as err:
+            HANDLERS["distill"](make_ctx(tmp_path, tiny_llama, openai_spec(server), name="busy"))
+        assert len(server.requests) == distill_module.TEACHER_ATTEMPTS
+    assert err.value.retryable and "503" in err.value.message
+    with FakeOpenAI(status=401) as server:
+        with pytest.raises(InvalidConfig) as err:
+            HANDLERS["distill"](make_ctx(tmp_path, tiny_llama, openai_spec(server), name="denied"))
+        assert len(server.requests) == 1  # a refused key is not retried
+    assert not err.value.retryable
+
+
+def test_curation_ranks_complete_answers_first_and_skips_ties_and_empties():
+    def candidate(text, logprob=None, finish="stop"):
+        return {"text": text, "mean_logprob": logprob, "finish_reason": finish, "tokens": 1}
+
+    samples = [
+        {
+            "prompt": "a",
+            "candidates": [candidate("good", -0.5), candidate("cut", -0.1, "length"), candidate("ok", -0.9)],
+        },
+        {"prompt": "b", "candidates": [candidate("same", -1.0), candidate("same", -1.0)]},
+        {"prompt": "c", "candidates": [candidate("  "), candidate("")]},
+    ]
+    curated, method = curate(samples)
+    assert method == "teacher_logprob"
+    assert [c["prompt"] for c in curated] == ["a", "b"]  # nothing usable for c
+    assert curated[0]["best"]["text"] == "good" and curated[0]["worst"]["text"] == "cut"
+    assert curated[1]["worst"] is None  # a tie carries no preference
+
+    samples[0]["candidates"][0]["mean_logprob"] = None  # one unknown score: the heuristic for all
+    curated, method = curate(samples)
+    assert method == "distinct_bigrams"
+    assert distinct_bigram_ratio("a b a b a b") == pytest.approx(2 / 5)
+    assert distinct_bigram_ratio("one two three") == 1.0
+
+
+def test_bond_loss_starts_at_log2_and_zero_kl_then_learns_the_preference(tiny_llama):
+    torch.manual_seed(0)
+    model, tokenizer = load_model_and_tokenizer(tiny_llama)
+    student = get_peft_model(
+        model,
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+
+    def encode(prompt, completion):
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return tokenize_record({"messages": messages}, "chat", tokenizer, 128)
+
+    batch = [
+        {
+            "best": encode("Capital of France?", "Paris."),
+            "worst": encode("Capital of France?", "Rome Rome Rome."),
+        },
+        {"best": encode("Legs of a spider?", "Eight."), "worst": None},
+    ]
+    loss, parts = bond_loss(student, batch, tokenizer.pad_token_id, beta=1.0, gamma=0.1, device="cpu")
+    assert parts["preference"] == pytest.approx(math.log(2), abs=1e-6)  # zero adapter: policy = reference
+    assert parts["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert loss.item() == pytest.approx(parts["distill"] + math.log(2), abs=1e-5)
+
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(15):
+        loss, _ = bond_loss(student, batch, tokenizer.pad_token_id, beta=1.0, gamma=0.1, device="cpu")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    _, trained = bond_loss(student, batch, tokenizer.pad_token_id, beta=1.0, gamma=0.1, device="cpu")
+    assert trained["preference"] < math.log(2) - 0.05  # best now beats worst relative to the reference
+    assert trained["distill"] < parts["distill"]
+    assert trained["kl"] > 0
+
+
+@pytest.mark.parametrize(
+    "spec,param",
+    [
+        ({"teacher": {"provider": "anthropic", "model": "x"}}, "teacher.provider"),
+        ({"teacher": {"provider": "openai"}}, "teacher.model"),
+        ({"teacher": {"provider": "openai", "model": "x", "base_url": "ftp://x"}}, "teacher.base_url"),
+        ({"teacher": {"provider": "local", "model": "x"}, "n_samples": 0}, "n_samples"),
+        ({"teacher": {"provider": "local", "model": "x"}, "bond_beta": -1}, "bond_beta"),
+    ],
+)
+def test_bad_configs_are_refused(tmp_path, tiny_llama, spec, param):
+    with pytest.raises(InvalidConfig) as err:
+        HANDLERS["distill"](make_ctx(tmp_path, tiny_llama, spec))
+    assert err.value.param == param
+
+
+def test_prompts_that_leave_no_room_for_the_answer_are_dropped(tmp_path, tiny_llama):
+    with FakeOpenAI() as server:
+        ctx = make_ctx(tmp_path, tiny_llama, openai_spec(server, max_seq_length=8))
+        with pytest.raises(InvalidDataset, match="max_seq_length"):
+            HANDLERS["distill"](ctx)
