@@ -35,22 +35,18 @@ class JobContext(ABC):
     # Local path of the checkpoint to resume from, when the server handed one out.
     resume_checkpoint: Path | None = None
 
-    # --- reporting (each context implements these) -------------------------------------------------------------
+    # --- reporting (each context implements these) ---------------------------------------------------
     @abstractmethod
-    def log(self, text: str, stream: str = "stdout") -> None:
-        ...
+    def log(self, text: str, stream: str = "stdout") -> None: ...
 
     @abstractmethod
-    def metric(self, point: dict[str, Any]) -> None:
-        ...
+    def metric(self, point: dict[str, Any]) -> None: ...
 
     @abstractmethod
-    def event(self, kind: str, payload: dict[str, Any] | None = None) -> None:
-        ...
+    def event(self, kind: str, payload: dict[str, Any] | None = None) -> None: ...
 
     @abstractmethod
-    def set_phase(self, phase: str, progress: dict[str, Any] | None = None) -> None:
-        ...
+    def set_phase(self, phase: str, progress: dict[str, Any] | None = None) -> None: ...
 
     @abstractmethod
     def should_stop(self) -> bool:
@@ -85,6 +81,8 @@ class LocalJobContext(JobContext):
     metrics: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     phases: list[str] = field(default_factory=list)
+    # The latest progress given with set_phase (current_step, total_steps, current_loss, ...).
+    progress: dict[str, Any] = field(default_factory=dict)
     checkpoints: dict[str, tuple[int, Path]] = field(default_factory=dict)
     outputs: dict[str, Path] = field(default_factory=dict)
     # Tests set this to stop the job after the given number of should_stop() calls.
@@ -102,6 +100,8 @@ class LocalJobContext(JobContext):
 
     def set_phase(self, phase: str, progress: dict[str, Any] | None = None) -> None:
         self.phases.append(phase)
+        if progress:
+            self.progress = dict(progress)
 
     def should_stop(self) -> bool:
         self._checks += 1

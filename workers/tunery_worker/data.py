@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ Format = Literal["text", "prompt_completion", "chat"]
 FORMATS: tuple[Format, ...] = ("text", "prompt_completion", "chat")
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
 IGNORE_INDEX = -100  # the label value torch's cross_entropy skips
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 @dataclass
@@ -183,7 +185,7 @@ def _tokenize_chat(
     ids = list(encoded["input_ids"])
     labels = [
         token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
-        for token, (begin, _) in zip(ids, encoded["offset_mapping"])
+        for token, (begin, _) in zip(ids, encoded["offset_mapping"], strict=True)
     ]
     return ids, labels
 
@@ -225,17 +227,21 @@ def _tokenize_chat_generation_mask(
 ) -> tuple[list[int], list[int]]:
     """Fallback for templates that render prefixes differently (e.g. dropping earlier reasoning):
     the template itself marks assistant text with `{% generation %}`."""
-    if "generation" not in (tokenizer.chat_template or ""):
+    if not _GENERATION_TAG.search(tokenizer.chat_template or ""):
         raise ValueError(
             "the chat template renders a conversation prefix differently from the whole conversation "
             "and has no {% generation %} markers, so assistant tokens cannot be located; "
             "set train_on_inputs or use the prompt_completion format"
         )
-    encoded = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    encoded = cast(
+        dict[str, Any],
+        tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        ),
     )
     ids = list(encoded["input_ids"])
-    labels = [token if mask else IGNORE_INDEX for token, mask in zip(ids, encoded["assistant_masks"])]
+    masks = encoded["assistant_masks"]
+    labels = [token if mask else IGNORE_INDEX for token, mask in zip(ids, masks, strict=True)]
     return ids, labels
 
 
@@ -305,6 +311,4 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.T
 
 def batches(examples: Sequence[Example], batch_size: int, pad_token_id: int) -> list[dict[str, torch.Tensor]]:
     """Fixed-order batches (for evaluation)."""
-    return [
-        collate(examples[i : i + batch_size], pad_token_id) for i in range(0, len(examples), batch_size)
-    ]
+    return [collate(examples[i : i + batch_size], pad_token_id) for i in range(0, len(examples), batch_size)]

@@ -25,7 +25,7 @@ DTYPES = {
 
 
 def resolve_device(device: str = "auto") -> str:
-    """'auto' → 'cuda' when a GPU is visible, else 'cpu'; an explicit choice is checked, not second-guessed."""
+    """'auto' → 'cuda' when a GPU is visible, else 'cpu'; an explicit choice is checked, not overridden."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -49,15 +49,15 @@ def bitsandbytes_available() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # type: ignore[import-not-found]  # noqa: F401
     except Exception:  # a broken CUDA setup raises more than ImportError
         return False
     return True
 
 
-def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(source: str | Path, token: str | None = None) -> PreTrainedTokenizerBase:
     local = Path(source).is_dir()
-    tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=local)
+    tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=local, token=token)
     # Batching needs a pad token; reusing EOS is the usual choice for models that ship without one.
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -69,11 +69,15 @@ def load_model_and_tokenizer(
     device: str = "cpu",
     dtype: str | torch.dtype | None = None,
     quantize_4bit: bool = False,
+    token: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM + tokenizer from a hub id or a local directory (a directory never touches the network)."""
+    """Load a causal LM + tokenizer from a hub id or a local directory (which never touches the network).
+
+    `token` is a hub access token for gated or private hub models (the spec's `hf_token`).
+    """
     local = Path(source).is_dir()
     torch_dtype = resolve_dtype(dtype)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": local}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": local, "token": token}
     if quantize_4bit:
         if not str(device).startswith("cuda"):
             raise ValueError("4-bit quantization (QLoRA) needs a CUDA device")
@@ -90,8 +94,9 @@ def load_model_and_tokenizer(
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
     if not quantize_4bit:
-        model.to(device)
-    tokenizer = load_tokenizer(source)
+        # (Called through nn.Module: transformers' decorated `.to` confuses type checkers.)
+        torch.nn.Module.to(model, torch.device(device))
+    tokenizer = load_tokenizer(source, token=token)
     return model, tokenizer
 
 

@@ -17,7 +17,9 @@ def plot_loss(points: list[dict], out: Path, title: str = "Training loss") -> No
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
 
-    train = [(p["step"], p["loss"]) for p in points if p.get("phase") == "train" and p.get("loss") is not None]
+    train = [
+        (p["step"], p["loss"]) for p in points if p.get("phase") == "train" and p.get("loss") is not None
+    ]
     evals = [(p["step"], p["eval_loss"]) for p in points if p.get("eval_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     if train:

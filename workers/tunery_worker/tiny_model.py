@@ -8,19 +8,23 @@ seed gives byte-identical weights and tokenizer.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX
+from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
 Arch = Literal["llama", "qwen2"]
 
@@ -65,10 +69,24 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on the built-in corpus (deterministic: same corpus, same merges)."""
+def build_tokenizer(vocab_size: int = 512, arch: Arch = "llama") -> PreTrainedTokenizerBase:
+    """Train a byte-level BPE tokenizer on the built-in corpus (deterministic: same corpus, same merges).
+
+    `AutoTokenizer` loads a Qwen2 directory with `Qwen2Tokenizer`, which rebuilds its pipeline from
+    the vocabulary and merges with Qwen2's own pre-tokenizer. So the qwen2 tokenizer is trained with
+    that pipeline and saved as that class: what is saved is exactly what loads.
+    """
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if arch == "qwen2":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -78,19 +96,29 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    # Byte-level offsets must not be trimmed, or assistant masks from offsets drift by a space.
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
 
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        additional_special_tokens=[IM_START, IM_END],
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.model_max_length = 2048
-    return fast
+    special = {
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "extra_special_tokens": [IM_START, IM_END],
+    }
+    tokenizer: PreTrainedTokenizerBase
+    if arch == "qwen2":
+        bpe = json.loads(tok.to_str())["model"]
+        # unk_token=None: byte-level BPE never needs one, and Qwen2's default would add a 513th token.
+        # (Qwen2Tokenizer's annotations say str for every special token; None is what it accepts.)
+        qwen2: Any = Qwen2Tokenizer
+        tokenizer = qwen2(
+            vocab=bpe["vocab"], merges=[tuple(m) for m in bpe["merges"]], unk_token=None, **special
+        )
+    else:
+        # Byte-level offsets must not be trimmed, or assistant masks from offsets drift by a space.
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **special)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.model_max_length = 2048
+    return tokenizer
 
 
 def make_tiny_model(
@@ -104,11 +132,16 @@ def make_tiny_model(
     intermediate: int = 128,
     vocab_size: int = 512,
     max_positions: int = 512,
+    # HF's 0.02 leaves a random model's logits tiny and near-uniform; a frozen LM head that small caps
+    # what LoRA can learn. 0.1 gives a base that an adapter can steer, as it can a pretrained one.
+    initializer_range: float = 0.1,
 ) -> Path:
     """Write a random-init causal LM and its tokenizer to `out_dir` (HF format) and return the path."""
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"unknown arch {arch!r}: expected 'llama' or 'qwen2'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(vocab_size)
+    tokenizer = build_tokenizer(vocab_size, arch)
 
     common = dict(
         # The real vocabulary can come out slightly smaller than asked; the embedding matches it.
@@ -123,16 +156,15 @@ def make_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        initializer_range=initializer_range,
     )
     model: PreTrainedModel
     # Seed right before construction: weight init is the only randomness, so the seed fixes it.
     torch.manual_seed(seed)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
-    elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
     else:
-        raise ValueError(f"unknown arch {arch!r}: expected 'llama' or 'qwen2'")
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

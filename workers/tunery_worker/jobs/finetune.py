@@ -116,7 +116,8 @@ def resolve_config(ctx: JobContext) -> FinetuneConfig:
         raise InvalidConfig("multi-node training is not supported by this worker", param="distributed")
 
     base = spec.get("base_model") or {}
-    source = base.get("source") or (str(ctx.inputs["model"]) if "model" in ctx.inputs else None)
+    # A `model` input (a Tunery output model) wins over base_model.source, as in every job type.
+    source = str(ctx.inputs["model"]) if "model" in ctx.inputs else base.get("source")
     if not source:
         raise InvalidConfig("base_model.source is empty and no 'model' input was given", param="base_model")
     if "dataset" not in ctx.inputs:
@@ -161,7 +162,11 @@ def _check_ranges(cfg: FinetuneConfig) -> None:
         ("training.max_steps", t.max_steps == -1 or t.max_steps >= 1, "must be -1 or ≥ 1"),
         ("training.num_epochs", t.max_steps != -1 or t.num_epochs > 0, "must be > 0"),
         ("training.warmup_steps", t.warmup_steps >= 0, "must be ≥ 0"),
-        ("training.lr_scheduler", t.lr_scheduler in ("linear", "cosine", "constant"), "linear|cosine|constant"),
+        (
+            "training.lr_scheduler",
+            t.lr_scheduler in ("linear", "cosine", "constant"),
+            "linear|cosine|constant",
+        ),
         ("training.max_seq_length", t.max_seq_length >= 2, "must be ≥ 2"),
         ("training.logging_steps", t.logging_steps >= 1, "must be ≥ 1"),
         ("training.save_steps", t.save_steps >= 1, "must be ≥ 1"),
@@ -232,8 +237,8 @@ class Finetune:
         ctx.set_phase("loading_model")
         self.model, self.tokenizer = self._load_model()
         self.params_before = count_params(self.model)
-        # The adapter goes on after gradient checkpointing is enabled (peft relies on the base's hooks),
-        # and before the optimizer, which must see exactly the trainable parameters.
+        # Checkpointing is switched on in the base before peft wraps it (peft's documented order), and the
+        # adapter goes on before the optimizer, which must see exactly the trainable parameters.
         self._prepare_for_training()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.params_trainable = count_params(self.model, trainable_only=True)
@@ -266,7 +271,11 @@ class Finetune:
         # whose frozen base is 4-bit and whose other weights can be bf16 to save memory.
         dtype = torch.bfloat16 if cfg.method == "qlora" and cfg.use_bf16 else torch.float32
         return load_model_and_tokenizer(
-            cfg.base_model, device=cfg.device, dtype=dtype, quantize_4bit=cfg.method == "qlora"
+            cfg.base_model,
+            device=cfg.device,
+            dtype=dtype,
+            quantize_4bit=cfg.method == "qlora",
+            token=self.ctx.spec.get("hf_token"),  # read here only: the secret never enters the saved config
         )
 
     def _prepare_for_training(self) -> None:
@@ -281,7 +290,7 @@ class Finetune:
             )
         elif cfg.training.use_gradient_checkpointing:
             # Non-reentrant checkpointing needs no input grads, so it also works with a frozen base.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
         if cfg.method == "full":
             for param in model.parameters():
@@ -291,13 +300,14 @@ class Finetune:
         from peft import LoraConfig, get_peft_model
 
         lora = cfg.lora
+        # peft annotates alpha as int and bias as a Literal; both were validated in resolve_config.
+        settings: dict[str, Any] = {"lora_alpha": lora.alpha, "bias": lora.bias}
         peft_config = LoraConfig(
             r=lora.r,
-            lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             target_modules=lora.target_modules,
-            bias=lora.bias,
             task_type="CAUSAL_LM",
+            **settings,
         )
         self.model = get_peft_model(model, peft_config)  # type: ignore[assignment]
 
@@ -415,7 +425,10 @@ class Finetune:
     def _epoch_order(self) -> list[int]:
         epoch = self.position.epoch
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, datalib.epoch_order(len(self.train_examples), self.cfg.training.seed, epoch))
+            self._order = (
+                epoch,
+                datalib.epoch_order(len(self.train_examples), self.cfg.training.seed, epoch),
+            )
         return self._order[1]
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -462,7 +475,7 @@ class Finetune:
         )
         self.ctx.set_phase("training", self._progress())
 
-    # --- evaluation ------------------------------------------------------------------------------------------
+    # --- evaluation ---------------------------------------------------------------------------------------
 
     def _evaluate(self) -> float | None:
         if not self.eval_examples:
@@ -472,7 +485,13 @@ class Finetune:
             eval_loss = mean_token_loss(self.model, batches)
         self.stats["eval_loss_last"] = eval_loss
         self.ctx.metric(
-            {"step": self.step, "ts": time.time(), "phase": "eval", "epoch": self._epoch(), "eval_loss": eval_loss}
+            {
+                "step": self.step,
+                "ts": time.time(),
+                "phase": "eval",
+                "epoch": self._epoch(),
+                "eval_loss": eval_loss,
+            }
         )
         self.ctx.log(f"eval step {self.step} · eval_loss {eval_loss:.4f} · ppl {math.exp(eval_loss):.2f}")
         return eval_loss
@@ -518,7 +537,9 @@ class Finetune:
         self._check_compatible(state["config"])
         missing = {n for n, p in self.model.named_parameters() if p.requires_grad} - set(state["trainable"])
         if missing:
-            raise InvalidConfig(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+            raise InvalidConfig(
+                f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}"
+            )
         self.model.load_state_dict(state["trainable"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -532,10 +553,16 @@ class Finetune:
     def _check_compatible(self, saved: dict[str, Any]) -> None:
         """The settings that shape the weights and the data stream must match the checkpoint's."""
         now = self.cfg.to_dict()
-        keys = [("method",), ("lora",), ("training", "batch_size"), ("training", "gradient_accumulation_steps")]
+        keys = [
+            ("method",),
+            ("lora",),
+            ("training", "batch_size"),
+            ("training", "gradient_accumulation_steps"),
+        ]
         keys += [("training", "seed"), ("training", "max_seq_length"), ("training", "eval_split")]
         for key in keys:
-            old, new = saved, now
+            old: Any = saved
+            new: Any = now
             for part in key:
                 old, new = old.get(part), new.get(part)
             if old != new:
@@ -544,7 +571,7 @@ class Finetune:
                     param=".".join(key),
                 )
 
-    # --- outputs and result ----------------------------------------------------------------------------------
+    # --- outputs and result -------------------------------------------------------------------------------
 
     def save_outputs(self) -> dict[str, Any]:
         """Write the adapter (or full model), tokenizer and resolved config, and upload each file."""

@@ -1,0 +1,188 @@
+"""The protocol client against a local fake server: retries, fencing, streamed uploads, resumed downloads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fake_tunery import TOKEN, FakeTunery
+
+from tunery_worker.client import LeaseLost, ProtocolError, RetryPolicy, Unauthorized, WorkerClient
+
+CAPS = {"job_types": ["finetune"], "methods": ["lora"], "device": "cpu", "memory_gb": 1.0}
+
+
+@pytest.fixture
+def server() -> Iterator[FakeTunery]:
+    fake = FakeTunery().start()
+    yield fake
+    fake.stop()
+
+
+class Sleeps(list[float]):
+    """Records backoff delays instead of sleeping them."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def make_client(url: str, sleeps: Sleeps, token: str = TOKEN, retry_seconds: float = 60) -> WorkerClient:
+    return WorkerClient(url, token, retry=RetryPolicy(retry_seconds=retry_seconds), sleep=sleeps, timeout=5)
+
+
+def claimed(server: FakeTunery, client: WorkerClient) -> dict:  # type: ignore[type-arg]
+    server.enqueue("finetune", {"method": "lora"})
+    job = client.claim("w1", CAPS, wait_seconds=0)
+    assert job is not None
+    return job
+
+
+def test_claim_returns_none_after_the_long_poll(server: FakeTunery) -> None:
+    client = make_client(server.url, Sleeps())
+    assert client.claim("w1", CAPS, wait_seconds=0.2) is None
+    job = claimed(server, client)
+    assert job["type"] == "finetune" and job["lease_token"].startswith("lease-")
+    assert server.state.claims[-1] == {"worker_id": "w1", "capabilities": CAPS, "wait_seconds": 0}
+
+
+def test_5xx_429_and_dropped_connections_are_retried_with_capped_backoff(server: FakeTunery) -> None:
+    sleeps = Sleeps()
+    client = make_client(server.url, sleeps)
+    job = claimed(server, client)
+    server.fault("heartbeat", 503, "drop", 429, 500, 502)
+    answer = client.heartbeat(job["job_id"], job["lease_token"], {"current_step": 3})
+    assert answer["cancel_requested"] is False
+    assert len(sleeps) == 5
+    assert sleeps[2] == 0.0  # 429's Retry-After: 0 wins over the computed backoff
+    assert all(0 <= s <= RetryPolicy().max_delay for s in sleeps)
+    assert server.state.heartbeats[-1]["progress"] == {"current_step": 3}
+
+
+def test_backoff_grows_exponentially_up_to_the_cap() -> None:
+    policy = RetryPolicy(initial_delay=1, max_delay=8)
+    highs = [max(policy.delay(attempt) for _ in range(200)) for attempt in range(6)]
+    assert highs[0] <= 1 and highs[2] <= 4 and all(h <= 8 for h in highs)
+    assert highs[5] > 4  # reaches the cap's range, never beyond
+
+
+def test_survives_a_server_restart(tmp_path: Path) -> None:
+    # Reserve a port, leave it closed (the server is "down"), and bring the server up during the backoff.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    fake = FakeTunery(port=port)
+    sleeps = Sleeps()
+
+    def sleep_then_start(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 3:
+            fake.start()
+
+    client = WorkerClient(
+        fake.url, TOKEN, retry=RetryPolicy(retry_seconds=60), sleep=sleep_then_start, timeout=5
+    )
+    try:
+        assert client.claim("w1", CAPS, wait_seconds=0) is None
+        assert len(sleeps) == 3
+    finally:
+        fake.stop()
+
+
+def test_gives_up_after_the_retry_budget(server: FakeTunery) -> None:
+    client = make_client(server.url, Sleeps(), retry_seconds=0)
+    server.fault("claim", 503)
+    with pytest.raises(ProtocolError) as caught:
+        client.claim("w1", CAPS, wait_seconds=0)
+    assert caught.value.status == 503
+
+
+def test_lease_lost_is_raised_at_once_without_retries(server: FakeTunery) -> None:
+    sleeps = Sleeps()
+    client = make_client(server.url, sleeps)
+    job = claimed(server, client)
+    server.lose_lease(job["job_id"])
+    with pytest.raises(LeaseLost):
+        client.report_logs(job["job_id"], job["lease_token"], [{"seq": 1, "text": "x"}])
+    with pytest.raises(LeaseLost):
+        client.complete(job["job_id"], job["lease_token"], {})
+    assert sleeps == []
+
+
+def test_client_errors_are_not_retried(server: FakeTunery) -> None:
+    sleeps = Sleeps()
+    client = make_client(server.url, sleeps)
+    server.fault("claim", 400)
+    with pytest.raises(ProtocolError) as caught:
+        client.claim("w1", CAPS, wait_seconds=0)
+    assert (caught.value.status, caught.value.code) == (400, "injected") and not isinstance(
+        caught.value, LeaseLost
+    )
+    with pytest.raises(Unauthorized):
+        make_client(server.url, sleeps, token="wrong").claim("w1", CAPS, wait_seconds=0)
+    assert sleeps == []
+
+
+def test_uploads_stream_the_file_with_the_lease_header_and_retry_whole(
+    server: FakeTunery, tmp_path: Path
+) -> None:
+    client = make_client(server.url, Sleeps())
+    job = claimed(server, client)
+    payload = os.urandom(3 * (1 << 20) + 123)  # several chunks
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(payload)
+
+    server.fault("checkpoint", 503)
+    stored = client.upload_checkpoint(job["job_id"], job["lease_token"], "checkpoint-20", 20, path)
+    assert stored == {
+        "name": "checkpoint-20",
+        "size_bytes": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    assert server.state.checkpoints[job["job_id"]]["checkpoint-20"] == (20, payload)
+    headers = server.state.upload_headers[-1]
+    assert headers["X-Lease-Token"] == job["lease_token"]
+    assert headers["Content-Type"] == "application/octet-stream" and headers["Content-Length"] == str(
+        len(payload)
+    )
+
+    client.upload_output(job["job_id"], job["lease_token"], "adapter_model.safetensors", path)
+    assert server.state.outputs[job["job_id"]]["adapter_model.safetensors"] == payload
+
+
+def test_downloads_resume_with_range_and_verify_the_checksum(server: FakeTunery, tmp_path: Path) -> None:
+    client = make_client(server.url, Sleeps())
+    payload = os.urandom(1 << 20)
+    file = server.add_file(payload)
+
+    server.fault("file", "truncate", 503)
+    dest = client.download(
+        file["download_url"], tmp_path / "d" / "model.safetensors", file["sha256"], len(payload)
+    )
+    assert dest.read_bytes() == payload
+    assert server.state.range_requests and server.state.range_requests[0] == f"bytes={len(payload) // 2}-"
+    assert not (tmp_path / "d" / "model.safetensors.part").exists()
+
+    with pytest.raises(ProtocolError, match="sha256 mismatch"):
+        client.download(file["download_url"], tmp_path / "bad", "0" * 64)
+    with pytest.raises(ProtocolError) as caught:
+        client.download("/v1/workers/files/file_missing", tmp_path / "missing")
+    assert caught.value.status == 404
+
+
+def test_server_url_may_end_with_v1(server: FakeTunery) -> None:
+    client = make_client(server.url + "/v1/", Sleeps())
+    assert client.claim("w1", CAPS, wait_seconds=0) is None
+
+
+def test_transport_errors_surface_after_the_budget() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = make_client(f"http://127.0.0.1:{port}", Sleeps(), retry_seconds=0)
+    with pytest.raises(httpx.ConnectError):
+        client.claim("w1", CAPS, wait_seconds=0)

@@ -1,0 +1,149 @@
+"""`tunery-worker`: run a worker against a Tunery server, or build a tiny local model.
+
+    tunery-worker [run] --server URL --token T [--device auto|cuda|cpu] [--concurrency N]
+                        [--worker-id ID] [--workdir DIR] [--once] [--wait-seconds S]
+    tunery-worker make-tiny-model DIR [--arch llama|qwen2] [--seed N]
+
+`run` is the default subcommand, so `tunery-worker --server …` works too. The server URL and token
+also come from TUNERY_SERVER_URL and TUNERY_WORKER_TOKEN. SIGTERM (or a first Ctrl-C) shuts down
+gracefully: running jobs checkpoint and go back to the queue; a second Ctrl-C exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tunery_worker import __version__
+
+SUBCOMMANDS = {"run", "make-tiny-model"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunery-worker", description="Tunery's PyTorch training worker.")
+    parser.add_argument("--version", action="version", version=f"tunery-worker {__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="claim and run jobs from a Tunery server (the default)")
+    run.add_argument(
+        "--server", default=os.environ.get("TUNERY_SERVER_URL"), help="server URL ($TUNERY_SERVER_URL)"
+    )
+    run.add_argument(
+        "--token", default=os.environ.get("TUNERY_WORKER_TOKEN"), help="worker token ($TUNERY_WORKER_TOKEN)"
+    )
+    run.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cuda:N or cpu")
+    run.add_argument(
+        "--concurrency",
+        "--max-jobs",
+        type=int,
+        default=1,
+        dest="concurrency",
+        help="jobs run at once (default 1)",
+    )
+    run.add_argument("--worker-id", help="stable name of this worker (default: host name + random suffix)")
+    run.add_argument("--workdir", type=Path, default=Path("./tunery-work"), help="scratch space for attempts")
+    run.add_argument("--once", action="store_true", help="run at most one job per slot, then exit")
+    run.add_argument(
+        "--wait-seconds", type=float, default=20.0, help="claim long-poll time, 0-30 (default 20)"
+    )
+    run.add_argument("--keep-workdir", action="store_true", help="keep each attempt's files after it ends")
+    run.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+
+    tiny = sub.add_parser(
+        "make-tiny-model", help="write a tiny random-weight model + tokenizer (no download)"
+    )
+    tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--hidden", type=int, default=64)
+    tiny.add_argument("--layers", type=int, default=2)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or (
+        args_list[0] not in SUBCOMMANDS and args_list[0] not in ("-h", "--help", "--version")
+    ):
+        args_list.insert(0, "run")
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    if args.command == "make-tiny-model":
+        return make_tiny_model(args)
+    return run_worker(args, parser)
+
+
+def make_tiny_model(args: argparse.Namespace) -> int:
+    from tunery_worker.tiny_model import make_tiny_model as make
+
+    out = make(args.dir, arch=args.arch, seed=args.seed, hidden=args.hidden, layers=args.layers)
+    print(out)
+    return 0
+
+
+def run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not args.server or not args.token:
+        parser.error("--server and --token are required (or TUNERY_SERVER_URL and TUNERY_WORKER_TOKEN)")
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+    if not 0 <= args.wait_seconds <= 30:
+        parser.error("--wait-seconds must be between 0 and 30")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # Imported here so `--help` and `make-tiny-model` do not pay for torch's import in the worker path.
+    from tunery_worker.client import WorkerClient
+    from tunery_worker.modeling import resolve_device
+    from tunery_worker.runner import Worker
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
+    client = WorkerClient(args.server, args.token)
+    options: dict[str, Any] = {"worker_id": args.worker_id} if args.worker_id else {}
+    worker = Worker(
+        client,
+        device=device,
+        workdir=args.workdir,
+        concurrency=args.concurrency,
+        once=args.once,
+        wait_seconds=args.wait_seconds,
+        keep_workdir=args.keep_workdir,
+        **options,
+    )
+    previous = install_signal_handlers(worker)
+    try:
+        return worker.run()
+    finally:
+        client.close()
+        # Put back what was there: main() may run inside a longer-lived process (tests, embedding).
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def install_signal_handlers(worker: Any) -> dict[int, Any]:
+    """SIGTERM and a first Ctrl-C shut down gracefully; returns the handlers they replaced."""
+
+    def graceful(signum: int, _frame: Any) -> None:
+        worker.request_shutdown()
+        # A second Ctrl-C means "now": restore the default so it raises KeyboardInterrupt.
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous: dict[int, Any] = {
+        signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    for signum in previous:
+        signal.signal(signum, graceful)
+    return previous
+
+
+if __name__ == "__main__":
+    sys.exit(main())

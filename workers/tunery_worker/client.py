@@ -1,0 +1,334 @@
+"""HTTP client for the worker protocol (the spec's `workers` tag; see docs/worker-protocol.md).
+
+One core method, `_request`, owns transport: auth header, timeouts, and retries. Each protocol
+operation is a short method on top of it. Retries use capped exponential backoff with jitter and
+give up after `retry_seconds` in total, so a worker rides out a server restart but not an outage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tunery_worker import __version__
+
+log = logging.getLogger("tunery_worker.client")
+
+CHUNK = 1 << 20  # streamed uploads and downloads move 1 MiB at a time
+
+
+class ProtocolError(Exception):
+    """The server answered with an error the worker cannot retry away."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+class LeaseLost(ProtocolError):
+    """409 `lease_lost`: this attempt no longer owns the job; drop it without reporting anything."""
+
+
+class _RetryableStatus(Exception):
+    """A download answered 429/5xx: retried like a broken connection."""
+
+
+class Unauthorized(ProtocolError):
+    """401/403: the worker token is wrong; no amount of retrying helps."""
+
+
+def error_from_response(response: httpx.Response) -> ProtocolError:
+    """The one place that maps an error response to an exception class."""
+    try:
+        body = response.json()["error"]
+        code, message = str(body.get("code", "unknown")), str(body.get("message", ""))
+    except Exception:  # not the API's error shape (a proxy's HTML page, an empty body)
+        code, message = "http_error", response.text[:200]
+    if response.status_code == 409 and code == "lease_lost":
+        return LeaseLost(409, code, message)
+    if response.status_code in (401, 403):
+        return Unauthorized(response.status_code, code, message)
+    return ProtocolError(response.status_code, code, message)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    initial_delay: float = 0.5  # seconds before the first retry
+    max_delay: float = 30.0  # backoff cap
+    retry_seconds: float = 300.0  # give up once this much time has passed since the first try
+
+    def delay(self, attempt: int) -> float:
+        # Full jitter: many workers reconnecting after a restart do not hit the server in lockstep.
+        return random.uniform(0, min(self.max_delay, self.initial_delay * 2**attempt))
+
+
+def should_retry(response: httpx.Response | None, error: Exception | None) -> bool:
+    # Connection refused/reset, DNS, timeouts: the server is restarting or the network blipped.
+    if isinstance(error, httpx.TransportError):
+        return True
+    if response is None:
+        return False
+    # Too many requests: the server asked us to back off.
+    if response.status_code == 429:
+        return True
+    # Server-side failures (including a proxy's 502/503/504 while the server restarts).
+    return response.status_code >= 500
+
+
+class WorkerClient:
+    def __init__(
+        self,
+        server_url: str,
+        token: str,
+        *,
+        timeout: float = 60.0,
+        retry: RetryPolicy | None = None,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        base = server_url.rstrip("/")
+        # download_url values are absolute paths ("/v1/workers/files/…"), so the base is the server root.
+        base = base.removesuffix("/v1")
+        self.retry = retry or RetryPolicy()
+        self._sleep = sleep
+        self._http = httpx.Client(
+            base_url=base,
+            headers={"Authorization": f"Bearer {token}", "User-Agent": f"tunery-worker/{__version__}"},
+            timeout=httpx.Timeout(timeout, connect=10.0),
+            transport=transport,
+            follow_redirects=True,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    # --- transport --------------------------------------------------------------------------------------
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        body: Callable[[], Generator[bytes, None, None]] | None = None,
+        timeout: float | None = None,
+        ok: tuple[int, ...] = (200, 201, 204),
+    ) -> httpx.Response:
+        """Send one request, retrying per `should_retry`; raise the mapped error for any other failure.
+
+        `body` opens a fresh stream per try, so a streamed upload can be retried from the start.
+        """
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            response, error = None, None
+            stream = body() if body is not None else None
+            try:
+                response = self._http.request(
+                    method,
+                    path,
+                    json=json,
+                    params=params,
+                    headers=headers,
+                    content=stream,
+                    timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+                )
+            except httpx.TransportError as err:
+                error = err
+            finally:
+                if stream is not None:
+                    stream.close()  # a generator's close() closes the file it reads
+            if response is not None and response.status_code in ok:
+                return response
+            if not should_retry(response, error) or time.monotonic() - started > self.retry.retry_seconds:
+                if response is None:
+                    assert error is not None
+                    raise error
+                raise error_from_response(response)
+            delay = self._retry_after(response)
+            if delay is None:
+                delay = self.retry.delay(attempt)
+            log.warning(
+                "%s %s failed (%s); retrying in %.1fs",
+                method,
+                path,
+                error or f"HTTP {response.status_code if response is not None else '?'}",
+                delay,
+            )
+            self._sleep(delay)
+            attempt += 1
+
+    def _retry_after(self, response: httpx.Response | None) -> float | None:
+        value = response.headers.get("Retry-After") if response is not None else None
+        try:
+            return min(float(value), self.retry.max_delay) if value is not None else None
+        except ValueError:  # an HTTP date; the computed backoff is good enough
+            return None
+
+    # --- the protocol ---------------------------------------------------------------------------------
+
+    def claim(
+        self, worker_id: str, capabilities: dict[str, Any], wait_seconds: float = 20
+    ) -> dict[str, Any] | None:
+        """Long-poll for a job; None when none arrived within `wait_seconds`."""
+        response = self._request(
+            "POST",
+            "/v1/workers/claim",
+            json={"worker_id": worker_id, "capabilities": capabilities, "wait_seconds": wait_seconds},
+            # The server holds the request open for wait_seconds; the read timeout must outlast it.
+            timeout=wait_seconds + 30,
+        )
+        if response.status_code == 204:
+            return None
+        job: dict[str, Any] = response.json()["job"]
+        return job
+
+    def heartbeat(
+        self, job_id: str, lease_token: str, progress: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        payload: dict[str, Any] = {"lease_token": lease_token}
+        if progress:
+            payload["progress"] = progress
+        answer: dict[str, Any] = self._request(
+            "POST", f"/v1/workers/jobs/{job_id}/heartbeat", json=payload
+        ).json()
+        return answer
+
+    def report_logs(self, job_id: str, lease_token: str, lines: list[dict[str, Any]]) -> None:
+        self._request(
+            "POST", f"/v1/workers/jobs/{job_id}/logs", json={"lease_token": lease_token, "lines": lines}
+        )
+
+    def report_metrics(self, job_id: str, lease_token: str, points: list[dict[str, Any]]) -> None:
+        self._request(
+            "POST", f"/v1/workers/jobs/{job_id}/metrics", json={"lease_token": lease_token, "points": points}
+        )
+
+    def report_events(
+        self,
+        job_id: str,
+        lease_token: str,
+        events: list[dict[str, Any]],
+        phase: str | None = None,
+        progress: dict[str, Any] | None = None,
+    ) -> None:
+        payload: dict[str, Any] = {"lease_token": lease_token, "events": events}
+        if phase is not None:
+            payload["phase"] = phase
+        if progress:
+            payload["progress"] = progress
+        self._request("POST", f"/v1/workers/jobs/{job_id}/events", json=payload)
+
+    def upload_checkpoint(
+        self, job_id: str, lease_token: str, name: str, step: int, path: Path
+    ) -> dict[str, Any]:
+        return self._upload(
+            f"/v1/workers/jobs/{job_id}/checkpoints/{name}", lease_token, path, {"step": step}
+        )
+
+    def upload_output(self, job_id: str, lease_token: str, name: str, path: Path) -> dict[str, Any]:
+        return self._upload(f"/v1/workers/jobs/{job_id}/outputs/{name}", lease_token, path)
+
+    def _upload(
+        self, url: str, lease_token: str, path: Path, params: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        size = path.stat().st_size
+        response = self._request(
+            "PUT",
+            url,
+            params=params,
+            headers={
+                "X-Lease-Token": lease_token,
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(size),
+            },
+            # A generator, not the file: httpx iterates file objects by line, not by chunk.
+            body=lambda: iter_file(path),
+            ok=(200, 201),
+        )
+        stored: dict[str, Any] = response.json()
+        return stored
+
+    def download(
+        self, url: str, dest: Path, sha256: str | None = None, size_bytes: int | None = None
+    ) -> Path:
+        """Stream `url` to `dest`, resuming with Range after a broken connection; verify the checksum."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(dest.name + ".part")
+        partial.unlink(missing_ok=True)
+        started, attempt = time.monotonic(), 0
+        while True:
+            try:
+                self._download_once(url, partial)
+                break
+            except (httpx.TransportError, _RetryableStatus) as err:
+                if time.monotonic() - started > self.retry.retry_seconds:
+                    raise
+                delay = self.retry.delay(attempt)
+                log.warning("download of %s broke (%s); resuming in %.1fs", url, err, delay)
+                self._sleep(delay)
+                attempt += 1
+        if size_bytes is not None and partial.stat().st_size != size_bytes:
+            raise ProtocolError(
+                200, "download_corrupt", f"{url}: got {partial.stat().st_size} of {size_bytes} bytes"
+            )
+        if sha256 and _sha256(partial) != sha256.lower():
+            raise ProtocolError(200, "download_corrupt", f"{url}: sha256 mismatch")
+        partial.replace(dest)
+        return dest
+
+    def _download_once(self, url: str, partial: Path) -> None:
+        have = partial.stat().st_size if partial.exists() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        with self._http.stream("GET", url, headers=headers) as response:
+            if response.status_code == 416:  # we already hold every byte
+                return
+            if response.status_code not in (200, 206):
+                response.read()
+                if should_retry(response, None):
+                    raise _RetryableStatus(response.status_code)
+                raise error_from_response(response)
+            # A 200 answer to a Range request is the whole file again: start over.
+            with open(partial, "ab" if response.status_code == 206 else "wb") as out:
+                # Written as it arrives (no re-chunking buffer), so a broken connection loses nothing.
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+
+    def complete(self, job_id: str, lease_token: str, result: dict[str, Any]) -> dict[str, Any]:
+        return self._transition(job_id, "complete", {"lease_token": lease_token, "result": result})
+
+    def fail(self, job_id: str, lease_token: str, code: str, message: str, retryable: bool) -> dict[str, Any]:
+        payload = {"lease_token": lease_token, "error": {"code": code, "message": message[:10000]}}
+        return self._transition(job_id, "fail", {**payload, "retryable": retryable})
+
+    def cancelled(self, job_id: str, lease_token: str) -> dict[str, Any]:
+        return self._transition(job_id, "cancelled", {"lease_token": lease_token})
+
+    def _transition(self, job_id: str, action: str, payload: dict[str, Any]) -> dict[str, Any]:
+        answer: dict[str, Any] = self._request(
+            "POST", f"/v1/workers/jobs/{job_id}/{action}", json=payload
+        ).json()
+        return answer
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def iter_file(path: Path) -> Generator[bytes, None, None]:
+    with open(path, "rb") as handle:
+        yield from iter(lambda: handle.read(CHUNK), b"")

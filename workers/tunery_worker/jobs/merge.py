@@ -1,0 +1,65 @@
+"""Merging a LoRA adapter into its base model: the result is a plain model with the base's shapes.
+
+Inputs: `adapter` (a directory with `adapter_model.safetensors` + `adapter_config.json`, usually a
+finetune job's outputs) and the base from `base_model.source` (or a `model` input). The merge runs in
+float32 so the merged weights equal base + scale·B·A without rounding; outputs are `model.safetensors`,
+`config.json`, generation config and tokenizer files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunery_worker.context import JobContext
+from tunery_worker.errors import InvalidConfig
+from tunery_worker.modeling import count_params, load_model_and_tokenizer, load_tokenizer
+
+
+def run(ctx: JobContext) -> dict[str, Any]:
+    ctx.set_phase("initializing")
+    adapter_dir, source = _resolve_inputs(ctx)
+    output_name = str(ctx.spec.get("output_name") or f"{ctx.job_id}-merged")
+
+    ctx.set_phase("loading_model")
+    from peft import PeftModel
+
+    hf_token = ctx.spec.get("hf_token")
+    base, tokenizer = load_model_and_tokenizer(source, device=ctx.device, dtype=torch.float32, token=hf_token)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    ctx.check_stop()
+
+    ctx.set_phase("merging")
+    merged = model.merge_and_unload()
+    ctx.log(f"merged {adapter_dir.name} into {source}")
+    ctx.check_stop()
+
+    ctx.set_phase("saving")
+    out = Path(ctx.workdir) / "merged"
+    out.mkdir(parents=True, exist_ok=True)
+    # One weights file, however large: outputs are flat names the server registers by name.
+    merged.save_pretrained(out, max_shard_size="1000GB")
+    # The adapter's tokenizer wins when it shipped one: it is what the adapter was trained with.
+    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else source
+    (tokenizer if tokenizer_source == source else load_tokenizer(tokenizer_source)).save_pretrained(out)
+    for path in sorted(p for p in out.iterdir() if p.is_file() and p.name != "README.md"):
+        ctx.upload_output(path)
+    return {"model": {"name": output_name}, "params_after": count_params(merged)}
+
+
+def _resolve_inputs(ctx: JobContext) -> tuple[Path, str]:
+    adapter = ctx.inputs.get("adapter")
+    if adapter is None:
+        raise InvalidConfig("merge needs an 'adapter' input", param="adapter")
+    # A single downloaded file lands as a file; the adapter is a directory of files.
+    adapter_dir = Path(adapter) if Path(adapter).is_dir() else Path(adapter).parent
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise InvalidConfig("the 'adapter' input has no adapter_config.json", param="adapter")
+    base = ctx.spec.get("base_model") or {}
+    # A `model` input (a Tunery output model) wins over base_model.source, as in every job type.
+    source = str(ctx.inputs["model"]) if "model" in ctx.inputs else base.get("source")
+    if not source:
+        raise InvalidConfig("base_model.source is empty and no 'model' input was given", param="base_model")
+    return adapter_dir, str(source)

@@ -1,0 +1,457 @@
+"""The worker's main loop: claim a job, run its handler with a RemoteJobContext, report how it ended.
+
+One attempt, in order: claim (long-poll) → download inputs and the resume checkpoint → start the
+heartbeat and report-flush threads → run the handler → flush → complete | fail | cancelled. A lease
+lost at any point drops the job silently: another attempt owns it now and our writes are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import platform
+import shutil
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunery_worker.client import LeaseLost, ProtocolError, Unauthorized, WorkerClient
+from tunery_worker.context import JobContext, JobStopped
+from tunery_worker.errors import Failure, classify
+from tunery_worker.jobs import UnknownJobType, available_job_types, load_handler
+from tunery_worker.modeling import bitsandbytes_available, total_memory_gb
+
+log = logging.getLogger("tunery_worker")
+
+# Roles whose files always form a directory (a model or adapter is several files read together).
+DIRECTORY_ROLES = {"adapter", "model"}
+# Fields of a metric point in the protocol; anything else a handler adds is not sent.
+METRIC_FIELDS = {
+    "step", "ts", "phase", "epoch", "cycle", "loss", "eval_loss",
+    "lr", "grad_norm", "throughput", "vram_gb", "tokens",
+}  # fmt: skip
+BATCH_LIMIT = 500  # items per report request (the server takes up to 1000)
+MAX_LINE = 10_000  # characters per log line the server accepts
+
+
+def rfc3339(ts: float | None = None) -> str:
+    moment = datetime.fromtimestamp(time.time() if ts is None else ts, tz=timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities are not JSON: a diverged loss is reported as null instead of breaking the report."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# --- the context a handler sees when it runs for a server ---------------------------------------------
+
+
+@dataclass(eq=False)
+class RemoteJobContext(JobContext):
+    """Buffers reports and sends them in batches (at least every `flush_interval`); heartbeats in a thread.
+
+    `should_stop()` turns true when a heartbeat says the job was cancelled, when the lease is lost, or
+    when the worker shuts down; `stop_reason` says which.
+    """
+
+    client: WorkerClient | None = None
+    lease_token: str = ""
+    lease_seconds: float = 60.0
+    log_seq: int = 0  # highest log seq the server holds for this job; the next line is log_seq + 1
+    flush_interval: float = 1.0
+    stop_reason: str | None = None  # "cancelled" | "lease_lost" | "shutdown"
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()  # guards the buffers below
+        self._flush_lock = threading.Lock()  # one flush at a time keeps batches in order
+        self._lines: list[dict[str, Any]] = []
+        self._points: list[dict[str, Any]] = []
+        self._events: list[dict[str, Any]] = []
+        self._current_phase: str | None = None
+        self._phases: list[str] = []  # phase changes not sent yet, in order (none is skipped)
+        self._progress: dict[str, Any] = {}
+        self._progress_dirty = False
+        self._stop = threading.Event()
+        self._closed = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # --- reporting --------------------------------------------------------------------------------
+
+    def log(self, text: str, stream: str = "stdout") -> None:
+        (log.warning if stream == "stderr" else log.info)("[%s] %s", self.job_id, text)
+        with self._lock:
+            for line in text.splitlines() or [""]:
+                self.log_seq += 1
+                self._lines.append(
+                    {"seq": self.log_seq, "ts": rfc3339(), "stream": stream, "text": line[:MAX_LINE]}
+                )
+
+    def metric(self, point: dict[str, Any]) -> None:
+        clean = {k: json_safe(v) for k, v in point.items() if k in METRIC_FIELDS}
+        clean["ts"] = rfc3339(point.get("ts") if isinstance(point.get("ts"), int | float) else None)
+        clean.setdefault("phase", "train")
+        with self._lock:
+            self._points.append(clean)
+
+    def event(self, kind: str, payload: dict[str, Any] | None = None) -> None:
+        with self._lock:
+            self._events.append({"kind": kind, "ts": rfc3339(), "payload": json_safe(payload or {})})
+
+    def set_phase(self, phase: str, progress: dict[str, Any] | None = None) -> None:
+        with self._lock:
+            if phase != self._current_phase:
+                self._current_phase = phase
+                self._phases.append(phase)
+            # The protocol's progress fields are numbers; "not known yet" is left out, never null.
+            self._progress.update({k: v for k, v in json_safe(progress or {}).items() if v is not None})
+            self._progress_dirty = True
+
+    def should_stop(self) -> bool:
+        return self._stop.is_set()
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._stop.set()
+
+    def save_checkpoint(self, name: str, step: int, path: Path) -> None:
+        self._check_lease()
+        assert self.client is not None
+        self.client.upload_checkpoint(self.job_id, self.lease_token, name, step, path)
+        self.event("checkpoint", {"name": name, "step": step})
+
+    def upload_output(self, path: Path, name: str | None = None) -> None:
+        self._check_lease()
+        assert self.client is not None
+        self.client.upload_output(self.job_id, self.lease_token, name or path.name, path)
+
+    def _check_lease(self) -> None:
+        # After a 409 every write is refused; fail fast instead of uploading gigabytes for nothing.
+        if self.stop_reason == "lease_lost":
+            raise LeaseLost(409, "lease_lost", f"lease on {self.job_id} was lost")
+
+    # --- sending ----------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Send everything buffered. On failure the items go back to the front of the buffers (reports
+        are idempotent per seq/step/event, so a resend after a half-done flush is safe)."""
+        assert self.client is not None
+        with self._flush_lock:
+            with self._lock:
+                lines, points, events, phases = self._lines, self._points, self._events, self._phases
+                progress = dict(self._progress) if self._progress_dirty else None
+                self._lines, self._points, self._events, self._phases = [], [], [], []
+                self._progress_dirty = False
+            try:
+                self._send(self.client.report_logs, lines)
+                lines = []
+                self._send(self.client.report_metrics, points)
+                points = []
+                # Every phase change reaches the server's timeline, even when several happened between
+                # flushes; events and progress ride along with the last one.
+                while len(phases) > 1:
+                    self.client.report_events(self.job_id, self.lease_token, [], phases[0])
+                    phases = phases[1:]
+                if events or phases or progress:
+                    last = phases[0] if phases else None
+                    self.client.report_events(
+                        self.job_id, self.lease_token, events[:BATCH_LIMIT], last, progress
+                    )
+                    for i in range(BATCH_LIMIT, len(events), BATCH_LIMIT):
+                        self.client.report_events(self.job_id, self.lease_token, events[i : i + BATCH_LIMIT])
+                events, phases, progress = [], [], None
+            except LeaseLost:
+                self.request_stop("lease_lost")
+                raise
+            except Exception:
+                self._requeue(lines, points, events, phases, progress)
+                raise
+
+    def _send(self, report: Any, items: list[dict[str, Any]]) -> None:
+        for i in range(0, len(items), BATCH_LIMIT):
+            report(self.job_id, self.lease_token, items[i : i + BATCH_LIMIT])
+
+    def _requeue(
+        self,
+        lines: list[dict[str, Any]],
+        points: list[dict[str, Any]],
+        events: list[dict[str, Any]],
+        phases: list[str],
+        progress: dict[str, Any] | None,
+    ) -> None:
+        with self._lock:
+            self._lines = lines + self._lines
+            self._points = points + self._points
+            self._events = events + self._events
+            self._phases = phases + self._phases
+            if progress is not None:
+                self._progress_dirty = True
+
+    def flush_quietly(self) -> None:
+        """Flush at the end of an attempt; a report that cannot be sent must not hide how the job ended."""
+        try:
+            self.flush()
+        except Exception as err:
+            log.warning("[%s] could not send the last reports: %s", self.job_id, err)
+
+    # --- background threads ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._flush_loop, "flush")):
+            thread = threading.Thread(target=target, name=f"{name}-{self.job_id}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def close(self) -> None:
+        self._closed.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def _heartbeat_loop(self) -> None:
+        assert self.client is not None
+        interval = max(1.0, self.lease_seconds / 3)
+        while not self._closed.wait(interval):
+            with self._lock:
+                progress = dict(self._progress)
+            try:
+                answer = self.client.heartbeat(self.job_id, self.lease_token, progress)
+            except LeaseLost:
+                self.request_stop("lease_lost")
+                return
+            except Exception as err:  # the client already retried; keep beating while the job runs
+                log.warning("[%s] heartbeat failed: %s", self.job_id, err)
+                continue
+            if answer.get("cancel_requested"):
+                self.request_stop("cancelled")
+
+    def _flush_loop(self) -> None:
+        while not self._closed.wait(self.flush_interval):
+            try:
+                self.flush()
+            except LeaseLost:
+                return
+            except Exception as err:
+                log.warning("[%s] report failed, will resend: %s", self.job_id, err)
+
+
+# --- the worker -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    client: WorkerClient
+    device: str = "cpu"
+    workdir: Path = Path("./tunery-work")
+    worker_id: str = field(default_factory=lambda: f"{platform.node() or 'worker'}-{uuid.uuid4().hex[:8]}")
+    concurrency: int = 1
+    once: bool = False  # each slot runs at most one job, and stops after one empty long-poll
+    wait_seconds: float = 20.0
+    keep_workdir: bool = False  # keep each attempt's files (debugging); removed by default
+
+    def __post_init__(self) -> None:
+        self._shutdown = threading.Event()
+        self._active: dict[str, RemoteJobContext] = {}
+        self._active_lock = threading.Lock()
+        self.job_types = available_job_types()
+        self.fatal: BaseException | None = None
+
+    def capabilities(self) -> dict[str, Any]:
+        cuda = self.device.startswith("cuda")
+        caps: dict[str, Any] = {
+            "job_types": self.job_types,
+            "methods": ["lora", "full"] + (["qlora"] if cuda and bitsandbytes_available() else []),
+            "device": "cuda" if cuda else "cpu",
+            "memory_gb": total_memory_gb(self.device),
+        }
+        if cuda:
+            caps["gpu_name"] = torch.cuda.get_device_name(torch.device(self.device))[:200]
+        return caps
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run `concurrency` claim loops until shutdown (or, with `once`, until each ran one job)."""
+        log.info("worker %s on %s runs %s", self.worker_id, self.device, ", ".join(self.job_types))
+        slots = [
+            threading.Thread(target=self._slot_loop, name=f"slot-{i}", daemon=True)
+            for i in range(self.concurrency)
+        ]
+        for slot in slots:
+            slot.start()
+        # join() with a timeout keeps the main thread responsive to signals (SIGTERM, Ctrl-C).
+        while any(slot.is_alive() for slot in slots):
+            for slot in slots:
+                slot.join(timeout=0.5)
+        if self.fatal is not None:
+            log.error("worker stopped: %s", self.fatal)
+            return 2
+        return 0
+
+    def request_shutdown(self) -> None:
+        """Stop claiming; running jobs stop at their next step, checkpoint, and are failed as retryable."""
+        if not self._shutdown.is_set():
+            log.info("shutting down: running jobs checkpoint and go back to the queue")
+        self._shutdown.set()
+        with self._active_lock:
+            for ctx in self._active.values():
+                ctx.request_stop("shutdown")
+
+    def _slot_loop(self) -> None:
+        caps = self.capabilities()
+        failures = 0
+        while not self._shutdown.is_set():
+            try:
+                job = self.client.claim(self.worker_id, caps, self.wait_seconds)
+                failures = 0
+            except Unauthorized as err:
+                self.fatal = err
+                self._shutdown.set()
+                return
+            except Exception as err:  # the server stayed down past the client's retries; keep polling
+                failures += 1
+                log.warning("claim failed: %s", err)
+                self._shutdown.wait(min(60.0, 2.0**failures))
+                continue
+            if job is None:
+                if self.once:
+                    return
+                continue
+            self.run_job(job)
+            if self.once:
+                return
+
+    # --- one attempt ----------------------------------------------------------------------------------
+
+    def run_job(self, job: dict[str, Any]) -> str:
+        """Run one claimed attempt to its end; returns the outcome (completed|failed|cancelled|dropped)."""
+        job_id, token = job["job_id"], job["lease_token"]
+        workdir = self.workdir / job_id / f"attempt-{job['attempt']}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        ctx = RemoteJobContext(
+            job_id=job_id,
+            job_type=job["type"],
+            spec=job.get("spec") or {},
+            workdir=workdir,
+            device=self.device,
+            attempt=int(job["attempt"]),
+            client=self.client,
+            lease_token=token,
+            lease_seconds=float(job.get("lease_seconds") or 60),
+            log_seq=int(job.get("log_seq") or 0),
+        )
+        with self._active_lock:
+            self._active[job_id] = ctx
+        if self._shutdown.is_set():
+            ctx.request_stop("shutdown")
+        ctx.start()
+        try:
+            return self._attempt(job, ctx)
+        finally:
+            ctx.close()
+            with self._active_lock:
+                self._active.pop(job_id, None)
+            if not self.keep_workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+                with contextlib.suppress(OSError):  # the job's folder goes too, once no attempt is left
+                    workdir.parent.rmdir()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _attempt(self, job: dict[str, Any], ctx: RemoteJobContext) -> str:
+        job_id, token = ctx.job_id, ctx.lease_token
+        ctx.log(f"attempt {ctx.attempt} of {ctx.job_type} job on {self.worker_id} ({self.device})")
+        try:
+            handler = load_handler(ctx.job_type)
+            ctx.check_stop()
+            ctx.inputs = self._download_inputs(job, ctx.workdir / "inputs")
+            ctx.resume_checkpoint = self._download_resume(job, ctx.workdir / "resume")
+            ctx.check_stop()
+            result = handler(ctx)
+        except JobStopped:
+            return self._stopped(ctx)
+        except LeaseLost:
+            log.warning("[%s] lease lost; dropping the job", job_id)
+            return "dropped"
+        except Exception as exc:
+            failure = (
+                Failure("invalid_config", str(exc), False)
+                if isinstance(exc, UnknownJobType)
+                else classify(exc)
+            )
+            log.error("[%s] failed: %s\n%s", job_id, failure.message, traceback.format_exc())
+            return self._fail(ctx, failure)
+        ctx.flush_quietly()
+        try:
+            self.client.complete(job_id, token, json_safe(result))
+        except LeaseLost:
+            log.warning("[%s] lease lost before complete; dropping the result", job_id)
+            return "dropped"
+        log.info("[%s] completed", job_id)
+        return "completed"
+
+    def _stopped(self, ctx: RemoteJobContext) -> str:
+        if ctx.stop_reason == "lease_lost":
+            log.warning("[%s] lease lost; dropping the job", ctx.job_id)
+            return "dropped"
+        if ctx.stop_reason == "cancelled":
+            ctx.log("cancelled")
+            ctx.flush_quietly()
+            try:
+                self.client.cancelled(ctx.job_id, ctx.lease_token)
+            except LeaseLost:
+                return "dropped"
+            return "cancelled"
+        # Shutdown: whatever was checkpointed resumes on the next attempt.
+        return self._fail(ctx, Failure("worker_shutdown", "the worker shut down; the job will resume", True))
+
+    def _fail(self, ctx: RemoteJobContext, failure: Failure) -> str:
+        ctx.log(f"error ({failure.code}): {failure.message}", stream="stderr")
+        ctx.flush_quietly()
+        try:
+            self.client.fail(ctx.job_id, ctx.lease_token, failure.code, failure.message, failure.retryable)
+        except LeaseLost:
+            return "dropped"
+        return "failed"
+
+    def _download_inputs(self, job: dict[str, Any], into: Path) -> dict[str, Path]:
+        """Fetch every input; a role with one file maps to the file, else to a directory of its files."""
+        by_role: dict[str, list[dict[str, Any]]] = {}
+        for item in job.get("inputs") or []:
+            by_role.setdefault(item["role"], []).append(item)
+        paths: dict[str, Path] = {}
+        for role, items in by_role.items():
+            role_dir = into / role
+            for item in items:
+                # Names are flat per the protocol; Path.name keeps a hostile one inside role_dir anyway.
+                dest = role_dir / Path(item["name"]).name
+                self.client.download(item["download_url"], dest, item.get("sha256"), item.get("size_bytes"))
+            single = len(items) == 1 and role not in DIRECTORY_ROLES
+            paths[role] = role_dir / Path(items[0]["name"]).name if single else role_dir
+        return paths
+
+    def _download_resume(self, job: dict[str, Any], into: Path) -> Path | None:
+        resume = job.get("resume_from")
+        if not resume:
+            return None
+        dest = into / f"{Path(resume['name']).name}.pt"
+        return self.client.download(resume["download_url"], dest)
+
+
+__all__ = ["ProtocolError", "RemoteJobContext", "Worker", "json_safe", "rfc3339"]
