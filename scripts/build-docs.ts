@@ -65,6 +65,11 @@ function sdkMethods(): Map<string, string> {
   return methods;
 }
 
+interface Spec {
+  paths: Record<string, Record<string, Operation>>;
+  components: { schemas: Record<string, { examples?: unknown[] }> };
+}
+
 interface Operation {
   operationId: string;
   tags?: string[];
@@ -75,7 +80,7 @@ interface Operation {
   'x-codeSamples'?: unknown[];
 }
 
-function exampleBody(op: Operation, spec: Record<string, any>): unknown {
+function exampleBody(op: Operation, spec: Spec): unknown {
   const json = op.requestBody?.content?.['application/json'];
   if (!json) return undefined;
   const first = json.examples ? Object.values(json.examples)[0]?.value : undefined;
@@ -85,13 +90,7 @@ function exampleBody(op: Operation, spec: Record<string, any>): unknown {
   return schema?.examples?.[0] ?? {};
 }
 
-function sampleFor(
-  method: string,
-  path: string,
-  op: Operation,
-  spec: Record<string, any>,
-  sdk: string,
-): string {
+function sampleFor(method: string, path: string, op: Operation, spec: Spec, sdk: string): string {
   const pathArgs = [...path.matchAll(/\{(\w+)\}/g)].map((m) => `'${exampleId(m[1]!)}'`);
   const body = exampleBody(op, spec);
   const args = [...pathArgs, ...(body === undefined ? [] : [JSON.stringify(body, null, 2)])].join(', ');
@@ -116,7 +115,7 @@ function exampleId(param: string): string {
   return examples[param] ?? param;
 }
 
-function curlFor(method: string, path: string, op: Operation, spec: Record<string, any>): string {
+function curlFor(method: string, path: string, op: Operation, spec: Spec): string {
   const body = exampleBody(op, spec);
   const url = `$TUNERY_BASE_URL${path.replace(/\{(\w+)\}/g, (_, p: string) => exampleId(p))}`;
   const data =
@@ -125,10 +124,10 @@ function curlFor(method: string, path: string, op: Operation, spec: Record<strin
 }
 
 function buildReference(): void {
-  const spec = parse(readFileSync(join(root, 'openapi/openapi.yaml'), 'utf8')) as Record<string, any>;
+  const spec = parse(readFileSync(join(root, 'openapi/openapi.yaml'), 'utf8')) as Spec;
   const sdk = sdkMethods();
   const missing: string[] = [];
-  for (const [path, item] of Object.entries(spec.paths as Record<string, Record<string, Operation>>)) {
+  for (const [path, item] of Object.entries(spec.paths)) {
     for (const [method, op] of Object.entries(item)) {
       if (!op || typeof op !== 'object' || !('operationId' in op)) continue;
       const sdkCall = sdk.get(`${method} ${path}`) ?? SAME_AS[`${method} ${path}`];
