@@ -19,6 +19,9 @@ section "Python lint"
 .venv/bin/ruff check workers
 .venv/bin/ruff format --check workers
 
+section "docs (API reference + SDK reference)"
+bash scripts/docs.sh
+
 section "JS/TS packages (vitest)"
 pnpm -r --workspace-concurrency=1 --reporter-hide-prefix test
 

@@ -29,6 +29,8 @@ export function createApp(ctx: AppContext): express.Express {
       autoLogging: { ignore: (req) => req.url === '/v1/health' },
     }),
   );
+  // The generated docs (pnpm docs) are static files, outside the API and its validator.
+  app.use('/docs', express.static(ctx.config.docsDir, { index: 'index.html', fallthrough: true }));
   app.use(express.json({ limit: ctx.config.maxJsonBytes, type: ['application/json', 'application/*+json'] }));
 
   app.use(
