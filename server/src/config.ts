@@ -1,4 +1,5 @@
 import { resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
 
 /** Server settings, all from the environment. README's configuration table lists the same variables. */
 export interface Config {
@@ -11,6 +12,10 @@ export interface Config {
   leaseSeconds: number;
   /** How often the sweeper rescues expired leases, ms. */
   sweepIntervalMs: number;
+  /** First retry delay after a retryable failure, seconds; doubles per attempt. */
+  retryBaseSeconds: number;
+  /** Longest retry delay, seconds. */
+  retryMaxSeconds: number;
   /** Largest JSON body accepted, bytes. */
   maxJsonBytes: number;
   /** Largest single uploaded file (dataset, artifact, checkpoint), bytes. */
@@ -20,6 +25,8 @@ export interface Config {
   /** Price used for cost_accrued and budgets, USD per GPU(or CPU)-hour. */
   pricePerGpuHour: number;
   logLevel: string;
+  /** The folder `pnpm docs` builds; served at /docs. */
+  docsDir: string;
 }
 
 function intEnv(name: string, fallback: number): number {
@@ -39,11 +46,14 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     databaseUrl: process.env.DATABASE_URL || undefined,
     leaseSeconds: intEnv('TUNERY_LEASE_SECONDS', 60),
     sweepIntervalMs: intEnv('TUNERY_SWEEP_INTERVAL_MS', 5000),
+    retryBaseSeconds: intEnv('TUNERY_RETRY_BASE_SECONDS', 10),
+    retryMaxSeconds: intEnv('TUNERY_RETRY_MAX_SECONDS', 600),
     maxJsonBytes: intEnv('TUNERY_MAX_JSON_BYTES', 10 * 1024 * 1024),
     maxUploadBytes: intEnv('TUNERY_MAX_UPLOAD_BYTES', 20 * 1024 * 1024 * 1024),
     storageQuotaBytes: intEnv('TUNERY_STORAGE_QUOTA_BYTES', 0) || Number.POSITIVE_INFINITY,
     pricePerGpuHour: intEnv('TUNERY_PRICE_PER_GPU_HOUR', 2),
     logLevel: process.env.LOG_LEVEL ?? 'info',
+    docsDir: resolve(process.env.TUNERY_DOCS_DIR ?? fileURLToPath(new URL('../../docs-site', import.meta.url))),
     ...overrides,
   };
 }
