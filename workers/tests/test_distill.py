@@ -250,11 +250,11 @@ def test_resume_continues_training_without_asking_the_teacher_again(tmp_path, ti
 
 def test_unsupported_gguf_type_fails_before_the_teacher_is_paid(tmp_path, tiny_llama):
     with FakeOpenAI() as server:
-        spec = openai_spec(server, export_gguf=True, quantization_types=["q8_0", "q4_k_m"])
+        spec = openai_spec(server, export_gguf=True, quantization_types=["q8_0", "iq4_xs"])
         ctx = make_ctx(tmp_path, tiny_llama, spec)
         with pytest.raises(InvalidConfig) as err:
             HANDLERS["distill"](ctx)
-    assert err.value.param == "quantization_types" and "q4_k_m" in err.value.message
+    assert err.value.param == "quantization_types" and "iq4_xs" in err.value.message
     assert server.requests == [] and ctx.phases == []
 
 

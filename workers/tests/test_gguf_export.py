@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,9 @@ from tunery_worker.gguf_export import (
     validate_quantization_types,
     write_gguf,
 )
+from tunery_worker.kquants import use_more_bits
 from tunery_worker.modeling import load_model_and_tokenizer
+from tunery_worker.tiny_model import make_tiny_model
 
 TEXT = "<|im_start|>user\nThe quick brown fox jumps over the lazy dog. 42!<|im_end|>\n"
 
@@ -112,18 +116,28 @@ def test_transformers_loads_the_file_with_matching_logits(tiny, quantization, to
 
 def test_unsupported_quantization_is_invalid_config_naming_supported_types():
     with pytest.raises(InvalidConfig) as err:
-        validate_quantization_types(["q8_0", "q4_k_m"])
+        validate_quantization_types(["q8_0", "iq4_xs"])
     assert err.value.code == "invalid_config"
-    assert "q4_k_m" in err.value.message and "q8_0, q5_1" in err.value.message
+    assert "iq4_xs" in err.value.message and "q8_0, q5_1" in err.value.message
+    assert "q4_k_m, q3_k_m, q2_k" in err.value.message
     assert "llama-quantize" in err.value.message
+    with pytest.raises(InvalidConfig):
+        validate_quantization_types(["q4_k_s"])
     assert validate_quantization_types(["Q8_0", "f16", "q8_0"]) == ["q8_0", "f16"]
     with pytest.raises(InvalidConfig):
         validate_quantization_types([])
 
 
+def test_api_quantization_types_are_all_supported():
+    # The API's QuantizationType enum (openapi.yaml), which users' requests are validated against.
+    api_types = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+    api_types += ["q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k"]
+    assert validate_quantization_types(api_types) == api_types
+
+
 def test_k_quants_really_cannot_be_produced_by_gguf_py():
-    # The claim behind refusing q4_k_m: if a gguf release learns to write K-quants, this fails and
-    # the exporter should offer them.
+    # Why tunery_worker.kquants exists: if a gguf release learns to write K-quants, this fails, and
+    # its writer can be compared with ours (test_kquants checks ours byte for byte against ggml).
     with pytest.raises(NotImplementedError):
         gguf_quants.quantize(np.zeros((1, 256), dtype=np.float32), GGMLQuantizationType.Q4_K)
 
@@ -174,3 +188,136 @@ def test_tied_embeddings_write_no_output_tensor(tiny_qwen2, tmp_path):
     ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+# --- K-quants ---------------------------------------------------------------------------------------
+
+Q = GGMLQuantizationType
+LAYERS_256 = 4  # use_more_bits(i, 4) picks layers 2 and 3
+
+
+@pytest.fixture(scope="module")
+def tiny_256(tmp_path_factory):
+    """A tiny Llama whose rows (hidden 256, intermediate 512) split into K-quant super-blocks."""
+    directory = tmp_path_factory.mktemp("tiny-llama-256")
+    source = make_tiny_model(
+        directory / "source", arch="llama", hidden=256, intermediate=512, layers=LAYERS_256, heads=4
+    )
+    model, tokenizer = load_model_and_tokenizer(source)
+    return directory, model, tokenizer
+
+
+def relative_rms(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got - expected).pow(2).mean() / expected.pow(2).mean()).sqrt().item()
+
+
+def k_mix_expected_type(gguf_name: str, mix: str) -> GGMLQuantizationType:
+    """llama-quantize's choice for the tiny model (n_gqa = 2, untied), written out per mix."""
+    match = re.match(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
+    if gguf_name == "output_norm.weight" or (match and match[2].endswith("_norm")):
+        return Q.F32
+    if gguf_name == "output.weight":
+        return Q.Q6_K
+    bulk = {"q6_k": Q.Q6_K, "q5_k_m": Q.Q5_K, "q4_k_m": Q.Q4_K, "q3_k_m": Q.Q3_K, "q2_k": Q.Q2_K}[mix]
+    if match is None:  # token_embd
+        return bulk
+    layer, part = int(match[1]), match[2]
+    if mix in ("q4_k_m", "q5_k_m") and part in ("attn_v", "ffn_down") and use_more_bits(layer, LAYERS_256):
+        return Q.Q6_K
+    if mix == "q3_k_m":
+        return {"attn_v": Q.Q5_K if layer < 2 else Q.Q4_K, "ffn_down": Q.Q4_K, "attn_output": Q.Q4_K}.get(
+            part, bulk
+        )
+    if mix == "q2_k":
+        return {"attn_v": Q.Q3_K, "ffn_down": Q.Q3_K, "attn_output": Q.Q3_K}.get(part, bulk)
+    return bulk
+
+
+# Relative RMS error bound of a Gaussian weight matrix per type (measured in test_kquants, with margin).
+WEIGHT_ERROR = {Q.F32: 1e-7, Q.Q6_K: 0.025, Q.Q5_K: 0.045, Q.Q4_K: 0.085, Q.Q3_K: 0.17, Q.Q2_K: 0.33}
+
+
+@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_m", "q6_k", "q3_k_m", "q2_k"])
+def test_k_quant_mix_types_per_tensor_and_weights_read_back(tiny_256, mix):
+    directory, model, tokenizer = tiny_256
+    file_name = f"model-{mix}.gguf"
+    info = write_gguf(model, tokenizer, directory / file_name, mix)
+
+    reader = GGUFReader(directory / file_name)
+    types = {t.name: GGMLQuantizationType(t.tensor_type) for t in reader.tensors}
+    assert types == {name: k_mix_expected_type(name, mix) for name in types}
+    assert len(types) == 9 * LAYERS_256 + 3
+    assert sum(info.tensor_types.values()) == len(types)
+
+    # transformers dequantizes with gguf-py and undoes the RoPE permutation: every weight comes back
+    # within its type's error (a misplaced or mis-permuted matrix would be off by ~140%).
+    loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=file_name).state_dict()
+    source = model.state_dict()
+    assert set(loaded) == set(source)
+    by_hf_name = {
+        "lm_head.weight": "output.weight",
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+    }
+    hf_parts = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
+    for hf_name, weight in source.items():
+        match = re.match(r"model\.layers\.(\d+)\.(.+)\.weight", hf_name)
+        gguf_name = by_hf_name.get(hf_name) or f"blk.{match[1]}.{hf_parts[match[2]]}.weight"
+        assert relative_rms(loaded[hf_name], weight) < WEIGHT_ERROR[types[gguf_name]], hf_name
+
+
+def test_q4_k_m_logits_are_close_and_rank_with_the_bits(tiny_256):
+    # Relative RMS error of the logits. This random model amplifies weight noise (q8_0 gives ~5%); the
+    # measured values are q6_k 15%, q4_k_m 59%, q2_k 116%. Loose bounds: a broken tensor gives far more.
+    directory, model, tokenizer = tiny_256
+    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    errors = {}
+    for mix in ("q6_k", "q4_k_m", "q2_k"):
+        file_name = f"logits-{mix}.gguf"
+        write_gguf(model, tokenizer, directory / file_name, mix)
+        loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=file_name)
+        with torch.no_grad():
+            errors[mix] = relative_rms(loaded(ids).logits, model(ids).logits)
+    assert errors["q6_k"] < 0.25
+    assert errors["q4_k_m"] < 0.8
+    assert errors["q6_k"] < errors["q4_k_m"] < errors["q2_k"]
+
+
+def test_tied_embeddings_are_quantized_as_the_output_projection(tmp_path):
+    source = make_tiny_model(tmp_path / "source", arch="qwen2", hidden=256, intermediate=512, layers=2)
+    model, tokenizer = load_model_and_tokenizer(source)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    write_gguf(model, tokenizer, tmp_path / "tied.gguf", "q4_k_m")
+
+    types = {t.name: GGMLQuantizationType(t.tensor_type) for t in GGUFReader(tmp_path / "tied.gguf").tensors}
+    assert "output.weight" not in types
+    assert types["token_embd.weight"] == Q.Q6_K  # llama.cpp reuses it as the output projection
+    assert types["blk.0.attn_q.weight"] == Q.Q4_K
+    assert types["blk.0.attn_q.bias"] == Q.F32
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tied.gguf")
+    assert loaded.config.tie_word_embeddings
+    assert relative_rms(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight) < 0.025
+
+
+def test_rows_k_quants_cannot_split_fall_back_like_llama_quantize(tiny, tmp_path):
+    # The session's tiny models have hidden size 64: no K-quant super-block fits a row.
+    _, model, tokenizer = tiny
+    info = write_gguf(model, tokenizer, tmp_path / "small.gguf", "q4_k_m")
+    types = {t.name: GGMLQuantizationType(t.tensor_type) for t in GGUFReader(tmp_path / "small.gguf").tensors}
+    assert types["output.weight"] == Q.Q8_0
+    assert types["token_embd.weight"] == Q.Q5_0  # Q4_K's fallback
+    assert types["blk.0.attn_q.weight"] == Q.Q5_0
+    # attn_v and ffn_down of layers llama.cpp gives more bits are Q6_K, whose fallback is Q8_0.
+    assert types["blk.1.attn_v.weight"] == Q.Q8_0  # use_more_bits(1, 2): the last eighth
+    assert "Q4_K" not in info.tensor_types and "Q6_K" not in info.tensor_types

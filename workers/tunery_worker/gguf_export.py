@@ -14,13 +14,19 @@ What goes in, following llama.cpp's own `convert_hf_to_gguf.py`:
   gguf-py's own name map. Llama's q/k projections are permuted to llama.cpp's RoPE layout (Qwen2 uses
   the NeoX layout, which needs none). A tied LM head is left out: llama.cpp then reuses `token_embd`.
 
-Quantization is done here with `gguf.quants` (no llama.cpp binary needed), so only the types it can
-*produce* are offered: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0. gguf-py 0.19 can read but not
-write K-quants (q4_k_m, q5_k_m, q6_k, ...) and i-quants; asking for one is an `invalid_config` error
-that names the supported types. As in llama.cpp, 1-D tensors (norms, biases) stay f32 and a matrix
-whose rows do not split into whole quantization blocks falls back to f16. For the 4- and 5-bit types
-the output projection is kept at q8_0: llama-quantize keeps it at q6_k, which gguf-py cannot write,
-and it is the tensor quantization hurts most.
+Quantization is done here, with no llama.cpp binary: the legacy types (q8_0, q5_1, q5_0, q4_1, q4_0)
+with `gguf.quants`, the K-quants with `tunery_worker.kquants`, which follows ggml's reference
+quantizers (gguf-py 0.19 can read K-quants but not write them). The K-quant files are llama-quantize's
+mixes (`mix_tensor_type`): q4_k_m is Q4_K throughout except attn_v and ffn_down in half of the layers
+(llama.cpp's `use_more_bits`: the first and last eighth and every third layer between) and the output
+projection, which are Q6_K; q5_k_m is the same over Q5_K; q6_k is Q6_K throughout; q3_k_m and q2_k
+follow llama.cpp's table likewise. As in llama-quantize, and for every quantized type,
+the output projection (or, with tied embeddings, the token embeddings it reuses) is Q6_K (q8_0 files
+keep Q8_0); 1-D tensors (norms, biases) stay f32; and a matrix whose rows do not split into its type's
+blocks falls back: a K-quant row that 256 does not divide becomes Q5_0 (for Q4_K), Q5_1 (Q5_K),
+Q8_0 (Q6_K) or Q4_0 (Q2_K, Q3_K), an output projection becomes Q8_0, and a row that not even 32
+divides is stored f16. i-quants and the other types llama-quantize makes are an `invalid_config` error
+that names the supported types (the same list as the API's QuantizationType).
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import (
-    GGML_QUANT_SIZES,
     GGML_QUANT_VERSION,
     MODEL_ARCH,
     MODEL_ARCH_NAMES,
@@ -51,6 +56,7 @@ from gguf import quants as gguf_quants
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT_REGEX
 
+from tunery_worker import kquants
 from tunery_worker.errors import InvalidConfig
 
 Q = GGMLQuantizationType
@@ -65,8 +71,12 @@ SUPPORTED_QUANTIZATIONS: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] =
     "q5_0": (Q.Q5_0, LlamaFileType.MOSTLY_Q5_0),
     "q4_1": (Q.Q4_1, LlamaFileType.MOSTLY_Q4_1),
     "q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+    "q6_k": (Q.Q6_K, LlamaFileType.MOSTLY_Q6_K),
+    "q5_k_m": (Q.Q5_K, LlamaFileType.MOSTLY_Q5_K_M),
+    "q4_k_m": (Q.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
+    "q3_k_m": (Q.Q3_K, LlamaFileType.MOSTLY_Q3_K_M),
+    "q2_k": (Q.Q2_K, LlamaFileType.MOSTLY_Q2_K),
 }
-_LOW_BIT = {Q.Q5_1, Q.Q5_0, Q.Q4_1, Q.Q4_0}
 
 ARCHITECTURES: dict[str, MODEL_ARCH] = {"llama": MODEL_ARCH.LLAMA, "qwen2": MODEL_ARCH.QWEN2}
 
@@ -107,10 +117,11 @@ def validate_quantization_types(types: list[str] | tuple[str, ...]) -> list[str]
         name = str(raw).strip().lower()
         if name not in SUPPORTED_QUANTIZATIONS:
             hint = ""
-            if "_k" in name or name.startswith("iq"):
+            if "_k" in name or name.startswith(("iq", "tq")):
                 hint = (
-                    " K-quants and i-quants cannot be produced by the gguf Python package (it only reads "
-                    "them); export f16 and run llama.cpp's llama-quantize for those."
+                    " i-quants, ternary types and the other K-quant mixes (q4_k_s, q3_k_l, ...) "
+                    "are not produced by this exporter; export f16 and run llama.cpp's llama-quantize "
+                    "for those."
                 )
             raise InvalidConfig(
                 f"unsupported quantization type {raw!r}: "
@@ -148,11 +159,22 @@ def write_gguf(
     writer.add_quantization_version(GGML_QUANT_VERSION)
     dropped = _write_tokenizer(writer, tokenizer, config.vocab_size)
 
+    n_head = config.num_attention_heads
+    plan = _MixContext(
+        file_type=file_type,
+        bulk_type=bulk_type,
+        n_layer=config.num_hidden_layers,
+        n_gqa=n_head // (getattr(config, "num_key_value_heads", None) or n_head),
+        # A tied LM head is not written (see _gguf_tensors), and llama.cpp then reuses token_embd.
+        has_output=not bool(getattr(config, "tie_word_embeddings", False)),
+    )
     counts: dict[str, int] = {}
     for gguf_name, array in [*_gguf_tensors(model, arch), *extra_tensors]:
-        ggml_type = _tensor_type(gguf_name, array, bulk_type)
+        ggml_type = _tensor_type(gguf_name, array, plan)
         if ggml_type in (Q.F32, Q.F16):
             writer.add_tensor(gguf_name, array.astype(np.float32 if ggml_type == Q.F32 else np.float16))
+        elif ggml_type in kquants.K_QUANT_TYPES:
+            writer.add_tensor(gguf_name, kquants.quantize(array, ggml_type), raw_dtype=ggml_type)
         else:
             writer.add_tensor(gguf_name, gguf_quants.quantize(array, ggml_type), raw_dtype=ggml_type)
         counts[ggml_type.name] = counts.get(ggml_type.name, 0) + 1
@@ -267,17 +289,31 @@ def _permute_for_rope(weights: np.ndarray, n_head: int, n_head_kv: int) -> np.nd
     )
 
 
-def _tensor_type(gguf_name: str, array: np.ndarray, bulk_type: GGMLQuantizationType) -> GGMLQuantizationType:
-    if array.ndim == 1 or bulk_type == Q.F32:
+@dataclass(frozen=True)
+class _MixContext:
+    """What llama-quantize's per-tensor type choice depends on besides the tensor itself."""
+
+    file_type: LlamaFileType
+    bulk_type: GGMLQuantizationType
+    n_layer: int
+    n_gqa: int
+    has_output: bool
+
+
+def _tensor_type(gguf_name: str, array: np.ndarray, plan: _MixContext) -> GGMLQuantizationType:
+    if array.ndim == 1 or plan.bulk_type == Q.F32:
         return Q.F32  # llama.cpp computes norms and adds biases in f32
-    if bulk_type in (Q.F16, Q.BF16):
-        return bulk_type
-    if bulk_type in _LOW_BIT and gguf_name == TENSOR_NAMES[MODEL_TENSOR.OUTPUT] + ".weight":
-        bulk_type = Q.Q8_0
-    block_size, _ = GGML_QUANT_SIZES[bulk_type]
-    if array.shape[-1] % block_size != 0:
-        return Q.F16  # rows must split into whole blocks
-    return bulk_type
+    if plan.bulk_type in (Q.F16, Q.BF16):
+        return plan.bulk_type
+    return kquants.mix_tensor_type(
+        plan.file_type,
+        plan.bulk_type,
+        gguf_name,
+        ncols=array.shape[-1],
+        n_layer=plan.n_layer,
+        n_gqa=plan.n_gqa,
+        has_output=plan.has_output,
+    )
 
 
 # --- tokenizer ------------------------------------------------------------------------------------
