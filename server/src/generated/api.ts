@@ -615,7 +615,7 @@ export interface paths {
         get: operations["getAutoTrainingConfig"];
         /**
          * Update the auto-training configuration
-         * @description Fields left out keep their values.
+         * @description Fields left out keep their values. Enabling needs a `base_model` that resolves (`400 invalid_config`, param `base_model`).
          */
         put: operations["updateAutoTrainingConfig"];
         post?: never;
@@ -806,7 +806,8 @@ export interface paths {
         post?: never;
         /**
          * Delete an adapter
-         * @description Deletes the adapter and its files (unloading it first if loaded).
+         * @description Deletes the adapter and its files (unloading it first if loaded). Its `adapter`/`distilled`
+         *     model entry goes with it. `409 conflict` while an unfinished job (merge, benchmark) uses it.
          */
         delete: operations["deleteAdapter"];
         options?: never;
@@ -968,6 +969,8 @@ export interface paths {
          * Benchmark a model
          * @description Queues a `benchmark` job that scores the model on a dataset (perplexity, coherence,
          *     consistency, helpfulness). The scores appear on the job's result and on the model.
+         *     Without `dataset_id` the model is scored on the dataset its job trained on;
+         *     `400 invalid_config` (param `dataset_id`) when there is none.
          */
         post: operations["benchmarkModel"];
         delete?: never;
@@ -2658,7 +2661,7 @@ export interface components {
         OllamaImportRequest: {
             /** @description Name to register in Ollama (default the model's name). */
             model_name?: string;
-            /** @description Base model identifier in Ollama, recorded in the Modelfile. */
+            /** @description Accepted for seed-004 compatibility; not sent to Ollama (a full-model GGUF needs no base). */
             base_model?: string;
             /**
              * Format: uri
@@ -4386,6 +4389,7 @@ export interface operations {
             400: components["responses"]["BadRequest"];
             401: components["responses"]["Unauthorized"];
             404: components["responses"]["NotFound"];
+            409: components["responses"]["Conflict"];
         };
     };
     loadAdapter: {

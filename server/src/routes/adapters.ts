@@ -1,3 +1,178 @@
-import type { Routes } from '../http.js';
+import type { Knex } from 'knex';
+import type { AppContext } from '../context.js';
+import { ApiError, conflict, notFound } from '../errors.js';
+import { isoRequired, listEnvelope, page, pathParam, type Routes, type Schemas, tenantOf } from '../http.js';
+import {
+  type AdapterRow,
+  type FileRow,
+  jobKinds,
+  jobOutputFiles,
+  outputDirectory,
+  outputFileView,
+  totalSizeMb,
+} from '../services/registry.js';
 
-export const adapterRoutes: Routes = {};
+const json = <T>(value: unknown): T => (typeof value === 'string' ? JSON.parse(value) : value) as T;
+
+function adapterView(
+  ctx: AppContext,
+  row: AdapterRow,
+  files: FileRow[],
+  kinds: Map<string, string>,
+  loaded: string | null,
+): Schemas['Adapter'] {
+  return {
+    name: row.name,
+    path: outputDirectory(ctx, row.job_id, files),
+    model_name: row.model_name,
+    job_id: row.job_id,
+    created_at: isoRequired(row.created_at),
+    size_mb: totalSizeMb(files),
+    description: row.description,
+    is_loaded: row.name === loaded,
+    training_config: json(row.training_config),
+    metrics: json(row.metrics),
+    files: files.map((f) => outputFileView(ctx, f, row.job_id ? kinds.get(row.job_id) : undefined)),
+  };
+}
+
+/** Adapters with their files (the job's outputs), as the API shows them. */
+async function adapterViews(
+  ctx: AppContext,
+  tenantId: string,
+  rows: AdapterRow[],
+): Promise<Schemas['Adapter'][]> {
+  const jobIds = rows.map((r) => r.job_id).filter((id): id is string => id !== null);
+  const [files, kinds, loaded] = await Promise.all([
+    jobOutputFiles(ctx.knex, tenantId, jobIds),
+    jobKinds(ctx.knex, jobIds),
+    loadedAdapter(ctx.knex, tenantId),
+  ]);
+  return rows.map((row) => adapterView(ctx, row, (row.job_id && files.get(row.job_id)) || [], kinds, loaded));
+}
+
+async function loadedAdapter(db: Knex | Knex.Transaction, tenantId: string): Promise<string | null> {
+  const tenant = await db('tenants').where({ id: tenantId }).first('loaded_adapter');
+  return tenant?.loaded_adapter ?? null;
+}
+
+async function getAdapterRow(
+  db: Knex | Knex.Transaction,
+  tenantId: string,
+  name: string,
+): Promise<AdapterRow> {
+  const row = await db('adapters').where({ tenant_id: tenantId, name }).first();
+  if (!row) throw notFound('adapter', name, 'adapter_name');
+  return row as AdapterRow;
+}
+
+export const adapterRoutes: Routes = {
+  async listAdapters(req, res, ctx) {
+    const tenantId = tenantOf(req);
+    const { limit, offset } = page(req);
+    const counted = await ctx.knex('adapters').where({ tenant_id: tenantId }).count({ count: '*' }).first();
+    const rows = (await ctx
+      .knex('adapters')
+      .where({ tenant_id: tenantId })
+      .orderBy([
+        { column: 'created_at', order: 'desc' },
+        { column: 'name', order: 'asc' },
+      ])
+      .limit(limit)
+      .offset(offset)) as AdapterRow[];
+    const body = {
+      ...listEnvelope(
+        'adapters',
+        await adapterViews(ctx, tenantId, rows),
+        Number(counted?.count ?? 0),
+        offset,
+      ),
+      current_adapter: await loadedAdapter(ctx.knex, tenantId),
+    };
+    res.json(body satisfies Schemas['AdapterList']);
+  },
+
+  async getAdapter(req, res, ctx) {
+    const tenantId = tenantOf(req);
+    const row = await getAdapterRow(ctx.knex, tenantId, pathParam(req, 'adapter_name'));
+    const [view] = await adapterViews(ctx, tenantId, [row]);
+    res.json(view! satisfies Schemas['Adapter']);
+  },
+
+  async loadAdapter(req, res, ctx) {
+    const tenantId = tenantOf(req);
+    const name = pathParam(req, 'adapter_name');
+    await ctx.knex.transaction(async (trx) => {
+      await getAdapterRow(trx, tenantId, name);
+      // One adapter is loaded per tenant: loading this one replaces any other.
+      await trx('tenants').where({ id: tenantId }).update({ loaded_adapter: name });
+    });
+    res.json({
+      adapter_name: name,
+      status: 'loaded',
+      message: `Adapter ${name} loaded successfully`,
+    } satisfies Schemas['AdapterAction']);
+  },
+
+  async unloadAdapter(req, res, ctx) {
+    const tenantId = tenantOf(req);
+    const previous = await ctx.knex.transaction(async (trx) => {
+      const name = await loadedAdapter(trx, tenantId);
+      if (!name) throw new ApiError(400, 'no_adapter_loaded', 'No adapter is loaded.');
+      await trx('tenants').where({ id: tenantId, loaded_adapter: name }).update({ loaded_adapter: null });
+      return name;
+    });
+    res.json({
+      adapter_name: previous,
+      status: 'unloaded',
+      message: `Adapter ${previous} unloaded successfully`,
+    } satisfies Schemas['AdapterAction']);
+  },
+
+  async deleteAdapter(req, res, ctx) {
+    const tenantId = tenantOf(req);
+    const name = pathParam(req, 'adapter_name');
+    const removed = await ctx.knex.transaction(async (trx) => {
+      const adapter = await getAdapterRow(trx, tenantId, name);
+      if (adapter.job_id) {
+        const user = await trx('jobs')
+          .where({ tenant_id: tenantId, parent_job_id: adapter.job_id })
+          .whereIn('status', ['pending', 'running'])
+          .first('id');
+        if (user) throw conflict(`Adapter ${name} is an input of job ${user.id}, which has not finished.`);
+      }
+      await trx('tenants').where({ id: tenantId, loaded_adapter: name }).update({ loaded_adapter: null });
+      let files: FileRow[] = [];
+      if (adapter.job_id) {
+        files = (await jobOutputFiles(trx, tenantId, [adapter.job_id])).get(adapter.job_id) ?? [];
+        // The adapter's model entry (kind adapter / distilled) is the same files: it goes with them.
+        const models = await trx('models')
+          .where({ tenant_id: tenantId, job_id: adapter.job_id })
+          .whereIn('kind', ['adapter', 'distilled'])
+          .pluck('id');
+        if (models.length > 0) {
+          await trx('tenants')
+            .where({ id: tenantId })
+            .whereIn('active_model_id', models)
+            .update({ active_model_id: null });
+          await trx('models').whereIn('id', models).delete();
+        }
+        await trx('files')
+          .whereIn(
+            'id',
+            files.map((f) => f.id),
+          )
+          .delete();
+      }
+      await trx('adapters').where({ tenant_id: tenantId, name }).delete();
+      return files;
+    });
+    // Bytes go after the rows are gone: a crash in between leaves orphan files, never dangling rows.
+    for (const file of removed) await ctx.storage.remove(file.rel_path);
+    res.json({
+      adapter_name: name,
+      status: 'deleted',
+      message: `Adapter ${name} deleted successfully`,
+    } satisfies Schemas['AdapterAction']);
+  },
+};

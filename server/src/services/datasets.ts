@@ -1,0 +1,340 @@
+import type { Knex } from 'knex';
+import type { AppContext } from '../context.js';
+import { ApiError, notFound } from '../errors.js';
+import { newId } from '../ids.js';
+
+/** `text` | `prompt_completion` | `chat`: one format per dataset. */
+export type DatasetFormat = 'text' | 'prompt_completion' | 'chat';
+export type DatasetSource = 'upload' | 'inline' | 'trajectories';
+
+export type TextRecord = { text: string };
+export type PromptCompletionRecord = { prompt: string; completion: string };
+export type ChatRecord = { messages: { role: string; content: string }[] };
+export type DatasetRecord = TextRecord | PromptCompletionRecord | ChatRecord;
+
+/** One row of `datasets`, with its bigint columns as numbers. */
+export interface DatasetRow {
+  id: string;
+  tenant_id: string;
+  name: string;
+  format: DatasetFormat;
+  num_examples: number;
+  size_bytes: number;
+  tokens_est: number;
+  sha256: string;
+  source: DatasetSource;
+  trajectory_count: number | null;
+  file_id: string;
+  created_at: Date;
+}
+
+export interface StoreDatasetInput {
+  /** The dataset id to use (an idempotent create reserves it first); a new one otherwise. */
+  id?: string;
+  name: string;
+  records: object[];
+  source: DatasetSource;
+  trajectoryCount?: number;
+  /** The request field the records came from, named by validation errors (default `records`). */
+  param?: string;
+}
+
+/** The name of the stored JSONL inside the dataset's folder (and of its `files` row). */
+export const DATASET_FILE_NAME = 'data.jsonl';
+
+const CHAT_ROLES = new Set(['system', 'user', 'assistant', 'tool']);
+
+/** Tokens are estimated at ≈4 bytes of UTF-8 each, the usual rule of thumb for BPE vocabularies. */
+export const estimateTokens = (bytes: number): number => Math.ceil(bytes / 4);
+
+const invalidDataset = (message: string, param: string | null) =>
+  new ApiError(400, 'invalid_dataset', message, param);
+
+const isPlainObject = (value: unknown): value is Record<string, unknown> =>
+  typeof value === 'object' && value !== null && !Array.isArray(value);
+
+/** The format a record has, from its keys; null when it has none of the three shapes. */
+function formatOf(record: Record<string, unknown>): DatasetFormat | null {
+  if ('messages' in record) return 'chat';
+  if ('prompt' in record || 'completion' in record) return 'prompt_completion';
+  if ('text' in record) return 'text';
+  return null;
+}
+
+/**
+ * Checks one record against its format and returns it with only that format's fields (extra
+ * fields such as an `id` column of a JSONL export are dropped). Throws a message without location;
+ * the caller prefixes it with `line N` or `record N`.
+ */
+function normalizeRecord(
+  record: unknown,
+  format: DatasetFormat | null,
+): { format: DatasetFormat; record: DatasetRecord } {
+  if (!isPlainObject(record)) throw new Error('each record must be a JSON object');
+  const own = formatOf(record);
+  if (!own) throw new Error('expected {"text"}, {"prompt", "completion"} or {"messages": [...]}');
+  if (format && own !== format) throw new Error(`format ${own} differs from the dataset's format ${format}`);
+  if (own === 'text') {
+    if (typeof record.text !== 'string' || record.text.length === 0)
+      throw new Error('"text" must be a non-empty string');
+    return { format: own, record: { text: record.text } };
+  }
+  if (own === 'prompt_completion') {
+    if (typeof record.prompt !== 'string') throw new Error('"prompt" must be a string');
+    if (typeof record.completion !== 'string' || record.completion.length === 0)
+      throw new Error('"completion" must be a non-empty string');
+    return { format: own, record: { prompt: record.prompt, completion: record.completion } };
+  }
+  const messages = record.messages;
+  if (!Array.isArray(messages) || messages.length === 0)
+    throw new Error('"messages" must be a non-empty array');
+  const clean: ChatRecord['messages'] = [];
+  messages.forEach((message, i) => {
+    if (!isPlainObject(message)) throw new Error(`messages[${i}] must be an object`);
+    if (typeof message.role !== 'string' || !CHAT_ROLES.has(message.role))
+      throw new Error(`messages[${i}].role must be one of system, user, assistant, tool`);
+    if (typeof message.content !== 'string') throw new Error(`messages[${i}].content must be a string`);
+    clean.push({ role: message.role, content: message.content });
+  });
+  if (!clean.some((m) => m.role === 'assistant' && m.content.length > 0))
+    throw new Error('a chat record needs at least one non-empty assistant turn to train on');
+  return { format: own, record: { messages: clean } };
+}
+
+/**
+ * Validates every record (one format for all) and returns the format and the normalized records.
+ * `label(i)` names record i in messages, e.g. `line 3` or `record 3`.
+ */
+export function validateRecords(
+  records: unknown[],
+  param: string | null,
+  label: (index: number) => string = (i) => `record ${i + 1}`,
+): { format: DatasetFormat; records: DatasetRecord[] } {
+  if (records.length === 0) throw invalidDataset('The dataset has no records.', param);
+  let format: DatasetFormat | null = null;
+  const out: DatasetRecord[] = [];
+  records.forEach((raw, i) => {
+    try {
+      const normalized = normalizeRecord(raw, format);
+      format = normalized.format;
+      out.push(normalized.record);
+    } catch (err) {
+      throw invalidDataset(`${label(i)}: ${(err as Error).message}.`, param);
+    }
+  });
+  return { format: format!, records: out };
+}
+
+/**
+ * Parses JSONL text into validated records. Blank lines are skipped; any other line must be one
+ * record. A bad line is `400 invalid_dataset` whose message names it (`line 3: …`) and whose param
+ * is `param` (`jsonl`, or `file` for an upload).
+ */
+export function parseJsonl(text: string, param = 'jsonl'): DatasetRecord[] {
+  const parsed: unknown[] = [];
+  const lineNumbers: number[] = [];
+  const lines = text.replace(/^\uFEFF/, '').split(/\r?\n/);
+  lines.forEach((line, i) => {
+    if (line.trim() === '') return;
+    try {
+      parsed.push(JSON.parse(line));
+    } catch (err) {
+      throw invalidDataset(`line ${i + 1}: not valid JSON (${(err as Error).message}).`, param);
+    }
+    lineNumbers.push(i + 1);
+  });
+  if (parsed.length === 0) throw invalidDataset('The JSONL has no records.', param);
+  return validateRecords(parsed, param, (index) => `line ${lineNumbers[index]}`).records;
+}
+
+/** Normalizes a `datasets` row as the drivers return it (bigint columns come back as strings). */
+export function toDatasetRow(row: Record<string, unknown>): DatasetRow {
+  return {
+    ...(row as unknown as DatasetRow),
+    num_examples: Number(row.num_examples),
+    size_bytes: Number(row.size_bytes),
+    tokens_est: Number(row.tokens_est),
+    trajectory_count: row.trajectory_count == null ? null : Number(row.trajectory_count),
+  };
+}
+
+/**
+ * Validates records, writes them as JSONL to `datasets/<id>/data.jsonl`, and records the `files`
+ * and `datasets` rows (in one transaction; the file is removed again if the rows cannot be written).
+ */
+export async function storeDataset(
+  ctx: AppContext,
+  tenantId: string,
+  input: StoreDatasetInput,
+  db: Knex | Knex.Transaction = ctx.knex,
+): Promise<DatasetRow> {
+  const param = input.param ?? 'records';
+  const { format, records } = validateRecords(input.records, param);
+  const id = input.id ?? newId('ds');
+  const jsonl = `${records.map((r) => JSON.stringify(r)).join('\n')}\n`;
+  const stored = await ctx.storage.putBuffer(['datasets', id, DATASET_FILE_NAME], jsonl);
+  const fileId = newId('file');
+  try {
+    const write = async (trx: Knex | Knex.Transaction) => {
+      await trx('files').insert({
+        id: fileId,
+        tenant_id: tenantId,
+        owner_kind: 'dataset',
+        owner_id: id,
+        name: DATASET_FILE_NAME,
+        rel_path: stored.relPath,
+        size_bytes: stored.sizeBytes,
+        sha256: stored.sha256,
+      });
+      const [row] = await trx('datasets')
+        .insert({
+          id,
+          tenant_id: tenantId,
+          name: input.name,
+          format,
+          num_examples: records.length,
+          size_bytes: stored.sizeBytes,
+          tokens_est: estimateTokens(stored.sizeBytes),
+          sha256: stored.sha256,
+          source: input.source,
+          trajectory_count: input.trajectoryCount ?? null,
+          file_id: fileId,
+        })
+        .returning('*');
+      return row as Record<string, unknown>;
+    };
+    const row = db.isTransaction ? await write(db) : await db.transaction(write);
+    return toDatasetRow(row);
+  } catch (err) {
+    await ctx.storage.removeTree(['datasets', id]).catch(() => {});
+    throw err;
+  }
+}
+
+/** The tenant's dataset, or `404 not_found` (another tenant's dataset does not exist for you). */
+export async function getDataset(
+  ctx: Pick<AppContext, 'knex'>,
+  tenantId: string,
+  id: string,
+  db: Knex | Knex.Transaction = ctx.knex,
+): Promise<DatasetRow> {
+  const row = await db('datasets').where({ tenant_id: tenantId, id }).first();
+  if (!row) throw notFound('dataset', id, 'dataset_id');
+  return toDatasetRow(row);
+}
+
+// ------------------------------------------------------------------ datasets from trajectories
+
+/** One recorded LLM call (the spec's LlmCall). */
+interface LlmCall {
+  system_prompt?: string;
+  user_prompt?: string;
+  messages?: { role: string; content: string }[];
+  response?: string;
+}
+
+/**
+ * One LLM call as a chat example: its system prompt, its input conversation (or its user prompt),
+ * then its response as the assistant turn. Calls without a response teach nothing and give null.
+ */
+export function llmCallToExample(call: LlmCall): ChatRecord | null {
+  if (typeof call.response !== 'string' || call.response.length === 0) return null;
+  const messages: ChatRecord['messages'] = [];
+  const input = Array.isArray(call.messages) ? call.messages : [];
+  if (call.system_prompt && !input.some((m) => m.role === 'system')) {
+    messages.push({ role: 'system', content: call.system_prompt });
+  }
+  for (const m of input) messages.push({ role: m.role, content: m.content });
+  if (input.length === 0 && call.user_prompt) messages.push({ role: 'user', content: call.user_prompt });
+  if (!messages.some((m) => m.role === 'user')) return null;
+  messages.push({ role: 'assistant', content: call.response });
+  return { messages };
+}
+
+export interface BuildFromTrajectoriesInput {
+  id?: string;
+  name?: string;
+  /** Most trajectories to include, newest first. */
+  limit: number;
+  /** Skip trajectories with fewer LLM calls. */
+  minLlmCalls: number;
+  /** Only trajectories recorded from this source. */
+  source?: string;
+  /** Only trajectories recorded after this moment (auto-training's "new since the last run"). */
+  since?: Date | null;
+}
+
+/**
+ * Builds a chat dataset from the tenant's trajectories, newest first: every LLM call with a
+ * response becomes one `messages` example. `400 invalid_dataset` when no trajectory qualifies.
+ */
+export async function buildDatasetFromTrajectories(
+  ctx: AppContext,
+  tenantId: string,
+  input: BuildFromTrajectoriesInput,
+  db: Knex | Knex.Transaction = ctx.knex,
+): Promise<DatasetRow> {
+  const query = db('trajectories')
+    .where({ tenant_id: tenantId })
+    .andWhere('llm_call_count', '>=', input.minLlmCalls)
+    .orderBy([
+      { column: 'created_at', order: 'desc' },
+      { column: 'id', order: 'desc' },
+    ])
+    .limit(input.limit)
+    .select('id', 'llm_calls');
+  if (input.source !== undefined) query.andWhere('source', input.source);
+  if (input.since) query.andWhere('created_at', '>', input.since);
+  const trajectories = await query;
+
+  const records: ChatRecord[] = [];
+  let used = 0;
+  for (const trajectory of trajectories) {
+    const calls = (
+      typeof trajectory.llm_calls === 'string' ? JSON.parse(trajectory.llm_calls) : trajectory.llm_calls
+    ) as LlmCall[];
+    const examples = calls.map(llmCallToExample).filter((e): e is ChatRecord => e !== null);
+    if (examples.length > 0) used += 1;
+    records.push(...examples);
+  }
+  if (records.length === 0) {
+    throw invalidDataset(
+      trajectories.length === 0
+        ? `No trajectory qualifies (at least ${input.minLlmCalls} LLM call(s)${input.source !== undefined ? `, source "${input.source}"` : ''}).`
+        : 'No LLM call of the matching trajectories has both an input and a response to train on.',
+      null,
+    );
+  }
+  return storeDataset(
+    ctx,
+    tenantId,
+    {
+      id: input.id,
+      name: input.name ?? `trajectories-${new Date().toISOString().slice(0, 10)}`,
+      records,
+      source: 'trajectories',
+      trajectoryCount: used,
+    },
+    db,
+  );
+}
+
+/**
+ * Deletes a dataset's rows and then its file. `409 conflict` while a pending or running job uses
+ * it; `404` when the tenant has no such dataset.
+ */
+export async function removeDataset(ctx: AppContext, tenantId: string, id: string): Promise<void> {
+  await ctx.knex.transaction(async (trx) => {
+    await getDataset(ctx, tenantId, id, trx);
+    const user = await trx('jobs')
+      .where({ tenant_id: tenantId, dataset_id: id })
+      .whereIn('status', ['pending', 'running'])
+      .first('id');
+    if (user)
+      throw new ApiError(409, 'conflict', `Dataset ${id} is used by job ${user.id}, which has not finished.`);
+    await trx('files').where({ tenant_id: tenantId, owner_kind: 'dataset', owner_id: id }).delete();
+    await trx('datasets').where({ tenant_id: tenantId, id }).delete();
+  });
+  // Bytes go after the rows: a crash in between leaves an orphan file, never a dangling row.
+  await ctx.storage.removeTree(['datasets', id]);
+}
