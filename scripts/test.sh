@@ -7,7 +7,7 @@ export TUNERY_TEST_DATABASE_URL="${TUNERY_TEST_DATABASE_URL:-postgres://postgres
 section() { printf '\n=== %s ===\n' "$1"; }
 
 section "spec lint (redocly, strict)"
-pnpm -s lint:spec
+pnpm --silent run lint:spec
 
 section "generated types are fresh"
 bash scripts/check-generated.sh
