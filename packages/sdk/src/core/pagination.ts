@@ -1,0 +1,96 @@
+// Offset pagination over the spec's list envelope `{"<plural>": [...], "total", "has_more"}`.
+import { APIPromise, type WithResponse } from './api-promise.js';
+
+/** The envelope every list operation answers. */
+export type ListEnvelope<K extends string, Item> = { [key in K]: Item[] } & {
+  total: number;
+  has_more: boolean;
+};
+
+/** Fetches the page that starts at `offset`. */
+export type PageFetcher<Body> = (offset: number) => Promise<WithResponse<Body>>;
+
+/**
+ * One page of a list. `data` holds its items; `for await (const item of page)` walks this page and
+ * every page after it.
+ */
+export class Page<K extends string, Item, Body extends ListEnvelope<K, Item> = ListEnvelope<K, Item>>
+  implements AsyncIterable<Item>
+{
+  /** This page's items. */
+  readonly data: Item[];
+  /** Matching items in all pages. */
+  readonly total: number;
+  /** The server says more pages follow. */
+  readonly hasMore: boolean;
+  /** The whole response body (some lists carry more, e.g. adapters' `current_adapter`). */
+  readonly body: Body;
+
+  constructor(
+    private readonly key: K,
+    body: Body,
+    /** Offset of this page's first item. */
+    readonly offset: number,
+    private readonly fetchPage: PageFetcher<Body>,
+  ) {
+    this.body = body;
+    this.data = body[key] as Item[];
+    this.total = body.total;
+    this.hasMore = body.has_more;
+  }
+
+  hasNextPage(): boolean {
+    // An empty page cannot advance the offset; stop rather than loop.
+    return this.hasMore && this.data.length > 0;
+  }
+
+  /** Offset of the next page's first item. */
+  nextOffset(): number {
+    return this.offset + this.data.length;
+  }
+
+  async getNextPage(): Promise<Page<K, Item, Body>> {
+    if (!this.hasNextPage()) throw new Error('No next page; check hasNextPage() first.');
+    const offset = this.nextOffset();
+    const { data } = await this.fetchPage(offset);
+    return new Page(this.key, data, offset, this.fetchPage);
+  }
+
+  /** This page and every page after it. */
+  async *iterPages(): AsyncGenerator<Page<K, Item, Body>> {
+    let page: Page<K, Item, Body> = this;
+    yield page;
+    while (page.hasNextPage()) {
+      page = await page.getNextPage();
+      yield page;
+    }
+  }
+
+  async *[Symbol.asyncIterator](): AsyncIterator<Item> {
+    for await (const page of this.iterPages()) yield* page.data;
+  }
+}
+
+/**
+ * What a list method returns: `await` it for the first Page, or `for await` over it for every item
+ * of every page.
+ */
+export class PagePromise<K extends string, Item, Body extends ListEnvelope<K, Item> = ListEnvelope<K, Item>>
+  extends APIPromise<Page<K, Item, Body>>
+  implements AsyncIterable<Item>
+{
+  constructor(key: K, offset: number, fetchPage: PageFetcher<Body>) {
+    super(
+      fetchPage(offset).then(({ data, response, requestId }) => ({
+        data: new Page<K, Item, Body>(key, data, offset, fetchPage),
+        response,
+        requestId,
+      })),
+    );
+  }
+
+  async *[Symbol.asyncIterator](): AsyncIterator<Item> {
+    const page = await this;
+    yield* page;
+  }
+}

@@ -1,0 +1,46 @@
+// Type-level checks (tsc runs them in `pnpm build`; vitest only runs the trivial assertions).
+import { describe, expectTypeOf, it } from 'vitest';
+import type { SuccessBody } from '../../src/core/types.js';
+import type {
+  components,
+  DistillationJobCreateParams,
+  operations,
+  Page,
+  TrainingJob,
+  TrainingJobCreateParams,
+  Tunery,
+} from '../../src/index.js';
+
+describe('types derived from the spec', () => {
+  it('resolve responses to the spec schemas', () => {
+    expectTypeOf<SuccessBody<operations['getTrainingJob']>>().toEqualTypeOf<
+      components['schemas']['TrainingJob']
+    >();
+    expectTypeOf<SuccessBody<operations['benchmarkModel']>>().toEqualTypeOf<
+      components['schemas']['BenchmarkResponse']
+    >();
+    expectTypeOf<Awaited<ReturnType<Tunery['training']['jobs']['retrieve']>>>().toEqualTypeOf<TrainingJob>();
+    expectTypeOf<Awaited<ReturnType<Tunery['training']['jobs']['list']>>>().toEqualTypeOf<
+      Page<'jobs', TrainingJob, components['schemas']['TrainingJobList']>
+    >();
+    expectTypeOf<Awaited<ReturnType<Tunery['training']['jobs']['download']>>>().toEqualTypeOf<
+      ReadableStream<Uint8Array>
+    >();
+  });
+
+  it('leave fields the server defaults optional in requests, and required ones required', () => {
+    expectTypeOf<{ base_model: 'x'; train_texts: ['a'] }>().toExtend<TrainingJobCreateParams>();
+    expectTypeOf<{
+      base_model: 'x';
+      lora_config: { r: 8 };
+      training_config: { max_steps: 3 };
+    }>().toExtend<TrainingJobCreateParams>();
+    expectTypeOf<{
+      config: { teacher_model: 'openai/gpt-4o'; student_model: 's' };
+    }>().toExtend<DistillationJobCreateParams>();
+    expectTypeOf<{
+      config: { teacher_model: 'openai/gpt-4o' };
+    }>().not.toExtend<DistillationJobCreateParams>();
+    expectTypeOf<{ name: 'n' }>().not.toExtend<NonNullable<Parameters<Tunery['baseModels']['create']>[0]>>();
+  });
+});

@@ -1,0 +1,14 @@
+import { defineConfig } from 'tsup';
+
+export default defineConfig({
+  entry: { index: 'src/index.ts', 'mocks/index': 'src/mocks/index.ts' },
+  format: ['esm', 'cjs'],
+  dts: true,
+  clean: true,
+  sourcemap: true,
+  target: 'node20',
+  // openapi-msw ships ESM only, and openapi-fetch's CommonJS build sets `exports.default` without
+  // `__esModule`, which Node's interop turns into an object. Bundling both (a few KB) makes the CJS
+  // build work; openapi-fetch stays a dependency for the types the .d.ts files import from it.
+  noExternal: ['openapi-msw', 'openapi-fetch'],
+});
