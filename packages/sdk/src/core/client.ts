@@ -9,13 +9,11 @@ import { APIConnectionError, APIConnectionTimeoutError, APIError, APIUserAbortEr
 import { newIdempotencyKey, takesIdempotencyKey } from './idempotency.js';
 import { isLogLevel, type Logger, type LogLevel, levelledLogger } from './log.js';
 import { type ListEnvelope, PagePromise } from './pagination.js';
-import type { AnyDefaultedField } from './request-defaults.js';
 import { retryDelayMs, shouldRetry } from './retry.js';
 import type {
   HttpMethod,
   JsonRequestBody,
   OperationAt,
-  OptionalDeep,
   PathParams,
   PathsWith,
   QueryParams,
@@ -73,8 +71,8 @@ export interface RequestOptions {
 export interface CallOptions<Op> extends RequestOptions {
   pathParams?: PathParams<Op> | undefined;
   query?: QueryParams<Op> | undefined;
-  /** The JSON body; fields the server defaults may be left out (see request-defaults.ts). */
-  body?: OptionalDeep<JsonRequestBody<Op>, AnyDefaultedField> | undefined;
+  /** The JSON body. */
+  body?: JsonRequestBody<Op> | undefined;
   /** A multipart body, built afresh for every attempt. */
   multipart?: (() => Promise<FormData>) | undefined;
 }

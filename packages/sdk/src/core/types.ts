@@ -1,7 +1,6 @@
 // Type helpers that read request and response shapes out of the generated `paths` / `operations`.
 // Nothing here declares an API shape of its own: every type is derived from src/generated/api.ts.
 import type { operations, paths } from '../generated/api.js';
-import type { DefaultedFields } from './request-defaults.js';
 
 export type HttpMethod = 'get' | 'post' | 'put' | 'delete';
 
@@ -41,24 +40,8 @@ export type JsonRequestBody<Op> = Op extends { requestBody?: { content: { 'appli
   ? B
   : never;
 
-type Simplify<T> = { [P in keyof T]: T[P] } & {};
-
-/** `T` with the properties named `K` optional, at every depth (arrays and unions included). */
-export type OptionalDeep<T, K extends PropertyKey> = T extends readonly (infer E)[]
-  ? OptionalDeep<E, K>[]
-  : T extends object
-    ? Simplify<
-        { [P in keyof T as P extends K ? never : P]: OptionalDeep<T[P], K> } & {
-          [P in keyof T as P extends K ? P : never]?: OptionalDeep<T[P], K>;
-        }
-      >
-    : T;
-
-/** The JSON request body of a named operation, with the fields the server defaults left optional. */
-export type RequestBodyOf<K extends keyof operations> = OptionalDeep<
-  NonNullable<JsonRequestBody<operations[K]>>,
-  DefaultedFields<K>
->;
+/** The JSON request body of a named operation. */
+export type RequestBodyOf<K extends keyof operations> = NonNullable<JsonRequestBody<operations[K]>>;
 
 /** The query parameters of a named operation. */
 export type QueryOf<K extends keyof operations> = NonNullable<QueryParams<operations[K]>>;

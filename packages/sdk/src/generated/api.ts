@@ -1370,52 +1370,52 @@ export interface components {
              * @description Cap on dataset rows to use.
              * @default 500
              */
-            num_prompts: number;
+            num_prompts?: number;
             /**
              * @description Best-of-N candidates per prompt.
              * @default 4
              */
-            n_samples: number;
+            n_samples?: number;
             /**
              * @description Fine-tune steps.
              * @default 100
              */
-            training_steps: number;
+            training_steps?: number;
             /**
              * @description BOND preference weight.
              * @default 0.5
              */
-            bond_beta: number;
+            bond_beta?: number;
             /**
              * @description KL regularization strength.
              * @default 0.1
              */
-            bond_gamma: number;
+            bond_gamma?: number;
             /**
              * @description Teacher sampling temperature.
              * @default 0.8
              */
-            temperature: number;
+            temperature?: number;
             /**
              * @description Longest teacher completion.
              * @default 128
              */
-            max_new_tokens: number;
+            max_new_tokens?: number;
             /**
              * @description Student learning rate.
              * @default 0.0002
              */
-            learning_rate: number;
+            learning_rate?: number;
             /**
              * @description Student LoRA rank.
              * @default 16
              */
-            lora_rank: number;
+            lora_rank?: number;
             /**
              * @description Convert the trained student to GGUF after training.
              * @default false
              */
-            export_gguf: boolean;
+            export_gguf?: boolean;
             /** @description Quantization flavors, e.g. `["q4_k_m", "q8_0"]`. */
             quantization_types?: components["schemas"]["QuantizationType"][];
         };
@@ -1458,7 +1458,7 @@ export interface components {
              * @description Higher runs first.
              * @default 50
              */
-            priority: number;
+            priority?: number;
             config: components["schemas"]["DistillationConfig"];
         };
         /**
@@ -1561,34 +1561,34 @@ export interface components {
              * @description Rank.
              * @default 16
              */
-            r: number;
+            r?: number;
             /**
              * @description Scaling numerator (scale = alpha / r).
              * @default 32
              */
-            lora_alpha: number;
+            lora_alpha?: number;
             /**
              * @description Dropout on the adapter input.
              * @default 0.05
              */
-            lora_dropout: number;
+            lora_dropout?: number;
             /**
              * @description Module names to adapt, or `all-linear`.
              * @default all-linear
              */
-            target_modules: string[] | "all-linear";
+            target_modules?: string[] | "all-linear";
             /**
              * @description Which biases train.
              * @default none
              * @enum {string}
              */
-            bias: "none" | "all" | "lora_only";
+            bias?: "none" | "all" | "lora_only";
             /**
              * @description Only causal LM.
              * @default CAUSAL_LM
              * @enum {string}
              */
-            task_type: "CAUSAL_LM";
+            task_type?: "CAUSAL_LM";
         };
         /** @description Training hyperparameters. */
         TrainingConfig: {
@@ -1596,88 +1596,88 @@ export interface components {
              * @description Passes over the data (used when max_steps is -1).
              * @default 3
              */
-            num_epochs: number;
+            num_epochs?: number;
             /**
              * @description Optimizer steps; -1 uses num_epochs.
              * @default -1
              */
-            max_steps: number;
+            max_steps?: number;
             /**
              * @description Per-device batch size.
              * @default 4
              */
-            batch_size: number;
+            batch_size?: number;
             /**
              * @description Micro-batches per optimizer step.
              * @default 1
              */
-            gradient_accumulation_steps: number;
+            gradient_accumulation_steps?: number;
             /**
              * @description Peak learning rate.
              * @default 0.0002
              */
-            learning_rate: number;
+            learning_rate?: number;
             /**
              * @description Linear warmup steps.
              * @default 0
              */
-            warmup_steps: number;
+            warmup_steps?: number;
             /**
              * @description Decay after warmup.
              * @default linear
              * @enum {string}
              */
-            lr_scheduler: "linear" | "cosine" | "constant";
+            lr_scheduler?: "linear" | "cosine" | "constant";
             /**
              * @description AdamW weight decay.
              * @default 0
              */
-            weight_decay: number;
+            weight_decay?: number;
             /**
              * @description Longer examples are truncated.
              * @default 2048
              */
-            max_seq_length: number;
+            max_seq_length?: number;
             /**
              * @description Steps between metric points.
              * @default 10
              */
-            logging_steps: number;
+            logging_steps?: number;
             /**
              * @description Steps between checkpoints.
              * @default 500
              */
-            save_steps: number;
+            save_steps?: number;
             /**
              * @description Steps between evaluations; 0 evaluates at the end only.
              * @default 0
              */
-            eval_steps: number;
+            eval_steps?: number;
             /**
              * @description Fraction held out for evaluation.
              * @default 0
              */
-            eval_split: number;
+            eval_split?: number;
             /**
              * @description Trade compute for memory.
              * @default false
              */
-            use_gradient_checkpointing: boolean;
+            use_gradient_checkpointing?: boolean;
             /**
              * @description bfloat16 on GPUs that support it (ignored on CPU).
              * @default true
              */
-            bf16: boolean;
+            bf16?: boolean;
             /**
              * @description Seed for data order and initialisation.
              * @default 42
              */
-            seed: number;
+            seed?: number;
             /**
              * @description Also train on prompt / non-assistant tokens.
              * @default false
              */
-            train_on_inputs: boolean;
+            train_on_inputs?: boolean;
         };
         /** @description Seed-002 style knobs for `train`, `finetune` and `contract` runs. */
         Hyperparams: {
@@ -1685,7 +1685,7 @@ export interface components {
              * @description Full training passes (grow).
              * @default 1
              */
-            turns: number;
+            turns?: number;
             output_name?: components["schemas"]["Name"];
             /** @description Grow cycles. */
             cycles?: number;
@@ -1706,12 +1706,12 @@ export interface components {
              * @description Prune aggressiveness (contract).
              * @default 0.5
              */
-            contraction_ratio: number;
+            contraction_ratio?: number;
             /**
              * @description Layers to process (contract).
              * @default 8
              */
-            num_layers_to_contract: number;
+            num_layers_to_contract?: number;
         };
         /** @description A new training job. See the operation's description for how the fields combine. */
         TrainingJobCreate: {
@@ -1758,12 +1758,12 @@ export interface components {
              * @description Run across several nodes with torchrun.
              * @default false
              */
-            distributed: boolean;
+            distributed?: boolean;
             /**
              * @description Nodes for a distributed run.
              * @default 1
              */
-            num_nodes: number;
+            num_nodes?: number;
             /** @description Hub token handed to the worker for gated models; never returned. */
             hf_token?: string;
             /** @description Weights & Biases project the worker logs to, when it has wandb. */
@@ -1783,12 +1783,12 @@ export interface components {
              * @description Higher runs first.
              * @default 50
              */
-            priority: number;
+            priority?: number;
             /**
              * @description Attempts before a retryable failure becomes final.
              * @default 5
              */
-            max_attempts: number;
+            max_attempts?: number;
         };
         /** @description A training job of any type. */
         TrainingJob: {
@@ -1877,7 +1877,7 @@ export interface components {
              * @description Also write GGUF files.
              * @default false
              */
-            export_gguf: boolean;
+            export_gguf?: boolean;
             /** @description GGUF types to write when `export_gguf`. */
             quantization_types?: components["schemas"]["QuantizationType"][];
         };
@@ -2094,22 +2094,22 @@ export interface components {
              * @description Per-device batch size.
              * @default 4
              */
-            batch_size: number;
+            batch_size?: number;
             /**
              * @description Sequence length.
              * @default 2048
              */
-            max_seq_length: number;
+            max_seq_length?: number;
             /**
              * @description LoRA rank.
              * @default 16
              */
-            lora_rank: number;
+            lora_rank?: number;
             /**
              * @description Passes over the data.
              * @default 3
              */
-            num_epochs: number;
+            num_epochs?: number;
             /** @description Steps, instead of epochs. */
             max_steps?: number;
             dataset_id?: components["schemas"]["Id"];
@@ -2119,27 +2119,27 @@ export interface components {
              * @description Recompute activations.
              * @default false
              */
-            use_gradient_checkpointing: boolean;
+            use_gradient_checkpointing?: boolean;
             /**
              * @description Peak dense bf16 TFLOP/s of the GPU.
              * @default 312
              */
-            gpu_tflops: number;
+            gpu_tflops?: number;
             /**
              * @description GPU memory, GB.
              * @default 80
              */
-            gpu_memory_gb: number;
+            gpu_memory_gb?: number;
             /**
              * @description Assumed model FLOPs utilisation.
              * @default 0.35
              */
-            mfu: number;
+            mfu?: number;
             /**
              * @description GPUs sharing the work.
              * @default 1
              */
-            num_gpus: number;
+            num_gpus?: number;
         };
         /** @description Memory and time for a configuration. */
         Estimate: {
@@ -2415,12 +2415,12 @@ export interface components {
              * @description Most trajectories to include (newest first).
              * @default 100
              */
-            limit: number;
+            limit?: number;
             /**
              * @description Skip trajectories with fewer calls.
              * @default 1
              */
-            min_llm_calls_per_trajectory: number;
+            min_llm_calls_per_trajectory?: number;
             /** @description Only trajectories from this source. */
             source?: string;
         };
@@ -2453,13 +2453,13 @@ export interface components {
              * @description Where it happened, e.g. `chat`.
              * @default api
              */
-            source: string;
+            source?: string;
             /**
              * @description Outcome.
              * @default completed
              * @enum {string}
              */
-            status: "completed" | "failed" | "running";
+            status?: "completed" | "failed" | "running";
             start_time?: components["schemas"]["Timestamp"];
             end_time?: components["schemas"]["Timestamp"];
             /** @description The calls, in order. */
@@ -2668,7 +2668,7 @@ export interface components {
              * @description Must be a loopback host.
              * @default http://127.0.0.1:11434
              */
-            ollama_url: string;
+            ollama_url?: string;
             quantization?: components["schemas"]["QuantizationType"];
         };
         /** @description The import's outcome. */
@@ -2690,7 +2690,7 @@ export interface components {
              * @description Examples scored.
              * @default 200
              */
-            max_examples: number;
+            max_examples?: number;
         };
         /** @description The queued benchmark. */
         BenchmarkResponse: {
@@ -2743,7 +2743,7 @@ export interface components {
              * @description Long-poll time.
              * @default 20
              */
-            wait_seconds: number;
+            wait_seconds?: number;
         };
         /** @description A file the job needs. */
         JobInput: {
@@ -2847,7 +2847,7 @@ export interface components {
                  * @default stdout
                  * @enum {string}
                  */
-                stream: "stdout" | "stderr";
+                stream?: "stdout" | "stderr";
                 /** @description The line. */
                 text: string;
             }[];
@@ -2915,7 +2915,7 @@ export interface components {
              * @description Worth another attempt.
              * @default true
              */
-            retryable: boolean;
+            retryable?: boolean;
         };
         /** @description The job's state after the transition. */
         TransitionResponse: {

@@ -1,6 +1,5 @@
 // The in-memory fake behind the mock handlers: plain Maps a test can read and edit directly.
-import type { AnyDefaultedField } from '../core/request-defaults.js';
-import type { OptionalDeep, RequestBodyOf } from '../core/types.js';
+import type { RequestBodyOf } from '../core/types.js';
 import type { components, operations } from '../generated/api.js';
 
 type Schemas = components['schemas'];
@@ -72,11 +71,7 @@ export interface MockState {
   nextId: number;
 }
 
-// Templates echo the request fields they were saved with, which may leave defaulted fields out
-// (see core/request-defaults.ts), hence the looser type here.
-type StoredTemplate = OptionalDeep<Schemas['Template'], AnyDefaultedField>;
-
-export const BUILTIN_TEMPLATES: readonly StoredTemplate[] = [
+export const BUILTIN_TEMPLATES: readonly Schemas['Template'][] = [
   {
     name: 'lora-default',
     description: 'LoRA fine-tune with rank 16 and a cosine schedule.',
@@ -128,7 +123,7 @@ export function createState(tenantId = 'default'): MockState {
     checkpoints: new Map(),
     outputs: new Map(),
     results: new Map(),
-    templates: new Map(BUILTIN_TEMPLATES.map((t) => [t.name, structuredClone(t) as Schemas['Template']])),
+    templates: new Map(BUILTIN_TEMPLATES.map((t) => [t.name, structuredClone(t)])),
     datasets: new Map(),
     files: new Map(),
     datasetFiles: new Map(),

@@ -43,4 +43,15 @@ describe('types derived from the spec', () => {
     }>().not.toExtend<DistillationJobCreateParams>();
     expectTypeOf<{ name: 'n' }>().not.toExtend<NonNullable<Parameters<Tunery['baseModels']['create']>[0]>>();
   });
+
+  it('leave defaulted fields optional in responses that echo a stored config', () => {
+    expectTypeOf<{
+      name: 'n';
+      description: 'd';
+      builtin: false;
+      config: { lora_config: { r: 8 }; training_config: { max_steps: 3 } };
+      created_at: '2026-01-01T00:00:00Z';
+    }>().toExtend<components['schemas']['Template']>();
+    expectTypeOf<components['schemas']['LoraConfig']['lora_alpha']>().toEqualTypeOf<number | undefined>();
+  });
 });
