@@ -86,8 +86,25 @@ interface ValidatorError {
   statusCode?: number;
   type?: string;
   message?: string;
+  /** Postgres SQLSTATE, on database errors. */
+  code?: string;
   errors?: { path?: string; message?: string; errorCode?: string }[];
 }
+
+/**
+ * Postgres data exceptions caused by a value the client sent, which the spec's schemas allow: a NUL
+ * (`\u0000`) in JSON or text (22P05, 22021), an integer past the column's range (22003, or 22P02
+ * once JavaScript writes it as `1e+22`), a timestamp Postgres cannot hold (year 0, an offset beyond
+ * ±15:59: 22008, 22009).
+ */
+const CLIENT_DATA_SQLSTATES: Record<string, string> = {
+  '22P05': 'Text may not contain the NUL character (\\u0000).',
+  '22021': 'Text may not contain the NUL character (\\u0000).',
+  '22003': 'A number in the request is out of range.',
+  '22P02': 'A number in the request is out of range.',
+  '22008': 'A timestamp in the request is out of range.',
+  '22009': 'A timestamp in the request has an out-of-range UTC offset.',
+};
 
 /** `/body/training_config/batch_size` → `training_config.batch_size`; `/query/limit` → `limit`. */
 function paramFromPath(path: string | undefined): string | null {
@@ -101,9 +118,14 @@ function paramFromPath(path: string | undefined): string | null {
 }
 
 /** Maps every failure to the spec's error shape. Never HTML, never a stack trace. */
-function toApiError(err: unknown): ApiError {
+function toApiError(err: unknown, req: Request): ApiError {
   if (err instanceof ApiError) return err;
   const e = err as ValidatorError;
+  const dataError = e.code ? CLIENT_DATA_SQLSTATES[e.code] : undefined;
+  if (dataError) return new ApiError(400, 'invalid_request', dataError);
+  // multer/busboy refuse a malformed multipart body before any route runs; the validator calls that a 500.
+  if (e.status === 500 && req.is('multipart/form-data') && !e.message?.startsWith('/response'))
+    return new ApiError(400, 'invalid_request', `Malformed multipart body: ${e.message ?? 'unreadable'}.`);
   const status = e.status ?? e.statusCode ?? 500;
   if (e.type === 'entity.too.large' || status === 413) {
     return new ApiError(413, 'payload_too_large', 'Request body is too large.');
@@ -114,8 +136,9 @@ function toApiError(err: unknown): ApiError {
     return new ApiError(401, 'unauthorized', e.errors?.[0]?.message ?? 'Missing or invalid API key.');
   if (status === 404) return new ApiError(404, 'not_found', 'No such route.');
   if (status === 405) return new ApiError(405, 'method_not_allowed', e.message ?? 'Method not allowed.');
+  // The spec documents 400 (not 415) for a body that is missing or of a type the operation does not take.
   if (status === 415)
-    return new ApiError(415, 'unsupported_media_type', e.message ?? 'Unsupported content type.');
+    return new ApiError(400, 'invalid_request', 'Missing or unsupported Content-Type for this operation.');
   if (status >= 400 && status < 500) {
     const first = e.errors?.[0];
     const param = paramFromPath(first?.path);
@@ -127,7 +150,7 @@ function toApiError(err: unknown): ApiError {
 
 function errorHandler(ctx: AppContext) {
   return (err: unknown, req: Request, res: Response, _next: NextFunction) => {
-    const apiError = toApiError(err);
+    const apiError = toApiError(err, req);
     if (apiError.status >= 500) ctx.logger.error({ err, reqId: req.id }, 'request failed');
     if (res.headersSent) {
       res.destroy();

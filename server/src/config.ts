@@ -53,7 +53,9 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     storageQuotaBytes: intEnv('TUNERY_STORAGE_QUOTA_BYTES', 0) || Number.POSITIVE_INFINITY,
     pricePerGpuHour: intEnv('TUNERY_PRICE_PER_GPU_HOUR', 2),
     logLevel: process.env.LOG_LEVEL ?? 'info',
-    docsDir: resolve(process.env.TUNERY_DOCS_DIR ?? fileURLToPath(new URL('../../docs-site', import.meta.url))),
+    docsDir: resolve(
+      process.env.TUNERY_DOCS_DIR ?? fileURLToPath(new URL('../../docs-site', import.meta.url)),
+    ),
     ...overrides,
   };
 }

@@ -31,7 +31,10 @@ describe('docs served at /docs', () => {
   beforeAll(async () => {
     profile = await mkdtemp(join(tmpdir(), 'tunery-chromium-'));
     const dataDir = await mkdtemp(join(tmpdir(), 'tunery-docs-'));
-    server = await startServer(loadConfig({ port: 0, dataDir, databaseUrl: undefined }), { inMemory: true, quiet: true });
+    server = await startServer(loadConfig({ port: 0, dataDir, databaseUrl: undefined }), {
+      inMemory: true,
+      quiet: true,
+    });
   });
   afterAll(async () => {
     await server?.close();
@@ -46,26 +49,44 @@ describe('docs served at /docs', () => {
     expect(await landing.text()).toContain('SDK reference');
   });
 
-  it.skipIf(!CHROMIUM)('renders every operation in headless Chromium', async () => {
-    const url = `${server.url}/docs/api/`;
-    const { stdout } = await run(CHROMIUM!, [...CHROMIUM_FLAGS, `--user-data-dir=${profile}`, '--dump-dom', url], {
-      maxBuffer: 64 * 1024 * 1024,
-      timeout: 120_000,
-    });
-    const summaries = ['Submit a training job', 'Create a distillation job', 'Claim the next job (long-poll)'];
-    for (const summary of summaries) expect(stdout).toContain(summary);
-    // Each operation has an anchor with its operationId in the rendered page.
-    const missing = specOperations().filter((op) => !stdout.includes(op.operationId));
-    expect(missing.map((op) => op.operationId)).toEqual([]);
-    expect(stdout).toContain('@tunery/sdk');
+  it.skipIf(!CHROMIUM)(
+    'renders every operation in headless Chromium',
+    async () => {
+      const url = `${server.url}/docs/api/`;
+      const { stdout } = await run(
+        CHROMIUM!,
+        [...CHROMIUM_FLAGS, `--user-data-dir=${profile}`, '--dump-dom', url],
+        {
+          maxBuffer: 64 * 1024 * 1024,
+          timeout: 120_000,
+        },
+      );
+      const summaries = [
+        'Submit a training job',
+        'Create a distillation job',
+        'Claim the next job (long-poll)',
+      ];
+      for (const summary of summaries) expect(stdout).toContain(summary);
+      // Each operation has an anchor with its operationId in the rendered page.
+      const missing = specOperations().filter((op) => !stdout.includes(op.operationId));
+      expect(missing.map((op) => op.operationId)).toEqual([]);
+      expect(stdout).toContain('@tunery/sdk');
 
-    mkdirSync(artifactsDir, { recursive: true });
-    const shot = join(artifactsDir, 'docs-api.png');
-    await run(
-      CHROMIUM!,
-      [...CHROMIUM_FLAGS, `--user-data-dir=${profile}`, '--window-size=1400,1000', `--screenshot=${shot}`, url],
-      { timeout: 120_000 },
-    );
-    expect(statSync(shot).size).toBeGreaterThan(10_000);
-  }, 300_000);
+      mkdirSync(artifactsDir, { recursive: true });
+      const shot = join(artifactsDir, 'docs-api.png');
+      await run(
+        CHROMIUM!,
+        [
+          ...CHROMIUM_FLAGS,
+          `--user-data-dir=${profile}`,
+          '--window-size=1400,1000',
+          `--screenshot=${shot}`,
+          url,
+        ],
+        { timeout: 120_000 },
+      );
+      expect(statSync(shot).size).toBeGreaterThan(10_000);
+    },
+    300_000,
+  );
 });

@@ -89,6 +89,8 @@ export const init: Migration = {
       t.text('output_model_id').nullable();
       t.text('adapter_name').nullable();
       t.decimal('cost_accrued', 14, 4).notNullable().defaultTo(0);
+      // Compute is billed up to this moment; each fenced worker write bills now() - billed_until.
+      t.timestamp('billed_until', { useTz: true }).nullable();
       t.text('error_code').nullable();
       t.text('error_message').nullable();
       t.integer('log_seq').notNullable().defaultTo(0);
@@ -98,6 +100,7 @@ export const init: Migration = {
       t.timestamp('started_at', { useTz: true }).nullable();
       t.timestamp('finished_at', { useTz: true }).nullable();
       t.index(['tenant_id', 'kind', 'created_at']);
+      t.index(['parent_job_id']);
     });
     // The claim scans only runnable rows, best first.
     await knex.raw(
@@ -203,6 +206,7 @@ export const init: Migration = {
       t.jsonb('metrics').notNullable();
       t.timestamp('created_at', { useTz: true }).notNullable().defaultTo(knex.fn.now());
       t.primary(['tenant_id', 'name']);
+      t.index(['tenant_id', 'job_id']); // registering and deleting go from the job to its adapter
     });
 
     await knex.schema.createTable('models', (t) => {
@@ -219,6 +223,7 @@ export const init: Migration = {
       t.jsonb('benchmark').nullable();
       t.timestamp('created_at', { useTz: true }).notNullable().defaultTo(knex.fn.now());
       t.index(['tenant_id', 'created_at']);
+      t.index(['tenant_id', 'job_id']); // registering goes from the job to its model
     });
 
     await knex.schema.createTable('base_models', (t) => {

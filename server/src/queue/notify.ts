@@ -1,3 +1,4 @@
+import type { Knex } from 'knex';
 import pg from 'pg';
 import type { AppContext } from '../context.js';
 
@@ -13,6 +14,21 @@ export async function notifyJobAvailable(
 ): Promise<void> {
   if (ctx.dbKind === 'postgres') await ctx.knex.raw(`NOTIFY ${CHANNEL}`);
   else ctx.queueSignal.emit('job-available');
+}
+
+/**
+ * Notifies once `db`'s transaction has committed (at once when `db` is not a transaction), so a
+ * woken claim can see the row. A rolled-back transaction notifies nobody.
+ */
+export function notifyAfterCommit(
+  ctx: Pick<AppContext, 'knex' | 'dbKind' | 'queueSignal'>,
+  db: Knex | Knex.Transaction,
+): void {
+  const committed = db.isTransaction ? (db as Knex.Transaction).executionPromise : Promise.resolve();
+  committed.then(
+    () => notifyJobAvailable(ctx).catch(() => {}),
+    () => {},
+  );
 }
 
 /** Starts the LISTEN connection (Postgres only); returns a function that closes it. */

@@ -1,3 +1,154 @@
-import type { Routes } from '../http.js';
+import type { Request } from 'express';
+import type { AppContext } from '../context.js';
+import { notFound } from '../errors.js';
+import {
+  type BodyOf,
+  checkTenantParam,
+  listEnvelope,
+  page,
+  pathParam,
+  type Routes,
+  type Schemas,
+} from '../http.js';
+import { cancelJob } from '../queue/cancel.js';
+import { enqueueJob } from '../queue/enqueue.js';
+import type { Db } from '../queue/lease.js';
+import { assertWithinBudget } from '../services/budget.js';
+import { storeDataset } from '../services/datasets.js';
+import {
+  type DistillationPlan,
+  planDistillationJob,
+  storePromptsInput,
+} from '../services/distillation-request.js';
+import { sendStoredFile } from '../services/downloads.js';
+import { idempotent } from '../services/idempotency.js';
+import { getJobRow, listJobRows, serializeDistillationJob } from '../services/jobs.js';
+import { type FileRow, jobOutputFiles, outputDirectory, outputFileView } from '../services/registry.js';
 
-export const distillationRoutes: Routes = {};
+/** The caller's distillation job; `tenant_id` in the query must be the key's own tenant. */
+const jobOf = (req: Request, ctx: AppContext) =>
+  getJobRow(ctx, checkTenantParam(req, req.query.tenant_id), pathParam(req, 'job_id'), 'distillation');
+
+/** Seed 000's artifact paths, found among the job's output files by their conventional names. */
+function artifactPaths(ctx: AppContext, jobId: string, files: FileRow[]) {
+  const pathOf = (...names: string[]) => {
+    const file = files.find((f) => names.includes(f.name));
+    return file ? ctx.storage.absolute(file.rel_path) : null;
+  };
+  const hasAdapter = files.some((f) => f.name.startsWith('adapter_'));
+  const ggufPaths: Record<string, string> = {};
+  for (const file of files) {
+    const match = /^(?:model-)?(.+)\.gguf$/.exec(file.name);
+    if (match) ggufPaths[match[1]!] = ctx.storage.absolute(file.rel_path);
+  }
+  return {
+    adapter_path: hasAdapter ? `${outputDirectory(ctx, jobId, files)}/` : null,
+    gguf_paths: ggufPaths,
+    tokenizer_path: pathOf('tokenizer.model', 'tokenizer.json'),
+    config_path: pathOf('train_config.json', 'training_config.json'),
+  };
+}
+
+/** The dataset the job's prompts come from: the one named, or a new one of the prompts used. */
+async function promptsDatasetId(
+  ctx: AppContext,
+  trx: Db,
+  tenantId: string,
+  source: DistillationPlan['dataset'],
+  label: string,
+): Promise<string> {
+  if (source.kind === 'existing') return source.id;
+  const records = source.prompts.map((text) => ({ text }));
+  const input = {
+    name: `${label} prompts`,
+    records,
+    source: source.source,
+    trajectoryCount: source.trajectoryCount,
+  };
+  return (await storeDataset(ctx, tenantId, { ...input, param: 'config.prompts' }, trx)).id;
+}
+
+export const distillationRoutes: Routes = {
+  async createDistillationJob(req, res, ctx) {
+    const body = req.body as BodyOf<'createDistillationJob'>;
+    const tenantId = checkTenantParam(req, body.tenant_id);
+    const { id } = await idempotent(ctx, req, 'distillation_jobs', 'job', async (id) => {
+      const plan = await planDistillationJob(ctx, tenantId, body);
+      await assertWithinBudget(ctx, tenantId, plan.estimatedUsd);
+      await ctx.knex.transaction(async (trx) => {
+        const datasetId = await promptsDatasetId(ctx, trx, tenantId, plan.dataset, body.name ?? id);
+        await enqueueJob(ctx, trx, {
+          id,
+          tenantId,
+          kind: 'distillation',
+          type: 'distill',
+          method: 'lora',
+          name: body.name ?? null,
+          description: body.description ?? null,
+          config: { ...plan.config, dataset_id: datasetId },
+          secrets: plan.secrets,
+          baseModel: plan.studentName,
+          datasetId,
+          priority: body.priority,
+          totalSteps: plan.config.training_steps as number,
+        });
+        await storePromptsInput(ctx, trx, tenantId, id, plan.prompts);
+      });
+    });
+    res
+      .status(201)
+      .json(
+        serializeDistillationJob(
+          await getJobRow(ctx, tenantId, id, 'distillation'),
+        ) satisfies Schemas['DistillationJob'],
+      );
+  },
+
+  async listDistillationJobs(req, res, ctx) {
+    const tenantId = checkTenantParam(req, req.query.tenant_id);
+    const paging = page(req);
+    const { rows, total } = await listJobRows(
+      ctx,
+      tenantId,
+      'distillation',
+      { status: req.query.status as string | undefined },
+      paging,
+    );
+    res.json(
+      listEnvelope(
+        'jobs',
+        rows.map(serializeDistillationJob),
+        total,
+        paging.offset,
+      ) satisfies Schemas['DistillationJobList'],
+    );
+  },
+
+  async getDistillationJob(req, res, ctx) {
+    res.json(serializeDistillationJob(await jobOf(req, ctx)) satisfies Schemas['DistillationJob']);
+  },
+
+  async cancelDistillationJob(req, res, ctx) {
+    const tenantId = checkTenantParam(req, req.query.tenant_id);
+    const job = await cancelJob(ctx, tenantId, 'distillation', pathParam(req, 'job_id'));
+    res.json(serializeDistillationJob(job) satisfies Schemas['DistillationJob']);
+  },
+
+  async getDistillationArtifacts(req, res, ctx) {
+    const job = await jobOf(req, ctx);
+    const files = (await jobOutputFiles(ctx.knex, job.tenant_id, [job.id])).get(job.id) ?? [];
+    res.json({
+      job_id: job.id,
+      ...artifactPaths(ctx, job.id, files),
+      files: files.map((f) => outputFileView(ctx, f, 'distillation')),
+    } satisfies Schemas['DistillationArtifacts']);
+  },
+
+  async downloadDistillationArtifact(req, res, ctx) {
+    const job = await jobOf(req, ctx);
+    const name = pathParam(req, 'file');
+    const file = await ctx.knex('files').where({ owner_kind: 'job_output', owner_id: job.id, name }).first();
+    if (!file) throw notFound('artifact', name, 'file');
+    await sendStoredFile(ctx, req, res, file);
+  },
+};

@@ -75,6 +75,8 @@ export const planningRoutes: Routes = {
       numGpus: body.num_gpus ?? 1,
       pricePerGpuHour: ctx.config.pricePerGpuHour,
     });
+    if (![result.estimated_seconds, result.estimated_cost_usd, result.memory_gb.total].every(Number.isFinite))
+      throw invalidConfig('These settings put the estimate out of range; check gpu_tflops and mfu.', 'mfu');
     res.json(result satisfies Schemas['Estimate']);
   },
 

@@ -1,3 +1,253 @@
-import type { Routes } from '../http.js';
+import type { Request } from 'express';
+import type { AppContext } from '../context.js';
+import { notFound } from '../errors.js';
+import {
+  type BodyOf,
+  isoRequired,
+  listEnvelope,
+  page,
+  pathParam,
+  queryInt,
+  type Routes,
+  type Schemas,
+  tenantOf,
+} from '../http.js';
+import { cancelJob } from '../queue/cancel.js';
+import { enqueueJob } from '../queue/enqueue.js';
+import { resumeJob } from '../queue/resume.js';
+import type { JobRow } from '../queue/types.js';
+import { assertWithinBudget } from '../services/budget.js';
+import { storeDataset } from '../services/datasets.js';
+import { sendStoredFile } from '../services/downloads.js';
+import { idempotent } from '../services/idempotency.js';
+import { getJobRow, listJobRows, serializeTrainingJob } from '../services/jobs.js';
+import { jobOutputFiles, outputFileView, totalSizeMb } from '../services/registry.js';
+import { type DataPlan, mergeJobPlan, mergeParent, planTrainingJob } from '../services/training-request.js';
 
-export const trainingJobRoutes: Routes = {};
+/** The caller's training job named in the path (404 job_not_found for anyone else's). */
+const jobOf = (req: Request, ctx: AppContext) =>
+  getJobRow(ctx, tenantOf(req), pathParam(req, 'job_id'), 'training');
+
+const MAX_LOG_LINES = 1000;
+
+/** Stores inline or file data as a dataset (in the creating transaction); returns its id. */
+async function datasetIdFor(ctx: AppContext, tenantId: string, data: DataPlan, trx: AppContext['knex']) {
+  if (!data) return null;
+  if (data.kind === 'existing') return data.dataset.id;
+  const stored = await storeDataset(
+    ctx,
+    tenantId,
+    { name: data.name, records: data.records, source: data.source, param: data.param },
+    trx,
+  );
+  return stored.id;
+}
+
+const num = (value: unknown): number | null =>
+  typeof value === 'number' && Number.isFinite(value) ? value : null;
+const int = (value: unknown): number | null => {
+  const n = num(value);
+  return n == null ? null : Math.round(n);
+};
+
+/** The headline numbers of a finished job; whatever else the worker reported goes in `details`. */
+function resultOf(job: JobRow): Schemas['TrainingResult'] {
+  const r = job.results ?? {};
+  const before = int(r.params_before);
+  const after = int(r.params_after);
+  const scores = r.scores && typeof r.scores === 'object' ? (r.scores as Record<string, number>) : null;
+  return {
+    job_id: job.id,
+    ppl_baseline: num(r.ppl_baseline),
+    ppl_final: num(r.ppl_final),
+    ppl_delta_pct: num(r.ppl_delta_pct),
+    loss_final: num(r.loss_final),
+    eval_loss_final: num(r.eval_loss_final),
+    params_before: before,
+    params_after: after,
+    params_delta: int(r.params_delta) ?? (before != null && after != null ? after - before : null),
+    params_trainable: int(r.params_trainable),
+    function_preservation: num(r.function_preservation),
+    gpu_seconds: num(r.gpu_seconds),
+    tokens_processed: int(r.tokens_processed),
+    cost_usd: Number(Number(job.cost_accrued).toFixed(4)),
+    scores,
+    details: r,
+  };
+}
+
+export const trainingJobRoutes: Routes = {
+  async createTrainingJob(req, res, ctx) {
+    const tenantId = tenantOf(req);
+    const body = req.body as BodyOf<'createTrainingJob'>;
+    const { id } = await idempotent(ctx, req, 'training_jobs', 'job', async (id) => {
+      const plan = await planTrainingJob(ctx, tenantId, body);
+      await assertWithinBudget(ctx, tenantId, plan.estimatedUsd);
+      await ctx.knex.transaction(async (trx) => {
+        const datasetId = await datasetIdFor(ctx, tenantId, plan.data, trx);
+        await enqueueJob(ctx, trx, { ...plan.job, id, tenantId, datasetId });
+      });
+    });
+    res.status(201).json(serializeTrainingJob(await getJobRow(ctx, tenantId, id, 'training'), ctx.storage));
+  },
+
+  async listTrainingJobs(req, res, ctx) {
+    const paging = page(req);
+    const { rows, total } = await listJobRows(
+      ctx,
+      tenantOf(req),
+      'training',
+      { status: req.query.status as string | undefined, type: req.query.type as string | undefined },
+      paging,
+    );
+    const jobs = rows.map((row) => serializeTrainingJob(row, ctx.storage));
+    res.json(listEnvelope('jobs', jobs, total, paging.offset) satisfies Schemas['TrainingJobList']);
+  },
+
+  async getTrainingJob(req, res, ctx) {
+    res.json(serializeTrainingJob(await jobOf(req, ctx), ctx.storage) satisfies Schemas['TrainingJob']);
+  },
+
+  async deleteTrainingJob(req, res, ctx) {
+    const job = await cancelJob(ctx, tenantOf(req), 'training', pathParam(req, 'job_id'));
+    res.json(serializeTrainingJob(job, ctx.storage) satisfies Schemas['TrainingJob']);
+  },
+
+  async cancelTrainingJob(req, res, ctx) {
+    const job = await cancelJob(ctx, tenantOf(req), 'training', pathParam(req, 'job_id'));
+    res.json(serializeTrainingJob(job, ctx.storage) satisfies Schemas['TrainingJob']);
+  },
+
+  async resumeTrainingJob(req, res, ctx) {
+    const tenantId = tenantOf(req);
+    const jobId = pathParam(req, 'job_id');
+    const body = (req.body ?? {}) as Schemas['ResumeRequest'];
+    // a repeated resume (same idempotency key) answers the job instead of 409 not resumable
+    await idempotent(ctx, req, `training_resume:${jobId}`, 'job', async () => {
+      await resumeJob(ctx, tenantId, 'training', jobId, body.checkpoint);
+    });
+    res.json(
+      serializeTrainingJob(
+        await getJobRow(ctx, tenantId, jobId, 'training'),
+        ctx.storage,
+      ) satisfies Schemas['TrainingJob'],
+    );
+  },
+
+  async mergeTrainingJob(req, res, ctx) {
+    const tenantId = tenantOf(req);
+    const parentId = pathParam(req, 'job_id');
+    const body = (req.body ?? {}) as Schemas['MergeRequest'];
+    await getJobRow(ctx, tenantId, parentId, 'training');
+    const { id } = await idempotent(
+      ctx,
+      req,
+      `training_merge:${parentId}`,
+      'job',
+      async (id) => {
+        const parent = await mergeParent(ctx, tenantId, parentId);
+        // merging reads and writes the weights once: no training tokens to bill in the estimate
+        await assertWithinBudget(ctx, tenantId, 0);
+        await enqueueJob(ctx, ctx.knex, { ...mergeJobPlan(parent, body), id, tenantId });
+      },
+      body,
+    );
+    const job = serializeTrainingJob(await getJobRow(ctx, tenantId, id, 'training'), ctx.storage);
+    res.status(201).json({ merge_job_id: id, job } satisfies Schemas['MergeResponse']);
+  },
+
+  async listTrainingJobLogs(req, res, ctx) {
+    const job = await jobOf(req, ctx);
+    const since = queryInt(req, 'since', 0);
+    const tail = req.query.tail === undefined ? undefined : queryInt(req, 'tail', MAX_LOG_LINES);
+    const query = ctx.knex('job_logs').where('job_id', job.id).andWhere('seq', '>', since);
+    // tail: the last N lines after `since`, still answered oldest first
+    const rows = tail
+      ? (await query.orderBy('seq', 'desc').limit(tail)).reverse()
+      : await query.orderBy('seq', 'asc').limit(MAX_LOG_LINES);
+    res.json({
+      job_id: job.id,
+      latest_seq: job.log_seq,
+      lines: rows.map((r) => ({ seq: r.seq, ts: isoRequired(r.ts), stream: r.stream, text: r.text })),
+    } satisfies Schemas['LogPage']);
+  },
+
+  async listTrainingJobMetrics(req, res, ctx) {
+    const job = await jobOf(req, ctx);
+    const sinceStep = queryInt(req, 'since_step', -1);
+    const limit = queryInt(req, 'limit', 1000);
+    const rows = await ctx
+      .knex('job_metrics')
+      .where('job_id', job.id)
+      .andWhere('step', '>', sinceStep)
+      .orderBy([{ column: 'step' }, { column: 'phase', order: 'desc' }])
+      .limit(limit);
+    const latest = await ctx.knex('job_metrics').where('job_id', job.id).max({ step: 'step' }).first();
+    const points = rows.map((r) => ({ ...r.point, ts: isoRequired(r.ts), step: r.step, phase: r.phase }));
+    res.json({
+      job_id: job.id,
+      count: points.length,
+      latest_step: latest?.step == null ? -1 : Number(latest.step),
+      points,
+    } satisfies Schemas['MetricPage']);
+  },
+
+  async listTrainingJobEvents(req, res, ctx) {
+    const job = await jobOf(req, ctx);
+    const since = queryInt(req, 'since', 0);
+    const rows = await ctx
+      .knex('job_events')
+      .where('job_id', job.id)
+      .andWhere('seq', '>', since)
+      .orderBy('seq');
+    res.json({
+      job_id: job.id,
+      events: rows.map((r) => ({ seq: r.seq, ts: isoRequired(r.ts), kind: r.kind, payload: r.payload })),
+    } satisfies Schemas['EventList']);
+  },
+
+  async getTrainingJobResult(req, res, ctx) {
+    const job = await jobOf(req, ctx);
+    if (job.status !== 'completed') {
+      throw notFound('result for job', `${job.id} yet (it is ${job.status})`, 'job_id');
+    }
+    res.json(resultOf(job) satisfies Schemas['TrainingResult']);
+  },
+
+  async listTrainingJobOutput(req, res, ctx) {
+    const job = await jobOf(req, ctx);
+    const files = (await jobOutputFiles(ctx.knex, job.tenant_id, [job.id])).get(job.id) ?? [];
+    res.json({
+      job_id: job.id,
+      status: job.status,
+      files: files.map((f) => outputFileView(ctx, f, 'training')),
+      total_files: files.length,
+      total_size_mb: totalSizeMb(files),
+    } satisfies Schemas['OutputList']);
+  },
+
+  async downloadTrainingJobOutput(req, res, ctx) {
+    const job = await jobOf(req, ctx);
+    const name = pathParam(req, 'file');
+    const file = await ctx.knex('files').where({ owner_kind: 'job_output', owner_id: job.id, name }).first();
+    if (!file) throw notFound('output file', name, 'file');
+    await sendStoredFile(ctx, req, res, file);
+  },
+
+  async listTrainingJobCheckpoints(req, res, ctx) {
+    const job = await jobOf(req, ctx);
+    const rows = await ctx
+      .knex('files')
+      .where({ owner_kind: 'checkpoint', owner_id: job.id })
+      .orderBy([{ column: 'step' }, { column: 'created_at' }]);
+    res.json({
+      job_id: job.id,
+      checkpoints: rows.map((r) => ({
+        name: r.name,
+        step: r.step ?? 0,
+        size_bytes: Number(r.size_bytes),
+        created_at: isoRequired(r.created_at),
+      })),
+    } satisfies Schemas['CheckpointList']);
+  },
+};

@@ -334,6 +334,8 @@ export async function removeDataset(ctx: AppContext, tenantId: string, id: strin
       throw new ApiError(409, 'conflict', `Dataset ${id} is used by job ${user.id}, which has not finished.`);
     await trx('files').where({ tenant_id: tenantId, owner_kind: 'dataset', owner_id: id }).delete();
     await trx('datasets').where({ tenant_id: tenantId, id }).delete();
+    // A create repeated with the same idempotency key now makes a new dataset (not a 404).
+    await trx('idempotency_keys').where({ tenant_id: tenantId, resource_id: id }).delete();
   });
   // Bytes go after the rows: a crash in between leaves an orphan file, never a dangling row.
   await ctx.storage.removeTree(['datasets', id]);

@@ -67,7 +67,11 @@ export async function idempotent(
   }
   const existing = await ctx.knex('idempotency_keys').where({ tenant_id: tenantId, scope, key }).first();
   if (!existing)
-    throw new ApiError(409, 'request_in_progress', 'A request with this idempotency key is in progress; retry.');
+    throw new ApiError(
+      409,
+      'request_in_progress',
+      'A request with this idempotency key is in progress; retry.',
+    );
   if (existing.request_hash !== requestHash) {
     throw new ApiError(
       409,

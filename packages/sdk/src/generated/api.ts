@@ -2722,7 +2722,7 @@ export interface components {
         WorkerCapabilities: {
             /** @description Job types it runs (`distill` for distillation jobs). */
             job_types: ("finetune" | "train" | "contract" | "merge" | "benchmark" | "distill")[];
-            /** @description Training methods it runs. */
+            /** @description Training methods it runs. Omitted, the worker runs any method. */
             methods?: components["schemas"]["TrainingMethod"][];
             /**
              * @description Where it trains.
@@ -2863,8 +2863,11 @@ export interface components {
         EventReport: {
             /** @description The attempt's lease token. */
             lease_token: string;
-            /** @description New phase (a TrainingPhase or DistillationPhase). */
-            phase?: string;
+            /**
+             * @description New phase (a TrainingPhase or DistillationPhase).
+             * @enum {string}
+             */
+            phase?: "queued" | "initializing" | "loading_model" | "data_preparation" | "training" | "evaluating" | "saving" | "merging" | "growing" | "contracting" | "export" | "done" | "data_generation" | "curation";
             progress?: components["schemas"]["JobProgress"];
             /** @description Timeline events. */
             events?: {
@@ -3429,7 +3432,10 @@ export interface operations {
     };
     downloadDistillationArtifact: {
         parameters: {
-            query?: never;
+            query?: {
+                /** @description Workspace key; when given it must be the API key's own tenant (`403 permission_denied` otherwise). */
+                tenant_id?: components["parameters"]["TenantId"];
+            };
             header?: {
                 /** @description A single byte range, e.g. `bytes=0-1023` or `bytes=1024-`. */
                 Range?: components["parameters"]["Range"];

@@ -1,0 +1,43 @@
+import type { AppContext } from '../context.js';
+import { conflict, notFound } from '../errors.js';
+import { recordEvent } from './events.js';
+import type { JobKind, JobRow } from './types.js';
+
+/**
+ * A user's cancel. A pending job is cancelled at once; a running one gets `cancel_requested`,
+ * which its worker reads in the next heartbeat answer before acknowledging. A terminal job is
+ * `409 job_already_running` (seed 000's code for "this job can no longer change").
+ */
+export async function cancelJob(
+  ctx: AppContext,
+  tenantId: string,
+  kind: JobKind,
+  jobId: string,
+): Promise<JobRow> {
+  return ctx.knex.transaction(async (trx) => {
+    const updated = await trx.raw(
+      `
+      UPDATE jobs SET
+        status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END,
+        cancel_requested = true,
+        finished_at = CASE WHEN status = 'pending' THEN now() ELSE finished_at END,
+        updated_at = now()
+      -- only the owner's live jobs; the state check makes a cancel racing a completion lose cleanly
+      WHERE id = :jobId AND tenant_id = :tenantId AND kind = :kind AND status IN ('pending', 'running')
+      RETURNING *`,
+      { jobId, tenantId, kind },
+    );
+    const job = updated.rows[0] as JobRow | undefined;
+    if (!job) throw await cancelRefusal(trx, tenantId, kind, jobId);
+    await recordEvent(trx, job.id, job.status === 'cancelled' ? 'cancelled' : 'cancel_requested', {
+      by: 'user',
+    });
+    return job;
+  });
+}
+
+async function cancelRefusal(db: AppContext['knex'], tenantId: string, kind: JobKind, jobId: string) {
+  const row = await db('jobs').where({ id: jobId, tenant_id: tenantId, kind }).first('status');
+  if (!row) return notFound('job', jobId, 'job_id', 'job_not_found');
+  return conflict(`Job ${jobId} is already ${row.status}.`, 'job_already_running');
+}

@@ -1,0 +1,121 @@
+import type { AppContext } from '../context.js';
+import { newSecret } from '../ids.js';
+import { recordEvent } from './events.js';
+import { waitForJobSignal } from './notify.js';
+import type { JobRow } from './types.js';
+
+export interface WorkerCapabilities {
+  job_types: string[];
+  /** Omitted: the worker takes any method. */
+  methods?: string[];
+  device: 'cpu' | 'cuda';
+  memory_gb?: number;
+  gpu_name?: string;
+}
+
+export interface ClaimInput {
+  workerId: string;
+  capabilities: WorkerCapabilities;
+}
+
+/** Longest single sleep of a long-poll: jobs whose backoff ends wake nobody, so look again this often. */
+const RECHECK_MS = 1000;
+
+/** Records the worker and what it can do, for the status pages. */
+async function touchWorker(ctx: AppContext, input: ClaimInput): Promise<void> {
+  await ctx.knex.raw(
+    `
+    INSERT INTO workers (id, capabilities, last_seen_at)
+    VALUES (:workerId, :capabilities::jsonb, now())
+    ON CONFLICT (id) DO UPDATE
+      SET capabilities = EXCLUDED.capabilities, last_seen_at = EXCLUDED.last_seen_at`,
+    { workerId: input.workerId, capabilities: JSON.stringify(input.capabilities) },
+  );
+}
+
+/**
+ * Leases the best runnable job this worker can run, or returns null. One statement picks and
+ * leases it; the attempt row and the `claimed` event are written in the same transaction.
+ */
+export async function claimNextJob(ctx: AppContext, input: ClaimInput): Promise<JobRow | null> {
+  const { capabilities } = input;
+  return ctx.knex.transaction(async (trx) => {
+    const result = await trx.raw(
+      `
+      WITH next AS (
+        SELECT id FROM jobs
+        WHERE status = 'pending'
+          -- backoff and scheduling use the database clock, never the server's
+          AND run_at <= now()
+          AND type IN (SELECT jsonb_array_elements_text(:jobTypes::jsonb))
+          -- a worker that lists no methods runs any; jobs without a method suit every worker
+          AND (method IS NULL OR :anyMethod OR method IN (SELECT jsonb_array_elements_text(:methods::jsonb)))
+          AND (required_device IS NULL OR required_device = :device)
+        ORDER BY priority DESC, run_at, created_at
+        -- concurrent claimers skip rows another claim is taking instead of queueing behind it
+        FOR UPDATE SKIP LOCKED
+        LIMIT 1
+      )
+      UPDATE jobs SET
+        status = 'running',
+        attempt = attempt + 1,
+        lease_token = :leaseToken,
+        lease_owner = :workerId,
+        lease_expires_at = now() + make_interval(secs => :leaseSeconds),
+        started_at = COALESCE(started_at, now()),
+        -- billing of worker time starts with the lease
+        billed_until = now(),
+        phase = CASE WHEN phase = 'queued' THEN 'initializing' ELSE phase END,
+        updated_at = now()
+      FROM next
+      WHERE jobs.id = next.id
+      RETURNING jobs.*`,
+      {
+        jobTypes: JSON.stringify(capabilities.job_types),
+        anyMethod: capabilities.methods === undefined,
+        methods: JSON.stringify(capabilities.methods ?? []),
+        device: capabilities.device,
+        leaseToken: newSecret('lease'),
+        workerId: input.workerId,
+        leaseSeconds: ctx.config.leaseSeconds,
+      },
+    );
+    const job = result.rows[0] as JobRow | undefined;
+    if (!job) return null;
+    await trx('job_attempts').insert({
+      job_id: job.id,
+      attempt: job.attempt,
+      worker_id: input.workerId,
+      lease_token: job.lease_token,
+    });
+    await recordEvent(trx, job.id, 'claimed', {
+      attempt: job.attempt,
+      worker_id: input.workerId,
+      resume_checkpoint: job.resume_checkpoint,
+    });
+    return job;
+  });
+}
+
+/**
+ * Long-poll: claims at once if it can, else sleeps until a job is signalled (or a recheck is due)
+ * and tries again, until `waitSeconds` have passed, the caller went away, or the server stops.
+ */
+export async function claimJobWithWait(
+  ctx: AppContext,
+  input: ClaimInput,
+  waitSeconds: number,
+  callerGone: AbortSignal,
+): Promise<JobRow | null> {
+  await touchWorker(ctx, input);
+  const deadline = Date.now() + waitSeconds * 1000;
+  for (;;) {
+    // A worker that hung up must not be handed a job it will never run.
+    if (callerGone.aborted) return null;
+    const job = await claimNextJob(ctx, input);
+    if (job) return job;
+    const left = deadline - Date.now();
+    if (left <= 0 || ctx.shuttingDown.signal.aborted) return null;
+    await waitForJobSignal(ctx, Math.min(left, RECHECK_MS));
+  }
+}

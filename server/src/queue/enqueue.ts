@@ -1,0 +1,82 @@
+import type { Knex } from 'knex';
+import type { AppContext } from '../context.js';
+import { recordEvent } from './events.js';
+import { notifyAfterCommit } from './notify.js';
+import type { JobKind, JobRow } from './types.js';
+
+export interface EnqueueInput {
+  id: string;
+  tenantId: string;
+  kind: JobKind;
+  /** finetune | train | contract | merge | benchmark | distill */
+  type: string;
+  method?: string | null;
+  name?: string | null;
+  description?: string | null;
+  /** The resolved, public configuration (shown to users, turned into the worker's spec). */
+  config: Record<string, unknown>;
+  /** hf_token, teacher_api_key: handed only to the worker that claims the job. */
+  secrets?: Record<string, unknown>;
+  baseModel?: string | null;
+  datasetId?: string | null;
+  parentJobId?: string | null;
+  modelId?: string | null;
+  requiredDevice?: 'cpu' | 'cuda' | null;
+  priority?: number;
+  maxAttempts?: number;
+  totalSteps?: number | null;
+}
+
+/** The phase a job shows before any worker touched it. */
+const initialPhase = (kind: JobKind) => (kind === 'distillation' ? 'initializing' : 'queued');
+
+/**
+ * Puts a new job in the queue as `pending`, runnable now, and records its `created` event.
+ * `db` may be a transaction: waiting claims are woken only once it commits, so they never look
+ * for a row they cannot see yet.
+ */
+export async function enqueueJob(
+  ctx: Pick<AppContext, 'knex' | 'dbKind' | 'queueSignal'>,
+  db: Knex | Knex.Transaction,
+  input: EnqueueInput,
+): Promise<JobRow> {
+  const result = await db.raw(
+    `
+    INSERT INTO jobs (
+      id, tenant_id, kind, type, method, status, phase, name, description, priority,
+      config, secrets, base_model, dataset_id, parent_job_id, model_id, required_device,
+      max_attempts, total_steps, run_at, created_at, updated_at
+    ) VALUES (
+      :id, :tenantId, :kind, :type, :method, 'pending', :phase, :name, :description, :priority,
+      :config::jsonb, :secrets::jsonb, :baseModel, :datasetId, :parentJobId, :modelId, :requiredDevice,
+      :maxAttempts, :totalSteps,
+      -- runnable at once; the database clock is the only clock the queue trusts
+      now(), now(), now()
+    )
+    RETURNING *`,
+    {
+      id: input.id,
+      tenantId: input.tenantId,
+      kind: input.kind,
+      type: input.type,
+      method: input.method ?? null,
+      phase: initialPhase(input.kind),
+      name: input.name ?? null,
+      description: input.description ?? null,
+      priority: input.priority ?? 50,
+      config: JSON.stringify(input.config),
+      secrets: JSON.stringify(input.secrets ?? {}),
+      baseModel: input.baseModel ?? null,
+      datasetId: input.datasetId ?? null,
+      parentJobId: input.parentJobId ?? null,
+      modelId: input.modelId ?? null,
+      requiredDevice: input.requiredDevice ?? null,
+      maxAttempts: input.maxAttempts ?? 5,
+      totalSteps: input.totalSteps ?? null,
+    },
+  );
+  const job = result.rows[0] as JobRow;
+  await recordEvent(db, job.id, 'created', { type: job.type, method: job.method });
+  notifyAfterCommit(ctx, db);
+  return job;
+}

@@ -1,0 +1,42 @@
+import type { Knex } from 'knex';
+import type { AppContext } from '../context.js';
+import { type ApiError, leaseLost, notFound } from '../errors.js';
+
+export type Db = Knex | Knex.Transaction;
+
+/** The job a worker names does not exist at all: 404, not a fencing failure. */
+export const jobNotFound = (jobId: string) => notFound('job', jobId, 'job_id', 'job_not_found');
+
+/**
+ * A fenced statement touched no row: either the job does not exist (404) or the caller's lease is
+ * no longer the current one (409 lease_lost). Only called after the fact, to pick the answer.
+ */
+export async function fenceMissError(db: Db, jobId: string): Promise<ApiError> {
+  const row = await db('jobs').where({ id: jobId }).first('id');
+  return row ? leaseLost(jobId) : jobNotFound(jobId);
+}
+
+/** USD per second of worker time, the unit cost_accrued grows by. */
+export const pricePerSecond = (ctx: Pick<AppContext, 'config'>) => ctx.config.pricePerGpuHour / 3600;
+
+/**
+ * SQL assignments that bill the worker time since the last bill and move the mark to now().
+ * Needs the binding `:pricePerSecond`. Used by every fenced transition, so a job is billed for
+ * exactly the time some worker held a live lease on it (a dead worker's silent tail is not billed).
+ */
+export const BILL_WORKER_TIME = `
+  cost_accrued = cost_accrued
+    + GREATEST(0, EXTRACT(EPOCH FROM now() - COALESCE(billed_until, now()))) * :pricePerSecond,
+  billed_until = now()`;
+
+/**
+ * SQL assignments applying a progress report (`:progress`, a JSON object) to the job's columns.
+ * Known counters land in their columns, everything else is merged into `progress`.
+ */
+export const APPLY_PROGRESS = `
+  progress = progress || :progress::jsonb,
+  current_step = COALESCE((:progress::jsonb ->> 'current_step')::numeric::int, current_step),
+  total_steps = COALESCE((:progress::jsonb ->> 'total_steps')::numeric::int, total_steps),
+  current_loss = COALESCE((:progress::jsonb ->> 'current_loss')::float8, current_loss),
+  learning_rate = COALESCE((:progress::jsonb ->> 'learning_rate')::float8, learning_rate),
+  metrics = metrics || jsonb_strip_nulls(jsonb_build_object('train_loss', :progress::jsonb -> 'current_loss'))`;

@@ -1,0 +1,53 @@
+/** The two families of jobs sharing one queue table. */
+export type JobKind = 'training' | 'distillation';
+export type JobStatus = 'pending' | 'running' | 'completed' | 'failed' | 'cancelled';
+
+/** One row of `jobs`, as the pg driver returns it (numeric columns come back as strings). */
+export interface JobRow {
+  id: string;
+  tenant_id: string;
+  kind: JobKind;
+  type: string;
+  method: string | null;
+  status: JobStatus;
+  phase: string;
+  name: string | null;
+  description: string | null;
+  priority: number;
+  config: Record<string, unknown>;
+  secrets: Record<string, unknown>;
+  base_model: string | null;
+  dataset_id: string | null;
+  parent_job_id: string | null;
+  model_id: string | null;
+  required_device: 'cpu' | 'cuda' | null;
+  progress: Record<string, unknown>;
+  results: Record<string, unknown>;
+  metrics: Record<string, unknown>;
+  current_step: number;
+  total_steps: number | null;
+  current_loss: number | null;
+  learning_rate: number | null;
+  attempt: number;
+  retries: number;
+  max_attempts: number;
+  run_at: Date;
+  lease_token: string | null;
+  lease_owner: string | null;
+  lease_expires_at: Date | null;
+  cancel_requested: boolean;
+  last_checkpoint_step: number;
+  resume_checkpoint: string | null;
+  output_model_id: string | null;
+  adapter_name: string | null;
+  cost_accrued: string | number;
+  billed_until: Date | null;
+  error_code: string | null;
+  error_message: string | null;
+  log_seq: number;
+  event_seq: number;
+  created_at: Date;
+  updated_at: Date;
+  started_at: Date | null;
+  finished_at: Date | null;
+}

@@ -1,0 +1,69 @@
+/** Streaming a stored file to a client, whole or one byte range (resumable downloads). */
+import { pipeline } from 'node:stream/promises';
+import type { Request, Response } from 'express';
+import type { AppContext } from '../context.js';
+import { ApiError } from '../errors.js';
+
+export interface DownloadableFile {
+  name: string;
+  rel_path: string;
+  size_bytes: number | string;
+  sha256: string;
+}
+
+type ByteRange = { start: number; end: number };
+
+/**
+ * The single byte range a `Range` header asks for: undefined to send the whole file (no header,
+ * or one we do not serve, such as several ranges), or 416 when it lies outside the file.
+ */
+export function parseRange(header: string | undefined, size: number): ByteRange | undefined {
+  if (!header) return undefined;
+  const match = /^bytes=(\d*)-(\d*)$/.exec(header.trim());
+  if (!match || (match[1] === '' && match[2] === '')) return undefined;
+  const [, first, last] = match;
+  let range: ByteRange;
+  if (first === '') {
+    // suffix form: the last N bytes
+    const suffix = Number(last);
+    range = { start: Math.max(0, size - suffix), end: size - 1 };
+    if (suffix === 0) throw unsatisfiable(header, size);
+  } else {
+    range = { start: Number(first), end: last === '' ? size - 1 : Math.min(Number(last), size - 1) };
+  }
+  if (range.start >= size || range.start > range.end) throw unsatisfiable(header, size);
+  return range;
+}
+
+const unsatisfiable = (header: string, size: number) =>
+  new ApiError(416, 'range_not_satisfiable', `Range ${header} is outside the ${size}-byte file.`, 'Range', {
+    'Content-Range': `bytes */${size}`,
+  });
+
+/** Sends a stored file: 200 with the whole file, or 206 with the requested range. ETag is its SHA-256. */
+export async function sendStoredFile(
+  ctx: Pick<AppContext, 'storage'>,
+  req: Request,
+  res: Response,
+  file: DownloadableFile,
+): Promise<void> {
+  const size = Number(file.size_bytes);
+  const range = parseRange(req.headers.range, size);
+  res.setHeader('Accept-Ranges', 'bytes');
+  res.setHeader('ETag', `"${file.sha256}"`);
+  res.setHeader('Content-Type', 'application/octet-stream');
+  res.setHeader('Content-Disposition', `attachment; filename="${file.name}"`);
+  if (range) {
+    res.status(206);
+    res.setHeader('Content-Range', `bytes ${range.start}-${range.end}/${size}`);
+    res.setHeader('Content-Length', String(range.end - range.start + 1));
+  } else {
+    res.status(200);
+    res.setHeader('Content-Length', String(size));
+  }
+  if (req.method === 'HEAD' || size === 0) {
+    res.end();
+    return;
+  }
+  await pipeline(ctx.storage.read(file.rel_path, range), res);
+}

@@ -1,0 +1,151 @@
+/**
+ * What a worker receives when it claims a job (docs/worker-protocol.md, "ClaimedJob"): the spec
+ * for its type, the input files to download, and the checkpoint to resume from. Secrets join the
+ * spec here and nowhere else.
+ */
+import type { AppContext } from '../context.js';
+import type { Schemas } from '../http.js';
+import type { JobRow } from '../queue/types.js';
+
+type JobInput = Schemas['ClaimedJob']['inputs'][number];
+type InputRole = JobInput['role'];
+
+interface FileRow {
+  id: string;
+  name: string;
+  size_bytes: number | string;
+  sha256: string;
+  step?: number | null;
+}
+
+/** Owner kind of files the server prepared for one job (e.g. a distillation's prompts). */
+export const JOB_INPUT = 'job_input';
+/** Model kinds whose files are a LoRA adapter rather than full weights. */
+const ADAPTER_MODEL_KINDS = new Set(['adapter', 'distilled']);
+
+export const workerFileUrl = (fileId: string) => `/v1/workers/files/${fileId}`;
+
+const inputOf = (role: InputRole, file: FileRow): JobInput => ({
+  role,
+  name: file.name,
+  file_id: file.id,
+  download_url: workerFileUrl(file.id),
+  size_bytes: Number(file.size_bytes),
+  sha256: file.sha256,
+});
+
+/** A job's output files that another job can load (GGUF exports are for serving, not training). */
+async function loadableOutputs(ctx: AppContext, jobId: string): Promise<FileRow[]> {
+  const rows = (await ctx
+    .knex('files')
+    .where({ owner_kind: 'job_output', owner_id: jobId })
+    .orderBy('name')) as FileRow[];
+  return rows.filter((f) => !f.name.endsWith('.gguf'));
+}
+
+async function datasetInputs(ctx: AppContext, job: JobRow): Promise<JobInput[]> {
+  if (!job.dataset_id || job.type === 'distill') return [];
+  const dataset = await ctx
+    .knex('datasets')
+    .where({ id: job.dataset_id, tenant_id: job.tenant_id })
+    .first('file_id');
+  if (!dataset) return [];
+  const file = (await ctx.knex('files').where({ id: dataset.file_id }).first()) as FileRow | undefined;
+  return file ? [inputOf('dataset', file)] : [];
+}
+
+/** Files the server wrote for this job alone; the file name says the role (`prompts.jsonl`). */
+async function preparedInputs(ctx: AppContext, job: JobRow): Promise<JobInput[]> {
+  const rows = (await ctx
+    .knex('files')
+    .where({ owner_kind: JOB_INPUT, owner_id: job.id })
+    .orderBy('name')) as FileRow[];
+  return rows.map((file) => inputOf(file.name.replace(/\.[^.]*$/, '') as InputRole, file));
+}
+
+/** A merge loads its parent's adapter; a job on one of the tenant's models loads that model's files. */
+async function modelInputs(ctx: AppContext, job: JobRow): Promise<JobInput[]> {
+  if (job.type === 'merge' && job.parent_job_id) {
+    return (await loadableOutputs(ctx, job.parent_job_id)).map((f) => inputOf('adapter', f));
+  }
+  if (!job.model_id) return [];
+  const model = await ctx
+    .knex('models')
+    .where({ id: job.model_id, tenant_id: job.tenant_id })
+    .first('job_id', 'kind');
+  if (!model) return [];
+  const role: InputRole = ADAPTER_MODEL_KINDS.has(model.kind) ? 'adapter' : 'model';
+  return (await loadableOutputs(ctx, model.job_id)).map((f) => inputOf(role, f));
+}
+
+async function resumeFrom(ctx: AppContext, job: JobRow): Promise<Schemas['ClaimedJob']['resume_from']> {
+  if (!job.resume_checkpoint) return null;
+  const file = (await ctx
+    .knex('files')
+    .where({ owner_kind: 'checkpoint', owner_id: job.id, name: job.resume_checkpoint })
+    .first()) as FileRow | undefined;
+  if (!file) return null;
+  return { name: file.name, step: file.step ?? 0, download_url: workerFileUrl(file.id) };
+}
+
+const obj = (value: unknown): Record<string, unknown> =>
+  value && typeof value === 'object' && !Array.isArray(value) ? (value as Record<string, unknown>) : {};
+
+/** A distillation's spec: the public config reshaped as the worker's handler reads it. */
+function distillSpec(
+  config: Record<string, unknown>,
+  secrets: Record<string, unknown>,
+): Record<string, unknown> {
+  const teacher = { ...obj(config.teacher) };
+  if (typeof secrets.teacher_api_key === 'string') teacher.api_key = secrets.teacher_api_key;
+  const student = obj(config.student);
+  return {
+    teacher,
+    student,
+    base_model: student,
+    seed: config.seed ?? 42,
+    output_name: config.output_name ?? null,
+    num_prompts: config.num_prompts,
+    n_samples: config.n_samples,
+    training_steps: config.training_steps,
+    bond_beta: config.bond_beta,
+    bond_gamma: config.bond_gamma,
+    temperature: config.temperature,
+    max_new_tokens: config.max_new_tokens,
+    learning_rate: config.learning_rate,
+    lora_rank: config.lora_rank,
+    export_gguf: config.export_gguf,
+    quantization_types: config.quantization_types,
+  };
+}
+
+/** The spec for the job's type. Training configs are stored in spec shape already. */
+export function specOf(job: JobRow): Record<string, unknown> {
+  const secrets = job.secrets ?? {};
+  if (job.type === 'distill') return distillSpec(job.config, secrets);
+  const spec: Record<string, unknown> = { ...job.config };
+  if (typeof secrets.hf_token === 'string') spec.hf_token = secrets.hf_token;
+  return spec;
+}
+
+/** The whole ClaimedJob for a job this worker just leased. */
+export async function buildClaimedJob(ctx: AppContext, job: JobRow): Promise<Schemas['ClaimedJob']> {
+  const inputs = [
+    ...(await datasetInputs(ctx, job)),
+    ...(await preparedInputs(ctx, job)),
+    ...(await modelInputs(ctx, job)),
+  ];
+  return {
+    job_id: job.id,
+    kind: job.kind,
+    type: job.type as Schemas['ClaimedJob']['type'],
+    attempt: job.attempt,
+    lease_token: job.lease_token!,
+    lease_expires_at: new Date(job.lease_expires_at!).toISOString(),
+    lease_seconds: ctx.config.leaseSeconds,
+    log_seq: job.log_seq,
+    spec: specOf(job),
+    inputs,
+    resume_from: await resumeFrom(ctx, job),
+  };
+}

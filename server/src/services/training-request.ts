@@ -1,0 +1,504 @@
+/**
+ * createTrainingJob's request, normalised into one job: which model, which data, which settings.
+ * Settings come in layers, later wins: the template's, then the flat seed-001 fields, then
+ * `hyperparams` (seed 002), then the nested `lora_config` / `training_config` (seed 003).
+ * The stored `config` is the worker's spec for the job's type (docs/worker-protocol.md), minus secrets.
+ */
+import { readFile, realpath } from 'node:fs/promises';
+import { basename, resolve, sep } from 'node:path';
+import type { AppContext } from '../context.js';
+import { invalidConfig, notFound } from '../errors.js';
+import type { BodyOf, Schemas } from '../http.js';
+import type { EnqueueInput } from '../queue/enqueue.js';
+import type { JobRow } from '../queue/types.js';
+import { resolveBaseModel } from './catalog.js';
+import { type DatasetRow, estimateTokens, getDataset, parseJsonl, validateRecords } from './datasets.js';
+import { estimateJobCostUsd } from './estimate.js';
+import { getTemplateConfig } from './templates.js';
+
+export type TrainingJobCreate = BodyOf<'createTrainingJob'>;
+type TemplateConfig = Schemas['TemplateConfig'];
+type Hyperparams = Schemas['Hyperparams'];
+type JobType = Schemas['TrainingJobType'];
+
+/** What `base_model` in a spec holds: `source` is null when the model comes as input files. */
+export interface SpecModel {
+  id: string | null;
+  name: string;
+  source: string | null;
+}
+
+/** The data a job trains on: an existing dataset, or records to store as a new one. */
+export type DataPlan =
+  | { kind: 'existing'; dataset: DatasetRow }
+  | { kind: 'new'; name: string; records: object[]; source: 'upload' | 'inline'; param: string }
+  | null;
+
+export interface TrainingJobPlan {
+  job: Omit<EnqueueInput, 'id' | 'tenantId' | 'datasetId'>;
+  data: DataPlan;
+  estimatedUsd: number;
+}
+
+/** LoRA settings as the worker reads them (spec names: `alpha`, `dropout`). */
+const LORA_DEFAULTS = {
+  r: 16,
+  alpha: 32,
+  dropout: 0.05,
+  target_modules: 'all-linear' as string | string[],
+  bias: 'none',
+};
+
+/** TrainingConfig defaults, as the spec documents them. */
+const TRAINING_DEFAULTS = {
+  num_epochs: 3,
+  max_steps: -1,
+  batch_size: 4,
+  gradient_accumulation_steps: 1,
+  learning_rate: 2e-4,
+  warmup_steps: 0,
+  lr_scheduler: 'linear',
+  weight_decay: 0,
+  max_seq_length: 2048,
+  logging_steps: 10,
+  save_steps: 500,
+  eval_steps: 0,
+  eval_split: 0,
+  use_gradient_checkpointing: false,
+  bf16: true,
+  seed: 42,
+  train_on_inputs: false,
+};
+type TrainingSettings = typeof TRAINING_DEFAULTS;
+type LoraSettings = typeof LORA_DEFAULTS;
+
+/** Drops undefined values, so spreading a layer never erases a lower one. */
+function defined<T extends Record<string, unknown>>(values: T): Partial<T> {
+  return Object.fromEntries(Object.entries(values).filter(([, v]) => v !== undefined)) as Partial<T>;
+}
+
+/** One layer of settings from wherever a request (or template) put them. */
+interface SettingsLayer {
+  lora: Partial<LoraSettings>;
+  training: Partial<TrainingSettings>;
+}
+
+function loraFromNested(lora: Schemas['LoraConfig'] | undefined): Partial<LoraSettings> {
+  if (!lora) return {};
+  return defined({
+    r: lora.r,
+    alpha: lora.lora_alpha,
+    dropout: lora.lora_dropout,
+    target_modules: lora.target_modules,
+    bias: lora.bias,
+  });
+}
+
+function flatLayer(body: TrainingJobCreate): SettingsLayer {
+  return {
+    lora: defined({ r: body.lora_rank, alpha: body.lora_alpha }),
+    training: defined({
+      num_epochs: body.num_epochs,
+      batch_size: body.batch_size,
+      learning_rate: body.learning_rate,
+      max_steps: body.max_steps,
+      max_seq_length: body.max_seq_length,
+      eval_steps: body.eval_steps,
+      eval_split: body.eval_split,
+      use_gradient_checkpointing: body.use_gradient_checkpointing,
+    }),
+  };
+}
+
+function hyperparamsLayer(hp: Hyperparams | undefined): SettingsLayer {
+  if (!hp) return { lora: {}, training: {} };
+  return {
+    lora: defined({ r: hp.lora_rank }),
+    training: defined({ max_steps: hp.steps, learning_rate: hp.lr, max_seq_length: hp.seq_len }),
+  };
+}
+
+function nestedLayer(source: {
+  lora_config?: Schemas['LoraConfig'];
+  training_config?: Schemas['TrainingConfig'];
+}) {
+  return { lora: loraFromNested(source.lora_config), training: defined({ ...source.training_config }) };
+}
+
+/** Template first, then the request's flat fields, hyperparams and nested objects. */
+function mergeSettings(template: TemplateConfig, body: TrainingJobCreate) {
+  const layers: SettingsLayer[] = [
+    { lora: {}, training: defined({ eval_split: template.eval_split }) },
+    hyperparamsLayer(template.hyperparams),
+    nestedLayer(template),
+    flatLayer(body),
+    hyperparamsLayer(body.hyperparams),
+    nestedLayer(body),
+  ];
+  const lora: LoraSettings = { ...LORA_DEFAULTS };
+  const training: TrainingSettings = { ...TRAINING_DEFAULTS };
+  for (const layer of layers) {
+    Object.assign(lora, layer.lora);
+    Object.assign(training, layer.training);
+  }
+  return { lora, training };
+}
+
+// ------------------------------------------------------------------ the model
+
+/** A completed job whose outputs include a LoRA adapter (a merge can start from it). */
+const makesAdapter = (job: JobRow) =>
+  job.type === 'distill' || (job.type === 'finetune' && (job.method === 'lora' || job.method === 'qlora'));
+
+const specModelOfJob = (job: JobRow): SpecModel => {
+  const config = job.config ?? {};
+  const model = (job.type === 'distill' ? config.student : config.base_model) as
+    | Partial<SpecModel>
+    | undefined;
+  return {
+    id: model?.id ?? null,
+    name: model?.name ?? job.base_model ?? 'unknown',
+    source: model?.source ?? job.base_model,
+  };
+};
+
+/** The parent of a merge: the tenant's completed job that produced a LoRA adapter. */
+export async function mergeParent(
+  ctx: AppContext,
+  tenantId: string,
+  parentId: string | undefined,
+): Promise<JobRow> {
+  if (!parentId)
+    throw invalidConfig('A merge needs parent_job_id: the LoRA job whose adapter to merge.', 'parent_job_id');
+  const parent = (await ctx.knex('jobs').where({ id: parentId, tenant_id: tenantId }).first()) as
+    | JobRow
+    | undefined;
+  if (!parent) throw notFound('job', parentId, 'parent_job_id', 'job_not_found');
+  if (!makesAdapter(parent)) {
+    throw invalidConfig(
+      `Job ${parentId} is a ${parent.method ?? parent.type} job; only LoRA/QLoRA jobs have an adapter to merge.`,
+      'parent_job_id',
+    );
+  }
+  if (parent.status !== 'completed') {
+    throw invalidConfig(
+      `Job ${parentId} is ${parent.status}; a merge needs a completed job.`,
+      'parent_job_id',
+    );
+  }
+  return parent;
+}
+
+interface ResolvedModel {
+  model: SpecModel;
+  params: number | null;
+  modelId: string | null;
+}
+
+/** One of the tenant's output models; adapters bring their base model along. */
+async function sourceModel(ctx: AppContext, tenantId: string, modelId: string): Promise<ResolvedModel> {
+  const row = await ctx.knex('models').where({ id: modelId, tenant_id: tenantId }).first();
+  if (!row) throw notFound('model', modelId, 'source_model_id');
+  const params = row.params == null ? null : Number(row.params);
+  if (row.kind === 'adapter' || row.kind === 'distilled') {
+    // the adapter's files come as inputs; the worker loads its base from the catalog's source
+    const base = await resolveBaseModel(ctx, tenantId, { base_model: row.base_model }).catch(() => null);
+    return {
+      model: { id: base?.id ?? null, name: row.base_model, source: base?.source ?? row.base_model },
+      params,
+      modelId,
+    };
+  }
+  return { model: { id: null, name: row.name, source: null }, params, modelId };
+}
+
+async function resolveModel(
+  ctx: AppContext,
+  tenantId: string,
+  type: JobType,
+  body: TrainingJobCreate,
+  template: TemplateConfig,
+  hp: Hyperparams,
+): Promise<ResolvedModel> {
+  const sourceModelId = body.source_model_id ?? hp.source_model_id;
+  if (sourceModelId) return sourceModel(ctx, tenantId, sourceModelId);
+  const baseModel = body.base_model ?? body.model_name ?? template.base_model;
+  if (type === 'contract' && !baseModel && !body.base_model_id) {
+    throw invalidConfig(
+      'A contract run needs a source model: source_model_id (or base_model).',
+      'source_model_id',
+    );
+  }
+  if (type === 'benchmark') throw invalidConfig('A benchmark needs source_model_id.', 'source_model_id');
+  const base = await resolveBaseModel(ctx, tenantId, {
+    base_model: baseModel,
+    base_model_id: body.base_model_id,
+  });
+  return { model: { id: base.id, name: base.name, source: base.source }, params: base.params, modelId: null };
+}
+
+// ------------------------------------------------------------------ the data
+
+/** A dataset file under `${dataDir}/datasets`; anything resolving outside it (`..`, symlinks) is refused. */
+async function readDatasetFile(ctx: AppContext, relative: string): Promise<object[]> {
+  const root = resolve(ctx.config.dataDir, 'datasets');
+  const outside = (path: string, base: string) => !path.startsWith(base + sep);
+  if (outside(resolve(root, relative), root)) {
+    throw invalidConfig(
+      'dataset_path must name a file inside the data directory\'s "datasets" folder.',
+      'dataset_path',
+    );
+  }
+  let text: string;
+  try {
+    const real = await realpath(resolve(root, relative));
+    if (outside(real, await realpath(root))) throw new Error('leads outside the datasets folder');
+    text = await readFile(real, 'utf8');
+  } catch {
+    throw invalidConfig(
+      `No dataset file "${relative}" in the datasets folder (hub dataset ids are not fetched: upload it with POST /v1/datasets).`,
+      'dataset_path',
+    );
+  }
+  return parseJsonl(text, 'dataset_path');
+}
+
+const DATA_FIELDS = ['dataset_id', 'dataset_path', 'train_texts'] as const;
+
+async function planData(
+  ctx: AppContext,
+  tenantId: string,
+  type: JobType,
+  body: TrainingJobCreate,
+  runName: string | undefined,
+): Promise<DataPlan> {
+  const given = DATA_FIELDS.filter((field) => body[field] !== undefined);
+  if (given.length > 1) throw invalidConfig(`Give only one of ${DATA_FIELDS.join(', ')}.`, given[1]!);
+  if (given.length === 0) {
+    if (type === 'finetune' || type === 'train' || type === 'benchmark') {
+      throw invalidConfig(`A ${type} job needs data: dataset_id, dataset_path or train_texts.`, 'dataset_id');
+    }
+    return null;
+  }
+  if (body.dataset_id) return { kind: 'existing', dataset: await getDataset(ctx, tenantId, body.dataset_id) };
+  if (body.dataset_path) {
+    const records = await readDatasetFile(ctx, body.dataset_path);
+    return {
+      kind: 'new',
+      name: basename(body.dataset_path),
+      records,
+      source: 'upload',
+      param: 'dataset_path',
+    };
+  }
+  const records = body.train_texts!.map((text) => ({ text }));
+  return { kind: 'new', name: runName ?? 'inline texts', records, source: 'inline', param: 'train_texts' };
+}
+
+const dataStats = (data: DataPlan): { examples: number; tokens: number; format: string | null } => {
+  if (!data) return { examples: 0, tokens: 0, format: null };
+  if (data.kind === 'existing') {
+    return {
+      examples: data.dataset.num_examples,
+      tokens: data.dataset.tokens_est,
+      format: data.dataset.format,
+    };
+  }
+  const bytes = data.records.reduce((sum, r) => sum + Buffer.byteLength(JSON.stringify(r)) + 1, 0);
+  // the same check storeDataset makes later, early enough to name the format in the spec
+  const { format } = validateRecords(data.records, data.param);
+  return { examples: data.records.length, tokens: estimateTokens(bytes), format };
+};
+
+// ------------------------------------------------------------------ steps, cost, names
+
+/** Mirrors the worker: the held-out split, then ceil(epochs × examples / examples per step). */
+function finetuneTotalSteps(training: TrainingSettings, examples: number): number | null {
+  if (training.max_steps > 0) return training.max_steps;
+  if (examples === 0) return null;
+  const held =
+    training.eval_split > 0 && examples >= 2
+      ? Math.min(examples - 1, Math.max(1, Math.floor(examples * training.eval_split)))
+      : 0;
+  const perStep = training.batch_size * training.gradient_accumulation_steps;
+  return Math.max(1, Math.ceil((training.num_epochs * (examples - held)) / perStep));
+}
+
+/** `output_name`, else hyperparams', else the last segment of seed 003's `output_dir`. */
+function outputNameOf(body: TrainingJobCreate, hp: Hyperparams): string | undefined {
+  if (body.output_name) return body.output_name;
+  if (hp.output_name) return hp.output_name;
+  if (!body.output_dir) return undefined;
+  const last = body.output_dir
+    .split(/[\\/]/)
+    .filter((s) => s && s !== '.' && s !== '..')
+    .pop();
+  if (!last || !/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(last)) {
+    throw invalidConfig(
+      'The last segment of output_dir must be a plain name (letters, digits, ".", "_", "-").',
+      'output_dir',
+    );
+  }
+  return last;
+}
+
+const requiredDeviceOf = (backend: TrainingJobCreate['backend']) =>
+  backend === 'cpu' || backend === 'cuda' ? backend : null;
+
+/** The part of the spec every type shares. */
+function commonSpec(
+  type: JobType,
+  model: SpecModel,
+  body: TrainingJobCreate,
+  outputName: string | undefined,
+) {
+  return defined({
+    type,
+    base_model: model,
+    // every spec names its seed and output (null: the worker picks `<job id>-<method>`)
+    seed: body.training_config?.seed ?? TRAINING_DEFAULTS.seed,
+    output_name: outputName ?? null,
+    run_name: body.run_name,
+    template: body.template,
+    wandb_project: body.wandb_project,
+  });
+}
+
+/** The type-specific part of the spec. */
+function typeSpec(
+  type: JobType,
+  method: string | null,
+  body: TrainingJobCreate,
+  template: TemplateConfig,
+  hp: Hyperparams,
+  format: string | null,
+) {
+  if (type === 'finetune') {
+    const { lora, training } = mergeSettings(template, body);
+    return {
+      method,
+      seed: training.seed,
+      lora,
+      training,
+      dataset_format: format,
+      distributed: { enabled: body.distributed ?? false, num_nodes: body.num_nodes ?? 1 },
+    };
+  }
+  if (type === 'train') {
+    return defined({
+      turns: hp.turns ?? 1,
+      cycles: hp.cycles,
+      steps_per_cycle: hp.steps_per_cycle,
+      lr: hp.lr,
+      seq_len: hp.seq_len,
+      growth: defined({ new_layers: hp.new_layers }),
+      dataset_format: format ?? undefined,
+    });
+  }
+  if (type === 'contract') {
+    return defined({
+      contraction_ratio: hp.contraction_ratio ?? 0.5,
+      num_layers_to_contract: hp.num_layers_to_contract ?? 8,
+      dataset_format: format ?? undefined,
+    });
+  }
+  if (type === 'merge') return { export_gguf: false, quantization_types: [] };
+  return defined({ dataset_format: format ?? undefined });
+}
+
+/** Tokens the run will process, for the cost estimate. */
+function plannedTokens(
+  type: JobType,
+  spec: Record<string, unknown>,
+  stats: { tokens: number },
+  totalSteps: number | null,
+) {
+  if (type === 'finetune') {
+    const t = spec.training as TrainingSettings;
+    return totalSteps && t.max_steps > 0
+      ? t.max_steps * t.batch_size * t.gradient_accumulation_steps * t.max_seq_length
+      : stats.tokens * t.num_epochs;
+  }
+  if (type === 'train') return stats.tokens * ((spec.turns as number) ?? 1);
+  return stats.tokens;
+}
+
+/**
+ * Everything createTrainingJob needs before it writes anything: the job to enqueue, the data to
+ * store, and the cost estimate for the budget check. Invalid combinations are `400 invalid_config`
+ * naming the field.
+ */
+export async function planTrainingJob(
+  ctx: AppContext,
+  tenantId: string,
+  body: TrainingJobCreate,
+): Promise<TrainingJobPlan> {
+  const template = body.template ? await getTemplateConfig(ctx, tenantId, body.template) : {};
+  const type: JobType = body.type ?? template.type ?? 'finetune';
+  const hp = { ...template.hyperparams, ...body.hyperparams } as Hyperparams;
+  const method = type === 'finetune' ? (body.method ?? template.method ?? 'lora') : null;
+
+  let resolved: ResolvedModel;
+  let parent: JobRow | null = null;
+  if (type === 'merge') {
+    parent = await mergeParent(ctx, tenantId, body.parent_job_id);
+    resolved = { model: specModelOfJob(parent), params: null, modelId: null };
+  } else {
+    resolved = await resolveModel(ctx, tenantId, type, body, template, hp);
+  }
+
+  const data = await planData(ctx, tenantId, type, body, body.run_name);
+  const stats = dataStats(data);
+  const outputName = outputNameOf(body, hp);
+  const config: Record<string, unknown> = {
+    ...commonSpec(type, resolved.model, body, outputName),
+    ...typeSpec(type, method, body, template, hp, stats.format),
+  };
+  const totalSteps =
+    type === 'finetune' ? finetuneTotalSteps(config.training as TrainingSettings, stats.examples) : null;
+  const estimatedUsd = estimateJobCostUsd(ctx, {
+    params: resolved.params,
+    method,
+    totalTokens: plannedTokens(type, config, stats, totalSteps),
+  });
+  return {
+    job: {
+      kind: 'training',
+      type,
+      method,
+      name: body.run_name ?? null,
+      config,
+      secrets: defined({ hf_token: body.hf_token }),
+      baseModel: resolved.model.name,
+      parentJobId: parent?.id ?? body.parent_job_id ?? null,
+      modelId: resolved.modelId,
+      requiredDevice: requiredDeviceOf(body.backend),
+      priority: body.priority,
+      maxAttempts: body.max_attempts,
+      totalSteps,
+    },
+    data,
+    estimatedUsd,
+  };
+}
+
+/** The config of a merge job created from the merge endpoint (seed 001's `POST …/merge`). */
+export function mergeJobPlan(parent: JobRow, options: Schemas['MergeRequest']): TrainingJobPlan['job'] {
+  const model = specModelOfJob(parent);
+  return {
+    kind: 'training',
+    type: 'merge',
+    method: null,
+    config: defined({
+      type: 'merge',
+      base_model: model,
+      output_name: options.output_name,
+      export_gguf: options.export_gguf ?? false,
+      quantization_types: options.quantization_types ?? (options.export_gguf ? ['q4_k_m'] : []),
+    }),
+    secrets: parent.secrets?.hf_token ? { hf_token: parent.secrets.hf_token } : {},
+    baseModel: model.name,
+    parentJobId: parent.id,
+    priority: parent.priority,
+  };
+}

@@ -1,0 +1,369 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createKey } from '../src/auth.js';
+import { newId } from '../src/ids.js';
+import { storeDataset } from '../src/services/datasets.js';
+import { fakeWorker } from './fake-worker.js';
+import { DATABASES, startTestServer, type TestServer } from './harness.js';
+
+/** Seed 000's request body, exactly as documented. */
+const SEED_REQUEST = {
+  tenant_id: 'default',
+  name: 'ticket-triage v1',
+  description: 'distill GPT-4o onto a 1B llama for support tickets',
+  config: {
+    teacher_model: 'openai/gpt-4o',
+    student_model: 'llama-3.2-1b',
+    num_prompts: 500,
+    n_samples: 4,
+    training_steps: 100,
+    bond_beta: 0.5,
+    bond_gamma: 0.1,
+    temperature: 0.8,
+    export_gguf: true,
+    quantization_types: ['q4_k_m', 'q8_0'],
+  },
+};
+
+describe.each(DATABASES)('distillation on %s', (db) => {
+  let server: TestServer;
+  beforeAll(async () => {
+    server = await startTestServer(db);
+    // recorded traffic: seed 000's create names no prompts, so they come from trajectories
+    await server.ctx.knex('trajectories').insert({
+      id: newId('traj'),
+      tenant_id: 'default',
+      source: 'chat',
+      status: 'completed',
+      llm_calls: JSON.stringify([
+        { user_prompt: 'My printer is on fire', response: 'Urgent: hardware' },
+        { messages: [{ role: 'user', content: 'Reset my password' }], response: 'Account' },
+      ]),
+      provider_accesses: JSON.stringify([]),
+      metadata: JSON.stringify({}),
+      llm_call_count: 2,
+    });
+  });
+  afterAll(async () => {
+    await server?.stop();
+  });
+
+  const create = (json: unknown, key?: string) =>
+    server.api('/v1/distillation', { method: 'POST', json, key });
+  const clearQueue = () =>
+    server.ctx.knex('jobs').whereIn('status', ['pending', 'running']).update({ status: 'cancelled' });
+
+  it("creates a job from seed 000's request, answering seed 000's shape", async () => {
+    const res = await create(SEED_REQUEST);
+    expect(res.status).toBe(201);
+    const job = await res.json();
+    expect(job).toMatchObject({
+      name: 'ticket-triage v1',
+      description: 'distill GPT-4o onto a 1B llama for support tickets',
+      tenant_id: 'default',
+      status: 'pending',
+      phase: 'initializing',
+      progress: {},
+      results: {},
+      cost_accrued: 0,
+    });
+    expect(job.id).toMatch(/^job_/);
+    expect(job.created_at).toMatch(/Z$/);
+    expect(job.config).toMatchObject({
+      ...SEED_REQUEST.config,
+      max_new_tokens: 128,
+      learning_rate: 0.0002,
+      lora_rank: 16,
+      teacher: { provider: 'openai', model: 'gpt-4o', base_url: 'https://api.openai.com/v1' },
+      student: { name: 'llama-3.2-1b', source: 'meta-llama/Llama-3.2-1B' },
+    });
+    const dataset = await server.ctx.knex('datasets').where({ id: job.config.dataset_id }).first();
+    expect(dataset).toMatchObject({ source: 'trajectories', num_examples: 2, trajectory_count: 1 });
+  });
+
+  it('creates the curl example (no tenant_id) with defaults applied', async () => {
+    const res = await create({
+      name: 'demo',
+      config: {
+        teacher_model: 'openai/gpt-4o-mini',
+        student_model: 'llama-3.2-1b',
+        num_prompts: 50,
+        training_steps: 30,
+      },
+    });
+    expect(res.status).toBe(201);
+    expect((await res.json()).config).toMatchObject({
+      n_samples: 4,
+      bond_beta: 0.5,
+      export_gguf: false,
+      quantization_types: [],
+    });
+  });
+
+  it('hands the worker its spec, the teacher key and a prompts file; the key never shows', async () => {
+    await clearQueue();
+    const res = await create({
+      name: 'inline',
+      config: {
+        teacher_model: 'local/smollm2-360m-instruct',
+        teacher_api_key: 'sk-secret',
+        student_model: 'smollm2-135m-instruct',
+        prompts: ['one', 'two', 'three'],
+        num_prompts: 2,
+        training_steps: 5,
+      },
+    });
+    expect(res.status).toBe(201);
+    const job = await res.json();
+    expect(JSON.stringify(job)).not.toContain('sk-secret');
+    const claimed = (await fakeWorker(server).claim({ job_types: ['distill'], device: 'cpu' }))!;
+    expect(claimed).toMatchObject({ job_id: job.id, kind: 'distillation', type: 'distill' });
+    expect(claimed.spec).toMatchObject({
+      teacher: {
+        provider: 'local',
+        model: 'HuggingFaceTB/SmolLM2-360M-Instruct',
+        base_url: null,
+        api_key: 'sk-secret',
+      },
+      student: { name: 'smollm2-135m-instruct', source: 'HuggingFaceTB/SmolLM2-135M-Instruct' },
+      base_model: { name: 'smollm2-135m-instruct' },
+      num_prompts: 2,
+      n_samples: 4,
+      training_steps: 5,
+      bond_beta: 0.5,
+      bond_gamma: 0.1,
+      temperature: 0.8,
+      export_gguf: false,
+    });
+    expect(claimed.inputs.map((i) => [i.role, i.name])).toEqual([['prompts', 'prompts.jsonl']]);
+    const prompts = await fakeWorker(server).download(claimed.inputs[0]!.download_url);
+    expect(await prompts.text()).toBe('{"prompt":"one"}\n{"prompt":"two"}\n');
+    const got = await (await server.api(`/v1/distillation/${job.id}`)).json();
+    expect(got).toMatchObject({ status: 'running', phase: 'initializing' });
+    expect(got.started_at).not.toBeNull();
+  });
+
+  it('takes prompts from a dataset of any format', async () => {
+    const dataset = await storeDataset(server.ctx, 'default', {
+      name: 'chats',
+      records: [
+        {
+          messages: [
+            { role: 'user', content: 'hi' },
+            { role: 'assistant', content: 'hello' },
+          ],
+        },
+      ],
+      source: 'upload',
+    });
+    const res = await create({
+      config: { teacher_model: 'openai/gpt-4o', student_model: 'llama-3.2-1b', dataset_id: dataset.id },
+    });
+    expect(res.status).toBe(201);
+    expect((await res.json()).config.dataset_id).toBe(dataset.id);
+  });
+
+  it("refuses bad input with seed 000's codes and the field named", async () => {
+    const config = SEED_REQUEST.config;
+    const cases: [unknown, number, string, string | null][] = [
+      [{ name: 'x' }, 400, 'invalid_request', 'config'],
+      [{ config: { student_model: 'llama-3.2-1b' } }, 400, 'invalid_request', 'config.teacher_model'],
+      [{ config: { ...config, n_samples: 0 } }, 400, 'invalid_request', 'config.n_samples'],
+      [{ config: { ...config, training_steps: 'many' } }, 400, 'invalid_request', 'config.training_steps'],
+      [
+        { config: { ...config, quantization_types: ['q9_z'] } },
+        400,
+        'invalid_request',
+        'config.quantization_types.0',
+      ],
+      [
+        { config: { ...config, student_model: 'no such model' } },
+        400,
+        'invalid_config',
+        'config.student_model',
+      ],
+      [{ config: { ...config, teacher_model: 'gpt-4o' } }, 400, 'invalid_config', 'config.teacher_model'],
+      [
+        { config: { ...config, teacher_model: 'acme/big-model' } },
+        400,
+        'invalid_config',
+        'config.teacher_model',
+      ],
+      [
+        { config: { ...config, dataset_id: 'ds_x', prompts: ['a'] } },
+        400,
+        'invalid_config',
+        'config.prompts',
+      ],
+      [{ config: { ...config, dataset_id: 'ds_missing' } }, 404, 'not_found', 'dataset_id'],
+      [{ ...SEED_REQUEST, tenant_id: 'other-tenant' }, 403, 'permission_denied', 'tenant_id'],
+    ];
+    for (const [body, status, code, param] of cases) {
+      const res = await create(body);
+      const error = (await res.json()).error;
+      expect({ body, status: res.status, code: error?.code, param: error?.param }).toEqual({
+        body,
+        status,
+        code,
+        param,
+      });
+    }
+    const noPrompts = await create({ config }, server.otherKey);
+    expect(noPrompts.status).toBe(400);
+    expect((await noPrompts.json()).error).toMatchObject({ code: 'invalid_config', param: 'config.prompts' });
+  });
+
+  it('refuses a job over budget with 402 insufficient_credits', async () => {
+    await server.ctx
+      .knex('tenants')
+      .insert({ id: 'thrifty', budget_limit_usd: 0.001 })
+      .onConflict('id')
+      .merge();
+    const key = await createKey(server.ctx.knex, { kind: 'user', tenantId: 'thrifty' });
+    const res = await create(
+      {
+        config: {
+          ...SEED_REQUEST.config,
+          prompts: ['a long prompt'.repeat(100)],
+          n_samples: 64,
+          max_new_tokens: 4096,
+        },
+      },
+      key,
+    );
+    expect(res.status).toBe(402);
+    expect((await res.json()).error.code).toBe('insufficient_credits');
+  });
+
+  it('lists with tenant_id, status, limit and offset; hides other tenants', async () => {
+    const page = await (await server.api('/v1/distillation?tenant_id=default&limit=1')).json();
+    expect(page.jobs).toHaveLength(1);
+    expect(page.has_more).toBe(true);
+    const all = await (await server.api('/v1/distillation?limit=100')).json();
+    expect(page.total).toBe(all.total);
+    const second = await (await server.api('/v1/distillation?limit=1&offset=1')).json();
+    expect(second.jobs[0].id).toBe(all.jobs[1].id);
+    const running = await (await server.api('/v1/distillation?status=running')).json();
+    expect(running.jobs.every((j: { status: string }) => j.status === 'running')).toBe(true);
+    expect((await server.api('/v1/distillation?tenant_id=other-tenant')).status).toBe(403);
+    expect((await server.api('/v1/distillation?status=training')).status).toBe(400);
+    const theirs = await (await server.api('/v1/distillation', { key: server.otherKey })).json();
+    expect(theirs).toEqual({ jobs: [], total: 0, has_more: false });
+  });
+
+  it("answers 404 job_not_found for unknown and other tenants' jobs, 403 for a foreign tenant_id", async () => {
+    const job = await (await create(SEED_REQUEST)).json();
+    for (const path of [
+      `/v1/distillation/${job.id}`,
+      `/v1/distillation/${job.id}/artifacts`,
+      '/v1/distillation/job_nope',
+    ]) {
+      const res = await server.api(path, { key: path.endsWith('nope') ? undefined : server.otherKey });
+      expect({ path, status: res.status, code: (await res.json()).error.code }).toEqual({
+        path,
+        status: 404,
+        code: 'job_not_found',
+      });
+    }
+    const cancel = await server.api(`/v1/distillation/${job.id}/cancel`, {
+      method: 'POST',
+      key: server.otherKey,
+    });
+    expect(cancel.status).toBe(404);
+    expect((await server.api(`/v1/distillation/${job.id}?tenant_id=default`)).status).toBe(200);
+    expect((await server.api(`/v1/distillation/${job.id}?tenant_id=other-tenant`)).status).toBe(403);
+  });
+
+  it('cancels pending at once, running on acknowledgement, and refuses terminal with 409 job_already_running', async () => {
+    await clearQueue();
+    const pending = await (await create(SEED_REQUEST)).json();
+    const cancelled = await server.api(`/v1/distillation/${pending.id}/cancel?tenant_id=default`, {
+      method: 'POST',
+    });
+    expect(await cancelled.json()).toMatchObject({ status: 'cancelled' });
+    const again = await server.api(`/v1/distillation/${pending.id}/cancel`, { method: 'POST' });
+    expect(again.status).toBe(409);
+    expect((await again.json()).error.code).toBe('job_already_running');
+
+    const job = await (await create(SEED_REQUEST)).json();
+    const worker = fakeWorker(server);
+    const claimed = (await worker.claim({ job_types: ['distill'], device: 'cpu' }))!;
+    const asked = await (await server.api(`/v1/distillation/${job.id}/cancel`, { method: 'POST' })).json();
+    expect(asked).toMatchObject({ status: 'running', cancel_requested: true });
+    expect(await (await worker.heartbeat(job.id, claimed.lease_token)).json()).toMatchObject({
+      cancel_requested: true,
+    });
+    await worker.cancelled(job.id, claimed.lease_token);
+    expect(await (await server.api(`/v1/distillation/${job.id}`)).json()).toMatchObject({
+      status: 'cancelled',
+    });
+  });
+
+  it('shows phases, progress and artifacts as the worker produces them', async () => {
+    await clearQueue();
+    const job = await (await create(SEED_REQUEST)).json();
+    const empty = await (await server.api(`/v1/distillation/${job.id}/artifacts?tenant_id=default`)).json();
+    expect(empty).toEqual({
+      job_id: job.id,
+      adapter_path: null,
+      gguf_paths: {},
+      tokenizer_path: null,
+      config_path: null,
+      files: [],
+    });
+
+    const worker = fakeWorker(server);
+    const claimed = (await worker.claim({ job_types: ['distill'], device: 'cpu' }))!;
+    const token = claimed.lease_token;
+    await worker.events(job.id, token, {
+      phase: 'data_generation',
+      progress: { prompts_done: 120, prompts_total: 500 },
+    });
+    await worker.heartbeat(job.id, token, { training_step: 45 });
+    const running = await (await server.api(`/v1/distillation/${job.id}`)).json();
+    expect(running).toMatchObject({
+      status: 'running',
+      phase: 'data_generation',
+      progress: { prompts_done: 120, prompts_total: 500, training_step: 45 },
+    });
+    await worker.events(job.id, token, { phase: 'loading_model' }); // a training phase: ignored for a distillation
+    expect((await (await server.api(`/v1/distillation/${job.id}`)).json()).phase).toBe('data_generation');
+
+    for (const name of [
+      'adapter_model.safetensors',
+      'adapter_config.json',
+      'tokenizer.json',
+      'train_config.json',
+      'model-q4_k_m.gguf',
+      'model-q8_0.gguf',
+    ]) {
+      expect(
+        (await worker.upload(job.id, token, 'outputs', name, Buffer.from(`bytes of ${name}`))).status,
+      ).toBe(201);
+    }
+    await worker.events(job.id, token, { phase: 'done' });
+    expect((await worker.complete(job.id, token, { loss_final: 0.2, samples_kept: 400 })).status).toBe(200);
+
+    const done = await (await server.api(`/v1/distillation/${job.id}`)).json();
+    expect(done).toMatchObject({
+      status: 'completed',
+      phase: 'done',
+      results: { loss_final: 0.2, samples_kept: 400 },
+    });
+    const artifacts = await (await server.api(`/v1/distillation/${job.id}/artifacts`)).json();
+    const dir = `${server.dataDir}/files/jobs/${job.id}/outputs`;
+    expect(artifacts).toMatchObject({
+      adapter_path: `${dir}/`,
+      gguf_paths: { q4_k_m: `${dir}/model-q4_k_m.gguf`, q8_0: `${dir}/model-q8_0.gguf` },
+      tokenizer_path: `${dir}/tokenizer.json`,
+      config_path: `${dir}/train_config.json`,
+    });
+    expect(artifacts.files).toHaveLength(6);
+    const gguf = artifacts.files.find((f: { name: string }) => f.name === 'model-q8_0.gguf');
+    expect(gguf.download_url).toBe(`/v1/distillation/${job.id}/artifacts/model-q8_0.gguf`);
+    const part = await server.api(gguf.download_url, { headers: { range: 'bytes=9-' } });
+    expect(part.status).toBe(206);
+    expect(await part.text()).toBe('model-q8_0.gguf');
+    expect((await server.api(gguf.download_url, { key: server.otherKey })).status).toBe(404);
+    expect((await server.api(`/v1/distillation/${job.id}/artifacts/missing.gguf`)).status).toBe(404);
+  });
+});

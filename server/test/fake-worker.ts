@@ -1,0 +1,111 @@
+/** A worker that speaks the protocol over HTTP, step by step, for tests. */
+import type { TestServer } from './harness.js';
+
+export const ALL_JOB_TYPES = ['finetune', 'train', 'contract', 'merge', 'benchmark', 'distill'];
+
+export interface Capabilities {
+  job_types: string[];
+  methods?: string[];
+  device: 'cpu' | 'cuda';
+}
+
+export interface ClaimedJob {
+  job_id: string;
+  kind: string;
+  type: string;
+  attempt: number;
+  lease_token: string;
+  lease_expires_at: string;
+  lease_seconds: number;
+  log_seq: number;
+  spec: Record<string, unknown>;
+  inputs: {
+    role: string;
+    name: string;
+    file_id: string;
+    download_url: string;
+    size_bytes: number;
+    sha256: string;
+  }[];
+  resume_from: { name: string; step: number; download_url: string } | null;
+}
+
+export function fakeWorker(server: TestServer, workerId = 'worker-1') {
+  const post = (path: string, json: unknown) =>
+    server.api(path, { key: server.workerToken, method: 'POST', json });
+  const jobPath = (jobId: string, action: string) => `/v1/workers/jobs/${jobId}/${action}`;
+
+  return {
+    async claim(
+      capabilities: Capabilities = { job_types: ALL_JOB_TYPES, device: 'cpu' },
+      waitSeconds = 0,
+    ): Promise<ClaimedJob | null> {
+      const res = await post('/v1/workers/claim', {
+        worker_id: workerId,
+        capabilities,
+        wait_seconds: waitSeconds,
+      });
+      if (res.status === 204) return null;
+      if (res.status !== 200) throw new Error(`claim answered ${res.status}: ${await res.text()}`);
+      return ((await res.json()) as { job: ClaimedJob }).job;
+    },
+    heartbeat: (jobId: string, token: string, progress?: Record<string, unknown>) =>
+      post(jobPath(jobId, 'heartbeat'), { lease_token: token, ...(progress ? { progress } : {}) }),
+    logs: (
+      jobId: string,
+      token: string,
+      lines: { seq: number; text: string; stream?: string; ts?: string }[],
+    ) => post(jobPath(jobId, 'logs'), { lease_token: token, lines }),
+    metrics: (jobId: string, token: string, points: Record<string, unknown>[]) =>
+      post(jobPath(jobId, 'metrics'), { lease_token: token, points }),
+    events: (jobId: string, token: string, report: Record<string, unknown>) =>
+      post(jobPath(jobId, 'events'), { lease_token: token, ...report }),
+    complete: (jobId: string, token: string, result: Record<string, unknown> = {}) =>
+      post(jobPath(jobId, 'complete'), { lease_token: token, result }),
+    fail: (
+      jobId: string,
+      token: string,
+      error = { code: 'training_error', message: 'boom' },
+      retryable = true,
+    ) => post(jobPath(jobId, 'fail'), { lease_token: token, error, retryable }),
+    cancelled: (jobId: string, token: string) => post(jobPath(jobId, 'cancelled'), { lease_token: token }),
+    upload(
+      jobId: string,
+      token: string,
+      kind: 'outputs' | 'checkpoints',
+      name: string,
+      body: Buffer,
+      step?: number,
+    ) {
+      const query = step === undefined ? '' : `?step=${step}`;
+      return server.api(`/v1/workers/jobs/${jobId}/${kind}/${name}${query}`, {
+        key: server.workerToken,
+        method: 'PUT',
+        body: new Uint8Array(body),
+        headers: { 'content-type': 'application/octet-stream', 'x-lease-token': token },
+      });
+    },
+    download: (url: string, range?: string) =>
+      server.api(url, { key: server.workerToken, headers: range ? { range } : {} }),
+  };
+}
+
+/** Creates a small LoRA fine-tune from inline texts as the default tenant; returns its id. */
+export async function createFinetune(
+  server: TestServer,
+  extra: Record<string, unknown> = {},
+): Promise<string> {
+  const res = await server.api('/v1/training/jobs', {
+    method: 'POST',
+    json: {
+      base_model: 'smollm2-135m-instruct',
+      train_texts: ['hello world', 'good night'],
+      max_steps: 10,
+      ...extra,
+    },
+  });
+  if (res.status !== 201) throw new Error(`create answered ${res.status}: ${await res.text()}`);
+  return ((await res.json()) as { id: string }).id;
+}
+
+export const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
