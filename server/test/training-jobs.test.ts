@@ -37,6 +37,25 @@ describe.each(DATABASES)('training jobs on %s', (db) => {
   const jobRow = (id: string) => server.ctx.knex('jobs').where({ id }).first();
 
   describe('create', () => {
+    it('runs distributed data-parallel on one node and refuses several nodes up front', async () => {
+      const one = await create({
+        base_model: 'tiny/model',
+        dataset_id: datasetId,
+        distributed: true,
+        num_nodes: 1,
+      });
+      expect(one.status).toBe(201);
+      expect((await one.json()).config.distributed).toEqual({ enabled: true, num_nodes: 1 });
+      const many = await create({
+        base_model: 'tiny/model',
+        dataset_id: datasetId,
+        distributed: true,
+        num_nodes: 2,
+      });
+      expect(many.status).toBe(400);
+      expect((await many.json()).error).toMatchObject({ code: 'invalid_config', param: 'num_nodes' });
+    });
+
     it('takes seed 003 fields: model_name, train_texts, nested configs, output_dir', async () => {
       const res = await create({
         model_name: 'smollm2-135m-instruct',

@@ -375,6 +375,14 @@ function typeSpec(
 ) {
   if (type === 'finetune') {
     const { lora, training } = mergeSettings(template, body);
+    if ((body.num_nodes ?? 1) > 1) {
+      // Several nodes need several workers scheduled together, which the queue does not do (yet).
+      throw invalidConfig(
+        'num_nodes > 1 needs one worker per node scheduled together, which Tunery does not do yet; ' +
+          'use distributed: true with num_nodes: 1 to train data-parallel across all GPUs of one worker.',
+        'num_nodes',
+      );
+    }
     return {
       method,
       seed: training.seed,

@@ -9,6 +9,13 @@ permutation; an optimizer step takes `batch_size × gradient_accumulation_steps`
 The stream position (epoch, index) is therefore exact, and a checkpoint resumes at the very example
 it stopped at. A step that runs past the end of an epoch tops up from the next epoch's order, so
 every step has the same size.
+
+Distributed (`distributed.enabled`, one node): `run` hands the job to `ddp_entry.launch`, which starts
+torchrun with one process per GPU (2 on CPU) and forwards rank 0's reports. Every rank runs this
+same loop on a `Ranks` handle: each draws the whole global step from the stream (so the position
+stays exact and the same on every rank) and trains on its share of every micro-batch, with the
+model in DistributedDataParallel. `batch_size` stays the global micro-batch, so a run, its
+checkpoints and its result do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,10 +46,14 @@ from tunery_worker.modeling import (
     token_loss_sum,
 )
 
+if TYPE_CHECKING:
+    from tunery_worker.jobs.ddp_entry import Ranks
+
 CHECKPOINT_FORMAT = "tunery-finetune-checkpoint/1"
 MAX_GRAD_NORM = 1.0  # gradients are clipped to this total norm; the reported grad_norm is before clipping
 PPL_SAMPLE = 64  # examples used for perplexity when there is no eval split
 METHODS = ("lora", "qlora", "full")
+CPU_NPROC = 2  # processes a distributed run starts on a CPU worker (gloo), unless nproc_per_node says
 
 
 # --- config: every default in one place --------------------------------------------------------------
@@ -79,6 +90,13 @@ class TrainingSettings:
 
 
 @dataclass
+class DistributedSettings:
+    enabled: bool = False  # data-parallel training with torchrun on this worker
+    num_nodes: int = 1  # only 1: several nodes need workers scheduled together, which the server lacks
+    nproc_per_node: int | None = None  # processes; None: one per visible CUDA device, CPU_NPROC on CPU
+
+
+@dataclass
 class FinetuneConfig:
     method: str  # lora | qlora | full
     base_model: str  # what from_pretrained takes: a hub id or a local directory
@@ -88,6 +106,7 @@ class FinetuneConfig:
     dataset_format: str | None = None  # text | prompt_completion | chat; None detects it
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
+    distributed: DistributedSettings = field(default_factory=DistributedSettings)
     # Resolved here, not asked for: bf16 only where the hardware has it.
     use_bf16: bool = False
 
@@ -111,9 +130,7 @@ def resolve_config(ctx: JobContext) -> FinetuneConfig:
             "Use method 'lora' or run a GPU worker",
             param="method",
         )
-    distributed = spec.get("distributed") or {}
-    if distributed.get("enabled") and int(distributed.get("num_nodes", 1)) > 1:
-        raise InvalidConfig("multi-node training is not supported by this worker", param="distributed")
+    distributed = _resolve_distributed(spec.get("distributed"), ctx.device)
 
     base = spec.get("base_model") or {}
     # A `model` input (a Tunery output model) wins over base_model.source, as in every job type.
@@ -135,6 +152,7 @@ def resolve_config(ctx: JobContext) -> FinetuneConfig:
         dataset_format=spec.get("dataset_format"),
         lora=_settings(LoraSettings, lora_spec, "lora"),
         training=_settings(TrainingSettings, training_spec, "training"),
+        distributed=distributed,
     )
     _check_ranges(cfg)
     cfg.use_bf16 = bool(
@@ -151,6 +169,35 @@ def _settings(cls: Any, given: dict[str, Any], section: str) -> Any:
         return cls(**values)
     except TypeError as err:
         raise InvalidConfig(f"{section}: {err}", param=section) from None
+
+
+def _resolve_distributed(given: Any, device: str) -> DistributedSettings:
+    """`distributed` with `nproc_per_node` resolved to a number (1 when not distributed)."""
+    if not isinstance(given, dict):  # the public API's plain `distributed: true|false`
+        given = {"enabled": bool(given)}
+    d = _settings(DistributedSettings, given, "distributed")
+    if not d.enabled:
+        return DistributedSettings(enabled=False, num_nodes=1, nproc_per_node=1)
+    if not isinstance(d.num_nodes, int) or d.num_nodes < 1:
+        raise InvalidConfig("distributed.num_nodes must be an integer ≥ 1", param="distributed")
+    if d.num_nodes > 1:
+        raise InvalidConfig(
+            f"num_nodes > 1 needs {d.num_nodes} workers scheduled together, which Tunery does not do yet; "
+            "run one worker per node with torchrun yourself or use num_nodes 1 with several GPUs",
+            param="distributed",
+        )
+    gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+    nproc = d.nproc_per_node
+    if nproc is None:
+        nproc = max(1, gpus) if device.startswith("cuda") else CPU_NPROC
+    if not isinstance(nproc, int) or nproc < 1:
+        raise InvalidConfig("distributed.nproc_per_node must be an integer ≥ 1", param="distributed")
+    if device.startswith("cuda") and nproc > gpus:
+        raise InvalidConfig(
+            f"distributed.nproc_per_node {nproc} exceeds the {gpus} CUDA devices this worker sees",
+            param="distributed",
+        )
+    return DistributedSettings(enabled=True, num_nodes=1, nproc_per_node=nproc)
 
 
 def _check_ranges(cfg: FinetuneConfig) -> None:
@@ -179,6 +226,13 @@ def _check_ranges(cfg: FinetuneConfig) -> None:
     for param, ok, rule in rules:
         if not ok:
             raise InvalidConfig(f"{param} {rule}", param=param)
+    nproc = cfg.distributed.nproc_per_node or 1
+    if t.batch_size < nproc:
+        raise InvalidConfig(
+            f"training.batch_size {t.batch_size} is smaller than the {nproc} distributed processes: "
+            "batch_size is the global micro-batch, and every process needs at least one example of it",
+            param="training.batch_size",
+        )
 
 
 # --- the run --------------------------------------------------------------------------------------------
@@ -187,10 +241,23 @@ def _check_ranges(cfg: FinetuneConfig) -> None:
 def run(ctx: JobContext) -> dict[str, Any]:
     ctx.set_phase("initializing")
     cfg = resolve_config(ctx)
-    job = Finetune(ctx, cfg)
+    if (cfg.distributed.nproc_per_node or 1) > 1:
+        from tunery_worker.jobs import ddp_entry
+
+        return ddp_entry.launch(ctx, cfg)
+    if cfg.distributed.enabled:
+        ctx.log(f"distributed training with one process on {cfg.device}: training in this process")
+    return train_and_save(ctx, cfg)
+
+
+def train_and_save(ctx: JobContext, cfg: FinetuneConfig, ranks: Ranks | None = None) -> dict[str, Any]:
+    """Setup → train → evaluate → save. Under DDP every rank trains; only rank 0 goes on to the end."""
+    job = Finetune(ctx, cfg, ranks)
     try:
         job.setup()
         job.train()
+        if not job.is_main:
+            return {}
         ctx.set_phase("evaluating")
         job.final_eval()
         ctx.set_phase("saving")
@@ -209,8 +276,12 @@ class DataPosition:
 
 
 class Finetune:
-    def __init__(self, ctx: JobContext, cfg: FinetuneConfig) -> None:
+    def __init__(self, ctx: JobContext, cfg: FinetuneConfig, ranks: Ranks | None = None) -> None:
         self.ctx, self.cfg = ctx, cfg
+        # Under DDP: this process's rank and the collectives; None trains in this process alone.
+        self.ranks = ranks
+        self.is_main = ranks is None or ranks.rank == 0
+        self.world_size = 1 if ranks is None else ranks.world_size
         self.workdir = Path(ctx.workdir) / "finetune"
         self.step = 0
         self.total_steps = 0
@@ -243,6 +314,8 @@ class Finetune:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.params_trainable = count_params(self.model, trainable_only=True)
         self.optimizer = self._make_optimizer()
+        # What the training step calls: the model itself, or (DDP) a wrapper that averages gradients.
+        self.net = self.model if self.ranks is None else self.ranks.wrap(self.model)
 
         ctx.set_phase("data_preparation")
         self._prepare_data()
@@ -258,7 +331,11 @@ class Finetune:
         if ctx.resume_checkpoint is not None:
             self._restore(Path(ctx.resume_checkpoint))
         else:
-            self.stats["ppl_baseline"] = self._perplexity()
+            # Evaluations are rank 0's alone: it is the one that reports them.
+            self.stats["ppl_baseline"] = self._perplexity() if self.is_main else None
+            if self.ranks is not None and self.ranks.rank > 0:
+                # Identical until here (so every rank built the same adapter); dropout differs per rank.
+                seed_everything(rank_seed(cfg.training.seed, 0, self.ranks.rank))
         ctx.log(
             f"{cfg.method} on {cfg.base_model_name}: {self.params_trainable:,} of {self.params_before:,} "
             f"parameters train; {len(self.train_examples)} train / {len(self.eval_examples)} eval examples; "
@@ -355,11 +432,11 @@ class Finetune:
     def train(self) -> None:
         cfg, ctx, t = self.cfg, self.ctx, self.cfg.training
         ctx.set_phase("training", self._progress())
-        self.model.train()
+        self.net.train()
         try:
             while self.step < self.total_steps:
                 # Exactly one stop check per step: a cancel lands within one step.
-                ctx.check_stop()
+                self._check_stop()
                 started = time.perf_counter()
                 loss, grad_norm, tokens = self._train_step()
                 elapsed = time.perf_counter() - started
@@ -385,32 +462,52 @@ class Finetune:
         if cfg.device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    def _check_stop(self) -> None:
+        if self.ranks is None:
+            self.ctx.check_stop()
+        elif self.ranks.agree_to_stop(self.is_main and self.ctx.should_stop()):  # rank 0 decides for all
+            raise JobStopped(self.ctx.job_id)
+
     def _train_step(self) -> tuple[float, float, int]:
         """One optimizer step over `gradient_accumulation_steps` micro-batches → (loss, grad norm, tokens)."""
         t = self.cfg.training
-        micro_batches = [
-            datalib.collate(self._next_examples(t.batch_size), self.pad_id)
-            for _ in range(t.gradient_accumulation_steps)
-        ]
+        # Every rank draws the whole global step, so the stream position is the same everywhere.
+        step_examples = [self._next_examples(t.batch_size) for _ in range(t.gradient_accumulation_steps)]
         # Normalise by the labelled tokens of the whole step, so every token weighs the same no matter
-        # how the accumulation window split them (a per-micro-batch mean would over-weight short ones).
-        labelled = sum(int((b["labels"][:, 1:] != datalib.IGNORE_INDEX).sum()) for b in micro_batches)
+        # how the accumulation window (or the ranks) split them (a per-batch mean over-weights short ones).
+        labelled = sum(e.trained_tokens for examples in step_examples for e in examples)
+        tokens = sum(len(e.input_ids) for examples in step_examples for e in examples)
         device = self.cfg.device
         loss_total = 0.0
-        for batch in micro_batches:
-            with self._autocast():
-                logits = self.model(
-                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-                ).logits
-                loss_sum, _ = token_loss_sum(logits, batch["labels"].to(device))
-            (loss_sum / labelled).backward()
+        for i, examples in enumerate(step_examples):
+            if self.ranks is not None:
+                examples = self.ranks.shard(examples)
+            batch = datalib.collate(examples, self.pad_id)
+            last = i == len(step_examples) - 1
+            # DDP averages gradients over ranks at the last micro-batch's backward; scaling each rank's
+            # sum by the world size turns that average into the sum over the whole global step.
+            with self._no_sync(not last):
+                with self._autocast():
+                    logits = self.net(
+                        input_ids=batch["input_ids"].to(device),
+                        attention_mask=batch["attention_mask"].to(device),
+                    ).logits
+                    loss_sum, _ = token_loss_sum(logits, batch["labels"].to(device))
+                (loss_sum / (labelled / self.world_size)).backward()
             loss_total += float(loss_sum.detach())
+        if self.ranks is not None:
+            loss_total = self.ranks.sum(loss_total)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, MAX_GRAD_NORM))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
         return loss_total / labelled, grad_norm, tokens
+
+    def _no_sync(self, skip: bool) -> contextlib.AbstractContextManager[Any]:
+        """Under DDP, accumulate without the gradient all-reduce (all micro-batches but the last)."""
+        if skip and self.ranks is not None:
+            return self.net.no_sync()  # type: ignore[operator]
+        return contextlib.nullcontext()
 
     def _next_examples(self, count: int) -> list[datalib.Example]:
         n = len(self.train_examples)
@@ -478,7 +575,7 @@ class Finetune:
     # --- evaluation ---------------------------------------------------------------------------------------
 
     def _evaluate(self) -> float | None:
-        if not self.eval_examples:
+        if not self.eval_examples or not self.is_main:
             return None
         batches = datalib.batches(self.eval_examples, self.cfg.training.batch_size, self.pad_id)
         with self._autocast():
@@ -510,6 +607,11 @@ class Finetune:
     # --- checkpoints: everything needed to resume exactly -------------------------------------------------
 
     def save_checkpoint(self) -> None:
+        # Under DDP every rank's random state goes in (a collective, so every rank gets here); rank 0 writes.
+        rng_ranks = None if self.ranks is None else self.ranks.gather(rng_state())
+        if not self.is_main:
+            self.last_saved_step = self.step
+            return
         name = f"checkpoint-{self.step}"
         path = self.workdir / f"{name}.pt"
         state = {
@@ -522,7 +624,10 @@ class Finetune:
             "rng": rng_state(),
             "config": self.cfg.to_dict(),
             "stats": dict(self.stats),
+            "world_size": self.world_size,
         }
+        if rng_ranks is not None:
+            state["rng_ranks"] = rng_ranks
         torch.save(state, path)
         self.ctx.save_checkpoint(name, self.step, path)
         path.unlink(missing_ok=True)  # durable on the server now; the local copy only costs disk
@@ -543,12 +648,33 @@ class Finetune:
         self.model.load_state_dict(state["trainable"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        self._restore_rng(state)
         self.position = DataPosition(**state["position"])
         self.step = self.last_saved_step = int(state["step"])
         self.stats.update(state["stats"])
         self.ctx.event("resumed", {"step": self.step})
         self.ctx.log(f"resumed from {path.name} at step {self.step}/{self.total_steps}")
+
+    def _restore_rng(self, state: dict[str, Any]) -> None:
+        """Each rank's own random state when the world size is the checkpoint's, so dropout continues
+        exactly. Across world sizes everything else still carries over exactly (weights, optimizer,
+        schedule, data position, the global batch); rank 0 takes the saved rank 0's stream and the
+        other ranks draw fresh dropout masks from a seed derived from the step."""
+        saved_world = int(state.get("world_size", 1))
+        rank = 0 if self.ranks is None else self.ranks.rank
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if saved_world == self.world_size:
+            set_rng_state(ranks[rank])
+            return
+        if self.is_main:
+            self.ctx.log(
+                f"the checkpoint was written by {saved_world} processes, this run has {self.world_size}: "
+                "weights, optimizer, schedule and data position resume exactly; dropout masks are new"
+            )
+        if rank == 0:
+            set_rng_state(state["rng"])
+        else:
+            seed_everything(rank_seed(self.cfg.training.seed, int(state["step"]), rank))
 
     def _check_compatible(self, saved: dict[str, Any]) -> None:
         """The settings that shape the weights and the data stream must match the checkpoint's."""
@@ -610,7 +736,7 @@ class Finetune:
         }
 
     def cleanup(self) -> None:
-        for name in ("model", "optimizer", "scheduler"):
+        for name in ("net", "model", "optimizer", "scheduler"):
             if hasattr(self, name):
                 delattr(self, name)
         if torch.cuda.is_available():
@@ -624,6 +750,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rank_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of rank `rank` > 0's random stream (dropout) from `step` on, in a distributed run."""
+    return (seed * 1_000_003 + step * 10_007 + rank) % 2**63
 
 
 def rng_state() -> dict[str, Any]:
