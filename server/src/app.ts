@@ -33,6 +33,12 @@ export function createApp(ctx: AppContext): express.Express {
   app.use('/docs', express.static(ctx.config.docsDir, { index: 'index.html', fallthrough: true }));
   app.use(express.json({ limit: ctx.config.maxJsonBytes, type: ['application/json', 'application/*+json'] }));
 
+  // The validator fills in schema defaults. Handlers that layer settings (template < flat fields <
+  // nested objects) must see what the caller actually sent, or a default would override a choice.
+  app.use((req: Request, res: Response, next: NextFunction) => {
+    if (req.body && typeof req.body === 'object') res.locals.sentBody = structuredClone(req.body);
+    next();
+  });
   app.use(
     OpenApiValidator.middleware({
       apiSpec: specPath,

@@ -77,6 +77,14 @@ export function listEnvelope<K extends string, T>(key: K, items: T[], total: num
   };
 }
 
+/**
+ * The JSON body as the caller sent it, before the validator filled in defaults; typed as the
+ * operation's body, whose defaulted fields may therefore be missing.
+ */
+export function sentBody<Op extends OperationId>(res: Response): BodyOf<Op> {
+  return res.locals.sentBody as BodyOf<Op>;
+}
+
 /** Wraps an async handler so its rejection reaches the error middleware. */
 export function wrap(handler: Handler, ctx: AppContext) {
   return (req: Request, res: Response, next: NextFunction) => {

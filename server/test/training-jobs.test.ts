@@ -37,6 +37,28 @@ describe.each(DATABASES)('training jobs on %s', (db) => {
   const jobRow = (id: string) => server.ctx.knex('jobs').where({ id }).first();
 
   describe('create', () => {
+    it('keeps flat fields when nested objects are sent too (validator defaults do not override them)', async () => {
+      const res = await create({
+        base_model: 'tiny/model',
+        dataset_id: datasetId,
+        eval_split: 0.25,
+        max_steps: 7,
+        learning_rate: 0.005,
+        lora_rank: 4,
+        training_config: { batch_size: 2 },
+        lora_config: { lora_dropout: 0.1 },
+      });
+      expect(res.status).toBe(201);
+      const { config } = await res.json();
+      expect(config.training).toMatchObject({
+        eval_split: 0.25,
+        max_steps: 7,
+        learning_rate: 0.005,
+        batch_size: 2,
+      });
+      expect(config.lora).toMatchObject({ r: 4, dropout: 0.1 });
+    });
+
     it('runs distributed data-parallel on one node and refuses several nodes up front', async () => {
       const one = await create({
         base_model: 'tiny/model',

@@ -1,5 +1,13 @@
 import { conflict, notFound } from '../errors.js';
-import { type BodyOf, listEnvelope, page, pathParam, type Routes, type Schemas, tenantOf } from '../http.js';
+import {
+  listEnvelope,
+  page,
+  pathParam,
+  type Routes,
+  type Schemas,
+  sentBody,
+  tenantOf,
+} from '../http.js';
 import { idempotent } from '../services/idempotency.js';
 import { builtinTemplateViews, getTemplate, isBuiltinTemplate, templateView } from '../services/templates.js';
 
@@ -32,7 +40,8 @@ export const templateRoutes: Routes = {
 
   async createTemplate(req, res, ctx) {
     const tenantId = tenantOf(req);
-    const body = req.body as BodyOf<'createTemplate'>;
+    // Stored as sent: a template presets only what its author chose (see sentBody).
+    const body = sentBody<'createTemplate'>(res);
     if (isBuiltinTemplate(body.name)) {
       throw conflict(`"${body.name}" is a built-in template; choose another name.`, 'conflict', 'name');
     }

@@ -2,7 +2,6 @@ import type { Request } from 'express';
 import type { AppContext } from '../context.js';
 import { notFound } from '../errors.js';
 import {
-  type BodyOf,
   isoRequired,
   listEnvelope,
   page,
@@ -10,6 +9,7 @@ import {
   queryInt,
   type Routes,
   type Schemas,
+  sentBody,
   tenantOf,
 } from '../http.js';
 import { cancelJob } from '../queue/cancel.js';
@@ -79,7 +79,8 @@ function resultOf(job: JobRow): Schemas['TrainingResult'] {
 export const trainingJobRoutes: Routes = {
   async createTrainingJob(req, res, ctx) {
     const tenantId = tenantOf(req);
-    const body = req.body as BodyOf<'createTrainingJob'>;
+    // Layered settings must not see validator defaults (see sentBody).
+    const body = sentBody<'createTrainingJob'>(res);
     const { id } = await idempotent(ctx, req, 'training_jobs', 'job', async (id) => {
       const plan = await planTrainingJob(ctx, tenantId, body);
       await assertWithinBudget(ctx, tenantId, plan.estimatedUsd);
