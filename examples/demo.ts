@@ -48,7 +48,12 @@ interface Child {
 const children = new Set<Child>();
 
 /** Starts a process in its own process group (so Ctrl-C reaches only us), its output in `log`. */
-function startChild(name: string, command: string, args: string[], opts: { cwd?: string; env?: object }): Child {
+function startChild(
+  name: string,
+  command: string,
+  args: string[],
+  opts: { cwd?: string; env?: object },
+): Child {
   const log = join(DEMO_DIR, `${name}.log`);
   const out = openSync(log, 'a');
   const proc = spawn(command, args, {
@@ -189,7 +194,7 @@ class ProgressBar {
       this.step = Math.max(this.step, point.step);
       this.loss = point.loss ?? this.loss;
       this.firstStep ??= { step: point.step, at: Date.now() };
-      this.phase = 'training';
+      if (point.step < this.total) this.phase = 'training';
     }
     this.draw();
   }
@@ -251,8 +256,13 @@ export async function main(): Promise<void> {
   mkdirSync(DEMO_DIR, { recursive: true });
 
   // 1. Keys first (embedded PGlite is single-process), while the worker builds the tiny model.
-  say(`fresh data dir ${relative(process.cwd(), DEMO_DIR) || DEMO_DIR}; creating keys and a tiny Llama…`);
-  const tinyModel = runCommand(join(VENV_BIN, 'tunery-worker'), ['make-tiny-model', MODEL_DIR, '--arch', 'llama']);
+  say(`fresh data dir ${relative(ROOT, DEMO_DIR)}/; creating keys and a tiny Llama…`);
+  const tinyModel = runCommand(join(VENV_BIN, 'tunery-worker'), [
+    'make-tiny-model',
+    MODEL_DIR,
+    '--arch',
+    'llama',
+  ]);
   const apiKey = await createKey('--tenant', 'demo', '--name', 'demo');
   const workerToken = await createKey('--worker', '--name', 'demo-worker');
   await tinyModel;
@@ -269,9 +279,19 @@ export async function main(): Promise<void> {
   startChild(
     'worker',
     join(VENV_BIN, 'tunery-worker'),
-    // A short claim long-poll, so that the worker notices the stop quickly at the end.
-    ['run', '--server', baseURL, '--token', workerToken, '--device', 'cpu', '--wait-seconds', '2']
-      .concat(['--workdir', join(DEMO_DIR, 'work')]),
+    [
+      'run',
+      '--server',
+      baseURL,
+      '--token',
+      workerToken,
+      '--device',
+      'cpu',
+      '--workdir',
+      join(DEMO_DIR, 'work'),
+    ]
+      // A short claim long-poll, so that the worker notices the stop quickly at the end.
+      .concat(['--wait-seconds', '2']),
     { env: { PYTHONUNBUFFERED: '1' } },
   );
   say('one CPU worker started (log data/demo/worker.log)');
@@ -305,7 +325,11 @@ export async function main(): Promise<void> {
   let following = true;
   const watchJob = (async () => {
     while (following) {
-      bar.job(await tunery.training.jobs.retrieve(job.id));
+      // A failed poll only leaves the phase stale; the metrics loop below reports real errors.
+      await tunery.training.jobs.retrieve(job.id).then(
+        (current) => bar.job(current),
+        () => {},
+      );
       await sleep(500);
     }
   })();
@@ -329,7 +353,9 @@ export async function main(): Promise<void> {
     result.tokens_processed && result.gpu_seconds ? result.tokens_processed / result.gpu_seconds : undefined;
   console.log();
   say('result');
-  console.log(`  loss        ${fmt(train[0]?.loss)} → ${fmt(result.loss_final)} (step 1 → ${done.current_step})`);
+  console.log(
+    `  loss        ${fmt(train[0]?.loss)} → ${fmt(result.loss_final)} (step 1 → ${done.current_step})`,
+  );
   console.log(`  eval loss   ${fmt(result.eval_loss_final)}`);
   console.log(
     `  perplexity  ${fmt(result.ppl_baseline, 2)} → ${fmt(result.ppl_final, 2)} (${fmt(result.ppl_delta_pct, 1)} %)`,
@@ -355,21 +381,31 @@ export async function main(): Promise<void> {
     const ok = (await sha256(target)) === file.sha256 ? 'sha256 ok' : 'SHA256 MISMATCH';
     console.log(`  ${file.name.padEnd(28)} ${String(file.size_bytes).padStart(9)} bytes  ${ok}`);
   }
-  console.log(`  adapter "${adapter?.name ?? done.adapter_name}" on the server: ${adapter?.path ?? done.adapter_path}`);
+  console.log(
+    `  adapter "${adapter?.name ?? done.adapter_name}" on the server: ${adapter?.path ?? done.adapter_path}`,
+  );
   console.log(`  downloaded to ${adapterDir}`);
 
   // 6. The loss curve.
   const metricsFile = join(DEMO_DIR, 'metrics.json');
   writeFileSync(metricsFile, JSON.stringify({ job_id: done.id, points }, null, 2));
   const png = join(DEMO_DIR, 'loss.png');
-  await runCommand(join(VENV_BIN, 'python'), ['-m', 'tunery_worker.plot', metricsFile, png, `Tunery demo · ${done.id}`]);
+  await runCommand(join(VENV_BIN, 'python'), [
+    '-m',
+    'tunery_worker.plot',
+    metricsFile,
+    png,
+    `Tunery demo · ${done.id}`,
+  ]);
   console.log(`  loss curve ${png}`);
 
   // 7. Where to go from here.
   console.log();
   say('next');
   console.log(`  API + SDK docs   ${baseURL}/docs/   (build them first with \`pnpm docs\`)`);
-  console.log(`  a GPU worker     tunery-worker run --server ${baseURL} --token ${workerToken} --device cuda`);
+  console.log(
+    `  a GPU worker     tunery-worker run --server ${baseURL} --token ${workerToken} --device cuda`,
+  );
   console.log('                   (HOST=0.0.0.0 on the server to accept workers on other machines)');
   console.log(
     '  real Postgres    DATABASE_URL=postgres://user@host:5432/tunery pnpm tunery-server start   (migrates at start)',
@@ -411,7 +447,7 @@ if (isEntryPoint(import.meta.url)) {
       for (const name of ['server', 'worker']) {
         const log = join(DEMO_DIR, `${name}.log`);
         const lines = tail(log, 15);
-        if (lines) console.error(`\n--- last lines of ${relative(process.cwd(), log)} ---\n${lines}`);
+        if (lines) console.error(`\n--- last lines of ${relative(ROOT, log)} ---\n${lines}`);
       }
       return stopAndExit(1);
     },

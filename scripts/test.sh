@@ -23,7 +23,16 @@ section "docs (API reference + SDK reference)"
 bash scripts/docs.sh
 
 section "JS/TS packages (vitest)"
-pnpm -r --workspace-concurrency=1 --reporter-hide-prefix test
+pnpm -r --filter '!@tunery/e2e' --filter '!@tunery/drills' --workspace-concurrency=1 --reporter-hide-prefix test
+
+section "schemathesis (live server, every operation)"
+bash scripts/schemathesis.sh
+
+section "end-to-end (server + worker + SDK)"
+pnpm -C e2e test
 
 section "worker (pytest)"
 .venv/bin/python -m pytest workers -q -p no:cacheprovider
+
+section "fault drills"
+pnpm -C drills test

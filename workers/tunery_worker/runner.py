@@ -134,6 +134,7 @@ class RemoteJobContext(JobContext):
     def save_checkpoint(self, name: str, step: int, path: Path) -> None:
         self._check_lease()
         assert self.client is not None
+        self.flush_quietly()  # the metrics of the steps a checkpoint covers land before it does
         self.client.upload_checkpoint(self.job_id, self.lease_token, name, step, path)
         self.event("checkpoint", {"name": name, "step": step})
 
