@@ -62,16 +62,22 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
       progress: { current_step: 2, total_steps: 4, current_loss: 1.25, learning_rate: 0.0002 },
       events: [{ kind: 'model_loaded', ts: '2026-01-01T00:00:00Z', payload: { params: 10 } }],
     });
-    expect(await events.json()).toEqual({ accepted: 2 });
+    expect(await events.json()).toEqual({ accepted: 2, cancel_requested: false });
     const again = await worker.events(id, token, {
       phase: 'training',
       events: [{ kind: 'model_loaded', ts: '2026-01-01T00:00:00Z', payload: { params: 10 } }],
     });
-    expect(await again.json()).toEqual({ accepted: 0 });
+    expect(await again.json()).toEqual({ accepted: 0, cancel_requested: false });
 
     const lines = [1, 2, 3, 4, 5].map((seq) => ({ seq, text: `step ${seq}`, ts: '2026-01-01T00:00:01Z' }));
-    expect(await (await worker.logs(id, token, lines)).json()).toEqual({ accepted: 5 });
-    expect(await (await worker.logs(id, token, lines.slice(3))).json()).toEqual({ accepted: 0 });
+    expect(await (await worker.logs(id, token, lines)).json()).toEqual({
+      accepted: 5,
+      cancel_requested: false,
+    });
+    expect(await (await worker.logs(id, token, lines.slice(3))).json()).toEqual({
+      accepted: 0,
+      cancel_requested: false,
+    });
     const points = [1, 2, 3, 4].map((step) => ({
       step,
       phase: 'train',
@@ -79,12 +85,13 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
       lr: 0.0002,
       grad_norm: 1,
     }));
-    expect(await (await worker.metrics(id, token, points)).json()).toEqual({ accepted: 4 });
+    expect(await (await worker.metrics(id, token, points)).json()).toEqual({
+      accepted: 4,
+      cancel_requested: false,
+    });
     expect(
       await (await worker.metrics(id, token, [...points, { step: 4, phase: 'eval', eval_loss: 1.1 }])).json(),
-    ).toEqual({
-      accepted: 1,
-    });
+    ).toEqual({ accepted: 1, cancel_requested: false });
     const heartbeat = await worker.heartbeat(id, token, { current_step: 3 });
     expect(await heartbeat.json()).toMatchObject({ cancel_requested: false });
 
@@ -227,6 +234,11 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
     const cancel = await server.api(`/v1/training/jobs/${id}/cancel`, { method: 'POST' });
     expect(await cancel.json()).toMatchObject({ status: 'running', cancel_requested: true });
     expect(await (await worker.heartbeat(id, job.lease_token)).json()).toMatchObject({
+      cancel_requested: true,
+    });
+    // Report answers carry the cancel too, so a worker learns of it within one flush.
+    const lines = [{ seq: 1, text: 'step 1' }];
+    expect(await (await worker.logs(id, job.lease_token, lines)).json()).toMatchObject({
       cancel_requested: true,
     });
     await worker.upload(id, job.lease_token, 'outputs', 'partial.bin', Buffer.from('partial'));

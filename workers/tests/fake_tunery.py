@@ -253,7 +253,7 @@ class _Handler(BaseHTTPRequestHandler):
             stored = self.fake.state.logs[ids["job"]]
             new = [line for line in request["lines"] if line["seq"] not in stored]
             stored.update({line["seq"]: line for line in new})
-        self._json(200, {"accepted": len(new)})
+        self._json(200, {"accepted": len(new), "cancel_requested": ids["job"] in self.fake.state.cancel})
 
     def _metrics(self, ids: dict[str, str], body: bytes, _: dict[str, str], __: Any) -> None:
         request = json.loads(body)
@@ -261,7 +261,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with self.fake.lock:
             self.fake.state.metrics[ids["job"]].extend(request["points"])
-        self._json(200, {"accepted": len(request["points"])})
+        self._json(
+            200,
+            {"accepted": len(request["points"]), "cancel_requested": ids["job"] in self.fake.state.cancel},
+        )
 
     def _events(self, ids: dict[str, str], body: bytes, _: dict[str, str], __: Any) -> None:
         request = json.loads(body)
@@ -274,7 +277,9 @@ class _Handler(BaseHTTPRequestHandler):
                 state.phases[ids["job"]].append(request["phase"])
             if "progress" in request:
                 state.progress[ids["job"]] = request["progress"]
-        self._json(200, {"accepted": len(request.get("events", []))})
+        self._json(
+            200, {"accepted": len(request.get("events", [])), "cancel_requested": ids["job"] in state.cancel}
+        )
 
     def _checkpoint(self, ids: dict[str, str], body: bytes, params: dict[str, str], _: Any) -> None:
         if not self._leased(ids["job"], self.headers.get("X-Lease-Token")):

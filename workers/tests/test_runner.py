@@ -168,6 +168,22 @@ def test_cancel_stops_uploads_a_checkpoint_and_acknowledges(
     assert server.log_lines(job_id)[-1]["text"] == "cancelled"
 
 
+def test_a_report_answer_delivers_a_cancel_before_the_next_heartbeat(
+    server: FakeTunery, worker: Worker, tiny_llama: Path
+) -> None:
+    job_id = server.enqueue(
+        "finetune",
+        finetune_spec(tiny_llama, max_steps=100_000, save_steps=100_000, logging_steps=1),
+        inputs=[("dataset", "train.jsonl", DATASET)],
+        lease_seconds=600,  # heartbeats every 200 s: only a report answer can deliver the cancel in time
+    )
+    threading.Timer(2.0, server.state.cancel.add, args=(job_id,)).start()
+    started = time.monotonic()
+    assert claim_and_run(worker) == "cancelled"
+    assert time.monotonic() - started < 60
+    assert not server.state.heartbeats or all(h["job_id"] != job_id for h in server.state.heartbeats)
+
+
 def test_lost_lease_drops_the_job_silently(server: FakeTunery, worker: Worker, tiny_llama: Path) -> None:
     job_id = server.enqueue(
         "finetune",

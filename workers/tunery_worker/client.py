@@ -204,15 +204,19 @@ class WorkerClient:
         ).json()
         return answer
 
-    def report_logs(self, job_id: str, lease_token: str, lines: list[dict[str, Any]]) -> None:
-        self._request(
-            "POST", f"/v1/workers/jobs/{job_id}/logs", json={"lease_token": lease_token, "lines": lines}
-        )
+    # Report answers say `{accepted, cancel_requested}`: the runner stops on a cancel without
+    # waiting for the next heartbeat.
+    def report_logs(self, job_id: str, lease_token: str, lines: list[dict[str, Any]]) -> dict[str, Any]:
+        payload = {"lease_token": lease_token, "lines": lines}
+        answer: dict[str, Any] = self._request("POST", f"/v1/workers/jobs/{job_id}/logs", json=payload).json()
+        return answer
 
-    def report_metrics(self, job_id: str, lease_token: str, points: list[dict[str, Any]]) -> None:
-        self._request(
-            "POST", f"/v1/workers/jobs/{job_id}/metrics", json={"lease_token": lease_token, "points": points}
-        )
+    def report_metrics(self, job_id: str, lease_token: str, points: list[dict[str, Any]]) -> dict[str, Any]:
+        payload = {"lease_token": lease_token, "points": points}
+        answer: dict[str, Any] = self._request(
+            "POST", f"/v1/workers/jobs/{job_id}/metrics", json=payload
+        ).json()
+        return answer
 
     def report_events(
         self,
@@ -221,13 +225,16 @@ class WorkerClient:
         events: list[dict[str, Any]],
         phase: str | None = None,
         progress: dict[str, Any] | None = None,
-    ) -> None:
+    ) -> dict[str, Any]:
         payload: dict[str, Any] = {"lease_token": lease_token, "events": events}
         if phase is not None:
             payload["phase"] = phase
         if progress:
             payload["progress"] = progress
-        self._request("POST", f"/v1/workers/jobs/{job_id}/events", json=payload)
+        answer: dict[str, Any] = self._request(
+            "POST", f"/v1/workers/jobs/{job_id}/events", json=payload
+        ).json()
+        return answer
 
     def upload_checkpoint(
         self, job_id: str, lease_token: str, name: str, step: int, path: Path

@@ -168,15 +168,18 @@ class RemoteJobContext(JobContext):
                 # Every phase change reaches the server's timeline, even when several happened between
                 # flushes; events and progress ride along with the last one.
                 while len(phases) > 1:
-                    self.client.report_events(self.job_id, self.lease_token, [], phases[0])
+                    self._note(self.client.report_events(self.job_id, self.lease_token, [], phases[0]))
                     phases = phases[1:]
                 if events or phases or progress:
                     last = phases[0] if phases else None
-                    self.client.report_events(
-                        self.job_id, self.lease_token, events[:BATCH_LIMIT], last, progress
+                    self._note(
+                        self.client.report_events(
+                            self.job_id, self.lease_token, events[:BATCH_LIMIT], last, progress
+                        )
                     )
                     for i in range(BATCH_LIMIT, len(events), BATCH_LIMIT):
-                        self.client.report_events(self.job_id, self.lease_token, events[i : i + BATCH_LIMIT])
+                        batch = events[i : i + BATCH_LIMIT]
+                        self._note(self.client.report_events(self.job_id, self.lease_token, batch))
                 events, phases, progress = [], [], None
             except LeaseLost:
                 self.request_stop("lease_lost")
@@ -187,7 +190,12 @@ class RemoteJobContext(JobContext):
 
     def _send(self, report: Any, items: list[dict[str, Any]]) -> None:
         for i in range(0, len(items), BATCH_LIMIT):
-            report(self.job_id, self.lease_token, items[i : i + BATCH_LIMIT])
+            self._note(report(self.job_id, self.lease_token, items[i : i + BATCH_LIMIT]))
+
+    def _note(self, answer: Any) -> None:
+        """Every report answer carries `cancel_requested`: stop within a flush, not a heartbeat."""
+        if isinstance(answer, dict) and answer.get("cancel_requested"):
+            self.request_stop("cancelled")
 
     def _requeue(
         self,

@@ -2880,10 +2880,12 @@ export interface components {
                 };
             }[];
         };
-        /** @description How many items were new. */
+        /** @description How many items were new, and whether the job's owner asked to cancel it. */
         ReportAccepted: {
             /** @description Items stored (repeats are not counted). */
             accepted: number;
+            /** @description Stop within one step, upload, then acknowledgeCancel (the same signal a heartbeat gives, sooner). */
+            cancel_requested: boolean;
         };
         /** @description A stored upload. */
         StoredFile: {

@@ -3,6 +3,7 @@ import type { AppContext } from '../context.js';
 import { badRequest } from '../errors.js';
 import { APPLY_PROGRESS, fenceMissError } from './lease.js';
 import { DISTILLATION_PHASES, isKnownPhase, TRAINING_PHASES } from './phases.js';
+import type { ReportOutcome } from './types.js';
 
 export interface WorkerEventInput {
   kind: string;
@@ -51,7 +52,7 @@ export async function reportEvents(
   jobId: string,
   leaseToken: string,
   report: EventReportInput,
-): Promise<number> {
+): Promise<ReportOutcome> {
   if (report.phase && !isKnownPhase(report.phase)) {
     throw badRequest(`Unknown phase "${report.phase}".`, 'phase');
   }
@@ -71,7 +72,7 @@ export async function reportEvents(
         updated_at = now()
       -- fencing: a stale attempt changes nothing
       WHERE id = :jobId AND lease_token = :leaseToken AND status = 'running'
-      RETURNING id, attempt, event_seq - :count AS base_seq
+      RETURNING id, attempt, cancel_requested, event_seq - :count AS base_seq
     ), inserted AS (
       INSERT INTO job_events (job_id, seq, ts, kind, payload, dedupe_key)
       SELECT lease.id, lease.base_seq + e.ord, COALESCE(e.ts, now()), e.kind, e.payload,
@@ -82,7 +83,9 @@ export async function reportEvents(
       ON CONFLICT (job_id, dedupe_key) DO NOTHING
       RETURNING 1
     )
-    SELECT (SELECT count(*) FROM lease)::int AS leased, (SELECT count(*) FROM inserted)::int AS accepted`,
+    SELECT (SELECT count(*) FROM lease)::int AS leased, (SELECT count(*) FROM inserted)::int AS accepted,
+      -- every answer tells the worker about a cancel, so it stops within a flush, not a heartbeat
+      COALESCE((SELECT bool_or(cancel_requested) FROM lease), false) AS cancel_requested`,
     {
       jobId,
       leaseToken,
@@ -94,7 +97,7 @@ export async function reportEvents(
       events: JSON.stringify(events),
     },
   );
-  const { leased, accepted } = result.rows[0] as { leased: number; accepted: number };
+  const { leased, accepted, cancel_requested } = result.rows[0] as ReportOutcome & { leased: number };
   if (!leased) throw await fenceMissError(ctx.knex, jobId);
-  return accepted;
+  return { accepted, cancel_requested };
 }

@@ -1,5 +1,6 @@
 import type { AppContext } from '../context.js';
 import { fenceMissError } from './lease.js';
+import type { ReportOutcome } from './types.js';
 
 export interface LogLineInput {
   seq: number;
@@ -17,7 +18,7 @@ export async function reportLogs(
   jobId: string,
   leaseToken: string,
   lines: LogLineInput[],
-): Promise<number> {
+): Promise<ReportOutcome> {
   const rows = lines.map((l) => ({
     seq: l.seq,
     ts: l.ts ?? null,
@@ -34,7 +35,7 @@ export async function reportLogs(
         updated_at = now()
       -- fencing: a stale attempt's lines are refused as a whole
       WHERE id = :jobId AND lease_token = :leaseToken AND status = 'running'
-      RETURNING id
+      RETURNING id, cancel_requested
     ), inserted AS (
       INSERT INTO job_logs (job_id, seq, ts, stream, text)
       SELECT lease.id, l.seq, COALESCE(l.ts, now()), l.stream, l.line
@@ -43,10 +44,12 @@ export async function reportLogs(
       ON CONFLICT (job_id, seq) DO NOTHING
       RETURNING 1
     )
-    SELECT (SELECT count(*) FROM lease)::int AS leased, (SELECT count(*) FROM inserted)::int AS accepted`,
+    SELECT (SELECT count(*) FROM lease)::int AS leased, (SELECT count(*) FROM inserted)::int AS accepted,
+      -- every answer tells the worker about a cancel, so it stops within a flush, not a heartbeat
+      COALESCE((SELECT bool_or(cancel_requested) FROM lease), false) AS cancel_requested`,
     { jobId, leaseToken, maxSeq, rows: JSON.stringify(rows) },
   );
-  const { leased, accepted } = result.rows[0] as { leased: number; accepted: number };
+  const { leased, accepted, cancel_requested } = result.rows[0] as ReportOutcome & { leased: number };
   if (!leased) throw await fenceMissError(ctx.knex, jobId);
-  return accepted;
+  return { accepted, cancel_requested };
 }

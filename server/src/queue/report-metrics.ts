@@ -1,5 +1,6 @@
 import type { AppContext } from '../context.js';
 import { fenceMissError } from './lease.js';
+import type { ReportOutcome } from './types.js';
 
 export interface MetricPointInput {
   step: number;
@@ -28,7 +29,7 @@ export async function reportMetrics(
   jobId: string,
   leaseToken: string,
   points: MetricPointInput[],
-): Promise<number> {
+): Promise<ReportOutcome> {
   const rows = points.map(({ step, phase, ts, ...point }) => ({ step, phase, ts: ts ?? null, point }));
   const result = await ctx.knex.raw(
     `
@@ -36,7 +37,7 @@ export async function reportMetrics(
       UPDATE jobs SET metrics = metrics || :latest::jsonb, updated_at = now()
       -- fencing: a stale attempt's points are refused as a whole
       WHERE id = :jobId AND lease_token = :leaseToken AND status = 'running'
-      RETURNING id
+      RETURNING id, cancel_requested
     ), inserted AS (
       INSERT INTO job_metrics (job_id, phase, step, ts, point)
       SELECT lease.id, p.phase, p.step, COALESCE(p.ts, now()), p.point
@@ -44,10 +45,12 @@ export async function reportMetrics(
       ON CONFLICT (job_id, phase, step) DO NOTHING
       RETURNING 1
     )
-    SELECT (SELECT count(*) FROM lease)::int AS leased, (SELECT count(*) FROM inserted)::int AS accepted`,
+    SELECT (SELECT count(*) FROM lease)::int AS leased, (SELECT count(*) FROM inserted)::int AS accepted,
+      -- every answer tells the worker about a cancel, so it stops within a flush, not a heartbeat
+      COALESCE((SELECT bool_or(cancel_requested) FROM lease), false) AS cancel_requested`,
     { jobId, leaseToken, latest: JSON.stringify(latestLosses(points)), rows: JSON.stringify(rows) },
   );
-  const { leased, accepted } = result.rows[0] as { leased: number; accepted: number };
+  const { leased, accepted, cancel_requested } = result.rows[0] as ReportOutcome & { leased: number };
   if (!leased) throw await fenceMissError(ctx.knex, jobId);
-  return accepted;
+  return { accepted, cancel_requested };
 }

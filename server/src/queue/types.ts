@@ -51,3 +51,9 @@ export interface JobRow {
   started_at: Date | null;
   finished_at: Date | null;
 }
+
+/** What a report answers: how many items were new, and whether the owner asked to cancel. */
+export interface ReportOutcome {
+  accepted: number;
+  cancel_requested: boolean;
+}

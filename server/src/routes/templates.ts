@@ -1,13 +1,5 @@
 import { conflict, notFound } from '../errors.js';
-import {
-  listEnvelope,
-  page,
-  pathParam,
-  type Routes,
-  type Schemas,
-  sentBody,
-  tenantOf,
-} from '../http.js';
+import { listEnvelope, page, pathParam, type Routes, type Schemas, sentBody, tenantOf } from '../http.js';
 import { idempotent } from '../services/idempotency.js';
 import { builtinTemplateViews, getTemplate, isBuiltinTemplate, templateView } from '../services/templates.js';
 

@@ -77,20 +77,28 @@ export const workerRoutes: Routes = {
 
   async reportJobLogs(req, res, ctx) {
     const body = req.body as BodyOf<'reportJobLogs'>;
-    const accepted = await reportLogs(ctx, jobIdOf(req), body.lease_token, body.lines);
-    res.json({ accepted } satisfies Schemas['ReportAccepted']);
+    res.json(
+      (await reportLogs(ctx, jobIdOf(req), body.lease_token, body.lines)) satisfies Schemas['ReportAccepted'],
+    );
   },
 
   async reportJobMetrics(req, res, ctx) {
     const body = req.body as BodyOf<'reportJobMetrics'>;
-    const accepted = await reportMetrics(ctx, jobIdOf(req), body.lease_token, body.points);
-    res.json({ accepted } satisfies Schemas['ReportAccepted']);
+    res.json(
+      (await reportMetrics(
+        ctx,
+        jobIdOf(req),
+        body.lease_token,
+        body.points,
+      )) satisfies Schemas['ReportAccepted'],
+    );
   },
 
   async reportJobEvents(req, res, ctx) {
     const body = req.body as BodyOf<'reportJobEvents'>;
-    const accepted = await reportEvents(ctx, jobIdOf(req), body.lease_token, body);
-    res.json({ accepted } satisfies Schemas['ReportAccepted']);
+    res.json(
+      (await reportEvents(ctx, jobIdOf(req), body.lease_token, body)) satisfies Schemas['ReportAccepted'],
+    );
   },
 
   async uploadJobCheckpoint(req, res, ctx) {

@@ -103,7 +103,7 @@ export function workerHandlers({ router, state }: MockContext) {
     }
     lines.sort((a, b) => a.seq - b.seq);
     state.logs.set(job.id, lines);
-    return response(200).json({ accepted });
+    return response(200).json({ accepted, cancel_requested: job.cancel_requested ?? false });
   });
 
   router.post(
@@ -123,7 +123,7 @@ export function workerHandlers({ router, state }: MockContext) {
       }
       points.sort((a, b) => a.step - b.step);
       state.metrics.set(job.id, points);
-      return response(200).json({ accepted });
+      return response(200).json({ accepted, cancel_requested: job.cancel_requested ?? false });
     },
   );
 
@@ -140,7 +140,10 @@ export function workerHandlers({ router, state }: MockContext) {
       if (body.progress) applyProgress(job, body.progress);
       for (const event of body.events ?? []) appendEvent(state, job.id, event.kind, event.payload ?? {});
       job.updated_at = now();
-      return response(200).json({ accepted: (body.events?.length ?? 0) + (body.phase ? 1 : 0) });
+      return response(200).json({
+        accepted: (body.events?.length ?? 0) + (body.phase ? 1 : 0),
+        cancel_requested: job.cancel_requested ?? false,
+      });
     },
   );
 
