@@ -1,0 +1,147 @@
+/**
+ * The full Tunery server in its own process, for the benchmarks: auth, request and response
+ * validation, knex on embedded PGlite (on disk in a temp data dir, as `tunery-server start` keeps
+ * it) or, with `--db postgres`, on a scratch database created on DATABASE_URL's server and dropped
+ * at exit. Logging is off, as it is for the bare peer (BENCH_LOG_LEVEL=error pnpm bench shows the
+ * server's errors on stderr).
+ *
+ * Creates an admin key, a worker token and one training job through the API; with `--queue N`
+ * also enqueues N more finetune jobs like it (for the worker-protocol benchmark). Then prints one
+ * line — `READY {url, db, apiKey, workerToken, jobId, pending: [ids]}` — and serves until SIGTERM,
+ * SIGINT or the end of its stdin.
+ */
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import pg from 'pg';
+import { createKey } from '../src/auth.js';
+import { loadConfig } from '../src/config.js';
+import { newId } from '../src/ids.js';
+import { enqueueJob } from '../src/queue/enqueue.js';
+import type { JobRow } from '../src/queue/types.js';
+import { type RunningServer, startServer } from '../src/server.js';
+
+export interface TuneryInfo {
+  url: string;
+  db: 'pglite' | 'postgres';
+  apiKey: string;
+  workerToken: string;
+  /** A pending finetune job of the admin key's tenant, created through the API. */
+  jobId: string;
+  /** Every pending job (the API-created one and the `--queue` batch). */
+  pending: string[];
+}
+
+/** A training job as a user submits one (seed 003's shape): inline texts, LoRA and training configs. */
+export const CREATE_JOB_BODY = {
+  model_name: 'smollm2-135m-instruct',
+  train_texts: [
+    '### Instruction:\nSay hi\n\n### Response:\nhi',
+    '### Instruction:\nName a colour\n\n### Response:\nblue',
+  ],
+  lora_config: { r: 16, lora_alpha: 32, lora_dropout: 0.05, target_modules: ['q_proj', 'v_proj'] },
+  training_config: { num_epochs: 3, batch_size: 4, learning_rate: 0.0002, max_steps: 100, save_steps: 50 },
+  output_dir: './bench-output',
+};
+
+const { values } = parseArgs({
+  options: { db: { type: 'string', default: 'pglite' }, queue: { type: 'string', default: '0' } },
+});
+const db = values.db === 'postgres' ? 'postgres' : 'pglite';
+const queueSize = Number(values.queue);
+
+/** A fresh database on DATABASE_URL's server; the benchmark never touches the database named there. */
+async function scratchDatabase(): Promise<{ url: string; drop(): Promise<void> }> {
+  const base = process.env.DATABASE_URL;
+  if (!base) throw new Error('--db postgres needs DATABASE_URL');
+  const name = `tunery_bench_${process.pid}_${Math.random().toString(36).slice(2, 8)}`;
+  const run = async (sql: string) => {
+    const client = new pg.Client({ connectionString: base });
+    await client.connect();
+    try {
+      await client.query(sql);
+    } finally {
+      await client.end();
+    }
+  };
+  await run(`CREATE DATABASE ${name}`);
+  const url = new URL(base);
+  url.pathname = `/${name}`;
+  return { url: url.toString(), drop: () => run(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`) };
+}
+
+const dataDir = await mkdtemp(join(tmpdir(), 'tunery-bench-'));
+let scratch: Awaited<ReturnType<typeof scratchDatabase>> | undefined;
+let server: RunningServer | undefined;
+let stopping: Promise<void> | undefined;
+/** Stops what has started so far, drops the scratch database, removes the data dir, exits. */
+const shutdown = (code: number) => {
+  stopping ??= (async () => {
+    // A graceful close waits for open connections (a load generator may still be sending): not long.
+    const patience = new Promise((resolve) => setTimeout(resolve, 2000).unref());
+    await Promise.race([server?.close().catch(() => {}), patience]);
+    await scratch?.drop().catch(() => {});
+    await rm(dataDir, { recursive: true, force: true });
+    process.exit(code);
+  })();
+  return stopping;
+};
+// From the start, so a stop during startup cleans up too.
+process.on('SIGTERM', () => shutdown(0));
+// Once the parent is gone, a stray log line (knex warns as connections close) must not crash the cleanup.
+process.stdout.on('error', () => {});
+process.stderr.on('error', () => {});
+process.on('SIGINT', () => shutdown(0));
+process.stdin
+  .on('end', () => shutdown(0))
+  .on('close', () => shutdown(0))
+  .resume();
+
+try {
+  if (db === 'postgres') scratch = await scratchDatabase();
+  const logLevel = process.env.BENCH_LOG_LEVEL || 'silent';
+  const config = loadConfig({ port: 0, host: '127.0.0.1', dataDir, databaseUrl: scratch?.url, logLevel });
+  const tunery = await startServer(config, { quiet: logLevel === 'silent' });
+  server = tunery;
+
+  const apiKey = tunery.adminKey!;
+  const workerToken = await createKey(tunery.ctx.knex, { kind: 'worker', name: 'bench' });
+  const created = await fetch(`${tunery.url}/v1/training/jobs`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${apiKey}`, 'content-type': 'application/json' },
+    body: JSON.stringify(CREATE_JOB_BODY),
+  });
+  if (created.status !== 201) {
+    throw new Error(`POST /v1/training/jobs answered ${created.status}: ${await created.text()}`);
+  }
+  const jobId = ((await created.json()) as { id: string }).id;
+
+  if (queueSize > 0) {
+    // The batch copies the API-created job, so each claim carries its spec and dataset input.
+    const model = (await tunery.ctx.knex('jobs').where({ id: jobId }).first()) as JobRow;
+    await tunery.ctx.knex.transaction(async (trx) => {
+      for (let i = 0; i < queueSize; i++) {
+        await enqueueJob(tunery.ctx, trx, {
+          id: newId('job'),
+          tenantId: model.tenant_id,
+          kind: 'training',
+          type: model.type,
+          method: model.method,
+          name: `bench-${i}`,
+          // Each its own output name, as separate runs have (one adapter name per tenant).
+          config: { ...model.config, output_name: `bench-output-${i}` },
+          baseModel: model.base_model,
+          datasetId: model.dataset_id,
+          totalSteps: model.total_steps,
+        });
+      }
+    });
+  }
+  const pending = (await tunery.ctx.knex('jobs').where({ status: 'pending' }).pluck('id')) as string[];
+  const info: TuneryInfo = { url: tunery.url, db, apiKey, workerToken, jobId, pending };
+  process.stdout.write(`READY ${JSON.stringify(info)}\n`);
+} catch (err) {
+  process.stderr.write(`${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+  await shutdown(1);
+}
