@@ -141,6 +141,17 @@ describe.each(DATABASES)('adapters on %s', (db) => {
     expect(await server.ctx.knex('models').where({ job_id: first.jobId })).toHaveLength(1);
   });
 
+  it('gives two jobs completing at once with one output_name distinct adapter names', async () => {
+    const both = await Promise.all([
+      completedJob(server, { config: { output_name: 'racer' } }),
+      completedJob(server, { config: { output_name: 'racer' } }),
+    ]);
+    const names = both.map((job) => job.adapterName).sort();
+    expect(names).toHaveLength(2);
+    expect(new Set(names).size).toBe(2);
+    expect(names).toContain('racer');
+  });
+
   it('loads one adapter at a time and unloads it', async () => {
     await completedJob(server, { config: { output_name: 'alpha' } });
     await completedJob(server, { config: { output_name: 'beta' } });

@@ -143,10 +143,21 @@ function metricsOf(job: JobRow, result: Record<string, unknown>): Record<string,
 }
 
 /** `base` if the tenant has no adapter of that name yet, else `base-<job short id>`. */
-async function freeAdapterName(trx: Knex.Transaction, job: JobRow, base: string): Promise<string> {
-  const taken = await trx('adapters').where({ tenant_id: job.tenant_id, name: base }).first('job_id');
-  if (!taken || taken.job_id === job.id) return base;
-  return `${base.slice(0, 119)}-${shortId(job.id)}`;
+/**
+ * Inserts the job's adapter under `base`, or under `base-<job id>` when another adapter has that
+ * name. ON CONFLICT makes the choice safe when two jobs with the same output_name complete at once
+ * (the second waits for the first's row, then takes the suffixed name).
+ */
+async function insertAdapter(trx: Knex.Transaction, job: JobRow, base: string, row: Record<string, unknown>) {
+  for (const name of [base, `${base.slice(0, 119)}-${shortId(job.id)}`]) {
+    const inserted = await trx('adapters')
+      .insert({ ...row, tenant_id: job.tenant_id, name, job_id: job.id })
+      .onConflict(['tenant_id', 'name'])
+      .ignore()
+      .returning('name');
+    if (inserted.length > 0) return name;
+  }
+  throw new Error(`adapter names ${base} and its job-suffixed form are both taken`);
 }
 
 /**
@@ -184,18 +195,14 @@ export async function registerJobOutputs(
   let adapterName: string | null = null;
   if (plan.adapter) {
     const existing = await trx('adapters').where({ tenant_id: job.tenant_id, job_id: job.id }).first('name');
-    adapterName = existing?.name ?? (await freeAdapterName(trx, job, name));
-    if (!existing) {
-      await trx('adapters').insert({
-        tenant_id: job.tenant_id,
-        name: adapterName,
-        job_id: job.id,
+    adapterName =
+      existing?.name ??
+      (await insertAdapter(trx, job, name, {
         model_name: job.base_model ?? 'unknown',
         description: job.description,
         training_config: JSON.stringify(trainingConfigOf(job)),
         metrics: JSON.stringify(metricsOf(job, result)),
-      });
-    }
+      }));
   }
 
   const existingModel = await trx('models').where({ tenant_id: job.tenant_id, job_id: job.id }).first('id');
