@@ -3,6 +3,7 @@ import { chmod, mkdir, writeFile } from 'node:fs/promises';
 import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
+import type { Duplex } from 'node:stream';
 import { pino } from 'pino';
 import { createApp } from './app.js';
 import { createKey, hasAnyKey } from './auth.js';
@@ -49,6 +50,7 @@ export async function startServer(
   const server: Server = await new Promise((resolve) => {
     const s = app.listen(config.port, config.host, () => resolve(s));
   });
+  server.on('clientError', answerClientError);
   const { port } = server.address() as AddressInfo;
   const url = `http://${config.host}:${port}`;
   logger.info({ url, database: db.kind }, 'tunery server listening');
@@ -79,4 +81,24 @@ async function ensureAdminKey(ctx: AppContext): Promise<string | undefined> {
   await writeFile(file, `${key}\n`, { mode: 0o600 });
   await chmod(file, 0o600);
   return key;
+}
+
+/**
+ * Requests Node refuses before Express sees them (headers too large, a garbled request line) still
+ * get the API's JSON error shape, not Node's bare status line.
+ */
+function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): void {
+  if (!socket.writable) {
+    socket.destroy();
+    return;
+  }
+  const tooLarge = err.code === 'HPE_HEADER_OVERFLOW';
+  const status = tooLarge ? '431 Request Header Fields Too Large' : '400 Bad Request';
+  const error = tooLarge
+    ? { code: 'invalid_request', message: 'Request headers are too large.', param: null }
+    : { code: 'invalid_request', message: 'Malformed HTTP request.', param: null };
+  const body = JSON.stringify({ error });
+  socket.end(
+    `HTTP/1.1 ${status}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+  );
 }

@@ -74,6 +74,12 @@ describe.each(DATABASES)('app basics on %s', (db) => {
     expect((await res.json()).error.code).toBe('payload_too_large');
   });
 
+  it('answers oversized headers with the JSON error shape', async () => {
+    const res = await server.api('/v1/training/jobs', { headers: { 'x-filler': 'a'.repeat(20_000) } });
+    expect(res.status).toBe(431);
+    expect((await res.json()).error.code).toBe('invalid_request');
+  });
+
   it('names the offending field of an invalid body', async () => {
     const res = await server.api('/v1/training/jobs', {
       method: 'POST',

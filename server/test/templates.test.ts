@@ -112,4 +112,14 @@ describe.each(DATABASES)('templates on %s', (db) => {
     expect(changed.status).toBe(409);
     expect((await changed.json()).error.code).toBe('idempotency_conflict');
   });
+
+  it('creates a template anew when its key is repeated after the template was deleted', async () => {
+    const json = { name: 'phoenix', idempotency_key: 'phoenix-1', config: { method: 'lora' } };
+    const first = await server.api('/v1/training/templates', { method: 'POST', json });
+    expect(first.status).toBe(201);
+    expect((await server.api('/v1/training/templates/phoenix', { method: 'DELETE' })).status).toBe(200);
+    const again = await server.api('/v1/training/templates', { method: 'POST', json });
+    expect(again.status).toBe(201);
+    expect((await again.json()).name).toBe('phoenix');
+  });
 });

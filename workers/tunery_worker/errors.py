@@ -1,7 +1,8 @@
 """Errors a job reports to the server, each with a stable code and whether a retry can help.
 
 Handlers raise these for failures they understand; the runner maps anything else through
-`classify()`: CUDA out-of-memory → `out_of_memory`, everything unexpected → `training_error`.
+`classify()`: CUDA out-of-memory → `out_of_memory`, an upload the server refused as too large →
+`payload_too_large` (not retryable), everything unexpected → `training_error`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def classify(exc: BaseException) -> Failure:
     """How an exception escaping a handler is reported to the server."""
     if isinstance(exc, JobError):
         return Failure(exc.code, exc.message, exc.retryable)
+    if _is_refused_upload(exc):
+        # The server's size limit or storage quota will refuse the same upload on every attempt.
+        return Failure("payload_too_large", f"the server refused an upload: {exc}", False)
     if _is_out_of_memory(exc):
         return Failure(
             "out_of_memory",
@@ -60,6 +64,12 @@ def classify(exc: BaseException) -> Failure:
             True,
         )
     return Failure("training_error", f"{type(exc).__name__}: {exc}", True)
+
+
+def _is_refused_upload(exc: BaseException) -> bool:
+    from .client import ProtocolError  # the client imports nothing from here; keep it that way
+
+    return isinstance(exc, ProtocolError) and exc.status == 413
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -1,6 +1,6 @@
 import { conflict, notFound } from '../errors.js';
 import { listEnvelope, page, pathParam, type Routes, type Schemas, sentBody, tenantOf } from '../http.js';
-import { idempotent } from '../services/idempotency.js';
+import { forgetIdempotentCreates, idempotent } from '../services/idempotency.js';
 import { builtinTemplateViews, getTemplate, isBuiltinTemplate, templateView } from '../services/templates.js';
 
 export const templateRoutes: Routes = {
@@ -37,9 +37,8 @@ export const templateRoutes: Routes = {
     if (isBuiltinTemplate(body.name)) {
       throw conflict(`"${body.name}" is a built-in template; choose another name.`, 'conflict', 'name');
     }
-    // Templates are named, not numbered: the reserved id is unused and a repeat finds the template
-    // by the (identical) body's name.
-    await idempotent(ctx, req, 'createTemplate', 'key', async () => {
+    // Templates are named, not numbered: the name is the object's id for idempotency.
+    await idempotent(ctx, req, 'createTemplate', { id: body.name }, async () => {
       const inserted = await ctx
         .knex('templates')
         .insert({
@@ -73,6 +72,7 @@ export const templateRoutes: Routes = {
       .delete()
       .returning('name');
     if (deleted.length === 0) throw notFound('template', name, 'template_name');
+    await forgetIdempotentCreates(ctx.knex, tenantId, name);
     res.json({ id: name, deleted: true } satisfies Schemas['Deleted']);
   },
 };

@@ -2,6 +2,7 @@ import type { Knex } from 'knex';
 import type { AppContext } from '../context.js';
 import { ApiError, notFound } from '../errors.js';
 import { newId } from '../ids.js';
+import { forgetIdempotentCreates } from './idempotency.js';
 
 /** `text` | `prompt_completion` | `chat`: one format per dataset. */
 export type DatasetFormat = 'text' | 'prompt_completion' | 'chat';
@@ -335,7 +336,7 @@ export async function removeDataset(ctx: AppContext, tenantId: string, id: strin
     await trx('files').where({ tenant_id: tenantId, owner_kind: 'dataset', owner_id: id }).delete();
     await trx('datasets').where({ tenant_id: tenantId, id }).delete();
     // A create repeated with the same idempotency key now makes a new dataset (not a 404).
-    await trx('idempotency_keys').where({ tenant_id: tenantId, resource_id: id }).delete();
+    await forgetIdempotentCreates(trx, tenantId, id);
   });
   // Bytes go after the rows: a crash in between leaves an orphan file, never a dangling row.
   await ctx.storage.removeTree(['datasets', id]);

@@ -1,5 +1,6 @@
 import { createHash } from 'node:crypto';
 import type { Request } from 'express';
+import type { Knex } from 'knex';
 import type { AppContext } from '../context.js';
 import { ApiError } from '../errors.js';
 import { tenantOf } from '../http.js';
@@ -35,12 +36,13 @@ export async function idempotent(
   ctx: AppContext,
   req: Request,
   scope: string,
-  prefix: IdPrefix,
+  /** A prefix for a fresh id, or the id itself for objects named by the caller (templates). */
+  target: IdPrefix | { id: string },
   create: (id: string) => Promise<void>,
   body: unknown = req.body,
 ): Promise<{ id: string; repeat: boolean }> {
   const key = idempotencyKeyOf(req);
-  const id = newId(prefix);
+  const id = typeof target === 'string' ? newId(target) : target.id;
   if (!key) {
     await create(id);
     return { id, repeat: false };
@@ -81,4 +83,9 @@ export async function idempotent(
     );
   }
   return { id: existing.resource_id as string, repeat: true };
+}
+
+/** Forgets the keys that created an object, once it is deleted: a repeat then creates it anew. */
+export async function forgetIdempotentCreates(db: Knex, tenantId: string, resourceId: string): Promise<void> {
+  await db('idempotency_keys').where({ tenant_id: tenantId, resource_id: resourceId }).delete();
 }

@@ -1,0 +1,20 @@
+"""Schemathesis hooks for scripts/schemathesis.sh (loaded through the generated schemathesis.toml).
+
+`POST /v1/workers/claim` long-polls up to `wait_seconds` (default 20) when no job matches. Generated
+claims rarely match a pending job, so every valid-looking claim would sit out its whole wait and the
+run would spend its time asleep. Here a claim's wait is pinned to 0; everything else about the
+generated body (including invalid values, which the server must reject at once) is left alone.
+"""
+
+from typing import Any
+
+import schemathesis
+
+
+@schemathesis.hook
+def before_call(context: Any, case: Any, **kwargs: Any) -> None:
+    if case.operation.label != "POST /v1/workers/claim" or not isinstance(case.body, dict):
+        return
+    wait = case.body.get("wait_seconds", 0)
+    if isinstance(wait, int | float) and not isinstance(wait, bool) and 0 <= wait <= 30:
+        case.body["wait_seconds"] = 0
