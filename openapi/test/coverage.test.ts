@@ -16,7 +16,7 @@ function coverageRows(): CoverageRow[] {
   const text = readFileSync(join(openapiDir, 'COVERAGE.md'), 'utf8');
   const rows: CoverageRow[] = [];
   for (const line of text.split('\n')) {
-    const match = /^\| (\d{3}) \| `([A-Z]+ [^`]+)` \| (\w+) \|/.exec(line);
+    const match = /^\|\s*(\d{3})\s*\|\s*`([A-Z]+ [^`]+)`\s*\|\s*(\w+)\s*\|/.exec(line);
     if (match) rows.push({ seed: match[1]!, endpoint: match[2]!, operationId: match[3]! });
   }
   return rows;
