@@ -2,58 +2,19 @@ import { createHash } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { newId } from '../src/ids.js';
-import { enqueueJob } from '../src/queue/enqueue.js';
 import type { JobRow } from '../src/queue/types.js';
 import { registerJobOutputs } from '../src/services/registry.js';
+import { type CompletedJobOptions, completedJob } from './fixtures.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
 
-/** A job that completed with these output files, registered as a worker's completion would. */
-async function completedJob(
-  server: TestServer,
-  opts: {
-    tenantId?: string;
-    kind?: 'training' | 'distillation';
-    type: string;
-    method?: string | null;
-    config?: Record<string, unknown>;
-    files?: Record<string, string>;
-    result?: Record<string, unknown>;
-  },
-) {
-  const { knex } = server.ctx;
-  const id = newId('job');
-  const tenantId = opts.tenantId ?? 'default';
-  await enqueueJob(server.ctx, knex, {
-    id,
-    tenantId,
-    kind: opts.kind ?? 'training',
-    type: opts.type,
-    method: opts.method ?? null,
-    config: opts.config ?? {},
+/** This file's jobs: from llama-3.2-1b, with no method and one whole-model file unless given. */
+const modelJob = (server: TestServer, opts: CompletedJobOptions & { type: string }) =>
+  completedJob(server, {
+    method: null,
     baseModel: 'llama-3.2-1b',
+    files: { 'model.safetensors': 'weights' },
+    ...opts,
   });
-  for (const [name, content] of Object.entries(opts.files ?? { 'model.safetensors': 'weights' })) {
-    const stored = await server.ctx.storage.putBuffer(['jobs', id, 'outputs', name], content);
-    await knex('files').insert({
-      id: newId('file'),
-      tenant_id: tenantId,
-      owner_kind: 'job_output',
-      owner_id: id,
-      name,
-      rel_path: stored.relPath,
-      size_bytes: stored.sizeBytes,
-      sha256: stored.sha256,
-    });
-  }
-  return knex.transaction(async (trx) => {
-    const [job] = (await trx('jobs')
-      .where({ id })
-      .update({ status: 'completed' })
-      .returning('*')) as JobRow[];
-    return { jobId: id, ...(await registerJobOutputs(server.ctx, trx, job!, opts.result ?? {})) };
-  });
-}
 
 /** A stand-in for Ollama's HTTP API that records what it was sent. */
 async function fakeOllama() {
@@ -116,7 +77,7 @@ describe.each(DATABASES)('models on %s', (db) => {
       ['contract', null, 'contracted', false],
     ];
     for (const [type, method, kind, adapter] of cases) {
-      const { modelId, adapterName } = await completedJob(server, {
+      const { modelId, adapterName } = await modelJob(server, {
         type,
         method,
         result: { params_before: 100, params_after: 150 },
@@ -131,7 +92,7 @@ describe.each(DATABASES)('models on %s', (db) => {
       });
       expect(adapterName !== null).toBe(adapter);
     }
-    const distilled = await completedJob(server, {
+    const distilled = await modelJob(server, {
       kind: 'distillation',
       type: 'distill',
       config: { output_name: 'student-v1' },
@@ -143,7 +104,7 @@ describe.each(DATABASES)('models on %s', (db) => {
     expect(model.files.find((f: { name: string }) => f.name === 'model-q8_0.gguf').download_url).toBe(
       `/v1/distillation/${distilled.jobId}/artifacts/model-q8_0.gguf`,
     );
-    const benchmark = await completedJob(server, {
+    const benchmark = await modelJob(server, {
       type: 'benchmark',
       result: { scores: { perplexity: 3 } },
     });
@@ -151,7 +112,7 @@ describe.each(DATABASES)('models on %s', (db) => {
   });
 
   it('lists newest first and hides other tenants', async () => {
-    const { modelId } = await completedJob(server, { type: 'train', config: { output_name: 'newest' } });
+    const { modelId } = await modelJob(server, { type: 'train', config: { output_name: 'newest' } });
     const list = await (await server.api('/v1/models?limit=2')).json();
     expect(list.models[0]).toMatchObject({ id: modelId, name: 'newest' });
     expect(list.models).toHaveLength(2);
@@ -177,8 +138,8 @@ describe.each(DATABASES)('models on %s', (db) => {
   });
 
   it('activates one model at a time', async () => {
-    const a = await completedJob(server, { type: 'train', config: { output_name: 'model-a' } });
-    const b = await completedJob(server, { type: 'train', config: { output_name: 'model-b' } });
+    const a = await modelJob(server, { type: 'train', config: { output_name: 'model-a' } });
+    const b = await modelJob(server, { type: 'train', config: { output_name: 'model-b' } });
     const res = await server.api(`/v1/models/${a.modelId}/activate`, {
       method: 'POST',
       json: { provider_model: 'eliza-v1' },
@@ -205,7 +166,7 @@ describe.each(DATABASES)('models on %s', (db) => {
   it('imports a GGUF into Ollama through its API', async () => {
     const ollama = await fakeOllama();
     try {
-      const { modelId } = await completedJob(server, {
+      const { modelId } = await modelJob(server, {
         type: 'merge',
         config: { output_name: 'merged-v1' },
         files: { 'model.safetensors': 'w', 'model-q8_0.gguf': 'GGUF-q8', 'model-q4_0.gguf': 'GGUF-q4' },
@@ -240,7 +201,7 @@ describe.each(DATABASES)('models on %s', (db) => {
   });
 
   it('refuses non-loopback Ollama URLs, models without GGUF, and unreachable Ollama', async () => {
-    const { modelId } = await completedJob(server, { type: 'merge', files: { 'model.safetensors': 'w' } });
+    const { modelId } = await modelJob(server, { type: 'merge', files: { 'model.safetensors': 'w' } });
     for (const url of [
       'http://example.com:11434',
       'http://10.0.0.1:11434',
@@ -261,7 +222,7 @@ describe.each(DATABASES)('models on %s', (db) => {
     expect(noGguf.status).toBe(409);
     expect((await noGguf.json()).error.code).toBe('conflict');
 
-    const withGguf = await completedJob(server, { type: 'merge', files: { 'model-f16.gguf': 'g' } });
+    const withGguf = await modelJob(server, { type: 'merge', files: { 'model-f16.gguf': 'g' } });
     const ollama = await fakeOllama();
     const deadUrl = ollama.url;
     await ollama.close();
@@ -279,7 +240,7 @@ describe.each(DATABASES)('models on %s', (db) => {
   });
 
   it('queues a benchmark job whose scores land on the model', async () => {
-    const { modelId, jobId: trainJobId } = await completedJob(server, {
+    const { modelId, jobId: trainJobId } = await modelJob(server, {
       type: 'train',
       config: { output_name: 'bench-me' },
     });

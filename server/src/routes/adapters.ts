@@ -1,7 +1,8 @@
 import type { Knex } from 'knex';
 import type { AppContext } from '../context.js';
 import { ApiError, conflict, notFound } from '../errors.js';
-import { isoRequired, listEnvelope, page, pathParam, type Routes, type Schemas, tenantOf } from '../http.js';
+import { isoRequired, page, pathParam, type Routes, type Schemas, tenantOf } from '../http.js';
+import { listPage, newestFirst } from '../services/paging.js';
 import {
   type AdapterRow,
   type FileRow,
@@ -69,24 +70,14 @@ async function getAdapterRow(
 export const adapterRoutes: Routes = {
   async listAdapters(req, res, ctx) {
     const tenantId = tenantOf(req);
-    const { limit, offset } = page(req);
-    const counted = await ctx.knex('adapters').where({ tenant_id: tenantId }).count({ count: '*' }).first();
-    const rows = (await ctx
-      .knex('adapters')
-      .where({ tenant_id: tenantId })
-      .orderBy([
-        { column: 'created_at', order: 'desc' },
-        { column: 'name', order: 'asc' },
-      ])
-      .limit(limit)
-      .offset(offset)) as AdapterRow[];
     const body = {
-      ...listEnvelope(
+      ...(await listPage(
         'adapters',
-        await adapterViews(ctx, tenantId, rows),
-        Number(counted?.count ?? 0),
-        offset,
-      ),
+        ctx.knex('adapters').where({ tenant_id: tenantId }),
+        page(req),
+        newestFirst({ column: 'name', order: 'asc' }),
+        (rows: AdapterRow[]) => adapterViews(ctx, tenantId, rows),
+      )),
       current_adapter: await loadedAdapter(ctx.knex, tenantId),
     };
     res.json(body satisfies Schemas['AdapterList']);

@@ -1,16 +1,7 @@
 import { createHash } from 'node:crypto';
 import type { Request } from 'express';
 import { badRequest } from '../errors.js';
-import {
-  type BodyOf,
-  isoRequired,
-  listEnvelope,
-  page,
-  pathParam,
-  type Routes,
-  type Schemas,
-  tenantOf,
-} from '../http.js';
+import { type BodyOf, isoRequired, page, pathParam, type Routes, type Schemas, tenantOf } from '../http.js';
 import {
   buildDatasetFromTrajectories,
   type DatasetRecord,
@@ -22,6 +13,7 @@ import {
   toDatasetRow,
 } from '../services/datasets.js';
 import { idempotent } from '../services/idempotency.js';
+import { listPage, newestFirst } from '../services/paging.js';
 
 /** A dataset as the API shows it, with the seed aliases (`dataset_name`, `num_texts`, `example_count`). */
 export function datasetView(row: DatasetRow): Schemas['Dataset'] {
@@ -137,22 +129,12 @@ export const datasetRoutes: Routes = {
 
   async listDatasets(req, res, ctx) {
     const tenantId = tenantOf(req);
-    const { limit, offset } = page(req);
-    const counted = await ctx.knex('datasets').where({ tenant_id: tenantId }).count({ count: '*' }).first();
-    const rows = await ctx
-      .knex('datasets')
-      .where({ tenant_id: tenantId })
-      .orderBy([
-        { column: 'created_at', order: 'desc' },
-        { column: 'id', order: 'desc' },
-      ])
-      .limit(limit)
-      .offset(offset);
-    const body = listEnvelope(
+    const body = await listPage(
       'datasets',
-      rows.map((r) => datasetView(toDatasetRow(r))),
-      Number(counted?.count ?? 0),
-      offset,
+      ctx.knex('datasets').where({ tenant_id: tenantId }),
+      page(req),
+      newestFirst(),
+      (rows) => rows.map((r) => datasetView(toDatasetRow(r))),
     );
     res.json(body satisfies Schemas['DatasetList']);
   },

@@ -1,15 +1,7 @@
 import type { Request } from 'express';
 import type { AppContext } from '../context.js';
 import { notFound } from '../errors.js';
-import {
-  type BodyOf,
-  checkTenantParam,
-  listEnvelope,
-  page,
-  pathParam,
-  type Routes,
-  type Schemas,
-} from '../http.js';
+import { type BodyOf, checkTenantParam, page, pathParam, type Routes, type Schemas } from '../http.js';
 import { cancelJob } from '../queue/cancel.js';
 import { enqueueJob } from '../queue/enqueue.js';
 import type { Db } from '../queue/lease.js';
@@ -22,7 +14,8 @@ import {
 } from '../services/distillation-request.js';
 import { sendStoredFile } from '../services/downloads.js';
 import { idempotent } from '../services/idempotency.js';
-import { getJobRow, listJobRows, serializeDistillationJob } from '../services/jobs.js';
+import { getJobRow, type JobRow, jobsOfKind, serializeDistillationJob } from '../services/jobs.js';
+import { listPage, newestFirst } from '../services/paging.js';
 import { type FileRow, jobOutputFiles, outputDirectory, outputFileView } from '../services/registry.js';
 
 /** The caller's distillation job; `tenant_id` in the query must be the key's own tenant. */
@@ -106,22 +99,14 @@ export const distillationRoutes: Routes = {
 
   async listDistillationJobs(req, res, ctx) {
     const tenantId = checkTenantParam(req, req.query.tenant_id);
-    const paging = page(req);
-    const { rows, total } = await listJobRows(
-      ctx,
-      tenantId,
-      'distillation',
-      { status: req.query.status as string | undefined },
-      paging,
+    const body = await listPage(
+      'jobs',
+      jobsOfKind(ctx, tenantId, 'distillation', { status: req.query.status as string | undefined }),
+      page(req),
+      newestFirst(),
+      (rows: JobRow[]) => rows.map(serializeDistillationJob),
     );
-    res.json(
-      listEnvelope(
-        'jobs',
-        rows.map(serializeDistillationJob),
-        total,
-        paging.offset,
-      ) satisfies Schemas['DistillationJobList'],
-    );
+    res.json(body satisfies Schemas['DistillationJobList']);
   },
 
   async getDistillationJob(req, res, ctx) {

@@ -5,7 +5,6 @@ import {
   type BodyOf,
   iso,
   isoRequired,
-  listEnvelope,
   page,
   pathParam,
   type Routes,
@@ -26,6 +25,7 @@ import { getDataset } from '../services/datasets.js';
 import { estimateJobCostUsd } from '../services/estimate.js';
 import { idempotent } from '../services/idempotency.js';
 import { importGguf, loopbackOllamaUrl } from '../services/ollama.js';
+import { listPage, newestFirst } from '../services/paging.js';
 import {
   type FileRow,
   jobKinds,
@@ -151,25 +151,16 @@ export const modelRoutes: Routes = {
   // ---------------------------------------------------------------- base-model catalog
   async listBaseModels(req, res, ctx) {
     const tenantId = tenantOf(req);
-    const { limit, offset } = page(req);
-    const visible = () =>
-      ctx.knex('base_models').where((q) => q.where('tenant_id', tenantId).orWhereNull('tenant_id'));
-    const counted = await visible().count({ count: '*' }).first();
-    // Shipped entries first (smallest model first), then the tenant's own, newest first.
-    const rows = await visible()
-      .orderByRaw('tenant_id IS NOT NULL')
-      .orderByRaw('CASE WHEN tenant_id IS NULL THEN params END ASC')
-      .orderBy([
-        { column: 'created_at', order: 'desc' },
-        { column: 'name', order: 'asc' },
-      ])
-      .limit(limit)
-      .offset(offset);
-    const body = listEnvelope(
+    const body = await listPage(
       'models',
-      rows.map((r) => baseModelView(toBaseModelRow(r))),
-      Number(counted?.count ?? 0),
-      offset,
+      ctx.knex('base_models').where((q) => q.where('tenant_id', tenantId).orWhereNull('tenant_id')),
+      page(req),
+      // Shipped entries first (smallest model first), then the tenant's own, newest first.
+      (q) =>
+        newestFirst({ column: 'name', order: 'asc' })(
+          q.orderByRaw('tenant_id IS NOT NULL').orderByRaw('CASE WHEN tenant_id IS NULL THEN params END ASC'),
+        ),
+      (rows) => rows.map((r) => baseModelView(toBaseModelRow(r))),
     );
     res.json(body satisfies Schemas['BaseModelList']);
   },
@@ -219,21 +210,14 @@ export const modelRoutes: Routes = {
   // ---------------------------------------------------------------- output models
   async listModels(req, res, ctx) {
     const tenantId = tenantOf(req);
-    const { limit, offset } = page(req);
-    const counted = await ctx.knex('models').where({ tenant_id: tenantId }).count({ count: '*' }).first();
-    const rows = await ctx
-      .knex('models')
-      .where({ tenant_id: tenantId })
-      .orderBy([
-        { column: 'created_at', order: 'desc' },
-        { column: 'id', order: 'desc' },
-      ])
-      .limit(limit)
-      .offset(offset);
-    const views = await modelViews(ctx, tenantId, rows.map(toModelRow));
-    res.json(
-      listEnvelope('models', views, Number(counted?.count ?? 0), offset) satisfies Schemas['ModelList'],
+    const body = await listPage(
+      'models',
+      ctx.knex('models').where({ tenant_id: tenantId }),
+      page(req),
+      newestFirst(),
+      (rows) => modelViews(ctx, tenantId, rows.map(toModelRow)),
     );
+    res.json(body satisfies Schemas['ModelList']);
   },
 
   async getModel(req, res, ctx) {

@@ -3,7 +3,6 @@ import type { AppContext } from '../context.js';
 import { notFound } from '../errors.js';
 import {
   isoRequired,
-  listEnvelope,
   page,
   pathParam,
   queryInt,
@@ -20,7 +19,8 @@ import { assertWithinBudget } from '../services/budget.js';
 import { storeDataset } from '../services/datasets.js';
 import { sendStoredFile } from '../services/downloads.js';
 import { idempotent } from '../services/idempotency.js';
-import { getJobRow, listJobRows, serializeTrainingJob } from '../services/jobs.js';
+import { getJobRow, jobsOfKind, serializeTrainingJob } from '../services/jobs.js';
+import { listPage, newestFirst } from '../services/paging.js';
 import { jobOutputFiles, outputFileView, totalSizeMb } from '../services/registry.js';
 import { type DataPlan, mergeJobPlan, mergeParent, planTrainingJob } from '../services/training-request.js';
 
@@ -93,16 +93,17 @@ export const trainingJobRoutes: Routes = {
   },
 
   async listTrainingJobs(req, res, ctx) {
-    const paging = page(req);
-    const { rows, total } = await listJobRows(
-      ctx,
-      tenantOf(req),
-      'training',
-      { status: req.query.status as string | undefined, type: req.query.type as string | undefined },
-      paging,
+    const body = await listPage(
+      'jobs',
+      jobsOfKind(ctx, tenantOf(req), 'training', {
+        status: req.query.status as string | undefined,
+        type: req.query.type as string | undefined,
+      }),
+      page(req),
+      newestFirst(),
+      (rows: JobRow[]) => rows.map((row) => serializeTrainingJob(row, ctx.storage)),
     );
-    const jobs = rows.map((row) => serializeTrainingJob(row, ctx.storage));
-    res.json(listEnvelope('jobs', jobs, total, paging.offset) satisfies Schemas['TrainingJobList']);
+    res.json(body satisfies Schemas['TrainingJobList']);
   },
 
   async getTrainingJob(req, res, ctx) {

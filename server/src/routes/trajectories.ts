@@ -3,7 +3,6 @@ import {
   type BodyOf,
   iso,
   isoRequired,
-  listEnvelope,
   page,
   pathParam,
   type Routes,
@@ -12,6 +11,7 @@ import {
 } from '../http.js';
 import { countTrajectory, maybeStartAutoTraining } from '../services/auto-training.js';
 import { idempotent } from '../services/idempotency.js';
+import { listPage, newestFirst } from '../services/paging.js';
 
 const json = <T>(value: unknown): T => (typeof value === 'string' ? JSON.parse(value) : value) as T;
 
@@ -67,24 +67,17 @@ export const trajectoryRoutes: Routes = {
 
   async listTrajectories(req, res, ctx) {
     const tenantId = tenantOf(req);
-    const { limit, offset } = page(req);
-    const counted = await ctx
-      .knex('trajectories')
-      .where({ tenant_id: tenantId })
-      .count({ count: '*' })
-      .first();
-    const rows = await ctx
-      .knex('trajectories')
-      .where({ tenant_id: tenantId })
-      .select('id', 'source', 'status', 'llm_call_count', 'start_time', 'end_time', 'created_at')
-      .orderBy([
-        { column: 'created_at', order: 'desc' },
-        { column: 'id', order: 'desc' },
-      ])
-      .limit(limit)
-      .offset(offset);
     const body = {
-      ...listEnvelope('trajectories', rows.map(summaryView), Number(counted?.count ?? 0), offset),
+      ...(await listPage(
+        'trajectories',
+        ctx
+          .knex('trajectories')
+          .where({ tenant_id: tenantId })
+          .select('id', 'source', 'status', 'llm_call_count', 'start_time', 'end_time', 'created_at'),
+        page(req),
+        newestFirst(),
+        (rows) => rows.map(summaryView),
+      )),
       available: true as const,
     };
     res.json(body satisfies Schemas['TrajectoryList']);

@@ -121,25 +121,15 @@ export function serializeDistillationJob(row: JobRow): Schemas['DistillationJob'
   };
 }
 
-/** One page of the tenant's jobs of a kind, newest first, with the total for the envelope. */
-export async function listJobRows(
+/** The tenant's jobs of a kind, narrowed by the list filters given; for `listPage`. */
+export function jobsOfKind(
   ctx: Pick<AppContext, 'knex'>,
   tenantId: string,
   kind: JobKind,
   filters: { status?: string; type?: string },
-  page: { limit: number; offset: number },
-): Promise<{ rows: JobRow[]; total: number }> {
-  const base = ctx.knex('jobs').where({ tenant_id: tenantId, kind });
-  if (filters.status) base.andWhere('status', filters.status);
-  if (filters.type) base.andWhere('type', filters.type);
-  const [{ count }] = (await base.clone().count({ count: '*' })) as [{ count: string | number }];
-  const rows = (await base
-    .clone()
-    .orderBy([
-      { column: 'created_at', order: 'desc' },
-      { column: 'id', order: 'desc' },
-    ])
-    .limit(page.limit)
-    .offset(page.offset)) as JobRow[];
-  return { rows, total: Number(count) };
+) {
+  const query = ctx.knex('jobs').where({ tenant_id: tenantId, kind });
+  if (filters.status) query.andWhere('status', filters.status);
+  if (filters.type) query.andWhere('type', filters.type);
+  return query;
 }

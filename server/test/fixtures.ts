@@ -1,0 +1,65 @@
+import { newId } from '../src/ids.js';
+import { enqueueJob } from '../src/queue/enqueue.js';
+import type { JobRow } from '../src/queue/types.js';
+import { registerJobOutputs } from '../src/services/registry.js';
+import type { TestServer } from './harness.js';
+
+export interface CompletedJobOptions {
+  tenantId?: string;
+  kind?: 'training' | 'distillation';
+  /** `finetune` unless given. */
+  type?: string;
+  /** `lora` unless given (null for none). */
+  method?: string | null;
+  baseModel?: string;
+  config?: Record<string, unknown>;
+  /** Output files by name; one small LoRA adapter file unless given. */
+  files?: Record<string, string>;
+  /** What the worker reported. */
+  result?: Record<string, unknown>;
+}
+
+/**
+ * A job that completed with these output files, registered as a worker's completion would
+ * (src/queue/complete.ts): its outputs become an adapter and / or a model, and the job points at them.
+ */
+export async function completedJob(server: TestServer, opts: CompletedJobOptions = {}) {
+  const { knex } = server.ctx;
+  const id = newId('job');
+  const tenantId = opts.tenantId ?? 'default';
+  await enqueueJob(server.ctx, knex, {
+    id,
+    tenantId,
+    kind: opts.kind ?? 'training',
+    type: opts.type ?? 'finetune',
+    method: opts.method === undefined ? 'lora' : opts.method,
+    config: opts.config ?? {},
+    baseModel: opts.baseModel ?? 'codellama-7b-instruct',
+  });
+  for (const [name, content] of Object.entries(
+    opts.files ?? { 'adapter_model.safetensors': 'x'.repeat(1000) },
+  )) {
+    const stored = await server.ctx.storage.putBuffer(['jobs', id, 'outputs', name], content);
+    await knex('files').insert({
+      id: newId('file'),
+      tenant_id: tenantId,
+      owner_kind: 'job_output',
+      owner_id: id,
+      name,
+      rel_path: stored.relPath,
+      size_bytes: stored.sizeBytes,
+      sha256: stored.sha256,
+    });
+  }
+  return knex.transaction(async (trx) => {
+    const [job] = (await trx('jobs')
+      .where({ id })
+      .update({ status: 'completed', phase: 'done' })
+      .returning('*')) as JobRow[];
+    const registered = await registerJobOutputs(server.ctx, trx, job!, opts.result ?? {});
+    await trx('jobs')
+      .where({ id })
+      .update({ output_model_id: registered.modelId, adapter_name: registered.adapterName });
+    return { jobId: id, ...registered };
+  });
+}
