@@ -43,6 +43,35 @@ export async function hasAnyKey(knex: Knex): Promise<boolean> {
 const unauthorized = (message: string) =>
   new ApiError(401, 'unauthorized', message, null, { 'WWW-Authenticate': 'Bearer' });
 
+/**
+ * Recently seen keys, so an authenticated request costs one database round trip instead of two.
+ * Entries live KEY_CACHE_MS (a revoked key stops working within that); unknown keys are never
+ * cached, so a new key works at once.
+ */
+const KEY_CACHE_MS = 30_000;
+const KEY_CACHE_MAX = 10_000;
+const keyCache = new Map<string, { row: KeyRow; until: number }>();
+
+interface KeyRow {
+  id: string;
+  kind: 'user' | 'worker';
+  tenant_id: string | null;
+  admin: boolean;
+}
+
+async function findKey(knex: Knex, hash: string): Promise<KeyRow | undefined> {
+  const cached = keyCache.get(hash);
+  if (cached && cached.until > Date.now()) return cached.row;
+  const row = (await knex('api_keys')
+    .where({ hash })
+    .whereNull('revoked_at')
+    .first('id', 'kind', 'tenant_id', 'admin')) as KeyRow | undefined;
+  if (!row) return undefined;
+  if (keyCache.size >= KEY_CACHE_MAX) keyCache.clear();
+  keyCache.set(hash, { row, until: Date.now() + KEY_CACHE_MS });
+  return row;
+}
+
 /** Resolves `Authorization: Bearer …` to a principal of the wanted kind, or throws 401. */
 export async function authenticate(
   knex: Knex,
@@ -51,10 +80,7 @@ export async function authenticate(
 ): Promise<Principal> {
   const match = /^Bearer\s+(\S+)$/i.exec(header ?? '');
   if (!match) throw unauthorized('Missing API key: send "Authorization: Bearer <key>".');
-  const row = await knex('api_keys')
-    .where({ hash: hashSecret(match[1]!) })
-    .whereNull('revoked_at')
-    .first();
+  const row = await findKey(knex, hashSecret(match[1]!));
   if (!row) throw unauthorized('Invalid API key.');
   if (row.kind !== want) {
     throw unauthorized(
@@ -62,6 +88,6 @@ export async function authenticate(
     );
   }
   return row.kind === 'user'
-    ? { kind: 'user', keyId: row.id, tenantId: row.tenant_id, admin: row.admin }
+    ? { kind: 'user', keyId: row.id, tenantId: row.tenant_id!, admin: row.admin }
     : { kind: 'worker', keyId: row.id };
 }
