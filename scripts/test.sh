@@ -18,6 +18,7 @@ pnpm -s exec biome check .
 section "Python lint"
 .venv/bin/ruff check workers
 .venv/bin/ruff format --check workers
+(cd workers && ../.venv/bin/mypy tunery_worker)
 
 section "docs (API reference + SDK reference)"
 bash scripts/docs.sh
