@@ -27,6 +27,7 @@ export {
   PermissionDeniedError,
   RateLimitError,
   TuneryError,
+  UnparsableResponseError,
   UnprocessableEntityError,
 } from './core/error.js';
 export type { FollowOptions } from './core/follow.js';

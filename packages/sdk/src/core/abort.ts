@@ -6,28 +6,37 @@ export interface AttemptSignal {
   signal: AbortSignal;
   /** True when the timeout (not the caller) aborted the attempt. */
   timedOut(): boolean;
-  /** Stops the timer and, unless told to keep it, unhooks from the caller's signal. */
-  dispose(options?: { keepCallerLink?: boolean }): void;
+  /** Stops the timer and, given `timeoutMs`, starts a fresh one (a download's wait for its next chunk). */
+  resetTimer(timeoutMs?: number): void;
+  /** Stops the timer and unhooks from the caller's signal. Safe to call more than once. */
+  dispose(): void;
 }
 
 export function attemptSignal(callerSignal: AbortSignal | undefined, timeoutMs: number): AttemptSignal {
   const controller = new AbortController();
   let timedOut = false;
+  let timer: ReturnType<typeof setTimeout> | undefined;
   const onCallerAbort = () => controller.abort(callerSignal?.reason);
   if (callerSignal?.aborted) onCallerAbort();
   else callerSignal?.addEventListener('abort', onCallerAbort, { once: true });
-  const timer = setTimeout(() => {
-    timedOut = true;
-    controller.abort(new DOMException('The request timed out.', 'TimeoutError'));
-  }, timeoutMs);
-  // A pending timeout must not keep a Node process alive on its own.
-  (timer as { unref?: () => void }).unref?.();
+  const resetTimer = (ms?: number) => {
+    clearTimeout(timer);
+    if (ms === undefined) return;
+    timer = setTimeout(() => {
+      timedOut = true;
+      controller.abort(new DOMException('The request timed out.', 'TimeoutError'));
+    }, ms);
+    // A pending timeout must not keep a Node process alive on its own.
+    (timer as { unref?: () => void }).unref?.();
+  };
+  resetTimer(timeoutMs);
   return {
     signal: controller.signal,
     timedOut: () => timedOut,
-    dispose({ keepCallerLink = false } = {}) {
-      clearTimeout(timer);
-      if (!keepCallerLink) callerSignal?.removeEventListener('abort', onCallerAbort);
+    resetTimer,
+    dispose() {
+      resetTimer();
+      callerSignal?.removeEventListener('abort', onCallerAbort);
     },
   };
 }

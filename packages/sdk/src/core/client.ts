@@ -4,8 +4,15 @@ import createClient, { type Client, type Middleware } from 'openapi-fetch';
 import type { paths } from '../generated/api.js';
 import { attemptSignal, sleep } from './abort.js';
 import { APIPromise, type WithResponse } from './api-promise.js';
+import { guardDownload, withConnectionErrors } from './body.js';
 import { readEnv } from './env.js';
-import { APIConnectionError, APIConnectionTimeoutError, APIError, APIUserAbortError } from './error.js';
+import {
+  APIConnectionError,
+  APIConnectionTimeoutError,
+  APIError,
+  APIUserAbortError,
+  UnparsableResponseError,
+} from './error.js';
 import { newIdempotencyKey, takesIdempotencyKey } from './idempotency.js';
 import { isLogLevel, type Logger, type LogLevel, levelledLogger } from './log.js';
 import { type ListEnvelope, PagePromise } from './pagination.js';
@@ -35,7 +42,10 @@ export interface ClientOptions {
   apiKey?: string | null | undefined;
   /** Server root, without `/v1`. Default: `TUNERY_BASE_URL`, else `http://127.0.0.1:8000`. */
   baseURL?: string | null | undefined;
-  /** Milliseconds one attempt may take before it is aborted (and retried). Default 10 minutes. */
+  /**
+   * Milliseconds one attempt may take before it is aborted (and retried). Default 10 minutes. A download's
+   * body, read after the call resolves, gets this long to deliver each chunk instead.
+   */
   timeout?: number | undefined;
   /** Retries after the first attempt, for connection errors, 408, transient 409, 429 and 5xx. Default 2. */
   maxRetries?: number | undefined;
@@ -209,6 +219,7 @@ export class TuneryClient {
       this.logger.debug(`${label} (attempt ${attempt + 1}/${maxRetries + 1})`);
       const attemptAbort = attemptSignal(callerSignal, timeout);
       let result: { data?: unknown; error?: unknown; response: Response } | undefined;
+      let download: ReadableStream<Uint8Array> | undefined;
       try {
         result = await this.#api.request(
           method,
@@ -218,11 +229,17 @@ export class TuneryClient {
             body: options.multipart ? await options.multipart() : options.body,
             ...(options.multipart ? { bodySerializer: (body: unknown) => body } : {}),
             headers,
-            parseAs: options.parseAs ?? 'json',
+            // JSON is parsed below, so that a 2xx body that is not JSON becomes an UnparsableResponseError.
+            parseAs: options.parseAs === 'stream' ? 'stream' : 'text',
             signal: attemptAbort.signal,
             fetch: (request: Request) => this.#send(request, options.fetchOptions),
           } as never,
         );
+        if (options.parseAs === 'stream' && result.response.ok && result.data) {
+          download = guardDownload(result.data as ReadableStream<Uint8Array>, attemptAbort, timeout, (err) =>
+            classifyFailure(err, callerSignal, attemptAbort.timedOut()),
+          );
+        }
       } catch (err) {
         const failure = classifyFailure(err, callerSignal, attemptAbort.timedOut());
         if (!(failure instanceof APIConnectionError) || retriesLeft <= 0) throw failure;
@@ -233,16 +250,17 @@ export class TuneryClient {
         await sleep(delay, callerSignal);
         continue;
       } finally {
-        // A download's body is still arriving: keep the caller's signal wired to it, drop only the timer.
-        attemptAbort.dispose({
-          keepCallerLink: options.parseAs === 'stream' && result?.response.ok === true,
-        });
+        // A download's body is still to be read: the guarded stream disposes of the attempt when it is done.
+        if (!download) attemptAbort.dispose();
       }
 
       const { response } = result;
       const requestId = response.headers.get('x-request-id');
       this.logger.debug(`${label} → ${response.status}${requestId ? ` (request ${requestId})` : ''}`);
-      if (response.ok) return { data: result.data as T, response, requestId };
+      if (response.ok) {
+        const data = options.parseAs === 'stream' ? download : parseJson(result.data, response);
+        return { data: data as T, response, requestId };
+      }
 
       const status = response.status;
       const code = errorCode(result.error);
@@ -279,11 +297,13 @@ export class TuneryClient {
     // The request already carries the attempt's signal (timeout + caller); a signal here would replace it.
     const { signal: _signal, ...fetchOptions } = { ...this.#fetchOptions, ...perCallFetchOptions };
     const fetch = this.#fetch ?? globalThis.fetch;
+    let response: Response;
     try {
-      return await (Object.keys(fetchOptions).length ? fetch(request, fetchOptions) : fetch(request));
+      response = await (Object.keys(fetchOptions).length ? fetch(request, fetchOptions) : fetch(request));
     } catch (cause) {
       throw new APIConnectionError({ cause });
     }
+    return withConnectionErrors(response);
   }
 }
 
@@ -292,6 +312,16 @@ function classifyFailure(err: unknown, callerSignal: AbortSignal | undefined, ti
   if (callerSignal?.aborted) return new APIUserAbortError();
   if (timedOut) return new APIConnectionTimeoutError();
   return err;
+}
+
+// The body of a 2xx JSON response, read as text by openapi-fetch (undefined when empty).
+function parseJson(text: unknown, response: Response): unknown {
+  if (typeof text !== 'string' || text === '') return undefined;
+  try {
+    return JSON.parse(text);
+  } catch (cause) {
+    throw new UnparsableResponseError(response, text, cause);
+  }
 }
 
 function errorCode(body: unknown): string | undefined {

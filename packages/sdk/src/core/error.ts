@@ -85,6 +85,15 @@ export class APIConnectionTimeoutError extends APIConnectionError {
   }
 }
 
+/** A 2xx response whose body is not JSON (a proxy's HTML page, say). Not retried. */
+export class UnparsableResponseError extends APIError<number> {
+  override name = 'UnparsableResponseError';
+  constructor(response: Response, body: string, cause: unknown) {
+    super(response.status, undefined, `Response body is not JSON: ${body.slice(0, 200)}`, response.headers);
+    this.cause = cause;
+  }
+}
+
 export class BadRequestError extends APIError<400> {
   override name = 'BadRequestError';
 }

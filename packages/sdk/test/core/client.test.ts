@@ -1,3 +1,4 @@
+import { getEventListeners } from 'node:events';
 import { delay, HttpResponse, http } from 'msw';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import {
@@ -10,6 +11,8 @@ import {
   type Middleware,
   RateLimitError,
   Tunery,
+  TuneryError,
+  UnparsableResponseError,
 } from '../../src/index.js';
 import { BASE_URL, memoryLogger, useMockServer } from '../helpers.js';
 
@@ -223,6 +226,126 @@ describe('timeouts and aborts', () => {
     setTimeout(() => controller.abort(), 50);
     await expect(pending).rejects.toBeInstanceOf(APIUserAbortError);
     expect(mock.state.requests).toHaveLength(1);
+  });
+});
+
+// A body that sends `chunks` (one every `everyMs`), then fails as undici does on a reset socket, or stalls.
+function body(chunks: string[], end: 'close' | 'reset' | 'stall', everyMs = 0): ReadableStream<Uint8Array> {
+  const queue = [...chunks];
+  return new ReadableStream({
+    async pull(controller) {
+      const chunk = queue.shift();
+      if (chunk !== undefined) {
+        if (everyMs) await delay(everyMs);
+        return controller.enqueue(new TextEncoder().encode(chunk));
+      }
+      if (end === 'close') controller.close();
+      else if (end === 'reset') controller.error(new TypeError('terminated'));
+      else await new Promise(() => {});
+    },
+  });
+}
+
+async function readAll(stream: ReadableStream<Uint8Array>): Promise<string> {
+  let text = '';
+  const decoder = new TextDecoder();
+  for await (const chunk of stream as unknown as AsyncIterable<Uint8Array>) text += decoder.decode(chunk);
+  return text;
+}
+
+describe('response bodies', () => {
+  const brokenCreates = (times: number) => {
+    const keys: (string | null)[] = [];
+    server.use(
+      http.post(`${BASE_URL}/v1/training/jobs`, ({ request }) => {
+        keys.push(request.headers.get('idempotency-key'));
+        if (keys.length > times) return undefined; // on to the mock server
+        return new HttpResponse(body(['{"id": "job_'], 'reset'), {
+          status: 201,
+          headers: { 'content-type': 'application/json' },
+        });
+      }),
+    );
+    return keys;
+  };
+
+  it('retries a body that fails mid-way with the same Idempotency-Key, then throws APIConnectionError', async () => {
+    vi.spyOn(Math, 'random').mockReturnValue(1);
+    const keys = brokenCreates(3);
+    const error = await client({ maxRetries: 2 })
+      .training.jobs.create(finetune)
+      .catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(APIConnectionError);
+    expect((error as Error).cause).toMatchObject({ name: 'TypeError', message: 'terminated' });
+    expect(keys).toHaveLength(3);
+    expect(new Set(keys).size).toBe(1);
+
+    const again = brokenCreates(1);
+    await expect(client().training.jobs.create(finetune)).resolves.toMatchObject({ status: 'pending' });
+    expect(again).toHaveLength(2);
+    expect(again[1]).toBe(again[0]);
+    vi.restoreAllMocks();
+  });
+
+  it('turns a 2xx body that is not JSON into UnparsableResponseError, not retried', async () => {
+    let calls = 0;
+    server.use(
+      http.get(`${BASE_URL}/v1/budget`, () => {
+        calls++;
+        return HttpResponse.html('<html>502 from the proxy</html>', {
+          headers: { 'x-request-id': 'req_html' },
+        });
+      }),
+    );
+    const error = await client()
+      .budget.get()
+      .catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(UnparsableResponseError);
+    expect(error).toBeInstanceOf(TuneryError);
+    expect(error).toMatchObject({ status: 200, requestId: 'req_html' });
+    expect((error as Error).message).toBe('200: Response body is not JSON: <html>502 from the proxy</html>');
+    expect((error as Error).cause).toBeInstanceOf(SyntaxError);
+    expect(calls).toBe(1);
+  });
+});
+
+describe('downloads', () => {
+  const serveOutput = (make: () => ReadableStream<Uint8Array>) =>
+    server.use(http.get(`${BASE_URL}/v1/training/jobs/:id/output/:file`, () => new HttpResponse(make())));
+
+  it('lets go of the caller’s signal once each body is read or cancelled', async () => {
+    serveOutput(() => body(['ab', 'cd'], 'close'));
+    const tunery = client();
+    const controller = new AbortController();
+    for (let i = 0; i < 20; i++) {
+      const stream = await tunery.training.jobs.download('job_1', 'model.bin', { signal: controller.signal });
+      // Not awaited: msw tees mocked bodies, and cancelling one branch of a tee waits for the other.
+      if (i % 2) void stream.cancel();
+      else expect(await readAll(stream)).toBe('abcd');
+    }
+    expect(getEventListeners(controller.signal, 'abort')).toHaveLength(0);
+  });
+
+  it('times out a stalled body, with the timeout applying to each chunk', async () => {
+    serveOutput(() => body(['a', 'b', 'c', 'd'], 'close', 60));
+    const tunery = client({ timeout: 150, maxRetries: 0 });
+    expect(await readAll(await tunery.training.jobs.download('job_1', 'model.bin'))).toBe('abcd');
+
+    serveOutput(() => body(['a'], 'stall'));
+    const controller = new AbortController();
+    const stream = await tunery.training.jobs.download('job_1', 'model.bin', { signal: controller.signal });
+    const started = performance.now();
+    await expect(readAll(stream)).rejects.toBeInstanceOf(APIConnectionTimeoutError);
+    expect(performance.now() - started).toBeLessThan(1_000);
+    expect(getEventListeners(controller.signal, 'abort')).toHaveLength(0);
+  });
+
+  it('aborts a body being read when the caller’s signal fires', async () => {
+    serveOutput(() => body(['a'], 'stall'));
+    const controller = new AbortController();
+    const stream = await client().training.jobs.download('job_1', 'model.bin', { signal: controller.signal });
+    setTimeout(() => controller.abort(), 20);
+    await expect(readAll(stream)).rejects.toBeInstanceOf(APIUserAbortError);
   });
 });
 
