@@ -58,7 +58,7 @@ def test_5xx_429_and_dropped_connections_are_retried_with_capped_backoff(server:
     answer = client.heartbeat(job["job_id"], job["lease_token"], {"current_step": 3})
     assert answer["cancel_requested"] is False
     assert len(sleeps) == 5
-    assert sleeps[2] == 0.0  # 429's Retry-After: 0 wins over the computed backoff
+    assert sleeps[2] == RetryPolicy().min_retry_after  # 429's Retry-After: 0, floored against a tight loop
     assert all(0 <= s <= RetryPolicy().max_delay for s in sleeps)
     assert server.state.heartbeats[-1]["progress"] == {"current_step": 3}
 
@@ -68,6 +68,41 @@ def test_backoff_grows_exponentially_up_to_the_cap() -> None:
     highs = [max(policy.delay(attempt) for _ in range(200)) for attempt in range(6)]
     assert highs[0] <= 1 and highs[2] <= 4 and all(h <= 8 for h in highs)
     assert highs[5] > 4  # reaches the cap's range, never beyond
+
+
+def test_backoff_survives_thousands_of_attempts() -> None:
+    policy = RetryPolicy()  # 0.5 * 2**1100 would not fit a float
+    assert all(0 <= policy.delay(attempt) <= policy.max_delay for attempt in (1030, 1100, 10**6))
+
+
+@pytest.mark.parametrize(
+    ("header", "slept"),
+    [
+        ("2", 2.0),
+        ("0", RetryPolicy().min_retry_after),
+        ("1000", RetryPolicy().max_delay),
+        # Not a delay the server may choose: the computed backoff (attempt 0: at most initial_delay).
+        ("-1", None),
+        ("nan", None),
+        ("inf", None),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", None),
+    ],
+)
+def test_retry_after_is_honoured_only_when_it_is_a_sane_delay(header: str, slept: float | None) -> None:
+    answers = [
+        httpx.Response(429, headers={"Retry-After": header}),
+        httpx.Response(200, json={"accepted": True, "cancel_requested": False}),
+    ]
+    sleeps = Sleeps()
+    client = WorkerClient(
+        "http://tunery.test", TOKEN, transport=httpx.MockTransport(lambda _: answers.pop(0)), sleep=sleeps
+    )
+    client.heartbeat("job_1", "lease-1")
+    [delay] = sleeps
+    if slept is None:
+        assert 0 <= delay <= RetryPolicy().initial_delay
+    else:
+        assert delay == slept
 
 
 def test_survives_a_server_restart(tmp_path: Path) -> None:

@@ -82,6 +82,26 @@ def test_chat_template_without_prefix_property_uses_generation_markers(tokenizer
         tokenizer.chat_template = CHAT_TEMPLATE
 
 
+STRICT_TEMPLATE = (  # the check many hub templates make, through transformers' raise_exception
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+)
+
+
+def test_a_conversation_the_chat_template_rejects_is_a_dataset_error(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    # A ValueError naming the line (→ invalid_dataset, not retried), not jinja2's TemplateError.
+    tokenizer.chat_template = STRICT_TEMPLATE
+    try:
+        good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+        bad = {"messages": [{"role": "assistant", "content": "hi"}, {"role": "assistant", "content": "x"}]}
+        assert data.build_dataset([{**good, "__line__": 1}], "chat", tokenizer, 64).examples
+        with pytest.raises(ValueError, match="line 2: .*chat template rejects.*roles must alternate"):
+            data.build_dataset([{**good, "__line__": 1}, {**bad, "__line__": 2}], "chat", tokenizer, 64)
+    finally:
+        tokenizer.chat_template = CHAT_TEMPLATE
+
+
 def test_truncation_and_records_left_without_labels(tokenizer) -> None:  # type: ignore[no-untyped-def]
     long_prompt = {"prompt": "word " * 50, "completion": " end"}
     example = data.tokenize_record(long_prompt, "prompt_completion", tokenizer, 16)

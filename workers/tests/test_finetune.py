@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_data import STRICT_TEMPLATE
 
 from tunery_worker.context import JobStopped, LocalJobContext
 from tunery_worker.errors import InvalidConfig, InvalidDataset
@@ -178,6 +180,68 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path, t
         assert resumed.events[0] == {"kind": "resumed", "payload": {"step": int(name.split("-")[1])}}
 
 
+def test_a_crash_after_training_resumes_from_the_last_step(
+    tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 5 steps with save_steps 3: the end of training is checkpointed too, so nothing is redone.
+    dataset = memorization_set(tmp_path)
+    training = {"max_steps": 5, "save_steps": 3, "logging_steps": 1}
+    whole = make_ctx(tmp_path, tiny_llama, dataset, "whole", training=training)
+    finetune.run(whole)
+    assert {name: step for name, (step, _) in whole.checkpoints.items()} == {
+        "checkpoint-3": 3,
+        "checkpoint-5": 5,
+    }
+
+    crashed = make_ctx(tmp_path, tiny_llama, dataset, "crashed", training=training)
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune.Finetune, "final_eval", lambda self: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            finetune.run(crashed)
+    resumed = make_ctx(tmp_path, tiny_llama, dataset, "resumed", training=training)
+    resumed.resume_checkpoint = crashed.checkpoints["checkpoint-5"][1]
+    result = finetune.run(resumed)
+    assert result["steps"] == 5 and not train_losses(resumed)  # no step ran again
+    assert not resumed.checkpoints  # and nothing new needed saving
+    want, got = final_adapter(whole), final_adapter(resumed)
+    assert all(torch.equal(want[key], got[key]) for key in want)
+
+
+def test_rng_state_keeps_only_the_training_device_cuda_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fake CUDA runtime: per-GPU generator states; the *_all functions go by position, as torch's do.
+    gpus = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}
+
+    def index(device: str | int = "cuda") -> int:
+        return device if isinstance(device, int) else (torch.device(device).index or 0)
+
+    def set_state(state: torch.Tensor, device: str | int = "cuda") -> None:
+        if index(device) not in gpus:
+            raise IndexError(f"no GPU {device}")
+        gpus[index(device)] = state.clone()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": gpus[index(device)].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [gpus[i].clone() for i in sorted(gpus)])
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state_all", lambda states: [set_state(s, i) for i, s in enumerate(states)]
+    )
+
+    saved = finetune.rng_state("cuda:1")  # trained on the second GPU of two
+    del gpus[1]
+    gpus[0] = torch.tensor([9], dtype=torch.uint8)
+    finetune.set_rng_state(saved, "cuda:0")  # resumed on a one-GPU worker
+    assert gpus[0].tolist() == [1]
+
+    # A CPU run's checkpoint has no CUDA stream, and an older one a list of every GPU's: both leave
+    # the training device's stream as seeded.
+    on_cpu = finetune.rng_state("cpu")
+    assert "cuda" not in on_cpu
+    finetune.set_rng_state(on_cpu, "cuda:0")
+    finetune.set_rng_state({**on_cpu, "cuda": [torch.tensor([5], dtype=torch.uint8)] * 2}, "cuda:0")
+    assert gpus[0].tolist() == [1]
+
+
 def test_resume_refuses_a_checkpoint_with_other_batching(tmp_path: Path, tiny_llama: Path) -> None:
     dataset = memorization_set(tmp_path)
     first = make_ctx(tmp_path, tiny_llama, dataset, "first", training={"max_steps": 2, "save_steps": 2})
@@ -242,6 +306,19 @@ def test_bad_dataset_is_invalid_dataset_with_line_number(tmp_path: Path, tiny_ll
     dataset.write_text('{"text": "fine"}\n{"text": 3}\n')
     with pytest.raises(InvalidDataset, match="line 2"):
         finetune.run(make_ctx(tmp_path, tiny_llama, dataset))
+
+
+def test_a_conversation_the_chat_template_rejects_is_invalid_dataset(
+    tmp_path: Path, tiny_llama: Path
+) -> None:
+    model_dir = tmp_path / "strict-model"
+    shutil.copytree(tiny_llama, model_dir)
+    (model_dir / "chat_template.jinja").write_text(STRICT_TEMPLATE)
+    turns = [{"role": "assistant", "content": "hi"}, {"role": "assistant", "content": "again"}]
+    dataset = write_jsonl(tmp_path / "chat.jsonl", [{"messages": turns}])
+    with pytest.raises(InvalidDataset, match="line 1: .*roles must alternate") as caught:
+        finetune.run(make_ctx(tmp_path, model_dir, dataset))
+    assert caught.value.retryable is False
 
 
 def test_chat_dataset_with_gradient_checkpointing(tmp_path: Path, tiny_qwen2: Path) -> None:

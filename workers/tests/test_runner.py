@@ -240,6 +240,49 @@ def test_unexpected_errors_fail_retryable_as_training_error(
     ]
 
 
+def quick_handler(ctx: JobContext) -> dict[str, Any]:
+    return {"ok": True}
+
+
+def run_until(worker: Worker, done: Any, timeout: float = 30) -> list[int]:
+    """Run the worker in a thread until `done()` (or it exits by itself); return its exit code."""
+    exit_codes: list[int] = []
+    thread = threading.Thread(target=lambda: exit_codes.append(worker.run()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while thread.is_alive() and not done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker.request_shutdown()
+    thread.join(timeout=timeout)
+    assert not thread.is_alive()
+    return exit_codes
+
+
+@pytest.mark.parametrize("status", [404, 503])
+def test_a_refused_outcome_report_does_not_stop_the_worker(
+    server: FakeTunery, worker: Worker, monkeypatch: pytest.MonkeyPatch, status: int
+) -> None:
+    monkeypatch.setitem(jobs.HANDLER_PATHS, "benchmark", f"{__name__}:quick_handler")
+    worker.job_types, worker.wait_seconds = ["benchmark"], 0.2
+    worker.client.retry = RetryPolicy(initial_delay=0.01, retry_seconds=0)  # a 503 is final at once
+    first, second = server.enqueue("benchmark", {}), server.enqueue("benchmark", {})
+    server.fault("transition", status)  # the first job's /complete
+    assert run_until(worker, lambda: second in server.state.completed) == [0]
+    assert first not in server.state.completed and server.state.completed[second] == {"ok": True}
+
+
+def test_an_unauthorized_outcome_report_stops_the_worker(
+    server: FakeTunery, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(jobs.HANDLER_PATHS, "benchmark", f"{__name__}:quick_handler")
+    worker.job_types, worker.wait_seconds = ["benchmark"], 0.2
+    server.enqueue("benchmark", {})
+    second = server.enqueue("benchmark", {})
+    server.fault("transition", 401)
+    assert run_until(worker, lambda: False) == [2]  # exits by itself, as a bad token at claim does
+    assert [job["job_id"] for job in server.state.queue] == [second]
+
+
 def test_shutdown_checkpoints_and_fails_retryable(
     server: FakeTunery, worker: Worker, tiny_llama: Path
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Generator
@@ -64,10 +65,13 @@ class RetryPolicy:
     initial_delay: float = 0.5  # seconds before the first retry
     max_delay: float = 30.0  # backoff cap
     retry_seconds: float = 300.0  # give up once this much time has passed since the first try
+    min_retry_after: float = 0.1  # floor under a server's Retry-After: "0" must not make a tight loop
 
     def delay(self, attempt: int) -> float:
         # Full jitter: many workers reconnecting after a restart do not hit the server in lockstep.
-        return random.uniform(0, min(self.max_delay, self.initial_delay * 2**attempt))
+        # The exponent is capped because 2**attempt overflows a float after ~1030 attempts (a long
+        # download resume loop gets there); by 2**16 max_delay has long been the bound anyway.
+        return random.uniform(0, min(self.max_delay, self.initial_delay * 2 ** min(attempt, 16)))
 
 
 def should_retry(response: httpx.Response | None, error: Exception | None) -> bool:
@@ -170,10 +174,17 @@ class WorkerClient:
 
     def _retry_after(self, response: httpx.Response | None) -> float | None:
         value = response.headers.get("Retry-After") if response is not None else None
+        if value is None:
+            return None
         try:
-            return min(float(value), self.retry.max_delay) if value is not None else None
+            seconds = float(value)
         except ValueError:  # an HTTP date; the computed backoff is good enough
             return None
+        # float() also takes "-1", "nan" and "inf", which time.sleep refuses or never returns from:
+        # only a finite, non-negative delay is the server's to choose.
+        if not math.isfinite(seconds) or seconds < 0:
+            return None
+        return min(max(seconds, self.retry.min_retry_after), self.retry.max_delay)
 
     # --- the protocol ---------------------------------------------------------------------------------
 

@@ -144,7 +144,15 @@ def tokenize_record(
     elif fmt == "prompt_completion":
         ids, labels = _tokenize_prompt_completion(record["prompt"], record["completion"], tokenizer)
     else:
-        ids, labels = _tokenize_chat(record["messages"], tokenizer)
+        from jinja2 import TemplateError  # imported here: only chat templates need jinja2
+
+        try:
+            ids, labels = _tokenize_chat(record["messages"], tokenizer)
+        except TemplateError as err:
+            # The template's own checks (e.g. "roles must alternate") reject this record: it fails the
+            # same way on every attempt, so it is a dataset error (ValueError → invalid_dataset, with
+            # build_dataset adding the line), not a retryable training error.
+            raise ValueError(f"the model's chat template rejects this conversation: {err}") from None
     if train_on_inputs:
         labels = list(ids)
     return Example(input_ids=ids[:max_seq_length], labels=labels[:max_seq_length])

@@ -324,7 +324,7 @@ class Worker:
 
     def _slot_loop(self) -> None:
         caps = self.capabilities()
-        failures = 0
+        failures = job_errors = 0
         while not self._shutdown.is_set():
             try:
                 job = self.client.claim(self.worker_id, caps, self.wait_seconds)
@@ -342,7 +342,24 @@ class Worker:
                 if self.once:
                     return
                 continue
-            self.run_job(job)
+            try:
+                self.run_job(job)
+            except Unauthorized as err:
+                self.fatal = err
+                self._shutdown.set()
+                return
+            except Exception:
+                # run_job turns the job's own failures into a report; what escapes is the server refusing
+                # that report (e.g. /complete answering 5xx past the client's retries, or a 404), or the
+                # attempt failing to start. The attempt is over either way (the server requeues it once
+                # its lease expires), so keep serving: letting this thread die would leave the worker
+                # quietly doing nothing. Back off as after a failed claim, so that a worker failing every
+                # job does not lease the whole queue away.
+                job_errors += 1
+                log.exception("[%s] the attempt ended without a report; claiming the next job", job["job_id"])
+                self._shutdown.wait(min(60.0, 2.0**job_errors))
+            else:
+                job_errors = 0
             if self.once:
                 return
 

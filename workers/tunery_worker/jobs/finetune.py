@@ -459,6 +459,10 @@ class Finetune:
                 except Exception as err:  # the lease may already be gone; the stop still wins
                     ctx.log(f"could not save a checkpoint while stopping: {err}", stream="stderr")
             raise
+        # The last step is durable too (unless save_steps just saved it): a crash in the final eval or
+        # while saving outputs then resumes here instead of redoing up to save_steps - 1 steps.
+        if self.step > self.last_saved_step:
+            self.save_checkpoint()
         if cfg.device.startswith("cuda"):
             torch.cuda.synchronize()
 
@@ -608,7 +612,7 @@ class Finetune:
 
     def save_checkpoint(self) -> None:
         # Under DDP every rank's random state goes in (a collective, so every rank gets here); rank 0 writes.
-        rng_ranks = None if self.ranks is None else self.ranks.gather(rng_state())
+        rng_ranks = None if self.ranks is None else self.ranks.gather(rng_state(self.cfg.device))
         if not self.is_main:
             self.last_saved_step = self.step
             return
@@ -621,7 +625,7 @@ class Finetune:
             "trainable": {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(),
+            "rng": rng_state(self.cfg.device),
             "config": self.cfg.to_dict(),
             "stats": dict(self.stats),
             "world_size": self.world_size,
@@ -664,7 +668,7 @@ class Finetune:
         rank = 0 if self.ranks is None else self.ranks.rank
         ranks = state.get("rng_ranks") or [state["rng"]]
         if saved_world == self.world_size:
-            set_rng_state(ranks[rank])
+            set_rng_state(ranks[rank], self.cfg.device)
             return
         if self.is_main:
             self.ctx.log(
@@ -672,7 +676,7 @@ class Finetune:
                 "weights, optimizer, schedule and data position resume exactly; dropout masks are new"
             )
         if rank == 0:
-            set_rng_state(state["rng"])
+            set_rng_state(state["rng"], self.cfg.device)
         else:
             seed_everything(rank_seed(self.cfg.training.seed, int(state["step"]), rank))
 
@@ -757,24 +761,34 @@ def rank_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + rank) % 2**63
 
 
-def rng_state() -> dict[str, Any]:
-    """Every generator's state, in types `torch.load(weights_only=True)` accepts."""
+def rng_state(device: str) -> dict[str, Any]:
+    """Every generator the run on `device` draws from, in types `torch.load(weights_only=True)` accepts.
+
+    Of the CUDA generators only the training device's: a checkpoint of every GPU's, restored by
+    position, broke on a worker with fewer GPUs and restored the wrong stream on another device index.
+    """
     kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
-    return {
+    state = {
         "python": random.getstate(),
         "numpy": (kind, torch.from_numpy(np.asarray(keys).copy()), pos, has_gauss, cached),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
+    if device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: str) -> None:
     random.setstate(_as_tuple(state["python"]))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    # The saved training device's stream goes onto this run's training device, whatever its index.
+    # A checkpoint without one (written on CPU) leaves it as seeded; so does an older checkpoint's
+    # list of every GPU's state, which cannot say which one trained: only dropout masks differ then.
+    cuda = state.get("cuda")
+    if device.startswith("cuda") and isinstance(cuda, torch.Tensor):
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def _as_tuple(value: Any) -> Any:
