@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
-import { mkdir, rename, rm, stat, statfs } from 'node:fs/promises';
+import { mkdir, readdir, rename, rm, stat, statfs } from 'node:fs/promises';
 import { dirname, join, relative, resolve, sep } from 'node:path';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -122,12 +122,42 @@ export class LocalStorage {
   }
 }
 
+/**
+ * Runs `work`, which writes files and then records them in a transaction; if it fails, removes the
+ * folders it may have written before rethrowing. A rollback takes the rows but never the bytes, so
+ * without this a failed create would leave files nothing refers to.
+ */
+export async function removingOnFailure<T>(
+  storage: LocalStorage,
+  folders: string[][],
+  work: () => Promise<T>,
+): Promise<T> {
+  try {
+    return await work();
+  } catch (err) {
+    for (const folder of folders) await storage.removeTree(folder).catch(() => {});
+    throw err;
+  }
+}
+
+/**
+ * Bytes under `dir`. Other uploads rename or remove their temp files, and deletes remove folders,
+ * while this walks: an entry gone by the time it is read counts as 0 bytes (else a quota check
+ * would fail an unrelated upload with ENOENT).
+ */
 async function directorySize(dir: string): Promise<number> {
-  const { readdir } = await import('node:fs/promises');
+  const ifGone =
+    <T>(fallback: T) =>
+    (err: NodeJS.ErrnoException): T => {
+      if (err.code === 'ENOENT') return fallback;
+      throw err;
+    };
   let total = 0;
-  for (const entry of await readdir(dir, { withFileTypes: true })) {
+  for (const entry of await readdir(dir, { withFileTypes: true }).catch(ifGone([]))) {
     const full = join(dir, entry.name);
-    total += entry.isDirectory() ? await directorySize(full) : (await stat(full)).size;
+    total += entry.isDirectory()
+      ? await directorySize(full)
+      : await stat(full).then((s) => s.size, ifGone(0));
   }
   return total;
 }

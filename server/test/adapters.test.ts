@@ -163,6 +163,25 @@ describe.each(DATABASES)('adapters on %s', (db) => {
     expect((await server.api('/v1/adapters/in-use', { method: 'DELETE' })).status).toBe(200);
   });
 
+  it('refuses to delete an adapter whose model a pending job was made from (source_model_id)', async () => {
+    const { modelId } = await completedJob(server, {
+      baseModel: 'smollm2-135m-instruct',
+      config: { output_name: 'source-of-another' },
+    });
+    const res = await server.api('/v1/training/jobs', {
+      method: 'POST',
+      json: { source_model_id: modelId, train_texts: ['hello world'] },
+    });
+    expect(res.status).toBe(201);
+    const job = await res.json();
+    expect(job.parent_job_id).toBeNull();
+    const refused = await server.api('/v1/adapters/source-of-another', { method: 'DELETE' });
+    expect(refused.status).toBe(409);
+    expect((await refused.json()).error.code).toBe('conflict');
+    await server.ctx.knex('jobs').where({ id: job.id }).update({ status: 'cancelled' });
+    expect((await server.api('/v1/adapters/source-of-another', { method: 'DELETE' })).status).toBe(200);
+  });
+
   it('hides other tenants and refuses bad names', async () => {
     await completedJob(server, { config: { output_name: 'private' } });
     await completedJob(server, { tenantId: 'other-tenant', config: { output_name: 'theirs' } });

@@ -1,3 +1,5 @@
+import { readdir, readFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createKey } from '../src/auth.js';
 import { newId } from '../src/ids.js';
@@ -162,6 +164,54 @@ describe.each(DATABASES)('distillation on %s', (db) => {
     expect((await res.json()).config.dataset_id).toBe(dataset.id);
   });
 
+  it('reads trajectories a page at a time, newest first, until it has num_prompts prompts', async () => {
+    const key = await createKey(server.ctx.knex, { kind: 'user', tenantId: 'busy' });
+    // 150 newest trajectories without a usable prompt, then 100 older ones with one each; every two
+    // share a created_at, so pages must break ties the same way each time.
+    const at = (i: number) => new Date(Date.UTC(2025, 0, 1) - Math.floor(i / 2) * 1000);
+    await server.ctx.knex('trajectories').insert(
+      Array.from({ length: 250 }, (_, i) => ({
+        id: newId('traj'),
+        tenant_id: 'busy',
+        source: 'chat',
+        status: 'completed',
+        llm_calls: JSON.stringify(i < 150 ? [{ response: 'no prompt' }] : [{ user_prompt: `p${i}` }]),
+        provider_accesses: JSON.stringify([]),
+        metadata: JSON.stringify({}),
+        llm_call_count: 1,
+        created_at: at(i),
+      })),
+    );
+    let rowsRead = 0;
+    const count = (rows: unknown, query: { sql: string }) => {
+      if (/from "trajectories"/i.test(query.sql) && Array.isArray(rows)) rowsRead += rows.length;
+    };
+    server.ctx.knex.on('query-response', count);
+    let job: { config: { dataset_id: string } };
+    try {
+      const res = await create(
+        { config: { teacher_model: 'openai/gpt-4o', student_model: 'llama-3.2-1b', num_prompts: 30 } },
+        key,
+      );
+      expect(res.status).toBe(201);
+      job = await res.json();
+    } finally {
+      server.ctx.knex.removeListener('query-response', count);
+    }
+    // Two pages of 100 reach the 30th prompt; the last 50 trajectories are never read.
+    expect(rowsRead).toBe(200);
+    const dataset = await server.ctx.knex('datasets').where({ id: job.config.dataset_id }).first();
+    expect(dataset).toMatchObject({ num_examples: 30, trajectory_count: 30 });
+    const file = await server.ctx.knex('files').where({ id: dataset.file_id }).first();
+    const stored = await readFile(join(server.dataDir, 'files', file.rel_path), 'utf8');
+    const prompts = stored
+      .trim()
+      .split('\n')
+      .map((line) => JSON.parse(line).text);
+    // Same-second pairs come back in id order, so compare as sets: the 30 newest with a prompt.
+    expect(new Set(prompts)).toEqual(new Set(Array.from({ length: 30 }, (_, i) => `p${150 + i}`)));
+  });
+
   it("refuses bad input with seed 000's codes and the field named", async () => {
     const config = SEED_REQUEST.config;
     const cases: [unknown, number, string, string | null][] = [
@@ -210,6 +260,23 @@ describe.each(DATABASES)('distillation on %s', (db) => {
     const noPrompts = await create({ config }, server.otherKey);
     expect(noPrompts.status).toBe(400);
     expect((await noPrompts.json()).error).toMatchObject({ code: 'invalid_config', param: 'config.prompts' });
+  });
+
+  it('leaves no files behind when a create fails after storing its prompts', async () => {
+    const files = join(server.dataDir, 'files');
+    const list = async (dir: string) => (await readdir(join(files, dir)).catch(() => [])).sort();
+    const before = { datasets: await list('datasets'), jobs: await list('jobs') };
+    // The NUL in the teacher key is refused by the job's insert, after the prompts dataset was written.
+    const res = await create({
+      config: {
+        teacher_model: 'openai/gpt-4o',
+        teacher_api_key: 'sk-\u0000',
+        student_model: 'llama-3.2-1b',
+        prompts: ['one', 'two'],
+      },
+    });
+    expect(res.status).toBe(400);
+    expect({ datasets: await list('datasets'), jobs: await list('jobs') }).toEqual(before);
   });
 
   it('refuses a job over budget with 402 insufficient_credits', async () => {

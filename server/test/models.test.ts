@@ -316,6 +316,33 @@ describe.each(DATABASES)('models on %s', (db) => {
     expect((await badRange.json()).error).toMatchObject({ code: 'invalid_request', param: 'max_examples' });
   });
 
+  it('shows only the finite benchmark scores (a NaN the worker sent arrives as null)', async () => {
+    const { modelId } = await modelJob(server, { type: 'train', config: { output_name: 'nan-scores' } });
+    const ds = await (
+      await server.api('/v1/datasets', { method: 'POST', json: { train_texts: ['eval text'] } })
+    ).json();
+    const body = { dataset_id: ds.id, idempotency_key: 'bench-nan' };
+    const queued = await (
+      await server.api(`/v1/models/${modelId}/benchmark`, { method: 'POST', json: body })
+    ).json();
+    await server.ctx
+      .knex('jobs')
+      .where({ id: queued.job_id })
+      .update({
+        status: 'completed',
+        results: JSON.stringify({ scores: { perplexity: null, coherence: 0.5 } }),
+        finished_at: server.ctx.knex.fn.now(),
+      });
+    const result = await server.api(`/v1/training/jobs/${queued.job_id}/result`);
+    expect(result.status).toBe(200);
+    expect((await result.json()).scores).toEqual({ coherence: 0.5 });
+    const repeat = await server.api(`/v1/models/${modelId}/benchmark`, { method: 'POST', json: body });
+    expect(repeat.status).toBe(202);
+    const answer = await repeat.json();
+    expect(answer.status).toBe('completed');
+    expect(answer.scores).toEqual({ coherence: 0.5 });
+  });
+
   describe('base-model catalog', () => {
     it('lists the shipped entries with parameter counts, first', async () => {
       const list = await (await server.api('/v1/base-models?limit=100')).json();

@@ -162,6 +162,32 @@ describe.each(DATABASES)('queue on %s', (db) => {
     expect(failed).toMatchObject({ status: 'failed', error_code: 'invalid_config', attempt: 1 });
   });
 
+  it('ends a retryable failure cancelled when a cancel was asked, also one that commits meanwhile', async () => {
+    await drain();
+    const failure = { code: 'oom', message: 'x', retryable: true };
+    const sequential = await enqueue();
+    const first = (await claimNextJob(server.ctx, cpuWorker('w')))!;
+    await cancelJob(server.ctx, 'default', 'training', sequential.id);
+    expect(await failJob(server.ctx, sequential.id, first.lease_token!, failure)).toMatchObject({
+      status: 'cancelled',
+    });
+    // The race needs two connections; PGlite has one, so there nothing runs in between.
+    if (db !== 'postgres') return;
+    const racing = await enqueue();
+    const second = (await claimNextJob(server.ctx, cpuWorker('w')))!;
+    // The user's cancel has updated the row but not committed when the worker's failure arrives.
+    const cancel = await server.ctx.knex.transaction();
+    await cancel('jobs').where({ id: racing.id }).update({ cancel_requested: true });
+    const failing = failJob(server.ctx, racing.id, second.lease_token!, failure);
+    const waiting = () =>
+      server.ctx.knex.raw(
+        `SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`,
+      );
+    while ((await waiting()).rows.length === 0) await sleep(10);
+    await cancel.commit();
+    expect(await failing).toMatchObject({ status: 'cancelled', cancel_requested: true });
+  });
+
   it('rescues expired leases in runOnce: back to pending with retries + 1, or cancelled when asked', async () => {
     await drain();
     const sweeper = createSweeper(server.ctx, { intervalMs: 60_000, batchSize: 1 });

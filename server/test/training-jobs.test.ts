@@ -1,8 +1,8 @@
-import { mkdir, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { storeDataset } from '../src/services/datasets.js';
-import { createFinetune, fakeWorker } from './fake-worker.js';
+import { createFinetune, fakeWorker, sleep } from './fake-worker.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
 
 describe.each(DATABASES)('training jobs on %s', (db) => {
@@ -223,6 +223,52 @@ describe.each(DATABASES)('training jobs on %s', (db) => {
         code: 'idempotency_conflict',
         param: 'idempotency_key',
       });
+    });
+
+    it('answers a repeat that races the first create with the job or 409 request_in_progress, never 404', async () => {
+      const body = { base_model: 'tiny/model', dataset_id: datasetId, idempotency_key: 'race-1' };
+      const jobsBefore = Number((await server.ctx.knex('jobs').count({ n: '*' }))[0]!.n);
+      // On Postgres, hold the first create inside its transaction (its job insert waits on this lock)
+      // after its key row is committed, so the repeats surely arrive while the job does not exist yet.
+      // PGlite runs one query at a time: there the requests only interleave as they happen to.
+      const lock = db === 'postgres' ? await server.ctx.knex.transaction() : null;
+      await lock?.raw('LOCK TABLE jobs IN EXCLUSIVE MODE');
+      const first = create(body);
+      if (lock) {
+        while (!(await server.ctx.knex('idempotency_keys').where({ key: 'race-1' }).first())) await sleep(10);
+      }
+      const repeats = await Promise.all([create(body), create(body)]);
+      await lock?.commit();
+      const created = await first;
+      expect(created.status).toBe(201);
+      const { id } = await created.json();
+      for (const res of repeats) {
+        const answer = await res.json();
+        if (lock || res.status !== 201) {
+          expect({ status: res.status, code: answer.error?.code }).toEqual({
+            status: 409,
+            code: 'request_in_progress',
+          });
+        } else expect(answer.id).toBe(id);
+      }
+      expect(Number((await server.ctx.knex('jobs').count({ n: '*' }))[0]!.n)).toBe(jobsBefore + 1);
+      // Once the first has finished, a repeat answers its job.
+      const later = await create(body);
+      expect(later.status).toBe(201);
+      expect((await later.json()).id).toBe(id);
+    });
+
+    it('leaves no dataset files behind when a create fails after storing its data', async () => {
+      const datasets = join(server.dataDir, 'files', 'datasets');
+      const before = (await readdir(datasets)).sort();
+      // The NUL in hf_token is refused by the job's insert, after the inline data was written.
+      const res = await create({
+        base_model: 'smollm2-135m-instruct',
+        train_texts: ['hi'],
+        hf_token: 'hf_\u0000x',
+      });
+      expect(res.status).toBe(400);
+      expect((await readdir(datasets)).sort()).toEqual(before);
     });
 
     it('pins the device from seed 004 backend', async () => {

@@ -1,11 +1,46 @@
 import { createHash } from 'node:crypto';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Readable } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { newId } from '../src/ids.js';
 import { enqueueJob } from '../src/queue/enqueue.js';
+import { LocalStorage } from '../src/storage.js';
 import { createFinetune, fakeWorker, sleep } from './fake-worker.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
 
 const sha256 = (data: Buffer) => createHash('sha256').update(data).digest('hex');
+
+describe('upload storage with a quota', () => {
+  it('answers concurrent uploads with success or 413, never an error from the temp files of others', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'tunery-quota-'));
+    try {
+      const storage = new LocalStorage(dir, 1e9, 100 * 1024);
+      // Slow streams keep many temp files appearing and being renamed while others measure usage.
+      const slow = (kib: number) =>
+        Readable.from(
+          (async function* () {
+            for (let i = 0; i < kib; i++) {
+              yield Buffer.alloc(1024);
+              await new Promise((resolve) => setImmediate(resolve));
+            }
+          })(),
+        );
+      const outcomes = await Promise.all(
+        Array.from({ length: 200 }, (_, i) =>
+          storage.put(['jobs', 'job_x', 'outputs', `f${i}`], slow(1 + (i % 7))).then(
+            () => 'stored',
+            (err: { status?: number; code?: string }) => (err.status === 413 ? '413' : String(err.code)),
+          ),
+        ),
+      );
+      expect(outcomes.filter((o) => o !== 'stored' && o !== '413')).toEqual([]);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
 
 describe.each(DATABASES)('worker protocol on %s', (db) => {
   let server: TestServer;
@@ -299,6 +334,33 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
     expect(Date.now() - idle).toBeGreaterThanOrEqual(900);
     const seen = await server.ctx.knex('workers').where({ id: 'worker-1' }).first();
     expect(seen.capabilities).toMatchObject({ job_types: ['contract'] });
+  });
+
+  it('fails a job whose source model or dataset was deleted, and hands out the next one', async () => {
+    await clearQueue();
+    const orphan = (extra: { modelId?: string; datasetId?: string }) =>
+      enqueueJob(server.ctx, server.ctx.knex, {
+        id: newId('job'),
+        tenantId: 'default',
+        kind: 'training',
+        type: 'finetune',
+        method: 'lora',
+        config: {},
+        // ahead of the runnable job, so the claim meets them first
+        priority: 90,
+        ...extra,
+      });
+    const noModel = await orphan({ modelId: 'model_deleted' });
+    const noDataset = await orphan({ datasetId: 'ds_deleted' });
+    const runnable = await createFinetune(server);
+    const claimed = (await worker.claim())!;
+    expect(claimed.job_id).toBe(runnable);
+    const rows = await server.ctx.knex('jobs').whereIn('id', [noModel.id, noDataset.id]);
+    const byId = new Map(rows.map((r) => [r.id, r]));
+    expect(byId.get(noModel.id)).toMatchObject({ status: 'failed', error_code: 'invalid_config' });
+    expect(byId.get(noModel.id).error_message).toMatch(/source model model_deleted was deleted/);
+    expect(byId.get(noDataset.id)).toMatchObject({ status: 'failed', error_code: 'invalid_config' });
+    expect(byId.get(noDataset.id).error_message).toMatch(/dataset ds_deleted was deleted/);
   });
 
   it('refuses malformed reports with the field named', async () => {

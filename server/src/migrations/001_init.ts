@@ -265,6 +265,9 @@ export const init: Migration = {
       t.text('key').notNullable();
       t.text('request_hash').notNullable();
       t.text('resource_id').notNullable();
+      // Null while the creating request is still running: the key row is committed before the object
+      // it names, so a repeat that sees no completed_at must not try to load it (409 request_in_progress).
+      t.timestamp('completed_at', { useTz: true }).nullable();
       t.timestamp('created_at', { useTz: true }).notNullable().defaultTo(knex.fn.now());
       t.primary(['tenant_id', 'scope', 'key']);
     });

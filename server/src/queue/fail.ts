@@ -39,6 +39,10 @@ export async function failJob(
           END AS next_status
         FROM jobs
         WHERE id = :jobId AND lease_token = :leaseToken AND status = 'running'
+        -- Lock the row before deciding: without it, a cancel committing meanwhile is missed (the UPDATE
+        -- re-checks its WHERE on the new row but keeps this snapshot's next_status) and the job goes
+        -- back to pending with cancel_requested set. The lock waits for the cancel and reads its row.
+        FOR UPDATE
       )
       UPDATE jobs SET
         status = decision.next_status,

@@ -126,8 +126,19 @@ export const adapterRoutes: Routes = {
     const removed = await ctx.knex.transaction(async (trx) => {
       const adapter = await getAdapterRow(trx, tenantId, name);
       if (adapter.job_id) {
+        // A merge names the adapter's job (parent_job_id); a job made from its model
+        // (source_model_id: a benchmark, a further fine-tune) names that model (model_id).
+        // Both load the files deleted below.
         const user = await trx('jobs')
-          .where({ tenant_id: tenantId, parent_job_id: adapter.job_id })
+          .where({ tenant_id: tenantId })
+          .andWhere((q) =>
+            q
+              .where('parent_job_id', adapter.job_id)
+              .orWhereIn(
+                'model_id',
+                trx('models').where({ tenant_id: tenantId, job_id: adapter.job_id }).select('id'),
+              ),
+          )
           .whereIn('status', ['pending', 'running'])
           .first('id');
         if (user) throw conflict(`Adapter ${name} is an input of job ${user.id}, which has not finished.`);

@@ -2,6 +2,7 @@ import type { Request } from 'express';
 import type { AppContext } from '../context.js';
 import { notFound } from '../errors.js';
 import { type BodyOf, checkTenantParam, page, pathParam, type Routes, type Schemas } from '../http.js';
+import { newId } from '../ids.js';
 import { cancelJob } from '../queue/cancel.js';
 import { enqueueJob } from '../queue/enqueue.js';
 import type { Db } from '../queue/lease.js';
@@ -17,6 +18,7 @@ import { idempotent } from '../services/idempotency.js';
 import { getJobRow, type JobRow, jobsOfKind, serializeDistillationJob } from '../services/jobs.js';
 import { listPage, newestFirst } from '../services/paging.js';
 import { type FileRow, jobOutputFiles, outputDirectory, outputFileView } from '../services/registry.js';
+import { removingOnFailure } from '../storage.js';
 
 /** The caller's distillation job; `tenant_id` in the query must be the key's own tenant. */
 const jobOf = (req: Request, ctx: AppContext) =>
@@ -42,13 +44,14 @@ function artifactPaths(ctx: AppContext, jobId: string, files: FileRow[]) {
   };
 }
 
-/** The dataset the job's prompts come from: the one named, or a new one of the prompts used. */
+/** The dataset the job's prompts come from: the one named, or new dataset `newDatasetId` of the prompts. */
 async function promptsDatasetId(
   ctx: AppContext,
   trx: Db,
   tenantId: string,
   source: DistillationPlan['dataset'],
   label: string,
+  newDatasetId: string,
 ): Promise<string> {
   if (source.kind === 'existing') return source.id;
   const records = source.prompts.map((text) => ({ text }));
@@ -58,7 +61,7 @@ async function promptsDatasetId(
     source: source.source,
     trajectoryCount: source.trajectoryCount,
   };
-  return (await storeDataset(ctx, tenantId, { ...input, param: 'config.prompts' }, trx)).id;
+  return (await storeDataset(ctx, tenantId, { ...input, id: newDatasetId, param: 'config.prompts' }, trx)).id;
 }
 
 export const distillationRoutes: Routes = {
@@ -68,25 +71,41 @@ export const distillationRoutes: Routes = {
     const { id } = await idempotent(ctx, req, 'distillation_jobs', 'job', async (id) => {
       const plan = await planDistillationJob(ctx, tenantId, body);
       await assertWithinBudget(ctx, tenantId, plan.estimatedUsd);
-      await ctx.knex.transaction(async (trx) => {
-        const datasetId = await promptsDatasetId(ctx, trx, tenantId, plan.dataset, body.name ?? id);
-        await enqueueJob(ctx, trx, {
-          id,
-          tenantId,
-          kind: 'distillation',
-          type: 'distill',
-          method: 'lora',
-          name: body.name ?? null,
-          description: body.description ?? null,
-          config: { ...plan.config, dataset_id: datasetId },
-          secrets: plan.secrets,
-          baseModel: plan.studentName,
-          datasetId,
-          priority: body.priority,
-          totalSteps: plan.config.training_steps as number,
-        });
-        await storePromptsInput(ctx, trx, tenantId, id, plan.prompts);
-      });
+      // The new dataset's file and the job's prompts input are written inside the transaction but
+      // outlive its rollback (a failed create leaves no job that could own anything under jobs/<id>).
+      const newDatasetId = newId('ds');
+      const written = [
+        ['datasets', newDatasetId],
+        ['jobs', id],
+      ];
+      await removingOnFailure(ctx.storage, written, () =>
+        ctx.knex.transaction(async (trx) => {
+          const datasetId = await promptsDatasetId(
+            ctx,
+            trx,
+            tenantId,
+            plan.dataset,
+            body.name ?? id,
+            newDatasetId,
+          );
+          await enqueueJob(ctx, trx, {
+            id,
+            tenantId,
+            kind: 'distillation',
+            type: 'distill',
+            method: 'lora',
+            name: body.name ?? null,
+            description: body.description ?? null,
+            config: { ...plan.config, dataset_id: datasetId },
+            secrets: plan.secrets,
+            baseModel: plan.studentName,
+            datasetId,
+            priority: body.priority,
+            totalSteps: plan.config.training_steps as number,
+          });
+          await storePromptsInput(ctx, trx, tenantId, id, plan.prompts);
+        }),
+      );
     });
     res
       .status(201)

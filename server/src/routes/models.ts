@@ -28,6 +28,7 @@ import { importGguf, loopbackOllamaUrl } from '../services/ollama.js';
 import { listPage, newestFirst } from '../services/paging.js';
 import {
   type FileRow,
+  finiteScores,
   jobKinds,
   jobOutputFiles,
   type ModelRow,
@@ -136,8 +137,7 @@ async function benchmarkView(
     .where({ tenant_id: tenantId, id: jobId })
     .first('status', 'results', 'finished_at');
   const results = json<Record<string, unknown>>(job?.results ?? {});
-  const scores =
-    job?.status === 'completed' ? ((results.scores as Record<string, number> | undefined) ?? null) : null;
+  const scores = job?.status === 'completed' ? finiteScores(results.scores) : null;
   return {
     model_id: modelId,
     job_id: jobId,

@@ -11,6 +11,7 @@ import {
   sentBody,
   tenantOf,
 } from '../http.js';
+import { newId } from '../ids.js';
 import { cancelJob } from '../queue/cancel.js';
 import { enqueueJob } from '../queue/enqueue.js';
 import { resumeJob } from '../queue/resume.js';
@@ -21,8 +22,9 @@ import { sendStoredFile } from '../services/downloads.js';
 import { idempotent } from '../services/idempotency.js';
 import { getJobRow, jobsOfKind, serializeTrainingJob } from '../services/jobs.js';
 import { listPage, newestFirst } from '../services/paging.js';
-import { jobOutputFiles, outputFileView, totalSizeMb } from '../services/registry.js';
+import { finiteScores, jobOutputFiles, outputFileView, totalSizeMb } from '../services/registry.js';
 import { type DataPlan, mergeJobPlan, mergeParent, planTrainingJob } from '../services/training-request.js';
+import { removingOnFailure } from '../storage.js';
 
 /** The caller's training job named in the path (404 job_not_found for anyone else's). */
 const jobOf = (req: Request, ctx: AppContext) =>
@@ -30,14 +32,20 @@ const jobOf = (req: Request, ctx: AppContext) =>
 
 const MAX_LOG_LINES = 1000;
 
-/** Stores inline or file data as a dataset (in the creating transaction); returns its id. */
-async function datasetIdFor(ctx: AppContext, tenantId: string, data: DataPlan, trx: AppContext['knex']) {
+/** Stores inline or file data as dataset `newDatasetId` (in the creating transaction); returns its id. */
+async function datasetIdFor(
+  ctx: AppContext,
+  tenantId: string,
+  data: DataPlan,
+  trx: AppContext['knex'],
+  newDatasetId: string,
+) {
   if (!data) return null;
   if (data.kind === 'existing') return data.dataset.id;
   const stored = await storeDataset(
     ctx,
     tenantId,
-    { name: data.name, records: data.records, source: data.source, param: data.param },
+    { id: newDatasetId, name: data.name, records: data.records, source: data.source, param: data.param },
     trx,
   );
   return stored.id;
@@ -55,7 +63,6 @@ function resultOf(job: JobRow): Schemas['TrainingResult'] {
   const r = job.results ?? {};
   const before = int(r.params_before);
   const after = int(r.params_after);
-  const scores = r.scores && typeof r.scores === 'object' ? (r.scores as Record<string, number>) : null;
   return {
     job_id: job.id,
     ppl_baseline: num(r.ppl_baseline),
@@ -71,7 +78,7 @@ function resultOf(job: JobRow): Schemas['TrainingResult'] {
     gpu_seconds: num(r.gpu_seconds),
     tokens_processed: int(r.tokens_processed),
     cost_usd: Number(Number(job.cost_accrued).toFixed(4)),
-    scores,
+    scores: finiteScores(r.scores),
     details: r,
   };
 }
@@ -84,10 +91,14 @@ export const trainingJobRoutes: Routes = {
     const { id } = await idempotent(ctx, req, 'training_jobs', 'job', async (id) => {
       const plan = await planTrainingJob(ctx, tenantId, body);
       await assertWithinBudget(ctx, tenantId, plan.estimatedUsd);
-      await ctx.knex.transaction(async (trx) => {
-        const datasetId = await datasetIdFor(ctx, tenantId, plan.data, trx);
-        await enqueueJob(ctx, trx, { ...plan.job, id, tenantId, datasetId });
-      });
+      // The new dataset's file is written inside the transaction but outlives its rollback.
+      const newDatasetId = newId('ds');
+      await removingOnFailure(ctx.storage, [['datasets', newDatasetId]], () =>
+        ctx.knex.transaction(async (trx) => {
+          const datasetId = await datasetIdFor(ctx, tenantId, plan.data, trx, newDatasetId);
+          await enqueueJob(ctx, trx, { ...plan.job, id, tenantId, datasetId });
+        }),
+      );
     });
     res.status(201).json(serializeTrainingJob(await getJobRow(ctx, tenantId, id, 'training'), ctx.storage));
   },

@@ -13,7 +13,7 @@ import { reportMetrics } from '../queue/report-metrics.js';
 import type { JobRow } from '../queue/types.js';
 import { receiveUpload, type UploadKind } from '../queue/upload.js';
 import { sendStoredFile } from '../services/downloads.js';
-import { buildClaimedJob } from '../services/job-spec.js';
+import { buildClaimedJob, MissingJobInput } from '../services/job-spec.js';
 
 /** Every worker route names its job in the path. */
 const jobIdOf = (req: Request) => pathParam(req, 'job_id');
@@ -53,17 +53,35 @@ async function storeUpload(
 export const workerRoutes: Routes = {
   async claimJob(req, res, ctx) {
     const body = req.body as BodyOf<'claimJob'>;
-    const job = await claimJobWithWait(
-      ctx,
-      { workerId: body.worker_id, capabilities: body.capabilities },
-      body.wait_seconds ?? 20,
-      callerGone(res),
-    );
-    if (!job) {
-      res.status(204).end();
+    const gone = callerGone(res);
+    const deadline = Date.now() + (body.wait_seconds ?? 20) * 1000;
+    for (;;) {
+      const job = await claimJobWithWait(
+        ctx,
+        { workerId: body.worker_id, capabilities: body.capabilities },
+        Math.max(0, (deadline - Date.now()) / 1000),
+        gone,
+      );
+      if (!job) {
+        res.status(204).end();
+        return;
+      }
+      let claimed: Schemas['ClaimedJob'];
+      try {
+        claimed = await buildClaimedJob(ctx, job);
+      } catch (err) {
+        if (!(err instanceof MissingJobInput)) throw err;
+        // The job can never run: it ends failed for its owner to see, and this worker gets the next one.
+        await failJob(ctx, job.id, job.lease_token!, {
+          code: 'invalid_config',
+          message: err.message,
+          retryable: false,
+        });
+        continue;
+      }
+      res.json({ job: claimed } satisfies Schemas['ClaimResponse']);
       return;
     }
-    res.json({ job: await buildClaimedJob(ctx, job) } satisfies Schemas['ClaimResponse']);
   },
 
   async heartbeatJob(req, res, ctx) {

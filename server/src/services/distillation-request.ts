@@ -111,6 +111,9 @@ function promptOfCall(call: {
   return users.at(-1)?.content ?? null;
 }
 
+/** Trajectories read per query when collecting prompts from them. */
+const TRAJECTORY_PAGE = 100;
+
 /**
  * Without a dataset or inline prompts, the prompts are the tenant's recorded traffic (seed 000's
  * create names none): the user prompts of its newest trajectories' LLM calls, up to `limit`.
@@ -118,19 +121,33 @@ function promptOfCall(call: {
 async function promptsOfTrajectories(ctx: AppContext, tenantId: string, limit: number) {
   const prompts: string[] = [];
   let trajectories = 0;
-  const rows = ctx
-    .knex('trajectories')
-    .where({ tenant_id: tenantId })
-    .orderBy('created_at', 'desc')
-    .select('llm_calls');
-  for (const row of await rows) {
-    const before = prompts.length;
-    for (const call of (row.llm_calls ?? []) as Parameters<typeof promptOfCall>[0][]) {
-      const prompt = promptOfCall(call);
-      if (prompt && prompts.length < limit) prompts.push(prompt);
+  // A tenant may have recorded far more traffic than the job needs: read a page at a time and stop
+  // once `limit` prompts are in. Pages follow (created_at, id) from the last row; its created_at is
+  // carried as text, because a JS Date would drop the microseconds and skip or repeat rows.
+  let after: { created_at: string; id: string } | undefined;
+  while (prompts.length < limit) {
+    const query = ctx
+      .knex('trajectories')
+      .where({ tenant_id: tenantId })
+      .orderBy([
+        { column: 'created_at', order: 'desc' },
+        { column: 'id', order: 'desc' },
+      ])
+      .limit(TRAJECTORY_PAGE)
+      .select('id', 'llm_calls', ctx.knex.raw('created_at::text AS created_at'));
+    if (after) query.whereRaw('(created_at, id) < (?::timestamptz, ?)', [after.created_at, after.id]);
+    const rows = await query;
+    for (const row of rows) {
+      const before = prompts.length;
+      for (const call of (row.llm_calls ?? []) as Parameters<typeof promptOfCall>[0][]) {
+        const prompt = promptOfCall(call);
+        if (prompt && prompts.length < limit) prompts.push(prompt);
+      }
+      if (prompts.length > before) trajectories++;
+      if (prompts.length >= limit) break;
     }
-    if (prompts.length > before) trajectories++;
-    if (prompts.length >= limit) break;
+    if (rows.length < TRAJECTORY_PAGE) break;
+    after = rows.at(-1);
   }
   return { prompts, trajectories };
 }

@@ -30,7 +30,8 @@ export function idempotencyKeyOf(req: Request): string | undefined {
  * Runs a creating operation at most once per (tenant, scope, key). The resource id is chosen first
  * and reserved with the key, so a concurrent repeat finds it; `create(id)` must create the object
  * with exactly that id. Returns the id and whether this call was a repeat. A repeat whose body differs
- * is `409 idempotency_conflict`.
+ * is `409 idempotency_conflict`; one that arrives before the first call's object exists is
+ * `409 request_in_progress` (clients retry it).
  */
 export async function idempotent(
   ctx: AppContext,
@@ -65,15 +66,18 @@ export async function idempotent(
       await ctx.knex('idempotency_keys').where({ tenant_id: tenantId, scope, key }).delete();
       throw err;
     }
+    // Only now does the object exist: from here on a repeat may answer it.
+    await ctx
+      .knex('idempotency_keys')
+      .where({ tenant_id: tenantId, scope, key })
+      .update({ completed_at: ctx.knex.fn.now() });
     return { id, repeat: false };
   }
   const existing = await ctx.knex('idempotency_keys').where({ tenant_id: tenantId, scope, key }).first();
-  if (!existing)
-    throw new ApiError(
-      409,
-      'request_in_progress',
-      'A request with this idempotency key is in progress; retry.',
-    );
+  const inProgress = () =>
+    new ApiError(409, 'request_in_progress', 'A request with this idempotency key is in progress; retry.');
+  // Gone again: the first call failed and freed the key.
+  if (!existing) throw inProgress();
   if (existing.request_hash !== requestHash) {
     throw new ApiError(
       409,
@@ -82,6 +86,8 @@ export async function idempotent(
       'idempotency_key',
     );
   }
+  // Reserved, but the first call has not finished creating its object yet.
+  if (!existing.completed_at) throw inProgress();
   return { id: existing.resource_id as string, repeat: true };
 }
 

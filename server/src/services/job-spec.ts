@@ -25,6 +25,12 @@ const ADAPTER_MODEL_KINDS = new Set(['adapter', 'distilled']);
 
 export const workerFileUrl = (fileId: string) => `/v1/workers/files/${fileId}`;
 
+/**
+ * A job's dataset or source model was deleted after the job was queued. Handing the job out without
+ * that input would have the worker train on the wrong thing (or nothing): the claim fails the job.
+ */
+export class MissingJobInput extends Error {}
+
 const inputOf = (role: InputRole, file: FileRow): JobInput => ({
   role,
   name: file.name,
@@ -49,9 +55,11 @@ async function datasetInputs(ctx: AppContext, job: JobRow): Promise<JobInput[]> 
     .knex('datasets')
     .where({ id: job.dataset_id, tenant_id: job.tenant_id })
     .first('file_id');
-  if (!dataset) return [];
-  const file = (await ctx.knex('files').where({ id: dataset.file_id }).first()) as FileRow | undefined;
-  return file ? [inputOf('dataset', file)] : [];
+  const file = dataset
+    ? ((await ctx.knex('files').where({ id: dataset.file_id }).first()) as FileRow | undefined)
+    : undefined;
+  if (!file) throw new MissingJobInput(`Its dataset ${job.dataset_id} was deleted.`);
+  return [inputOf('dataset', file)];
 }
 
 /** Files the server wrote for this job alone; the file name says the role (`prompts.jsonl`). */
@@ -73,7 +81,7 @@ async function modelInputs(ctx: AppContext, job: JobRow): Promise<JobInput[]> {
     .knex('models')
     .where({ id: job.model_id, tenant_id: job.tenant_id })
     .first('job_id', 'kind');
-  if (!model) return [];
+  if (!model) throw new MissingJobInput(`Its source model ${job.model_id} was deleted.`);
   const role: InputRole = ADAPTER_MODEL_KINDS.has(model.kind) ? 'adapter' : 'model';
   return (await loadableOutputs(ctx, model.job_id)).map((f) => inputOf(role, f));
 }
@@ -128,7 +136,7 @@ export function specOf(job: JobRow): Record<string, unknown> {
   return spec;
 }
 
-/** The whole ClaimedJob for a job this worker just leased. */
+/** The whole ClaimedJob for a job this worker just leased; `MissingJobInput` when an input is gone. */
 export async function buildClaimedJob(ctx: AppContext, job: JobRow): Promise<Schemas['ClaimedJob']> {
   const inputs = [
     ...(await datasetInputs(ctx, job)),

@@ -54,6 +54,20 @@ export interface FileRow {
   created_at: Date;
 }
 
+/**
+ * Benchmark scores as the API shows them: numbers only. A score the worker computed as NaN arrives
+ * as JSON null, which the spec (`additionalProperties: {type: number}`) refuses, so the response
+ * would fail validation (500): such a score is left out instead.
+ */
+export function finiteScores(value: unknown): Record<string, number> | null {
+  if (!value || typeof value !== 'object' || Array.isArray(value)) return null;
+  return Object.fromEntries(
+    Object.entries(value).filter(
+      (entry): entry is [string, number] => typeof entry[1] === 'number' && Number.isFinite(entry[1]),
+    ),
+  );
+}
+
 export const toModelRow = (row: Record<string, unknown>): ModelRow => ({
   ...(row as unknown as ModelRow),
   params: row.params == null ? null : Number(row.params),
