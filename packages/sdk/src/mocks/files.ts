@@ -1,5 +1,6 @@
 // Made-up file contents with real sizes and checksums.
 import type { components } from '../generated/api.js';
+import { MockHttpError } from './errors.js';
 import { sha256Hex } from './sha256.js';
 import { type MockState, newId, now, type StoredBytes } from './state.js';
 
@@ -51,9 +52,9 @@ export function jobFiles(state: MockState, jobId: string): Map<string, StoredByt
 
 /**
  * Answers a download, honouring a single `Range` (`bytes=a-b`, `bytes=a-`, `bytes=-n`): 200 with the
- * whole file, 206 with the range, or null when the range does not fit (the caller answers 416).
+ * whole file, 206 with the range, or a 416 `range_not_satisfiable` error when the range does not fit.
  */
-export function fileResponse(file: StoredBytes, range: string | null): Response | null {
+export function fileResponse(file: StoredBytes, range: string | null): Response {
   const etag = `"${file.sha256}"`;
   const size = file.bytes.length;
   if (!range) {
@@ -68,7 +69,7 @@ export function fileResponse(file: StoredBytes, range: string | null): Response 
     });
   }
   const match = /^bytes=(\d*)-(\d*)$/.exec(range.trim());
-  if (!match || (match[1] === '' && match[2] === '')) return null;
+  if (!match || (match[1] === '' && match[2] === '')) throw rangeNotSatisfiable(size);
   let start: number;
   let end: number;
   if (match[1] === '') {
@@ -78,7 +79,7 @@ export function fileResponse(file: StoredBytes, range: string | null): Response 
     start = Number(match[1]);
     end = match[2] === '' ? size - 1 : Math.min(Number(match[2]), size - 1);
   }
-  if (start >= size || start > end) return null;
+  if (start >= size || start > end) throw rangeNotSatisfiable(size);
   const part = file.bytes.slice(start, end + 1);
   return new Response(part as BodyInit, {
     status: 206,
@@ -90,3 +91,6 @@ export function fileResponse(file: StoredBytes, range: string | null): Response 
     },
   });
 }
+
+const rangeNotSatisfiable = (size: number) =>
+  new MockHttpError(416, 'range_not_satisfiable', `Range does not fit the ${size}-byte file.`, 'Range');
