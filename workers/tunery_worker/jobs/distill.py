@@ -57,12 +57,13 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
+from tunery_worker import egress
 from tunery_worker.context import JobContext
 from tunery_worker.data import Example, collate, epoch_order, read_jsonl, tokenize_record
 from tunery_worker.errors import InvalidConfig, InvalidDataset, JobError
 from tunery_worker.gguf_export import validate_quantization_types, write_gguf
 from tunery_worker.jobs import spec_fields as f
-from tunery_worker.jobs.model_source import load_source_model
+from tunery_worker.jobs.model_source import checked_source, load_source_model
 from tunery_worker.modeling import load_model_and_tokenizer
 from tunery_worker.text_metrics import distinct_bigram_ratio
 
@@ -126,10 +127,8 @@ class DistillConfig:
             if provider == "openai"
             else None
         )
-        if base_url is not None and not base_url.startswith(("http://", "https://")):
-            raise InvalidConfig(
-                f"teacher.base_url must be an http(s) URL, got {base_url!r}", param="teacher.base_url"
-            )
+        if base_url is not None:
+            egress.check_teacher_url(base_url)
         export_gguf = f.get_bool(spec, "export_gguf", False)
         types = f.get_str_list(spec, "quantization_types", ["q8_0"])
         return cls(
@@ -573,9 +572,7 @@ class OpenAITeacher(TeacherMeters):
         super().__init__()
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         self.model = config.model
-        self.client = httpx.Client(
-            base_url=config.base_url or OPENAI_BASE_URL, headers=headers, timeout=config.timeout_s
-        )
+        self.client = egress.teacher_client(config.base_url or OPENAI_BASE_URL, headers, config.timeout_s)
         self.logprobs_supported = True
 
     def __str__(self) -> str:
@@ -605,7 +602,7 @@ class OpenAITeacher(TeacherMeters):
             try:
                 response = self.client.post("/chat/completions", json=body)
             except httpx.TransportError as err:
-                failure = f"{type(err).__name__}: {err}"
+                failure = egress.describe_transport_error(err)
             else:
                 if response.status_code == 400 and body.get("logprobs"):
                     # An endpoint without logprobs support: curation falls back to the heuristic.
@@ -614,8 +611,7 @@ class OpenAITeacher(TeacherMeters):
                     continue
                 if response.status_code in (401, 403, 404):
                     raise InvalidConfig(
-                        f"teacher endpoint refused the request ({response.status_code}): "
-                        f"{response.text[:300]}",
+                        f"teacher endpoint refused the request ({egress.describe_response(response)})",
                         param="teacher",
                     )
                 if response.status_code == 200:
@@ -625,7 +621,7 @@ class OpenAITeacher(TeacherMeters):
                     self._meters["teacher_completion_tokens"] += int(usage.get("completion_tokens") or 0)
                     self._meters["teacher_requests"] += 1
                     return data
-                failure = f"HTTP {response.status_code}: {response.text[:300]}"
+                failure = egress.describe_response(response)
                 if response.status_code != 429 and response.status_code < 500:
                     raise InvalidConfig(f"teacher endpoint rejected the request: {failure}", param="teacher")
             if attempt < TEACHER_ATTEMPTS:
@@ -654,7 +650,8 @@ class LocalTeacher(TeacherMeters):
     def __init__(self, config: TeacherConfig, device: str, seed: int) -> None:
         super().__init__()
         self.name = config.model
-        self.model, self.tokenizer = load_model_and_tokenizer(config.model, device=device)
+        source = checked_source(config.model, param="teacher.model")
+        self.model, self.tokenizer = load_model_and_tokenizer(source, device=device)
         self.model.eval()
         self.seed = seed
 

@@ -37,6 +37,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 from tunery_worker import data as datalib
 from tunery_worker.context import JobContext, JobStopped
 from tunery_worker.errors import InvalidConfig, InvalidDataset
+from tunery_worker.jobs.model_source import model_source
 from tunery_worker.modeling import (
     bitsandbytes_available,
     count_params,
@@ -133,10 +134,7 @@ def resolve_config(ctx: JobContext) -> FinetuneConfig:
     distributed = _resolve_distributed(spec.get("distributed"), ctx.device)
 
     base = spec.get("base_model") or {}
-    # A `model` input (a Tunery output model) wins over base_model.source, as in every job type.
-    source = str(ctx.inputs["model"]) if "model" in ctx.inputs else base.get("source")
-    if not source:
-        raise InvalidConfig("base_model.source is empty and no 'model' input was given", param="base_model")
+    source = model_source(ctx)
     if "dataset" not in ctx.inputs:
         raise InvalidConfig("finetune needs a 'dataset' input", param="dataset")
 

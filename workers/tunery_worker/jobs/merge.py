@@ -15,6 +15,7 @@ import torch
 
 from tunery_worker.context import JobContext
 from tunery_worker.errors import InvalidConfig
+from tunery_worker.jobs.model_source import model_source
 from tunery_worker.modeling import count_params, load_model_and_tokenizer, load_tokenizer
 
 
@@ -57,9 +58,4 @@ def _resolve_inputs(ctx: JobContext) -> tuple[Path, str]:
     adapter_dir = Path(adapter) if Path(adapter).is_dir() else Path(adapter).parent
     if not (adapter_dir / "adapter_config.json").exists():
         raise InvalidConfig("the 'adapter' input has no adapter_config.json", param="adapter")
-    base = ctx.spec.get("base_model") or {}
-    # A `model` input (a Tunery output model) wins over base_model.source, as in every job type.
-    source = str(ctx.inputs["model"]) if "model" in ctx.inputs else base.get("source")
-    if not source:
-        raise InvalidConfig("base_model.source is empty and no 'model' input was given", param="base_model")
-    return adapter_dir, str(source)
+    return adapter_dir, model_source(ctx)

@@ -1,8 +1,15 @@
-"""What a job starts from: a `model` input, or the spec's `base_model.source`, plus an optional adapter."""
+"""What a job starts from: a `model` input, or the spec's `base_model.source`, plus an optional adapter.
+
+A `model` input is files the server sent for this job (an output model of the job's own tenant, named
+by id). A source in the spec is the tenant's words: a hub id, or a path, which is loaded only when its
+real path (symlinks resolved) lies inside a folder the operator allows in `TUNERY_MODEL_ROOTS`
+(colon-separated; unset allows no path), so a tenant cannot read any other folder of the worker host.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -22,6 +29,7 @@ def model_source(ctx: JobContext) -> str:
         raise InvalidConfig(
             "no model to start from: give a `model` input or base_model.source", param="base_model"
         )
+    source = checked_source(str(source))
     if _looks_like_path(source) and not (Path(source) / "config.json").is_file():
         # A hub id would be fetched; a path that is not a model directory can never load.
         raise InvalidConfig(
@@ -38,13 +46,39 @@ def base_for_adapter(ctx: JobContext, adapter_dir: Path) -> str:
     """The base an adapter applies to: `base_model.source`, else the path the adapter recorded."""
     base = ctx.spec.get("base_model") or {}
     if isinstance(base, dict) and base.get("source"):
-        return str(base["source"])
+        return checked_source(str(base["source"]))
     config_path = adapter_dir / "adapter_config.json"
     if config_path.is_file():
         recorded = json.loads(config_path.read_text()).get("base_model_name_or_path")
         if recorded:
-            return str(recorded)
+            return checked_source(str(recorded), param="adapter")
     raise InvalidConfig("an adapter input needs base_model.source to name its base model", param="base_model")
+
+
+MODEL_ROOTS_ENV = "TUNERY_MODEL_ROOTS"
+
+
+def model_roots() -> list[str]:
+    """The operator's model folders, as real paths (relative entries are ignored)."""
+    entries = os.environ.get(MODEL_ROOTS_ENV, "").split(":")
+    return [os.path.realpath(entry) for entry in entries if os.path.isabs(entry)]
+
+
+def checked_source(source: str, param: str = "base_model.source") -> str:
+    """A hub id as is; a path as its real path, when that lies inside a model root (`InvalidConfig` if not).
+
+    Checked where the model is loaded, after resolving symlinks: the server can only check the path's
+    text, and a link inside a root may point anywhere.
+    """
+    if not _looks_like_path(source):
+        return source
+    real = os.path.realpath(os.path.expanduser(source))
+    if not any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in model_roots()):
+        raise InvalidConfig(
+            f"model path {source!r} is not inside a folder this worker loads models from ({MODEL_ROOTS_ENV})",
+            param=param,
+        )
+    return real
 
 
 def _looks_like_path(source: str) -> bool:
