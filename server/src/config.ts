@@ -1,4 +1,4 @@
-import { resolve } from 'node:path';
+import { isAbsolute, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 /** Server settings, all from the environment. README's configuration table lists the same variables. */
@@ -27,6 +27,11 @@ export interface Config {
   logLevel: string;
   /** The folder `pnpm docs` builds; served at /docs. */
   docsDir: string;
+  /**
+   * Folders (absolute, normalized) under which a `base_model` may be an absolute path on the workers.
+   * Empty: absolute paths are refused, so a tenant cannot name any folder of a worker host.
+   */
+  modelRoots: string[];
 }
 
 function intEnv(name: string, fallback: number): number {
@@ -36,6 +41,19 @@ function intEnv(name: string, fallback: number): number {
   if (!Number.isFinite(value) || value < 0)
     throw new Error(`${name} must be a non-negative number, got "${raw}"`);
   return value;
+}
+
+/** `TUNERY_MODEL_ROOTS`: colon-separated absolute folders, normalized without a trailing slash. */
+function modelRootsEnv(): string[] {
+  const raw = process.env.TUNERY_MODEL_ROOTS ?? '';
+  return raw
+    .split(':')
+    .filter((part) => part !== '')
+    .map((part) => {
+      if (!isAbsolute(part))
+        throw new Error(`TUNERY_MODEL_ROOTS entries must be absolute paths, got "${part}"`);
+      return resolve(part);
+    });
 }
 
 export function loadConfig(overrides: Partial<Config> = {}): Config {
@@ -56,6 +74,7 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     docsDir: resolve(
       process.env.TUNERY_DOCS_DIR ?? fileURLToPath(new URL('../../docs-site', import.meta.url)),
     ),
+    modelRoots: modelRootsEnv(),
     ...overrides,
   };
 }

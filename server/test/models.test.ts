@@ -62,7 +62,8 @@ async function fakeOllama() {
 describe.each(DATABASES)('models on %s', (db) => {
   let server: TestServer;
   beforeAll(async () => {
-    server = await startTestServer(db);
+    // The tenant's own catalog entries below are directories under /models on the workers.
+    server = await startTestServer(db, { modelRoots: ['/models'] });
   });
   afterAll(async () => {
     await server?.stop();
@@ -177,14 +178,17 @@ describe.each(DATABASES)('models on %s', (db) => {
       });
       expect(res.status).toBe(200);
       const body = await res.json();
-      expect(body.model).toMatchObject({ id: modelId, ollama_name: 'eliza-v1' });
+      expect(body.model).toMatchObject({ id: modelId, ollama_name: 'tunery-default/eliza-v1' });
       const digest = `sha256:${createHash('sha256').update('GGUF-q4').digest('hex')}`;
       expect(ollama.blobs.get(digest)?.toString()).toBe('GGUF-q4');
       expect(ollama.creates).toEqual([
-        { model: 'eliza-v1', files: { 'model-q4_0.gguf': digest }, stream: false },
+        { model: 'tunery-default/eliza-v1', files: { 'model-q4_0.gguf': digest }, stream: false },
       ]);
       const model = await (await server.api(`/v1/models/${modelId}`)).json();
-      expect(model).toMatchObject({ ollama_name: 'eliza-v1', imported_at: body.model.imported_at });
+      expect(model).toMatchObject({
+        ollama_name: 'tunery-default/eliza-v1',
+        imported_at: body.model.imported_at,
+      });
 
       // Default name and file: the model's name, q8_0 before any other type; the blob is not re-sent.
       const again = await (
@@ -193,7 +197,7 @@ describe.each(DATABASES)('models on %s', (db) => {
           json: { ollama_url: ollama.url },
         })
       ).json();
-      expect(again.model.ollama_name).toBe('merged-v1');
+      expect(again.model.ollama_name).toBe('tunery-default/merged-v1');
       expect(ollama.blobs.size).toBe(2);
     } finally {
       await ollama.close();

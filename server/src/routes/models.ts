@@ -1,6 +1,6 @@
 import type { Knex } from 'knex';
 import type { AppContext } from '../context.js';
-import { conflict, invalidConfig, notFound } from '../errors.js';
+import { badRequest, conflict, invalidConfig, notFound } from '../errors.js';
 import {
   type BodyOf,
   iso,
@@ -16,6 +16,7 @@ import type { JobRow } from '../queue/types.js';
 import { assertWithinBudget } from '../services/budget.js';
 import {
   type BaseModelRow,
+  checkModelSource,
   getBaseModel,
   isModelSource,
   resolveBaseModel,
@@ -24,7 +25,7 @@ import {
 import { getDataset } from '../services/datasets.js';
 import { estimateJobCostUsd } from '../services/estimate.js';
 import { idempotent } from '../services/idempotency.js';
-import { importGguf, loopbackOllamaUrl } from '../services/ollama.js';
+import { importGguf, loopbackOllamaUrl, ollamaModelName } from '../services/ollama.js';
 import { listPage, newestFirst } from '../services/paging.js';
 import {
   type FileRow,
@@ -118,12 +119,16 @@ async function benchmarkBase(
     return {
       id: recorded.id ?? null,
       name: recorded.name ?? model.base_model ?? model.name,
-      source: recorded.source,
+      source: checkModelSource(ctx.config, recorded.source, 'model_id'),
     };
   }
   const name = model.base_model ?? model.name;
   const base = await resolveBaseModel(ctx, tenantId, { base_model: name }).catch(() => null);
-  return { id: base?.id ?? null, name, source: base?.source ?? name };
+  return {
+    id: base?.id ?? null,
+    name,
+    source: checkModelSource(ctx.config, base?.source ?? name, 'model_id'),
+  };
 }
 
 /** Benchmark job's answer: its status, and the scores once it completed. */
@@ -174,6 +179,7 @@ export const modelRoutes: Routes = {
         'source',
       );
     }
+    checkModelSource(ctx.config, body.source, 'source');
     const { id } = await idempotent(ctx, req, 'createBaseModel', 'bm', async (modelId) => {
       await ctx.knex.transaction(async (trx) => {
         const taken = await trx('base_models')
@@ -247,6 +253,14 @@ export const modelRoutes: Routes = {
     const tenantId = tenantOf(req);
     const id = pathParam(req, 'model_id');
     const body = (req.body ?? {}) as BodyOf<'importModelToOllama'>;
+    if (body.base_model !== undefined) {
+      // Seed 004 names a base for Ollama to stack an adapter on; Tunery's GGUF files are whole
+      // models, so there is nothing to stack. Refused rather than ignored.
+      throw badRequest(
+        'base_model is not supported: Tunery imports whole-model GGUF files, which need no base model in Ollama.',
+        'base_model',
+      );
+    }
     const base = loopbackOllamaUrl(body.ollama_url);
     const model = await getModelRow(ctx.knex, tenantId, id);
     const files = (await jobOutputFiles(ctx.knex, tenantId, [model.job_id])).get(model.job_id) ?? [];
@@ -260,7 +274,7 @@ export const modelRoutes: Routes = {
         body.quantization ? 'quantization' : null,
       );
     }
-    const ollamaName = body.model_name ?? model.name;
+    const ollamaName = ollamaModelName(tenantId, body.model_name ?? model.name);
     await importGguf(ctx, base, gguf, ollamaName);
     const [updated] = await ctx
       .knex('models')

@@ -53,7 +53,7 @@ export async function getAutoConfig(
  * otherwise), so a run can never trigger without knowing what to train.
  */
 export async function updateAutoConfig(
-  ctx: Pick<AppContext, 'knex'>,
+  ctx: Pick<AppContext, 'knex' | 'config'>,
   tenantId: string,
   update: Schemas['AutoTrainingConfigUpdate'],
 ): Promise<Schemas['AutoTrainingConfig']> {

@@ -1,4 +1,6 @@
+import { posix } from 'node:path';
 import type { Knex } from 'knex';
+import type { Config } from '../config.js';
 import type { AppContext } from '../context.js';
 import { invalidConfig, notFound } from '../errors.js';
 
@@ -156,9 +158,45 @@ export const builtinBaseModelId = (name: string) => `bm_${name.replace(/[^A-Za-z
 /** Hub ids look like `org/name` (no spaces, exactly one slash). */
 const HUB_ID = /^[A-Za-z0-9][A-Za-z0-9._-]*\/[A-Za-z0-9][A-Za-z0-9._-]*$/;
 
-/** A hub id (`org/name`) or an absolute directory path without `..`: what workers can load. */
-export const isModelSource = (value: string): boolean =>
-  HUB_ID.test(value) || (value.startsWith('/') && !value.split('/').includes('..'));
+/** A hub id (`org/name`) or an absolute directory path: the shapes of source workers load. */
+export const isModelSource = (value: string): boolean => HUB_ID.test(value) || value.startsWith('/');
+
+const within = (path: string, root: string) =>
+  path === root || path.startsWith(root === '/' ? root : `${root}/`);
+
+/**
+ * A model source as a job may name it: a hub id as is; an absolute path only when it is normalized
+ * (no `..`, `.` or `//`), inside one of the operator's model roots (`TUNERY_MODEL_ROOTS`) and outside
+ * the server's data directory, where every tenant's files live: output models are named by id
+ * (`source_model_id`), which resolves for their own tenant only. Workers check the real path again
+ * (symlinks) before loading. `400 invalid_config` naming `param` otherwise.
+ */
+export function checkModelSource(
+  config: Pick<Config, 'modelRoots' | 'dataDir'>,
+  source: string,
+  param: string,
+): string {
+  if (!source.startsWith('/')) return source;
+  const trimmed = source.length > 1 ? source.replace(/\/+$/, '') : source;
+  if (posix.normalize(trimmed) !== trimmed) {
+    throw invalidConfig(`Model path "${source}" must be normalized (no "..", "." or "//").`, param);
+  }
+  const hint =
+    'use a catalog name, a hub id like "org/name", or source_model_id for one of your output models';
+  if (config.modelRoots.length === 0) {
+    throw invalidConfig(
+      `Absolute paths are not accepted as models on this server (its operator set no TUNERY_MODEL_ROOTS): ${hint}.`,
+      param,
+    );
+  }
+  if (within(trimmed, config.dataDir) || !config.modelRoots.some((root) => within(trimmed, root))) {
+    throw invalidConfig(
+      `Model path "${source}" is not inside a model folder this server allows (TUNERY_MODEL_ROOTS): ${hint}.`,
+      param,
+    );
+  }
+  return source;
+}
 
 /** Seeds the shipped base-model entries; re-running updates them in place. */
 export async function seedCatalog(knex: Knex): Promise<void> {
@@ -218,15 +256,17 @@ async function findVisible(
  * path is taken verbatim as the source. Anything else is `400 invalid_config`.
  */
 export async function resolveBaseModel(
-  ctx: Pick<AppContext, 'knex'>,
+  ctx: Pick<AppContext, 'knex' | 'config'>,
   tenantId: string,
   ref: { base_model?: string; base_model_id?: string },
   db: Knex | Knex.Transaction = ctx.knex,
 ): Promise<ResolvedBaseModel> {
+  const param = ref.base_model_id ? 'base_model_id' : 'base_model';
+  // Catalog entries are checked too: the model roots may have changed since one was registered.
   const pick = (row: BaseModelRow): ResolvedBaseModel => ({
     id: row.id,
     name: row.name,
-    source: row.source,
+    source: checkModelSource(ctx.config, row.source, param),
     params: row.params,
   });
   if (ref.base_model_id)
@@ -237,7 +277,7 @@ export async function resolveBaseModel(
     (await findVisible(db, tenantId, 'name', name)) ?? (await findVisible(db, tenantId, 'source', name));
   if (byName) return pick(byName);
   if (isModelSource(name)) {
-    return { id: null, name, source: name, params: null };
+    return { id: null, name, source: checkModelSource(ctx.config, name, param), params: null };
   }
   throw invalidConfig(
     `Unknown model "${name}": use a catalog name (GET /v1/base-models), a hub id like "org/name", or an absolute path on the workers.`,

@@ -46,6 +46,30 @@ export interface Teacher {
   base_url: string | null;
 }
 
+/**
+ * A tenant's teacher endpoint: http(s) without credentials in it (the key goes in teacher_api_key,
+ * which is kept out of the stored config). Which hosts a worker then reaches is the worker's egress
+ * policy (`TUNERY_TEACHER_ALLOWED_HOSTS`), checked where the connection is made.
+ */
+function teacherUrl(raw: string): string {
+  let url: URL;
+  try {
+    url = new URL(raw);
+  } catch {
+    throw invalidConfig('teacher_base_url is not a URL.', 'config.teacher_base_url');
+  }
+  if (url.protocol !== 'http:' && url.protocol !== 'https:') {
+    throw invalidConfig('teacher_base_url must be an http(s) URL.', 'config.teacher_base_url');
+  }
+  if (url.username || url.password) {
+    throw invalidConfig(
+      'teacher_base_url may not carry credentials: give the key as teacher_api_key.',
+      'config.teacher_base_url',
+    );
+  }
+  return raw;
+}
+
 /** `openai/gpt-4o` → an OpenAI-compatible endpoint; `local/<base model>` → a model the worker loads. */
 async function resolveTeacher(
   ctx: AppContext,
@@ -62,13 +86,19 @@ async function resolveTeacher(
     );
   }
   if (prefix === 'local') {
+    if (config.teacher_base_url) {
+      throw invalidConfig(
+        'A local teacher runs on the worker: teacher_base_url applies to endpoint teachers only.',
+        'config.teacher_base_url',
+      );
+    }
     const base = await withParam(
       resolveBaseModel(ctx, tenantId, { base_model: model }),
       'config.teacher_model',
     );
     return { provider: 'local', model: base.source, base_url: null };
   }
-  const baseUrl = config.teacher_base_url ?? PROVIDER_BASE_URLS[prefix];
+  const baseUrl = config.teacher_base_url ? teacherUrl(config.teacher_base_url) : PROVIDER_BASE_URLS[prefix];
   if (!baseUrl) {
     throw invalidConfig(
       `Unknown teacher provider "${prefix}": give config.teacher_base_url of its OpenAI-compatible endpoint.`,

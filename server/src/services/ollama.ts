@@ -3,6 +3,7 @@
  * `HEAD /api/blobs/sha256:<digest>` (already there?), `POST /api/blobs/sha256:<digest>` (upload the
  * bytes), then `POST /api/create {model, files: {<file name>: "sha256:<digest>"}, stream: false}`.
  * Only loopback URLs are accepted: the server must never be turned into a client of other hosts.
+ * Redirects are not followed, and a failure says nothing about what answered (or did not).
  */
 import { Readable } from 'node:stream';
 import type { AppContext } from '../context.js';
@@ -34,56 +35,69 @@ export function loopbackOllamaUrl(raw: string | undefined): URL {
   return url;
 }
 
-const unreachable = (base: URL, detail: string) =>
-  new ApiError(502, 'ollama_unreachable', `Ollama at ${base.origin} did not answer: ${detail}`, 'ollama_url');
+/**
+ * Every failure answers the same: which step failed, and why (refused, timed out, an error body),
+ * would let a tenant map the server's loopback ports through this endpoint. The operator's log
+ * gets the detail.
+ */
+function importFailed(ctx: Pick<AppContext, 'logger'>, detail: string): ApiError {
+  ctx.logger.warn({ ollama: detail }, 'ollama import failed');
+  return new ApiError(502, 'ollama_unreachable', 'Ollama did not complete the import.', 'ollama_url');
+}
 
-async function call(base: URL, path: string, init: RequestInit & { timeoutMs: number }): Promise<Response> {
+/** One request to Ollama; redirects are answers like any other, never followed. */
+async function call(
+  ctx: Pick<AppContext, 'logger'>,
+  base: URL,
+  path: string,
+  init: RequestInit & { timeoutMs: number },
+): Promise<Response> {
   const { timeoutMs, ...rest } = init;
   try {
-    return await fetch(new URL(path, base), { ...rest, signal: AbortSignal.timeout(timeoutMs) });
+    return await fetch(new URL(path, base), {
+      ...rest,
+      redirect: 'manual',
+      signal: AbortSignal.timeout(timeoutMs),
+    });
   } catch (err) {
     const cause = (err as { cause?: { code?: string } }).cause?.code;
-    throw unreachable(base, cause ?? (err as Error).message);
+    throw importFailed(ctx, `${path}: ${cause ?? (err as Error).message}`);
   }
 }
 
-async function failure(base: URL, what: string, res: Response): Promise<ApiError> {
-  const text = (await res.text().catch(() => '')).slice(0, 500);
-  let detail = text;
-  try {
-    detail = (JSON.parse(text) as { error?: string }).error ?? text;
-  } catch {}
-  return unreachable(base, `${what} answered ${res.status}${detail ? ` (${detail})` : ''}`);
-}
+/** The name a tenant's model gets in Ollama: in the tenant's own namespace, so no tenant can
+ * overwrite another's model (or one the operator pulled). Tenant ids hold letters, digits, `_`
+ * and `-`, as Ollama namespaces do. */
+export const ollamaModelName = (tenantId: string, name: string) => `tunery-${tenantId}/${name}`;
 
 /** Uploads the GGUF (unless Ollama already has the blob) and creates the model `name` from it. */
 export async function importGguf(
-  ctx: Pick<AppContext, 'storage'>,
+  ctx: Pick<AppContext, 'storage' | 'logger'>,
   base: URL,
   file: FileRow,
   name: string,
 ): Promise<void> {
   const digest = `sha256:${file.sha256}`;
   const blobPath = `/api/blobs/${digest}`;
-  const probe = await call(base, blobPath, { method: 'HEAD', timeoutMs: PROBE_TIMEOUT_MS });
+  const probe = await call(ctx, base, blobPath, { method: 'HEAD', timeoutMs: PROBE_TIMEOUT_MS });
   if (probe.status !== 200) {
     const body = Readable.toWeb(ctx.storage.read(file.rel_path)) as ReadableStream<Uint8Array>;
-    const upload = await call(base, blobPath, {
+    const upload = await call(ctx, base, blobPath, {
       method: 'POST',
       body,
       headers: { 'content-type': 'application/octet-stream', 'content-length': String(file.size_bytes) },
       duplex: 'half',
       timeoutMs: UPLOAD_TIMEOUT_MS,
     } as RequestInit & { timeoutMs: number });
-    if (!upload.ok) throw await failure(base, 'the blob upload', upload);
+    if (!upload.ok) throw importFailed(ctx, `blob upload answered ${upload.status}`);
   }
-  const create = await call(base, '/api/create', {
+  const create = await call(ctx, base, '/api/create', {
     method: 'POST',
     headers: { 'content-type': 'application/json' },
     body: JSON.stringify({ model: name, files: { [file.name]: digest }, stream: false }),
     timeoutMs: CREATE_TIMEOUT_MS,
   });
-  if (!create.ok) throw await failure(base, 'create', create);
+  if (!create.ok) throw importFailed(ctx, `create answered ${create.status}`);
   const outcome = (await create.json().catch(() => ({}))) as { status?: string; error?: string };
-  if (outcome.error) throw unreachable(base, `create failed (${outcome.error})`);
+  if (outcome.error) throw importFailed(ctx, `create failed: ${outcome.error}`);
 }

@@ -11,7 +11,7 @@ import { invalidConfig, notFound } from '../errors.js';
 import type { BodyOf, Schemas } from '../http.js';
 import type { EnqueueInput } from '../queue/enqueue.js';
 import type { JobRow } from '../queue/types.js';
-import { resolveBaseModel } from './catalog.js';
+import { checkModelSource, resolveBaseModel } from './catalog.js';
 import { type DatasetRow, estimateTokens, getDataset, parseJsonl, validateRecords } from './datasets.js';
 import { estimateJobCostUsd } from './estimate.js';
 import { getTemplateConfig } from './templates.js';
@@ -203,8 +203,9 @@ async function sourceModel(ctx: AppContext, tenantId: string, modelId: string): 
   if (row.kind === 'adapter' || row.kind === 'distilled') {
     // the adapter's files come as inputs; the worker loads its base from the catalog's source
     const base = await resolveBaseModel(ctx, tenantId, { base_model: row.base_model }).catch(() => null);
+    const source = checkModelSource(ctx.config, base?.source ?? row.base_model, 'source_model_id');
     return {
-      model: { id: base?.id ?? null, name: row.base_model, source: base?.source ?? row.base_model },
+      model: { id: base?.id ?? null, name: row.base_model, source },
       params,
       modelId,
     };

@@ -943,8 +943,11 @@ export interface paths {
         /**
          * Import a model into Ollama
          * @description Registers the model's GGUF file with an Ollama server through its API. `ollama_url` must be
-         *     a loopback host (localhost, 127.0.0.1, ::1), else `400 invalid_request`; an unreachable
-         *     Ollama is `502 ollama_unreachable`. The model needs a GGUF output (`409 conflict` otherwise).
+         *     a loopback host (localhost, 127.0.0.1, ::1), else `400 invalid_request`. The model is named
+         *     in the tenant's own Ollama namespace, `tunery-<tenant>/<model_name>`, so tenants sharing an
+         *     Ollama never overwrite each other's models. Redirects are not followed, and any failure
+         *     (unreachable, refused, an error answer) is `502 ollama_unreachable` with one fixed message.
+         *     The model needs a GGUF output (`409 conflict` otherwise).
          */
         post: operations["importModelToOllama"];
         delete?: never;
@@ -1356,7 +1359,7 @@ export interface components {
             teacher_model: string;
             /**
              * Format: uri
-             * @description Base URL of the OpenAI-compatible endpoint for provider-prefixed teachers (default the provider's public API).
+             * @description Base URL of the OpenAI-compatible endpoint for provider-prefixed teachers (default the provider's public API). http(s) without credentials (`400 invalid_config` otherwise); not for `local/` teachers. Workers reach only public addresses, or the hosts their operator lists in `TUNERY_TEACHER_ALLOWED_HOSTS`, and follow no redirects.
              */
             teacher_base_url?: string;
             /** @description Key for the teacher endpoint; stored for the worker, never returned. */
@@ -1720,7 +1723,7 @@ export interface components {
             /** @description Re-using a key returns the same job. */
             idempotency_key?: string;
             template?: components["schemas"]["Name"];
-            /** @description Catalog name, hub id, or a directory on the workers, e.g. `Qwen/Qwen2.5-7B-Instruct`. */
+            /** @description Catalog name, hub id, or an absolute directory on the workers inside a folder the operator allows (`TUNERY_MODEL_ROOTS`; none by default, so paths are `400 invalid_config`), e.g. `Qwen/Qwen2.5-7B-Instruct`. Output models are named by `source_model_id`. */
             base_model?: string;
             /** @description Alias of `base_model`. */
             model_name?: string;
@@ -2582,7 +2585,7 @@ export interface components {
         /** @description A catalog entry to add. */
         BaseModelCreate: {
             name: components["schemas"]["Name"];
-            /** @description Hub id or a directory on the workers. */
+            /** @description Hub id, or an absolute directory on the workers inside a folder the operator allows (`TUNERY_MODEL_ROOTS`), else `400 invalid_config`. */
             source: string;
             /** @description Parameter count. */
             params?: number;
@@ -2659,9 +2662,9 @@ export interface components {
         };
         /** @description Where and under which name to import. */
         OllamaImportRequest: {
-            /** @description Name to register in Ollama (default the model's name). */
+            /** @description Name to register in Ollama (default the model's name), inside the tenant's namespace: `tunery-<tenant>/<model_name>`. */
             model_name?: string;
-            /** @description Accepted for seed-004 compatibility; not sent to Ollama (a full-model GGUF needs no base). */
+            /** @description Seed 004's base for an adapter import. Not supported: Tunery's GGUF files are whole models, which need no base, so giving it is `400 invalid_request`. */
             base_model?: string;
             /**
              * Format: uri
@@ -2676,7 +2679,7 @@ export interface components {
             /** @description The model as imported. */
             model: {
                 id: components["schemas"]["Id"];
-                /** @description Name in Ollama. */
+                /** @description Name in Ollama: `tunery-<tenant>/<model_name>`. */
                 ollama_name: string;
                 imported_at: components["schemas"]["Timestamp"];
             };

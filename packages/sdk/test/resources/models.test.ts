@@ -28,8 +28,12 @@ describe('models', () => {
       status: 400,
       param: 'ollama_url',
     });
+    await expect(tunery.models.importOllama(merged, { base_model: 'llama3' })).rejects.toMatchObject({
+      status: 400,
+      param: 'base_model',
+    });
     const imported = await tunery.models.importOllama(merged, { model_name: 'support-merged' });
-    expect(imported.model).toMatchObject({ id: merged, ollama_name: 'support-merged' });
+    expect(imported.model).toMatchObject({ id: merged, ollama_name: 'tunery-default/support-merged' });
     mock.state.ollamaReachable = false;
     await expect(tunery.models.importOllama(merged)).rejects.toMatchObject({
       status: 502,

@@ -72,6 +72,14 @@ export function modelHandlers(ctx: MockContext) {
     async ({ params, request, response }) => {
       const found = model(state, params.model_id);
       const body = (await optionalJson<RequestBodyOf<'importModelToOllama'>>(request)) ?? {};
+      if (body.base_model !== undefined) {
+        throw new MockHttpError(
+          400,
+          'invalid_request',
+          'base_model is not supported: Tunery imports whole-model GGUF files.',
+          'base_model',
+        );
+      }
       const ollamaUrl = body.ollama_url ?? 'http://127.0.0.1:11434';
       let host: string;
       try {
@@ -93,11 +101,12 @@ export function modelHandlers(ctx: MockContext) {
         throw new MockHttpError(
           502,
           'ollama_unreachable',
-          `Ollama at ${ollamaUrl} did not answer.`,
+          'Ollama did not complete the import.',
           'ollama_url',
         );
       }
-      const ollamaName = body.model_name ?? found.name;
+      // As the server does: the name lives in the tenant's own Ollama namespace.
+      const ollamaName = `tunery-${state.tenantId}/${body.model_name ?? found.name}`;
       const importedAt = now();
       found.ollama_name = ollamaName;
       found.imported_at = importedAt;
