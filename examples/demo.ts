@@ -4,7 +4,8 @@
 //   bash scripts/bootstrap.sh && pnpm demo          (PORT=… to pick the port; default: a free one)
 //
 // Everything it writes lands in data/demo/ (recreated on each run): the database, the artifacts,
-// server.log and worker.log, the downloaded adapter, metrics.json and loss.png.
+// server.log and worker.log, the downloaded adapter, metrics.json and loss.png; the tiny model in
+// data/demo-models/.
 import { type ChildProcess, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -17,7 +18,10 @@ import { isEntryPoint } from './src/run.js';
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const DEMO_DIR = join(ROOT, 'data', 'demo');
 const VENV_BIN = join(ROOT, '.venv', 'bin');
-const MODEL_DIR = join(DEMO_DIR, 'models', 'tiny-llama');
+// Outside the server's data dir (the server refuses model paths there) and inside the one model
+// root the demo's server and worker allow (TUNERY_MODEL_ROOTS).
+const MODELS_ROOT = join(ROOT, 'data', 'demo-models');
+const MODEL_DIR = join(MODELS_ROOT, 'tiny-llama');
 const MAX_STEPS = 60;
 
 /** Short instruction/response pairs a tiny model memorises in a few dozen steps. */
@@ -108,7 +112,7 @@ function runCommand(command: string, args: string[], opts: { cwd?: string; env?:
 
 /** `tunery-server …` run with the server package's tsx, in one process (no tsx wrapper). */
 const serverArgs = (...args: string[]) => ['--import', 'tsx', 'src/cli.ts', ...args];
-const serverEnv = { TUNERY_DATA_DIR: DEMO_DIR, DATABASE_URL: '' };
+const serverEnv = { TUNERY_DATA_DIR: DEMO_DIR, DATABASE_URL: '', TUNERY_MODEL_ROOTS: MODELS_ROOT };
 
 /** A key printed by `tunery-server keys create`: the last non-empty line of stdout. */
 async function createKey(...args: string[]): Promise<string> {
@@ -253,6 +257,7 @@ export async function main(): Promise<void> {
   const started = Date.now();
   const say = (line: string) => console.log(process.stdout.isTTY ? `\x1b[1m▸\x1b[0m ${line}` : `▸ ${line}`);
   rmSync(DEMO_DIR, { recursive: true, force: true });
+  rmSync(MODELS_ROOT, { recursive: true, force: true });
   mkdirSync(DEMO_DIR, { recursive: true });
 
   // 1. Keys first (embedded PGlite is single-process), while the worker builds the tiny model.
@@ -292,7 +297,7 @@ export async function main(): Promise<void> {
     ]
       // A short claim long-poll, so that the worker notices the stop quickly at the end.
       .concat(['--wait-seconds', '2']),
-    { env: { PYTHONUNBUFFERED: '1' } },
+    { env: { PYTHONUNBUFFERED: '1', TUNERY_MODEL_ROOTS: MODELS_ROOT } },
   );
   say('one CPU worker started (log data/demo/worker.log)');
 

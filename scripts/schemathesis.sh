@@ -60,7 +60,8 @@ trap 'exit 130' INT TERM
 
 # `node --import tsx` is one process (no tsx/pnpm wrapper): started with `&` below (not through a
 # shell function, which would fork a subshell), $! is the server itself and stopping it is exact.
-export TUNERY_DATA_DIR="$data" LOG_LEVEL=error
+# The seeded catalog entry below names a directory under /nonexistent: the model root allows it.
+export TUNERY_DATA_DIR="$data" LOG_LEVEL=error TUNERY_MODEL_ROOTS=/nonexistent
 unset DATABASE_URL # embedded PGlite, whatever the caller's environment says
 cli() { node --import tsx "$root/server/src/cli.ts" "$@"; }
 

@@ -7,7 +7,7 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { cp, mkdir, mkdtemp, readFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { inject, onTestFailed } from 'vitest';
 import type { components } from '../../server/src/generated/api.js';
 import { ROOT, SERVER_CLI, WORKER_BIN } from './harness-paths.js';
@@ -211,6 +211,7 @@ export class DrillServer {
         DATABASE_URL: '', // embedded PGlite in the data dir, whatever the caller's environment says
         // Only 5xx are logged at error level: the tail shows exactly what went wrong.
         LOG_LEVEL: 'error',
+        TUNERY_MODEL_ROOTS: modelRoots(),
         ...this.env,
       },
       stdio: ['ignore', 'pipe', 'pipe'],
@@ -333,6 +334,9 @@ export const TRAIN_TEXTS = [
   'kill the worker and the job still finishes',
 ];
 
+/** Where server and workers accept model paths from: the folder of the global setup's tiny model. */
+const modelRoots = () => dirname(inject('tinyModel'));
+
 /** Starts a CPU worker against `server` (single-threaded torch: drills share two cores). */
 export async function spawnWorker(server: DrillServer, workerId: string): Promise<Child> {
   const workdir = join(server.dir, 'work', workerId);
@@ -363,6 +367,7 @@ export async function spawnWorker(server: DrillServer, workerId: string): Promis
         TOKENIZERS_PARALLELISM: 'false',
         PYTHONUNBUFFERED: '1',
         HF_HUB_OFFLINE: '1',
+        TUNERY_MODEL_ROOTS: modelRoots(),
       },
       stdio: ['ignore', 'pipe', 'pipe'],
     },

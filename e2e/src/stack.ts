@@ -206,6 +206,8 @@ export interface StackOptions {
   leaseSeconds?: number;
   /** TUNERY_SWEEP_INTERVAL_MS. */
   sweepIntervalMs?: number;
+  /** TUNERY_MODEL_ROOTS of the server and the workers: where base-model directories may be. */
+  modelRoots?: string;
 }
 
 export interface Stack {
@@ -236,6 +238,7 @@ export async function startStack(opts: StackOptions): Promise<Stack> {
     TUNERY_SWEEP_INTERVAL_MS: String(opts.sweepIntervalMs ?? 1000),
     LOG_LEVEL: 'warn',
     HOST: '127.0.0.1',
+    TUNERY_MODEL_ROOTS: opts.modelRoots ?? '',
   };
   const workers: Proc[] = [];
   let server: Proc | undefined;
@@ -296,7 +299,7 @@ export async function startStack(opts: StackOptions): Promise<Stack> {
           '--wait-seconds',
           '2',
         ],
-        { env: { PYTHONUNBUFFERED: '1' } },
+        { env: { PYTHONUNBUFFERED: '1', TUNERY_MODEL_ROOTS: env.TUNERY_MODEL_ROOTS! } },
       );
       workers.push(worker);
       return worker;

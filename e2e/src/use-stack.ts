@@ -1,5 +1,6 @@
 // One live stack per test file: started in beforeAll, stopped in afterAll (even after a failure),
 // and its workers' output printed when a test fails.
+import { dirname } from 'node:path';
 import { afterAll, beforeAll, beforeEach, inject } from 'vitest';
 import { type Stack, type StackOptions, startStack } from './stack.js';
 
@@ -14,7 +15,8 @@ export const TINY = 'tiny-llama';
 export function useStack(opts: UseStackOptions): () => Stack {
   let stack: Stack | undefined;
   beforeAll(async () => {
-    stack = await startStack(opts);
+    // The tiny model's folder is the one place server and workers accept model paths from.
+    stack = await startStack({ modelRoots: dirname(inject('tinyModel')), ...opts });
     try {
       for (let i = 0; i < (opts.workers ?? 1); i++) stack.startWorker();
       await stack.registerModel(TINY, inject('tinyModel'));
