@@ -50,7 +50,9 @@ function run(command: string, args: string[], env: Record<string, string> = {}):
 
 export default async function setup(project: TestProject): Promise<() => Promise<void>> {
   const root = await mkdtemp(join(tmpdir(), 'tunery-drills-'));
-  const tinyModel = join(root, 'tiny-model');
+  // In a folder of its own: that folder is the drills' model root (TUNERY_MODEL_ROOTS), which must
+  // not hold the servers' data dirs or the workers' workdirs.
+  const tinyModel = join(root, 'models', 'tiny-model');
   const templateDataDir = join(root, 'template-data');
   const [, keyOutput] = await Promise.all([
     run(WORKER_BIN, ['make-tiny-model', tinyModel]),

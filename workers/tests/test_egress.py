@@ -18,6 +18,7 @@ from tunery_worker import egress
 from tunery_worker.context import LocalJobContext
 from tunery_worker.egress import EgressDenied, EgressPolicy, PinnedTransport, is_public_address
 from tunery_worker.errors import InvalidConfig
+from tunery_worker.jobs import HANDLERS
 from tunery_worker.jobs import distill as distill_module
 from tunery_worker.jobs.distill import DistillConfig, OpenAITeacher, TeacherConfig, TeacherError
 from tunery_worker.jobs.model_source import checked_source, model_source
@@ -212,6 +213,26 @@ def test_a_listed_name_is_reached_at_its_checked_address(monkeypatch, endpoint_f
     monkeypatch.setenv(egress.ALLOWED_HOSTS_ENV, "teacher.test")
     assert ask(teacher(endpoint.url("teacher.test"))) == {"choices": []}
     assert endpoint.requests == [{"path": "/v1/chat/completions", "host": f"teacher.test:{endpoint.port}"}]
+
+
+def test_a_distill_job_with_a_loopback_teacher_fails_before_calling_it(
+    default_policy, endpoint_factory, tmp_path, tiny_llama
+):
+    endpoint = endpoint_factory(status=200, body="{}")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    teacher_spec = {"provider": "openai", "model": "m", "base_url": endpoint.url(), "api_key": "sk-secret"}
+    ctx = LocalJobContext(
+        job_id="job_ssrf",
+        job_type="distill",
+        spec={"base_model": {"name": "s", "source": str(tiny_llama)}, "teacher": teacher_spec},
+        workdir=tmp_path,
+        inputs={"prompts": prompts},
+    )
+    with pytest.raises(EgressDenied) as err:
+        HANDLERS["distill"](ctx)
+    assert endpoint.requests == []
+    assert "sk-secret" not in err.value.message
 
 
 # --- what the teacher client does with answers ------------------------------------------------------
