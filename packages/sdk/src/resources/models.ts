@@ -46,7 +46,7 @@ export class Models extends APIResource {
     });
   }
 
-  /** Registers the model's GGUF file with a loopback Ollama server. */
+  /** Registers the model's GGUF file with a loopback Ollama server, as `tunery-<tenant>/<model_name>`. */
   importOllama(
     modelId: string,
     body?: OllamaImportParams,
