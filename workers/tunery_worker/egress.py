@@ -105,7 +105,7 @@ class EgressPolicy:
         addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
         if not addresses:
             raise httpx.ConnectError("name resolution failed")
-        # Every address must pass, not just the first: the connect below uses only a checked one.
+        # Every address must pass: a name with one private address among public ones is refused.
         if not listed and not all(is_public_address(ip) for ip in addresses):
             raise _denied(host)
         return str(addresses[0])
@@ -114,8 +114,8 @@ class EgressPolicy:
 def _denied(host: str) -> EgressDenied:
     # One message whether the host is unlisted, private or loopback: the answer maps nothing out.
     return EgressDenied(
-        f"teacher.base_url: this worker does not reach host {host!r} (only public addresses, or the "
-        f"hosts its operator lists in {ALLOWED_HOSTS_ENV})",
+        f"teacher.base_url: this worker does not reach host {host!r} (it reaches public addresses "
+        f"only, or only the hosts its operator lists in {ALLOWED_HOSTS_ENV})",
         param="teacher.base_url",
     )
 
