@@ -65,9 +65,11 @@ async function call(
   }
 }
 
-/** The name a tenant's model gets in Ollama: in the tenant's own namespace, so no tenant can
- * overwrite another's model (or one the operator pulled). Tenant ids hold letters, digits, `_`
- * and `-`, as Ollama namespaces do. */
+/**
+ * The name a tenant's model gets in Ollama: in the tenant's own namespace, so no tenant can
+ * overwrite another's model (or one the operator pulled). Tenant ids (`TenantId` in the spec) hold
+ * letters, digits, `_` and `-`, as Ollama namespaces do; model names cannot hold `/`.
+ */
 export const ollamaModelName = (tenantId: string, name: string) => `tunery-${tenantId}/${name}`;
 
 /** Uploads the GGUF (unless Ollama already has the blob) and creates the model `name` from it. */
