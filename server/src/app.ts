@@ -36,7 +36,9 @@ export function createApp(ctx: AppContext): express.Express {
   app.use(
     OpenApiValidator.middleware({
       apiSpec: specPath,
-      validateRequests: { allowUnknownQueryParameters: false, coerceTypes: true },
+      // Path, query and header values are text and are always coerced to their schema's type; a
+      // JSON body is taken as sent (`null` is not 0, `"5"` is not 5), or a wrong type would be stored.
+      validateRequests: { allowUnknownQueryParameters: false, coerceTypes: false },
       validateResponses: { removeAdditional: false },
       validateFormats: true,
       fileUploader: { limits: { fileSize: ctx.config.maxJsonBytes * 10, files: 1 } },

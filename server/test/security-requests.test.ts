@@ -98,6 +98,23 @@ describe.each(DATABASES)('hostile requests on %s', (db) => {
     expect((await pair.json()).llm_calls[0].user_prompt).toBe('hi \u{1f600}');
   });
 
+  it('takes JSON bodies as sent: a wrong type is 400, never coerced (false is not 0)', async () => {
+    const before = (await (await server.api('/v1/budget')).json()).limit_usd;
+    for (const limit_usd of [false, '12', [3]]) {
+      const budget = await server.api('/v1/budget', { method: 'PUT', json: { limit_usd } });
+      expect(budget.status, JSON.stringify(limit_usd)).toBe(400);
+      expect((await budget.json()).error).toMatchObject({ code: 'invalid_request', param: 'limit_usd' });
+    }
+    expect((await (await server.api('/v1/budget')).json()).limit_usd).toBe(before);
+    const trajectory = await server.api('/v1/trajectories', {
+      method: 'POST',
+      json: { llm_calls: [], idempotency_key: 5 },
+    });
+    expect(trajectory.status).toBe(400);
+    // Query parameters are text on the wire, and still read as their schema's type.
+    expect((await server.api('/v1/trajectories?limit=1')).status).toBe(200);
+  });
+
   it('answers 405 with an Allow header listing the methods of the path', async () => {
     const put = await server.api('/v1/training/jobs', { method: 'PUT', json: {} });
     expect(put.status).toBe(405);
