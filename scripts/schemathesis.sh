@@ -170,6 +170,9 @@ database = "none"
 # Those refusals are 4xx in the error shape; any other answer to valid data (5xx, 422, …) fails.
 [checks.positive_data_acceptance]
 expected-statuses = ["2xx", "3xx", "400", "401", "402", "403", "404", "409", "429"]
+# Invalid data may be refused for its size before its shape is looked at: 413 is a refusal too.
+[checks.negative_data_rejection]
+expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429"]
 
 [dictionaries.job_id]
 values = ["$done_job", "$running_job", "$pending_job", "$distill_job"]
