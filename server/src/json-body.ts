@@ -19,20 +19,16 @@ const QUOTE = 0x22;
 const BACKSLASH = 0x5c;
 
 /**
- * True when the raw JSON text nests objects/arrays deeper than `max`. Counts brackets outside
- * strings; malformed text is left for JSON.parse to refuse. Works on UTF-8 bytes directly (every
- * structural character is ASCII and never part of a multi-byte sequence) or on decoded text.
+ * True when the raw JSON text (UTF-8) nests objects/arrays deeper than `max`. Counts brackets
+ * outside strings; malformed text is left for JSON.parse to refuse. Bytes can be scanned directly:
+ * every structural character is ASCII, never part of a multi-byte sequence.
  */
 export function nestsDeeperThan(raw: Uint8Array | string, max: number): boolean {
-  const code = typeof raw === 'string' ? (i: number) => raw.charCodeAt(i) : (i: number) => raw[i]!;
+  const bytes = typeof raw === 'string' ? Buffer.from(raw, 'utf8') : raw;
   let depth = 0;
-  let inString = false;
-  for (let i = 0; i < raw.length; i++) {
-    const c = code(i);
-    if (inString) {
-      if (c === BACKSLASH) i++;
-      else if (c === QUOTE) inString = false;
-    } else if (c === QUOTE) inString = true;
+  for (let i = 0; i < bytes.length; i++) {
+    const c = bytes[i];
+    if (c === QUOTE) i = closingQuote(bytes, i);
     else if (c === OPEN_BRACE || c === OPEN_BRACKET) {
       if (++depth > max) return true;
     } else if (c === CLOSE_BRACE || c === CLOSE_BRACKET) depth--;
@@ -40,9 +36,23 @@ export function nestsDeeperThan(raw: Uint8Array | string, max: number): boolean 
   return false;
 }
 
+/** Index of the quote that ends the string opened at `open` (or the end): found by memchr, not a loop. */
+function closingQuote(bytes: Uint8Array, open: number): number {
+  let at = open;
+  for (;;) {
+    at = bytes.indexOf(QUOTE, at + 1);
+    if (at < 0) return bytes.length;
+    // Escaped when an odd number of backslashes precede it.
+    let backslashes = 0;
+    while (bytes[at - 1 - backslashes] === BACKSLASH) backslashes++;
+    if (backslashes % 2 === 0) return at;
+  }
+}
+
 /** Runs on the raw body before JSON.parse: refuses nesting past MAX_JSON_DEPTH. */
 function checkDepth(_req: unknown, _res: unknown, buf: Buffer, encoding: string | null): void {
   let text: Uint8Array | string = buf;
+  // Other charsets are decoded first: in UTF-16, a bracket's byte can be half of another character.
   if (encoding && encoding !== 'utf-8' && encoding !== 'utf8') {
     try {
       text = new TextDecoder(encoding).decode(buf);
