@@ -178,7 +178,14 @@ describe('examples against the live server', () => {
     // Every phase, from the recorded timeline: a 250 ms poll may well miss a phase that takes less.
     const { events } = await client.distillation.events(job.id);
     const phases = events.filter((e) => e.kind === 'phase').map((e) => e.payload.phase);
-    expect(phases).toEqual(['initializing', 'data_generation', 'curation', 'training', 'export']);
+    // In the order first entered (a retried attempt, on a loaded machine, would enter them again).
+    expect([...new Set(phases)]).toEqual([
+      'initializing',
+      'data_generation',
+      'curation',
+      'training',
+      'export',
+    ]);
     expect(events.at(-1)?.kind).toBe('completed');
     // What the example printed is what its polls saw: the last of it is always `done`.
     expect(lines.filter((l) => l.startsWith('phase ')).at(-1)).toMatch(/^phase done /);
