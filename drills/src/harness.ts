@@ -337,8 +337,15 @@ export const TRAIN_TEXTS = [
 /** Where server and workers accept model paths from: the folder of the global setup's tiny model. */
 const modelRoots = () => dirname(inject('tinyModel'));
 
-/** Starts a CPU worker against `server` (single-threaded torch: drills share two cores). */
-export async function spawnWorker(server: DrillServer, workerId: string): Promise<Child> {
+/**
+ * Starts a CPU worker against `server` (single-threaded torch: drills share two cores), or against
+ * `serverUrl` when something (a HoldProxy) stands between them.
+ */
+export async function spawnWorker(
+  server: DrillServer,
+  workerId: string,
+  serverUrl = server.url,
+): Promise<Child> {
   const workdir = join(server.dir, 'work', workerId);
   await mkdir(workdir, { recursive: true });
   const proc = spawn(
@@ -346,7 +353,7 @@ export async function spawnWorker(server: DrillServer, workerId: string): Promis
     [
       'run',
       '--server',
-      server.url,
+      serverUrl,
       '--token',
       server.workerToken,
       '--device',

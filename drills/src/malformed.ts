@@ -403,6 +403,37 @@ export class RequestFactory {
 
     if (withBody)
       out.push([
+        'body: nested deeper than 64 levels',
+        () => {
+          const depth = 65 + Math.floor(this.random() * 20_000);
+          const [open, close] = this.chance(0.5) ? ['[', ']'] : ['{"a":', '}'];
+          const inner = open === '[' ? '0' : '{}';
+          const body = `{"drill":${open.repeat(depth)}${inner}${close.repeat(depth)}}`;
+          return { ...base(), headers: { ...base().headers, ...json }, path: this.buildPath(op), body };
+        },
+      ]);
+
+    const strings = Object.keys(op.jsonBody?.properties ?? {}).filter((name) =>
+      typesOf(op.jsonBody!.properties![name]!).includes('string'),
+    );
+    if (strings.length)
+      out.push([
+        'body: a string with a lone UTF-16 surrogate',
+        () => {
+          const name = this.pick(strings);
+          // Raw JSON text: the escape of one half of a surrogate pair, which no database can store.
+          const half = this.pick(['\\ud800', '\\udbff', '\\udc00', '\\udfff']);
+          return {
+            ...base(),
+            headers: { ...base().headers, ...json },
+            path: this.buildPath(op),
+            body: `{${JSON.stringify(name)}: "drill ${half} text"}`,
+          };
+        },
+      ]);
+
+    if (withBody)
+      out.push([
         'body: larger than TUNERY_MAX_JSON_BYTES',
         () => ({
           ...base(),

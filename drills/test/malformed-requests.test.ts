@@ -1,7 +1,8 @@
 /**
  * Drill (d): 1,000 malformed requests across every operation of the spec (seeded, so a failure
  * replays): bad JSON and random bytes, wrong types, path and query parameters outside their schemas,
- * huge values, bodies past TUNERY_MAX_JSON_BYTES, methods a path does not have, bad credentials,
+ * huge values, bodies past TUNERY_MAX_JSON_BYTES or nested past 64 levels, strings with lone UTF-16
+ * surrogates, methods a path does not have (405 with `Allow`), bad credentials,
  * content types an operation does not take, header parameters past their limits. Every answer must
  * be a 4xx in the spec's `{"error": {code, message, param}}` shape (never a 5xx, never HTML), and
  * the server must still answer `/v1/health` afterwards.
@@ -37,6 +38,8 @@ interface Outcome {
   request: MalformedRequest;
   status: number;
   contentType: string;
+  /** The `Allow` header (RFC 9110: every 405 lists the methods the path has). */
+  allow: string | null;
   text: string;
   error?: string;
 }
@@ -53,10 +56,18 @@ async function send(request: MalformedRequest): Promise<Outcome> {
       request,
       status: res.status,
       contentType: res.headers.get('content-type') ?? '',
+      allow: res.headers.get('allow'),
       text: await res.text(),
     };
   } catch (err) {
-    return { request, status: 0, contentType: '', text: '', error: String((err as Error).cause ?? err) };
+    return {
+      request,
+      status: 0,
+      contentType: '',
+      allow: null,
+      text: '',
+      error: String((err as Error).cause ?? err),
+    };
   }
 }
 
@@ -66,6 +77,7 @@ function violation(outcome: Outcome): string | undefined {
   if (outcome.status < 400 || outcome.status > 499) return `status ${outcome.status}`;
   if (/<html|<!doctype/i.test(outcome.text)) return 'an HTML body';
   if (!outcome.contentType.startsWith('application/json')) return `content-type "${outcome.contentType}"`;
+  if (outcome.status === 405 && !outcome.allow) return 'a 405 without an Allow header';
   let body: unknown;
   try {
     body = JSON.parse(outcome.text);

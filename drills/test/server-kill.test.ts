@@ -4,8 +4,14 @@
  * `running` (its lease survived) or back to `pending` (it lapsed), the waiting one is `pending`,
  * and the same worker process — which was never restarted, its HTTP client retrying on its own —
  * finishes both.
+ *
+ * The worker reaches the server through a HoldProxy, which holds the first report the worker sends
+ * after its first checkpoint is stored: the worker stalls there (at its next checkpoint at the
+ * latest), so the kill lands mid-run however fast it trains, with no poll racing it. The held
+ * answer is handed over once the server is back.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { HoldProxy } from '../../e2e/src/hold-proxy.js';
 import {
   DrillServer,
   killAll,
@@ -13,10 +19,10 @@ import {
   type Schemas,
   sleep,
   spawnWorker,
-  waitFor,
 } from '../src/harness.js';
 
 let server: DrillServer;
+let proxy: HoldProxy | undefined;
 
 beforeAll(async () => {
   server = await DrillServer.start({
@@ -26,25 +32,36 @@ beforeAll(async () => {
   await server.registerTinyModel();
 });
 
-afterAll(killAll);
+afterAll(async () => {
+  await killAll();
+  await proxy?.close();
+});
 
 describe('drill: kill -9 the server mid-run', () => {
   it('loses no job; the worker reconnects by itself and finishes every job', async () => {
     printChildrenOnFailure();
     const first = await server.submitFinetune({ maxSteps: 40, saveSteps: 5 });
     const second = await server.submitFinetune({ maxSteps: 15, saveSteps: 5 });
-    const worker = await spawnWorker(server, 'drill-worker');
-
-    const before = await waitFor(
-      'the first job to pass its first checkpoint',
-      async () => {
-        const j = await server.job(first.id);
-        return j.status === 'running' && j.last_checkpoint_step >= 5 && j.current_step >= 8 ? j : undefined;
-      },
-      { timeoutMs: 90_000, intervalMs: 100 },
+    // The server keeps its port across the restart, so the proxy in front of it stays valid.
+    proxy = await HoldProxy.start(server.url);
+    let checkpointed = false;
+    proxy.onAnswered(({ method, path, status }) => {
+      if (method === 'PUT' && status === 201 && path.startsWith(`/v1/workers/jobs/${first.id}/checkpoints/`))
+        checkpointed = true;
+    });
+    const held = proxy.holdNext(
+      ({ method, path }) =>
+        method === 'POST' && checkpointed && /\/(logs|metrics|events)$/.test(path) && path.includes(first.id),
     );
+    const worker = await spawnWorker(server, 'drill-worker', proxy.url);
+    const report = await held;
+    const before = await server.job(first.id);
+    expect(before.status).toBe('running');
+    expect(before.last_checkpoint_step).toBeGreaterThanOrEqual(5);
+
     await server.kill9();
-    await sleep(1000); // down for a moment: the worker's heartbeats and reports fail and are retried
+    // The outage itself (not a wait for anything): the worker's heartbeats fail meanwhile and are retried.
+    await sleep(1000);
     await server.launch();
     expect(worker.alive, 'the worker must ride out the outage').toBe(true);
 
@@ -55,6 +72,8 @@ describe('drill: kill -9 the server mid-run', () => {
     expect(b.status).toBe('pending');
     const list = await server.ok<Schemas['TrainingJobList']>('GET', '/v1/training/jobs?limit=100');
     expect(list.jobs.map((j) => j.id).sort()).toEqual([first.id, second.id].sort());
+    // Let the worker go on: it gets the answer the old server gave to the report it was waiting on.
+    report.release();
 
     const [doneA, doneB] = [await server.waitTerminal(first.id), await server.waitTerminal(second.id)];
     for (const [done, steps] of [

@@ -219,8 +219,8 @@ export interface Stack {
   server: Proc;
   workers: Proc[];
   client: Tunery;
-  /** Starts one more CPU worker. */
-  startWorker(label?: string): Proc;
+  /** Starts one more CPU worker; `serverUrl` puts something (a HoldProxy) between it and the server. */
+  startWorker(label?: string, serverUrl?: string): Proc;
   /** Registers a model directory as a base model of this tenant. */
   registerModel(name: string, source: string): Promise<void>;
   /** Every worker's output and the server's tail, for a failure report. */
@@ -279,14 +279,14 @@ export async function startStack(opts: StackOptions): Promise<Stack> {
     );
 
     const client = new Tunery({ baseURL: url, apiKey, logLevel: 'off' });
-    const startWorker = (label = `w${workers.length + 1}`) => {
+    const startWorker = (label = `w${workers.length + 1}`, serverUrl = url) => {
       const worker = new Proc(
         `worker ${label}`,
         WORKER_BIN,
         [
           'run',
           '--server',
-          url,
+          serverUrl,
           '--token',
           workerToken,
           '--device',

@@ -5,7 +5,8 @@ import { pinoHttp } from 'pino-http';
 import { authenticate } from './auth.js';
 import type { AppContext } from './context.js';
 import { ApiError } from './errors.js';
-import { type Handler, wrap } from './http.js';
+import { type Handler, keepSentBody, wrap } from './http.js';
+import { jsonBody } from './json-body.js';
 import { allRoutes } from './routes/index.js';
 import { specOperations, specPath } from './spec.js';
 
@@ -31,18 +32,13 @@ export function createApp(ctx: AppContext): express.Express {
   );
   // The generated docs (pnpm docs) are static files, outside the API and its validator.
   app.use('/docs', express.static(ctx.config.docsDir, { index: 'index.html', fallthrough: true }));
-  app.use(express.json({ limit: ctx.config.maxJsonBytes, type: ['application/json', 'application/*+json'] }));
-
-  // The validator fills in schema defaults. Handlers that layer settings (template < flat fields <
-  // nested objects) must see what the caller actually sent, or a default would override a choice.
-  app.use((req: Request, res: Response, next: NextFunction) => {
-    if (req.body && typeof req.body === 'object') res.locals.sentBody = structuredClone(req.body);
-    next();
-  });
+  app.use(jsonBody(ctx.config.maxJsonBytes));
   app.use(
     OpenApiValidator.middleware({
       apiSpec: specPath,
-      validateRequests: { allowUnknownQueryParameters: false, coerceTypes: true },
+      // Path, query and header values are text and are always coerced to their schema's type; a
+      // JSON body is taken as sent (`null` is not 0, `"5"` is not 5), or a wrong type would be stored.
+      validateRequests: { allowUnknownQueryParameters: false, coerceTypes: false },
       validateResponses: { removeAdditional: false },
       validateFormats: true,
       fileUploader: { limits: { fileSize: ctx.config.maxJsonBytes * 10, files: 1 } },
@@ -50,6 +46,7 @@ export function createApp(ctx: AppContext): express.Express {
         handlers: {
           apiKey: async (req) => {
             req.principal = await authenticate(ctx.knex, req.headers.authorization, 'user');
+            keepSentBody(req);
             return true;
           },
           workerToken: async (req) => {
@@ -95,6 +92,8 @@ interface ValidatorError {
   /** Postgres SQLSTATE, on database errors. */
   code?: string;
   errors?: { path?: string; message?: string; errorCode?: string }[];
+  /** Headers the validator wants on its answer (`Allow` on a 405). */
+  headers?: Record<string, string>;
 }
 
 /**
@@ -141,7 +140,11 @@ function toApiError(err: unknown, req: Request): ApiError {
   if (status === 401)
     return new ApiError(401, 'unauthorized', e.errors?.[0]?.message ?? 'Missing or invalid API key.');
   if (status === 404) return new ApiError(404, 'not_found', 'No such route.');
-  if (status === 405) return new ApiError(405, 'method_not_allowed', e.message ?? 'Method not allowed.');
+  // RFC 9110: a 405 lists the methods the path has (the validator computes them from the spec).
+  if (status === 405)
+    return new ApiError(405, 'method_not_allowed', e.message ?? 'Method not allowed.', null, {
+      ...(e.headers?.Allow ? { Allow: e.headers.Allow } : {}),
+    });
   // The spec documents 400 (not 415) for a body that is missing or of a type the operation does not take.
   if (status === 415)
     return new ApiError(400, 'invalid_request', 'Missing or unsupported Content-Type for this operation.');

@@ -78,6 +78,17 @@ export function listEnvelope<K extends string, T>(key: K, items: T[], total: num
 }
 
 /**
+ * Keeps a copy of the JSON body as the caller sent it, before the validator fills in schema
+ * defaults: handlers that layer settings (template < flat fields < nested objects) must see what
+ * the caller chose, or a default would override a choice. Called by the security handler, after
+ * authentication: an anonymous caller never makes the server copy anything.
+ */
+export function keepSentBody(req: Request): void {
+  if (req.res && req.body && typeof req.body === 'object')
+    req.res.locals.sentBody = structuredClone(req.body);
+}
+
+/**
  * The JSON body as the caller sent it, before the validator filled in defaults; typed as the
  * operation's body, whose defaulted fields may therefore be missing.
  */

@@ -4,12 +4,13 @@ import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
-import { pino } from 'pino';
+import type { DestinationStream } from 'pino';
 import { createApp } from './app.js';
 import { createKey, hasAnyKey } from './auth.js';
 import type { Config } from './config.js';
 import type { AppContext } from './context.js';
 import { migrate, openDatabase } from './db.js';
+import { createLogger } from './logging.js';
 import { listenForJobs } from './queue/notify.js';
 import { startSweeper } from './queue/sweeper.js';
 import { seedCatalog } from './services/catalog.js';
@@ -23,13 +24,16 @@ export interface RunningServer {
   close(): Promise<void>;
 }
 
-/** Opens the database, migrates, seeds, and listens. `inMemory` keeps PGlite off disk (tests). */
+/**
+ * Opens the database, migrates, seeds, and listens. `inMemory` keeps PGlite off disk (tests);
+ * `logDestination` replaces stdout for the log (tests read what was logged).
+ */
 export async function startServer(
   config: Config,
-  opts: { inMemory?: boolean; quiet?: boolean } = {},
+  opts: { inMemory?: boolean; quiet?: boolean; logDestination?: DestinationStream } = {},
 ): Promise<RunningServer> {
   await mkdir(config.dataDir, { recursive: true });
-  const logger = pino({ level: opts.quiet ? 'silent' : config.logLevel });
+  const logger = createLogger(opts.quiet ? 'silent' : config.logLevel, opts.logDestination);
   const db = openDatabase(config, opts);
   await migrate(db.knex);
   await seedCatalog(db.knex);

@@ -433,4 +433,44 @@ describe.each(DATABASES)('distillation on %s', (db) => {
     expect((await server.api(gguf.download_url, { key: server.otherKey })).status).toBe(404);
     expect((await server.api(`/v1/distillation/${job.id}/artifacts/missing.gguf`)).status).toBe(404);
   });
+
+  it('keeps every phase in the timeline, including ones no poll saw', async () => {
+    await clearQueue();
+    const job = await (await create(SEED_REQUEST)).json();
+    const worker = fakeWorker(server);
+    const token = (await worker.claim({ job_types: ['distill'], device: 'cpu' }))!.lease_token;
+    // Nobody polls the job between these: the timeline alone remembers them.
+    for (const phase of ['data_generation', 'curation', 'training', 'export', 'done'])
+      await worker.events(job.id, token, { phase });
+    expect((await worker.complete(job.id, token, {})).status).toBe(200);
+
+    const res = await server.api(`/v1/distillation/${job.id}/events?tenant_id=default`);
+    expect(res.status).toBe(200);
+    const { job_id, events } = await res.json();
+    expect(job_id).toBe(job.id);
+    const kinds = events.map((e: { kind: string }) => e.kind);
+    expect(kinds[0]).toBe('created');
+    expect(kinds).toContain('claimed');
+    expect(kinds.at(-1)).toBe('completed');
+    const phases = events
+      .filter((e: { kind: string }) => e.kind === 'phase')
+      .map((e: { payload: { phase: string } }) => e.payload.phase);
+    expect(phases).toEqual(['data_generation', 'curation', 'training', 'export', 'done']);
+    const seqs = events.map((e: { seq: number }) => e.seq);
+    expect(seqs).toEqual([...seqs].sort((a, b) => a - b));
+
+    const since = await (await server.api(`/v1/distillation/${job.id}/events?since=${seqs.at(-2)}`)).json();
+    expect(since.events).toEqual([events.at(-1)]);
+    expect((await server.api(`/v1/distillation/${job.id}/events`, { key: server.otherKey })).status).toBe(
+      404,
+    );
+    expect((await server.api(`/v1/distillation/${job.id}/events?tenant_id=other`)).status).toBe(403);
+    // A training job's timeline is not a distillation job's.
+    const training = await server.api('/v1/training/jobs', {
+      method: 'POST',
+      json: { base_model: 'smollm2-135m-instruct', train_texts: ['hi'], max_steps: 1 },
+    });
+    const trainingId = (await training.json()).id;
+    expect((await server.api(`/v1/distillation/${trainingId}/events`)).status).toBe(404);
+  });
 });

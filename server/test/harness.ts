@@ -2,6 +2,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pg from 'pg';
+import type { DestinationStream } from 'pino';
 import { createKey } from '../src/auth.js';
 import { type Config, loadConfig } from '../src/config.js';
 import { type RunningServer, startServer } from '../src/server.js';
@@ -50,6 +51,8 @@ async function freshDatabaseUrl(
 export async function startTestServer(
   choice: DatabaseChoice,
   overrides: Partial<Config> = {},
+  /** Where the log goes (at `overrides.logLevel`); by default tests log nothing. */
+  logDestination?: DestinationStream,
 ): Promise<TestServer> {
   const dataDir = await mkdtemp(join(tmpdir(), 'tunery-test-'));
   const database = await freshDatabaseUrl(choice);
@@ -60,7 +63,11 @@ export async function startTestServer(
     sweepIntervalMs: 200,
     ...overrides,
   });
-  const server = await startServer(config, { inMemory: true, quiet: !process.env.TUNERY_TEST_LOGS });
+  const server = await startServer(config, {
+    inMemory: true,
+    quiet: !logDestination && !process.env.TUNERY_TEST_LOGS,
+    logDestination,
+  });
   const key = server.adminKey!;
   const otherKey = await createKey(server.ctx.knex, { kind: 'user', tenantId: 'other-tenant' });
   const workerToken = await createKey(server.ctx.knex, { kind: 'worker' });

@@ -24,6 +24,7 @@ export type DistillationArtifacts = Schemas['DistillationArtifacts'];
 export type DistillationJobList = Schemas['DistillationJobList'];
 export type DistillationJobCreateParams = RequestBodyOf<'createDistillationJob'>;
 export type DistillationJobListParams = QueryOf<'listDistillationJobs'>;
+export type DistillationEventListParams = QueryOf<'listDistillationJobEvents'>;
 
 // ---- training jobs
 export type TrainingJob = Schemas['TrainingJob'];

@@ -117,6 +117,32 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/distillation/{job_id}/events": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        /**
+         * Read a distillation job's event timeline
+         * @description Every state transition and notable moment, in order: `created`, `claimed`, one `phase` event
+         *     per phase entered (`data_generation`, `curation`, `training`, …), `retry`, `cancel_requested`,
+         *     `completed`, … The timeline keeps what a poll of the job may miss: a phase that passed between
+         *     two polls is still here.
+         */
+        get: operations["listDistillationJobEvents"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/distillation/{job_id}/artifacts": {
         parameters: {
             query?: never;
@@ -3404,6 +3430,40 @@ export interface operations {
             500: components["responses"]["InternalError"];
         };
     };
+    listDistillationJobEvents: {
+        parameters: {
+            query?: {
+                /** @description Workspace key; when given it must be the API key's own tenant (`403 permission_denied` otherwise). */
+                tenant_id?: components["parameters"]["TenantId"];
+                /** @description Only events with `seq` greater than this. */
+                since?: number;
+            };
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Events in order. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["EventList"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            403: components["responses"]["Forbidden"];
+            404: components["responses"]["NotFound"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
     getDistillationArtifacts: {
         parameters: {
             query?: {
@@ -3460,6 +3520,7 @@ export interface operations {
             206: components["responses"]["PartialFileContent"];
             400: components["responses"]["BadRequest"];
             401: components["responses"]["Unauthorized"];
+            403: components["responses"]["Forbidden"];
             404: components["responses"]["NotFound"];
             416: components["responses"]["RangeNotSatisfiable"];
             429: components["responses"]["TooManyRequests"];

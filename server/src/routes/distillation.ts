@@ -1,7 +1,15 @@
 import type { Request } from 'express';
 import type { AppContext } from '../context.js';
 import { notFound } from '../errors.js';
-import { type BodyOf, checkTenantParam, page, pathParam, type Routes, type Schemas } from '../http.js';
+import {
+  type BodyOf,
+  checkTenantParam,
+  page,
+  pathParam,
+  queryInt,
+  type Routes,
+  type Schemas,
+} from '../http.js';
 import { newId } from '../ids.js';
 import { cancelJob } from '../queue/cancel.js';
 import { enqueueJob } from '../queue/enqueue.js';
@@ -15,7 +23,7 @@ import {
 } from '../services/distillation-request.js';
 import { sendStoredFile } from '../services/downloads.js';
 import { idempotent } from '../services/idempotency.js';
-import { getJobRow, type JobRow, jobsOfKind, serializeDistillationJob } from '../services/jobs.js';
+import { getJobRow, type JobRow, jobEvents, jobsOfKind, serializeDistillationJob } from '../services/jobs.js';
 import { listPage, newestFirst } from '../services/paging.js';
 import { type FileRow, jobOutputFiles, outputDirectory, outputFileView } from '../services/registry.js';
 import { removingOnFailure } from '../storage.js';
@@ -136,6 +144,11 @@ export const distillationRoutes: Routes = {
     const tenantId = checkTenantParam(req, req.query.tenant_id);
     const job = await cancelJob(ctx, tenantId, 'distillation', pathParam(req, 'job_id'));
     res.json(serializeDistillationJob(job) satisfies Schemas['DistillationJob']);
+  },
+
+  async listDistillationJobEvents(req, res, ctx) {
+    const job = await jobOf(req, ctx);
+    res.json((await jobEvents(ctx, job.id, queryInt(req, 'since', 0))) satisfies Schemas['EventList']);
   },
 
   async getDistillationArtifacts(req, res, ctx) {

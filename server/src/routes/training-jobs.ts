@@ -20,7 +20,7 @@ import { assertWithinBudget } from '../services/budget.js';
 import { storeDataset } from '../services/datasets.js';
 import { sendStoredFile } from '../services/downloads.js';
 import { idempotent } from '../services/idempotency.js';
-import { getJobRow, jobsOfKind, serializeTrainingJob } from '../services/jobs.js';
+import { getJobRow, jobEvents, jobsOfKind, serializeTrainingJob } from '../services/jobs.js';
 import { listPage, newestFirst } from '../services/paging.js';
 import { finiteScores, jobOutputFiles, outputFileView, totalSizeMb } from '../services/registry.js';
 import { type DataPlan, mergeJobPlan, mergeParent, planTrainingJob } from '../services/training-request.js';
@@ -207,16 +207,7 @@ export const trainingJobRoutes: Routes = {
 
   async listTrainingJobEvents(req, res, ctx) {
     const job = await jobOf(req, ctx);
-    const since = queryInt(req, 'since', 0);
-    const rows = await ctx
-      .knex('job_events')
-      .where('job_id', job.id)
-      .andWhere('seq', '>', since)
-      .orderBy('seq');
-    res.json({
-      job_id: job.id,
-      events: rows.map((r) => ({ seq: r.seq, ts: isoRequired(r.ts), kind: r.kind, payload: r.payload })),
-    } satisfies Schemas['EventList']);
+    res.json((await jobEvents(ctx, job.id, queryInt(req, 'since', 0))) satisfies Schemas['EventList']);
   },
 
   async getTrainingJobResult(req, res, ctx) {

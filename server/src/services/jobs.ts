@@ -10,6 +10,19 @@ import type { JobKind, JobRow } from '../queue/types.js';
 
 export type { JobKind, JobRow } from '../queue/types.js';
 
+/** A job's event timeline after `seq` `since`, in order (training and distillation jobs alike). */
+export async function jobEvents(
+  ctx: Pick<AppContext, 'knex'>,
+  jobId: string,
+  since: number,
+): Promise<Schemas['EventList']> {
+  const rows = await ctx.knex('job_events').where('job_id', jobId).andWhere('seq', '>', since).orderBy('seq');
+  return {
+    job_id: jobId,
+    events: rows.map((r) => ({ seq: r.seq, ts: isoRequired(r.ts), kind: r.kind, payload: r.payload })),
+  };
+}
+
 /** The tenant's job of this kind, or `404 job_not_found` (another tenant's job does not exist for you). */
 export async function getJobRow(
   ctx: Pick<AppContext, 'knex'>,

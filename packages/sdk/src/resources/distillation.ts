@@ -6,10 +6,12 @@ import { type WaitOptions, waitForJob } from '../core/polling.js';
 import { APIResource, clientFrom } from '../core/resource.js';
 import type {
   DistillationArtifacts,
+  DistillationEventListParams,
   DistillationJob,
   DistillationJobCreateParams,
   DistillationJobList,
   DistillationJobListParams,
+  EventList,
 } from '../types.js';
 import { type DownloadOptions, downloadToPath, withRange } from './downloads.js';
 
@@ -49,6 +51,22 @@ export class Distiller extends APIResource {
   cancel(jobId: string, options?: RequestOptions): APIPromise<DistillationJob> {
     return this._client.post('/v1/distillation/{job_id}/cancel', {
       pathParams: { job_id: jobId },
+      ...options,
+    });
+  }
+
+  /**
+   * The job's timeline: created, claimed, one `phase` event per phase entered, completed… A phase
+   * that passed between two polls of `retrieve` is still here.
+   */
+  events(
+    jobId: string,
+    query?: DistillationEventListParams,
+    options?: RequestOptions,
+  ): APIPromise<EventList> {
+    return this._client.get('/v1/distillation/{job_id}/events', {
+      pathParams: { job_id: jobId },
+      query,
       ...options,
     });
   }

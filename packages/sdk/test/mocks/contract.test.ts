@@ -224,6 +224,8 @@ describe('every mock response is valid against the spec', () => {
     await distiller.list({ status: 'pending' });
     await distiller.retrieve(job.id);
     await distiller.artifacts(job.id);
+    await distiller.events(job.id, { since: 0 });
+    await expectError(distiller.events('job_missing'), 404);
     mock.advanceJob(job.id, 'done');
     const artifacts = await distiller.artifacts(job.id);
     await new Response(await distiller.downloadArtifact(job.id, artifacts.files[0]!.name)).arrayBuffer();

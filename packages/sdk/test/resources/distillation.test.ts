@@ -54,6 +54,12 @@ describe('Distiller', () => {
     expect(done).toMatchObject({ status: 'completed', phase: 'done' });
     expect(done.cost_accrued).toBeGreaterThan(0);
     expect(phases.at(-1)).toBe('done');
+    // The timeline holds every phase, whichever of them the polls happened to see.
+    const { events } = await distiller.events(job.id);
+    const entered = events.filter((e) => e.kind === 'phase').map((e) => e.payload.phase);
+    expect(entered).toEqual(['data_generation', 'curation', 'training', 'export', 'done']);
+    const later = await distiller.events(job.id, { since: events.at(-2)!.seq });
+    expect(later.events).toEqual([events.at(-1)]);
 
     const artifacts = await distiller.artifacts(job.id);
     expect(Object.keys(artifacts.gguf_paths).sort()).toEqual(['q4_k_m', 'q8_0']);

@@ -2,6 +2,7 @@ import type { components } from '../../generated/api.js';
 import {
   badJson,
   idempotencyKeyOf,
+  intParam,
   type MockContext,
   newestFirst,
   pageOf,
@@ -123,6 +124,18 @@ export function distillationHandlers(ctx: MockContext) {
     requestCancel(state, job);
     return response(200).json(job);
   });
+
+  router.get(
+    '/v1/distillation/{job_id}/events',
+    'listDistillationJobEvents',
+    ({ params, query, response }) => {
+      checkTenant(state, query.get('tenant_id') ?? undefined);
+      distillationJob(state, params.job_id);
+      const since = intParam(query.get('since'), 'since', 0, 0, Number.MAX_SAFE_INTEGER);
+      const events = (state.events.get(params.job_id) ?? []).filter((e) => e.seq > since);
+      return response(200).json({ job_id: params.job_id, events });
+    },
+  );
 
   router.get(
     '/v1/distillation/{job_id}/artifacts',
