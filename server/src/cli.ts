@@ -1,19 +1,121 @@
 #!/usr/bin/env -S npx tsx
 import { parseArgs } from 'node:util';
-import { createKey } from './auth.js';
 import { loadConfig } from './config.js';
 import { migrate, openDatabase } from './db.js';
+import { type KeyClient, keyClient } from './key-client.js';
 import { startServer } from './server.js';
 
 const USAGE = `Usage:
   tunery-server start                       run the server (PORT, TUNERY_DATA_DIR, DATABASE_URL, …)
   tunery-server migrate                     apply database migrations and exit
-  tunery-server keys create --tenant NAME [--admin] [--name LABEL]
+  tunery-server keys create --tenant NAME [--admin] [--name LABEL] [--expires-in 30d]
                                             print a new user API key (last line of stdout)
-  tunery-server keys create --worker [--name LABEL]
-                                            print a new worker token (last line of stdout)`;
+  tunery-server keys create --worker [--name LABEL] [--expires-in 30d]
+                                            print a new worker token (last line of stdout)
+  tunery-server keys list [--tenant NAME] [--all]
+                                            list keys (id, prefix, status; never the secret)
+  tunery-server keys revoke KEY_ID          revoke a key or worker token
+Key commands go through the running server when one is up (its address is in the data dir's
+server.json, its admin key in admin-key or TUNERY_ADMIN_KEY), else straight to the database.`;
+
+const TENANT = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
+const UNIT_MS = { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 } as const;
+
+/** `90m`, `12h`, `30d` → the instant that long from now. */
+function expiryFrom(expiresIn: string | undefined): Date | undefined {
+  if (expiresIn === undefined) return undefined;
+  const match = /^(\d+)([smhd])$/.exec(expiresIn);
+  if (!match || Number(match[1]) === 0)
+    throw new UsageError('--expires-in is a duration like 3600s, 90m, 12h or 30d.');
+  return new Date(Date.now() + Number(match[1]) * UNIT_MS[match[2] as keyof typeof UNIT_MS]);
+}
+
+class UsageError extends Error {}
+
+async function keysCommand(sub: string | undefined, args: string[], client: () => Promise<KeyClient>) {
+  const { values, positionals } = parseArgs({
+    args,
+    allowPositionals: sub === 'revoke',
+    options: {
+      tenant: { type: 'string' },
+      worker: { type: 'boolean' },
+      admin: { type: 'boolean' },
+      name: { type: 'string' },
+      'expires-in': { type: 'string' },
+      all: { type: 'boolean' },
+    },
+  });
+  if (values.tenant !== undefined && !TENANT.test(values.tenant)) {
+    throw new UsageError('Tenant names are letters, digits, "_" and "-" (at most 64).');
+  }
+  if (sub === 'create') {
+    if (Boolean(values.worker) === Boolean(values.tenant))
+      throw new UsageError('Give exactly one of --tenant NAME or --worker.');
+    const expiresAt = expiryFrom(values['expires-in']);
+    const keys = await client();
+    try {
+      const created = await keys.create(
+        values.worker
+          ? { kind: 'worker', name: values.name, expiresAt }
+          : { kind: 'user', tenantId: values.tenant!, admin: values.admin, name: values.name, expiresAt },
+      );
+      const expiry = created.key.expires_at ? `, expires ${created.key.expires_at}` : '';
+      process.stderr.write(`created ${created.key.id} (${created.key.kind}${expiry}) via ${keys.via}\n`);
+      process.stdout.write(`${created.secret}\n`);
+    } finally {
+      await keys.close();
+    }
+    return;
+  }
+  if (sub === 'list') {
+    const keys = await client();
+    try {
+      const rows = await keys.list({ tenantId: values.tenant, includeInactive: values.all });
+      const table = [['id', 'kind', 'tenant', 'admin', 'name', 'prefix', 'status', 'expires_at']];
+      for (const k of rows) {
+        table.push([
+          k.id,
+          k.kind,
+          k.tenant_id ?? '-',
+          k.admin ? 'yes' : 'no',
+          k.name ?? '-',
+          `${k.prefix}…`,
+          k.status,
+          k.expires_at ?? 'never',
+        ]);
+      }
+      const widths = table[0]!.map((_, i) => Math.max(...table.map((r) => r[i]!.length)));
+      for (const r of table)
+        process.stdout.write(
+          `${r
+            .map((c, i) => c.padEnd(widths[i]!))
+            .join('  ')
+            .trimEnd()}\n`,
+        );
+    } finally {
+      await keys.close();
+    }
+    return;
+  }
+  if (sub === 'revoke') {
+    if (positionals.length !== 1) throw new UsageError('Give the key id to revoke: keys revoke key_….');
+    const keys = await client();
+    try {
+      const key = await keys.revoke(positionals[0]!);
+      process.stdout.write(
+        `revoked ${key.id} (${key.kind}${key.tenant_id ? `, tenant ${key.tenant_id}` : ''}, ${key.prefix}…)\n`,
+      );
+    } finally {
+      await keys.close();
+    }
+    return;
+  }
+  throw new UsageError(`Unknown keys command "${sub ?? ''}".`);
+}
 
 async function main(argv: string[]): Promise<number> {
+  // Everything this process writes (database, keys, server.json) is the owner's alone.
+  process.umask(0o077);
   const [command, sub, ...rest] = argv;
   const config = loadConfig();
   if (command === 'start') {
@@ -34,42 +136,24 @@ async function main(argv: string[]): Promise<number> {
   }
   if (command === 'migrate') {
     const db = openDatabase(config);
-    const applied = await migrate(db.knex);
-    await db.knex.destroy();
-    process.stdout.write(applied.length ? `applied: ${applied.join(', ')}\n` : 'database is up to date\n');
+    try {
+      const applied = await migrate(db.knex);
+      process.stdout.write(applied.length ? `applied: ${applied.join(', ')}\n` : 'database is up to date\n');
+    } finally {
+      await db.close();
+    }
     return 0;
   }
-  if (command === 'keys' && sub === 'create') {
-    const { values } = parseArgs({
-      args: rest,
-      options: {
-        tenant: { type: 'string' },
-        worker: { type: 'boolean' },
-        admin: { type: 'boolean' },
-        name: { type: 'string' },
-      },
-    });
-    if (Boolean(values.worker) === Boolean(values.tenant)) {
-      process.stderr.write(`Give exactly one of --tenant NAME or --worker.\n${USAGE}\n`);
+  if (command === 'keys') {
+    try {
+      await keysCommand(sub, rest, () => keyClient(config));
+      return 0;
+    } catch (err) {
+      if (!(err instanceof UsageError || (err as { code?: string }).code?.startsWith('ERR_PARSE_ARGS')))
+        throw err;
+      process.stderr.write(`${(err as Error).message}\n${USAGE}\n`);
       return 2;
     }
-    if (values.tenant && !/^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/.test(values.tenant)) {
-      process.stderr.write('Tenant names are letters, digits, "_" and "-" (at most 64).\n');
-      return 2;
-    }
-    const db = openDatabase(config);
-    await migrate(db.knex);
-    const key = values.worker
-      ? await createKey(db.knex, { kind: 'worker', name: values.name })
-      : await createKey(db.knex, {
-          kind: 'user',
-          tenantId: values.tenant!,
-          admin: values.admin,
-          name: values.name,
-        });
-    await db.knex.destroy();
-    process.stdout.write(`${key}\n`);
-    return 0;
   }
   process.stderr.write(`${USAGE}\n`);
   return command ? 2 : 0;

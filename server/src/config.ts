@@ -27,6 +27,10 @@ export interface Config {
   logLevel: string;
   /** The folder `pnpm docs` builds; served at /docs. */
   docsDir: string;
+  /** Base64 of the 32-byte key sealing job secrets; unset: `${dataDir}/secrets-key`, created once. */
+  secretsKey: string | undefined;
+  /** Admin key the CLI sends to a running server; unset: `${dataDir}/admin-key`. */
+  adminKey: string | undefined;
 }
 
 function intEnv(name: string, fallback: number): number {
@@ -56,6 +60,8 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     docsDir: resolve(
       process.env.TUNERY_DOCS_DIR ?? fileURLToPath(new URL('../../docs-site', import.meta.url)),
     ),
+    secretsKey: process.env.TUNERY_SECRETS_KEY || undefined,
+    adminKey: process.env.TUNERY_ADMIN_KEY || undefined,
     ...overrides,
   };
 }
