@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import express, { type NextFunction, type Request, type Response } from 'express';
 import * as OpenApiValidator from 'express-openapi-validator';
 import { pinoHttp } from 'pino-http';
-import { authenticate } from './auth.js';
+import { authenticateRequest, authFailureOf } from './auth.js';
 import type { AppContext } from './context.js';
 import { ApiError } from './errors.js';
 import { type Handler, wrap } from './http.js';
@@ -48,14 +48,8 @@ export function createApp(ctx: AppContext): express.Express {
       fileUploader: { limits: { fileSize: ctx.config.maxJsonBytes * 10, files: 1 } },
       validateSecurity: {
         handlers: {
-          apiKey: async (req) => {
-            req.principal = await authenticate(ctx.knex, req.headers.authorization, 'user');
-            return true;
-          },
-          workerToken: async (req) => {
-            req.principal = await authenticate(ctx.knex, req.headers.authorization, 'worker');
-            return true;
-          },
+          apiKey: (req) => authenticateRequest(ctx.knex, req, 'user'),
+          workerToken: (req) => authenticateRequest(ctx.knex, req, 'worker'),
         },
       },
     }),
@@ -139,7 +133,10 @@ function toApiError(err: unknown, req: Request): ApiError {
   if (e.type === 'entity.parse.failed')
     return new ApiError(400, 'invalid_request', 'Malformed JSON in request body.');
   if (status === 401)
-    return new ApiError(401, 'unauthorized', e.errors?.[0]?.message ?? 'Missing or invalid API key.');
+    return (
+      authFailureOf(req) ??
+      new ApiError(401, 'unauthorized', e.errors?.[0]?.message ?? 'Missing or invalid API key.')
+    );
   if (status === 404) return new ApiError(404, 'not_found', 'No such route.');
   if (status === 405) return new ApiError(405, 'method_not_allowed', e.message ?? 'Method not allowed.');
   // The spec documents 400 (not 415) for a body that is missing or of a type the operation does not take.

@@ -1,4 +1,5 @@
 import { createHash } from 'node:crypto';
+import type { Request } from 'express';
 import type { Knex } from 'knex';
 import { ApiError } from './errors.js';
 import { newId, newSecret } from './ids.js';
@@ -125,4 +126,23 @@ export async function authenticate(
   return row.kind === 'user'
     ? { kind: 'user', keyId: row.id, tenantId: row.tenant_id!, admin: row.admin }
     : { kind: 'worker', keyId: row.id };
+}
+
+/**
+ * Why authentication refused a request. The spec validator rewraps a security handler's error as
+ * a bare 401, losing its code (`api_key_expired`…) and headers; the error handler answers this.
+ */
+const authFailures = new WeakMap<Request, ApiError>();
+
+export const authFailureOf = (req: Request): ApiError | undefined => authFailures.get(req);
+
+/** The validator's security handler: sets `req.principal`, or records why not and throws. */
+export async function authenticateRequest(knex: Knex, req: Request, want: 'user' | 'worker'): Promise<true> {
+  try {
+    req.principal = await authenticate(knex, req.headers.authorization, want);
+    return true;
+  } catch (err) {
+    if (err instanceof ApiError) authFailures.set(req, err);
+    throw err;
+  }
 }
