@@ -125,6 +125,9 @@ async function main(argv: string[]): Promise<number> {
         `\nAdmin API key (shown once; also saved to ${config.dataDir}/admin-key):\n${server.adminKey}\n\n`,
       );
     }
+    process.stdout.write(
+      `tunery-server listening on ${server.url} (database: ${server.ctx.dbKind}, pid ${process.pid})\n`,
+    );
     const stop = async (signal: string) => {
       server.ctx.logger.info({ signal }, 'shutting down');
       await server.close();
