@@ -29,25 +29,46 @@ export async function keyClient(config: Config): Promise<KeyClient> {
 }
 
 /**
- * The URL of a server running on this data directory: the one its server.json names while that
- * process lives; else, when a live process holds the embedded database, PORT/HOST's.
+ * The URL of a server running on this data directory: the one its server.json names (while that
+ * process lives), else PORT/HOST's when a live process holds the embedded database, whichever
+ * answers. A database held by a process that answers nowhere is an error, not a second opener.
  */
 async function runningServerUrl(config: Config): Promise<string | undefined> {
-  try {
-    const published = JSON.parse(await readFile(serverFile(config.dataDir), 'utf8')) as {
-      url?: string;
-      pid?: number;
-    };
-    if (published.url && published.pid && isAlive(published.pid)) return published.url;
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
-  }
-  if (!config.databaseUrl && lockOwner(pgliteLockFile(config.dataDir)) !== undefined) {
-    const host = config.host === '0.0.0.0' || config.host === '::' ? '127.0.0.1' : config.host;
-    return `http://${host}:${config.port}`;
+  const holder = config.databaseUrl ? undefined : lockOwner(pgliteLockFile(config.dataDir));
+  const host = config.host === '0.0.0.0' || config.host === '::' ? '127.0.0.1' : config.host;
+  const candidates = [
+    await publishedUrl(config.dataDir),
+    holder === undefined ? undefined : `http://${host}:${config.port}`,
+  ].filter((url): url is string => url !== undefined);
+  for (const url of candidates) if (await answers(url)) return url;
+  if (holder !== undefined) {
+    throw new Error(
+      `Process ${holder} holds the embedded database in ${config.dataDir}, but no server answers at ` +
+        `${candidates.join(' or ')}; set PORT and HOST to where it listens, or stop it.`,
+    );
   }
   return undefined;
 }
+
+async function publishedUrl(dataDir: string): Promise<string | undefined> {
+  try {
+    const published = JSON.parse(await readFile(serverFile(dataDir), 'utf8')) as {
+      url?: string;
+      pid?: number;
+    };
+    return published.url && published.pid && isAlive(published.pid) ? published.url : undefined;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT' || err instanceof SyntaxError) return undefined;
+    throw err;
+  }
+}
+
+/** Whether a server answers at `url` (any HTTP answer will do). */
+const answers = (url: string) =>
+  fetch(`${url}/v1/health`, { signal: AbortSignal.timeout(5000) }).then(
+    () => true,
+    () => false,
+  );
 
 async function adminKey(config: Config): Promise<string> {
   if (config.adminKey) return config.adminKey;
