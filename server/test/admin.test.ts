@@ -144,4 +144,12 @@ describe.each(DATABASES)('admin keys API on %s', (db) => {
     expect((await use(other.secret)).status).toBe(200);
     expect((await revoke(own.key.id, acmeAdmin)).status).toBe(200);
   });
+
+  it('refuses a key revoking itself with 409, so an admin cannot lock itself out', async () => {
+    const { key, secret } = await created({ tenant_id: 'default', admin: true });
+    const res = await revoke(key.id, secret);
+    expect(res.status).toBe(409);
+    expect(await errorOf(res)).toMatchObject({ code: 'conflict', param: 'key_id' });
+    expect((await use(secret)).status).toBe(200);
+  });
 });

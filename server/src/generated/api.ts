@@ -1045,7 +1045,7 @@ export interface paths {
          * Revoke an API key or worker token
          * @description The key stops working at once on this server and within 30 seconds (the key cache's
          *     lifetime) on other server processes sharing the database. Revoking a revoked key answers
-         *     it unchanged.
+         *     it unchanged; the key making the request cannot revoke itself (`409 conflict`).
          */
         post: operations["revokeApiKey"];
         delete?: never;
@@ -5050,6 +5050,7 @@ export interface operations {
             401: components["responses"]["Unauthorized"];
             403: components["responses"]["Forbidden"];
             404: components["responses"]["NotFound"];
+            409: components["responses"]["Conflict"];
             429: components["responses"]["TooManyRequests"];
             500: components["responses"]["InternalError"];
         };

@@ -1,6 +1,6 @@
 import type { Request } from 'express';
 import { isOperator } from '../auth.js';
-import { badRequest, forbidden } from '../errors.js';
+import { badRequest, conflict, forbidden } from '../errors.js';
 import { type BodyOf, isAdmin, page, pathParam, type Routes, type Schemas, tenantOf } from '../http.js';
 import { createApiKey, listKeys, revokeApiKey } from '../services/api-keys.js';
 
@@ -75,6 +75,11 @@ export const adminRoutes: Routes = {
 
   async revokeApiKey(req, res, ctx) {
     const scope = keyScope(req);
-    res.json((await revokeApiKey(ctx.knex, pathParam(req, 'key_id'), scope)) satisfies Schemas['ApiKey']);
+    const keyId = pathParam(req, 'key_id');
+    // An admin locking itself out by mistake (its only key, say) cannot be undone over the API.
+    if (req.principal?.keyId === keyId) {
+      throw conflict('A key cannot revoke itself; revoke it with another admin key.', 'conflict', 'key_id');
+    }
+    res.json((await revokeApiKey(ctx.knex, keyId, scope)) satisfies Schemas['ApiKey']);
   },
 };
