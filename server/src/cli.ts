@@ -1,6 +1,6 @@
 #!/usr/bin/env -S npx tsx
 import { parseArgs } from 'node:util';
-import { loadConfig } from './config.js';
+import { type Config, loadConfig } from './config.js';
 import { migrate, openDatabase } from './db.js';
 import { type KeyClient, keyClient } from './key-client.js';
 import { startServer } from './server.js';
@@ -32,8 +32,74 @@ function expiryFrom(expiresIn: string | undefined): Date | undefined {
 
 class UsageError extends Error {}
 
-async function keysCommand(sub: string | undefined, args: string[], client: () => Promise<KeyClient>) {
-  const { values, positionals } = parseArgs({
+type KeyArgs = { values: Record<string, string | boolean | undefined>; positionals: string[] };
+
+/** Runs `use` on a key client (the running server's API, or the database) and closes it. */
+async function withKeys<T>(config: Config, use: (keys: KeyClient) => Promise<T>): Promise<T> {
+  const keys = await keyClient(config);
+  try {
+    return await use(keys);
+  } finally {
+    await keys.close();
+  }
+}
+
+async function createKeyCommand(config: Config, { values }: KeyArgs): Promise<void> {
+  const tenant = values.tenant as string | undefined;
+  if (Boolean(values.worker) === Boolean(tenant))
+    throw new UsageError('Give exactly one of --tenant NAME or --worker.');
+  const expiresAt = expiryFrom(values['expires-in'] as string | undefined);
+  const name = values.name as string | undefined;
+  await withKeys(config, async (keys) => {
+    const created = await keys.create(
+      tenant
+        ? { kind: 'user', tenantId: tenant, admin: Boolean(values.admin), name, expiresAt }
+        : { kind: 'worker', name, expiresAt },
+    );
+    const expiry = created.key.expires_at ? `, expires ${created.key.expires_at}` : '';
+    process.stderr.write(`created ${created.key.id} (${created.key.kind}${expiry}) via ${keys.via}\n`);
+    // the secret alone on the last line, for scripts (`| tail -n 1`)
+    process.stdout.write(`${created.secret}\n`);
+  });
+}
+
+async function listKeysCommand(config: Config, { values }: KeyArgs): Promise<void> {
+  const rows = await withKeys(config, (keys) =>
+    keys.list({ tenantId: values.tenant as string | undefined, includeInactive: Boolean(values.all) }),
+  );
+  const table = [['id', 'kind', 'tenant', 'admin', 'name', 'prefix', 'status', 'expires_at']];
+  for (const k of rows) {
+    const cells = [k.id, k.kind, k.tenant_id ?? '-', k.admin ? 'yes' : 'no', k.name ?? '-', `${k.prefix}…`];
+    table.push([...cells, k.status, k.expires_at ?? 'never']);
+  }
+  const widths = table[0]!.map((_, i) => Math.max(...table.map((row) => row[i]!.length)));
+  for (const row of table) {
+    process.stdout.write(
+      `${row
+        .map((cell, i) => cell.padEnd(widths[i]!))
+        .join('  ')
+        .trimEnd()}\n`,
+    );
+  }
+}
+
+async function revokeKeyCommand(config: Config, { positionals }: KeyArgs): Promise<void> {
+  if (positionals.length !== 1) throw new UsageError('Give the key id to revoke: keys revoke key_….');
+  const key = await withKeys(config, (keys) => keys.revoke(positionals[0]!));
+  const tenant = key.tenant_id ? `, tenant ${key.tenant_id}` : '';
+  process.stdout.write(`revoked ${key.id} (${key.kind}${tenant}, ${key.prefix}…)\n`);
+}
+
+const KEY_COMMANDS: Record<string, (config: Config, args: KeyArgs) => Promise<void>> = {
+  create: createKeyCommand,
+  list: listKeysCommand,
+  revoke: revokeKeyCommand,
+};
+
+async function keysCommand(config: Config, sub: string | undefined, args: string[]): Promise<void> {
+  const command = sub ? KEY_COMMANDS[sub] : undefined;
+  if (!command) throw new UsageError(`Unknown keys command "${sub ?? ''}".`);
+  const parsed = parseArgs({
     args,
     allowPositionals: sub === 'revoke',
     options: {
@@ -45,72 +111,11 @@ async function keysCommand(sub: string | undefined, args: string[], client: () =
       all: { type: 'boolean' },
     },
   });
-  if (values.tenant !== undefined && !TENANT.test(values.tenant)) {
+  const tenant = parsed.values.tenant;
+  if (tenant !== undefined && !TENANT.test(tenant)) {
     throw new UsageError('Tenant names are letters, digits, "_" and "-" (at most 64).');
   }
-  if (sub === 'create') {
-    if (Boolean(values.worker) === Boolean(values.tenant))
-      throw new UsageError('Give exactly one of --tenant NAME or --worker.');
-    const expiresAt = expiryFrom(values['expires-in']);
-    const keys = await client();
-    try {
-      const created = await keys.create(
-        values.worker
-          ? { kind: 'worker', name: values.name, expiresAt }
-          : { kind: 'user', tenantId: values.tenant!, admin: values.admin, name: values.name, expiresAt },
-      );
-      const expiry = created.key.expires_at ? `, expires ${created.key.expires_at}` : '';
-      process.stderr.write(`created ${created.key.id} (${created.key.kind}${expiry}) via ${keys.via}\n`);
-      process.stdout.write(`${created.secret}\n`);
-    } finally {
-      await keys.close();
-    }
-    return;
-  }
-  if (sub === 'list') {
-    const keys = await client();
-    try {
-      const rows = await keys.list({ tenantId: values.tenant, includeInactive: values.all });
-      const table = [['id', 'kind', 'tenant', 'admin', 'name', 'prefix', 'status', 'expires_at']];
-      for (const k of rows) {
-        table.push([
-          k.id,
-          k.kind,
-          k.tenant_id ?? '-',
-          k.admin ? 'yes' : 'no',
-          k.name ?? '-',
-          `${k.prefix}…`,
-          k.status,
-          k.expires_at ?? 'never',
-        ]);
-      }
-      const widths = table[0]!.map((_, i) => Math.max(...table.map((r) => r[i]!.length)));
-      for (const r of table)
-        process.stdout.write(
-          `${r
-            .map((c, i) => c.padEnd(widths[i]!))
-            .join('  ')
-            .trimEnd()}\n`,
-        );
-    } finally {
-      await keys.close();
-    }
-    return;
-  }
-  if (sub === 'revoke') {
-    if (positionals.length !== 1) throw new UsageError('Give the key id to revoke: keys revoke key_….');
-    const keys = await client();
-    try {
-      const key = await keys.revoke(positionals[0]!);
-      process.stdout.write(
-        `revoked ${key.id} (${key.kind}${key.tenant_id ? `, tenant ${key.tenant_id}` : ''}, ${key.prefix}…)\n`,
-      );
-    } finally {
-      await keys.close();
-    }
-    return;
-  }
-  throw new UsageError(`Unknown keys command "${sub ?? ''}".`);
+  await command(config, parsed);
 }
 
 async function main(argv: string[]): Promise<number> {
@@ -149,7 +154,7 @@ async function main(argv: string[]): Promise<number> {
   }
   if (command === 'keys') {
     try {
-      await keysCommand(sub, rest, () => keyClient(config));
+      await keysCommand(config, sub, rest);
       return 0;
     } catch (err) {
       if (!(err instanceof UsageError || (err as { code?: string }).code?.startsWith('ERR_PARSE_ARGS')))
