@@ -48,6 +48,7 @@ async function createKeyCommand(config: Config, { values }: KeyArgs): Promise<vo
   const tenant = values.tenant as string | undefined;
   if (Boolean(values.worker) === Boolean(tenant))
     throw new UsageError('Give exactly one of --tenant NAME or --worker.');
+  if (values.worker && values.admin) throw new UsageError('Worker tokens cannot be admin keys.');
   const expiresAt = expiryFrom(values['expires-in'] as string | undefined);
   const name = values.name as string | undefined;
   await withKeys(config, async (keys) => {

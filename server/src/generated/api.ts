@@ -2824,7 +2824,8 @@ export interface components {
         };
         /** @description The key to create. */
         ApiKeyCreate: {
-            kind?: components["schemas"]["ApiKeyKind"];
+            /** @default user */
+            kind: components["schemas"]["ApiKeyKind"];
             /** @description The user key's tenant (created if new); defaults to the caller's. Not for worker tokens. */
             tenant_id?: components["schemas"]["TenantId"];
             /**

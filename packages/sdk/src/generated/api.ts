@@ -2824,6 +2824,7 @@ export interface components {
         };
         /** @description The key to create. */
         ApiKeyCreate: {
+            /** @default user */
             kind?: components["schemas"]["ApiKeyKind"];
             /** @description The user key's tenant (created if new); defaults to the caller's. Not for worker tokens. */
             tenant_id?: components["schemas"]["TenantId"];
