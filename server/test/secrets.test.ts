@@ -150,6 +150,26 @@ describe.each(DATABASES)('job secrets on %s', (db) => {
     expect(merge.spec.hf_token).toBe('hf_for_merge');
   });
 
+  it('takes the hub token again on resume; without one the resumed job has none', async () => {
+    await clearQueue();
+    const id = await createFinetune(server, { hf_token: 'hf_first' });
+    const first = (await worker.claim())!;
+    await worker.upload(id, first.lease_token, 'checkpoints', 'checkpoint-2', Buffer.from('ckpt'), 2);
+    await worker.fail(id, first.lease_token, undefined, false);
+    expect(await storedSecrets(id)).toBeNull();
+
+    const resume = (json: unknown) => server.api(`/v1/training/jobs/${id}/resume`, { method: 'POST', json });
+    expect((await resume({ hf_token: 'hf_again' })).status).toBe(200);
+    expect(await rawRow(id)).not.toContain('hf_again');
+    const second = (await worker.claim())!;
+    expect(second).toMatchObject({ job_id: id, resume_from: { name: 'checkpoint-2' } });
+    expect(second.spec.hf_token).toBe('hf_again');
+
+    await worker.fail(id, second.lease_token, undefined, false);
+    expect((await resume({})).status).toBe(200);
+    expect((await worker.claim())!.spec.hf_token).toBeUndefined();
+  });
+
   it('seals secrets an older server stored in clear', async () => {
     await clearQueue();
     const id = await createFinetune(server);
