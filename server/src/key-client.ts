@@ -9,7 +9,7 @@ import type { Config } from './config.js';
 import { migrate, openDatabase, pgliteLockFile } from './db.js';
 import { isAlive, lockOwner } from './db-lock.js';
 import type { Schemas } from './http.js';
-import { adminKeyFile, serverFile } from './server.js';
+import { adminKeyFile, localUrl, serverFile } from './server.js';
 import { createApiKey, type KeyFilter, listKeys, revokeApiKey } from './services/api-keys.js';
 
 export interface KeyClient {
@@ -35,10 +35,9 @@ export async function keyClient(config: Config): Promise<KeyClient> {
  */
 async function runningServerUrl(config: Config): Promise<string | undefined> {
   const holder = config.databaseUrl ? undefined : lockOwner(pgliteLockFile(config.dataDir));
-  const host = config.host === '0.0.0.0' || config.host === '::' ? '127.0.0.1' : config.host;
   const candidates = [
     await publishedUrl(config.dataDir),
-    holder === undefined ? undefined : `http://${host}:${config.port}`,
+    holder === undefined ? undefined : localUrl(config.host, config.port),
   ].filter((url): url is string => url !== undefined);
   for (const url of candidates) if (await answers(url)) return url;
   if (holder !== undefined) {

@@ -82,7 +82,7 @@ async function serveOn(
   server.on('clientError', answerClientError);
   const { port } = server.address() as AddressInfo;
   const url = `http://${config.host}:${port}`;
-  const releaseAddress = await publishAddress(config.dataDir, `http://${loopbackFor(config.host)}:${port}`);
+  const releaseAddress = await publishAddress(config.dataDir, localUrl(config.host, port));
   logger.info({ url, database: db.kind }, 'tunery server listening');
 
   let closing: Promise<void> | undefined;
@@ -125,8 +125,11 @@ export const adminKeyFile = (dataDir: string) => join(dataDir, 'admin-key');
 /** Where a running server writes its address, so that `tunery-server keys …` can find it. */
 export const serverFile = (dataDir: string) => join(dataDir, 'server.json');
 
-/** The address a local client dials for a server bound to `host` (a wildcard bind answers on loopback). */
-const loopbackFor = (host: string) => (host === '0.0.0.0' || host === '::' ? '127.0.0.1' : host);
+/** The URL a local client dials for a server bound to `host` (a wildcard bind answers on loopback). */
+export function localUrl(host: string, port: number): string {
+  const dial = host === '0.0.0.0' || host === '::' ? '127.0.0.1' : host;
+  return `http://${dial.includes(':') ? `[${dial}]` : dial}:${port}`;
+}
 
 /** Writes `server.json` ({url, pid}); the returned function removes it unless another server replaced it. */
 async function publishAddress(dataDir: string, url: string): Promise<() => Promise<void>> {
