@@ -27,6 +27,7 @@ const ACCESSORS: Record<string, string> = {
   Models: 'tunery.models',
   BaseModels: 'tunery.baseModels',
   BudgetResource: 'tunery.budget',
+  ApiKeys: 'tunery.admin.keys',
 };
 
 /** Operations kept for seed compatibility, which the SDK serves through another method. */

@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import express, { type NextFunction, type Request, type Response } from 'express';
 import * as OpenApiValidator from 'express-openapi-validator';
 import { pinoHttp } from 'pino-http';
-import { authenticate } from './auth.js';
+import { authenticateRequest, authFailureOf } from './auth.js';
 import type { AppContext } from './context.js';
 import { ApiError } from './errors.js';
 import { type Handler, keepSentBody, wrap } from './http.js';
@@ -45,14 +45,11 @@ export function createApp(ctx: AppContext): express.Express {
       validateSecurity: {
         handlers: {
           apiKey: async (req) => {
-            req.principal = await authenticate(ctx.knex, req.headers.authorization, 'user');
+            await authenticateRequest(ctx.knex, req, 'user');
             keepSentBody(req);
             return true;
           },
-          workerToken: async (req) => {
-            req.principal = await authenticate(ctx.knex, req.headers.authorization, 'worker');
-            return true;
-          },
+          workerToken: (req) => authenticateRequest(ctx.knex, req, 'worker'),
         },
       },
     }),
@@ -138,7 +135,10 @@ function toApiError(err: unknown, req: Request): ApiError {
   if (e.type === 'entity.parse.failed')
     return new ApiError(400, 'invalid_request', 'Malformed JSON in request body.');
   if (status === 401)
-    return new ApiError(401, 'unauthorized', e.errors?.[0]?.message ?? 'Missing or invalid API key.');
+    return (
+      authFailureOf(req) ??
+      new ApiError(401, 'unauthorized', e.errors?.[0]?.message ?? 'Missing or invalid API key.')
+    );
   if (status === 404) return new ApiError(404, 'not_found', 'No such route.');
   // RFC 9110: a 405 lists the methods the path has (the validator computes them from the spec).
   if (status === 405)

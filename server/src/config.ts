@@ -32,6 +32,10 @@ export interface Config {
    * Empty: absolute paths are refused, so a tenant cannot name any folder of a worker host.
    */
   modelRoots: string[];
+  /** Base64 of the 32-byte key sealing job secrets; unset: `${dataDir}/secrets-key`, created once. */
+  secretsKey: string | undefined;
+  /** Admin key the CLI sends to a running server; unset: `${dataDir}/admin-key`. */
+  adminKey: string | undefined;
 }
 
 function intEnv(name: string, fallback: number): number {
@@ -75,6 +79,8 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
       process.env.TUNERY_DOCS_DIR ?? fileURLToPath(new URL('../../docs-site', import.meta.url)),
     ),
     modelRoots: modelRootsEnv(),
+    secretsKey: process.env.TUNERY_SECRETS_KEY || undefined,
+    adminKey: process.env.TUNERY_ADMIN_KEY || undefined,
     ...overrides,
   };
 }

@@ -1,8 +1,10 @@
-import { mkdirSync } from 'node:fs';
+import { chmodSync, mkdirSync } from 'node:fs';
+import { chmod, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import knexFactory, { type Knex } from 'knex';
 import ClientPgLite from 'knex-pglite';
 import type { Config } from './config.js';
+import { lockDatabaseDir } from './db-lock.js';
 import { migrations } from './migrations/index.js';
 
 export type Db = Knex;
@@ -11,9 +13,18 @@ export type DatabaseKind = 'postgres' | 'pglite';
 export interface Database {
   knex: Knex;
   kind: DatabaseKind;
+  /** Closes the connections and releases the embedded database's lock. */
+  close(): Promise<void>;
 }
 
-/** DATABASE_URL → node-postgres pool; unset → embedded PGlite in `${dataDir}/db` (or in memory for tests). */
+/** Where the embedded database lives, and its lock file beside it. */
+export const pgliteDir = (dataDir: string) => join(dataDir, 'db');
+export const pgliteLockFile = (dataDir: string) => join(dataDir, 'db.lock');
+
+/**
+ * DATABASE_URL → node-postgres pool; unset → embedded PGlite in `${dataDir}/db` (or in memory for
+ * tests). The embedded database is locked to this process: a second one gets DatabaseLocked.
+ */
 export function openDatabase(
   config: Pick<Config, 'databaseUrl' | 'dataDir'>,
   opts: { inMemory?: boolean } = {},
@@ -24,17 +35,49 @@ export function openDatabase(
       connection: config.databaseUrl,
       pool: { min: 0, max: 10 },
     });
-    return { knex, kind: 'postgres' };
+    return { knex, kind: 'postgres', close: () => knex.destroy() };
   }
   let connection: object = {};
+  let release = () => {};
   if (!opts.inMemory) {
-    const dir = join(config.dataDir, 'db');
-    mkdirSync(dir, { recursive: true });
+    const dir = pgliteDir(config.dataDir);
+    makePrivateDir(config.dataDir);
+    release = lockDatabaseDir(pgliteLockFile(config.dataDir), dir);
+    makePrivateDir(dir);
     connection = { filename: dir };
   }
   // PGlite is one connection; knex-pglite pins the pool to it, so queries queue up in order.
   const knex = knexFactory({ client: ClientPgLite, dialect: 'postgres', connection });
-  return { knex, kind: 'pglite' };
+  return {
+    knex,
+    kind: 'pglite',
+    close: async () => {
+      try {
+        await knex.destroy();
+      } finally {
+        release();
+      }
+    },
+  };
+}
+
+/** A directory only this user can enter (0700), made if missing. */
+export function makePrivateDir(dir: string): void {
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  chmodSync(dir, 0o700);
+}
+
+/**
+ * Folders 0700 and files 0600 under `dir`: the embedded database's files, written by PGlite with
+ * the process umask (an older server left them 0666), hold every tenant's data.
+ */
+export async function restrictToOwner(dir: string): Promise<void> {
+  await chmod(dir, 0o700);
+  for (const entry of await readdir(dir, { withFileTypes: true, recursive: true })) {
+    const path = join(entry.parentPath, entry.name);
+    if (entry.isDirectory()) await chmod(path, 0o700);
+    else if (entry.isFile()) await chmod(path, 0o600);
+  }
 }
 
 export async function migrate(knex: Knex): Promise<string[]> {

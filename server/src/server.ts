@@ -1,18 +1,19 @@
 import { EventEmitter } from 'node:events';
-import { chmod, mkdir, writeFile } from 'node:fs/promises';
+import { chmod, readFile, rm, writeFile } from 'node:fs/promises';
 import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
-import type { DestinationStream } from 'pino';
+import type { DestinationStream, Logger } from 'pino';
 import { createApp } from './app.js';
-import { createKey, hasAnyKey } from './auth.js';
+import { createKey, hasAnyKey, OPERATOR_TENANT } from './auth.js';
 import type { Config } from './config.js';
 import type { AppContext } from './context.js';
-import { migrate, openDatabase } from './db.js';
+import { type Database, makePrivateDir, migrate, openDatabase, pgliteDir, restrictToOwner } from './db.js';
 import { createLogger } from './logging.js';
 import { listenForJobs } from './queue/notify.js';
 import { startSweeper } from './queue/sweeper.js';
+import { loadSecretsKey, SecretBox, sealPlaintextSecrets } from './secrets.js';
 import { seedCatalog } from './services/catalog.js';
 import { LocalStorage } from './storage.js';
 
@@ -32,17 +33,37 @@ export async function startServer(
   config: Config,
   opts: { inMemory?: boolean; quiet?: boolean; logDestination?: DestinationStream } = {},
 ): Promise<RunningServer> {
-  await mkdir(config.dataDir, { recursive: true });
+  // The data dir holds the database, keys and every tenant's files: this user's alone.
+  makePrivateDir(config.dataDir);
   const logger = createLogger(opts.quiet ? 'silent' : config.logLevel, opts.logDestination);
   const db = openDatabase(config, opts);
+  try {
+    return await serveOn(db, config, opts, logger);
+  } catch (err) {
+    await db.close();
+    throw err;
+  }
+}
+
+/** Everything after the database opened; startServer closes it (and its lock) when this fails. */
+async function serveOn(
+  db: Database,
+  config: Config,
+  opts: { inMemory?: boolean },
+  logger: Logger,
+): Promise<RunningServer> {
   await migrate(db.knex);
+  if (db.kind === 'pglite' && !opts.inMemory) await restrictToOwner(pgliteDir(config.dataDir));
   await seedCatalog(db.knex);
+  const secretBox = new SecretBox(await loadSecretsKey(config));
+  await sealPlaintextSecrets(db.knex, secretBox);
   const ctx: AppContext = {
     knex: db.knex,
     dbKind: db.kind,
     config,
     storage: new LocalStorage(config.dataDir, config.maxUploadBytes, config.storageQuotaBytes),
     logger,
+    secretBox,
     queueSignal: new EventEmitter().setMaxListeners(0),
     shuttingDown: new AbortController(),
   };
@@ -51,12 +72,21 @@ export async function startServer(
   const stopSweeper = startSweeper(ctx);
 
   const app = createApp(ctx);
-  const server: Server = await new Promise((resolve) => {
-    const s = app.listen(config.port, config.host, () => resolve(s));
-  });
+  let server: Server;
+  try {
+    server = await new Promise((resolve, reject) => {
+      const s = app.listen(config.port, config.host, (err?: Error) => (err ? reject(err) : resolve(s)));
+    });
+  } catch (err) {
+    // the port is taken (or the host wrong): stop what started, so the caller can close the database
+    await stopSweeper();
+    await stopListening();
+    throw err;
+  }
   server.on('clientError', answerClientError);
   const { port } = server.address() as AddressInfo;
   const url = `http://${config.host}:${port}`;
+  const releaseAddress = await publishAddress(config.dataDir, localUrl(config.host, port));
   logger.info({ url, database: db.kind }, 'tunery server listening');
 
   let closing: Promise<void> | undefined;
@@ -70,7 +100,8 @@ export async function startServer(
         server.closeIdleConnections();
       });
       await stopListening();
-      await db.knex.destroy();
+      await releaseAddress();
+      await db.close();
     })();
     return closing;
   };
@@ -80,11 +111,42 @@ export async function startServer(
 /** First start: create an admin key for tenant `default`, print it once, keep a 0600 copy in the data dir. */
 async function ensureAdminKey(ctx: AppContext): Promise<string | undefined> {
   if (await hasAnyKey(ctx.knex)) return undefined;
-  const key = await createKey(ctx.knex, { kind: 'user', tenantId: 'default', admin: true, name: 'admin' });
-  const file = join(ctx.config.dataDir, 'admin-key');
+  const key = await createKey(ctx.knex, {
+    kind: 'user',
+    tenantId: OPERATOR_TENANT,
+    admin: true,
+    name: 'admin',
+  });
+  const file = adminKeyFile(ctx.config.dataDir);
   await writeFile(file, `${key}\n`, { mode: 0o600 });
   await chmod(file, 0o600);
   return key;
+}
+
+/** Where the first admin key is kept (0600), for the operator and the CLI. */
+export const adminKeyFile = (dataDir: string) => join(dataDir, 'admin-key');
+
+/** Where a running server writes its address, so that `tunery-server keys …` can find it. */
+export const serverFile = (dataDir: string) => join(dataDir, 'server.json');
+
+/** The URL a local client dials for a server bound to `host` (a wildcard bind answers on loopback). */
+export function localUrl(host: string, port: number): string {
+  const dial = host === '0.0.0.0' || host === '::' ? '127.0.0.1' : host;
+  return `http://${dial.includes(':') ? `[${dial}]` : dial}:${port}`;
+}
+
+/** Writes `server.json` ({url, pid}); the returned function removes it unless another server replaced it. */
+async function publishAddress(dataDir: string, url: string): Promise<() => Promise<void>> {
+  const file = serverFile(dataDir);
+  await writeFile(file, `${JSON.stringify({ url, pid: process.pid })}\n`, { mode: 0o600 });
+  return async () => {
+    try {
+      const current = JSON.parse(await readFile(file, 'utf8')) as { pid?: number };
+      if (current.pid === process.pid) await rm(file, { force: true });
+    } catch {
+      // gone or unreadable: nothing of ours to remove
+    }
+  };
 }
 
 /**

@@ -1,6 +1,7 @@
 import type { APIPromise } from './core/api-promise.js';
 import { type RequestOptions, TuneryClient } from './core/client.js';
 import { Adapters } from './resources/adapters.js';
+import { Admin } from './resources/admin.js';
 import { BudgetResource } from './resources/budget.js';
 import { Datasets } from './resources/datasets.js';
 import { Distiller } from './resources/distillation.js';
@@ -26,6 +27,7 @@ export class Tunery extends TuneryClient {
   readonly models: Models = new Models(this);
   readonly baseModels: BaseModels = new BaseModels(this);
   readonly budget: BudgetResource = new BudgetResource(this);
+  readonly admin: Admin = new Admin(this);
 
   /** Liveness and database check (no authentication). */
   health(options?: RequestOptions): APIPromise<Health> {

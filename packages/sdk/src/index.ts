@@ -39,6 +39,7 @@ export { retryAfterMs, retryDelayMs, shouldRetry, TRANSIENT_CONFLICT_CODES } fro
 export type { Uploadable } from './core/uploads.js';
 export type { components, operations, paths } from './generated/api.js';
 export { Adapters } from './resources/adapters.js';
+export { Admin, ApiKeys } from './resources/admin.js';
 export { BudgetResource } from './resources/budget.js';
 export { Datasets, type DatasetUploadParams } from './resources/datasets.js';
 export { Distiller } from './resources/distillation.js';

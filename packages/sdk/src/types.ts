@@ -106,4 +106,11 @@ export type OllamaImportResponse = Schemas['OllamaImportResponse'];
 export type BenchmarkParams = RequestBodyOf<'benchmarkModel'>;
 export type BenchmarkResponse = Schemas['BenchmarkResponse'];
 export type Budget = Schemas['Budget'];
+
+// ---- admin
+export type ApiKey = Schemas['ApiKey'];
+export type ApiKeyList = Schemas['ApiKeyList'];
+export type CreatedApiKey = Schemas['CreatedApiKey'];
+export type ApiKeyCreateParams = RequestBodyOf<'createApiKey'>;
+export type ApiKeyListParams = QueryOf<'listApiKeys'>;
 export type BudgetUpdateParams = RequestBodyOf<'updateBudget'>;

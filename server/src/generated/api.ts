@@ -1032,6 +1032,57 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/admin/keys": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List API keys
+         * @description Keys and worker tokens, newest first, with their prefix, never their secret. An operator
+         *     key sees every tenant's keys (filter with `tenant_id`); another admin key its own tenant's.
+         */
+        get: operations["listApiKeys"];
+        put?: never;
+        /**
+         * Create an API key or worker token
+         * @description Answers the secret once; only its hash is stored. Not idempotent: a secret that is shown
+         *     once cannot be shown again, so a repeat creates another key (revoke the spare one).
+         */
+        post: operations["createApiKey"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/admin/keys/{key_id}/revoke": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The key's id (`key_…`). */
+                key_id: components["schemas"]["Id"];
+            };
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Revoke an API key or worker token
+         * @description The key stops working at once on this server and within 30 seconds (the key cache's
+         *     lifetime) on other server processes sharing the database. Revoking a revoked key answers
+         *     it unchanged; the key making the request cannot revoke itself (`409 conflict`).
+         */
+        post: operations["revokeApiKey"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/workers/claim": {
         parameters: {
             query?: never;
@@ -1896,10 +1947,14 @@ export interface components {
         /** @description Which checkpoint to resume from. */
         ResumeRequest: {
             checkpoint?: components["schemas"]["Name"];
+            /** @description Hub token for a gated model; a job's secrets are erased when it ends, so give it again. Never returned. */
+            hf_token?: string;
         };
         /** @description Options of a merge job. */
         MergeRequest: {
             output_name?: components["schemas"]["Name"];
+            /** @description Hub token for a gated base model (the parent job's was erased when it ended). Never returned. */
+            hf_token?: string;
             /** @description Re-using a key returns the same merge job. */
             idempotency_key?: string;
             /**
@@ -2746,6 +2801,83 @@ export interface components {
         BudgetUpdate: {
             /** @description Spending limit; null is unlimited. */
             limit_usd: number | null;
+        };
+        /**
+         * @description A user API key (bound to a tenant) or a worker token.
+         * @enum {string}
+         */
+        ApiKeyKind: "user" | "worker";
+        /** @description An API key or worker token as listings show it; the secret is never shown again. */
+        ApiKey: {
+            id: components["schemas"]["Id"];
+            kind: components["schemas"]["ApiKeyKind"];
+            /**
+             * @description The key's tenant; null for worker tokens.
+             * @example acme
+             */
+            tenant_id: string | null;
+            /** @description May manage keys and the budget. */
+            admin: boolean;
+            /** @description Label given at creation. */
+            name: string | null;
+            /**
+             * @description The first characters of the secret, to recognise it.
+             * @example tk_Qx3
+             */
+            prefix: string;
+            /**
+             * @description Whether the key works now.
+             * @enum {string}
+             */
+            status: "active" | "expired" | "revoked";
+            created_at: components["schemas"]["Timestamp"];
+            /**
+             * Format: date-time
+             * @description When the key stops working; null never.
+             */
+            expires_at: string | null;
+            /**
+             * Format: date-time
+             * @description When the key was revoked; null while it is not.
+             */
+            revoked_at: string | null;
+        };
+        /** @description One page of keys. */
+        ApiKeyList: {
+            /** @description The keys. */
+            keys: components["schemas"]["ApiKey"][];
+            /** @description Matching keys in all pages. */
+            total: number;
+            /** @description More pages follow. */
+            has_more: boolean;
+        };
+        /** @description The key to create. */
+        ApiKeyCreate: {
+            /** @default user */
+            kind: components["schemas"]["ApiKeyKind"];
+            /** @description The user key's tenant (created if new); defaults to the caller's. Not for worker tokens. */
+            tenant_id?: components["schemas"]["TenantId"];
+            /**
+             * @description An admin key of its tenant (user keys only).
+             * @default false
+             */
+            admin: boolean;
+            /** @description A label for listings. */
+            name?: string;
+            /**
+             * Format: date-time
+             * @description When the key stops working (in the future); omitted never.
+             */
+            expires_at?: string;
+        };
+        /** @description A new key and its secret, shown this once. */
+        CreatedApiKey: {
+            key: components["schemas"]["ApiKey"];
+            /**
+             * @description The key to send as `Authorization: Bearer …`. Store it now.
+             * @example tk_Qx3fV0cS1mQ9
+             */
+            secret: string;
         };
         /** @description What this worker can run. */
         WorkerCapabilities: {
@@ -4889,6 +5021,101 @@ export interface operations {
             400: components["responses"]["BadRequest"];
             401: components["responses"]["Unauthorized"];
             403: components["responses"]["Forbidden"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    listApiKeys: {
+        parameters: {
+            query?: {
+                /** @description Page size (at most 100). */
+                limit?: components["parameters"]["Limit"];
+                /** @description Number of items to skip. */
+                offset?: components["parameters"]["Offset"];
+                /** @description Only this tenant's keys (an admin key of another tenant may only name its own). */
+                tenant_id?: components["schemas"]["TenantId"];
+                /** @description Only user keys or only worker tokens. */
+                kind?: components["schemas"]["ApiKeyKind"];
+                /** @description Also list revoked and expired keys. */
+                include_inactive?: boolean;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description One page of keys. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiKeyList"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            403: components["responses"]["Forbidden"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    createApiKey: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ApiKeyCreate"];
+            };
+        };
+        responses: {
+            /** @description The new key, with its secret. */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CreatedApiKey"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            403: components["responses"]["Forbidden"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    revokeApiKey: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The key's id (`key_…`). */
+                key_id: components["schemas"]["Id"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The revoked key. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiKey"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            403: components["responses"]["Forbidden"];
+            404: components["responses"]["NotFound"];
+            409: components["responses"]["Conflict"];
             429: components["responses"]["TooManyRequests"];
             500: components["responses"]["InternalError"];
         };

@@ -1,5 +1,6 @@
 import type { Knex } from 'knex';
 import type { AppContext } from '../context.js';
+import { badRequest } from '../errors.js';
 import { recordEvent } from './events.js';
 import { notifyAfterCommit } from './notify.js';
 import type { JobKind, JobRow } from './types.js';
@@ -15,7 +16,7 @@ export interface EnqueueInput {
   description?: string | null;
   /** The resolved, public configuration (shown to users, turned into the worker's spec). */
   config: Record<string, unknown>;
-  /** hf_token, teacher_api_key: handed only to the worker that claims the job. */
+  /** hf_token, teacher_api_key, in clear: sealed here, handed only to the worker that claims the job. */
   secrets?: Record<string, unknown>;
   baseModel?: string | null;
   datasetId?: string | null;
@@ -27,6 +28,22 @@ export interface EnqueueInput {
   totalSteps?: number | null;
 }
 
+/**
+ * Job `jobId`'s secrets sealed, as a jsonb parameter (no secrets is SQL NULL). A NUL is refused as
+ * in any other text the API stores: no worker could send such a token anyway.
+ */
+export function sealedSecretsJson(
+  ctx: Pick<AppContext, 'secretBox'>,
+  jobId: string,
+  secrets: Record<string, unknown> | undefined,
+): string | null {
+  if (secrets && JSON.stringify(secrets).includes('\\u0000')) {
+    throw badRequest('Text may not contain the NUL character (\\u0000).');
+  }
+  const sealed = ctx.secretBox.seal(jobId, secrets);
+  return sealed ? JSON.stringify(sealed) : null;
+}
+
 /** The phase a job shows before any worker touched it. */
 const initialPhase = (kind: JobKind) => (kind === 'distillation' ? 'initializing' : 'queued');
 
@@ -36,7 +53,7 @@ const initialPhase = (kind: JobKind) => (kind === 'distillation' ? 'initializing
  * for a row they cannot see yet.
  */
 export async function enqueueJob(
-  ctx: Pick<AppContext, 'knex' | 'dbKind' | 'queueSignal'>,
+  ctx: Pick<AppContext, 'knex' | 'dbKind' | 'queueSignal' | 'secretBox'>,
   db: Knex | Knex.Transaction,
   input: EnqueueInput,
 ): Promise<JobRow> {
@@ -65,7 +82,7 @@ export async function enqueueJob(
       description: input.description ?? null,
       priority: input.priority ?? 50,
       config: JSON.stringify(input.config),
-      secrets: JSON.stringify(input.secrets ?? {}),
+      secrets: sealedSecretsJson(ctx, input.id, input.secrets),
       baseModel: input.baseModel ?? null,
       datasetId: input.datasetId ?? null,
       parentJobId: input.parentJobId ?? null,

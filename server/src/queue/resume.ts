@@ -1,5 +1,6 @@
 import type { AppContext } from '../context.js';
 import { conflict, notFound } from '../errors.js';
+import { sealedSecretsJson } from './enqueue.js';
 import { recordEvent } from './events.js';
 import { notifyAfterCommit } from './notify.js';
 import type { JobKind, JobRow } from './types.js';
@@ -16,7 +17,8 @@ async function pickCheckpoint(
 }
 
 /**
- * Puts a failed or cancelled job back in the queue, to continue from a checkpoint. Unknown
+ * Puts a failed or cancelled job back in the queue, to continue from a checkpoint, with `secrets`
+ * (in clear; sealed here) in place of those erased when it ended. Unknown
  * checkpoint → 404; a job in any other state, or with no checkpoint at all → 409 job_not_resumable.
  */
 export async function resumeJob(
@@ -25,6 +27,7 @@ export async function resumeJob(
   kind: JobKind,
   jobId: string,
   checkpointName: string | undefined,
+  secrets?: Record<string, unknown>,
 ): Promise<JobRow> {
   return ctx.knex.transaction(async (trx) => {
     const job = (await trx('jobs').where({ id: jobId, tenant_id: tenantId, kind }).first()) as
@@ -43,6 +46,8 @@ export async function resumeJob(
         run_at = now(),
         resume_checkpoint = :checkpoint,
         cancel_requested = false,
+        -- the job's secrets were erased when it ended; the caller may give them again
+        secrets = :secrets::jsonb,
         -- at least one more attempt, whatever the earlier ones used up
         max_attempts = GREATEST(max_attempts, attempt + 1),
         error_code = NULL,
@@ -52,7 +57,12 @@ export async function resumeJob(
       -- only a job that ended without success; the state check loses cleanly to a concurrent resume
       WHERE id = :jobId AND tenant_id = :tenantId AND status IN ('failed', 'cancelled')
       RETURNING *`,
-      { jobId, tenantId, checkpoint: checkpoint.name },
+      {
+        jobId,
+        tenantId,
+        checkpoint: checkpoint.name,
+        secrets: sealedSecretsJson(ctx, jobId, secrets),
+      },
     );
     const resumed = updated.rows[0] as JobRow | undefined;
     if (!resumed) {

@@ -1,3 +1,5 @@
+import type { SealedSecrets } from '../secrets.js';
+
 /** The two families of jobs sharing one queue table. */
 export type JobKind = 'training' | 'distillation';
 export type JobStatus = 'pending' | 'running' | 'completed' | 'failed' | 'cancelled';
@@ -15,7 +17,8 @@ export interface JobRow {
   description: string | null;
   priority: number;
   config: Record<string, unknown>;
-  secrets: Record<string, unknown>;
+  /** Sealed hf_token / teacher_api_key; null when there are none or the job ended. */
+  secrets: SealedSecrets | null;
   base_model: string | null;
   dataset_id: string | null;
   parent_job_id: string | null;

@@ -1,5 +1,6 @@
 import type { Routes } from '../http.js';
 import { adapterRoutes } from './adapters.js';
+import { adminRoutes } from './admin.js';
 import { budgetRoutes } from './budget.js';
 import { datasetRoutes } from './datasets.js';
 import { distillationRoutes } from './distillation.js';
@@ -23,5 +24,6 @@ export const allRoutes: Routes = {
   ...adapterRoutes,
   ...modelRoutes,
   ...budgetRoutes,
+  ...adminRoutes,
   ...workerRoutes,
 };

@@ -137,7 +137,8 @@ export const trainingJobRoutes: Routes = {
     const body = (req.body ?? {}) as Schemas['ResumeRequest'];
     // a repeated resume (same idempotency key) answers the job instead of 409 not resumable
     await idempotent(ctx, req, `training_resume:${jobId}`, 'job', async () => {
-      await resumeJob(ctx, tenantId, 'training', jobId, body.checkpoint);
+      const secrets = body.hf_token ? { hf_token: body.hf_token } : undefined;
+      await resumeJob(ctx, tenantId, 'training', jobId, body.checkpoint, secrets);
     });
     res.json(
       serializeTrainingJob(

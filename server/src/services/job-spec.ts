@@ -6,6 +6,7 @@
 import type { AppContext } from '../context.js';
 import type { Schemas } from '../http.js';
 import type { JobRow } from '../queue/types.js';
+import { SecretsUnreadable } from '../secrets.js';
 
 type JobInput = Schemas['ClaimedJob']['inputs'][number];
 type InputRole = JobInput['role'];
@@ -127,9 +128,18 @@ function distillSpec(
   };
 }
 
-/** The spec for the job's type. Training configs are stored in spec shape already. */
-export function specOf(job: JobRow): Record<string, unknown> {
-  const secrets = job.secrets ?? {};
+/** The job's secrets in clear, for the claim answer; a job they no longer open for cannot run. */
+function openSecrets(ctx: AppContext, job: JobRow): Record<string, unknown> {
+  try {
+    return ctx.secretBox.open(job.id, job.secrets);
+  } catch (err) {
+    if (err instanceof SecretsUnreadable) throw new MissingJobInput(err.message);
+    throw err;
+  }
+}
+
+/** The spec for the job's type, with its secrets in clear. Training configs are stored in spec shape already. */
+function specOf(job: JobRow, secrets: Record<string, unknown>): Record<string, unknown> {
   if (job.type === 'distill') return distillSpec(job.config, secrets);
   const spec: Record<string, unknown> = { ...job.config };
   if (typeof secrets.hf_token === 'string') spec.hf_token = secrets.hf_token;
@@ -152,7 +162,7 @@ export async function buildClaimedJob(ctx: AppContext, job: JobRow): Promise<Sch
     lease_expires_at: new Date(job.lease_expires_at!).toISOString(),
     lease_seconds: ctx.config.leaseSeconds,
     log_seq: job.log_seq,
-    spec: specOf(job),
+    spec: specOf(job, openSecrets(ctx, job)),
     inputs,
     resume_from: await resumeFrom(ctx, job),
   };

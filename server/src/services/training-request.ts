@@ -505,7 +505,8 @@ export function mergeJobPlan(parent: JobRow, options: Schemas['MergeRequest']): 
       export_gguf: options.export_gguf ?? false,
       quantization_types: options.quantization_types ?? (options.export_gguf ? ['q4_k_m'] : []),
     }),
-    secrets: parent.secrets?.hf_token ? { hf_token: parent.secrets.hf_token } : {},
+    // the parent's secrets were erased when it ended: a gated model needs the token again
+    secrets: defined({ hf_token: options.hf_token }),
     baseModel: model.name,
     parentJobId: parent.id,
     priority: parent.priority,

@@ -14,6 +14,7 @@ import type { HttpHandler } from 'msw';
 import type { components } from '../generated/api.js';
 import type { MockContext } from './context.js';
 import { adapterHandlers } from './handlers/adapters.js';
+import { adminHandlers } from './handlers/admin.js';
 import { budgetHandlers } from './handlers/budget.js';
 import { datasetHandlers } from './handlers/datasets.js';
 import { distillationHandlers } from './handlers/distillation.js';
@@ -122,6 +123,7 @@ export function createTuneryMock(options: TuneryMockOptions = {}): TuneryMock {
     adapterHandlers,
     modelHandlers,
     budgetHandlers,
+    adminHandlers,
     workerHandlers,
   ]) {
     register(ctx);

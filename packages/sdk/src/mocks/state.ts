@@ -59,6 +59,8 @@ export interface MockState {
   models: Map<string, Schemas['Model']>;
   baseModels: Map<string, Schemas['BaseModel']>;
   budget: { limit_usd: number | null; spent_usd: number };
+  /** API keys made through the admin API (their secrets are not kept). */
+  apiKeys: Map<string, Schemas['ApiKey']>;
   autoConfig: Schemas['AutoTrainingConfig'];
   idempotency: Map<string, IdempotentResult>;
   leases: Map<string, Lease>;
@@ -132,6 +134,7 @@ export function createState(tenantId = 'default'): MockState {
     models: new Map(),
     baseModels: new Map(BUILTIN_BASE_MODELS.map((m) => [m.id, structuredClone(m)])),
     budget: { limit_usd: null, spent_usd: 0 },
+    apiKeys: new Map(),
     autoConfig: {
       enabled: false,
       threshold: 100,

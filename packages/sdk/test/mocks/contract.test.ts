@@ -95,6 +95,14 @@ describe('every mock response is valid against the spec', () => {
     await expectError(tunery.budget.update({ limit_usd: 1 }), 403);
     mock.failNext('getBudget', 401);
     await expectError(tunery.budget.get(), 401);
+    const { key } = await tunery.admin.keys.create({ tenant_id: 'acme', expires_at: '2999-01-01T00:00:00Z' });
+    await tunery.admin.keys.create({ kind: 'worker', name: 'gpu' });
+    await tunery.admin.keys.list({ include_inactive: true });
+    await tunery.admin.keys.revoke(key.id);
+    await expectError(tunery.admin.keys.revoke('key_missing'), 404);
+    mock.failNext('listApiKeys', 403);
+    await expectError(tunery.admin.keys.list(), 403);
+    await expectError(tunery.admin.keys.create({ expires_at: '2000-01-01T00:00:00Z' }), 400);
     await tunery.baseModels.list();
     await tunery.baseModels.create({ name: 'qwen', source: 'Qwen/Qwen2.5-0.5B' });
     await expectError(tunery.baseModels.create({ name: 'qwen', source: 'again' }), 409);
