@@ -7,6 +7,7 @@ import type { AppContext } from './context.js';
 import { ApiError } from './errors.js';
 import { type Handler, wrap } from './http.js';
 import { allRoutes } from './routes/index.js';
+import { datasetUploadOptions } from './services/dataset-upload.js';
 import { specOperations, specPath } from './spec.js';
 
 /** Builds the Express app: request ids and logs, body parsing, spec validation, routes, errors. */
@@ -45,7 +46,8 @@ export function createApp(ctx: AppContext): express.Express {
       validateRequests: { allowUnknownQueryParameters: false, coerceTypes: true },
       validateResponses: { removeAdditional: false },
       validateFormats: true,
-      fileUploader: { limits: { fileSize: ctx.config.maxJsonBytes * 10, files: 1 } },
+      // Multipart files stream to disk after authentication (services/dataset-upload.ts).
+      fileUploader: datasetUploadOptions(ctx),
       validateSecurity: {
         handlers: {
           apiKey: async (req) => {

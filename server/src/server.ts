@@ -1,12 +1,13 @@
 import { EventEmitter } from 'node:events';
 import { chmod, mkdir, writeFile } from 'node:fs/promises';
-import type { Server } from 'node:http';
+import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { pino } from 'pino';
 import { createApp } from './app.js';
 import { createKey, hasAnyKey } from './auth.js';
+import { createPartSweeper, partSweeperConfig } from './part-sweeper.js';
 import type { Config } from './config.js';
 import type { AppContext } from './context.js';
 import { migrate, openDatabase } from './db.js';
@@ -43,6 +44,10 @@ export async function startServer(
     shuttingDown: new AbortController(),
   };
   const adminKey = await ensureAdminKey(ctx);
+  await ctx.storage.prepare();
+  // Before the first request: finish renames a crash interrupted, drop abandoned uploads.
+  const partSweeper = createPartSweeper(ctx, partSweeperConfig(ctx));
+  await partSweeper.runOnce();
   const stopListening = await listenForJobs(ctx);
   const stopSweeper = startSweeper(ctx);
 
@@ -51,6 +56,7 @@ export async function startServer(
     const s = app.listen(config.port, config.host, () => resolve(s));
   });
   server.on('clientError', answerClientError);
+  applyRequestTimeouts(server, config);
   const { port } = server.address() as AddressInfo;
   const url = `http://${config.host}:${port}`;
   logger.info({ url, database: db.kind }, 'tunery server listening');
@@ -61,6 +67,7 @@ export async function startServer(
     closing ??= (async () => {
       ctx.shuttingDown.abort();
       await stopSweeper();
+      await partSweeper.stop();
       await new Promise<void>((resolve) => {
         server.close(() => resolve());
         server.closeIdleConnections();
@@ -81,6 +88,51 @@ async function ensureAdminKey(ctx: AppContext): Promise<string | undefined> {
   await writeFile(file, `${key}\n`, { mode: 0o600 });
   await chmod(file, 0o600);
   return key;
+}
+
+/** Worker uploads and multipart dataset uploads: long transfers, limited by silence, not by total time. */
+export function isUploadRequest(req: IncomingMessage): boolean {
+  const path = (req.url ?? '').split('?')[0]!;
+  if (req.method === 'PUT') return /^\/v1\/workers\/jobs\/[^/]+\/(checkpoints|outputs)\/[^/]+$/.test(path);
+  return (
+    req.method === 'POST' &&
+    /^\/v1\/datasets\/?$/.test(path) &&
+    (req.headers['content-type'] ?? '').startsWith('multipart/form-data')
+  );
+}
+
+/**
+ * Node's `requestTimeout` (300 s) cuts off any request not received whole in time, so a large
+ * checkpoint over a slow link always failed ("Malformed HTTP request"). It is off here: ordinary
+ * requests get the same kind of limit (TUNERY_REQUEST_TIMEOUT_SECONDS, then 408), uploads only an
+ * idle limit (TUNERY_UPLOAD_IDLE_TIMEOUT_SECONDS without a byte closes the connection; the worker
+ * resumes). Node's `headersTimeout` still bounds the headers of every request.
+ */
+function applyRequestTimeouts(server: Server, config: Config): void {
+  server.requestTimeout = 0;
+  server.on('request', (req: IncomingMessage, res: ServerResponse) => {
+    if (isUploadRequest(req)) {
+      req.setTimeout(config.uploadIdleTimeoutSeconds * 1000, () => req.socket.destroy());
+      // Once the body is in, storing it (fsync, rename) may take a while without traffic.
+      req.once('end', () => req.setTimeout(0));
+      return;
+    }
+    if (config.requestTimeoutSeconds === 0) return;
+    const timer = setTimeout(() => {
+      if (req.complete) return;
+      const body = JSON.stringify({
+        error: { code: 'request_timeout', message: 'The request did not arrive in time.', param: null },
+      });
+      if (!res.headersSent) {
+        res.writeHead(408, { 'content-type': 'application/json', connection: 'close' });
+        res.end(body);
+      }
+      res.once('finish', () => req.socket.destroy());
+      if (res.writableFinished) req.socket.destroy();
+    }, config.requestTimeoutSeconds * 1000);
+    timer.unref();
+    res.once('close', () => clearTimeout(timer));
+  });
 }
 
 /**
