@@ -38,8 +38,7 @@ const MIN_FREE_BYTES = 64 * 1024 * 1024;
 /** A writer re-checks the free disk space after every this many bytes. */
 const DISK_CHECK_BYTES = 16 * 1024 * 1024;
 
-const tooLarge = (limit: number) =>
-  new ApiError(413, 'payload_too_large', `Upload exceeds ${limit} bytes.`);
+const tooLarge = (limit: number) => new ApiError(413, 'payload_too_large', `Upload exceeds ${limit} bytes.`);
 const quotaUsedUp = () =>
   new ApiError(
     413,
@@ -191,7 +190,12 @@ export class LocalStorage {
 
   async remove(relPath: string): Promise<void> {
     const path = this.absolute(relPath);
-    const freed = this.quotaLimited ? await stat(path).then((s) => s.size, () => 0) : 0;
+    const freed = this.quotaLimited
+      ? await stat(path).then(
+          (s) => s.size,
+          () => 0,
+        )
+      : 0;
     await rm(path, { force: true });
     this.release(freed);
   }
@@ -266,7 +270,12 @@ export class LocalStorage {
   /** @internal Renames a finished part over its final path (fsync'ed), accounting a replaced file. */
   async moveIntoPlace(part: string, target: string): Promise<void> {
     await this.mkdirs(dirname(target));
-    const replaced = this.quotaLimited ? await stat(target).then((s) => s.size, () => 0) : 0;
+    const replaced = this.quotaLimited
+      ? await stat(target).then(
+          (s) => s.size,
+          () => 0,
+        )
+      : 0;
     await rename(part, target);
     this.release(replaced);
     await fsyncDir(dirname(target));

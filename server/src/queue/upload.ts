@@ -108,10 +108,17 @@ export function parseContentRange(header: string | undefined, maxBytes: number):
 
 export type UploadTarget = { kind: UploadKind; name: string; step?: number };
 
-const segmentsOf = (jobId: string, upload: UploadTarget) => ['jobs', jobId, folderOf(upload.kind), upload.name];
+const segmentsOf = (jobId: string, upload: UploadTarget) => [
+  'jobs',
+  jobId,
+  folderOf(upload.kind),
+  upload.name,
+];
 
 /** The outcome of one upload request: the whole file stored, or a chunk of it received. */
-export type UploadResult = { complete: true; stored: StoredObject } | { complete: false; receivedBytes: number };
+export type UploadResult =
+  | { complete: true; stored: StoredObject }
+  | { complete: false; receivedBytes: number };
 
 /**
  * Receives one worker upload request, fenced before the first byte. The bytes go to the file's part

@@ -2,6 +2,7 @@ import type { Request } from 'express';
 import type { AppContext } from '../context.js';
 import { badRequest } from '../errors.js';
 import { type BodyOf, isoRequired, page, pathParam, type Routes, type Schemas, tenantOf } from '../http.js';
+import { type DatasetUploadFile, UPLOAD_FIELD } from '../services/dataset-upload.js';
 import {
   buildDatasetFromTrajectories,
   type DatasetRow,
@@ -12,7 +13,6 @@ import {
   storeDataset,
   toDatasetRow,
 } from '../services/datasets.js';
-import { type DatasetUploadFile, UPLOAD_FIELD } from '../services/dataset-upload.js';
 import { idempotent } from '../services/idempotency.js';
 import { listPage, newestFirst } from '../services/paging.js';
 

@@ -38,7 +38,12 @@ function callerGone(res: Response): AbortSignal {
  * A worker's upload, streamed from the request body (never parsed or buffered): `201` once the
  * file is whole and stored, `202` after a chunk (a Content-Range that ends before the file does).
  */
-async function storeUpload(ctx: AppContext, req: Request, res: Response, upload: UploadTarget): Promise<void> {
+async function storeUpload(
+  ctx: AppContext,
+  req: Request,
+  res: Response,
+  upload: UploadTarget,
+): Promise<void> {
   const leaseToken = req.header('x-lease-token') ?? '';
   const range = parseContentRange(req.header('content-range'), ctx.config.maxUploadBytes);
   const result = await receiveUpload(ctx, jobIdOf(req), leaseToken, upload, req, range);

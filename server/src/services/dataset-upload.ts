@@ -6,8 +6,8 @@
  * the quota are enforced while the bytes arrive.
  */
 import { createHash } from 'node:crypto';
-import type { Request } from 'express';
 import type { Readable } from 'node:stream';
+import type { Request } from 'express';
 import type { AppContext } from '../context.js';
 import { ApiError } from '../errors.js';
 import { newId } from '../ids.js';

@@ -176,8 +176,7 @@ export async function* jsonlLines(
     const text = bytes.toString('utf8');
     return { line: lineNumber === 1 ? text.replace(/^\uFEFF/, '') : text, lineNumber };
   };
-  const tooLong = () =>
-    invalidDataset(`line ${lineNumber + 1}: longer than ${maxBytes} bytes.`, param);
+  const tooLong = () => invalidDataset(`line ${lineNumber + 1}: longer than ${maxBytes} bytes.`, param);
   for await (const chunk of source) {
     let start = 0;
     for (let nl = chunk.indexOf(10); nl !== -1; nl = chunk.indexOf(10, start)) {
