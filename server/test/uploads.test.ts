@@ -350,6 +350,25 @@ describe.each(DATABASES)('uploads and disk (%s)', (db) => {
     await worker.complete(job.job_id, job.lease_token);
   });
 
+  it('a dataset written inside a job create is moved into place once that transaction commits', async () => {
+    const jobId = await createFinetune(server, { train_texts: ['inside the create', 'second text'] });
+    const job = (await (await server.api(`/v1/training/jobs/${jobId}`)).json()) as { dataset_id: string };
+    const final = join(server.dataDir, 'files', 'datasets', job.dataset_id, 'data.jsonl');
+    expect(await readFile(final, 'utf8')).toBe('{"text":"inside the create"}\n{"text":"second text"}\n');
+    expect(await partsOf(server)).not.toContain(
+      join(server.dataDir, 'files', PARTS_DIR, 'datasets', job.dataset_id, 'data.jsonl'),
+    );
+    // a create that fails after writing its dataset leaves neither the file nor its part
+    const before = await filesUnder(join(server.dataDir, 'files', 'datasets'));
+    const refused = await server.api('/v1/training/jobs', {
+      method: 'POST',
+      json: { base_model: 'no-such-model', train_texts: ['x'], max_steps: 1 },
+    });
+    expect(refused.status).toBeGreaterThanOrEqual(400);
+    expect(await filesUnder(join(server.dataDir, 'files', 'datasets'))).toEqual(before);
+    await server.api(`/v1/training/jobs/${jobId}/cancel`, { method: 'POST' });
+  });
+
   it('the sweeper removes abandoned parts and finishes a rename a crash interrupted', async () => {
     const sweeper = createPartSweeper(server.ctx, { maxAgeMs: 60_000, intervalMs: 3_600_000 });
     try {
