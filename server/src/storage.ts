@@ -334,6 +334,7 @@ export class PartWriter {
   private readonly hash: Hash = createHash('sha256');
   private sinceDiskCheck = 0;
   private finished = false;
+  private discarded = false;
   private readonly takeover = new AbortController();
 
   constructor(
@@ -437,8 +438,14 @@ export class PartWriter {
     this.close();
   }
 
+  /** True once `discard` has begun: the part can no longer be committed. */
+  get isDiscarded(): boolean {
+    return this.discarded;
+  }
+
   /** Removes the part (an upload refused or rolled back). */
   async discard(): Promise<void> {
+    this.discarded = true;
     await this.handle?.close().catch(() => {});
     this.handle = undefined;
     const size = await stat(this.partPath).then(

@@ -1,6 +1,6 @@
 import type { Request } from 'express';
 import type { AppContext } from '../context.js';
-import { badRequest } from '../errors.js';
+import { ApiError, badRequest } from '../errors.js';
 import { type BodyOf, isoRequired, page, pathParam, type Routes, type Schemas, tenantOf } from '../http.js';
 import { type DatasetUploadFile, UPLOAD_FIELD } from '../services/dataset-upload.js';
 import {
@@ -51,6 +51,9 @@ async function createFromUpload(req: Request, ctx: AppContext): Promise<string> 
   if (!file?.upload) throw badRequest(`Attach the JSONL as the form field "${UPLOAD_FIELD}".`, UPLOAD_FIELD);
   const upload = file.upload;
   upload.claimed = true;
+  // the request ended (and took the file with it) before this handler ran
+  if (upload.prepared.part.isDiscarded)
+    throw new ApiError(400, 'upload_interrupted', 'The request ended before the upload was recorded.');
   let recorded = false;
   try {
     const { id } = await idempotent(
