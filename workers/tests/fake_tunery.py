@@ -46,7 +46,8 @@ class FakeState:
     failed: dict[str, dict[str, Any]] = field(default_factory=dict)
     cancelled: set[str] = field(default_factory=set)
     requests: list[tuple[str, str]] = field(default_factory=list)
-    # route name → faults to apply to its next requests: an int status, "drop", or "truncate".
+    # route name → faults to apply to its next requests: an int status, a (status, code) error,
+    # "drop", "truncate" (downloads) or "cut" (uploads: half the body arrives, then a drop).
     faults: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
     range_requests: list[str] = field(default_factory=list)
 
@@ -198,6 +199,8 @@ class _Handler(BaseHTTPRequestHandler):
                     return None
                 if isinstance(fault, int):
                     return self._error(fault, "injected", {"Retry-After": "0"} if fault == 429 else None)
+                if isinstance(fault, tuple):  # (status, error code)
+                    return self._error(*fault)
                 params = {k: v[0] for k, v in parse_qs(url.query).items()}
                 return getattr(self, f"_{name}")(match.groupdict(), body, params, fault)
         return self._error(404, "not_found")

@@ -210,6 +210,27 @@ def test_a_dropped_upload_resumes_from_the_offset_the_server_holds(
     assert offset_queries == [f"/v1/workers/jobs/{job['job_id']}/outputs/model.safetensors/offset"]
 
 
+def test_an_upload_asks_for_the_offset_on_a_mismatch_but_not_on_other_client_errors(
+    server: FakeTunery, tmp_path: Path
+) -> None:
+    sleeps = Sleeps()
+    client = make_client(server.url, sleeps)
+    job = claimed(server, client)
+    path = tmp_path / "adapter.bin"
+    path.write_bytes(b"z" * 5000)
+    server.fault("output", (409, "upload_offset_mismatch"), (400, "upload_interrupted"))
+    stored = client.upload_output(job["job_id"], job["lease_token"], "adapter.bin", path)
+    assert stored["size_bytes"] == 5000
+    assert sleeps == [0.0, 0.0]  # no backoff: the server is up, only the offset was off
+    methods = [m for m, p in server.state.requests if "/outputs/adapter.bin" in p]
+    assert methods == ["PUT", "GET", "PUT", "GET", "PUT"]  # each refusal: where to go on, then resume
+
+    server.fault("output", (400, "invalid_request"))
+    with pytest.raises(ProtocolError) as caught:
+        client.upload_output(job["job_id"], job["lease_token"], "adapter.bin", path)
+    assert caught.value.code == "invalid_request"
+
+
 def test_an_upload_the_server_stored_differently_is_an_error(server: FakeTunery, tmp_path: Path) -> None:
     client = make_client(server.url, Sleeps())
     job = claimed(server, client)

@@ -291,11 +291,11 @@ class WorkerClient:
                 if stored.get("sha256") != digest.hexdigest():
                     raise ProtocolError(201, "upload_corrupt", f"{url}: the server stored other bytes")
                 return stored
-            # The server holds more or fewer bytes than this try assumed: ask it, as after a drop.
-            mismatch = (
-                response is not None
-                and response.status_code == 409
-                and _code(response) == ("upload_offset_mismatch")
+            # The server holds other bytes than this try assumed (or saw this body end early, behind a
+            # proxy that answered for a dead connection): ask it where to go on, as after a drop.
+            mismatch = response is not None and (response.status_code, _code(response)) in (
+                (409, "upload_offset_mismatch"),
+                (400, "upload_interrupted"),
             )
             gave_up = time.monotonic() - progress_at > self.retry.retry_seconds
             if not (mismatch or should_retry(response, error)) or gave_up:
