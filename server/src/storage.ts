@@ -48,6 +48,15 @@ const quotaUsedUp = () =>
 const diskFull = () =>
   new ApiError(413, 'payload_too_large', 'The server is out of disk space; the upload was refused.');
 const isMissing = (err: unknown) => (err as NodeJS.ErrnoException).code === 'ENOENT';
+/** The size of the file at `path`; 0 when there is none. */
+const sizeOf = (path: string): Promise<number> =>
+  stat(path).then(
+    (s) => s.size,
+    (err) => {
+      if (isMissing(err)) return 0;
+      throw err;
+    },
+  );
 
 /**
  * Artifacts on local disk under the data directory. Callers name files by segments
@@ -153,13 +162,7 @@ export class LocalStorage {
       open.supersede();
       await open.closed;
     }
-    return stat(this.partPath(relPath)).then(
-      (s) => s.size,
-      (err) => {
-        if (isMissing(err)) return 0;
-        throw err;
-      },
-    );
+    return sizeOf(this.partPath(relPath));
   }
 
   /** Streams `source` to disk and moves it into place at once (for files no database row waits on). */
@@ -190,12 +193,7 @@ export class LocalStorage {
 
   async remove(relPath: string): Promise<void> {
     const path = this.absolute(relPath);
-    const freed = this.quotaLimited
-      ? await stat(path).then(
-          (s) => s.size,
-          () => 0,
-        )
-      : 0;
+    const freed = this.quotaLimited ? await sizeOf(path) : 0;
     await rm(path, { force: true });
     this.release(freed);
   }
@@ -257,7 +255,7 @@ export class LocalStorage {
         counts.removed += 1;
       }
     }
-    await pruneEmptyDirs(partsRoot);
+    if (this.writers.size === 0) await pruneEmptyDirs(partsRoot);
     if (this.quotaLimited && this.writers.size === 0) {
       const total = await walkTree(this.root);
       if (this.writers.size === 0) this.usedBytes = total;
@@ -270,13 +268,14 @@ export class LocalStorage {
   /** @internal Renames a finished part over its final path (fsync'ed), accounting a replaced file. */
   async moveIntoPlace(part: string, target: string): Promise<void> {
     await this.mkdirs(dirname(target));
-    const replaced = this.quotaLimited
-      ? await stat(target).then(
-          (s) => s.size,
-          () => 0,
-        )
-      : 0;
-    await rename(part, target);
+    const replaced = this.quotaLimited ? await sizeOf(target) : 0;
+    try {
+      await rename(part, target);
+    } catch (err) {
+      // Another server process on this data dir (its sweeper) finished the move already.
+      if (!isMissing(err) || !(await stat(target).catch(() => undefined))) throw err;
+      return;
+    }
     this.release(replaced);
     await fsyncDir(dirname(target));
   }
@@ -367,15 +366,14 @@ export class PartWriter {
   /** @internal Opens (offset 0: truncates) the part; see `LocalStorage.openPart`. */
   async open(offset: number): Promise<void> {
     await this.storage.mkdirs(dirname(this.partPath));
-    const existing = await stat(this.partPath).then(
-      (s) => s.size,
-      (err) => {
-        if (isMissing(err)) return 0;
-        throw err;
-      },
-    );
+    const existing = await sizeOf(this.partPath);
     if (offset === 0) {
-      this.handle = await open(this.partPath, 'w', FILE_MODE);
+      // the sweeper may prune the (empty) folder between the mkdir and the open: make it again
+      this.handle = await open(this.partPath, 'w', FILE_MODE).catch(async (err) => {
+        if (!isMissing(err)) throw err;
+        await this.storage.mkdirs(dirname(this.partPath));
+        return open(this.partPath, 'w', FILE_MODE);
+      });
       this.storage.release(existing);
       return;
     }
@@ -448,10 +446,7 @@ export class PartWriter {
     this.discarded = true;
     await this.handle?.close().catch(() => {});
     this.handle = undefined;
-    const size = await stat(this.partPath).then(
-      (s) => s.size,
-      () => 0,
-    );
+    const size = await sizeOf(this.partPath).catch(() => 0);
     await rm(this.partPath, { force: true });
     this.storage.release(size);
     this.close();
