@@ -176,13 +176,19 @@ describe('drill: large, concurrent and slow uploads', () => {
     expect(timedOut!.status).toBe(408);
     expect(JSON.parse(timedOut!.body).error.code).toBe('request_timeout');
 
-    // 16 small batches, 600 ms apart: about 9 s, three times the timeout
+    // 12 batches of 100 lines, 600 ms apart: about 7 s, more than twice the timeout
+    const batches = Array.from({ length: 12 }, (_, b) =>
+      Buffer.from(
+        Array.from({ length: 100 }, (_, i) => `${JSON.stringify({ text: `slow ${b}.${i}` })}\n`).join(''),
+      ),
+    );
     const started = Date.now();
-    const slow = await uploadDataset(server, 'slow', jsonlBatches(16 * 300_000, 'slow'), 600);
+    const slow = await uploadDataset(server, 'slow', batches, 600);
     const seconds = (Date.now() - started) / 1000;
     console.info(`slow upload took ${seconds.toFixed(1)} s against a 3 s request timeout`);
     expect(seconds).toBeGreaterThan(6);
     expect(slow.status, slow.body).toBe(201);
+    expect(JSON.parse(slow.body).num_examples).toBe(1200);
   });
 });
 
