@@ -156,6 +156,28 @@ describe.each(DATABASES)('uploads and disk (%s)', (db) => {
     expect(await filesUnder(join(server.dataDir, 'files', 'datasets'))).toEqual([]);
   });
 
+  it('bounds the text fields of a multipart form too', async () => {
+    const many = uploadForm('{"text":"a"}\n');
+    for (let i = 0; i < 20; i++) many.append(`extra${i}`, 'x');
+    const tooMany = await server.api('/v1/datasets', { method: 'POST', body: many });
+    expect(tooMany.status).toBe(400);
+    expect(((await tooMany.json()) as { error: { message: string } }).error.message).toMatch(
+      /too many fields/i,
+    );
+    const long = uploadForm('{"text":"a"}\n');
+    long.append('extra', 'n'.repeat(100_000));
+    const tooLong = await server.api('/v1/datasets', { method: 'POST', body: long });
+    expect(tooLong.status).toBe(400);
+    expect(((await tooLong.json()) as { error: { message: string } }).error.message).toMatch(/too long/i);
+    // a field the operation does not know is refused, not ignored
+    const unknown = uploadForm('{"text":"a"}\n');
+    unknown.append('format', 'chat');
+    const refused = await server.api('/v1/datasets', { method: 'POST', body: unknown });
+    expect(refused.status).toBe(400);
+    expect(((await refused.json()) as { error: { param: string } }).error.param).toBe('format');
+    expect(await partsOf(server)).toEqual([]);
+  });
+
   it('enforces the quota while the bytes arrive: 413, the partial file removed, the space given back', async () => {
     // empty when it starts, so a check made only before the upload would let it through
     const res = await server.api('/v1/datasets', { method: 'POST', body: uploadForm(jsonl(3 * QUOTA, 'q')) });

@@ -45,11 +45,15 @@ export interface DatasetUploadFile {
 
 type Callback = (err: Error | null, info?: Partial<DatasetUploadFile>) => void;
 
-/** Options for the validator's `fileUploader` (multer): this engine, one file, the size limit. */
+/**
+ * Options for the validator's `fileUploader` (multer): this engine, one file of at most
+ * TUNERY_MAX_UPLOAD_BYTES, and a few short text fields (`name`, `idempotency_key`), so no part of
+ * a form is held in memory beyond a few KB.
+ */
 export function datasetUploadOptions(ctx: AppContext) {
   return {
     storage: new DatasetUploadEngine(ctx),
-    limits: { fileSize: ctx.config.maxUploadBytes, files: 1 },
+    limits: { fileSize: ctx.config.maxUploadBytes, files: 1, fields: 8, fieldSize: 16 * 1024 },
   };
 }
 
