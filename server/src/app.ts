@@ -8,6 +8,7 @@ import { ApiError } from './errors.js';
 import { type Handler, keepSentBody, wrap } from './http.js';
 import { jsonBody } from './json-body.js';
 import { allRoutes } from './routes/index.js';
+import { datasetUploadOptions } from './services/dataset-upload.js';
 import { specOperations, specPath } from './spec.js';
 
 /** Builds the Express app: request ids and logs, body parsing, spec validation, routes, errors. */
@@ -41,7 +42,8 @@ export function createApp(ctx: AppContext): express.Express {
       validateRequests: { allowUnknownQueryParameters: false, coerceTypes: false },
       validateResponses: { removeAdditional: false },
       validateFormats: true,
-      fileUploader: { limits: { fileSize: ctx.config.maxJsonBytes * 10, files: 1 } },
+      // Multipart files stream to disk after authentication (services/dataset-upload.ts).
+      fileUploader: datasetUploadOptions(ctx),
       validateSecurity: {
         handlers: {
           apiKey: async (req) => {

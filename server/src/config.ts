@@ -22,6 +22,12 @@ export interface Config {
   maxUploadBytes: number;
   /** Total bytes the data directory may hold; uploads beyond it are refused with 413. */
   storageQuotaBytes: number;
+  /** Seconds an ordinary (non-upload) request may take to arrive whole; then 408. */
+  requestTimeoutSeconds: number;
+  /** Seconds an upload may go without receiving a byte before its connection is closed. */
+  uploadIdleTimeoutSeconds: number;
+  /** Seconds an unfinished upload is kept for resuming before the sweeper removes it. */
+  uploadPartMaxAgeSeconds: number;
   /** Price used for cost_accrued and budgets, USD per GPU(or CPU)-hour. */
   pricePerGpuHour: number;
   logLevel: string;
@@ -73,6 +79,9 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     maxJsonBytes: intEnv('TUNERY_MAX_JSON_BYTES', 10 * 1024 * 1024),
     maxUploadBytes: intEnv('TUNERY_MAX_UPLOAD_BYTES', 20 * 1024 * 1024 * 1024),
     storageQuotaBytes: intEnv('TUNERY_STORAGE_QUOTA_BYTES', 0) || Number.POSITIVE_INFINITY,
+    requestTimeoutSeconds: intEnv('TUNERY_REQUEST_TIMEOUT_SECONDS', 300),
+    uploadIdleTimeoutSeconds: intEnv('TUNERY_UPLOAD_IDLE_TIMEOUT_SECONDS', 120),
+    uploadPartMaxAgeSeconds: intEnv('TUNERY_UPLOAD_PART_MAX_AGE_SECONDS', 24 * 3600),
     pricePerGpuHour: intEnv('TUNERY_PRICE_PER_GPU_HOUR', 2),
     logLevel: process.env.LOG_LEVEL ?? 'info',
     docsDir: resolve(

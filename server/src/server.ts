@@ -1,6 +1,6 @@
 import { EventEmitter } from 'node:events';
 import { chmod, readFile, rm, writeFile } from 'node:fs/promises';
-import type { Server } from 'node:http';
+import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
@@ -11,6 +11,7 @@ import type { Config } from './config.js';
 import type { AppContext } from './context.js';
 import { type Database, makePrivateDir, migrate, openDatabase, pgliteDir, restrictToOwner } from './db.js';
 import { createLogger } from './logging.js';
+import { createPartSweeper, partSweeperConfig } from './part-sweeper.js';
 import { listenForJobs } from './queue/notify.js';
 import { startSweeper } from './queue/sweeper.js';
 import { loadSecretsKey, SecretBox, sealPlaintextSecrets } from './secrets.js';
@@ -68,6 +69,10 @@ async function serveOn(
     shuttingDown: new AbortController(),
   };
   const adminKey = await ensureAdminKey(ctx);
+  await ctx.storage.prepare();
+  // Before the first request: finish renames a crash interrupted, drop abandoned uploads.
+  const partSweeper = createPartSweeper(ctx, partSweeperConfig(ctx));
+  await partSweeper.runOnce();
   const stopListening = await listenForJobs(ctx);
   const stopSweeper = startSweeper(ctx);
 
@@ -84,6 +89,7 @@ async function serveOn(
     throw err;
   }
   server.on('clientError', answerClientError);
+  applyRequestTimeouts(server, config);
   const { port } = server.address() as AddressInfo;
   const url = `http://${config.host}:${port}`;
   const releaseAddress = await publishAddress(config.dataDir, localUrl(config.host, port));
@@ -95,6 +101,7 @@ async function serveOn(
     closing ??= (async () => {
       ctx.shuttingDown.abort();
       await stopSweeper();
+      await partSweeper.stop();
       await new Promise<void>((resolve) => {
         server.close(() => resolve());
         server.closeIdleConnections();
@@ -147,6 +154,51 @@ async function publishAddress(dataDir: string, url: string): Promise<() => Promi
       // gone or unreadable: nothing of ours to remove
     }
   };
+}
+
+/** Worker uploads and multipart dataset uploads: long transfers, limited by silence, not by total time. */
+export function isUploadRequest(req: IncomingMessage): boolean {
+  const path = (req.url ?? '').split('?')[0]!;
+  if (req.method === 'PUT') return /^\/v1\/workers\/jobs\/[^/]+\/(checkpoints|outputs)\/[^/]+$/.test(path);
+  return (
+    req.method === 'POST' &&
+    /^\/v1\/datasets\/?$/.test(path) &&
+    (req.headers['content-type'] ?? '').startsWith('multipart/form-data')
+  );
+}
+
+/**
+ * Node's `requestTimeout` (300 s) cuts off any request not received whole in time, so a large
+ * checkpoint over a slow link always failed ("Malformed HTTP request"). It is off here: ordinary
+ * requests get the same kind of limit (TUNERY_REQUEST_TIMEOUT_SECONDS, then 408), uploads only an
+ * idle limit (TUNERY_UPLOAD_IDLE_TIMEOUT_SECONDS without a byte closes the connection; the worker
+ * resumes). Node's `headersTimeout` still bounds the headers of every request.
+ */
+function applyRequestTimeouts(server: Server, config: Config): void {
+  server.requestTimeout = 0;
+  server.on('request', (req: IncomingMessage, res: ServerResponse) => {
+    if (isUploadRequest(req)) {
+      req.setTimeout(config.uploadIdleTimeoutSeconds * 1000, () => req.socket.destroy());
+      // Once the body is in, storing it (fsync, rename) may take a while without traffic.
+      req.once('end', () => req.setTimeout(0));
+      return;
+    }
+    if (config.requestTimeoutSeconds === 0) return;
+    const timer = setTimeout(() => {
+      if (req.complete) return;
+      const body = JSON.stringify({
+        error: { code: 'request_timeout', message: 'The request did not arrive in time.', param: null },
+      });
+      if (!res.headersSent) {
+        res.writeHead(408, { 'content-type': 'application/json', connection: 'close' });
+        res.end(body);
+      }
+      res.once('finish', () => req.socket.destroy());
+      if (res.writableFinished) req.socket.destroy();
+    }, config.requestTimeoutSeconds * 1000);
+    timer.unref();
+    res.once('close', () => clearTimeout(timer));
+  });
 }
 
 /**

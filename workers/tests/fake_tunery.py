@@ -39,11 +39,15 @@ class FakeState:
     checkpoints: dict[str, dict[str, tuple[int, bytes]]] = field(default_factory=lambda: defaultdict(dict))
     outputs: dict[str, dict[str, bytes]] = field(default_factory=lambda: defaultdict(dict))
     upload_headers: list[dict[str, str]] = field(default_factory=list)
+    # (job_id, "checkpoints" | "outputs", name) → the bytes received of an unfinished upload
+    parts: dict[tuple[str, str, str], bytes] = field(default_factory=dict)
+    upload_ranges: list[str | None] = field(default_factory=list)  # each upload request's Content-Range
     completed: dict[str, dict[str, Any]] = field(default_factory=dict)
     failed: dict[str, dict[str, Any]] = field(default_factory=dict)
     cancelled: set[str] = field(default_factory=set)
     requests: list[tuple[str, str]] = field(default_factory=list)
-    # route name → faults to apply to its next requests: an int status, "drop", or "truncate".
+    # route name → faults to apply to its next requests: an int status, a (status, code) error,
+    # "drop", "truncate" (downloads) or "cut" (uploads: half the body arrives, then a drop).
     faults: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
     range_requests: list[str] = field(default_factory=list)
 
@@ -147,6 +151,11 @@ ROUTES = [
     ("PUT", re.compile(r"^/v1/workers/jobs/(?P<job>[^/]+)/outputs/(?P<name>[^/]+)$"), "output"),
     ("GET", re.compile(r"^/v1/workers/files/(?P<file>[^/]+)$"), "file"),
     (
+        "GET",
+        re.compile(r"^/v1/workers/jobs/(?P<job>[^/]+)/(?P<kind>checkpoints|outputs)/(?P<name>[^/]+)/offset$"),
+        "offset",
+    ),
+    (
         "POST",
         re.compile(r"^/v1/workers/jobs/(?P<job>[^/]+)/(?P<action>complete|fail|cancelled)$"),
         "transition",
@@ -190,6 +199,8 @@ class _Handler(BaseHTTPRequestHandler):
                     return None
                 if isinstance(fault, int):
                     return self._error(fault, "injected", {"Retry-After": "0"} if fault == 429 else None)
+                if isinstance(fault, tuple):  # (status, error code)
+                    return self._error(*fault)
                 params = {k: v[0] for k, v in parse_qs(url.query).items()}
                 return getattr(self, f"_{name}")(match.groupdict(), body, params, fault)
         return self._error(404, "not_found")
@@ -281,21 +292,60 @@ class _Handler(BaseHTTPRequestHandler):
             200, {"accepted": len(request.get("events", [])), "cancel_requested": ids["job"] in state.cancel}
         )
 
-    def _checkpoint(self, ids: dict[str, str], body: bytes, params: dict[str, str], _: Any) -> None:
+    def _checkpoint(self, ids: dict[str, str], body: bytes, params: dict[str, str], fault: Any) -> None:
         if not self._leased(ids["job"], self.headers.get("X-Lease-Token")):
             return
+        data = self._receive(ids["job"], "checkpoints", ids["name"], body, fault)
+        if data is None:
+            return
         with self.fake.lock:
-            self.fake.state.checkpoints[ids["job"]][ids["name"]] = (int(params["step"]), body)
-            self.fake.state.upload_headers.append(dict(self.headers))
-        self._stored(ids["name"], body)
+            self.fake.state.checkpoints[ids["job"]][ids["name"]] = (int(params["step"]), data)
+        self._stored(ids["name"], data)
 
-    def _output(self, ids: dict[str, str], body: bytes, _: dict[str, str], __: Any) -> None:
+    def _output(self, ids: dict[str, str], body: bytes, _: dict[str, str], fault: Any) -> None:
         if not self._leased(ids["job"], self.headers.get("X-Lease-Token")):
             return
+        data = self._receive(ids["job"], "outputs", ids["name"], body, fault)
+        if data is None:
+            return
         with self.fake.lock:
-            self.fake.state.outputs[ids["job"]][ids["name"]] = body
-            self.fake.state.upload_headers.append(dict(self.headers))
-        self._stored(ids["name"], body)
+            self.fake.state.outputs[ids["job"]][ids["name"]] = data
+        self._stored(ids["name"], data)
+
+    def _receive(self, job: str, kind: str, name: str, body: bytes, fault: Any) -> bytes | None:
+        """The server's resumable upload: the whole file once it is complete, else None (answered)."""
+        state, key = self.fake.state, (job, kind, name)
+        content_range = self.headers.get("Content-Range")
+        with self.fake.lock:
+            state.upload_headers.append(dict(self.headers))
+            state.upload_ranges.append(content_range)
+        first, total = 0, len(body)
+        if content_range:
+            match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", content_range)
+            assert match, content_range
+            first, total = int(match[1]), int(match[3])
+        have = state.parts.get(key, b"") if first else b""
+        if first != len(have):
+            self._error(409, "upload_offset_mismatch")
+            return None
+        if fault == "cut":  # half the body arrives, then the connection dies
+            state.parts[key] = have + body[: len(body) // 2]
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return None
+        data = have + body
+        if len(data) < total:
+            state.parts[key] = data
+            self._json(202, {"received_bytes": len(data)})
+            return None
+        state.parts.pop(key, None)
+        return data
+
+    def _offset(self, ids: dict[str, str], _: bytes, __: dict[str, str], ___: Any) -> None:
+        if not self._leased(ids["job"], self.headers.get("X-Lease-Token")):
+            return
+        received = len(self.fake.state.parts.get((ids["job"], ids["kind"], ids["name"]), b""))
+        self._json(200, {"received_bytes": received})
 
     def _stored(self, name: str, body: bytes) -> None:
         self._json(201, {"name": name, "size_bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()})

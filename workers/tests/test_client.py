@@ -189,6 +189,67 @@ def test_uploads_stream_the_file_with_the_lease_header_and_retry_whole(
     assert server.state.outputs[job["job_id"]]["adapter_model.safetensors"] == payload
 
 
+def test_a_dropped_upload_resumes_from_the_offset_the_server_holds(
+    server: FakeTunery, tmp_path: Path
+) -> None:
+    client = make_client(server.url, Sleeps())
+    job = claimed(server, client)
+    payload = os.urandom(3 * (1 << 20) + 123)
+    size, half = len(payload), len(payload) // 2
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(payload)
+
+    server.fault("output", "cut")  # the server keeps the first half, then the connection dies
+    stored = client.upload_output(job["job_id"], job["lease_token"], "model.safetensors", path)
+    assert stored["sha256"] == hashlib.sha256(payload).hexdigest()
+    assert server.state.outputs[job["job_id"]]["model.safetensors"] == payload
+    # the second request asked where to go on, and sent only the rest
+    assert server.state.upload_ranges == [f"bytes 0-{size - 1}/{size}", f"bytes {half}-{size - 1}/{size}"]
+    assert server.state.upload_headers[-1]["Content-Length"] == str(size - half)
+    offset_queries = [p for m, p in server.state.requests if m == "GET" and p.endswith("/offset")]
+    assert offset_queries == [f"/v1/workers/jobs/{job['job_id']}/outputs/model.safetensors/offset"]
+
+
+def test_an_upload_asks_for_the_offset_on_a_mismatch_but_not_on_other_client_errors(
+    server: FakeTunery, tmp_path: Path
+) -> None:
+    sleeps = Sleeps()
+    client = make_client(server.url, sleeps)
+    job = claimed(server, client)
+    path = tmp_path / "adapter.bin"
+    path.write_bytes(b"z" * 5000)
+    server.fault("output", (409, "upload_offset_mismatch"), (400, "upload_interrupted"))
+    stored = client.upload_output(job["job_id"], job["lease_token"], "adapter.bin", path)
+    assert stored["size_bytes"] == 5000
+    assert sleeps == [0.0, 0.0]  # no backoff: the server is up, only the offset was off
+    methods = [m for m, p in server.state.requests if "/outputs/adapter.bin" in p]
+    assert methods == ["PUT", "GET", "PUT", "GET", "PUT"]  # each refusal: where to go on, then resume
+
+    server.fault("output", (400, "invalid_request"))
+    with pytest.raises(ProtocolError) as caught:
+        client.upload_output(job["job_id"], job["lease_token"], "adapter.bin", path)
+    assert caught.value.code == "invalid_request"
+
+
+def test_an_upload_the_server_stored_differently_is_an_error(server: FakeTunery, tmp_path: Path) -> None:
+    client = make_client(server.url, Sleeps())
+    job = claimed(server, client)
+    path = tmp_path / "adapter.bin"
+    path.write_bytes(b"x" * 1000)
+    # a stale half from some other file: the resumed upload completes, but not with these bytes
+    server.fault("output", "cut")
+    server.state.parts[(job["job_id"], "outputs", "adapter.bin")] = b""
+    original = client._upload_offset
+
+    def wrong_offset(url: str, lease_token: str) -> int:
+        server.state.parts[(job["job_id"], "outputs", "adapter.bin")] = b"y" * 500
+        return original(url, lease_token)
+
+    client._upload_offset = wrong_offset  # type: ignore[method-assign]
+    with pytest.raises(ProtocolError, match="upload_corrupt"):
+        client.upload_output(job["job_id"], job["lease_token"], "adapter.bin", path)
+
+
 def test_downloads_resume_with_range_and_verify_the_checksum(server: FakeTunery, tmp_path: Path) -> None:
     client = make_client(server.url, Sleeps())
     payload = os.urandom(1 << 20)

@@ -260,22 +260,69 @@ class WorkerClient:
     def _upload(
         self, url: str, lease_token: str, path: Path, params: dict[str, Any] | None = None
     ) -> dict[str, Any]:
+        """Stream `path` to `url`, resuming after a broken connection instead of starting over.
+
+        Each try sends `Content-Range: bytes <offset>-<last>/<size>` and the file from `offset`.
+        After a dropped connection or a 5xx the worker asks the server how much it holds
+        (`GET <url>/offset`) and continues from there, so a drop late in a 20 GB transfer costs
+        only what was in flight. Gives up once no byte has been accepted for `retry_seconds`.
+        """
         size = path.stat().st_size
-        response = self._request(
-            "PUT",
-            url,
-            params=params,
-            headers={
+        digest = _UploadDigest(path)
+        offset, attempt, progress_at = 0, 0, time.monotonic()
+        while True:
+            response, error = None, None
+            headers = {
                 "X-Lease-Token": lease_token,
                 "Content-Type": "application/octet-stream",
-                "Content-Length": str(size),
-            },
-            # A generator, not the file: httpx iterates file objects by line, not by chunk.
-            body=lambda: iter_file(path),
-            ok=(200, 201),
-        )
-        stored: dict[str, Any] = response.json()
-        return stored
+                "Content-Length": str(size - offset),
+            }
+            if size:  # an empty file has no byte range to name
+                headers["Content-Range"] = f"bytes {offset}-{size - 1}/{size}"
+            stream = digest.stream_from(offset)
+            try:
+                response = self._http.request("PUT", url, params=params, headers=headers, content=stream)
+            except httpx.TransportError as err:
+                error = err
+            finally:
+                stream.close()
+            if response is not None and response.status_code == 201:
+                stored: dict[str, Any] = response.json()
+                if stored.get("sha256") != digest.hexdigest():
+                    raise ProtocolError(201, "upload_corrupt", f"{url}: the server stored other bytes")
+                return stored
+            # The server holds other bytes than this try assumed (or saw this body end early, behind a
+            # proxy that answered for a dead connection): ask it where to go on, as after a drop.
+            mismatch = response is not None and (response.status_code, _code(response)) in (
+                (409, "upload_offset_mismatch"),
+                (400, "upload_interrupted"),
+            )
+            gave_up = time.monotonic() - progress_at > self.retry.retry_seconds
+            if not (mismatch or should_retry(response, error)) or gave_up:
+                if response is None:
+                    assert error is not None
+                    raise error
+                raise error_from_response(response)
+            delay = 0.0 if mismatch else self._retry_after(response)
+            delay = self.retry.delay(attempt) if delay is None else delay
+            log.warning(
+                "upload %s broke at byte %d (%s); resuming in %.1fs",
+                url,
+                offset,
+                error or f"HTTP {response.status_code if response is not None else '?'}",
+                delay,
+            )
+            self._sleep(delay)
+            attempt += 1
+            received = self._upload_offset(url, lease_token)
+            if received > offset:  # progress: the backoff and the give-up clock start again
+                attempt, progress_at = 0, time.monotonic()
+            offset = received if received < size else 0
+
+    def _upload_offset(self, url: str, lease_token: str) -> int:
+        """How many bytes of the upload at `url` the server holds."""
+        answer = self._request("GET", f"{url}/offset", headers={"X-Lease-Token": lease_token}).json()
+        return int(answer["received_bytes"])
 
     def download(
         self, url: str, dest: Path, sha256: str | None = None, size_bytes: int | None = None
@@ -347,6 +394,50 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def iter_file(path: Path) -> Generator[bytes, None, None]:
+def iter_file(path: Path, offset: int = 0) -> Generator[bytes, None, None]:
     with open(path, "rb") as handle:
+        handle.seek(offset)
         yield from iter(lambda: handle.read(CHUNK), b"")
+
+
+def _code(response: httpx.Response) -> str | None:
+    """The `error.code` of an API error answer, if it is one."""
+    try:
+        return str(response.json()["error"]["code"])
+    except Exception:
+        return None
+
+
+class _UploadDigest:
+    """SHA-256 of a file computed while it is uploaded, checked against what the server stored.
+
+    A resumed try streams from an offset: the bytes before it are hashed from disk first, unless
+    the previous try already hashed exactly that far.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._hash = hashlib.sha256()
+        self._hashed = 0
+
+    def stream_from(self, offset: int) -> Generator[bytes, None, None]:
+        if self._hashed != offset:
+            self._hash, self._hashed = hashlib.sha256(), 0
+            with open(self.path, "rb") as handle:
+                while self._hashed < offset:
+                    chunk = handle.read(min(CHUNK, offset - self._hashed))
+                    self._hash.update(chunk)
+                    self._hashed += len(chunk)
+        return self._stream(offset)
+
+    def _stream(self, offset: int) -> Generator[bytes, None, None]:
+        # A generator, not the file: httpx iterates file objects by line, not by chunk.
+        for chunk in iter_file(self.path, offset):
+            self._hash.update(chunk)
+            self._hashed += len(chunk)
+            yield chunk
+
+    def hexdigest(self) -> str:
+        if self._hashed != self.path.stat().st_size:  # the last try did not read to the end
+            self.stream_from(self.path.stat().st_size)
+        return self._hash.hexdigest()

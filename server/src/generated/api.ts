@@ -1211,9 +1211,38 @@ export interface paths {
         get?: never;
         /**
          * Upload a checkpoint
-         * @description Streams one checkpoint file; the job's `last_checkpoint_step` becomes `step`.
+         * @description Streams one checkpoint file; the job's `last_checkpoint_step` becomes `step`. Resumable:
+         *     with `Content-Range` the body is one range of the file, which must start where the bytes
+         *     already received end (`getJobCheckpointUploadOffset`); see docs/worker-protocol.md.
          */
         put: operations["uploadJobCheckpoint"];
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/workers/jobs/{job_id}/checkpoints/{checkpoint_name}/offset": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+                /** @description The checkpoint's name, e.g. `checkpoint-500`. */
+                checkpoint_name: components["parameters"]["CheckpointName"];
+            };
+            cookie?: never;
+        };
+        /**
+         * Bytes received of a checkpoint upload
+         * @description How many bytes of this checkpoint the server holds for the lease's attempt (0 when none): a
+         *     resumed upload continues with `Content-Range: bytes <received_bytes>-…`. A request still
+         *     writing the file is stopped first, so the answer is final.
+         */
+        get: operations["getJobCheckpointUploadOffset"];
+        put?: never;
         post?: never;
         delete?: never;
         options?: never;
@@ -1236,9 +1265,38 @@ export interface paths {
         get?: never;
         /**
          * Upload an output artifact
-         * @description Streams one output file (flat name); uploading the same name again replaces it.
+         * @description Streams one output file (flat name); uploading the same name again replaces it. Resumable
+         *     like `uploadJobCheckpoint`: with `Content-Range` the body is one range of the file, which
+         *     must start where the bytes already received end (`getJobOutputUploadOffset`).
          */
         put: operations["uploadJobOutput"];
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/workers/jobs/{job_id}/outputs/{file}/offset": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+                /** @description A flat file name, e.g. `adapter_model.safetensors`. */
+                file: components["parameters"]["FileName"];
+            };
+            cookie?: never;
+        };
+        /**
+         * Bytes received of an output upload
+         * @description How many bytes of this output file the server holds for the lease's attempt (0 when none): a
+         *     resumed upload continues with `Content-Range: bytes <received_bytes>-…`. A request still
+         *     writing the file is stopped first, so the answer is final.
+         */
+        get: operations["getJobOutputUploadOffset"];
+        put?: never;
         post?: never;
         delete?: never;
         options?: never;
@@ -3048,6 +3106,11 @@ export interface components {
             /** @description Stop within one step, upload, then acknowledgeCancel (the same signal a heartbeat gives, sooner). */
             cancel_requested: boolean;
         };
+        /** @description Progress of a resumable upload. */
+        UploadOffset: {
+            /** @description Bytes of the file the server holds; the next chunk starts here. */
+            received_bytes: number;
+        };
         /** @description A stored upload. */
         StoredFile: {
             /** @description Stored name. */
@@ -3219,6 +3282,15 @@ export interface components {
                 "application/json": components["schemas"]["Error"];
             };
         };
+        /** @description A `Content-Range` chunk was stored; the file is not whole yet. */
+        UploadChunkReceived: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                "application/json": components["schemas"]["UploadOffset"];
+            };
+        };
         /** @description The `Range` header does not fit the file (`range_not_satisfiable`). */
         RangeNotSatisfiable: {
             headers: {
@@ -3353,6 +3425,12 @@ export interface components {
         IdempotencyKey: string;
         /** @description The lease token of the attempt doing the upload. */
         LeaseTokenHeader: string;
+        /**
+         * @description `bytes <first>-<last>/<total>`: the body is bytes first..last of a `total`-byte file, and
+         *     `first` must equal the bytes already received (else `409 upload_offset_mismatch`). Without
+         *     it the body is the whole file.
+         */
+        UploadContentRange: string;
         /** @description A single byte range, e.g. `bytes=0-1023` or `bytes=1024-`. */
         Range: string;
         /** @description The job's id. */
@@ -5298,6 +5376,12 @@ export interface operations {
             header: {
                 /** @description The lease token of the attempt doing the upload. */
                 "X-Lease-Token": components["parameters"]["LeaseTokenHeader"];
+                /**
+                 * @description `bytes <first>-<last>/<total>`: the body is bytes first..last of a `total`-byte file, and
+                 *     `first` must equal the bytes already received (else `409 upload_offset_mismatch`). Without
+                 *     it the body is the whole file.
+                 */
+                "Content-Range"?: components["parameters"]["UploadContentRange"];
             };
             path: {
                 /** @description The job's id. */
@@ -5313,7 +5397,7 @@ export interface operations {
             };
         };
         responses: {
-            /** @description The checkpoint is durable. */
+            /** @description The checkpoint is whole and durable. */
             201: {
                 headers: {
                     [name: string]: unknown;
@@ -5322,11 +5406,46 @@ export interface operations {
                     "application/json": components["schemas"]["StoredFile"];
                 };
             };
+            202: components["responses"]["UploadChunkReceived"];
             400: components["responses"]["BadRequest"];
             401: components["responses"]["Unauthorized"];
             404: components["responses"]["NotFound"];
             409: components["responses"]["Conflict"];
             413: components["responses"]["PayloadTooLarge"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    getJobCheckpointUploadOffset: {
+        parameters: {
+            query?: never;
+            header: {
+                /** @description The lease token of the attempt doing the upload. */
+                "X-Lease-Token": components["parameters"]["LeaseTokenHeader"];
+            };
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+                /** @description The checkpoint's name, e.g. `checkpoint-500`. */
+                checkpoint_name: components["parameters"]["CheckpointName"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The bytes received so far. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["UploadOffset"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            409: components["responses"]["Conflict"];
             429: components["responses"]["TooManyRequests"];
             500: components["responses"]["InternalError"];
         };
@@ -5337,6 +5456,12 @@ export interface operations {
             header: {
                 /** @description The lease token of the attempt doing the upload. */
                 "X-Lease-Token": components["parameters"]["LeaseTokenHeader"];
+                /**
+                 * @description `bytes <first>-<last>/<total>`: the body is bytes first..last of a `total`-byte file, and
+                 *     `first` must equal the bytes already received (else `409 upload_offset_mismatch`). Without
+                 *     it the body is the whole file.
+                 */
+                "Content-Range"?: components["parameters"]["UploadContentRange"];
             };
             path: {
                 /** @description The job's id. */
@@ -5352,7 +5477,7 @@ export interface operations {
             };
         };
         responses: {
-            /** @description The file is stored. */
+            /** @description The file is whole and stored. */
             201: {
                 headers: {
                     [name: string]: unknown;
@@ -5361,11 +5486,46 @@ export interface operations {
                     "application/json": components["schemas"]["StoredFile"];
                 };
             };
+            202: components["responses"]["UploadChunkReceived"];
             400: components["responses"]["BadRequest"];
             401: components["responses"]["Unauthorized"];
             404: components["responses"]["NotFound"];
             409: components["responses"]["Conflict"];
             413: components["responses"]["PayloadTooLarge"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    getJobOutputUploadOffset: {
+        parameters: {
+            query?: never;
+            header: {
+                /** @description The lease token of the attempt doing the upload. */
+                "X-Lease-Token": components["parameters"]["LeaseTokenHeader"];
+            };
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+                /** @description A flat file name, e.g. `adapter_model.safetensors`. */
+                file: components["parameters"]["FileName"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The bytes received so far. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["UploadOffset"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            409: components["responses"]["Conflict"];
             429: components["responses"]["TooManyRequests"];
             500: components["responses"]["InternalError"];
         };

@@ -1,9 +1,8 @@
-import { mkdir, rename } from 'node:fs/promises';
-import { dirname, relative } from 'node:path';
 import type { Readable } from 'node:stream';
 import type { AppContext } from '../context.js';
+import { ApiError, badRequest } from '../errors.js';
 import { newId } from '../ids.js';
-import type { StoredObject } from '../storage.js';
+import type { PartWriter, StoredObject } from '../storage.js';
 import { type Db, fenceMissError } from './lease.js';
 
 export type UploadKind = 'job_output' | 'checkpoint';
@@ -85,34 +84,127 @@ async function recordUpload(
   return (result.rows[0] as { leased: number }).leased > 0;
 }
 
+/** `Content-Range: bytes <first>-<last>/<total>` of a request body: this body is bytes first..last. */
+export interface ContentRange {
+  first: number;
+  last: number;
+  total: number;
+}
+
+/** Parses a request's Content-Range (undefined without one: the body is the whole file). */
+export function parseContentRange(header: string | undefined, maxBytes: number): ContentRange | undefined {
+  if (header === undefined) return undefined;
+  const match = /^bytes (\d{1,15})-(\d{1,15})\/(\d{1,15})$/.exec(header.trim());
+  const [first, last, total] = match ? match.slice(1).map(Number) : [];
+  if (first === undefined || last === undefined || total === undefined || first > last || last >= total) {
+    throw badRequest(
+      'Content-Range must be "bytes <first>-<last>/<total>" with first <= last < total.',
+      'Content-Range',
+    );
+  }
+  if (total > maxBytes) throw new ApiError(413, 'payload_too_large', `Upload exceeds ${maxBytes} bytes.`);
+  return { first, last, total };
+}
+
+export type UploadTarget = { kind: UploadKind; name: string; step?: number };
+
+const segmentsOf = (jobId: string, upload: UploadTarget) => [
+  'jobs',
+  jobId,
+  folderOf(upload.kind),
+  upload.name,
+];
+
+/** The outcome of one upload request: the whole file stored, or a chunk of it received. */
+export type UploadResult =
+  | { complete: true; stored: StoredObject }
+  | { complete: false; receivedBytes: number };
+
 /**
- * Receives one worker upload: fenced before the first byte, streamed to a private temporary name,
- * then recorded and moved to `jobs/<id>/<outputs|checkpoints>/<name>` in one transaction that holds
- * the job's row lock. A stale attempt therefore never replaces a file the current attempt stored;
- * it gets `409 lease_lost` and leaves nothing behind.
+ * Receives one worker upload request, fenced before the first byte. The bytes go to the file's part
+ * (`storage.openPart`): a request without Content-Range sends the whole file; one with it sends
+ * bytes first..last and must start where the part ends (`GET …/offset` says where), so a dropped
+ * connection resumes instead of starting over. When the part holds the whole file it is fsync'ed,
+ * recorded by a statement fenced by the lease, and only then moved to
+ * `jobs/<id>/<outputs|checkpoints>/<name>`. A stale attempt therefore never replaces a file the
+ * current attempt stored; it gets `409 lease_lost` and leaves nothing behind.
  */
 export async function receiveUpload(
   ctx: AppContext,
   jobId: string,
   leaseToken: string,
-  upload: { kind: UploadKind; name: string; step?: number },
+  upload: UploadTarget,
   body: Readable,
-): Promise<StoredObject> {
-  const target = ctx.storage.pathFor(['jobs', jobId, folderOf(upload.kind), upload.name]);
+  range: ContentRange | undefined,
+): Promise<UploadResult> {
+  const segments = segmentsOf(jobId, upload);
+  ctx.storage.pathFor(segments);
   await assertLeaseHeld(ctx, jobId, leaseToken);
-  const incoming = await ctx.storage.put(['jobs', jobId, 'incoming', newId('file')], body);
-  const stored = { ...incoming, relPath: relative(ctx.storage.root, target) };
+  const part = await ctx.storage.openPart(segments, range?.first ?? 0);
+  // A newer request for this file (the worker retrying) takes over: stop reading this body.
+  const stop = () => body.destroy(part.superseded.reason as Error);
+  part.superseded.addEventListener('abort', stop, { once: true });
   try {
-    const recorded = await ctx.knex.transaction(async (trx) => {
-      if (!(await recordUpload(trx, jobId, leaseToken, { ...upload, stored }))) return false;
-      await mkdir(dirname(target), { recursive: true });
-      await rename(ctx.storage.absolute(incoming.relPath), target);
-      return true;
-    });
-    if (!recorded) throw await fenceMissError(ctx.knex, jobId);
-    return stored;
-  } finally {
-    // gone already when it was moved into place
-    await ctx.storage.remove(incoming.relPath);
+    await receiveBody(part, body, range);
+  } catch (err) {
+    part.superseded.removeEventListener('abort', stop);
+    // What arrived stays for a resumed request, unless the file can never be stored (413).
+    await (err instanceof ApiError && err.status === 413 ? part.discard() : part.keep());
+    if (err instanceof ApiError) throw err;
+    throw new ApiError(
+      400,
+      'upload_interrupted',
+      `The connection closed after ${part.size} bytes; resume from GET …/offset.`,
+    );
   }
+  part.superseded.removeEventListener('abort', stop);
+  if (range && part.size < range.total) {
+    await part.keep();
+    return { complete: false, receivedBytes: part.size };
+  }
+  try {
+    const stored = await part.finish();
+    if (!(await recordUpload(ctx.knex, jobId, leaseToken, { ...upload, stored }))) {
+      throw await fenceMissError(ctx.knex, jobId);
+    }
+    await part.commit();
+    return { complete: true, stored };
+  } catch (err) {
+    await part.discard();
+    throw err;
+  }
+}
+
+/** Appends the request body to the part; with a range, exactly last - first + 1 bytes. */
+async function receiveBody(part: PartWriter, body: Readable, range: ContentRange | undefined): Promise<void> {
+  const expected = range ? range.last - range.first + 1 : undefined;
+  let received = 0;
+  for await (const chunk of body) {
+    received += (chunk as Buffer).length;
+    if (expected !== undefined && received > expected)
+      throw badRequest(`The body is longer than its Content-Range (${expected} bytes).`, 'Content-Range');
+    await part.write(chunk as Buffer);
+  }
+  if (expected !== undefined && received < expected) {
+    throw badRequest(
+      `The body is shorter than its Content-Range (${received} of ${expected} bytes).`,
+      'Content-Range',
+    );
+  }
+}
+
+/**
+ * How many bytes of an upload the server holds (0 when none), fenced by the lease. A request still
+ * writing the file is stopped first, so the answer is where the worker's next request must start.
+ */
+export async function uploadOffset(
+  ctx: AppContext,
+  jobId: string,
+  leaseToken: string,
+  upload: UploadTarget,
+): Promise<number> {
+  const segments = segmentsOf(jobId, upload);
+  ctx.storage.pathFor(segments);
+  await assertLeaseHeld(ctx, jobId, leaseToken);
+  return ctx.storage.receivedBytes(segments);
 }

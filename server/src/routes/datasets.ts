@@ -1,13 +1,14 @@
-import { createHash } from 'node:crypto';
 import type { Request } from 'express';
-import { badRequest } from '../errors.js';
+import type { AppContext } from '../context.js';
+import { ApiError, badRequest } from '../errors.js';
 import { type BodyOf, isoRequired, page, pathParam, type Routes, type Schemas, tenantOf } from '../http.js';
+import { type DatasetUploadFile, UPLOAD_FIELD } from '../services/dataset-upload.js';
 import {
   buildDatasetFromTrajectories,
-  type DatasetRecord,
   type DatasetRow,
   getDataset,
   parseJsonl,
+  recordDataset,
   removeDataset,
   storeDataset,
   toDatasetRow,
@@ -39,40 +40,46 @@ export function datasetView(row: DatasetRow): Schemas['Dataset'] {
 
 const defaultName = (prefix: string) => `${prefix}-${new Date().toISOString().slice(0, 10)}`;
 
-interface UploadedFile {
-  fieldname: string;
-  originalname: string;
-  buffer: Buffer;
-}
-
-/** What a create request carries, whichever content type it came as. */
-interface DatasetInput {
-  name: string;
-  records: DatasetRecord[] | object[];
-  source: 'upload' | 'inline';
-  param: string;
-  /** What the idempotency key is bound to (a multipart body is hashed by its file's content). */
-  fingerprint: unknown;
-}
-
-function readCreateRequest(req: Request): DatasetInput {
-  const files = (req.files as UploadedFile[] | undefined) ?? [];
-  if (req.is('multipart/form-data')) {
-    const body = (req.body ?? {}) as { name?: string };
-    const file = files.find((f) => f.fieldname === 'file');
-    if (!file) throw badRequest('Attach the JSONL as the form field "file".', 'file');
-    const records = parseJsonl(file.buffer.toString('utf8'), 'file');
-    return {
-      name: body.name || file.originalname || defaultName('dataset'),
-      records,
-      source: 'upload',
-      param: 'file',
-      fingerprint: {
-        name: body.name ?? null,
-        file_sha256: createHash('sha256').update(file.buffer).digest('hex'),
+/** A multipart create: the file was streamed to disk and validated before the handler runs. */
+async function createFromUpload(req: Request, ctx: AppContext): Promise<string> {
+  const tenantId = tenantOf(req);
+  const files = (req.files as DatasetUploadFile[] | undefined) ?? [];
+  const body = (req.body ?? {}) as { name?: string };
+  const refused = files.find((f) => f.refusal);
+  if (refused) throw refused.refusal!;
+  const file = files.find((f) => f.fieldname === UPLOAD_FIELD && f.upload);
+  if (!file?.upload) throw badRequest(`Attach the JSONL as the form field "${UPLOAD_FIELD}".`, UPLOAD_FIELD);
+  const upload = file.upload;
+  upload.claimed = true;
+  // the request ended (and took the file with it) before this handler ran
+  if (upload.prepared.part.isDiscarded)
+    throw new ApiError(400, 'upload_interrupted', 'The request ended before the upload was recorded.');
+  let recorded = false;
+  try {
+    const { id } = await idempotent(
+      ctx,
+      req,
+      'createDataset',
+      { id: upload.datasetId },
+      async (datasetId) => {
+        recorded = true;
+        await recordDataset(ctx, tenantId, datasetId, upload.prepared, {
+          name: body.name || file.originalname || defaultName('dataset'),
+          source: 'upload',
+        });
       },
-    };
+      { name: body.name ?? null, file_sha256: upload.rawSha256 },
+    );
+    return id;
+  } finally {
+    // a repeat of an idempotent create (or a refused one) keeps the first dataset; this copy goes
+    if (!recorded) await upload.prepared.part.discard();
   }
+}
+
+/** A JSON create: inline `train_texts`, `records` or `jsonl` text. */
+async function createFromJson(req: Request, ctx: AppContext): Promise<string> {
+  const tenantId = tenantOf(req);
   const body = req.body as BodyOf<'createDataset'>;
   const given = (['train_texts', 'records', 'jsonl'] as const).filter((k) => body[k] !== undefined);
   if (given.length !== 1) {
@@ -83,48 +90,31 @@ function readCreateRequest(req: Request): DatasetInput {
       given[1] ?? 'train_texts',
     );
   }
-  const name = body.name ?? body.dataset_name ?? defaultName('dataset');
-  if (body.train_texts) {
-    return {
-      name,
-      records: body.train_texts.map((text) => ({ text })),
-      source: 'inline',
-      param: 'train_texts',
-      fingerprint: body,
-    };
-  }
-  if (body.records)
-    return { name, records: body.records, source: 'inline', param: 'records', fingerprint: body };
-  return {
-    name,
-    records: parseJsonl(body.jsonl!, 'jsonl'),
-    source: 'upload',
-    param: 'jsonl',
-    fingerprint: body,
-  };
+  const param = given[0]!;
+  const records =
+    param === 'train_texts'
+      ? body.train_texts!.map((text) => ({ text }))
+      : param === 'records'
+        ? body.records!
+        : parseJsonl(body.jsonl!, 'jsonl');
+  const { id } = await idempotent(ctx, req, 'createDataset', 'ds', async (datasetId) => {
+    await storeDataset(ctx, tenantId, {
+      id: datasetId,
+      name: body.name ?? body.dataset_name ?? defaultName('dataset'),
+      records,
+      source: param === 'records' || param === 'train_texts' ? 'inline' : 'upload',
+      param,
+    });
+  });
+  return id;
 }
 
 export const datasetRoutes: Routes = {
   async createDataset(req, res, ctx) {
-    const tenantId = tenantOf(req);
-    const input = readCreateRequest(req);
-    const { id } = await idempotent(
-      ctx,
-      req,
-      'createDataset',
-      'ds',
-      async (datasetId) => {
-        await storeDataset(ctx, tenantId, {
-          id: datasetId,
-          name: input.name,
-          records: input.records,
-          source: input.source,
-          param: input.param,
-        });
-      },
-      input.fingerprint,
-    );
-    res.status(201).json(datasetView(await getDataset(ctx, tenantId, id)) satisfies Schemas['Dataset']);
+    const id = req.is('multipart/form-data')
+      ? await createFromUpload(req, ctx)
+      : await createFromJson(req, ctx);
+    res.status(201).json(datasetView(await getDataset(ctx, tenantOf(req), id)) satisfies Schemas['Dataset']);
   },
 
   async listDatasets(req, res, ctx) {

@@ -11,7 +11,7 @@ import { reportEvents } from '../queue/report-events.js';
 import { reportLogs } from '../queue/report-logs.js';
 import { reportMetrics } from '../queue/report-metrics.js';
 import type { JobRow } from '../queue/types.js';
-import { receiveUpload, type UploadKind } from '../queue/upload.js';
+import { parseContentRange, receiveUpload, type UploadTarget, uploadOffset } from '../queue/upload.js';
 import { sendStoredFile } from '../services/downloads.js';
 import { buildClaimedJob, MissingJobInput } from '../services/job-spec.js';
 
@@ -34,21 +34,42 @@ function callerGone(res: Response): AbortSignal {
   return controller.signal;
 }
 
-/** A worker's upload, streamed from the request body (never parsed or buffered). */
+/**
+ * A worker's upload, streamed from the request body (never parsed or buffered): `201` once the
+ * file is whole and stored, `202` after a chunk (a Content-Range that ends before the file does).
+ */
 async function storeUpload(
   ctx: AppContext,
   req: Request,
   res: Response,
-  upload: { kind: UploadKind; name: string; step?: number },
+  upload: UploadTarget,
 ): Promise<void> {
   const leaseToken = req.header('x-lease-token') ?? '';
-  const stored = await receiveUpload(ctx, jobIdOf(req), leaseToken, upload, req);
+  const range = parseContentRange(req.header('content-range'), ctx.config.maxUploadBytes);
+  const result = await receiveUpload(ctx, jobIdOf(req), leaseToken, upload, req, range);
+  if (!result.complete) {
+    res.status(202).json({ received_bytes: result.receivedBytes } satisfies Schemas['UploadOffset']);
+    return;
+  }
   res.status(201).json({
     name: upload.name,
-    size_bytes: stored.sizeBytes,
-    sha256: stored.sha256,
+    size_bytes: result.stored.sizeBytes,
+    sha256: result.stored.sha256,
   } satisfies Schemas['StoredFile']);
 }
+
+/** Where a resumed upload must continue: the bytes the server holds of it. */
+async function sendUploadOffset(ctx: AppContext, req: Request, res: Response, upload: UploadTarget) {
+  const leaseToken = req.header('x-lease-token') ?? '';
+  const received = await uploadOffset(ctx, jobIdOf(req), leaseToken, upload);
+  res.json({ received_bytes: received } satisfies Schemas['UploadOffset']);
+}
+
+const checkpointStep = (req: Request): number => {
+  const step = Number(req.query.step);
+  if (!Number.isInteger(step) || step < 0) throw badRequest('step must be a non-negative integer.', 'step');
+  return step;
+};
 
 export const workerRoutes: Routes = {
   async claimJob(req, res, ctx) {
@@ -120,13 +141,20 @@ export const workerRoutes: Routes = {
   },
 
   async uploadJobCheckpoint(req, res, ctx) {
-    const step = Number(req.query.step);
-    if (!Number.isInteger(step) || step < 0) throw badRequest('step must be a non-negative integer.', 'step');
-    await storeUpload(ctx, req, res, { kind: 'checkpoint', name: pathParam(req, 'checkpoint_name'), step });
+    const name = pathParam(req, 'checkpoint_name');
+    await storeUpload(ctx, req, res, { kind: 'checkpoint', name, step: checkpointStep(req) });
+  },
+
+  async getJobCheckpointUploadOffset(req, res, ctx) {
+    await sendUploadOffset(ctx, req, res, { kind: 'checkpoint', name: pathParam(req, 'checkpoint_name') });
   },
 
   async uploadJobOutput(req, res, ctx) {
     await storeUpload(ctx, req, res, { kind: 'job_output', name: pathParam(req, 'file') });
+  },
+
+  async getJobOutputUploadOffset(req, res, ctx) {
+    await sendUploadOffset(ctx, req, res, { kind: 'job_output', name: pathParam(req, 'file') });
   },
 
   async downloadWorkerFile(req, res, ctx) {

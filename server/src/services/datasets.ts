@@ -2,6 +2,7 @@ import type { Knex } from 'knex';
 import type { AppContext } from '../context.js';
 import { ApiError, notFound } from '../errors.js';
 import { newId } from '../ids.js';
+import type { PartWriter, StoredObject } from '../storage.js';
 import { forgetIdempotentCreates } from './idempotency.js';
 
 /** `text` | `prompt_completion` | `chat`: one format per dataset. */
@@ -129,7 +130,7 @@ export function validateRecords(
 /**
  * Parses JSONL text into validated records. Blank lines are skipped; any other line must be one
  * record. A bad line is `400 invalid_dataset` whose message names it (`line 3: …`) and whose param
- * is `param` (`jsonl`, or `file` for an upload).
+ * is `param` (`jsonl`, or `dataset_path` for a file the server reads).
  */
 export function parseJsonl(text: string, param = 'jsonl'): DatasetRecord[] {
   const parsed: unknown[] = [];
@@ -137,15 +138,161 @@ export function parseJsonl(text: string, param = 'jsonl'): DatasetRecord[] {
   const lines = text.replace(/^\uFEFF/, '').split(/\r?\n/);
   lines.forEach((line, i) => {
     if (line.trim() === '') return;
-    try {
-      parsed.push(JSON.parse(line));
-    } catch (err) {
-      throw invalidDataset(`line ${i + 1}: not valid JSON (${(err as Error).message}).`, param);
-    }
+    parsed.push(parseJsonlLine(line, i + 1, param));
     lineNumbers.push(i + 1);
   });
   if (parsed.length === 0) throw invalidDataset('The JSONL has no records.', param);
   return validateRecords(parsed, param, (index) => `line ${lineNumbers[index]}`).records;
+}
+
+function parseJsonlLine(line: string, lineNumber: number, param: string): unknown {
+  try {
+    return JSON.parse(line);
+  } catch (err) {
+    throw invalidDataset(`line ${lineNumber}: not valid JSON (${(err as Error).message}).`, param);
+  }
+}
+
+/**
+ * The longest JSONL line a streamed upload may have. Records are parsed one line at a time, so
+ * this (not the file's size) bounds the memory an upload takes.
+ */
+export const MAX_JSONL_LINE_BYTES = 8 * 1024 * 1024;
+
+/** The lines of a byte stream (`\n` or `\r\n`), numbered from 1, each at most `maxBytes`. */
+export async function* jsonlLines(
+  source: AsyncIterable<Buffer>,
+  param: string,
+  maxBytes = MAX_JSONL_LINE_BYTES,
+): AsyncGenerator<{ line: string; lineNumber: number }> {
+  let pending: Buffer[] = [];
+  let pendingBytes = 0;
+  let lineNumber = 0;
+  const take = (tail: Buffer) => {
+    const bytes = Buffer.concat([...pending, tail]);
+    pending = [];
+    pendingBytes = 0;
+    lineNumber += 1;
+    const text = bytes.toString('utf8');
+    return { line: lineNumber === 1 ? text.replace(/^\uFEFF/, '') : text, lineNumber };
+  };
+  const tooLong = () => invalidDataset(`line ${lineNumber + 1}: longer than ${maxBytes} bytes.`, param);
+  for await (const chunk of source) {
+    let start = 0;
+    for (let nl = chunk.indexOf(10); nl !== -1; nl = chunk.indexOf(10, start)) {
+      if (pendingBytes + nl - start > maxBytes) throw tooLong();
+      yield take(chunk.subarray(start, nl));
+      start = nl + 1;
+    }
+    if (start < chunk.length) {
+      pendingBytes += chunk.length - start;
+      if (pendingBytes > maxBytes) throw tooLong();
+      pending.push(chunk.subarray(start));
+    }
+  }
+  if (pendingBytes > 0) yield take(Buffer.alloc(0));
+}
+
+/**
+ * Validates records one at a time (one format for all) and writes them, normalized, as JSONL to a
+ * part file. Memory stays at one record plus a small write buffer, whatever the dataset's size.
+ */
+class DatasetFileWriter {
+  format: DatasetFormat | null = null;
+  count = 0;
+  private buffered: string[] = [];
+  private bufferedBytes = 0;
+
+  constructor(
+    readonly part: PartWriter,
+    private readonly param: string,
+  ) {}
+
+  async add(raw: unknown, label: string): Promise<void> {
+    let normalized: { format: DatasetFormat; record: DatasetRecord };
+    try {
+      normalized = normalizeRecord(raw, this.format);
+    } catch (err) {
+      throw invalidDataset(`${label}: ${(err as Error).message}.`, this.param);
+    }
+    this.format = normalized.format;
+    this.count += 1;
+    const line = `${JSON.stringify(normalized.record)}\n`;
+    this.buffered.push(line);
+    this.bufferedBytes += line.length;
+    if (this.bufferedBytes >= 256 * 1024) await this.flush();
+  }
+
+  /** Flushes and fsyncs the part; `400 invalid_dataset` when no record came. */
+  async finish(): Promise<PreparedDataset> {
+    if (this.count === 0) throw invalidDataset('The dataset has no records.', this.param);
+    await this.flush();
+    const stored = await this.part.finish();
+    return { format: this.format!, numExamples: this.count, stored, part: this.part };
+  }
+
+  private async flush(): Promise<void> {
+    if (this.buffered.length === 0) return;
+    const data = Buffer.from(this.buffered.join(''));
+    this.buffered = [];
+    this.bufferedBytes = 0;
+    await this.part.write(data);
+  }
+}
+
+/** A dataset's validated file, durable on disk as a part, not yet recorded or in place. */
+export interface PreparedDataset {
+  format: DatasetFormat;
+  numExamples: number;
+  stored: StoredObject;
+  part: PartWriter;
+}
+
+/** Runs `fill` on a new dataset file for dataset `id`; the part is removed if it fails. */
+async function writeDatasetFile(
+  ctx: Pick<AppContext, 'storage'>,
+  id: string,
+  param: string,
+  fill: (file: DatasetFileWriter) => Promise<void>,
+): Promise<PreparedDataset> {
+  const file = new DatasetFileWriter(await ctx.storage.openPart(['datasets', id, DATASET_FILE_NAME]), param);
+  try {
+    await fill(file);
+    return await file.finish();
+  } catch (err) {
+    await file.part.discard();
+    throw err;
+  }
+}
+
+/**
+ * Streams a JSONL upload into dataset `id`'s file, validating line by line (blank lines skipped, a
+ * bad line is `400 invalid_dataset` naming it). Memory is bounded by MAX_JSONL_LINE_BYTES.
+ */
+export function prepareJsonlDataset(
+  ctx: Pick<AppContext, 'storage'>,
+  id: string,
+  source: AsyncIterable<Buffer>,
+  param: string,
+): Promise<PreparedDataset> {
+  return writeDatasetFile(ctx, id, param, async (file) => {
+    for await (const { line, lineNumber } of jsonlLines(source, param)) {
+      if (line.trim() === '') continue;
+      await file.add(parseJsonlLine(line, lineNumber, param), `line ${lineNumber}`);
+    }
+  });
+}
+
+/** Writes records already in memory into dataset `id`'s file, validating each. */
+export function prepareDataset(
+  ctx: Pick<AppContext, 'storage'>,
+  id: string,
+  records: unknown[],
+  param: string,
+): Promise<PreparedDataset> {
+  return writeDatasetFile(ctx, id, param, async (file) => {
+    for (const [i, record] of records.entries()) await file.add(record, `record ${i + 1}`);
+  });
 }
 
 /** Normalizes a `datasets` row as the drivers return it (bigint columns come back as strings). */
@@ -159,9 +306,81 @@ export function toDatasetRow(row: Record<string, unknown>): DatasetRow {
   };
 }
 
+export interface DatasetMeta {
+  name: string;
+  source: DatasetSource;
+  trajectoryCount?: number;
+}
+
+/**
+ * Records a prepared dataset (its `files` and `datasets` rows, in one transaction) and only then
+ * moves its file into place: a row never names a file that is not whole, and a crash in between
+ * leaves a part the sweeper finishes (see `LocalStorage.sweepParts`). Inside a caller's
+ * transaction (`db`), the move waits for that transaction: the caller wraps it in
+ * `removingOnFailure`, which moves the file once it has committed.
+ */
+export async function recordDataset(
+  ctx: AppContext,
+  tenantId: string,
+  id: string,
+  prepared: PreparedDataset,
+  meta: DatasetMeta,
+  db: Knex | Knex.Transaction = ctx.knex,
+): Promise<DatasetRow> {
+  const { stored } = prepared;
+  const fileId = newId('file');
+  const write = async (trx: Knex | Knex.Transaction) => {
+    await trx('files').insert({
+      id: fileId,
+      tenant_id: tenantId,
+      owner_kind: 'dataset',
+      owner_id: id,
+      name: DATASET_FILE_NAME,
+      rel_path: stored.relPath,
+      size_bytes: stored.sizeBytes,
+      sha256: stored.sha256,
+    });
+    const [row] = await trx('datasets')
+      .insert({
+        id,
+        tenant_id: tenantId,
+        name: meta.name,
+        format: prepared.format,
+        num_examples: prepared.numExamples,
+        size_bytes: stored.sizeBytes,
+        tokens_est: estimateTokens(stored.sizeBytes),
+        sha256: stored.sha256,
+        source: meta.source,
+        trajectory_count: meta.trajectoryCount ?? null,
+        file_id: fileId,
+      })
+      .returning('*');
+    return toDatasetRow(row as Record<string, unknown>);
+  };
+  if (db.isTransaction) {
+    try {
+      const row = await write(db);
+      ctx.storage.deferCommit(prepared.part);
+      return row;
+    } catch (err) {
+      await prepared.part.discard();
+      throw err;
+    }
+  }
+  let row: DatasetRow;
+  try {
+    row = await db.transaction(write);
+  } catch (err) {
+    await prepared.part.discard();
+    throw err;
+  }
+  await prepared.part.commit();
+  return row;
+}
+
 /**
  * Validates records, writes them as JSONL to `datasets/<id>/data.jsonl`, and records the `files`
- * and `datasets` rows (in one transaction; the file is removed again if the rows cannot be written).
+ * and `datasets` rows (see `recordDataset`).
  */
 export async function storeDataset(
   ctx: AppContext,
@@ -169,47 +388,9 @@ export async function storeDataset(
   input: StoreDatasetInput,
   db: Knex | Knex.Transaction = ctx.knex,
 ): Promise<DatasetRow> {
-  const param = input.param ?? 'records';
-  const { format, records } = validateRecords(input.records, param);
   const id = input.id ?? newId('ds');
-  const jsonl = `${records.map((r) => JSON.stringify(r)).join('\n')}\n`;
-  const stored = await ctx.storage.putBuffer(['datasets', id, DATASET_FILE_NAME], jsonl);
-  const fileId = newId('file');
-  try {
-    const write = async (trx: Knex | Knex.Transaction) => {
-      await trx('files').insert({
-        id: fileId,
-        tenant_id: tenantId,
-        owner_kind: 'dataset',
-        owner_id: id,
-        name: DATASET_FILE_NAME,
-        rel_path: stored.relPath,
-        size_bytes: stored.sizeBytes,
-        sha256: stored.sha256,
-      });
-      const [row] = await trx('datasets')
-        .insert({
-          id,
-          tenant_id: tenantId,
-          name: input.name,
-          format,
-          num_examples: records.length,
-          size_bytes: stored.sizeBytes,
-          tokens_est: estimateTokens(stored.sizeBytes),
-          sha256: stored.sha256,
-          source: input.source,
-          trajectory_count: input.trajectoryCount ?? null,
-          file_id: fileId,
-        })
-        .returning('*');
-      return row as Record<string, unknown>;
-    };
-    const row = db.isTransaction ? await write(db) : await db.transaction(write);
-    return toDatasetRow(row);
-  } catch (err) {
-    await ctx.storage.removeTree(['datasets', id]).catch(() => {});
-    throw err;
-  }
+  const prepared = await prepareDataset(ctx, id, input.records, input.param ?? 'records');
+  return recordDataset(ctx, tenantId, id, prepared, input, db);
 }
 
 /** The tenant's dataset, or `404 not_found` (another tenant's dataset does not exist for you). */

@@ -64,6 +64,8 @@ export interface MockState {
   autoConfig: Schemas['AutoTrainingConfig'];
   idempotency: Map<string, IdempotentResult>;
   leases: Map<string, Lease>;
+  /** Bytes received of unfinished (Content-Range) worker uploads, by `job/kind/name`. */
+  uploadParts: Map<string, Uint8Array>;
   /** Workers seen recently, as reported by `GET /v1/training/status`. */
   workersOnline: number;
   /** Whether import-ollama reaches Ollama (false: 502 ollama_unreachable). */
@@ -146,6 +148,7 @@ export function createState(tenantId = 'default'): MockState {
     },
     idempotency: new Map(),
     leases: new Map(),
+    uploadParts: new Map(),
     workersOnline: 1,
     ollamaReachable: true,
     requests: [],

@@ -303,6 +303,32 @@ describe('every mock response is valid against the spec', () => {
         'Content-Type': 'application/octet-stream',
       },
     );
+    // a resumable upload: one chunk (202), where to go on, the rest (201)
+    const ranged = (range: string, bytes: number[]) =>
+      worker('PUT', `/v1/workers/jobs/${job_id}/outputs/model.safetensors`, new Uint8Array(bytes), {
+        'X-Lease-Token': lease_token,
+        'Content-Type': 'application/octet-stream',
+        'Content-Range': range,
+      });
+    expect((await ranged('bytes 0-1/4', [1, 2])).status).toBe(202);
+    const offset = await worker(
+      'GET',
+      `/v1/workers/jobs/${job_id}/outputs/model.safetensors/offset`,
+      undefined,
+      {
+        'X-Lease-Token': lease_token,
+      },
+    );
+    expect(offset.body).toEqual({ received_bytes: 2 });
+    expect((await ranged('bytes 1-3/4', [2, 3, 4])).status).toBe(409);
+    expect((await ranged('bytes 2-3/4', [3, 4])).status).toBe(201);
+    const checkpointOffset = await worker(
+      'GET',
+      `/v1/workers/jobs/${job_id}/checkpoints/checkpoint-1/offset`,
+      undefined,
+      { 'X-Lease-Token': lease_token },
+    );
+    expect(checkpointOffset.body).toEqual({ received_bytes: 0 });
     const download = await fetch(`${BASE_URL}${inputs[0]!.download_url}`, {
       headers: { Range: 'bytes=0-3' },
     });

@@ -155,7 +155,9 @@ export function workerHandlers({ router, state }: MockContext) {
       const step = Number(new URL(request.url).searchParams.get('step'));
       if (!Number.isInteger(step) || step < 0)
         throw new MockHttpError(400, 'invalid_request', 'step must be an integer ≥ 0.', 'step');
-      const file = storeFile(state, params.checkpoint_name, new Uint8Array(await request.arrayBuffer()));
+      const bytes = await receiveUpload(state, `${job.id}/checkpoints/${params.checkpoint_name}`, request);
+      if (!bytes.complete) return response(202).json({ received_bytes: bytes.received });
+      const file = storeFile(state, params.checkpoint_name, bytes.data);
       const list = (state.checkpoints.get(job.id) ?? []).filter((c) => c.name !== params.checkpoint_name);
       list.push({
         name: params.checkpoint_name,
@@ -176,9 +178,31 @@ export function workerHandlers({ router, state }: MockContext) {
     'uploadJobOutput',
     async ({ params, request, response }) => {
       const job = leasedJob(state, params.job_id, request.headers.get('x-lease-token') ?? '');
-      const file = storeFile(state, params.file, new Uint8Array(await request.arrayBuffer()));
+      const bytes = await receiveUpload(state, `${job.id}/outputs/${params.file}`, request);
+      if (!bytes.complete) return response(202).json({ received_bytes: bytes.received });
+      const file = storeFile(state, params.file, bytes.data);
       jobFiles(state, job.id).set(params.file, file);
       return response(201).json({ name: file.name, size_bytes: file.bytes.length, sha256: file.sha256 });
+    },
+  );
+
+  router.get(
+    '/v1/workers/jobs/{job_id}/checkpoints/{checkpoint_name}/offset',
+    'getJobCheckpointUploadOffset',
+    ({ params, request, response }) => {
+      const job = leasedJob(state, params.job_id, request.headers.get('x-lease-token') ?? '');
+      const part = state.uploadParts.get(`${job.id}/checkpoints/${params.checkpoint_name}`);
+      return response(200).json({ received_bytes: part?.length ?? 0 });
+    },
+  );
+
+  router.get(
+    '/v1/workers/jobs/{job_id}/outputs/{file}/offset',
+    'getJobOutputUploadOffset',
+    ({ params, request, response }) => {
+      const job = leasedJob(state, params.job_id, request.headers.get('x-lease-token') ?? '');
+      const part = state.uploadParts.get(`${job.id}/outputs/${params.file}`);
+      return response(200).json({ received_bytes: part?.length ?? 0 });
     },
   );
 
@@ -258,6 +282,52 @@ function nextJob(
 }
 
 /** The job, when `token` is its current lease; a stale or unknown token is 409 lease_lost (fencing). */
+/**
+ * A resumable upload as the server takes it: without Content-Range the body is the whole file;
+ * with `bytes first-last/total` it must start where the bytes received so far end.
+ */
+async function receiveUpload(
+  state: MockState,
+  key: string,
+  request: Request,
+): Promise<{ complete: true; data: Uint8Array } | { complete: false; received: number }> {
+  const body = new Uint8Array(await request.arrayBuffer());
+  const header = request.headers.get('content-range');
+  if (header === null) {
+    state.uploadParts.delete(key);
+    return { complete: true, data: body };
+  }
+  const match = /^bytes (\d+)-(\d+)\/(\d+)$/.exec(header.trim());
+  const [first, last, total] = match ? match.slice(1).map(Number) : [];
+  if (first === undefined || last === undefined || total === undefined || first > last || last >= total)
+    throw new MockHttpError(400, 'invalid_request', 'Malformed Content-Range.', 'Content-Range');
+  if (body.length !== last - first + 1)
+    throw new MockHttpError(
+      400,
+      'invalid_request',
+      'The body does not match its Content-Range.',
+      'Content-Range',
+    );
+  const have = first === 0 ? new Uint8Array() : (state.uploadParts.get(key) ?? new Uint8Array());
+  if (have.length !== first) {
+    throw new MockHttpError(
+      409,
+      'upload_offset_mismatch',
+      `The server holds ${have.length} bytes of this file, not ${first}.`,
+      'Content-Range',
+    );
+  }
+  const data = new Uint8Array(first + body.length);
+  data.set(have);
+  data.set(body, first);
+  if (data.length < total) {
+    state.uploadParts.set(key, data);
+    return { complete: false, received: data.length };
+  }
+  state.uploadParts.delete(key);
+  return { complete: true, data };
+}
+
 function leasedJob(state: MockState, jobId: string, token: string): AnyJob {
   const job = state.trainingJobs.get(jobId) ?? state.distillationJobs.get(jobId);
   if (!job) throw notFound('job', jobId, 'job_id', 'job_not_found');
