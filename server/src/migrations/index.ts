@@ -1,5 +1,6 @@
 import type { Knex } from 'knex';
 import { init } from './001_init.js';
+import { budgetReservations } from './004_budget_idem.js';
 
 export interface Migration {
   name: string;
@@ -8,4 +9,4 @@ export interface Migration {
 }
 
 /** Every migration, in order. Add new ones at the end; never edit one that has shipped. */
-export const migrations: Migration[] = [init];
+export const migrations: Migration[] = [init, budgetReservations];

@@ -2710,7 +2710,7 @@ export interface components {
             limit_usd: number | null;
             /** @description Accrued by all jobs. */
             spent_usd: number;
-            /** @description What is left; null when unlimited. */
+            /** @description What is left once pending and running jobs hold the rest of their estimated cost; null when unlimited. */
             remaining_usd: number | null;
         };
         /** @description New limit. */
@@ -2968,7 +2968,7 @@ export interface components {
                 "application/json": components["schemas"]["Error"];
             };
         };
-        /** @description The job's estimated cost exceeds the tenant's remaining budget (`insufficient_credits`). */
+        /** @description The job's estimated cost exceeds the tenant's remaining budget (`insufficient_credits`); each pending or running job holds its estimate until it ends. */
         PaymentRequired: {
             headers: {
                 [name: string]: unknown;
