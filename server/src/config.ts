@@ -22,6 +22,11 @@ export interface Config {
   maxUploadBytes: number;
   /** Total bytes the data directory may hold; uploads beyond it are refused with 413. */
   storageQuotaBytes: number;
+  /**
+   * Seconds after which an idempotency key whose create never finished (the request died mid-way)
+   * may be taken over by a new request with the same key.
+   */
+  idempotencyStaleSeconds: number;
   /** Price used for cost_accrued and budgets, USD per GPU(or CPU)-hour. */
   pricePerGpuHour: number;
   logLevel: string;
@@ -51,6 +56,7 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     maxJsonBytes: intEnv('TUNERY_MAX_JSON_BYTES', 10 * 1024 * 1024),
     maxUploadBytes: intEnv('TUNERY_MAX_UPLOAD_BYTES', 20 * 1024 * 1024 * 1024),
     storageQuotaBytes: intEnv('TUNERY_STORAGE_QUOTA_BYTES', 0) || Number.POSITIVE_INFINITY,
+    idempotencyStaleSeconds: intEnv('TUNERY_IDEMPOTENCY_STALE_SECONDS', 60),
     pricePerGpuHour: intEnv('TUNERY_PRICE_PER_GPU_HOUR', 2),
     logLevel: process.env.LOG_LEVEL ?? 'info',
     docsDir: resolve(
