@@ -29,6 +29,7 @@ class FakeState:
     leases: dict[str, str] = field(default_factory=dict)  # job_id → the live lease token
     cancel: set[str] = field(default_factory=set)
     files: dict[str, bytes] = field(default_factory=dict)  # file_id → content
+    file_jobs: dict[str, str] = field(default_factory=dict)  # file_id → the job that reads it
     claims: list[dict[str, Any]] = field(default_factory=list)
     heartbeats: list[dict[str, Any]] = field(default_factory=list)
     logs: dict[str, dict[int, dict[str, Any]]] = field(default_factory=lambda: defaultdict(dict))
@@ -75,9 +76,12 @@ class FakeTunery:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def add_file(self, content: bytes) -> dict[str, Any]:
+    def add_file(self, content: bytes, job_id: str | None = None) -> dict[str, Any]:
+        """A file to download; one a job reads opens only with that job's live lease, like the server."""
         file_id = f"file_{uuid.uuid4().hex[:10]}"
         self.state.files[file_id] = content
+        if job_id is not None:
+            self.state.file_jobs[file_id] = job_id
         return {
             "file_id": file_id,
             "download_url": f"/v1/workers/files/{file_id}",
@@ -106,7 +110,9 @@ class FakeTunery:
             "lease_seconds": lease_seconds,
             "log_seq": log_seq,
             "spec": spec,
-            "inputs": [{"role": role, "name": name, **self.add_file(data)} for role, name, data in inputs],
+            "inputs": [
+                {"role": role, "name": name, **self.add_file(data, job_id)} for role, name, data in inputs
+            ],
             "resume_from": None,
         }
         if resume is not None:
@@ -114,7 +120,7 @@ class FakeTunery:
             job["resume_from"] = {
                 "name": name,
                 "step": step,
-                "download_url": self.add_file(data)["download_url"],
+                "download_url": self.add_file(data, job_id)["download_url"],
             }
         with self.lock:
             self.state.queue.append(job)
@@ -302,6 +308,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _file(self, ids: dict[str, str], _: bytes, __: dict[str, str], fault: Any) -> None:
         data = self.fake.state.files.get(ids["file"])
+        reader = self.fake.state.file_jobs.get(ids["file"])
+        if reader is not None and self.fake.state.leases.get(reader) != self.headers.get("X-Lease-Token"):
+            data = None  # another job's file, or no live lease: as if it did not exist
         if data is None:
             return self._error(404, "not_found")
         start, status = 0, 200

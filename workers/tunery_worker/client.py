@@ -278,16 +278,25 @@ class WorkerClient:
         return stored
 
     def download(
-        self, url: str, dest: Path, sha256: str | None = None, size_bytes: int | None = None
+        self,
+        url: str,
+        dest: Path,
+        sha256: str | None = None,
+        size_bytes: int | None = None,
+        *,
+        lease_token: str | None = None,
     ) -> Path:
-        """Stream `url` to `dest`, resuming with Range after a broken connection; verify the checksum."""
+        """Stream `url` to `dest`, resuming with Range after a broken connection; verify the checksum.
+
+        Job files open only with the lease of the job that reads them (`X-Lease-Token`).
+        """
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(dest.name + ".part")
         partial.unlink(missing_ok=True)
         started, attempt = time.monotonic(), 0
         while True:
             try:
-                self._download_once(url, partial)
+                self._download_once(url, partial, lease_token)
                 break
             except (httpx.TransportError, _RetryableStatus) as err:
                 if time.monotonic() - started > self.retry.retry_seconds:
@@ -305,9 +314,11 @@ class WorkerClient:
         partial.replace(dest)
         return dest
 
-    def _download_once(self, url: str, partial: Path) -> None:
+    def _download_once(self, url: str, partial: Path, lease_token: str | None) -> None:
         have = partial.stat().st_size if partial.exists() else 0
         headers = {"Range": f"bytes={have}-"} if have else {}
+        if lease_token:
+            headers["X-Lease-Token"] = lease_token
         with self._http.stream("GET", url, headers=headers) as response:
             if response.status_code == 416:  # we already hold every byte
                 return

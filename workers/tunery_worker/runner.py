@@ -467,7 +467,13 @@ class Worker:
             for item in items:
                 # Names are flat per the protocol; Path.name keeps a hostile one inside role_dir anyway.
                 dest = role_dir / Path(item["name"]).name
-                self.client.download(item["download_url"], dest, item.get("sha256"), item.get("size_bytes"))
+                self.client.download(
+                    item["download_url"],
+                    dest,
+                    item.get("sha256"),
+                    item.get("size_bytes"),
+                    lease_token=job["lease_token"],
+                )
             single = len(items) == 1 and role not in DIRECTORY_ROLES
             paths[role] = role_dir / Path(items[0]["name"]).name if single else role_dir
         return paths
@@ -477,7 +483,7 @@ class Worker:
         if not resume:
             return None
         dest = into / f"{Path(resume['name']).name}.pt"
-        return self.client.download(resume["download_url"], dest)
+        return self.client.download(resume["download_url"], dest, lease_token=job["lease_token"])
 
 
 __all__ = ["ProtocolError", "RemoteJobContext", "Worker", "json_safe", "rfc3339"]

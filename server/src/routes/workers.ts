@@ -1,6 +1,6 @@
 import type { Request, Response } from 'express';
 import type { AppContext } from '../context.js';
-import { badRequest, notFound } from '../errors.js';
+import { badRequest } from '../errors.js';
 import { type BodyOf, pathParam, type Routes, type Schemas } from '../http.js';
 import { acknowledgeCancel } from '../queue/acknowledge-cancel.js';
 import { claimJobWithWait } from '../queue/claim.js';
@@ -12,7 +12,7 @@ import { reportLogs } from '../queue/report-logs.js';
 import { reportMetrics } from '../queue/report-metrics.js';
 import type { JobRow } from '../queue/types.js';
 import { receiveUpload, type UploadKind } from '../queue/upload.js';
-import { sendStoredFile } from '../services/downloads.js';
+import { fileForLease, sendStoredFile } from '../services/downloads.js';
 import { buildClaimedJob, MissingJobInput } from '../services/job-spec.js';
 
 /** Every worker route names its job in the path. */
@@ -130,9 +130,7 @@ export const workerRoutes: Routes = {
   },
 
   async downloadWorkerFile(req, res, ctx) {
-    const fileId = pathParam(req, 'file_id');
-    const file = await ctx.knex('files').where({ id: fileId }).first();
-    if (!file) throw notFound('file', fileId, 'file_id');
+    const file = await fileForLease(ctx, pathParam(req, 'file_id'), req.header('x-lease-token') ?? '');
     await sendStoredFile(ctx, req, res, file);
   },
 

@@ -1178,7 +1178,7 @@ export interface paths {
         };
         /**
          * Download a job input
-         * @description Streams a file a claimed job lists among its inputs (dataset, adapter, model files, checkpoint).
+         * @description Streams a file the job holding the presented lease reads: one of its inputs (dataset, adapter, model files) or one of its checkpoints. Any other file, or a lease that is no longer live, is `404` as if the file did not exist.
          */
         get: operations["downloadWorkerFile"];
         put?: never;
@@ -3190,7 +3190,7 @@ export interface components {
         TenantId: components["schemas"]["TenantId"];
         /** @description Makes the create safe to retry; the body's `idempotency_key` takes precedence. */
         IdempotencyKey: string;
-        /** @description The lease token of the attempt doing the upload. */
+        /** @description The lease token of the attempt doing the upload or download. */
         LeaseTokenHeader: string;
         /** @description A single byte range, e.g. `bytes=0-1023` or `bytes=1024-`. */
         Range: string;
@@ -5005,7 +5005,7 @@ export interface operations {
                 step: number;
             };
             header: {
-                /** @description The lease token of the attempt doing the upload. */
+                /** @description The lease token of the attempt doing the upload or download. */
                 "X-Lease-Token": components["parameters"]["LeaseTokenHeader"];
             };
             path: {
@@ -5044,7 +5044,7 @@ export interface operations {
         parameters: {
             query?: never;
             header: {
-                /** @description The lease token of the attempt doing the upload. */
+                /** @description The lease token of the attempt doing the upload or download. */
                 "X-Lease-Token": components["parameters"]["LeaseTokenHeader"];
             };
             path: {
@@ -5082,7 +5082,9 @@ export interface operations {
     downloadWorkerFile: {
         parameters: {
             query?: never;
-            header?: {
+            header: {
+                /** @description The lease token of the attempt doing the upload or download. */
+                "X-Lease-Token": components["parameters"]["LeaseTokenHeader"];
                 /** @description A single byte range, e.g. `bytes=0-1023` or `bytes=1024-`. */
                 Range?: components["parameters"]["Range"];
             };
