@@ -11,6 +11,7 @@ import type { Config } from './config.js';
 import type { AppContext } from './context.js';
 import { migrate, openDatabase } from './db.js';
 import { listenForJobs } from './queue/notify.js';
+import { extendLeasesAfterStart } from './queue/restart.js';
 import { startSweeper } from './queue/sweeper.js';
 import { seedCatalog } from './services/catalog.js';
 import { LocalStorage } from './storage.js';
@@ -44,6 +45,9 @@ export async function startServer(
   };
   const adminKey = await ensureAdminKey(ctx);
   const stopListening = await listenForJobs(ctx);
+  // Before the first sweep: leases that lapsed while the server was down are not the workers' fault.
+  const extended = await extendLeasesAfterStart(ctx);
+  if (extended > 0) logger.info({ extended }, 'extended the leases of running jobs after the start');
   const stopSweeper = startSweeper(ctx);
 
   const app = createApp(ctx);

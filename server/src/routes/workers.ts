@@ -7,6 +7,7 @@ import { claimJobWithWait } from '../queue/claim.js';
 import { completeJob } from '../queue/complete.js';
 import { failJob } from '../queue/fail.js';
 import { heartbeatJob } from '../queue/heartbeat.js';
+import { releaseJob } from '../queue/release.js';
 import { reportEvents } from '../queue/report-events.js';
 import { reportLogs } from '../queue/report-logs.js';
 import { reportMetrics } from '../queue/report-metrics.js';
@@ -147,6 +148,12 @@ export const workerRoutes: Routes = {
       message: body.error.message,
       retryable: body.retryable ?? true,
     });
+    res.json(transition(job) satisfies Schemas['TransitionResponse']);
+  },
+
+  async releaseJob(req, res, ctx) {
+    const body = req.body as BodyOf<'releaseJob'>;
+    const job = await releaseJob(ctx, jobIdOf(req), body.lease_token);
     res.json(transition(job) satisfies Schemas['TransitionResponse']);
   },
 
