@@ -43,6 +43,7 @@ class FakeState:
     completed: dict[str, dict[str, Any]] = field(default_factory=dict)
     failed: dict[str, dict[str, Any]] = field(default_factory=dict)
     cancelled: set[str] = field(default_factory=set)
+    released: set[str] = field(default_factory=set)  # handed back on shutdown (pending again)
     requests: list[tuple[str, str]] = field(default_factory=list)
     # route name → faults to apply to its next requests: an int status, "drop", or "truncate".
     faults: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
@@ -55,6 +56,7 @@ class FakeTunery:
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self.port = port
+        self.down = False
 
     # --- control ------------------------------------------------------------------------------------
 
@@ -65,6 +67,12 @@ class FakeTunery:
         self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
+
+    def go_down(self) -> None:
+        """The server process dies: new connections are refused, and kept-alive ones are dropped at
+        their next request instead of being answered."""
+        self.down = True
+        self.stop()
 
     def stop(self) -> None:
         if self._server is not None:
@@ -154,7 +162,7 @@ ROUTES = [
     ("GET", re.compile(r"^/v1/workers/files/(?P<file>[^/]+)$"), "file"),
     (
         "POST",
-        re.compile(r"^/v1/workers/jobs/(?P<job>[^/]+)/(?P<action>complete|fail|cancelled)$"),
+        re.compile(r"^/v1/workers/jobs/(?P<job>[^/]+)/(?P<action>complete|fail|cancelled|release)$"),
         "transition",
     ),
 ]
@@ -179,6 +187,10 @@ class _Handler(BaseHTTPRequestHandler):
     # --- plumbing -------------------------------------------------------------------------------------
 
     def _dispatch(self, method: str) -> None:
+        if self.fake.down:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return None
         url = urlparse(self.path)
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         state = self.fake.state
@@ -349,6 +361,9 @@ class _Handler(BaseHTTPRequestHandler):
                     "retryable": request.get("retryable", True),
                 }
                 status = "failed"
+            elif ids["action"] == "release":
+                state.released.add(job_id)
+                status = "pending"
             else:
                 state.cancelled.add(job_id)
                 status = "cancelled"
