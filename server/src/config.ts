@@ -28,6 +28,11 @@ export interface Config {
   uploadIdleTimeoutSeconds: number;
   /** Seconds an unfinished upload is kept for resuming before the sweeper removes it. */
   uploadPartMaxAgeSeconds: number;
+  /**
+   * Seconds after which an idempotency key whose create never finished (the request died mid-way)
+   * may be taken over by a new request with the same key.
+   */
+  idempotencyStaleSeconds: number;
   /** Price used for cost_accrued and budgets, USD per GPU(or CPU)-hour. */
   pricePerGpuHour: number;
   logLevel: string;
@@ -82,6 +87,7 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     requestTimeoutSeconds: intEnv('TUNERY_REQUEST_TIMEOUT_SECONDS', 300),
     uploadIdleTimeoutSeconds: intEnv('TUNERY_UPLOAD_IDLE_TIMEOUT_SECONDS', 120),
     uploadPartMaxAgeSeconds: intEnv('TUNERY_UPLOAD_PART_MAX_AGE_SECONDS', 24 * 3600),
+    idempotencyStaleSeconds: intEnv('TUNERY_IDEMPOTENCY_STALE_SECONDS', 60),
     pricePerGpuHour: intEnv('TUNERY_PRICE_PER_GPU_HOUR', 2),
     logLevel: process.env.LOG_LEVEL ?? 'info',
     docsDir: resolve(

@@ -13,6 +13,7 @@ import { type Database, makePrivateDir, migrate, openDatabase, pgliteDir, restri
 import { createLogger } from './logging.js';
 import { createPartSweeper, partSweeperConfig } from './part-sweeper.js';
 import { listenForJobs } from './queue/notify.js';
+import { extendLeasesAfterStart } from './queue/restart.js';
 import { startSweeper } from './queue/sweeper.js';
 import { loadSecretsKey, SecretBox, sealPlaintextSecrets } from './secrets.js';
 import { seedCatalog } from './services/catalog.js';
@@ -74,6 +75,9 @@ async function serveOn(
   const partSweeper = createPartSweeper(ctx, partSweeperConfig(ctx));
   await partSweeper.runOnce();
   const stopListening = await listenForJobs(ctx);
+  // Before the first sweep: leases that lapsed while the server was down are not the workers' fault.
+  const extended = await extendLeasesAfterStart(ctx);
+  if (extended > 0) logger.info({ extended }, 'extended the leases of running jobs after the start');
   const stopSweeper = startSweeper(ctx);
 
   const app = createApp(ctx);

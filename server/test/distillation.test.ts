@@ -137,7 +137,7 @@ describe.each(DATABASES)('distillation on %s', (db) => {
       export_gguf: false,
     });
     expect(claimed.inputs.map((i) => [i.role, i.name])).toEqual([['prompts', 'prompts.jsonl']]);
-    const prompts = await fakeWorker(server).download(claimed.inputs[0]!.download_url);
+    const prompts = await fakeWorker(server).download(claimed.inputs[0]!.download_url, claimed.lease_token);
     expect(await prompts.text()).toBe('{"prompt":"one"}\n{"prompt":"two"}\n');
     const got = await (await server.api(`/v1/distillation/${job.id}`)).json();
     expect(got).toMatchObject({ status: 'running', phase: 'initializing' });

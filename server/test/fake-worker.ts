@@ -85,8 +85,12 @@ export function fakeWorker(server: TestServer, workerId = 'worker-1') {
         headers: { 'content-type': 'application/octet-stream', 'x-lease-token': token },
       });
     },
-    download: (url: string, range?: string) =>
-      server.api(url, { key: server.workerToken, headers: range ? { range } : {} }),
+    /** Downloads are opened by the lease of a job that reads the file. */
+    download: (url: string, token: string, range?: string) =>
+      server.api(url, {
+        key: server.workerToken,
+        headers: { 'x-lease-token': token, ...(range ? { range } : {}) },
+      }),
   };
 }
 

@@ -33,7 +33,9 @@ describe.each(DATABASES)('lease expiry over HTTP on %s', (db) => {
     const taken = (await second.claim())!;
     expect(taken).toMatchObject({ job_id: id, attempt: 2, log_seq: 1 });
     expect(taken.resume_from).toMatchObject({ name: 'checkpoint-3', step: 3 });
-    expect(await (await second.download(taken.resume_from!.download_url)).text()).toBe('state');
+    expect(await (await second.download(taken.resume_from!.download_url, taken.lease_token)).text()).toBe(
+      'state',
+    );
 
     const stale = [
       await first.heartbeat(id, lost.lease_token),

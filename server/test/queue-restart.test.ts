@@ -5,6 +5,7 @@ import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createKey } from '../src/auth.js';
 import { loadConfig } from '../src/config.js';
+import { rescueExpiredLeases } from '../src/queue/rescue.js';
 import { type RunningServer, startServer } from '../src/server.js';
 import { fakeWorker } from './fake-worker.js';
 import { DATABASES, type DatabaseChoice, type TestServer } from './harness.js';
@@ -122,4 +123,58 @@ describe.each(DATABASES)('server restart mid-job on %s', (db) => {
       await second.close();
     }
   }, 120_000); // two full server starts on a file-backed database: slow on a busy machine
+});
+
+describe.each(DATABASES)('leases that lapse while the server is down on %s', (db) => {
+  let database: Awaited<ReturnType<typeof durableDatabase>>;
+  beforeAll(async () => {
+    database = await durableDatabase(db);
+  });
+  afterAll(async () => {
+    await database?.drop();
+  });
+
+  // The first server never sweeps on its own; the second's passes are run by the test.
+  const start = () =>
+    startServer(
+      loadConfig({ port: 0, dataDir: database.dataDir, databaseUrl: database.url, sweepIntervalMs: 60_000 }),
+      { quiet: true },
+    );
+
+  it('are extended at start, so the worker keeps its job and no attempt is spent', async () => {
+    const first = await start();
+    const key = first.adminKey!;
+    const workerToken = await createKey(first.ctx.knex, { kind: 'worker' });
+    let server = asTestServer(first, key, workerToken, database.dataDir);
+    const created = await server.api('/v1/training/jobs', {
+      method: 'POST',
+      json: { base_model: 'smollm2-135m-instruct', train_texts: ['a', 'b'], max_steps: 8 },
+    });
+    const id = (await created.json()).id;
+    const job = (await fakeWorker(server).claim())!;
+    // The server stays down for longer than the lease: when it is back, the lease has lapsed.
+    await first.ctx
+      .knex('jobs')
+      .where({ id })
+      .update({ lease_expires_at: first.ctx.knex.raw(`now() - interval '1 hour'`) });
+    await first.close();
+
+    const second = await start();
+    try {
+      server = asTestServer(second, key, workerToken, database.dataDir);
+      // The sweeper's first pass after the start rescues nothing ...
+      expect(await rescueExpiredLeases(second.ctx, 100)).toEqual({ retried: 0, cancelled: 0, failed: 0 });
+      // ... so the worker, heartbeating again, still holds its job, on its first attempt.
+      expect((await fakeWorker(server).heartbeat(id, job.lease_token)).status).toBe(200);
+      const row = await second.ctx.knex('jobs').where({ id }).first();
+      expect(row).toMatchObject({ status: 'running', attempt: 1, retries: 0 });
+      const kinds = (await second.ctx.knex('job_events').where({ job_id: id }).orderBy('seq')).map(
+        (e) => e.kind,
+      );
+      expect(kinds).toContain('lease_extended');
+      expect(kinds).not.toContain('retry');
+    } finally {
+      await second.close();
+    }
+  }, 120_000);
 });

@@ -565,7 +565,7 @@ describe.each(DATABASES)('training jobs on %s', (db) => {
       const again = (await worker.claim())!;
       expect(again).toMatchObject({ job_id: id, attempt: 2 });
       expect(again.resume_from).toMatchObject({ name: 'checkpoint-2', step: 2 });
-      const bytes = await worker.download(again.resume_from!.download_url);
+      const bytes = await worker.download(again.resume_from!.download_url, again.lease_token);
       expect(await bytes.text()).toBe('two');
 
       await worker.fail(id, again.lease_token, { code: 'training_error', message: 'x' }, false);

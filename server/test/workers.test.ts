@@ -84,7 +84,7 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
     });
     expect(job.inputs).toHaveLength(1);
     expect(job.inputs[0]).toMatchObject({ role: 'dataset', name: 'data.jsonl' });
-    const dataset = await worker.download(job.inputs[0]!.download_url);
+    const dataset = await worker.download(job.inputs[0]!.download_url, job.lease_token);
     expect(await dataset.text()).toBe('{"text":"hello world"}\n{"text":"good night"}\n');
     const token = job.lease_token;
 
@@ -422,7 +422,7 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
     const unknown = await worker.heartbeat('job_missing', job.lease_token);
     expect(unknown.status).toBe(404);
     expect((await unknown.json()).error.code).toBe('job_not_found');
-    expect((await worker.download('/v1/workers/files/file_missing')).status).toBe(404);
+    expect((await worker.download('/v1/workers/files/file_missing', job.lease_token)).status).toBe(404);
     expect((await server.api(`/v1/workers/files/${job.inputs[0]!.file_id}`)).status).toBe(401); // a user key
   });
 

@@ -29,6 +29,7 @@ class FakeState:
     leases: dict[str, str] = field(default_factory=dict)  # job_id → the live lease token
     cancel: set[str] = field(default_factory=set)
     files: dict[str, bytes] = field(default_factory=dict)  # file_id → content
+    file_jobs: dict[str, str] = field(default_factory=dict)  # file_id → the job that reads it
     claims: list[dict[str, Any]] = field(default_factory=list)
     heartbeats: list[dict[str, Any]] = field(default_factory=list)
     logs: dict[str, dict[int, dict[str, Any]]] = field(default_factory=lambda: defaultdict(dict))
@@ -45,6 +46,7 @@ class FakeState:
     completed: dict[str, dict[str, Any]] = field(default_factory=dict)
     failed: dict[str, dict[str, Any]] = field(default_factory=dict)
     cancelled: set[str] = field(default_factory=set)
+    released: set[str] = field(default_factory=set)  # handed back on shutdown (pending again)
     requests: list[tuple[str, str]] = field(default_factory=list)
     # route name → faults to apply to its next requests: an int status, a (status, code) error,
     # "drop", "truncate" (downloads) or "cut" (uploads: half the body arrives, then a drop).
@@ -58,6 +60,7 @@ class FakeTunery:
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self.port = port
+        self.down = False
 
     # --- control ------------------------------------------------------------------------------------
 
@@ -69,6 +72,12 @@ class FakeTunery:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
+    def go_down(self) -> None:
+        """The server process dies: new connections are refused, and kept-alive ones are dropped at
+        their next request instead of being answered."""
+        self.down = True
+        self.stop()
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
@@ -79,9 +88,12 @@ class FakeTunery:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def add_file(self, content: bytes) -> dict[str, Any]:
+    def add_file(self, content: bytes, job_id: str | None = None) -> dict[str, Any]:
+        """A file to download; one a job reads opens only with that job's live lease, like the server."""
         file_id = f"file_{uuid.uuid4().hex[:10]}"
         self.state.files[file_id] = content
+        if job_id is not None:
+            self.state.file_jobs[file_id] = job_id
         return {
             "file_id": file_id,
             "download_url": f"/v1/workers/files/{file_id}",
@@ -110,7 +122,9 @@ class FakeTunery:
             "lease_seconds": lease_seconds,
             "log_seq": log_seq,
             "spec": spec,
-            "inputs": [{"role": role, "name": name, **self.add_file(data)} for role, name, data in inputs],
+            "inputs": [
+                {"role": role, "name": name, **self.add_file(data, job_id)} for role, name, data in inputs
+            ],
             "resume_from": None,
         }
         if resume is not None:
@@ -118,7 +132,7 @@ class FakeTunery:
             job["resume_from"] = {
                 "name": name,
                 "step": step,
-                "download_url": self.add_file(data)["download_url"],
+                "download_url": self.add_file(data, job_id)["download_url"],
             }
         with self.lock:
             self.state.queue.append(job)
@@ -157,7 +171,7 @@ ROUTES = [
     ),
     (
         "POST",
-        re.compile(r"^/v1/workers/jobs/(?P<job>[^/]+)/(?P<action>complete|fail|cancelled)$"),
+        re.compile(r"^/v1/workers/jobs/(?P<job>[^/]+)/(?P<action>complete|fail|cancelled|release)$"),
         "transition",
     ),
 ]
@@ -182,6 +196,10 @@ class _Handler(BaseHTTPRequestHandler):
     # --- plumbing -------------------------------------------------------------------------------------
 
     def _dispatch(self, method: str) -> None:
+        if self.fake.down:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return None
         url = urlparse(self.path)
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         state = self.fake.state
@@ -352,6 +370,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _file(self, ids: dict[str, str], _: bytes, __: dict[str, str], fault: Any) -> None:
         data = self.fake.state.files.get(ids["file"])
+        reader = self.fake.state.file_jobs.get(ids["file"])
+        if reader is not None and self.fake.state.leases.get(reader) != self.headers.get("X-Lease-Token"):
+            data = None  # another job's file, or no live lease: as if it did not exist
         if data is None:
             return self._error(404, "not_found")
         start, status = 0, 200
@@ -390,6 +411,9 @@ class _Handler(BaseHTTPRequestHandler):
                     "retryable": request.get("retryable", True),
                 }
                 status = "failed"
+            elif ids["action"] == "release":
+                state.released.add(job_id)
+                status = "pending"
             else:
                 state.cancelled.add(job_id)
                 status = "cancelled"

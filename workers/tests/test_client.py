@@ -282,3 +282,22 @@ def test_transport_errors_surface_after_the_budget() -> None:
     client = make_client(f"http://127.0.0.1:{port}", Sleeps(), retry_seconds=0)
     with pytest.raises(httpx.ConnectError):
         client.claim("w1", CAPS, wait_seconds=0)
+
+
+def test_a_shutdown_bound_stops_retrying_against_a_dead_server(server: FakeTunery, tmp_path: Path) -> None:
+    sleeps = Sleeps()
+    client = make_client(server.url, sleeps, retry_seconds=300)
+    job = claimed(server, client)
+    server.go_down()
+    client.stop_retrying_after(0)
+    with pytest.raises(httpx.TransportError):
+        client.release(job["job_id"], job["lease_token"])
+    with pytest.raises(httpx.TransportError):
+        client.download("/v1/workers/files/file_x", tmp_path / "f")
+    # One try each, no backoff: the shutdown bound had passed.
+    assert sleeps == []
+    # A later, longer bound does not lift an earlier one.
+    client.stop_retrying_after(600)
+    with pytest.raises(httpx.TransportError):
+        client.heartbeat(job["job_id"], job["lease_token"])
+    assert sleeps == []

@@ -283,7 +283,7 @@ def test_an_unauthorized_outcome_report_stops_the_worker(
     assert [job["job_id"] for job in server.state.queue] == [second]
 
 
-def test_shutdown_checkpoints_and_fails_retryable(
+def test_shutdown_checkpoints_and_hands_the_job_back(
     server: FakeTunery, worker: Worker, tiny_llama: Path
 ) -> None:
     job_id = server.enqueue(
@@ -300,8 +300,8 @@ def test_shutdown_checkpoints_and_fails_retryable(
     threading.Thread(target=shutdown_once_training, daemon=True).start()
     worker.once = True
     assert worker.run() == 0
-    failure = server.state.failed[job_id]
-    assert failure["error"]["code"] == "worker_shutdown" and failure["retryable"] is True
+    # Handed back, not failed: the server gives the attempt back instead of counting a retry.
+    assert server.state.released == {job_id} and job_id not in server.state.failed
     assert len(server.state.checkpoints[job_id]) == 1
 
 
@@ -402,6 +402,64 @@ def test_sigterm_checkpoints_and_hands_the_job_back(
     finally:
         if process.poll() is None:
             process.kill()
-    failure = server.state.failed[job_id]
-    assert failure["error"]["code"] == "worker_shutdown" and failure["retryable"] is True
+    assert server.state.released == {job_id} and job_id not in server.state.failed
     assert len(server.state.checkpoints[job_id]) == 1
+
+
+def start_cli_worker(server: FakeTunery, tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "tunery_worker.cli", "--server", server.url, "--token", TOKEN]
+    command += ["--device", "cpu", "--once", "--wait-seconds", "5", "--workdir", str(tmp_path / "w"), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        command, cwd=Path(__file__).parents[1], env=env, stderr=subprocess.PIPE, text=True
+    )
+
+
+def training_with_server_gone(server: FakeTunery, tiny_llama: Path, process: subprocess.Popen[str]) -> str:
+    """Waits until the worker trains a long job, then takes the server down."""
+    job_id = server.enqueue(
+        "finetune",
+        finetune_spec(tiny_llama, max_steps=100_000, save_steps=100_000, logging_steps=50),
+        inputs=[("dataset", "train.jsonl", DATASET)],
+    )
+    deadline = time.monotonic() + 60
+    while "training" not in server.state.phases.get(job_id, []):
+        assert process.poll() is None and time.monotonic() < deadline, (
+            process.stderr and process.stderr.read()
+        )
+        time.sleep(0.1)
+    server.go_down()
+    return job_id
+
+
+def test_sigterm_with_the_server_down_exits_after_the_grace(
+    server: FakeTunery, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """The hand-back cannot reach the server: the worker gives up after --shutdown-grace and exits."""
+    process = start_cli_worker(server, tmp_path, "--shutdown-grace", "3")
+    try:
+        job_id = training_with_server_gone(server, tiny_llama, process)
+        process.send_signal(signal.SIGTERM)
+        # Without the bound, the client retries for its full 300 s at every step of the hand-back.
+        assert process.wait(timeout=90) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert job_id not in server.state.released and job_id not in server.state.failed
+
+
+def test_a_second_sigterm_exits_at_once(server: FakeTunery, tiny_llama: Path, tmp_path: Path) -> None:
+    process = start_cli_worker(server, tmp_path, "--shutdown-grace", "600")
+    try:
+        training_with_server_gone(server, tiny_llama, process)
+        process.send_signal(signal.SIGTERM)
+        # Signals of one kind do not queue: the second is sent once the first was handled.
+        assert process.stderr is not None
+        for line in process.stderr:
+            if "shutting down" in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -2,11 +2,14 @@
 
     tunery-worker [run] --server URL --token T [--device auto|cuda|cpu] [--concurrency N]
                         [--worker-id ID] [--workdir DIR] [--once] [--wait-seconds S]
+                        [--shutdown-grace S]
     tunery-worker make-tiny-model DIR [--arch llama|qwen2] [--seed N]
 
 `run` is the default subcommand, so `tunery-worker --server …` works too. The server URL and token
 also come from TUNERY_SERVER_URL and TUNERY_WORKER_TOKEN. SIGTERM (or a first Ctrl-C) shuts down
-gracefully: running jobs checkpoint and go back to the queue; a second Ctrl-C exits at once.
+gracefully: running jobs checkpoint and are handed back to the queue, talking to the server for at
+most `--shutdown-grace` seconds more (an unreachable server is not waited out); a second SIGTERM or
+Ctrl-C exits at once.
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--wait-seconds", type=float, default=20.0, help="claim long-poll time, 0-30 (default 20)"
     )
+    run.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="after SIGTERM, stop retrying requests to the server after this many seconds (default 30)",
+    )
     run.add_argument("--keep-workdir", action="store_true", help="keep each attempt's files after it ends")
     run.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
 
@@ -94,6 +103,8 @@ def run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         parser.error("--concurrency must be at least 1")
     if not 0 <= args.wait_seconds <= 30:
         parser.error("--wait-seconds must be between 0 and 30")
+    if args.shutdown_grace < 0:
+        parser.error("--shutdown-grace must be at least 0")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -116,6 +127,7 @@ def run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         once=args.once,
         wait_seconds=args.wait_seconds,
         keep_workdir=args.keep_workdir,
+        shutdown_grace=args.shutdown_grace,
         **options,
     )
     previous = install_signal_handlers(worker)
@@ -129,19 +141,23 @@ def run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def install_signal_handlers(worker: Any) -> dict[int, Any]:
-    """SIGTERM and a first Ctrl-C shut down gracefully; returns the handlers they replaced."""
+    """SIGTERM and a first Ctrl-C shut down gracefully; a second of either exits at once. Returns the
+    handlers they replaced."""
 
-    def graceful(signum: int, _frame: Any) -> None:
+    def on_signal(signum: int, _frame: Any) -> None:
+        if worker.shutdown_requested:
+            # "Now": the jobs' leases expire on the server, which requeues them. os._exit, not
+            # SystemExit: an interpreter shutdown with job threads still writing can abort or hang.
+            logging.getLogger("tunery_worker").warning("second signal: exiting now")
+            sys.stderr.flush()
+            os._exit(128 + signum)
         worker.request_shutdown()
-        # A second Ctrl-C means "now": restore the default so it raises KeyboardInterrupt.
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     previous: dict[int, Any] = {
         signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)
     }
     for signum in previous:
-        signal.signal(signum, graceful)
+        signal.signal(signum, on_signal)
     return previous
 
 

@@ -2,7 +2,8 @@
 
 One core method, `_request`, owns transport: auth header, timeouts, and retries. Each protocol
 operation is a short method on top of it. Retries use capped exponential backoff with jitter and
-give up after `retry_seconds` in total, so a worker rides out a server restart but not an outage.
+give up after `retry_seconds` in total, so a worker rides out a server restart but not an outage
+(and, once the worker shuts down, after its shutdown grace: `stop_retrying_after`).
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ class WorkerClient:
         base = base.removesuffix("/v1")
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
+        self._give_up_at: float | None = None  # set on shutdown: no retry goes past it
         self._http = httpx.Client(
             base_url=base,
             headers={"Authorization": f"Bearer {token}", "User-Agent": f"tunery-worker/{__version__}"},
@@ -113,6 +115,25 @@ class WorkerClient:
 
     def close(self) -> None:
         self._http.close()
+
+    def stop_retrying_after(self, seconds: float) -> None:
+        """From now on, give up retrying once `seconds` have passed (a shutdown must not wait out an
+        outage: the jobs' leases expire on the server anyway). An earlier bound stands."""
+        give_up_at = time.monotonic() + seconds
+        if self._give_up_at is None or give_up_at < self._give_up_at:
+            self._give_up_at = give_up_at
+
+    def _out_of_time(self, started: float) -> bool:
+        now = time.monotonic()
+        return now - started > self.retry.retry_seconds or (
+            self._give_up_at is not None and now >= self._give_up_at
+        )
+
+    def _backoff(self, delay: float) -> None:
+        """Sleep before a retry, never past the shutdown bound."""
+        if self._give_up_at is not None:
+            delay = min(delay, max(0.0, self._give_up_at - time.monotonic()))
+        self._sleep(delay)
 
     # --- transport --------------------------------------------------------------------------------------
 
@@ -154,7 +175,7 @@ class WorkerClient:
                     stream.close()  # a generator's close() closes the file it reads
             if response is not None and response.status_code in ok:
                 return response
-            if not should_retry(response, error) or time.monotonic() - started > self.retry.retry_seconds:
+            if not should_retry(response, error) or self._out_of_time(started):
                 if response is None:
                     assert error is not None
                     raise error
@@ -169,7 +190,7 @@ class WorkerClient:
                 error or f"HTTP {response.status_code if response is not None else '?'}",
                 delay,
             )
-            self._sleep(delay)
+            self._backoff(delay)
             attempt += 1
 
     def _retry_after(self, response: httpx.Response | None) -> float | None:
@@ -325,23 +346,32 @@ class WorkerClient:
         return int(answer["received_bytes"])
 
     def download(
-        self, url: str, dest: Path, sha256: str | None = None, size_bytes: int | None = None
+        self,
+        url: str,
+        dest: Path,
+        sha256: str | None = None,
+        size_bytes: int | None = None,
+        *,
+        lease_token: str | None = None,
     ) -> Path:
-        """Stream `url` to `dest`, resuming with Range after a broken connection; verify the checksum."""
+        """Stream `url` to `dest`, resuming with Range after a broken connection; verify the checksum.
+
+        Job files open only with the lease of the job that reads them (`X-Lease-Token`).
+        """
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(dest.name + ".part")
         partial.unlink(missing_ok=True)
         started, attempt = time.monotonic(), 0
         while True:
             try:
-                self._download_once(url, partial)
+                self._download_once(url, partial, lease_token)
                 break
             except (httpx.TransportError, _RetryableStatus) as err:
-                if time.monotonic() - started > self.retry.retry_seconds:
+                if self._out_of_time(started):
                     raise
                 delay = self.retry.delay(attempt)
                 log.warning("download of %s broke (%s); resuming in %.1fs", url, err, delay)
-                self._sleep(delay)
+                self._backoff(delay)
                 attempt += 1
         if size_bytes is not None and partial.stat().st_size != size_bytes:
             raise ProtocolError(
@@ -352,9 +382,11 @@ class WorkerClient:
         partial.replace(dest)
         return dest
 
-    def _download_once(self, url: str, partial: Path) -> None:
+    def _download_once(self, url: str, partial: Path, lease_token: str | None) -> None:
         have = partial.stat().st_size if partial.exists() else 0
         headers = {"Range": f"bytes={have}-"} if have else {}
+        if lease_token:
+            headers["X-Lease-Token"] = lease_token
         with self._http.stream("GET", url, headers=headers) as response:
             if response.status_code == 416:  # we already hold every byte
                 return
@@ -378,6 +410,10 @@ class WorkerClient:
 
     def cancelled(self, job_id: str, lease_token: str) -> dict[str, Any]:
         return self._transition(job_id, "cancelled", {"lease_token": lease_token})
+
+    def release(self, job_id: str, lease_token: str) -> dict[str, Any]:
+        """Hand the job back on shutdown: pending again at once, and the attempt does not count."""
+        return self._transition(job_id, "release", {"lease_token": lease_token})
 
     def _transition(self, job_id: str, action: str, payload: dict[str, Any]) -> dict[str, Any]:
         answer: dict[str, Any] = self._request(

@@ -273,6 +273,9 @@ class Worker:
     once: bool = False  # each slot runs at most one job, and stops after one empty long-poll
     wait_seconds: float = 20.0
     keep_workdir: bool = False  # keep each attempt's files (debugging); removed by default
+    # After a shutdown request, requests stop retrying after this long: a worker whose server is down
+    # still exits (its leases expire on the server, and the jobs go back to the queue anyway).
+    shutdown_grace: float = 30.0
 
     def __post_init__(self) -> None:
         self._shutdown = threading.Event()
@@ -313,11 +316,25 @@ class Worker:
             return 2
         return 0
 
+    @property
+    def shutdown_requested(self) -> bool:
+        return self._shutdown.is_set()
+
     def request_shutdown(self) -> None:
-        """Stop claiming; running jobs stop at their next step, checkpoint, and are failed as retryable."""
-        if not self._shutdown.is_set():
-            log.info("shutting down: running jobs checkpoint and go back to the queue")
+        """Stop claiming; running jobs stop at their next step, checkpoint, and are handed back.
+
+        Talking to the server is bounded by `shutdown_grace` from here on, so that an unreachable
+        server cannot keep the worker from exiting.
+        """
+        first = not self._shutdown.is_set()
+        # Set before anything else: a second signal arriving meanwhile must see the shutdown under way.
         self._shutdown.set()
+        if first:
+            self.client.stop_retrying_after(self.shutdown_grace)
+            log.info(
+                "shutting down: running jobs checkpoint and go back to the queue (at most %.0fs more)",
+                self.shutdown_grace,
+            )
         with self._active_lock:
             for ctx in self._active.values():
                 ctx.request_stop("shutdown")
@@ -366,7 +383,10 @@ class Worker:
     # --- one attempt ----------------------------------------------------------------------------------
 
     def run_job(self, job: dict[str, Any]) -> str:
-        """Run one claimed attempt to its end; returns the outcome (completed|failed|cancelled|dropped)."""
+        """Run one claimed attempt to its end; returns how it ended.
+
+        One of completed, failed, cancelled, released (handed back on shutdown) or dropped.
+        """
         job_id, token = job["job_id"], job["lease_token"]
         workdir = self.workdir / job_id / f"attempt-{job['attempt']}"
         workdir.mkdir(parents=True, exist_ok=True)
@@ -416,6 +436,11 @@ class Worker:
             log.warning("[%s] lease lost; dropping the job", job_id)
             return "dropped"
         except Exception as exc:
+            if ctx.stop_reason == "shutdown":
+                # e.g. the final checkpoint's upload gave up on an unreachable server: hand back
+                # what the last uploaded checkpoint holds rather than report a failure.
+                log.warning("[%s] stopping for shutdown: %s", job_id, exc)
+                return self._stopped(ctx)
             failure = (
                 Failure("invalid_config", str(exc), False)
                 if isinstance(exc, UnknownJobType)
@@ -444,8 +469,19 @@ class Worker:
             except LeaseLost:
                 return "dropped"
             return "cancelled"
-        # Shutdown: whatever was checkpointed resumes on the next attempt.
-        return self._fail(ctx, Failure("worker_shutdown", "the worker shut down; the job will resume", True))
+        # Shutdown: hand the job back (not a failure: no retry is used up); whatever was checkpointed
+        # resumes on the next attempt. If the server cannot be reached, the lease expires there instead.
+        ctx.log("worker shutting down: handing the job back")
+        ctx.flush_quietly()
+        try:
+            self.client.release(ctx.job_id, ctx.lease_token)
+        except LeaseLost:
+            return "dropped"
+        except Exception as err:  # the server stayed unreachable for the whole shutdown grace
+            log.warning("[%s] could not hand the job back (%s); its lease will expire", ctx.job_id, err)
+            return "dropped"
+        log.info("[%s] handed back", ctx.job_id)
+        return "released"
 
     def _fail(self, ctx: RemoteJobContext, failure: Failure) -> str:
         ctx.log(f"error ({failure.code}): {failure.message}", stream="stderr")
@@ -467,7 +503,13 @@ class Worker:
             for item in items:
                 # Names are flat per the protocol; Path.name keeps a hostile one inside role_dir anyway.
                 dest = role_dir / Path(item["name"]).name
-                self.client.download(item["download_url"], dest, item.get("sha256"), item.get("size_bytes"))
+                self.client.download(
+                    item["download_url"],
+                    dest,
+                    item.get("sha256"),
+                    item.get("size_bytes"),
+                    lease_token=job["lease_token"],
+                )
             single = len(items) == 1 and role not in DIRECTORY_ROLES
             paths[role] = role_dir / Path(items[0]["name"]).name if single else role_dir
         return paths
@@ -477,7 +519,7 @@ class Worker:
         if not resume:
             return None
         dest = into / f"{Path(resume['name']).name}.pt"
-        return self.client.download(resume["download_url"], dest)
+        return self.client.download(resume["download_url"], dest, lease_token=job["lease_token"])
 
 
 __all__ = ["ProtocolError", "RemoteJobContext", "Worker", "json_safe", "rfc3339"]

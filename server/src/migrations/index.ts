@@ -1,6 +1,7 @@
 import type { Knex } from 'knex';
 import { init } from './001_init.js';
 import { secretsKeys } from './002_secrets_keys.js';
+import { budgetReservations } from './004_budget_idem.js';
 
 export interface Migration {
   name: string;
@@ -9,4 +10,4 @@ export interface Migration {
 }
 
 /** Every migration, in order. Add new ones at the end; never edit one that has shipped. */
-export const migrations: Migration[] = [init, secretsKeys];
+export const migrations: Migration[] = [init, secretsKeys, budgetReservations];

@@ -1,6 +1,7 @@
 import type { Knex } from 'knex';
 import type { AppContext } from '../context.js';
 import { badRequest } from '../errors.js';
+import { reservableUsd, reserveBudget } from '../services/budget.js';
 import { recordEvent } from './events.js';
 import { notifyAfterCommit } from './notify.js';
 import type { JobKind, JobRow } from './types.js';
@@ -26,6 +27,8 @@ export interface EnqueueInput {
   priority?: number;
   maxAttempts?: number;
   totalSteps?: number | null;
+  /** The job's estimated cost, reserved against the tenant's budget (402 when it does not fit). */
+  estimatedUsd?: number;
 }
 
 /**
@@ -50,23 +53,30 @@ const initialPhase = (kind: JobKind) => (kind === 'distillation' ? 'initializing
 /**
  * Puts a new job in the queue as `pending`, runnable now, and records its `created` event.
  * `db` may be a transaction: waiting claims are woken only once it commits, so they never look
- * for a row they cannot see yet.
+ * for a row they cannot see yet. A job with an estimated cost first reserves it against the
+ * tenant's budget, in the same transaction as its row.
  */
 export async function enqueueJob(
   ctx: Pick<AppContext, 'knex' | 'dbKind' | 'queueSignal' | 'secretBox'>,
   db: Knex | Knex.Transaction,
   input: EnqueueInput,
 ): Promise<JobRow> {
+  const reservedUsd = reservableUsd(input.estimatedUsd ?? 0);
+  if (reservedUsd > 0) {
+    // The budget's row lock must last until the job row commits: without a transaction it would not.
+    if (!db.isTransaction) return ctx.knex.transaction((trx) => enqueueJob(ctx, trx, input));
+    await reserveBudget(db as Knex.Transaction, input.tenantId, reservedUsd);
+  }
   const result = await db.raw(
     `
     INSERT INTO jobs (
       id, tenant_id, kind, type, method, status, phase, name, description, priority,
       config, secrets, base_model, dataset_id, parent_job_id, model_id, required_device,
-      max_attempts, total_steps, run_at, created_at, updated_at
+      max_attempts, total_steps, cost_reserved, run_at, created_at, updated_at
     ) VALUES (
       :id, :tenantId, :kind, :type, :method, 'pending', :phase, :name, :description, :priority,
       :config::jsonb, :secrets::jsonb, :baseModel, :datasetId, :parentJobId, :modelId, :requiredDevice,
-      :maxAttempts, :totalSteps,
+      :maxAttempts, :totalSteps, :reservedUsd,
       -- runnable at once; the database clock is the only clock the queue trusts
       now(), now(), now()
     )
@@ -90,6 +100,7 @@ export async function enqueueJob(
       requiredDevice: input.requiredDevice ?? null,
       maxAttempts: input.maxAttempts ?? 5,
       totalSteps: input.totalSteps ?? null,
+      reservedUsd,
     },
   );
   const job = result.rows[0] as JobRow;

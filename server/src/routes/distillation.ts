@@ -14,7 +14,6 @@ import { newId } from '../ids.js';
 import { cancelJob } from '../queue/cancel.js';
 import { enqueueJob } from '../queue/enqueue.js';
 import type { Db } from '../queue/lease.js';
-import { assertWithinBudget } from '../services/budget.js';
 import { storeDataset } from '../services/datasets.js';
 import {
   type DistillationPlan,
@@ -78,7 +77,6 @@ export const distillationRoutes: Routes = {
     const tenantId = checkTenantParam(req, body.tenant_id);
     const { id } = await idempotent(ctx, req, 'distillation_jobs', 'job', async (id) => {
       const plan = await planDistillationJob(ctx, tenantId, body);
-      await assertWithinBudget(ctx, tenantId, plan.estimatedUsd);
       // The new dataset's file and the job's prompts input are written inside the transaction but
       // outlive its rollback (a failed create leaves no job that could own anything under jobs/<id>).
       const newDatasetId = newId('ds');
@@ -110,6 +108,7 @@ export const distillationRoutes: Routes = {
             datasetId,
             priority: body.priority,
             totalSteps: plan.config.training_steps as number,
+            estimatedUsd: plan.estimatedUsd,
           });
           await storePromptsInput(ctx, trx, tenantId, id, plan.prompts);
         }),

@@ -13,7 +13,6 @@ import {
 } from '../http.js';
 import { enqueueJob } from '../queue/enqueue.js';
 import type { JobRow } from '../queue/types.js';
-import { assertWithinBudget } from '../services/budget.js';
 import {
   type BaseModelRow,
   checkModelSource,
@@ -317,7 +316,6 @@ export const modelRoutes: Routes = {
           totalTokens: Math.min(maxExamples, dataset.num_examples) * BENCHMARK_TOKENS_PER_EXAMPLE,
         });
         await ctx.knex.transaction(async (trx) => {
-          await assertWithinBudget(ctx, tenantId, cost, trx);
           await enqueueJob(ctx, trx, {
             id: newJobId,
             tenantId,
@@ -336,6 +334,7 @@ export const modelRoutes: Routes = {
             datasetId: dataset.id,
             parentJobId: model.job_id,
             modelId: model.id,
+            estimatedUsd: cost,
           });
         });
       },

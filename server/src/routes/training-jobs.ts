@@ -16,7 +16,6 @@ import { cancelJob } from '../queue/cancel.js';
 import { enqueueJob } from '../queue/enqueue.js';
 import { resumeJob } from '../queue/resume.js';
 import type { JobRow } from '../queue/types.js';
-import { assertWithinBudget } from '../services/budget.js';
 import { storeDataset } from '../services/datasets.js';
 import { sendStoredFile } from '../services/downloads.js';
 import { idempotent } from '../services/idempotency.js';
@@ -90,13 +89,18 @@ export const trainingJobRoutes: Routes = {
     const body = sentBody<'createTrainingJob'>(res);
     const { id } = await idempotent(ctx, req, 'training_jobs', 'job', async (id) => {
       const plan = await planTrainingJob(ctx, tenantId, body);
-      await assertWithinBudget(ctx, tenantId, plan.estimatedUsd);
       // The new dataset's file is written inside the transaction but outlives its rollback.
       const newDatasetId = newId('ds');
       await removingOnFailure(ctx.storage, [['datasets', newDatasetId]], () =>
         ctx.knex.transaction(async (trx) => {
           const datasetId = await datasetIdFor(ctx, tenantId, plan.data, trx, newDatasetId);
-          await enqueueJob(ctx, trx, { ...plan.job, id, tenantId, datasetId });
+          await enqueueJob(ctx, trx, {
+            ...plan.job,
+            id,
+            tenantId,
+            datasetId,
+            estimatedUsd: plan.estimatedUsd,
+          });
         }),
       );
     });
@@ -160,8 +164,7 @@ export const trainingJobRoutes: Routes = {
       'job',
       async (id) => {
         const parent = await mergeParent(ctx, tenantId, parentId);
-        // merging reads and writes the weights once: no training tokens to bill in the estimate
-        await assertWithinBudget(ctx, tenantId, 0);
+        // merging reads and writes the weights once: no training tokens to reserve in the budget
         await enqueueJob(ctx, ctx.knex, { ...mergeJobPlan(parent, body), id, tenantId });
       },
       body,

@@ -1,18 +1,19 @@
 import type { Request, Response } from 'express';
 import type { AppContext } from '../context.js';
-import { badRequest, notFound } from '../errors.js';
+import { badRequest } from '../errors.js';
 import { type BodyOf, pathParam, type Routes, type Schemas } from '../http.js';
 import { acknowledgeCancel } from '../queue/acknowledge-cancel.js';
 import { claimJobWithWait } from '../queue/claim.js';
 import { completeJob } from '../queue/complete.js';
 import { failJob } from '../queue/fail.js';
 import { heartbeatJob } from '../queue/heartbeat.js';
+import { releaseJob } from '../queue/release.js';
 import { reportEvents } from '../queue/report-events.js';
 import { reportLogs } from '../queue/report-logs.js';
 import { reportMetrics } from '../queue/report-metrics.js';
 import type { JobRow } from '../queue/types.js';
 import { parseContentRange, receiveUpload, type UploadTarget, uploadOffset } from '../queue/upload.js';
-import { sendStoredFile } from '../services/downloads.js';
+import { fileForLease, sendStoredFile } from '../services/downloads.js';
 import { buildClaimedJob, MissingJobInput } from '../services/job-spec.js';
 
 /** Every worker route names its job in the path. */
@@ -158,9 +159,7 @@ export const workerRoutes: Routes = {
   },
 
   async downloadWorkerFile(req, res, ctx) {
-    const fileId = pathParam(req, 'file_id');
-    const file = await ctx.knex('files').where({ id: fileId }).first();
-    if (!file) throw notFound('file', fileId, 'file_id');
+    const file = await fileForLease(ctx, pathParam(req, 'file_id'), req.header('x-lease-token') ?? '');
     await sendStoredFile(ctx, req, res, file);
   },
 
@@ -177,6 +176,12 @@ export const workerRoutes: Routes = {
       message: body.error.message,
       retryable: body.retryable ?? true,
     });
+    res.json(transition(job) satisfies Schemas['TransitionResponse']);
+  },
+
+  async releaseJob(req, res, ctx) {
+    const body = req.body as BodyOf<'releaseJob'>;
+    const job = await releaseJob(ctx, jobIdOf(req), body.lease_token);
     res.json(transition(job) satisfies Schemas['TransitionResponse']);
   },
 

@@ -10,7 +10,6 @@ import { iso, type Schemas } from '../http.js';
 import { newId } from '../ids.js';
 import { enqueueJob } from '../queue/enqueue.js';
 import type { JobRow } from '../queue/types.js';
-import { assertWithinBudget } from './budget.js';
 import { resolveBaseModel } from './catalog.js';
 import { buildDatasetFromTrajectories, removeDataset } from './datasets.js';
 import { planTrainingJob, type TrainingJobCreate } from './training-request.js';
@@ -130,7 +129,6 @@ export async function maybeStartAutoTraining(ctx: AppContext, tenantId: string):
       dataset_id: dataset.id,
       run_name: `auto-training ${new Date().toISOString().slice(0, 16)}Z`,
     } as TrainingJobCreate);
-    await assertWithinBudget(ctx, tenantId, plan.estimatedUsd);
     const jobId = newId('job');
     const job = await ctx.knex.transaction(async (trx) => {
       // Claims the run: only if still due and nobody ran it since we looked (last_job_id changes
@@ -153,6 +151,7 @@ export async function maybeStartAutoTraining(ctx: AppContext, tenantId: string):
         tenantId,
         description: 'Started by auto-training from new trajectories.',
         datasetId: dataset.id,
+        estimatedUsd: plan.estimatedUsd,
       });
     });
     if (!job) {

@@ -1,3 +1,10 @@
+/**
+ * Budgets. A tenant's limit covers what its jobs have accrued plus what its live jobs (pending or
+ * running) may still cost: each job reserves its estimate when it is created, and the reservation
+ * stops counting once the job ends (only what it accrued stays spent). Reservations are taken under
+ * a lock on the tenant's row, so concurrent creates see each other's. Running jobs whose tenant went
+ * over the limit are stopped by the heartbeat (`queue/heartbeat.ts`).
+ */
 import type { Knex } from 'knex';
 import type { AppContext } from '../context.js';
 import { ApiError } from '../errors.js';
@@ -6,12 +13,37 @@ import type { Schemas } from '../http.js';
 const usd = (value: number) => `$${value.toFixed(2)}`;
 /** Money is kept to 4 decimals (the columns' scale); answers round to the same. */
 const money = (value: number) => Number(value.toFixed(4));
+/** An estimate as it is reserved: rounded up to the columns' scale, so the check and the hold agree. */
+export const reservableUsd = (estimate: number) => Math.ceil(Number((estimate * 1e4).toFixed(6))) / 1e4;
 
-/** What every job of the tenant has accrued (numeric comes back as a string from pg). */
-export async function spentUsd(db: Knex | Knex.Transaction, tenantId: string): Promise<number> {
-  const row = await db('jobs').where({ tenant_id: tenantId }).sum({ spent: 'cost_accrued' }).first();
-  return Number(row?.spent ?? 0);
+/** Job states whose unspent estimate is held against the budget. */
+const LIVE = `status IN ('pending', 'running')`;
+
+interface Spending {
+  /** What every job of the tenant has accrued. */
+  spent: number;
+  /** What live jobs may still cost: their reservations less what they accrued so far. */
+  reserved: number;
 }
+
+/** The tenant's spending (numeric comes back as a string from pg). */
+async function spendingOf(db: Knex | Knex.Transaction, tenantId: string): Promise<Spending> {
+  const result = await db.raw(
+    `
+    SELECT COALESCE(SUM(cost_accrued), 0) AS spent,
+      COALESCE(SUM(CASE WHEN ${LIVE} THEN GREATEST(cost_reserved - cost_accrued, 0) ELSE 0 END), 0) AS reserved
+    FROM jobs WHERE tenant_id = ?`,
+    [tenantId],
+  );
+  const row = result.rows[0] as { spent: string | number; reserved: string | number };
+  return { spent: Number(row.spent), reserved: Number(row.reserved) };
+}
+
+const limitOf = (row: { budget_limit_usd?: string | number | null } | undefined) =>
+  row?.budget_limit_usd == null ? null : Number(row.budget_limit_usd);
+
+const remainingOf = (limit: number, spending: Spending) =>
+  money(Math.max(0, limit - spending.spent - spending.reserved));
 
 /** The tenant's limit, spending and what is left (null limit: unlimited). */
 export async function getBudget(
@@ -19,14 +51,13 @@ export async function getBudget(
   tenantId: string,
   db: Knex | Knex.Transaction = ctx.knex,
 ): Promise<Schemas['Budget']> {
-  const tenant = await db('tenants').where({ id: tenantId }).first('budget_limit_usd');
-  const limit = tenant?.budget_limit_usd == null ? null : Number(tenant.budget_limit_usd);
-  const spent = await spentUsd(db, tenantId);
+  const limit = limitOf(await db('tenants').where({ id: tenantId }).first('budget_limit_usd'));
+  const spending = await spendingOf(db, tenantId);
   return {
     tenant_id: tenantId,
     limit_usd: limit,
-    spent_usd: money(spent),
-    remaining_usd: limit == null ? null : money(Math.max(0, limit - spent)),
+    spent_usd: money(spending.spent),
+    remaining_usd: limit == null ? null : remainingOf(limit, spending),
   };
 }
 
@@ -45,22 +76,37 @@ export async function setBudgetLimit(
 }
 
 /**
- * Refuses work whose estimated cost exceeds what is left of the tenant's budget:
- * `402 insufficient_credits`. No limit set means always allowed.
+ * Checks that `estimatedUsd` fits in what is left of the tenant's budget, holding the tenant's row
+ * lock until `trx` ends: the caller inserts the job (with `cost_reserved`) in the same transaction,
+ * so a concurrent create waits here and then counts this one. Refused: `402 insufficient_credits`.
+ * No limit set means always allowed.
  */
-export async function assertWithinBudget(
-  ctx: Pick<AppContext, 'knex'>,
+export async function reserveBudget(
+  trx: Knex.Transaction,
   tenantId: string,
   estimatedUsd: number,
-  db: Knex | Knex.Transaction = ctx.knex,
 ): Promise<void> {
-  const budget = await getBudget(ctx, tenantId, db);
-  if (budget.limit_usd == null || budget.remaining_usd == null) return;
-  if (estimatedUsd > budget.remaining_usd) {
+  // A separate statement before the sums: they must be read after the lock is ours, from a snapshot
+  // that includes the jobs whose creates held it before us (READ COMMITTED takes one per statement).
+  // NO KEY UPDATE, not UPDATE: the caller may already hold the key-share lock a foreign key to the
+  // tenant takes (its new dataset's row), and upgrading that to UPDATE deadlocks two creates.
+  const limit = limitOf(
+    await trx('tenants').where({ id: tenantId }).forNoKeyUpdate().first('budget_limit_usd'),
+  );
+  if (limit == null) return;
+  const remaining = remainingOf(limit, await spendingOf(trx, tenantId));
+  if (estimatedUsd > remaining) {
     throw new ApiError(
       402,
       'insufficient_credits',
-      `Estimated cost ${usd(estimatedUsd)} exceeds the ${usd(budget.remaining_usd)} left in your budget.`,
+      `Estimated cost ${usd(estimatedUsd)} exceeds the ${usd(remaining)} left in your budget.`,
     );
   }
+}
+
+/** Whether what the tenant's jobs accrued has gone past its limit (running jobs are then stopped). */
+export async function isOverBudget(db: Knex | Knex.Transaction, tenantId: string): Promise<boolean> {
+  const limit = limitOf(await db('tenants').where({ id: tenantId }).first('budget_limit_usd'));
+  if (limit == null) return false;
+  return (await spendingOf(db, tenantId)).spent > limit;
 }

@@ -2,7 +2,9 @@
 import { pipeline } from 'node:stream/promises';
 import type { Request, Response } from 'express';
 import type { AppContext } from '../context.js';
-import { ApiError } from '../errors.js';
+import { ApiError, notFound } from '../errors.js';
+import type { JobRow } from '../queue/types.js';
+import { filesOfJob } from './job-spec.js';
 
 export interface DownloadableFile {
   name: string;
@@ -66,4 +68,24 @@ export async function sendStoredFile(
     return;
   }
   await pipeline(ctx.storage.read(file.rel_path, range), res);
+}
+
+/**
+ * The file a worker asks for, when the job whose live lease it presents (`X-Lease-Token`) reads it:
+ * an input or one of the job's checkpoints. Anything else, including every file of another tenant's
+ * job, is 404 as if it did not exist: a worker token alone opens nothing.
+ */
+export async function fileForLease(
+  ctx: AppContext,
+  fileId: string,
+  leaseToken: string,
+): Promise<DownloadableFile> {
+  const missing = notFound('file', fileId, 'file_id');
+  const job = (await ctx.knex('jobs').where({ lease_token: leaseToken, status: 'running' }).first()) as
+    | JobRow
+    | undefined;
+  if (!job || !(await filesOfJob(ctx, job)).has(fileId)) throw missing;
+  const file = (await ctx.knex('files').where({ id: fileId }).first()) as DownloadableFile | undefined;
+  if (!file) throw missing;
+  return file;
 }

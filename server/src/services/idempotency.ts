@@ -31,7 +31,8 @@ export function idempotencyKeyOf(req: Request): string | undefined {
  * and reserved with the key, so a concurrent repeat finds it; `create(id)` must create the object
  * with exactly that id. Returns the id and whether this call was a repeat. A repeat whose body differs
  * is `409 idempotency_conflict`; one that arrives before the first call's object exists is
- * `409 request_in_progress` (clients retry it).
+ * `409 request_in_progress` (clients retry it), until the first call is older than
+ * `idempotencyStaleSeconds`: then it is taken to have died, and the repeat creates the object itself.
  */
 export async function idempotent(
   ctx: AppContext,
@@ -52,25 +53,24 @@ export async function idempotent(
   const requestHash = createHash('sha256')
     .update(stableJson(body ?? {}))
     .digest('hex');
-  const inserted = await ctx
+  const mine = { tenant_id: tenantId, scope, key, resource_id: id };
+  const reserved = await ctx
     .knex('idempotency_keys')
-    .insert({ tenant_id: tenantId, scope, key, request_hash: requestHash, resource_id: id })
+    .insert({ ...mine, request_hash: requestHash })
     .onConflict(['tenant_id', 'scope', 'key'])
     .ignore()
     .returning('resource_id');
-  if (inserted.length > 0) {
+  if (reserved.length > 0 || (await takeOverStaleKey(ctx, { ...mine, request_hash: requestHash }))) {
     try {
       await create(id);
     } catch (err) {
       // The key was never used for a real object: free it so the client can retry.
-      await ctx.knex('idempotency_keys').where({ tenant_id: tenantId, scope, key }).delete();
+      await ctx.knex('idempotency_keys').where(mine).delete();
       throw err;
     }
-    // Only now does the object exist: from here on a repeat may answer it.
-    await ctx
-      .knex('idempotency_keys')
-      .where({ tenant_id: tenantId, scope, key })
-      .update({ completed_at: ctx.knex.fn.now() });
+    // Only now does the object exist: from here on a repeat may answer it. (Matched on our id too: a
+    // create so slow that its key was taken over must not complete the newcomer's.)
+    await ctx.knex('idempotency_keys').where(mine).update({ completed_at: ctx.knex.fn.now() });
     return { id, repeat: false };
   }
   const existing = await ctx.knex('idempotency_keys').where({ tenant_id: tenantId, scope, key }).first();
@@ -89,6 +89,27 @@ export async function idempotent(
   // Reserved, but the first call has not finished creating its object yet.
   if (!existing.completed_at) throw inProgress();
   return { id: existing.resource_id as string, repeat: true };
+}
+
+/**
+ * A key whose create started longer ago than any create takes and never completed belongs to a
+ * request that died mid-way (the process crashed, the database connection broke): no object was
+ * made, so the key is as good as free. Takes it over for this request, atomically (of two newcomers
+ * only one wins); true when it did.
+ */
+async function takeOverStaleKey(
+  ctx: AppContext,
+  row: { tenant_id: string; scope: string; key: string; resource_id: string; request_hash: string },
+): Promise<boolean> {
+  const taken = await ctx
+    .knex('idempotency_keys')
+    .where({ tenant_id: row.tenant_id, scope: row.scope, key: row.key })
+    .whereNull('completed_at')
+    // the database clock, like every other deadline
+    .andWhereRaw('created_at < now() - make_interval(secs => ?)', [ctx.config.idempotencyStaleSeconds])
+    .update({ resource_id: row.resource_id, request_hash: row.request_hash, created_at: ctx.knex.fn.now() })
+    .returning('resource_id');
+  return taken.length > 0;
 }
 
 /** Forgets the keys that created an object, once it is deleted: a repeat then creates it anew. */

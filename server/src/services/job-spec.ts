@@ -146,13 +146,37 @@ function specOf(job: JobRow, secrets: Record<string, unknown>): Record<string, u
   return spec;
 }
 
-/** The whole ClaimedJob for a job this worker just leased; `MissingJobInput` when an input is gone. */
-export async function buildClaimedJob(ctx: AppContext, job: JobRow): Promise<Schemas['ClaimedJob']> {
-  const inputs = [
+/**
+ * Every file a job's worker may download: its inputs and its own checkpoints. A job whose input has
+ * gone has none (its claim fails it anyway).
+ */
+export async function filesOfJob(ctx: AppContext, job: JobRow): Promise<Set<string>> {
+  let inputs: JobInput[];
+  try {
+    inputs = await inputsOf(ctx, job);
+  } catch (err) {
+    if (err instanceof MissingJobInput) return new Set();
+    throw err;
+  }
+  const checkpoints = await ctx
+    .knex('files')
+    .where({ owner_kind: 'checkpoint', owner_id: job.id })
+    .pluck('id');
+  return new Set([...inputs.map((input) => input.file_id), ...checkpoints]);
+}
+
+/** The files a job reads; `MissingJobInput` when one is gone. */
+async function inputsOf(ctx: AppContext, job: JobRow): Promise<JobInput[]> {
+  return [
     ...(await datasetInputs(ctx, job)),
     ...(await preparedInputs(ctx, job)),
     ...(await modelInputs(ctx, job)),
   ];
+}
+
+/** The whole ClaimedJob for a job this worker just leased; `MissingJobInput` when an input is gone. */
+export async function buildClaimedJob(ctx: AppContext, job: JobRow): Promise<Schemas['ClaimedJob']> {
+  const inputs = await inputsOf(ctx, job);
   return {
     job_id: job.id,
     kind: job.kind,

@@ -1316,7 +1316,7 @@ export interface paths {
         };
         /**
          * Download a job input
-         * @description Streams a file a claimed job lists among its inputs (dataset, adapter, model files, checkpoint).
+         * @description Streams a file the job holding the presented lease reads: one of its inputs (dataset, adapter, model files) or one of its checkpoints. Any other file, or a lease that is no longer live, is `404` as if the file did not exist.
          */
         get: operations["downloadWorkerFile"];
         put?: never;
@@ -1391,6 +1391,29 @@ export interface paths {
          * @description After a heartbeat answered `cancel_requested`, the worker stopped; the job becomes `cancelled`.
          */
         post: operations["acknowledgeCancel"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/workers/jobs/{job_id}/release": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Hand a job back
+         * @description A worker shutting down gives its job back: the job returns to `pending` at once, to resume from its latest checkpoint, and the attempt does not count toward the job's retry limit (it did not fail). A job whose owner asked to cancel it becomes `cancelled` instead.
+         */
+        post: operations["releaseJob"];
         delete?: never;
         options?: never;
         head?: never;
@@ -2852,7 +2875,7 @@ export interface components {
             limit_usd: number | null;
             /** @description Accrued by all jobs. */
             spent_usd: number;
-            /** @description What is left; null when unlimited. */
+            /** @description What is left once pending and running jobs hold the rest of their estimated cost; null when unlimited. */
             remaining_usd: number | null;
         };
         /** @description New limit. */
@@ -3192,7 +3215,7 @@ export interface components {
                 "application/json": components["schemas"]["Error"];
             };
         };
-        /** @description The job's estimated cost exceeds the tenant's remaining budget (`insufficient_credits`). */
+        /** @description The job's estimated cost exceeds the tenant's remaining budget (`insufficient_credits`); each pending or running job holds its estimate until it ends. */
         PaymentRequired: {
             headers: {
                 [name: string]: unknown;
@@ -3423,7 +3446,7 @@ export interface components {
         TenantId: components["schemas"]["TenantId"];
         /** @description Makes the create safe to retry; the body's `idempotency_key` takes precedence. */
         IdempotencyKey: string;
-        /** @description The lease token of the attempt doing the upload. */
+        /** @description The lease token of the attempt doing the upload or download. */
         LeaseTokenHeader: string;
         /**
          * @description `bytes <first>-<last>/<total>`: the body is bytes first..last of a `total`-byte file, and
@@ -5374,7 +5397,7 @@ export interface operations {
                 step: number;
             };
             header: {
-                /** @description The lease token of the attempt doing the upload. */
+                /** @description The lease token of the attempt doing the upload or download. */
                 "X-Lease-Token": components["parameters"]["LeaseTokenHeader"];
                 /**
                  * @description `bytes <first>-<last>/<total>`: the body is bytes first..last of a `total`-byte file, and
@@ -5454,7 +5477,7 @@ export interface operations {
         parameters: {
             query?: never;
             header: {
-                /** @description The lease token of the attempt doing the upload. */
+                /** @description The lease token of the attempt doing the upload or download. */
                 "X-Lease-Token": components["parameters"]["LeaseTokenHeader"];
                 /**
                  * @description `bytes <first>-<last>/<total>`: the body is bytes first..last of a `total`-byte file, and
@@ -5533,7 +5556,9 @@ export interface operations {
     downloadWorkerFile: {
         parameters: {
             query?: never;
-            header?: {
+            header: {
+                /** @description The lease token of the attempt doing the upload or download. */
+                "X-Lease-Token": components["parameters"]["LeaseTokenHeader"];
                 /** @description A single byte range, e.g. `bytes=0-1023` or `bytes=1024-`. */
                 Range?: components["parameters"]["Range"];
             };
@@ -5638,6 +5663,39 @@ export interface operations {
         };
         responses: {
             /** @description The job is cancelled. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["TransitionResponse"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            409: components["responses"]["Conflict"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    releaseJob: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["LeaseBody"];
+            };
+        };
+        responses: {
+            /** @description The job is back in the queue (or cancelled). */
             200: {
                 headers: {
                     [name: string]: unknown;

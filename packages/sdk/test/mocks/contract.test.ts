@@ -330,14 +330,22 @@ describe('every mock response is valid against the spec', () => {
     );
     expect(checkpointOffset.body).toEqual({ received_bytes: 0 });
     const download = await fetch(`${BASE_URL}${inputs[0]!.download_url}`, {
-      headers: { Range: 'bytes=0-3' },
+      headers: { Range: 'bytes=0-3', 'X-Lease-Token': lease_token },
     });
     expect(download.status).toBe(206);
     await download.arrayBuffer();
-    await (await fetch(`${BASE_URL}${inputs[0]!.download_url}`)).arrayBuffer();
-    expect((await worker('GET', '/v1/workers/files/file_missing')).status).toBe(404);
+    const whole = await fetch(`${BASE_URL}${inputs[0]!.download_url}`, {
+      headers: { 'X-Lease-Token': lease_token },
+    });
+    await whole.arrayBuffer();
+    const leaseHeader = { 'X-Lease-Token': lease_token };
+    expect((await worker('GET', '/v1/workers/files/file_missing', undefined, leaseHeader)).status).toBe(404);
     expect(
-      (await worker('GET', inputs[0]!.download_url, undefined, { Range: 'bytes=1000000-' })).status,
+      (await worker('GET', inputs[0]!.download_url, undefined, { 'X-Lease-Token': 'stale' })).status,
+    ).toBe(404);
+    expect(
+      (await worker('GET', inputs[0]!.download_url, undefined, { ...leaseHeader, Range: 'bytes=1000000-' }))
+        .status,
     ).toBe(416);
     expect(
       (await worker('POST', `/v1/workers/jobs/${job_id}/heartbeat`, { lease_token: 'stale' })).status,
@@ -358,6 +366,15 @@ describe('every mock response is valid against the spec', () => {
       ...secondLease,
       error: { code: 'out_of_memory', message: 'OOM' },
     });
+    // A worker shutting down hands its job back: pending again at once.
+    const handedBack = (await worker('POST', '/v1/workers/claim', { worker_id: 'w1', capabilities }))
+      .body as {
+      job: Json;
+    };
+    const released = await worker('POST', `/v1/workers/jobs/${handedBack.job.job_id}/release`, {
+      lease_token: handedBack.job.lease_token,
+    });
+    expect(released.body).toMatchObject({ status: 'pending', will_retry: true });
     const again = (await worker('POST', '/v1/workers/claim', { worker_id: 'w2', capabilities })).body as {
       job: Json;
     };

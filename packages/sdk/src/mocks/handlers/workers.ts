@@ -208,7 +208,10 @@ export function workerHandlers({ router, state }: MockContext) {
 
   router.get('/v1/workers/files/{file_id}', 'downloadWorkerFile', ({ params, request, response }) => {
     const file = state.files.get(params.file_id);
-    if (!file) throw notFound('file', params.file_id, 'file_id');
+    // Like the server, a file opens only with a live lease (the mock does not check which job reads it).
+    const token = request.headers.get('x-lease-token');
+    const leased = [...state.leases.values()].some((lease) => lease.token === token);
+    if (!file || !leased) throw notFound('file', params.file_id, 'file_id');
     return response.untyped(fileResponse(file, request.headers.get('range')));
   });
 
@@ -241,6 +244,21 @@ export function workerHandlers({ router, state }: MockContext) {
       job.finished_at = now();
     }
     return response(200).json({ job_id: job.id, status: job.status, will_retry: false, run_at: null });
+  });
+
+  router.post('/v1/workers/jobs/{job_id}/release', 'releaseJob', async ({ params, request, response }) => {
+    const body = await request.json().catch(badJson);
+    const job = leasedJob(state, params.job_id, body.lease_token);
+    if (job.cancel_requested) {
+      finishCancel(state, job);
+      return response(200).json({ job_id: job.id, status: job.status, will_retry: false, run_at: null });
+    }
+    // Back to the queue at once; a hand-back does not count as a failed attempt.
+    state.leases.delete(job.id);
+    job.status = 'pending';
+    job.updated_at = now();
+    appendEvent(state, job.id, 'released', { by: 'worker' });
+    return response(200).json({ job_id: job.id, status: job.status, will_retry: true, run_at: now() });
   });
 
   router.post(
