@@ -169,8 +169,28 @@ def _with_eos(ids: list[int], tokenizer: PreTrainedTokenizerBase) -> list[int]:
 def _tokenize_prompt_completion(
     prompt: str, completion: str, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[list[int], list[int]]:
-    # Tokenized separately so the prompt/completion boundary is an exact token boundary. Special tokens
-    # (BOS) belong at the start of the prompt only.
+    """Tokenize prompt + completion as one text and train from the first token holding a completion
+    character on. Tokenizing the two apart would not give the tokens the model sees at inference: a
+    SentencePiece tokenizer puts a spurious "▁" before the completion, and byte-level BPE splits a
+    number (or word) that straddles the boundary."""
+    if not tokenizer.is_fast:  # no offsets: tokenized apart, the boundary a token boundary
+        return _tokenize_prompt_completion_apart(prompt, completion, tokenizer)
+    encoded = tokenizer(prompt + completion, return_offsets_mapping=True)
+    ids = _with_eos(list(encoded["input_ids"]), tokenizer)
+    boundary = len(prompt)
+    # Special tokens (BOS) span no characters: (0, 0). A token straddling the boundary is trained, as
+    # it holds completion text that no other token predicts.
+    first = next(
+        (i for i, (start, end) in enumerate(encoded["offset_mapping"]) if end > boundary and end > start),
+        len(ids),
+    )
+    return ids, [IGNORE_INDEX] * first + ids[first:]
+
+
+def _tokenize_prompt_completion_apart(
+    prompt: str, completion: str, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[int]]:
+    # Special tokens (BOS) belong at the start of the prompt only.
     prompt_ids = tokenizer(prompt)["input_ids"] if prompt else []
     completion_ids = _with_eos(tokenizer(completion, add_special_tokens=False)["input_ids"], tokenizer)
     ids = [*prompt_ids, *completion_ids]

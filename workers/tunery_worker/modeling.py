@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 DTYPES = {
@@ -115,10 +116,10 @@ def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over labelled positions, and how many positions there were.
+    """Summed next-token cross-entropy over labelled positions of given logits, and their count.
 
-    Summing (not averaging) lets callers normalise over a whole accumulation window or eval set, so
-    every token weighs the same however the tokens were split into batches.
+    Only for logits a caller already has (e.g. a model whose head transforms its logits); training and
+    evaluation go through `causal_lm_loss_sum`, which never builds the full logits.
     """
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
@@ -131,19 +132,185 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss, int((shift_labels != -100).sum())
 
 
+# --- the causal-LM loss, fused with the LM head ----------------------------------------------------------
+#
+# Full-vocabulary fp32 logits cost batch x seq x vocab x 4 bytes (8 x 2048 x 128k: 8 GiB) and as much
+# again for their gradient. The loss below runs the backbone, keeps only the hidden states of the
+# labelled positions, and pushes them through the LM head a chunk of rows at a time: each chunk's
+# logits give its loss and, while they exist, the gradient for the hidden states (and the head),
+# so no chunk's logits outlive it (as liger-kernel's fused linear cross-entropy does on CUDA).
+
+LOSS_CHUNK_ELEMENTS = 2**24  # logits per chunk: 64 MiB in fp32, whatever the vocabulary
+# Config attributes of architectures whose forward transforms the logits after the LM head
+# (softcapping, scaling): their loss is taken from the model's own logits instead.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def causal_lm_loss_sum(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions (label != -100) and their count.
+
+    Equal to `token_loss_sum(model(...).logits, labels)` in value and gradient. `position_ids` that
+    restart inside a row mark packed examples (transformers then keeps attention within each one).
+    """
+    parts = _backbone_and_head(model)
+    if parts is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        return token_loss_sum(logits, labels)
+    backbone, head = parts
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    # Only labelled positions reach the head: prompt and padding positions cost no logits at all.
+    return head_loss_sum(head, hidden[:, :-1][keep], targets[keep]), int(keep.sum())
+
+
+def head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Σ cross-entropy(head(hidden), targets) over rows, `LOSS_CHUNK_ELEMENTS` logits at a time."""
+    vocab = head.weight.shape[0]  # type: ignore[index]
+    rows = max(1, LOSS_CHUNK_ELEMENTS // vocab)
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0  # keeps the graph (and DDP's gradient hooks) connected
+    if type(head) is torch.nn.Linear:
+        weight, bias = head.weight, head.bias
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            # The chunks run with autocast off; cast here (differentiably) as autocast would have.
+            dtype = torch.get_autocast_dtype(device_type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows)  # type: ignore[no-any-return]
+    # Any other head (a LoRA-wrapped or quantized one): checkpointed chunks, whose logits are
+    # recomputed in backward instead of kept.
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], rows):
+        chunk = (hidden[start : start + rows], targets[start : start + rows])
+        total = total + checkpoint(_module_loss_sum, head, *chunk, use_reentrant=False)
+    return total
+
+
+def _module_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Σ cross-entropy(hidden @ weight.T + bias, targets), its gradients computed chunk by chunk in
+    forward (d loss / d logits = softmax − one-hot) so the logits never outlive their chunk."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        rows: int,
+    ) -> torch.Tensor:
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias and bias is not None else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            h, t = hidden[start : start + rows], targets[start : start + rows]
+            logits = F.linear(h, weight, bias).float()
+            target_logits = logits.gather(1, t.unsqueeze(1)).squeeze(1)
+            # log-sum-exp and softmax in place (fewest passes over the chunk): p = exp(z - max) / sum.
+            peak = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(peak).exp_()
+            norm = probs.sum(dim=1, keepdim=True)
+            total += (peak.squeeze(1) + norm.log().squeeze(1) - target_logits).sum()
+            if not (need_hidden or need_weight or need_bias):
+                continue
+            grad = probs.div_(norm)  # d loss / d logits = softmax − one-hot
+            grad[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            if grad_hidden is not None:
+                grad_hidden[start : start + rows] = grad.to(weight.dtype) @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.t(), h.float())
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> Any:  # type: ignore[override]
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+
+        def scaled(grad: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+            return None if grad is None else (grad * grad_total).to(dtype or grad.dtype)
+
+        return (
+            scaled(grad_hidden, grad_hidden.dtype if grad_hidden is not None else None),
+            scaled(grad_weight, weight_dtype),
+            scaled(grad_bias, bias_dtype),
+            None,
+            None,
+        )
+
+
+def _backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """A causal LM's (backbone returning hidden states, LM head), or None where that split would
+    change the result (a head whose logits the model transforms) or cannot be found."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the LM inside
+    get_head = getattr(base, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    backbone = getattr(base, str(getattr(base, "base_model_prefix", "")), None)
+    if head is None or getattr(head, "weight", None) is None or not isinstance(backbone, torch.nn.Module):
+        return None
+    config = getattr(base, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return backbone, head
+
+
+class CausalLMLoss(torch.nn.Module):
+    """A causal LM whose forward is its summed token loss: what DistributedDataParallel wraps, so
+    the fused loss runs inside the wrapped forward and gradients are still averaged."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss_sum, _ = causal_lm_loss_sum(
+            self.model,
+            batch["input_ids"],
+            batch["labels"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+        )
+        return loss_sum
+
+
 @torch.no_grad()
 def mean_token_loss(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> float:
-    """Token-weighted mean loss over labelled batches (`input_ids`, `attention_mask`, `labels`)."""
+    """Token-weighted mean loss over labelled batches (`input_ids`, `labels`, optionally
+    `attention_mask` and `position_ids`)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     try:
         for batch in batches:
-            logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-            ).logits
-            loss, n = token_loss_sum(logits, batch["labels"].to(device))
+            on_device = {k: v.to(device) for k, v in batch.items()}
+            loss, n = causal_lm_loss_sum(
+                model,
+                on_device["input_ids"],
+                on_device["labels"],
+                attention_mask=on_device.get("attention_mask"),
+                position_ids=on_device.get("position_ids"),
+            )
             total += float(loss)
             count += n
     finally:

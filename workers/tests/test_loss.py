@@ -1,0 +1,123 @@
+"""The fused, chunked causal-LM loss equals the plain one, in value and in every gradient."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from tunery_worker import modeling
+from tunery_worker.modeling import causal_lm_loss_sum, token_loss_sum
+
+
+def batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (3, 24), generator=generator)
+    labels = input_ids.clone()
+    labels[0, :9] = -100  # a masked prompt
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 17:] = 0  # right padding
+    labels[2, 17:] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def plain_and_fused(model: torch.nn.Module, inputs: dict[str, torch.Tensor]):  # type: ignore[no-untyped-def]
+    """(loss, count, grads) the plain way (full logits), then the fused way."""
+    results = []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        if fused:
+            loss, count = causal_lm_loss_sum(
+                model, inputs["input_ids"], inputs["labels"], attention_mask=inputs["attention_mask"]
+            )
+        else:
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            loss, count = token_loss_sum(logits, inputs["labels"])
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((float(loss.detach()), count, grads))
+    return results
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 7 rows of the 512-token vocabulary per chunk: several chunks, the last one partial.
+    monkeypatch.setattr(modeling, "LOSS_CHUNK_ELEMENTS", 512 * 7)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_loss_equals_plain_loss_and_gradients_full_model(
+    arch: str, small_chunks: None, tiny_llama: Path, tiny_qwen2: Path
+) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama if arch == "llama" else tiny_qwen2)
+    (plain, plain_n, plain_grads), (fused, fused_n, fused_grads) = plain_and_fused(
+        model, batch(model.config.vocab_size)
+    )
+    assert fused_n == plain_n == (23 - 8) + 23 + 16  # labelled next-token positions per row
+    assert fused == pytest.approx(plain, rel=1e-5)
+    # Every parameter, the LM head's included, gets the same gradient.
+    assert fused_grads.keys() == plain_grads.keys()
+    assert "lm_head.weight" in fused_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_loss_equals_plain_loss_with_lora(small_chunks: None, tiny_llama: Path) -> None:
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    for name, param in model.named_parameters():  # non-zero B, so the adapter changes the loss
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    (plain, _, plain_grads), (fused, _, fused_grads) = plain_and_fused(model, batch(base.config.vocab_size, 1))
+    assert fused == pytest.approx(plain, rel=1e-5)
+    assert plain_grads.keys() == fused_grads.keys() and all("lora_" in n for n in plain_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_lora_wrapped_head_goes_through_checkpointed_chunks(small_chunks: None, tiny_llama: Path) -> None:
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    (plain, _, plain_grads), (fused, _, fused_grads) = plain_and_fused(model, batch(base.config.vocab_size, 2))
+    assert fused == pytest.approx(plain, rel=1e-5)
+    assert any("lm_head" in n for n in fused_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_loss_under_bf16_autocast_matches_plain(tiny_llama: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    inputs = batch(model.config.vocab_size, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (plain, _, plain_grads), (fused, _, fused_grads) = plain_and_fused(model, inputs)
+    assert fused == pytest.approx(plain, rel=2e-2)
+    for name, grad in plain_grads.items():
+        assert fused_grads[name].dtype == grad.dtype == torch.float32  # master weights stay fp32
+        torch.testing.assert_close(fused_grads[name], grad, rtol=5e-2, atol=5e-3, msg=name)
+
+
+def test_the_full_logits_are_never_materialised(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    vocab = model.config.vocab_size
+    monkeypatch.setattr(modeling, "LOSS_CHUNK_ELEMENTS", vocab * 5)
+    widest: list[int] = []
+    original = torch.nn.functional.linear
+
+    def spy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if weight.shape[0] == vocab:
+            widest.append(x.reshape(-1, x.shape[-1]).shape[0])
+        return original(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    inputs = batch(vocab)
+    loss, _ = causal_lm_loss_sum(model, inputs["input_ids"], inputs["labels"], inputs["attention_mask"])
+    loss.backward()
+    assert widest and max(widest) <= 5  # the head saw 5 rows at a time, never the 72 positions
