@@ -378,3 +378,31 @@ def test_qlora_on_cuda(tmp_path: Path, tiny_llama: Path) -> None:
     losses = train_losses(ctx)
     assert losses[-1] < losses[0], losses
     assert "adapter_model.safetensors" in ctx.outputs and result["params_trainable"] > 0
+
+
+def test_warmup_never_runs_a_step_at_lr_0_and_logs_the_rate_each_step_used(
+    tmp_path: Path, tiny_llama: Path
+) -> None:
+    peak = 1e-2
+    training = {"max_steps": 6, "warmup_steps": 2, "lr_scheduler": "linear", "logging_steps": 1}
+    ctx = make_ctx(tmp_path, tiny_llama, memorization_set(tmp_path), training=training)
+    finetune.run(ctx)
+    logged = [m["lr"] for m in ctx.metrics if m["phase"] == "train"]
+    # Warmup 1/2, 2/2 of the peak; then linear decay over the 4 remaining steps, the last one still > 0.
+    assert logged == pytest.approx([peak / 2, peak, peak, peak * 3 / 4, peak / 2, peak / 4])
+
+    # One step inside a 2-step warmup moves the adapter (at lr 0 it stayed at its zero B matrices).
+    one = make_ctx(tmp_path, tiny_llama, memorization_set(tmp_path), "one", training={"max_steps": 1, "warmup_steps": 2})
+    finetune.run(one)
+    adapter = final_adapter(one)
+    assert any(float(t.abs().max()) > 0 for name, t in adapter.items() if "lora_B" in name)
+
+
+def test_the_result_says_which_split_perplexity_was_measured_on(tmp_path: Path, tiny_llama: Path) -> None:
+    dataset = memorization_set(tmp_path)
+    on_train = finetune.run(make_ctx(tmp_path, tiny_llama, dataset, "t", training={"max_steps": 2}))
+    assert on_train["ppl_split"] == "train"
+    held_out = finetune.run(
+        make_ctx(tmp_path, tiny_llama, dataset, "e", training={"max_steps": 2, "eval_split": 0.25})
+    )
+    assert held_out["ppl_split"] == "eval"

@@ -121,3 +121,36 @@ def test_the_full_logits_are_never_materialised(tiny_llama: Path, monkeypatch: p
     loss, _ = causal_lm_loss_sum(model, inputs["input_ids"], inputs["labels"], inputs["attention_mask"])
     loss.backward()
     assert widest and max(widest) <= 5  # the head saw 5 rows at a time, never the 72 positions
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_and_unpacked_losses_agree(arch: str, tiny_llama: Path, tiny_qwen2: Path) -> None:
+    from tunery_worker.data import Example, collate, pack
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama if arch == "llama" else tiny_qwen2)
+    generator = torch.Generator().manual_seed(4)
+    examples = []
+    for length, prompt in [(20, 6), (7, 3), (12, 0), (5, 2), (9, 4)]:
+        ids = torch.randint(0, model.config.vocab_size, (length,), generator=generator).tolist()
+        examples.append(Example(input_ids=ids, labels=[-100] * prompt + ids[prompt:]))
+    packed = pack(examples, pad_token_id=0)
+    # 20 | 12 + 7 | 9 + 5 (+ 6 padding): three rows of 20 instead of five.
+    assert packed["input_ids"].shape == (3, 20) and "attention_mask" not in packed
+
+    results = []
+    for inputs in (collate(examples, pad_token_id=0), packed):
+        model.zero_grad(set_to_none=True)
+        loss, count = causal_lm_loss_sum(
+            model,
+            inputs["input_ids"],
+            inputs["labels"],
+            attention_mask=inputs.get("attention_mask"),
+            position_ids=inputs.get("position_ids"),
+        )
+        loss.backward()
+        results.append((float(loss.detach()), count, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (unpacked, unpacked_n, unpacked_grads), (packed_loss, packed_n, packed_grads) = results
+    assert packed_n == unpacked_n == sum(e.trained_tokens for e in examples)
+    assert packed_loss == pytest.approx(unpacked, rel=1e-5)
+    for name, grad in unpacked_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

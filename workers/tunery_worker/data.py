@@ -340,3 +340,49 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.T
 def batches(examples: Sequence[Example], batch_size: int, pad_token_id: int) -> list[dict[str, torch.Tensor]]:
     """Fixed-order batches (for evaluation)."""
     return [collate(examples[i : i + batch_size], pad_token_id) for i in range(0, len(examples), batch_size)]
+
+
+def pack(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Several examples per row: `input_ids`, `labels` and `position_ids`, no `attention_mask`.
+
+    Rows are as wide as the longest example; examples go in longest first, each into the first row
+    with room (first-fit decreasing), so short examples fill the gaps padding would take. Positions
+    restart at 0 for every example, which transformers reads as packed sequences: attention stays
+    within each example (a block-diagonal causal mask with sdpa/eager, varlen kernels with flash
+    attention), so an example's loss is what it would be alone. An example's first token is not
+    predicted from the one before it (label -100), as in a row of its own. The padding at a row's end
+    is a segment of its own, unlabelled. Rows without padding or packing run the plain causal kernel.
+    """
+    width = max(len(e.input_ids) for e in examples)
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    for example in sorted(examples, key=lambda e: len(e.input_ids), reverse=True):
+        n = len(example.input_ids)
+        row = next((r for r, free in enumerate(room) if free >= n), None)
+        if row is None:
+            rows.append([])
+            room.append(width)
+            row = len(rows) - 1
+        rows[row].append(example)
+        room[row] -= n
+    width = max(width - free for free in room)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row_examples in enumerate(rows):
+        at = 0
+        for example in row_examples:
+            n = len(example.input_ids)
+            input_ids[r, at : at + n] = torch.tensor(example.input_ids, dtype=torch.long)
+            labels[r, at + 1 : at + n] = torch.tensor(example.labels[1:], dtype=torch.long)
+            position_ids[r, at : at + n] = torch.arange(n)
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def packed_batches(
+    examples: Sequence[Example], batch_size: int, pad_token_id: int
+) -> list[dict[str, torch.Tensor]]:
+    """Fixed-order batches of `batch_size` examples each, packed (for evaluation)."""
+    return [pack(examples[i : i + batch_size], pad_token_id) for i in range(0, len(examples), batch_size)]

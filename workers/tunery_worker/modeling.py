@@ -56,6 +56,74 @@ def bitsandbytes_available() -> bool:
     return True
 
 
+# --- precision and speed-ups per device -------------------------------------------------------------------
+
+COMPILE_ENV = "TUNERY_TORCH_COMPILE"  # auto (CUDA only) | 1 | 0: torch.compile the model's backbone
+
+
+def native_bf16(device: str) -> bool:
+    """bf16 computed in hardware: Ampere or newer. `torch.cuda.is_bf16_supported()` alone also says
+    yes on T4/V100, where bf16 is emulated (slow); those take fp16 with a GradScaler instead."""
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return False
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def half_dtype(device: str) -> torch.dtype | None:
+    """The 16-bit type a CUDA device computes in (bf16 where native, else fp16); None on CPU."""
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return None
+    return torch.bfloat16 if native_bf16(device) else torch.float16
+
+
+def load_dtype(device: str) -> torch.dtype:
+    """Weights of a model loaded to run (a teacher, an evaluated or merged model): 16-bit on CUDA, fp32
+    on CPU (where bf16 matmuls are slow and memory is rarely the limit)."""
+    return half_dtype(device) or torch.float32
+
+
+def compile_enabled(device: str) -> bool:
+    """torch.compile: automatic on CUDA; opt-in on CPU (`TUNERY_TORCH_COMPILE=1`), where the first
+    steps spend tens of seconds compiling and the gain is small."""
+    setting = os.environ.get(COMPILE_ENV, "auto").strip().lower()
+    if setting in ("1", "true", "on"):
+        return True
+    if setting in ("0", "false", "off"):
+        return False
+    return str(device).startswith("cuda")
+
+
+def apply_fused_kernels(model: torch.nn.Module, device: str) -> str | None:
+    """liger-kernel's fused RMSNorm, RoPE and SwiGLU on CUDA when it is installed (its Triton kernels
+    need a GPU); the loss is already fused here. Returns what was applied, or None."""
+    if not str(device).startswith("cuda"):
+        return None
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance  # type: ignore[import-not-found]
+    except Exception:  # not installed, or a broken Triton: the plain modules run
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        # The loss is computed by causal_lm_loss_sum, so liger's own cross-entropy stays off.
+        _apply_liger_kernel_to_instance(
+            model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+        )
+    except Exception as err:  # an architecture liger does not know: nothing was patched
+        return f"liger-kernel not applied: {err}"
+    return "liger-kernel rope, rms_norm, swiglu"
+
+
+def compile_backbone(model: torch.nn.Module) -> bool:
+    """Compile the transformer backbone in place (the part `causal_lm_loss_sum` runs), or False when
+    the model has no separable backbone."""
+    parts = _backbone_and_head(model)
+    if parts is None:
+        return False
+    # dynamic: sequence lengths vary from batch to batch; one graph serves them all.
+    parts[0].compile(dynamic=True)
+    return True
+
+
 def load_tokenizer(source: str | Path, token: str | None = None) -> PreTrainedTokenizerBase:
     local = Path(source).is_dir()
     tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=local, token=token)
@@ -160,11 +228,14 @@ def causal_lm_loss_sum(
     """
     parts = _backbone_and_head(model)
     if parts is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).logits
         return token_loss_sum(logits, labels)
     backbone, head = parts
+    # No KV cache: a loss never needs one, and with one transformers ignores packed position ids.
     hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != -100
