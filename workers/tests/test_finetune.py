@@ -392,7 +392,9 @@ def test_warmup_never_runs_a_step_at_lr_0_and_logs_the_rate_each_step_used(
     assert logged == pytest.approx([peak / 2, peak, peak, peak * 3 / 4, peak / 2, peak / 4])
 
     # One step inside a 2-step warmup moves the adapter (at lr 0 it stayed at its zero B matrices).
-    one = make_ctx(tmp_path, tiny_llama, memorization_set(tmp_path), "one", training={"max_steps": 1, "warmup_steps": 2})
+    one = make_ctx(
+        tmp_path, tiny_llama, memorization_set(tmp_path), "one", training={"max_steps": 1, "warmup_steps": 2}
+    )
     finetune.run(one)
     adapter = final_adapter(one)
     assert any(float(t.abs().max()) > 0 for name, t in adapter.items() if "lora_B" in name)

@@ -72,7 +72,9 @@ def test_fused_loss_equals_plain_loss_with_lora(small_chunks: None, tiny_llama: 
     for name, param in model.named_parameters():  # non-zero B, so the adapter changes the loss
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)
-    (plain, _, plain_grads), (fused, _, fused_grads) = plain_and_fused(model, batch(base.config.vocab_size, 1))
+    (plain, _, plain_grads), (fused, _, fused_grads) = plain_and_fused(
+        model, batch(base.config.vocab_size, 1)
+    )
     assert fused == pytest.approx(plain, rel=1e-5)
     assert plain_grads.keys() == fused_grads.keys() and all("lora_" in n for n in plain_grads)
     for name, grad in plain_grads.items():
@@ -86,7 +88,9 @@ def test_a_lora_wrapped_head_goes_through_checkpointed_chunks(small_chunks: None
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)
-    (plain, _, plain_grads), (fused, _, fused_grads) = plain_and_fused(model, batch(base.config.vocab_size, 2))
+    (plain, _, plain_grads), (fused, _, fused_grads) = plain_and_fused(
+        model, batch(base.config.vocab_size, 2)
+    )
     assert fused == pytest.approx(plain, rel=1e-5)
     assert any("lm_head" in n for n in fused_grads)
     for name, grad in plain_grads.items():
@@ -148,7 +152,9 @@ def test_packed_and_unpacked_losses_agree(arch: str, tiny_llama: Path, tiny_qwen
             position_ids=inputs.get("position_ids"),
         )
         loss.backward()
-        results.append((float(loss.detach()), count, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        results.append(
+            (float(loss.detach()), count, {n: p.grad.clone() for n, p in model.named_parameters()})
+        )
     (unpacked, unpacked_n, unpacked_grads), (packed_loss, packed_n, packed_grads) = results
     assert packed_n == unpacked_n == sum(e.trained_tokens for e in examples)
     assert packed_loss == pytest.approx(unpacked, rel=1e-5)

@@ -93,6 +93,12 @@ def compile_enabled(device: str) -> bool:
     return str(device).startswith("cuda")
 
 
+def _language_model(model: torch.nn.Module) -> Any:
+    """The transformers model itself (inside a peft wrapper, the model it wraps)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def apply_fused_kernels(model: torch.nn.Module, device: str) -> str | None:
     """liger-kernel's fused RMSNorm, RoPE and SwiGLU on CUDA when it is installed (its Triton kernels
     need a GPU); the loss is already fused here. Returns what was applied, or None."""
@@ -102,11 +108,16 @@ def apply_fused_kernels(model: torch.nn.Module, device: str) -> str | None:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance  # type: ignore[import-not-found]
     except Exception:  # not installed, or a broken Triton: the plain modules run
         return None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _language_model(model)
     try:
         # The loss is computed by causal_lm_loss_sum, so liger's own cross-entropy stays off.
         _apply_liger_kernel_to_instance(
-            model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+            model=base,
+            rope=True,
+            rms_norm=True,
+            swiglu=True,
+            cross_entropy=False,
+            fused_linear_cross_entropy=False,
         )
     except Exception as err:  # an architecture liger does not know: nothing was patched
         return f"liger-kernel not applied: {err}"
@@ -250,7 +261,8 @@ def head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0  # keeps the graph (and DDP's gradient hooks) connected
     if type(head) is torch.nn.Linear:
-        weight, bias = head.weight, head.bias
+        weight: torch.Tensor = head.weight
+        bias: torch.Tensor | None = head.bias
         device_type = hidden.device.type
         if torch.is_autocast_enabled(device_type):
             # The chunks run with autocast off; cast here (differentiably) as autocast would have.
@@ -333,7 +345,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def _backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """A causal LM's (backbone returning hidden states, LM head), or None where that split would
     change the result (a head whose logits the model transforms) or cannot be found."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the LM inside
+    base = _language_model(model)
     get_head = getattr(base, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     backbone = getattr(base, str(getattr(base, "base_model_prefix", "")), None)
@@ -343,6 +355,27 @@ def _backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.n
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
         return None
     return backbone, head
+
+
+def hidden_and_head(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.nn.Module]:
+    """(last hidden states, LM head) so that head(hidden) are the logits; for a model whose head cannot
+    be split off, (its logits, Identity). Callers then take logits a chunk of positions at a time."""
+    parts = _backbone_and_head(model)
+    if parts is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return logits, torch.nn.Identity()
+    backbone, head = parts
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return hidden, head
+
+
+def chunk_rows(head: torch.nn.Module, hidden: torch.Tensor) -> int:
+    """Positions per chunk so that a chunk's logits hold about LOSS_CHUNK_ELEMENTS values."""
+    weight = getattr(head, "weight", None)
+    vocab = weight.shape[0] if isinstance(weight, torch.Tensor) else hidden.shape[-1]
+    return max(1, LOSS_CHUNK_ELEMENTS // vocab)
 
 
 class CausalLMLoss(torch.nn.Module):
