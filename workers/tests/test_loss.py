@@ -160,3 +160,41 @@ def test_packed_and_unpacked_losses_agree(arch: str, tiny_llama: Path, tiny_qwen
     assert packed_loss == pytest.approx(unpacked, rel=1e-5)
     for name, grad in unpacked_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_lora_adds_match_peft_in_outputs_and_gradients(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tunery_worker.modeling import fuse_lora_adds
+
+    addmm_calls: list[int] = []
+    addmm = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: addmm_calls.append(1) or addmm(*a, **k))
+    inputs = batch(512, 5)
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        # Dropout > 0: the fused path must draw the same masks in the same order as peft's.
+        model = get_peft_model(
+            base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1)
+        )
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1)
+        if fused:
+            assert fuse_lora_adds(model) == 2 * 7  # every adapted projection of both layers
+        torch.manual_seed(1)
+        loss, _ = causal_lm_loss_sum(model, inputs["input_ids"], inputs["labels"], inputs["attention_mask"])
+        loss.backward()
+        with torch.no_grad(), model.disable_adapter():  # peft's own path: the adapter switched off
+            reference = model(input_ids=inputs["input_ids"]).logits
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((float(loss.detach()), grads, reference))
+    (plain, plain_grads, plain_reference), (fused_loss, fused_grads, fused_reference) = results
+    assert len(addmm_calls) == 2 * 7  # the fused path ran once per adapted layer; never with adapters off
+    assert fused_loss == pytest.approx(plain, rel=1e-5)
+    torch.testing.assert_close(fused_reference, plain_reference)
+    assert plain_grads.keys() == fused_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -6,6 +6,7 @@ import math
 import os
 import resource
 import sys
+import types
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,49 @@ def apply_fused_kernels(model: torch.nn.Module, device: str) -> str | None:
     except Exception as err:  # an architecture liger does not know: nothing was patched
         return f"liger-kernel not applied: {err}"
     return "liger-kernel rope, rms_norm, swiglu"
+
+
+def fuse_lora_adds(model: torch.nn.Module) -> int:
+    """Fold each LoRA layer's scale-and-add into its up-projection: base(x) + s · B(A(x)) computed as
+    addmm(base(x), A(x), Bᵀ, alpha=s), one kernel instead of a matmul, a multiply and an add (and
+    their backward). Same arithmetic; measured ~10% of a LoRA step on the tiny CPU model. Only peft's
+    plain `lora.Linear` layers; returns how many were switched."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    switched = 0
+    for module in model.modules():
+        if type(module) is LoraLinear:  # not the quantized (bitsandbytes) subclasses
+            module.forward = types.MethodType(_fused_lora_forward, module)
+            switched += 1
+    return switched
+
+
+def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    names = self.active_adapters
+    name = names[0] if len(names) == 1 else None
+    simple = (
+        not args
+        and not kwargs  # mixed-batch adapter_names, variant arguments
+        and not self.disable_adapters
+        and not self.merged
+        and name in self.lora_A
+        and name not in self.lora_variant  # DoRA and other variants
+        and self.lora_B[name].bias is None
+        # peft casts x to the adapter's dtype; autocast (or equal dtypes) makes that a no-op here.
+        and (torch.is_autocast_enabled(x.device.type) or x.dtype == self.lora_A[name].weight.dtype)
+    )
+    if not simple:
+        return type(self).forward(self, x, *args, **kwargs)  # type: ignore[no-any-return]
+    result = self.base_layer(x)
+    down = self.lora_A[name](self.lora_dropout[name](x))
+    up = self.lora_B[name].weight
+    fused = torch.addmm(
+        result.reshape(-1, result.shape[-1]),
+        down.reshape(-1, down.shape[-1]),
+        up.t(),
+        alpha=self.scaling[name],
+    )
+    return fused.view(result.shape).to(result.dtype)
 
 
 def compile_backbone(model: torch.nn.Module) -> bool:

@@ -69,6 +69,7 @@ from tunery_worker.modeling import (
     bitsandbytes_available,
     causal_lm_loss_sum,
     chunk_rows,
+    fuse_lora_adds,
     half_dtype,
     hidden_and_head,
     load_dtype,
@@ -270,6 +271,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         task_type="CAUSAL_LM",
     )
     student = get_peft_model(base_student, lora)
+    fuse_lora_adds(student)
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -45,6 +45,7 @@ from tunery_worker.modeling import (
     compile_backbone,
     compile_enabled,
     count_params,
+    fuse_lora_adds,
     half_dtype,
     load_model_and_tokenizer,
     mean_token_loss,
@@ -407,6 +408,7 @@ class Finetune:
             **settings,
         )
         self.model = get_peft_model(model, peft_config)  # type: ignore[assignment]
+        fuse_lora_adds(self.model)
 
     def _speed_ups(self) -> None:
         """Fused kernels (CUDA, when liger-kernel is installed) and torch.compile (see compile_enabled)."""
