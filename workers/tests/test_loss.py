@@ -198,3 +198,23 @@ def test_fused_lora_adds_match_peft_in_outputs_and_gradients(
     assert plain_grads.keys() == fused_grads.keys() and plain_grads
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_loss_when_every_position_is_labelled(small_chunks: None, tiny_llama: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(6))
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
+    (plain, plain_n, plain_grads), (fused, fused_n, fused_grads) = plain_and_fused(model, inputs)
+    assert fused_n == plain_n == 2 * 15 and fused == pytest.approx(plain, rel=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_rows_of_one_full_example_need_no_position_ids() -> None:
+    from tunery_worker.data import Example, pack
+
+    full = [Example(input_ids=[5, 6, 7], labels=[5, 6, 7]), Example(input_ids=[8, 9, 10], labels=[8, 9, 10])]
+    packed = pack(full, pad_token_id=0)
+    assert set(packed) == {"input_ids", "labels"}  # the model's default positions are these
+    assert packed["labels"].tolist() == [[-100, 6, 7], [-100, 9, 10]]
+    assert "position_ids" in pack([*full, Example(input_ids=[1], labels=[1])], pad_token_id=0)

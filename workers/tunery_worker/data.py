@@ -378,6 +378,10 @@ def pack(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tens
             position_ids[r, at : at + n] = torch.arange(n)
             at += n
         position_ids[r, at:] = torch.arange(width - at)
+    if all(len(row) == 1 and len(row[0].input_ids) == width for row in rows):
+        # Every row one example, no padding: the model's own positions (0..width-1) are these, and
+        # without explicit ones it computes the rotary tables once for the batch instead of per row.
+        return {"input_ids": input_ids, "labels": labels}
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 

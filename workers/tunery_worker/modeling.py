@@ -294,8 +294,11 @@ def causal_lm_loss_sum(
     ).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != -100
+    count = int(keep.sum())
+    if count == keep.numel():  # every position labelled (plain text): a reshape, no gather
+        return head_loss_sum(head, hidden[:, :-1].reshape(count, -1), targets.reshape(count)), count
     # Only labelled positions reach the head: prompt and padding positions cost no logits at all.
-    return head_loss_sum(head, hidden[:, :-1][keep], targets[keep]), int(keep.sum())
+    return head_loss_sum(head, hidden[:, :-1][keep], targets[keep]), count
 
 
 def head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
