@@ -118,7 +118,12 @@ def test_ddp_run_completes_and_loss_falls(runs: dict[str, Any]) -> None:
     assert set(ctx.checkpoints) == {"checkpoint-8", "checkpoint-16"}
     assert {"adapter_model.safetensors", "adapter_config.json", "training_config.json"} <= set(ctx.outputs)
     saved = json.loads(ctx.outputs["training_config.json"].read_text())
-    assert saved["distributed"] == {"enabled": True, "num_nodes": 1, "nproc_per_node": 2}
+    assert saved["distributed"] == {
+        "enabled": True,
+        "num_nodes": 1,
+        "nproc_per_node": 2,
+        "timeout_s": 4 * 3600.0,
+    }
     assert "hf_token" not in (ctx.workdir / "ddp" / "job.json").read_text()
     assert not list((ctx.workdir / "ddp" / "outbox").iterdir())  # durable, then deleted
     state = torch.load(ctx.checkpoints["checkpoint-8"][1], weights_only=True)

@@ -122,7 +122,8 @@ def apply_fused_kernels(model: torch.nn.Module, device: str) -> str | None:
         )
     except Exception as err:  # an architecture liger does not know: nothing was patched
         return f"liger-kernel not applied: {err}"
-    return "liger-kernel rope, rms_norm, swiglu"
+    # (liger patches only the model types it knows, and leaves any other model as it was.)
+    return f"liger-kernel rope/rms_norm/swiglu requested for model type {base.config.model_type!r}"
 
 
 def fuse_lora_adds(model: torch.nn.Module) -> int:
