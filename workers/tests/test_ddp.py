@@ -402,3 +402,22 @@ def test_the_process_group_waits_as_long_as_the_job_allows(
         (run_dir / "job.json").write_text(json.dumps(job))
         assert ddp_entry.main([str(run_dir / "job.json")]) == 1
     assert [s["timeout"] for s in seen] == [timedelta(hours=4), timedelta(seconds=1800)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.device_count() >= 2 and dist.is_nccl_available()),
+    reason="needs 2 CUDA devices and NCCL",
+)
+def test_ddp_on_two_gpus(tmp_path: Path, tiny_llama: Path) -> None:
+    ctx = make_ctx(
+        tmp_path,
+        tiny_llama,
+        memorization_set(tmp_path),
+        distributed=ddp(nproc_per_node=2),
+        training={"max_steps": STEPS, "save_steps": 8, "logging_steps": 1},
+    )
+    ctx.device = "cuda"
+    result = finetune.run(ctx)
+    losses = train_losses(ctx)
+    assert result["steps"] == STEPS and losses[-1] <= losses[0] / 2, losses

@@ -350,7 +350,9 @@ def test_bf16_lora_on_cuda(tmp_path: Path, tiny_llama: Path) -> None:
     ctx = make_ctx(tmp_path, tiny_llama, memorization_set(tmp_path), training={"bf16": True})
     ctx.device = "cuda"
     result = finetune.run(ctx)
-    assert finetune.resolve_config(ctx).use_bf16 == torch.cuda.is_bf16_supported()
+    cfg = finetune.resolve_config(ctx)
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    assert (cfg.use_bf16, cfg.use_fp16) == (native, not native)
     losses = train_losses(ctx)
     assert losses[-1] <= losses[0] / 2, losses
     assert result["adapter"] is not None
@@ -408,3 +410,22 @@ def test_the_result_says_which_split_perplexity_was_measured_on(tmp_path: Path, 
         make_ctx(tmp_path, tiny_llama, dataset, "e", training={"max_steps": 2, "eval_split": 0.25})
     )
     assert held_out["ppl_split"] == "eval"
+
+
+def test_gpus_without_native_bf16_train_in_fp16_with_loss_scaling(
+    tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ctx = make_ctx(tmp_path, tiny_llama, memorization_set(tmp_path))
+    ctx.device = "cuda"
+    # A T4 or V100: torch "supports" bf16 there only by emulation, which is slow.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    cfg = finetune.resolve_config(ctx)
+    assert (cfg.use_bf16, cfg.use_fp16) == (False, True)
+    # An A100 or newer computes bf16 natively.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    cfg = finetune.resolve_config(ctx)
+    assert (cfg.use_bf16, cfg.use_fp16) == (True, False)
+    ctx.spec["training"]["bf16"] = False  # asked for fp32
+    cfg = finetune.resolve_config(ctx)
+    assert (cfg.use_bf16, cfg.use_fp16) == (False, False)

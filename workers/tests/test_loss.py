@@ -218,3 +218,16 @@ def test_rows_of_one_full_example_need_no_position_ids() -> None:
     assert set(packed) == {"input_ids", "labels"}  # the model's default positions are these
     assert packed["labels"].tolist() == [[-100, 6, 7], [-100, 9, 10]]
     assert "position_ids" in pack([*full, Example(input_ids=[1], labels=[1])], pad_token_id=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_loss_on_cuda_under_autocast_matches_plain(tiny_llama: Path) -> None:
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).cuda()
+    inputs = {k: v.cuda() for k, v in batch(model.config.vocab_size, 7).items()}
+    with torch.autocast("cuda", dtype=dtype):
+        (plain, _, plain_grads), (fused, _, fused_grads) = plain_and_fused(model, inputs)
+    assert fused == pytest.approx(plain, rel=2e-2)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=5e-2, atol=5e-3, msg=name)
