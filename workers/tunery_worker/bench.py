@@ -12,7 +12,10 @@ CPU (the default): a tiny random Llama from `make_tiny_model`, batch 8 x 256 tok
   The two alternate step by step in one process (the handler checks for a stop once a step; the
   context runs one peer step there), so a change in the machine's load hits both alike. The first
   steps are warm-up and left out; reported are the median per-step tokens/s, the process's peak RSS
-  and tunery/peer.
+  and tunery/peer. On a shared machine the wall-clock medians swing with other processes' load, so
+  two load-robust ratios come beside it: `paired_ratio`, the median over steps of peer time / tunery
+  time for each tunery step and the peer step run just before it, and `cpu_ratio`, the same on the
+  thread's CPU time (what each step computed, whatever else ran; one torch thread runs in this one).
 
 GPU (`--cuda --size 1b`): the tunery loop, in a process of its own, on the random-init Llama ~1.5B of
 `workers/bench/hf_peft_baseline.py` (batch 8 x 2048, bf16 autocast, LoRA r16 / alpha 32 on the seven
@@ -37,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +159,7 @@ def bench_cpu(shape: Shape, threads: int) -> dict[str, Any]:
         "tunery": tunery,
         "peer": peer.figures(),
         "ratio": round(tunery["tokens_per_s"] / peer.figures()["tokens_per_s"], 3),
+        **paired_ratios(tunery.pop("step_wall_s"), tunery.pop("step_cpu_s"), peer, shape.warmup),
         # Both loops share the process, so this is their peak together.
         **memory("cpu"),
     }
@@ -364,13 +368,15 @@ class PeerLoop:
             "input_ids"
         ]
         self.tokens_per_s: list[float] = []
+        self.wall_s: list[float] = []
+        self.cpu_s: list[float] = []
         self.losses: list[float] = []
 
     def step(self) -> None:
         import torch
 
         n, size = len(self.tokens_per_s), self.shape.batch_size
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         batch = self.input_ids[n * size : (n + 1) * size].to(self.device)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
             loss = self.model(input_ids=batch, labels=batch).loss
@@ -378,7 +384,9 @@ class PeerLoop:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.losses.append(float(loss.detach()))  # (waits for the device, as the handler's loss does)
-        self.tokens_per_s.append(batch.numel() / (time.perf_counter() - started))
+        self.wall_s.append(time.perf_counter() - started)
+        self.cpu_s.append(time.thread_time() - started_cpu)
+        self.tokens_per_s.append(batch.numel() / self.wall_s[-1])
 
     def figures(self) -> dict[str, Any]:
         if len(self.tokens_per_s) != self.shape.steps:
@@ -397,10 +405,15 @@ class BenchContext(LocalJobContext):
     """A LocalJobContext whose once-a-step stop check first runs one step of the peer loop, if any."""
 
     peer: PeerLoop | None = None
+    # The thread's CPU clock at each stop check, before and after the peer step: a tunery step's CPU
+    # time runs from one check's end to the next check's start.
+    cpu_at_check: list[tuple[float, float]] = field(default_factory=list)
 
     def should_stop(self) -> bool:
         if self.peer is not None:
+            before = time.thread_time()
             self.peer.step()
+            self.cpu_at_check.append((before, time.thread_time()))
         return super().should_stop()
 
 
@@ -458,7 +471,25 @@ def run_tunery(
         # Everything the handler does: load, baseline perplexity, train, final eval, save.
         "handler_wall_s": round(wall, 2),
     }
-    return figures if peer is not None else {**figures, **memory(device)}
+    if peer is None:
+        return {**figures, **memory(device)}
+    checks = ctx.cpu_at_check
+    figures["step_wall_s"] = [tokens_per_step / m["throughput"] for m in points]
+    figures["step_cpu_s"] = [checks[i + 1][0] - checks[i][1] for i in range(len(checks) - 1)]
+    return figures
+
+
+def paired_ratios(
+    tunery_wall: list[float], tunery_cpu: list[float], peer: PeerLoop, warmup: int
+) -> dict[str, float]:
+    """Median over steps of peer time / tunery time, each tunery step paired with the peer step just
+    before it: on wall-clock time (`paired_ratio`) and on the thread's CPU time (`cpu_ratio`)."""
+    wall = [p / t for p, t in zip(peer.wall_s[warmup:], tunery_wall[warmup:], strict=False)]
+    cpu = [p / t for p, t in zip(peer.cpu_s[warmup:], tunery_cpu[warmup:], strict=False)]
+    return {
+        "paired_ratio": round(statistics.median(wall), 3),
+        "cpu_ratio": round(statistics.median(cpu), 3),
+    }
 
 
 def run_baseline(script: Path) -> dict[str, Any]:
@@ -508,7 +539,8 @@ def describe(report: dict[str, Any]) -> str:
             f"({report['warmup']} warm-up)",
             f"  tunery loop: {t['tokens_per_s']:,.0f} tok/s (step median)",
             f"  {peer_name}: {p['tokens_per_s']:,.0f} tok/s",
-            f"  tunery / peer: {report['ratio']}",
+            f"  tunery / peer: {report['ratio']} (paired steps: {report.get('paired_ratio')}, "
+            f"CPU time: {report.get('cpu_ratio')})",
             memory_line,
         ]
     )

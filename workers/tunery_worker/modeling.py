@@ -136,7 +136,7 @@ def fuse_lora_adds(model: torch.nn.Module) -> int:
     switched = 0
     for module in model.modules():
         if type(module) is LoraLinear:  # not the quantized (bitsandbytes) subclasses
-            module.forward = types.MethodType(_fused_lora_forward, module)
+            module.forward = types.MethodType(_fused_lora_forward, module)  # type: ignore[method-assign]
             switched += 1
     return switched
 
