@@ -11,3 +11,5 @@ $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cu
 (cd workers && ../$PY -m pytest tests -q -p no:cacheprovider -m gpu -rs)
 (cd workers && ../$PY -m pytest tests/test_gguf_export.py -q -p no:cacheprovider)
 (cd workers && ../$PY -m tunery_worker.bench --cuda --size 1b)
+# torch.compile is opt-in: measure it too, to decide whether it should become the CUDA default.
+(cd workers && TUNERY_TORCH_COMPILE=1 ../$PY -m tunery_worker.bench --cuda --size 1b)

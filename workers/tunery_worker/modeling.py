@@ -59,7 +59,7 @@ def bitsandbytes_available() -> bool:
 
 # --- precision and speed-ups per device -------------------------------------------------------------------
 
-COMPILE_ENV = "TUNERY_TORCH_COMPILE"  # auto (CUDA only) | 1 | 0: torch.compile the model's backbone
+COMPILE_ENV = "TUNERY_TORCH_COMPILE"  # 1 | 0 (default): torch.compile the model's backbone
 
 
 def native_bf16(device: str) -> bool:
@@ -83,15 +83,10 @@ def load_dtype(device: str) -> torch.dtype:
     return half_dtype(device) or torch.float32
 
 
-def compile_enabled(device: str) -> bool:
-    """torch.compile: automatic on CUDA; opt-in on CPU (`TUNERY_TORCH_COMPILE=1`), where the first
-    steps spend tens of seconds compiling and the gain is small."""
-    setting = os.environ.get(COMPILE_ENV, "auto").strip().lower()
-    if setting in ("1", "true", "on"):
-        return True
-    if setting in ("0", "false", "off"):
-        return False
-    return str(device).startswith("cuda")
+def compile_enabled() -> bool:
+    """torch.compile is opt-in (`TUNERY_TORCH_COMPILE=1`): the first steps spend tens of seconds (CPU)
+    compiling, and it stays off by default until it has been measured on the GPUs workers run on."""
+    return os.environ.get(COMPILE_ENV, "0").strip().lower() in ("1", "true", "on")
 
 
 def _language_model(model: torch.nn.Module) -> Any:

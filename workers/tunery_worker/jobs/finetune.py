@@ -8,7 +8,10 @@ Batching: the training split is read as one stream of examples, each epoch in it
 permutation; an optimizer step takes `batch_size × gradient_accumulation_steps` examples from it.
 The stream position (epoch, index) is therefore exact, and a checkpoint resumes at the very example
 it stopped at. A step that runs past the end of an epoch tops up from the next epoch's order, so
-every step has the same size.
+every step has the same size. Within a step the examples are grouped by length into micro-batches,
+each packed several examples to a row (`data.pack`), and the loss is fused with the LM head
+(`modeling.causal_lm_loss_sum`): neither changes what a step computes, only how fast and in how
+much memory.
 
 Distributed (`distributed.enabled`, one node): `run` hands the job to `ddp_entry.launch`, which starts
 torchrun with one process per GPU (2 on CPU) and forwards rank 0's reports. Every rank runs this
@@ -415,7 +418,7 @@ class Finetune:
         applied = apply_fused_kernels(self.model, self.cfg.device)
         if applied:
             self.ctx.log(applied)
-        if compile_enabled(self.cfg.device) and compile_backbone(self.model):
+        if compile_enabled() and compile_backbone(self.model):
             self.ctx.log("torch.compile: the first steps include compiling the model")
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
