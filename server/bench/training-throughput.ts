@@ -30,6 +30,10 @@ interface TrainingReport {
   tunery: LoopFigures;
   peer: LoopFigures;
   ratio: number;
+  /** Median over steps of peer / tunery step time, each tunery step paired with the peer step before it. */
+  paired_ratio: number;
+  /** The same on the thread's CPU time: what each step computed, whatever else the machine ran. */
+  cpu_ratio: number;
   /** Both loops run in one process, alternating step by step. */
   peak_rss_mb: number;
 }
@@ -85,7 +89,8 @@ export async function measureTraining(opts: TrainingOptions): Promise<Measured> 
         ratio: report.ratio,
         notes:
           `median of steps ${report.warmup + 1}–${report.steps}, batch ${report.batch_size}×${report.seq_len}, ` +
-          `${report.threads} thread, the loops alternate steps in one process (peak RSS ${Math.round(report.peak_rss_mb)} MB)`,
+          `${report.threads} thread, the loops alternate steps in one process (peak RSS ${Math.round(report.peak_rss_mb)} MB); ` +
+          `paired-step ratio ${report.paired_ratio}×, CPU-time ratio ${report.cpu_ratio}×`,
       },
     ],
     data: report as unknown as Record<string, unknown>,

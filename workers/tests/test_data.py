@@ -56,6 +56,44 @@ def test_prompt_completion_masks_the_prompt(tokenizer) -> None:  # type: ignore[
     assert everything.labels == everything.input_ids == example.input_ids
 
 
+def test_prompt_completion_is_tokenized_joined_byte_level_bpe(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    # Byte-level BPE: apart, "1" and "00" split the number as " 1" "0" "0"; joined it is " 10" "0".
+    record = {"prompt": "Count: 1", "completion": "00 items"}
+    example = data.tokenize_record(record, "prompt_completion", tokenizer, 64)
+    joined = tokenizer("Count: 100 items")["input_ids"]
+    assert example.input_ids == [*joined, tokenizer.eos_token_id]
+    apart = tokenizer("Count: 1")["input_ids"] + tokenizer("00 items", add_special_tokens=False)["input_ids"]
+    assert apart != joined  # the case this guards against is real for this tokenizer
+    # Training starts at the token straddling the boundary (" 10"), which holds completion text.
+    first = example.labels.index(next(t for t in example.labels if t != IGNORE_INDEX))
+    assert tokenizer.convert_ids_to_tokens(example.input_ids[first]) == "Ġ" + "10"
+    assert example.labels[first:] == example.input_ids[first:]
+    assert set(example.labels[:first]) == {IGNORE_INDEX}
+
+
+def test_prompt_completion_has_no_spurious_sentencepiece_prefix() -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tunery_worker.tiny_model import _CORPUS
+
+    # A Llama-2/Mistral-style tokenizer: SentencePiece's "▁" marks a word start, prepended to the text.
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    raw.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    raw.train_from_iterator(_CORPUS * 4, trainer)
+    sp = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+    example = data.tokenize_record({"prompt": "Answer:", "completion": "Paris"}, "prompt_completion", sp, 64)
+    assert example.input_ids == [*sp("Answer:Paris")["input_ids"], sp.eos_token_id]
+    trained = sp.convert_ids_to_tokens([t for t in example.labels if t != IGNORE_INDEX])
+    assert trained[0] != "▁" and not trained[0].startswith("▁")  # no "▁" the joined text lacks
+    assert sp.decode([t for t in example.labels if t != IGNORE_INDEX], skip_special_tokens=True) == "Paris"
+
+
 def test_chat_trains_only_assistant_turns(tokenizer) -> None:  # type: ignore[no-untyped-def]
     example = data.tokenize_record({"messages": CHAT}, "chat", tokenizer, 256)
     rendered = tokenizer.apply_chat_template(CHAT, tokenize=False)

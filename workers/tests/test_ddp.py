@@ -118,7 +118,12 @@ def test_ddp_run_completes_and_loss_falls(runs: dict[str, Any]) -> None:
     assert set(ctx.checkpoints) == {"checkpoint-8", "checkpoint-16"}
     assert {"adapter_model.safetensors", "adapter_config.json", "training_config.json"} <= set(ctx.outputs)
     saved = json.loads(ctx.outputs["training_config.json"].read_text())
-    assert saved["distributed"] == {"enabled": True, "num_nodes": 1, "nproc_per_node": 2}
+    assert saved["distributed"] == {
+        "enabled": True,
+        "num_nodes": 1,
+        "nproc_per_node": 2,
+        "timeout_s": 4 * 3600.0,
+    }
     assert "hf_token" not in (ctx.workdir / "ddp" / "job.json").read_text()
     assert not list((ctx.workdir / "ddp" / "outbox").iterdir())  # durable, then deleted
     state = torch.load(ctx.checkpoints["checkpoint-8"][1], weights_only=True)
@@ -360,3 +365,59 @@ def test_the_child_context_reports_only_on_rank_0(tmp_path: Path) -> None:
     assert ops == ["log", "stopping"]  # acknowledged once
     gone = ddp_entry.StreamContext(**common, stream=None, stop_file=tmp_path / "nope", parent_pid=2**22 + 7)
     assert gone.should_stop() == (not os.path.exists(f"/proc/{2**22 + 7}"))
+
+
+def test_the_process_group_waits_as_long_as_the_job_allows(
+    tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import timedelta
+
+    # Rank 0 alone evaluates, checkpoints and uploads while the others wait in a collective: the group
+    # gets the job's timeout (a generous default), never torch's 10 minutes.
+    seen: list[dict[str, Any]] = []
+
+    def init_process_group(**kwargs: Any) -> None:
+        seen.append(kwargs)
+        raise RuntimeError("stopped before any collective")
+
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for timeout in (None, 1800):
+        distributed = ddp(nproc_per_node=1, **({"timeout_s": timeout} if timeout else {}))
+        ctx = make_ctx(tmp_path, tiny_llama, memorization_set(tmp_path), distributed=distributed)
+        run_dir = tmp_path / f"run-{timeout}"
+        run_dir.mkdir()
+        job = {
+            "job_id": ctx.job_id,
+            "job_type": "finetune",
+            "spec": ctx.spec,
+            "workdir": str(ctx.workdir),
+            "device": "cpu",
+            "attempt": 1,
+            "inputs": {k: str(v) for k, v in ctx.inputs.items()},
+            "resume_checkpoint": None,
+            "run_dir": str(run_dir),
+        }
+        (run_dir / "job.json").write_text(json.dumps(job))
+        assert ddp_entry.main([str(run_dir / "job.json")]) == 1
+    assert [s["timeout"] for s in seen] == [timedelta(hours=4), timedelta(seconds=1800)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.device_count() >= 2 and dist.is_nccl_available()),
+    reason="needs 2 CUDA devices and NCCL",
+)
+def test_ddp_on_two_gpus(tmp_path: Path, tiny_llama: Path) -> None:
+    ctx = make_ctx(
+        tmp_path,
+        tiny_llama,
+        memorization_set(tmp_path),
+        distributed=ddp(nproc_per_node=2),
+        training={"max_steps": STEPS, "save_steps": 8, "logging_steps": 1},
+    )
+    ctx.device = "cuda"
+    result = finetune.run(ctx)
+    losses = train_losses(ctx)
+    assert result["steps"] == STEPS and losses[-1] <= losses[0] / 2, losses

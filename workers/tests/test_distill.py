@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from gguf import GGUFReader
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from tunery_worker.context import JobStopped, LocalJobContext
-from tunery_worker.data import tokenize_record
+from tunery_worker.data import collate, tokenize_record
 from tunery_worker.errors import InvalidConfig, InvalidDataset
 from tunery_worker.jobs import HANDLERS
 from tunery_worker.jobs import distill as distill_module
@@ -223,6 +224,23 @@ def test_local_teacher(tmp_path, tiny_llama, tiny_qwen2):
     assert result["teacher_prompt_tokens"] > 0 and result["gpu_seconds"] > 0
 
 
+def test_a_local_teacher_at_temperature_0_answers_one_greedy_candidate(tmp_path, tiny_llama, tiny_qwen2):
+    # generate refuses num_return_sequences > 1 without sampling: this crashed and was retried.
+    spec = {
+        "teacher": {"provider": "local", "model": str(tiny_qwen2)},
+        "n_samples": 3,
+        "temperature": 0,
+        "max_new_tokens": 6,
+        "training_steps": 1,
+        "lora_rank": 2,
+        "num_prompts": 2,
+    }
+    result = HANDLERS["distill"](make_ctx(tmp_path, tiny_llama, spec))
+    # Greedy decoding has one answer per prompt, so no preference pair can come of it.
+    assert result["samples_generated"] == 2 and result["teacher_requests"] == 2
+    assert result["pairs_kept"] == 0 and result["steps"] == 1
+
+
 def test_resume_continues_training_without_asking_the_teacher_again(tmp_path, tiny_llama):
     with FakeOpenAI() as server:
         full = make_ctx(tmp_path, tiny_llama, openai_spec(server), name="full")
@@ -354,3 +372,91 @@ def test_prompts_that_leave_no_room_for_the_answer_are_dropped(tmp_path, tiny_ll
         ctx = make_ctx(tmp_path, tiny_llama, openai_spec(server, max_seq_length=8))
         with pytest.raises(InvalidDataset, match="max_seq_length"):
             HANDLERS["distill"](ctx)
+
+
+def plain_bond_loss(student, batch, pad_id, beta, gamma):
+    """The objective computed the plain way, from full-vocabulary fp32 logits (as it was before)."""
+    rows = [i for i, e in enumerate(batch) if e["worst"] is not None]
+
+    def forward(examples):
+        inputs = collate(examples, pad_id)
+        policy = student(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).logits.float()
+        with torch.no_grad(), student.disable_adapter():
+            reference = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        return policy, reference.float(), inputs["labels"]
+
+    def token_logprobs(logits, labels):
+        targets = labels[:, 1:]
+        mask = targets != -100
+        logp = (
+            torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        )
+        return logp * mask, mask
+
+    def kl_sum(policy_logits, reference_logits, mask):
+        policy = torch.log_softmax(policy_logits[:, :-1], -1)
+        reference = torch.log_softmax(reference_logits[:, :-1], -1)
+        return ((policy.exp() * (policy - reference)).sum(-1) * mask).sum(), mask.sum()
+
+    def mean_per_row(values, mask):
+        return values.sum(-1) / mask.sum(-1).clamp(min=1)
+
+    policy_best, reference_best, labels_best = forward([e["best"] for e in batch])
+    logp_best, mask_best = token_logprobs(policy_best, labels_best)
+    distill = -(logp_best.sum() / mask_best.sum())
+    kl, count = kl_sum(policy_best, reference_best, mask_best)
+    policy_worst, reference_worst, labels_worst = forward([batch[i]["worst"] for i in rows])
+    logp_worst, mask_worst = token_logprobs(policy_worst, labels_worst)
+    ref_best, _ = token_logprobs(reference_best[rows], labels_best[rows])
+    ref_worst, _ = token_logprobs(reference_worst, labels_worst)
+    margin = mean_per_row(logp_best[rows] - ref_best, mask_best[rows]) - mean_per_row(
+        logp_worst - ref_worst, mask_worst
+    )
+    worst_kl, worst_count = kl_sum(policy_worst, reference_worst, mask_worst)
+    return distill - beta * F.logsigmoid(margin).mean() + gamma * (kl + worst_kl) / (count + worst_count)
+
+
+def test_the_chunked_bond_loss_equals_the_plain_one_and_its_gradient(tiny_llama, monkeypatch):
+    from tunery_worker import modeling
+
+    monkeypatch.setattr(modeling, "LOSS_CHUNK_ELEMENTS", 512 * 5)  # several chunks per batch
+    torch.manual_seed(0)
+    model, tokenizer = load_model_and_tokenizer(tiny_llama)
+    student = get_peft_model(
+        model,
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    for name, param in student.named_parameters():
+        if "lora_B" in name:  # a trained adapter: policy and reference differ
+            torch.nn.init.normal_(param, std=0.2)
+
+    def encode(prompt, completion):
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return tokenize_record({"messages": messages}, "chat", tokenizer, 128)
+
+    batch = [
+        {"best": encode("Capital of France?", "Paris."), "worst": encode("Capital of France?", "Rome Rome.")},
+        {"best": encode("Legs of a spider?", "Eight legs."), "worst": None},
+        {"best": encode("Hi?", "Hello."), "worst": encode("Hi?", "No no no no no.")},
+    ]
+    grads = []
+    for compute in (
+        lambda: plain_bond_loss(student, batch, tokenizer.pad_token_id, 0.7, 0.3),
+        lambda: bond_loss(student, batch, tokenizer.pad_token_id, beta=0.7, gamma=0.3, device="cpu")[0],
+    ):
+        student.zero_grad(set_to_none=True)
+        loss = compute()
+        loss.backward()
+        grads.append(
+            (
+                float(loss.detach()),
+                {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None},
+            )
+        )
+    (plain, plain_grads), (chunked, chunked_grads) = grads
+    assert chunked == pytest.approx(plain, rel=1e-5)
+    assert plain_grads.keys() == chunked_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -350,7 +350,9 @@ def test_bf16_lora_on_cuda(tmp_path: Path, tiny_llama: Path) -> None:
     ctx = make_ctx(tmp_path, tiny_llama, memorization_set(tmp_path), training={"bf16": True})
     ctx.device = "cuda"
     result = finetune.run(ctx)
-    assert finetune.resolve_config(ctx).use_bf16 == torch.cuda.is_bf16_supported()
+    cfg = finetune.resolve_config(ctx)
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    assert (cfg.use_bf16, cfg.use_fp16) == (native, not native)
     losses = train_losses(ctx)
     assert losses[-1] <= losses[0] / 2, losses
     assert result["adapter"] is not None
@@ -378,3 +380,52 @@ def test_qlora_on_cuda(tmp_path: Path, tiny_llama: Path) -> None:
     losses = train_losses(ctx)
     assert losses[-1] < losses[0], losses
     assert "adapter_model.safetensors" in ctx.outputs and result["params_trainable"] > 0
+
+
+def test_warmup_never_runs_a_step_at_lr_0_and_logs_the_rate_each_step_used(
+    tmp_path: Path, tiny_llama: Path
+) -> None:
+    peak = 1e-2
+    training = {"max_steps": 6, "warmup_steps": 2, "lr_scheduler": "linear", "logging_steps": 1}
+    ctx = make_ctx(tmp_path, tiny_llama, memorization_set(tmp_path), training=training)
+    finetune.run(ctx)
+    logged = [m["lr"] for m in ctx.metrics if m["phase"] == "train"]
+    # Warmup 1/2, 2/2 of the peak; then linear decay over the 4 remaining steps, the last one still > 0.
+    assert logged == pytest.approx([peak / 2, peak, peak, peak * 3 / 4, peak / 2, peak / 4])
+
+    # One step inside a 2-step warmup moves the adapter (at lr 0 it stayed at its zero B matrices).
+    one = make_ctx(
+        tmp_path, tiny_llama, memorization_set(tmp_path), "one", training={"max_steps": 1, "warmup_steps": 2}
+    )
+    finetune.run(one)
+    adapter = final_adapter(one)
+    assert any(float(t.abs().max()) > 0 for name, t in adapter.items() if "lora_B" in name)
+
+
+def test_the_result_says_which_split_perplexity_was_measured_on(tmp_path: Path, tiny_llama: Path) -> None:
+    dataset = memorization_set(tmp_path)
+    on_train = finetune.run(make_ctx(tmp_path, tiny_llama, dataset, "t", training={"max_steps": 2}))
+    assert on_train["ppl_split"] == "train"
+    held_out = finetune.run(
+        make_ctx(tmp_path, tiny_llama, dataset, "e", training={"max_steps": 2, "eval_split": 0.25})
+    )
+    assert held_out["ppl_split"] == "eval"
+
+
+def test_gpus_without_native_bf16_train_in_fp16_with_loss_scaling(
+    tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ctx = make_ctx(tmp_path, tiny_llama, memorization_set(tmp_path))
+    ctx.device = "cuda"
+    # A T4 or V100: torch "supports" bf16 there only by emulation, which is slow.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    cfg = finetune.resolve_config(ctx)
+    assert (cfg.use_bf16, cfg.use_fp16) == (False, True)
+    # An A100 or newer computes bf16 natively.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    cfg = finetune.resolve_config(ctx)
+    assert (cfg.use_bf16, cfg.use_fp16) == (True, False)
+    ctx.spec["training"]["bf16"] = False  # asked for fp32
+    cfg = finetune.resolve_config(ctx)
+    assert (cfg.use_bf16, cfg.use_fp16) == (False, False)

@@ -2,6 +2,7 @@
 
     python -m tunery_worker.bench [--steps N] [--json]          # CPU: the tiny model, both loops
     python -m tunery_worker.bench --cuda --size 1b [--json]     # GPU: ~1.5B Llama vs the HF baseline
+    python -m tunery_worker.bench --loss-memory [--json]        # CPU: peak RSS, plain vs fused loss
 
 CPU (the default): a tiny random Llama from `make_tiny_model`, batch 8 x 256 tokens of synthetic text.
   - `tunery`: the finetune handler (`jobs.finetune.run`) with a `LocalJobContext`, a metric point every
@@ -11,12 +12,21 @@ CPU (the default): a tiny random Llama from `make_tiny_model`, batch 8 x 256 tok
   The two alternate step by step in one process (the handler checks for a stop once a step; the
   context runs one peer step there), so a change in the machine's load hits both alike. The first
   steps are warm-up and left out; reported are the median per-step tokens/s, the process's peak RSS
-  and tunery/peer.
+  and tunery/peer. On a shared machine the wall-clock medians swing with other processes' load, so
+  two load-robust ratios come beside it: `paired_ratio`, the median over steps of peer time / tunery
+  time for each tunery step and the peer step run just before it, and `cpu_ratio`, the same on the
+  thread's CPU time (what each step computed, whatever else ran; one torch thread runs in this one).
 
 GPU (`--cuda --size 1b`): the tunery loop, in a process of its own, on the random-init Llama ~1.5B of
 `workers/bench/hf_peft_baseline.py` (batch 8 x 2048, bf16 autocast, LoRA r16 / alpha 32 on the seven
 projections), then that baseline script itself until it prints its 1b LoRA line: the same card in the
 same run, as the baseline asks.
+
+Loss memory (`--loss-memory`): one LoRA step (forward, backward, AdamW) of a random Llama with a
+128k vocabulary (Llama-3's 128256, hidden 256, 2 layers) on one sequence of 2048 tokens, on CPU, in
+a process of its own per loss: `plain` (the model's full logits, then cross-entropy: what the loss
+was before) and `fused` (`causal_lm_loss_sum`). Reported: each process's peak RSS, its RSS before
+the step, and the loss (the same to float rounding).
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +79,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     p.add_argument("--cuda", action="store_true", help="GPU: the tunery loop vs hf_peft_baseline.py")
     p.add_argument("--size", choices=["tiny", "1b"], help="model (tiny on CPU, 1b with --cuda)")
+    p.add_argument("--loss-memory", action="store_true", help="CPU: peak RSS of a 128k-vocab LoRA step")
+    p.add_argument("--loss-variant", choices=["plain", "fused"], help=argparse.SUPPRESS)
     p.add_argument("--baseline", type=Path, default=BASELINE, help=argparse.SUPPRESS)
     # Internal (GPU mode): run the tunery loop alone in this process and print its JSON.
     p.add_argument("--tunery-only", nargs=2, type=Path, metavar=("MODEL", "DATA"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
+    if args.loss_variant:
+        print(json.dumps(loss_step_memory(args.loss_variant, args.seq_len or 2048)), flush=True)
+        return 0
+    if args.loss_memory:
+        report = bench_loss_memory(args.seq_len or 2048, args.threads)
+        print(json.dumps(report) if args.json else describe_loss_memory(report), flush=True)
+        return 0
     if args.cuda != ((args.size or ("1b" if args.cuda else "tiny")) == "1b"):
         p.error("--cuda goes with --size 1b (and the tiny model runs on CPU)")
     args.steps = args.steps or (16 if args.cuda else 32)
@@ -140,6 +159,7 @@ def bench_cpu(shape: Shape, threads: int) -> dict[str, Any]:
         "tunery": tunery,
         "peer": peer.figures(),
         "ratio": round(tunery["tokens_per_s"] / peer.figures()["tokens_per_s"], 3),
+        **paired_ratios(tunery.pop("step_wall_s"), tunery.pop("step_cpu_s"), peer, shape.warmup),
         # Both loops share the process, so this is their peak together.
         **memory("cpu"),
     }
@@ -176,6 +196,95 @@ def bench_gpu(baseline: Path, shape: Shape) -> dict[str, Any]:
         "peer": peer,
         "ratio": round(tunery["tokens_per_s"] / peer["tokens_per_s"], 3),
     }
+
+
+# --- loss memory: a 128k-vocabulary LoRA step, plain vs fused loss ----------------------------------------
+
+LOSS_MEMORY_MODEL: dict[str, Any] = dict(
+    vocab_size=128256,  # Llama-3's vocabulary: the logits, not the layers, are what this measures
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
+
+
+def bench_loss_memory(seq_len: int, threads: int) -> dict[str, Any]:
+    """Each loss in a fresh process, so each peak RSS is that loss's alone."""
+    runs = {}
+    for variant in ("plain", "fused"):
+        cmd = [sys.executable, "-m", "tunery_worker.bench", "--loss-variant", variant]
+        cmd += ["--seq-len", str(seq_len), "--threads", str(threads)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"the {variant} loss step failed (exit {done.returncode}):\n{done.stderr[-3000:]}"
+            )
+        runs[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    return {
+        "device": "cpu",
+        "model": f"random llama, vocab {LOSS_MEMORY_MODEL['vocab_size']}, "
+        f"hidden {LOSS_MEMORY_MODEL['hidden_size']}, {LOSS_MEMORY_MODEL['num_hidden_layers']} layers",
+        "seq_len": seq_len,
+        "batch_size": 1,
+        "lora": LORA,
+        **runs,
+        "peak_rss_saved_mb": round(runs["plain"]["peak_rss_mb"] - runs["fused"]["peak_rss_mb"], 1),
+    }
+
+
+def loss_step_memory(variant: str, seq_len: int) -> dict[str, Any]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunery_worker.modeling import causal_lm_loss_sum, token_loss_sum
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        LlamaForCausalLM(LlamaConfig(**LOSS_MEMORY_MODEL)),
+        LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=0.0,
+            target_modules=LORA["target_modules"],
+            task_type="CAUSAL_LM",
+        ),
+    )
+    model.config.use_cache = False
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
+    input_ids = torch.randint(0, LOSS_MEMORY_MODEL["vocab_size"], (1, seq_len))
+    rss_before = memory("cpu")["peak_rss_mb"]
+    started = time.perf_counter()
+    if variant == "plain":
+        loss_sum, count = token_loss_sum(model(input_ids=input_ids).logits, input_ids)
+    else:
+        loss_sum, count = causal_lm_loss_sum(model, input_ids, input_ids)
+    (loss_sum / count).backward()
+    optimizer.step()
+    return {
+        "rss_before_step_mb": rss_before,
+        "peak_rss_mb": memory("cpu")["peak_rss_mb"],
+        "step_s": round(time.perf_counter() - started, 2),
+        "loss": round(float(loss_sum.detach()) / count, 5),
+    }
+
+
+def describe_loss_memory(report: dict[str, Any]) -> str:
+    plain, fused = report["plain"], report["fused"]
+    return "\n".join(
+        [
+            f"one LoRA step, {report['model']}, 1 x {report['seq_len']} tokens on CPU:",
+            f"  plain loss (full fp32 logits): peak RSS {plain['peak_rss_mb']:,.0f} MB "
+            f"(before the step {plain['rss_before_step_mb']:,.0f} MB), loss {plain['loss']}",
+            f"  fused chunked loss:            peak RSS {fused['peak_rss_mb']:,.0f} MB "
+            f"(before the step {fused['rss_before_step_mb']:,.0f} MB), loss {fused['loss']}",
+            f"  saved: {report['peak_rss_saved_mb']:,.0f} MB",
+        ]
+    )
 
 
 # --- inputs: synthetic text, and the 1b model ---------------------------------------------------------
@@ -259,13 +368,15 @@ class PeerLoop:
             "input_ids"
         ]
         self.tokens_per_s: list[float] = []
+        self.wall_s: list[float] = []
+        self.cpu_s: list[float] = []
         self.losses: list[float] = []
 
     def step(self) -> None:
         import torch
 
         n, size = len(self.tokens_per_s), self.shape.batch_size
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         batch = self.input_ids[n * size : (n + 1) * size].to(self.device)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
             loss = self.model(input_ids=batch, labels=batch).loss
@@ -273,7 +384,9 @@ class PeerLoop:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.losses.append(float(loss.detach()))  # (waits for the device, as the handler's loss does)
-        self.tokens_per_s.append(batch.numel() / (time.perf_counter() - started))
+        self.wall_s.append(time.perf_counter() - started)
+        self.cpu_s.append(time.thread_time() - started_cpu)
+        self.tokens_per_s.append(batch.numel() / self.wall_s[-1])
 
     def figures(self) -> dict[str, Any]:
         if len(self.tokens_per_s) != self.shape.steps:
@@ -292,10 +405,15 @@ class BenchContext(LocalJobContext):
     """A LocalJobContext whose once-a-step stop check first runs one step of the peer loop, if any."""
 
     peer: PeerLoop | None = None
+    # The thread's CPU clock at each stop check, before and after the peer step: a tunery step's CPU
+    # time runs from one check's end to the next check's start.
+    cpu_at_check: list[tuple[float, float]] = field(default_factory=list)
 
     def should_stop(self) -> bool:
         if self.peer is not None:
+            before = time.thread_time()
             self.peer.step()
+            self.cpu_at_check.append((before, time.thread_time()))
         return super().should_stop()
 
 
@@ -353,7 +471,25 @@ def run_tunery(
         # Everything the handler does: load, baseline perplexity, train, final eval, save.
         "handler_wall_s": round(wall, 2),
     }
-    return figures if peer is not None else {**figures, **memory(device)}
+    if peer is None:
+        return {**figures, **memory(device)}
+    checks = ctx.cpu_at_check
+    figures["step_wall_s"] = [tokens_per_step / m["throughput"] for m in points]
+    figures["step_cpu_s"] = [checks[i + 1][0] - checks[i][1] for i in range(len(checks) - 1)]
+    return figures
+
+
+def paired_ratios(
+    tunery_wall: list[float], tunery_cpu: list[float], peer: PeerLoop, warmup: int
+) -> dict[str, float]:
+    """Median over steps of peer time / tunery time, each tunery step paired with the peer step just
+    before it: on wall-clock time (`paired_ratio`) and on the thread's CPU time (`cpu_ratio`)."""
+    wall = [p / t for p, t in zip(peer.wall_s[warmup:], tunery_wall[warmup:], strict=False)]
+    cpu = [p / t for p, t in zip(peer.cpu_s[warmup:], tunery_cpu[warmup:], strict=False)]
+    return {
+        "paired_ratio": round(statistics.median(wall), 3),
+        "cpu_ratio": round(statistics.median(cpu), 3),
+    }
 
 
 def run_baseline(script: Path) -> dict[str, Any]:
@@ -403,7 +539,8 @@ def describe(report: dict[str, Any]) -> str:
             f"({report['warmup']} warm-up)",
             f"  tunery loop: {t['tokens_per_s']:,.0f} tok/s (step median)",
             f"  {peer_name}: {p['tokens_per_s']:,.0f} tok/s",
-            f"  tunery / peer: {report['ratio']}",
+            f"  tunery / peer: {report['ratio']} (paired steps: {report.get('paired_ratio')}, "
+            f"CPU time: {report.get('cpu_ratio')})",
             memory_line,
         ]
     )

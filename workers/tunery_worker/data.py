@@ -169,8 +169,28 @@ def _with_eos(ids: list[int], tokenizer: PreTrainedTokenizerBase) -> list[int]:
 def _tokenize_prompt_completion(
     prompt: str, completion: str, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[list[int], list[int]]:
-    # Tokenized separately so the prompt/completion boundary is an exact token boundary. Special tokens
-    # (BOS) belong at the start of the prompt only.
+    """Tokenize prompt + completion as one text and train from the first token holding a completion
+    character on. Tokenizing the two apart would not give the tokens the model sees at inference: a
+    SentencePiece tokenizer puts a spurious "▁" before the completion, and byte-level BPE splits a
+    number (or word) that straddles the boundary."""
+    if not tokenizer.is_fast:  # no offsets: tokenized apart, the boundary a token boundary
+        return _tokenize_prompt_completion_apart(prompt, completion, tokenizer)
+    encoded = tokenizer(prompt + completion, return_offsets_mapping=True)
+    ids = _with_eos(list(encoded["input_ids"]), tokenizer)
+    boundary = len(prompt)
+    # Special tokens (BOS) span no characters: (0, 0). A token straddling the boundary is trained, as
+    # it holds completion text that no other token predicts.
+    first = next(
+        (i for i, (start, end) in enumerate(encoded["offset_mapping"]) if end > boundary and end > start),
+        len(ids),
+    )
+    return ids, [IGNORE_INDEX] * first + ids[first:]
+
+
+def _tokenize_prompt_completion_apart(
+    prompt: str, completion: str, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[int]]:
+    # Special tokens (BOS) belong at the start of the prompt only.
     prompt_ids = tokenizer(prompt)["input_ids"] if prompt else []
     completion_ids = _with_eos(tokenizer(completion, add_special_tokens=False)["input_ids"], tokenizer)
     ids = [*prompt_ids, *completion_ids]
@@ -320,3 +340,53 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.T
 def batches(examples: Sequence[Example], batch_size: int, pad_token_id: int) -> list[dict[str, torch.Tensor]]:
     """Fixed-order batches (for evaluation)."""
     return [collate(examples[i : i + batch_size], pad_token_id) for i in range(0, len(examples), batch_size)]
+
+
+def pack(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Several examples per row: `input_ids`, `labels` and `position_ids`, no `attention_mask`.
+
+    Rows are as wide as the longest example; examples go in longest first, each into the first row
+    with room (first-fit decreasing), so short examples fill the gaps padding would take. Positions
+    restart at 0 for every example, which transformers reads as packed sequences: attention stays
+    within each example (a block-diagonal causal mask with sdpa/eager, varlen kernels with flash
+    attention), so an example's loss is what it would be alone. An example's first token is not
+    predicted from the one before it (label -100), as in a row of its own. The padding at a row's end
+    is a segment of its own, unlabelled. Rows without padding or packing run the plain causal kernel.
+    """
+    width = max(len(e.input_ids) for e in examples)
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    for example in sorted(examples, key=lambda e: len(e.input_ids), reverse=True):
+        n = len(example.input_ids)
+        row = next((r for r, free in enumerate(room) if free >= n), None)
+        if row is None:
+            rows.append([])
+            room.append(width)
+            row = len(rows) - 1
+        rows[row].append(example)
+        room[row] -= n
+    width = max(width - free for free in room)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row_examples in enumerate(rows):
+        at = 0
+        for example in row_examples:
+            n = len(example.input_ids)
+            input_ids[r, at : at + n] = torch.tensor(example.input_ids, dtype=torch.long)
+            labels[r, at + 1 : at + n] = torch.tensor(example.labels[1:], dtype=torch.long)
+            position_ids[r, at : at + n] = torch.arange(n)
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)
+    if all(len(row) == 1 and len(row[0].input_ids) == width for row in rows):
+        # Every row one example, no padding: the model's own positions (0..width-1) are these, and
+        # without explicit ones it computes the rotary tables once for the batch instead of per row.
+        return {"input_ids": input_ids, "labels": labels}
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def packed_batches(
+    examples: Sequence[Example], batch_size: int, pad_token_id: int
+) -> list[dict[str, torch.Tensor]]:
+    """Fixed-order batches of `batch_size` examples each, packed (for evaluation)."""
+    return [pack(examples[i : i + batch_size], pad_token_id) for i in range(0, len(examples), batch_size)]

@@ -37,7 +37,7 @@ from tunery_worker.data import batches, build_dataset, load_records
 from tunery_worker.errors import InvalidConfig, InvalidDataset
 from tunery_worker.jobs import spec_fields as f
 from tunery_worker.jobs.model_source import base_for_adapter, load_source_model
-from tunery_worker.modeling import load_model_and_tokenizer, load_tokenizer, mean_token_loss
+from tunery_worker.modeling import load_dtype, load_model_and_tokenizer, load_tokenizer, mean_token_loss
 from tunery_worker.text_metrics import distinct_bigram_ratio, token_f1
 
 
@@ -146,7 +146,9 @@ def _load_model(ctx: JobContext) -> tuple[PreTrainedModel | PeftModel, PreTraine
     if "adapter" not in ctx.inputs:
         return load_source_model(ctx)
     adapter_dir = Path(ctx.inputs["adapter"])
-    base, tokenizer = load_model_and_tokenizer(base_for_adapter(ctx, adapter_dir), device=ctx.device)
+    base, tokenizer = load_model_and_tokenizer(
+        base_for_adapter(ctx, adapter_dir), device=ctx.device, dtype=load_dtype(ctx.device)
+    )
     if (adapter_dir / "tokenizer_config.json").is_file():
         tokenizer = load_tokenizer(adapter_dir)  # the adapter's job may have added tokens
     return PeftModel.from_pretrained(base, adapter_dir), tokenizer

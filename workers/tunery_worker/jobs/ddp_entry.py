@@ -37,6 +37,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -190,8 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
         cfg = finetune.resolve_config(ctx)
+        # Ranks wait in a collective while rank 0 alone evaluates, checkpoints and uploads: the group's
+        # timeout (NCCL's watchdog, gloo's wait) is the job's, not torch's 10 minutes.
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=cfg.distributed.timeout_s)
+        )
         if cfg.distributed.nproc_per_node != world_size:
             raise InvalidConfig(
                 f"torchrun started {world_size} processes, the spec resolves to "

@@ -55,7 +55,8 @@ import httpx
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunery_worker import egress
 from tunery_worker.context import JobContext
@@ -63,8 +64,18 @@ from tunery_worker.data import Example, collate, epoch_order, read_jsonl, tokeni
 from tunery_worker.errors import InvalidConfig, InvalidDataset, JobError
 from tunery_worker.gguf_export import validate_quantization_types, write_gguf
 from tunery_worker.jobs import spec_fields as f
+from tunery_worker.jobs.finetune import lr_factor
 from tunery_worker.jobs.model_source import checked_source, load_source_model
-from tunery_worker.modeling import load_model_and_tokenizer
+from tunery_worker.modeling import (
+    bitsandbytes_available,
+    causal_lm_loss_sum,
+    chunk_rows,
+    fuse_lora_adds,
+    half_dtype,
+    hidden_and_head,
+    load_dtype,
+    load_model_and_tokenizer,
+)
 from tunery_worker.text_metrics import distinct_bigram_ratio
 
 CHECKPOINT_FORMAT = "tunery-distill-checkpoint/1"
@@ -195,8 +206,12 @@ def run(ctx: JobContext) -> dict[str, Any]:
     # --- initializing ------------------------------------------------------------------------------
     ctx.set_phase("initializing", progress())
     torch.manual_seed(config.seed)
-    base_student, tokenizer = load_source_model(ctx)
+    # The frozen base in 16-bit on CUDA (bf16 where native, else fp16 with loss scaling); the adapter
+    # stays fp32 (peft keeps adapter weights in fp32) and the step runs under autocast.
+    half = half_dtype(ctx.device)
+    base_student, tokenizer = load_source_model(ctx, half or torch.float32)
     base_student.config.use_cache = False
+    scaler = torch.amp.GradScaler("cuda", enabled=half == torch.float16)
 
     # --- data_generation: n candidates per prompt ------------------------------------------------------
     ctx.set_phase("data_generation", progress())
@@ -255,13 +270,11 @@ def run(ctx: JobContext) -> dict[str, Any]:
         task_type="CAUSAL_LM",
     )
     student = get_peft_model(base_student, lora)
+    fuse_lora_adds(student)
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
-    scheduler = get_scheduler(
-        "linear",
-        optimizer,
-        num_warmup_steps=min(10, config.training_steps // 10),
-        num_training_steps=config.training_steps,
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor("linear", min(10, config.training_steps // 10), config.training_steps)
     )
     start_step = 0
     training_state = checkpoint.get("training") if checkpoint else None
@@ -282,10 +295,16 @@ def run(ctx: JobContext) -> dict[str, Any]:
         started = time.perf_counter()
         batch = [examples[i] for i in _batch_indices(step, config.batch_size, len(examples), config.seed)]
 
-        loss, components = bond_loss(student, batch, pad_id, config.bond_beta, config.bond_gamma, ctx.device)
-        loss.backward()
+        lr = optimizer.param_groups[0]["lr"]  # this step's rate (the scheduler moves on after it)
+        with torch.autocast("cuda", dtype=half or torch.bfloat16, enabled=half is not None):
+            loss, components = bond_loss(
+                student, batch, pad_id, config.bond_beta, config.bond_gamma, ctx.device
+            )
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM))
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -302,7 +321,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
                 "ts": time.time(),
                 "phase": "train",
                 "loss": loss_value,
-                "lr": scheduler.get_last_lr()[0],
+                "lr": lr,
                 "grad_norm": grad_norm,
                 "throughput": tokens / elapsed,
                 "tokens": meters["tokens_processed"],
@@ -451,34 +470,33 @@ def bond_loss(
     rows = [i for i, e in enumerate(batch) if e["worst"] is not None]  # prompts with a preference pair
     use_pairs = bool(rows) and beta > 0
 
-    def forward(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(policy logits, reference logits, labels); the reference is the student without its adapter."""
+    def forward(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """At every next-token position of the collated examples (a grid, 0 where unlabelled): the
+        student's log-prob of the label, the reference's, and KL(π_θ ‖ π_ref); and the label mask.
+        The reference is the student without its adapter."""
         inputs = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
-        policy = student(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-        ).logits.float()
+        targets = inputs["labels"][:, 1:]
+        mask = targets != -100
+        policy, head = hidden_and_head(student, inputs["input_ids"], inputs["attention_mask"])
         with torch.no_grad(), student.disable_adapter():
-            reference = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        return policy, reference.float(), inputs["labels"]
+            reference, _ = hidden_and_head(student, inputs["input_ids"], inputs["attention_mask"])
+        stats = _token_stats(head, policy[:, :-1][mask], reference[:, :-1][mask], targets[mask])
+        logp, ref_logp, kl = (torch.zeros(mask.shape, device=s.device).masked_scatter(mask, s) for s in stats)
+        return logp, ref_logp, kl, mask
 
-    policy_best, reference_best, labels_best = forward([e["best"] for e in batch])
-    logp_best, mask_best = _token_logprobs(policy_best, labels_best)
+    logp_best, ref_logp_best, kl_best, mask_best = forward([e["best"] for e in batch])
     distill = -(logp_best.sum() / mask_best.sum())
-    kl_sum, kl_count = _kl_sum(policy_best, reference_best, mask_best)
+    kl_sum, kl_count = kl_best.sum(), mask_best.sum()
 
-    preference = torch.zeros((), device=policy_best.device)
+    preference = torch.zeros((), device=logp_best.device)
     if use_pairs:
-        policy_worst, reference_worst, labels_worst = forward([batch[i]["worst"] for i in rows])
-        logp_worst, mask_worst = _token_logprobs(policy_worst, labels_worst)
-        ref_logp_best, _ = _token_logprobs(reference_best[rows], labels_best[rows])
-        ref_logp_worst, _ = _token_logprobs(reference_worst, labels_worst)
+        logp_worst, ref_logp_worst, kl_worst, mask_worst = forward([batch[i]["worst"] for i in rows])
         # Length-normalised log-ratio of policy to reference, best minus worst.
-        margin = _mean_per_row(logp_best[rows] - ref_logp_best, mask_best[rows]) - _mean_per_row(
+        margin = _mean_per_row(logp_best[rows] - ref_logp_best[rows], mask_best[rows]) - _mean_per_row(
             logp_worst - ref_logp_worst, mask_worst
         )
         preference = -F.logsigmoid(margin).mean()
-        worst_kl_sum, worst_kl_count = _kl_sum(policy_worst, reference_worst, mask_worst)
-        kl_sum, kl_count = kl_sum + worst_kl_sum, kl_count + worst_kl_count
+        kl_sum, kl_count = kl_sum + kl_worst.sum(), kl_count + mask_worst.sum()
     kl = kl_sum / kl_count
 
     loss = distill + beta * preference + gamma * kl
@@ -489,28 +507,42 @@ def bond_loss(
     }
 
 
-def _token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(label_t | prefix) at every labelled position (0 elsewhere), and the position mask."""
-    targets = labels[:, 1:]
-    mask = targets != -100
-    logprobs = (
-        torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    )
-    return logprobs * mask, mask
+def _token_stats(
+    head: torch.nn.Module, policy: torch.Tensor, reference: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per position (hidden states of labelled positions in, one row each): log π_θ(target),
+    log π_ref(target) and KL(π_θ ‖ π_ref) over the whole vocabulary. The head runs a chunk of
+    positions at a time under checkpointing, so no chunk's full-vocabulary fp32 tensors outlive it
+    (in backward they are recomputed, a chunk at a time)."""
+    rows = chunk_rows(head, policy)
+    chunks = [
+        checkpoint(
+            _chunk_stats,
+            head,
+            policy[start : start + rows],
+            reference[start : start + rows],
+            targets[start : start + rows],
+            use_reentrant=False,
+        )
+        for start in range(0, targets.shape[0], rows)
+    ]
+    logp, ref_logp, kl = (torch.cat(parts) for parts in zip(*chunks, strict=True))
+    return logp, ref_logp, kl
+
+
+def _chunk_stats(
+    head: torch.nn.Module, policy: torch.Tensor, reference: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    policy_logp = torch.log_softmax(head(policy).float(), dim=-1)
+    with torch.no_grad():
+        reference_logp = torch.log_softmax(head(reference).float(), dim=-1)
+    index = targets.unsqueeze(1)
+    kl = (policy_logp.exp() * (policy_logp - reference_logp)).sum(-1)
+    return policy_logp.gather(1, index).squeeze(1), reference_logp.gather(1, index).squeeze(1), kl
 
 
 def _mean_per_row(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values.sum(-1) / mask.sum(-1).clamp(min=1)
-
-
-def _kl_sum(
-    policy_logits: torch.Tensor, reference_logits: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ over labelled positions of KL(π_θ ‖ π_ref) over the whole vocabulary, and the position count."""
-    policy = torch.log_softmax(policy_logits[:, :-1], dim=-1)
-    reference = torch.log_softmax(reference_logits[:, :-1], dim=-1)
-    per_position = (policy.exp() * (policy - reference)).sum(-1)
-    return (per_position * mask).sum(), mask.sum()
 
 
 def _student_examples(
@@ -650,8 +682,15 @@ class LocalTeacher(TeacherMeters):
     def __init__(self, config: TeacherConfig, device: str, seed: int) -> None:
         super().__init__()
         self.name = config.model
+        # 16-bit on CUDA, 4-bit where bitsandbytes is installed: a teacher only samples and scores, and a
+        # large one then fits beside the student. fp32 on CPU.
         source = checked_source(config.model, param="teacher.model")
-        self.model, self.tokenizer = load_model_and_tokenizer(source, device=device)
+        self.model, self.tokenizer = load_model_and_tokenizer(
+            source,
+            device=device,
+            dtype=load_dtype(device),
+            quantize_4bit=device.startswith("cuda") and bitsandbytes_available(),
+        )
         self.model.eval()
         self.seed = seed
 
@@ -672,14 +711,17 @@ class LocalTeacher(TeacherMeters):
         # Seeded by (seed, prompt): a retried or resumed job samples the same candidates.
         torch.manual_seed(self.seed + zlib.crc32(prompt.encode("utf-8")))
         prompt_tensor = torch.tensor([prompt_ids], device=device)
+        # Temperature 0 is greedy: every sample would be the same one (and generate refuses
+        # num_return_sequences > 1 without sampling), so it answers one candidate.
+        greedy = temperature == 0
         output = self.model.generate(  # type: ignore[operator]  # GenerationMixin, unseen by the stubs
             input_ids=prompt_tensor,
             attention_mask=torch.ones_like(prompt_tensor),
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else None,
-            top_k=0,
-            top_p=1.0,
-            num_return_sequences=n,
+            do_sample=not greedy,
+            temperature=None if greedy else temperature,
+            top_k=None if greedy else 0,
+            top_p=None if greedy else 1.0,
+            num_return_sequences=1 if greedy else n,
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id
             if tokenizer.pad_token_id is not None
@@ -711,8 +753,8 @@ class LocalTeacher(TeacherMeters):
         device = next(self.model.parameters()).device
         ids = torch.tensor([prompt_ids + completion], device=device)
         labels = torch.tensor([[-100] * len(prompt_ids) + completion], device=device)
-        logprobs, mask = _token_logprobs(self.model(input_ids=ids).logits.float(), labels)
-        return float(logprobs.sum() / mask.sum())
+        nll, count = causal_lm_loss_sum(self.model, ids, labels)  # no full-vocabulary logits
+        return -float(nll) / count
 
     def close(self) -> None:
         del self.model

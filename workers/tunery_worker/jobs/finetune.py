@@ -8,7 +8,10 @@ Batching: the training split is read as one stream of examples, each epoch in it
 permutation; an optimizer step takes `batch_size × gradient_accumulation_steps` examples from it.
 The stream position (epoch, index) is therefore exact, and a checkpoint resumes at the very example
 it stopped at. A step that runs past the end of an epoch tops up from the next epoch's order, so
-every step has the same size.
+every step has the same size. Within a step the examples are grouped by length into micro-batches,
+each packed several examples to a row (`data.pack`), and the loss is fused with the LM head
+(`modeling.causal_lm_loss_sum`): neither changes what a step computes, only how fast and in how
+much memory.
 
 Distributed (`distributed.enabled`, one node): `run` hands the job to `ddp_entry.launch`, which starts
 torchrun with one process per GPU (2 on CPU) and forwards rank 0's reports. Every rank runs this
@@ -26,25 +29,31 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunery_worker import data as datalib
 from tunery_worker.context import JobContext, JobStopped
 from tunery_worker.errors import InvalidConfig, InvalidDataset
 from tunery_worker.jobs.model_source import model_source
 from tunery_worker.modeling import (
+    CausalLMLoss,
+    apply_fused_kernels,
     bitsandbytes_available,
+    compile_backbone,
+    compile_enabled,
     count_params,
+    fuse_lora_adds,
+    half_dtype,
     load_model_and_tokenizer,
     mean_token_loss,
     memory_gb,
-    token_loss_sum,
 )
 
 if TYPE_CHECKING:
@@ -85,7 +94,7 @@ class TrainingSettings:
     eval_steps: int = 0  # steps between evaluations; 0 evaluates at the end only
     eval_split: float = 0.0  # fraction of the dataset held out for evaluation
     use_gradient_checkpointing: bool = False  # recompute activations: less memory, ~30% slower
-    bf16: bool = True  # bfloat16 autocast on CUDA GPUs that support it; ignored on CPU
+    bf16: bool = True  # 16-bit autocast on CUDA: bf16 where native, else fp16 with loss scaling; not on CPU
     seed: int = 42  # data order, dropout and adapter initialisation
     train_on_inputs: bool = False  # also train on prompt / non-assistant tokens
 
@@ -95,6 +104,10 @@ class DistributedSettings:
     enabled: bool = False  # data-parallel training with torchrun on this worker
     num_nodes: int = 1  # only 1: several nodes need workers scheduled together, which the server lacks
     nproc_per_node: int | None = None  # processes; None: one per visible CUDA device, CPU_NPROC on CPU
+    # How long a rank waits in a collective before the group fails. Rank 0 alone evaluates,
+    # checkpoints and uploads while the others wait at the next step; torch's 10-minute default
+    # killed runs whose checkpoint upload or evaluation took longer.
+    timeout_s: float = 4 * 3600.0
 
 
 @dataclass
@@ -108,8 +121,9 @@ class FinetuneConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
-    # Resolved here, not asked for: bf16 only where the hardware has it.
+    # Resolved here, not asked for: the autocast type, bf16 only where the hardware computes it.
     use_bf16: bool = False
+    use_fp16: bool = False  # CUDA without native bf16 (T4, V100): fp16 autocast with a GradScaler
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -153,9 +167,8 @@ def resolve_config(ctx: JobContext) -> FinetuneConfig:
         distributed=distributed,
     )
     _check_ranges(cfg)
-    cfg.use_bf16 = bool(
-        cfg.training.bf16 and ctx.device.startswith("cuda") and torch.cuda.is_bf16_supported()
-    )
+    half = half_dtype(ctx.device) if cfg.training.bf16 else None
+    cfg.use_bf16, cfg.use_fp16 = half == torch.bfloat16, half == torch.float16
     return cfg
 
 
@@ -175,7 +188,7 @@ def _resolve_distributed(given: Any, device: str) -> DistributedSettings:
         given = {"enabled": bool(given)}
     d = _settings(DistributedSettings, given, "distributed")
     if not d.enabled:
-        return DistributedSettings(enabled=False, num_nodes=1, nproc_per_node=1)
+        return DistributedSettings(enabled=False, num_nodes=1, nproc_per_node=1, timeout_s=d.timeout_s)
     if not isinstance(d.num_nodes, int) or d.num_nodes < 1:
         raise InvalidConfig("distributed.num_nodes must be an integer ≥ 1", param="distributed")
     if d.num_nodes > 1:
@@ -195,7 +208,9 @@ def _resolve_distributed(given: Any, device: str) -> DistributedSettings:
             f"distributed.nproc_per_node {nproc} exceeds the {gpus} CUDA devices this worker sees",
             param="distributed",
         )
-    return DistributedSettings(enabled=True, num_nodes=1, nproc_per_node=nproc)
+    if not isinstance(d.timeout_s, int | float) or d.timeout_s < 60:
+        raise InvalidConfig("distributed.timeout_s must be a number of seconds ≥ 60", param="distributed")
+    return DistributedSettings(enabled=True, num_nodes=1, nproc_per_node=nproc, timeout_s=float(d.timeout_s))
 
 
 def _check_ranges(cfg: FinetuneConfig) -> None:
@@ -293,6 +308,7 @@ class Finetune:
             "eval_loss_last": None,
         }
         self.last_saved_step = -1
+        self.step_lr = 0.0  # the learning rate the last step ran at
 
     # --- setup: model → adapter → optimizer → data → scheduler → resume --------------------------------
 
@@ -300,7 +316,9 @@ class Finetune:
         cfg, ctx = self.cfg, self.ctx
         self.workdir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.training.seed)
-        if cfg.training.bf16 and not cfg.use_bf16:
+        if cfg.use_fp16:
+            ctx.log(f"{cfg.device} has no native bf16: fp16 autocast with loss scaling")
+        elif cfg.training.bf16 and not cfg.use_bf16:
             ctx.log(f"bf16 is not available on {cfg.device}; training in float32")
 
         ctx.set_phase("loading_model")
@@ -311,19 +329,22 @@ class Finetune:
         self._prepare_for_training()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.params_trainable = count_params(self.model, trainable_only=True)
+        self._speed_ups()
         self.optimizer = self._make_optimizer()
-        # What the training step calls: the model itself, or (DDP) a wrapper that averages gradients.
-        self.net = self.model if self.ranks is None else self.ranks.wrap(self.model)
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (the scaler is a no-op).
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.use_fp16)
+        # What the training step calls: the model's fused token loss, under DDP in a wrapper that
+        # averages gradients.
+        loss_model = CausalLMLoss(self.model)
+        self.net = loss_model if self.ranks is None else self.ranks.wrap(loss_model)
 
         ctx.set_phase("data_preparation")
         self._prepare_data()
         # The schedule's length depends on the dataset size, so the scheduler comes after the data.
         self.total_steps = self._count_total_steps()
-        self.scheduler = get_scheduler(
-            "constant_with_warmup" if cfg.training.lr_scheduler == "constant" else cfg.training.lr_scheduler,
-            optimizer=self.optimizer,
-            num_warmup_steps=cfg.training.warmup_steps,
-            num_training_steps=self.total_steps,
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lr_factor(cfg.training.lr_scheduler, cfg.training.warmup_steps, self.total_steps),
         )
 
         if ctx.resume_checkpoint is not None:
@@ -360,8 +381,11 @@ class Finetune:
             from peft import prepare_model_for_kbit_training
 
             # Casts norms to fp32 and enables input grads so checkpointing works through frozen 4-bit layers.
+            # Non-reentrant checkpointing: reentrant is deprecated (to become an error) and breaks under DDP.
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=cfg.training.use_gradient_checkpointing
+                model,
+                use_gradient_checkpointing=cfg.training.use_gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
             )
         elif cfg.training.use_gradient_checkpointing:
             # Non-reentrant checkpointing needs no input grads, so it also works with a frozen base.
@@ -385,6 +409,15 @@ class Finetune:
             **settings,
         )
         self.model = get_peft_model(model, peft_config)  # type: ignore[assignment]
+        fuse_lora_adds(self.model)
+
+    def _speed_ups(self) -> None:
+        """Fused kernels (CUDA, when liger-kernel is installed) and torch.compile (see compile_enabled)."""
+        applied = apply_fused_kernels(self.model, self.cfg.device)
+        if applied:
+            self.ctx.log(applied)
+        if compile_enabled() and compile_backbone(self.model):
+            self.ctx.log("torch.compile: the first steps include compiling the model")
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         # Decay matrices only: decaying biases and norm gains just pulls them towards zero for no gain.
@@ -395,7 +428,10 @@ class Finetune:
             {"params": decay, "weight_decay": self.cfg.training.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.cfg.training.learning_rate)
+        # fused: one kernel for every parameter's update instead of several per tensor (CPU and CUDA).
+        return torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=self.cfg.training.learning_rate, fused=True
+        )
 
     def _prepare_data(self) -> None:
         cfg, t = self.cfg, self.cfg.training
@@ -474,35 +510,39 @@ class Finetune:
         """One optimizer step over `gradient_accumulation_steps` micro-batches → (loss, grad norm, tokens)."""
         t = self.cfg.training
         # Every rank draws the whole global step, so the stream position is the same everywhere.
-        step_examples = [self._next_examples(t.batch_size) for _ in range(t.gradient_accumulation_steps)]
+        drawn = self._next_examples(t.batch_size * t.gradient_accumulation_steps)
         # Normalise by the labelled tokens of the whole step, so every token weighs the same no matter
         # how the accumulation window (or the ranks) split them (a per-batch mean over-weights short ones).
-        labelled = sum(e.trained_tokens for examples in step_examples for e in examples)
-        tokens = sum(len(e.input_ids) for examples in step_examples for e in examples)
+        # That also makes the step's gradient independent of which micro-batch an example lands in, so
+        # the step's examples are grouped by length: micro-batches of similar lengths pack tightly.
+        labelled = sum(e.trained_tokens for e in drawn)
+        tokens = sum(len(e.input_ids) for e in drawn)
+        by_length = sorted(drawn, key=lambda e: len(e.input_ids), reverse=True)
+        micro_batches = [by_length[i : i + t.batch_size] for i in range(0, len(by_length), t.batch_size)]
+        lr = self._lr()  # the rate this step runs at (the scheduler moves on after it)
         device = self.cfg.device
         loss_total = 0.0
-        for i, examples in enumerate(step_examples):
+        for i, examples in enumerate(micro_batches):
             if self.ranks is not None:
                 examples = self.ranks.shard(examples)
-            batch = datalib.collate(examples, self.pad_id)
-            last = i == len(step_examples) - 1
+            batch = {k: v.to(device) for k, v in datalib.pack(examples, self.pad_id).items()}
+            last = i == len(micro_batches) - 1
             # DDP averages gradients over ranks at the last micro-batch's backward; scaling each rank's
             # sum by the world size turns that average into the sum over the whole global step.
             with self._no_sync(not last):
                 with self._autocast():
-                    logits = self.net(
-                        input_ids=batch["input_ids"].to(device),
-                        attention_mask=batch["attention_mask"].to(device),
-                    ).logits
-                    loss_sum, _ = token_loss_sum(logits, batch["labels"].to(device))
-                (loss_sum / (labelled / self.world_size)).backward()
+                    loss_sum = self.net(batch)
+                self.scaler.scale(loss_sum / (labelled / self.world_size)).backward()
             loss_total += float(loss_sum.detach())
         if self.ranks is not None:
             loss_total = self.ranks.sum(loss_total)
+        self.scaler.unscale_(self.optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, MAX_GRAD_NORM))
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
+        self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.step_lr = lr
         return loss_total / labelled, grad_norm, tokens
 
     def _no_sync(self, skip: bool) -> contextlib.AbstractContextManager[Any]:
@@ -531,8 +571,8 @@ class Finetune:
         return self._order[1]
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.cfg.use_bf16:
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        if self.cfg.use_bf16 or self.cfg.use_fp16:
+            return torch.autocast("cuda", dtype=torch.bfloat16 if self.cfg.use_bf16 else torch.float16)
         return contextlib.nullcontext()
 
     def _epoch(self) -> float:
@@ -546,7 +586,8 @@ class Finetune:
             "current_step": self.step,
             "total_steps": self.total_steps,
             "current_loss": self.stats["loss_last"],
-            "learning_rate": self._lr(),
+            # The rate of the last step taken (before any: the first step's).
+            "learning_rate": self.step_lr if self.step else self._lr(),
             "epoch": self._epoch(),
             "progress": round(100.0 * self.step / self.total_steps, 2),
         }
@@ -560,7 +601,7 @@ class Finetune:
                 "phase": "train",
                 "epoch": self._epoch(),
                 "loss": round(loss, 6),
-                "lr": self._lr(),
+                "lr": self.step_lr,
                 "grad_norm": round(grad_norm, 6),
                 "throughput": round(throughput, 1),
                 # The protocol has one memory field: peak VRAM on CUDA, the process's RSS on CPU.
@@ -569,7 +610,7 @@ class Finetune:
             }
         )
         self.ctx.log(
-            f"step {self.step}/{self.total_steps} · loss {loss:.4f} · lr {self._lr():.1e} · "
+            f"step {self.step}/{self.total_steps} · loss {loss:.4f} · lr {self.step_lr:.1e} · "
             f"grad_norm {grad_norm:.3f} · {throughput:,.0f} tok/s"
         )
         self.ctx.set_phase("training", self._progress())
@@ -579,7 +620,7 @@ class Finetune:
     def _evaluate(self) -> float | None:
         if not self.eval_examples or not self.is_main:
             return None
-        batches = datalib.batches(self.eval_examples, self.cfg.training.batch_size, self.pad_id)
+        batches = datalib.packed_batches(self.eval_examples, self.cfg.training.batch_size, self.pad_id)
         with self._autocast():
             eval_loss = mean_token_loss(self.model, batches)
         self.stats["eval_loss_last"] = eval_loss
@@ -597,8 +638,9 @@ class Finetune:
 
     def _perplexity(self) -> float:
         """Perplexity on the labelled tokens of the eval split (or a fixed sample of the training split)."""
+        # Without an eval split this is on examples the model trains on: the result says so (ppl_split).
         examples = self.eval_examples or self.train_examples[:PPL_SAMPLE]
-        batches = datalib.batches(examples, self.cfg.training.batch_size, self.pad_id)
+        batches = datalib.packed_batches(examples, self.cfg.training.batch_size, self.pad_id)
         with self._autocast():
             return math.exp(mean_token_loss(self.model, batches))
 
@@ -726,6 +768,9 @@ class Finetune:
             "ppl_baseline": baseline,
             "ppl_final": final,
             "ppl_delta_pct": delta,
+            # Where the perplexities were measured: "eval" (held out), or "train" (a sample of the
+            # training split, when there is no eval split: it flatters the final figure).
+            "ppl_split": "eval" if self.eval_examples else "train",
             "params_trainable": self.params_trainable,
             "params_before": self.params_before,
             # A LoRA adapter merges into the same shapes, so the deployed model keeps its size.
@@ -743,6 +788,29 @@ class Finetune:
                 delattr(self, name)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+# --- the learning-rate schedule ----------------------------------------------------------------------------
+
+
+def lr_factor(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The multiple of the peak rate that optimizer step `k` (0-based) runs at.
+
+    Warmup rises linearly to the peak at step `warmup_steps` and never runs a step at 0 (step 1 gets
+    1/warmup of the peak); then linear or cosine decay towards 0, or constant.
+    """
+
+    def factor(k: int) -> float:
+        if k < warmup_steps:
+            return (k + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = (k - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return factor
 
 
 # --- randomness --------------------------------------------------------------------------------------------

@@ -47,7 +47,14 @@ from tunery_worker.data import (
 from tunery_worker.errors import InvalidConfig, InvalidDataset
 from tunery_worker.jobs import spec_fields as f
 from tunery_worker.jobs.model_source import load_source_model
-from tunery_worker.modeling import count_params, mean_token_loss, memory_gb, token_loss_sum
+from tunery_worker.modeling import (
+    causal_lm_loss_sum,
+    count_params,
+    half_dtype,
+    mean_token_loss,
+    memory_gb,
+    native_bf16,
+)
 
 EVAL_FRACTION = 0.1  # held out when no eval_dataset input is given
 CALIBRATION_EXAMPLES = 8  # examples used to measure function preservation
@@ -96,8 +103,13 @@ def run(ctx: JobContext) -> dict[str, Any]:
 
     # --- setup: model, data, checkpoint to resume from ------------------------------------------------
     ctx.set_phase("initializing")
-    model, tokenizer = load_source_model(ctx)
+    # Every weight trains: bf16 weights where the GPU computes bf16 natively (half of fp32's memory,
+    # so a 7B grow fits where users expect); elsewhere fp32 weights, with fp16 autocast and loss
+    # scaling on GPUs without native bf16 (pure fp16 weights would lose small updates entirely).
+    model, tokenizer = load_source_model(ctx, torch.bfloat16 if native_bf16(ctx.device) else torch.float32)
     model.config.use_cache = False
+    fp16 = half_dtype(ctx.device) == torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     layers_before = model.config.num_hidden_layers
     new_layers = config.new_layers or max(1, layers_before // 4)
     train_examples, eval_examples = _load_examples(ctx, tokenizer, config)
@@ -183,12 +195,16 @@ def run(ctx: JobContext) -> dict[str, Any]:
         picked = order[batch_in_epoch * config.batch_size : (batch_in_epoch + 1) * config.batch_size]
         batch = {k: v.to(ctx.device) for k, v in collate([train_examples[i] for i in picked], pad_id).items()}
 
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum, n_tokens = token_loss_sum(logits, batch["labels"])
+        with torch.autocast("cuda", dtype=torch.float16, enabled=fp16):
+            loss_sum, n_tokens = causal_lm_loss_sum(
+                model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"]
+            )
         loss = loss_sum / max(n_tokens, 1)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 

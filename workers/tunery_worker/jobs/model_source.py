@@ -12,11 +12,12 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunery_worker.context import JobContext
 from tunery_worker.errors import InvalidConfig
-from tunery_worker.modeling import load_model_and_tokenizer
+from tunery_worker.modeling import load_dtype, load_model_and_tokenizer
 
 
 def model_source(ctx: JobContext) -> str:
@@ -38,8 +39,13 @@ def model_source(ctx: JobContext) -> str:
     return str(source)
 
 
-def load_source_model(ctx: JobContext) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    return load_model_and_tokenizer(model_source(ctx), device=ctx.device)
+def load_source_model(
+    ctx: JobContext, dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The job's model, in `dtype` (default: 16-bit on CUDA, fp32 on CPU; see `load_dtype`)."""
+    return load_model_and_tokenizer(
+        model_source(ctx), device=ctx.device, dtype=dtype or load_dtype(ctx.device)
+    )
 
 
 def base_for_adapter(ctx: JobContext, adapter_dir: Path) -> str:
