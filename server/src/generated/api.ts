@@ -5443,7 +5443,7 @@ export interface operations {
         parameters: {
             query?: never;
             header: {
-                /** @description The lease token of the attempt doing the upload. */
+                /** @description The lease token of the attempt doing the upload or download. */
                 "X-Lease-Token": components["parameters"]["LeaseTokenHeader"];
             };
             path: {
@@ -5523,7 +5523,7 @@ export interface operations {
         parameters: {
             query?: never;
             header: {
-                /** @description The lease token of the attempt doing the upload. */
+                /** @description The lease token of the attempt doing the upload or download. */
                 "X-Lease-Token": components["parameters"]["LeaseTokenHeader"];
             };
             path: {
