@@ -242,6 +242,14 @@ describe.each(DATABASES)('budget reservations on %s', (db) => {
     ).json();
     expect(checkpoints.checkpoints.map((c: { name: string }) => c.name)).toEqual(['checkpoint-5']);
 
+    // Resumed while the budget is spent, it would only be stopped again: refused.
+    const refused = await server.api(`/v1/training/jobs/${job.job_id}/resume`, {
+      method: 'POST',
+      json: {},
+      key,
+    });
+    expect(refused.status).toBe(402);
+    expect((await refused.json()).error.code).toBe('insufficient_credits');
     // With the limit raised, it resumes from that checkpoint.
     await server.ctx.knex('tenants').where({ id: tenantId }).update({ budget_limit_usd: 1000 });
     expect(

@@ -294,7 +294,9 @@ export interface paths {
          * Resume a job from a checkpoint
          * @description Puts a `failed` or `cancelled` job back in the queue, to continue from the named checkpoint
          *     or, without one, the latest. `409 job_not_resumable` when the job is not terminal-failed or
-         *     cancelled, or has no checkpoint; `404` when the named checkpoint does not exist.
+         *     cancelled, or has no checkpoint; `404` when the named checkpoint does not exist; `402
+         *     insufficient_credits` when the budget cannot hold the rest of the job's estimated cost (a job
+         *     stopped for its budget resumes once the limit is raised).
          */
         post: operations["resumeTrainingJob"];
         delete?: never;
@@ -3944,6 +3946,7 @@ export interface operations {
             };
             400: components["responses"]["BadRequest"];
             401: components["responses"]["Unauthorized"];
+            402: components["responses"]["PaymentRequired"];
             404: components["responses"]["NotFound"];
             409: components["responses"]["Conflict"];
             429: components["responses"]["TooManyRequests"];

@@ -5,7 +5,8 @@ import type { AppContext } from '../context.js';
  * heartbeat, so leases that lapsed meanwhile say nothing about the workers. Every running job gets a
  * full lease from now (and a `lease_extended` event), so live workers have time to heartbeat back and
  * keep their jobs; only a worker that stays silent for a whole lease after the start is rescued (and
- * that attempt counts). Returns how many leases were extended.
+ * that attempt counts). Returns how many leases were extended. With several servers on one database,
+ * one server's restart only delays the rescue of a dead worker's job by one lease.
  */
 export async function extendLeasesAfterStart(ctx: AppContext): Promise<number> {
   const result = await ctx.knex.raw(

@@ -1,9 +1,13 @@
 import type { AppContext } from '../context.js';
 import { conflict, notFound } from '../errors.js';
+import { reservableUsd, reserveBudget } from '../services/budget.js';
 import { sealedSecretsJson } from './enqueue.js';
 import { recordEvent } from './events.js';
 import { notifyAfterCommit } from './notify.js';
 import type { JobKind, JobRow } from './types.js';
+
+/** The least a resumed job must find left in its tenant's budget. */
+const MIN_RESERVATION_USD = 0.0001;
 
 /** The checkpoint a resume starts from: the named one, else the latest. */
 async function pickCheckpoint(
@@ -18,8 +22,9 @@ async function pickCheckpoint(
 
 /**
  * Puts a failed or cancelled job back in the queue, to continue from a checkpoint, with `secrets`
- * (in clear; sealed here) in place of those erased when it ended. Unknown
- * checkpoint → 404; a job in any other state, or with no checkpoint at all → 409 job_not_resumable.
+ * (in clear; sealed here) in place of those erased when it ended. Unknown checkpoint → 404; a job
+ * in any other state, or with no checkpoint at all → 409 job_not_resumable; a tenant whose budget
+ * cannot hold the rest of the job's estimate → 402 insufficient_credits.
  */
 export async function resumeJob(
   ctx: AppContext,
@@ -37,6 +42,10 @@ export async function resumeJob(
     const checkpoint = await pickCheckpoint(trx, jobId, checkpointName);
     if (checkpointName && !checkpoint) throw notFound('checkpoint', checkpointName, 'checkpoint');
     if (!checkpoint) throw conflict(`Job ${jobId} has no checkpoint to resume from.`, 'job_not_resumable');
+    // Pending again, it holds what is left of its estimate (at least a cent's hundredth: a job whose
+    // tenant has nothing left would only be stopped at its first heartbeat): 402 when that does not fit.
+    const unspent = Number(job.cost_reserved) - Number(job.cost_accrued);
+    await reserveBudget(trx, tenantId, Math.max(reservableUsd(unspent), MIN_RESERVATION_USD));
 
     const updated = await trx.raw(
       `

@@ -44,6 +44,8 @@ export interface JobRow {
   output_model_id: string | null;
   adapter_name: string | null;
   cost_accrued: string | number;
+  /** The estimate held against the tenant's budget while the job is pending or running. */
+  cost_reserved: string | number;
   billed_until: Date | null;
   error_code: string | null;
   error_message: string | null;

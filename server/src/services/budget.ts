@@ -10,7 +10,8 @@ import type { AppContext } from '../context.js';
 import { ApiError } from '../errors.js';
 import type { Schemas } from '../http.js';
 
-const usd = (value: number) => `$${value.toFixed(2)}`;
+/** Dollars and cents, or hundredths of a cent for amounts under a cent. */
+const usd = (value: number) => `$${value.toFixed(value > 0 && value < 0.01 ? 4 : 2)}`;
 /** Money is kept to 4 decimals (the columns' scale); answers round to the same. */
 const money = (value: number) => Number(value.toFixed(4));
 /** An estimate as it is reserved: rounded up to the columns' scale, so the check and the hold agree. */
