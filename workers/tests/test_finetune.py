@@ -429,3 +429,14 @@ def test_gpus_without_native_bf16_train_in_fp16_with_loss_scaling(
     ctx.spec["training"]["bf16"] = False  # asked for fp32
     cfg = finetune.resolve_config(ctx)
     assert (cfg.use_bf16, cfg.use_fp16) == (False, False)
+
+
+def test_models_load_in_16_bit_on_cuda_and_fp32_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunery_worker.modeling import load_dtype
+
+    assert load_dtype("cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert load_dtype("cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert load_dtype("cuda:1") == torch.float16  # bf16 only emulated: fp16
