@@ -429,3 +429,25 @@ def test_gpus_without_native_bf16_train_in_fp16_with_loss_scaling(
     ctx.spec["training"]["bf16"] = False  # asked for fp32
     cfg = finetune.resolve_config(ctx)
     assert (cfg.use_bf16, cfg.use_fp16) == (False, False)
+
+
+def test_models_load_in_16_bit_on_cuda_and_fp32_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunery_worker.modeling import load_dtype
+
+    assert load_dtype("cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert load_dtype("cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert load_dtype("cuda:1") == torch.float16  # bf16 only emulated: fp16
+
+
+def test_lora_dropout_0_reaches_peft_so_no_dropout_copies_are_made(tmp_path: Path, tiny_llama: Path) -> None:
+    # The public API's `lora_dropout: 0` (and the protocol's `dropout: 0`) must arrive as 0, not be
+    # dropped for the default 0.05: peft then puts Identity where a Dropout would copy every input.
+    ctx = make_ctx(tmp_path, tiny_llama, memorization_set(tmp_path), lora={"r": 4, "lora_dropout": 0})
+    job = finetune.Finetune(ctx, finetune.resolve_config(ctx))
+    job.setup()
+    dropouts = [m for name, m in job.model.named_modules() if name.endswith("lora_dropout.default")]
+    assert dropouts and all(isinstance(m, torch.nn.Identity) for m in dropouts)
+    job.cleanup()

@@ -231,3 +231,20 @@ def test_fused_loss_on_cuda_under_autocast_matches_plain(tiny_llama: Path) -> No
     assert fused == pytest.approx(plain, rel=2e-2)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=5e-2, atol=5e-3, msg=name)
+
+
+def test_fused_kernels_and_compile_fall_back_cleanly_without_cuda(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    from tunery_worker.modeling import apply_fused_kernels, compile_enabled
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert apply_fused_kernels(model, "cpu") is None  # liger's Triton kernels need a GPU
+    if importlib.util.find_spec("liger_kernel") is None:
+        assert apply_fused_kernels(model, "cuda") is None  # not installed: the plain modules run
+    monkeypatch.delenv("TUNERY_TORCH_COMPILE", raising=False)
+    assert not compile_enabled()  # opt-in
+    monkeypatch.setenv("TUNERY_TORCH_COMPILE", "1")
+    assert compile_enabled()
