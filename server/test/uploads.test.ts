@@ -9,6 +9,7 @@ import { request as httpRequest } from 'node:http';
 import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createPartSweeper } from '../src/part-sweeper.js';
+import { startServer } from '../src/server.js';
 import { jsonlLines } from '../src/services/datasets.js';
 import { PARTS_DIR } from '../src/storage.js';
 import { createFinetune, fakeWorker } from './fake-worker.js';
@@ -423,6 +424,37 @@ describe.each(DATABASES)('uploads and disk (%s)', (db) => {
     } finally {
       await sweeper.stop();
       await clearDatasets();
+    }
+  });
+});
+
+describe('at start-up (postgres)', () => {
+  it('finishes a rename a crash interrupted and removes abandoned parts before taking requests', async () => {
+    const first = await startTestServer('postgres', { uploadPartMaxAgeSeconds: 60 });
+    try {
+      const res = await first.api('/v1/datasets', { method: 'POST', json: { train_texts: ['survives'] } });
+      const { id } = (await res.json()) as { id: string };
+      const final = join(first.dataDir, 'files', 'datasets', id, 'data.jsonl');
+      const part = join(first.dataDir, 'files', PARTS_DIR, 'datasets', id, 'data.jsonl');
+      const abandoned = join(first.dataDir, 'files', PARTS_DIR, 'jobs', 'job_x', 'outputs', 'old.bin');
+      await first.close(); // the process ends; its database stays
+      // as if it had been killed after the row committed, before the rename
+      await first.ctx.storage.mkdirs(dirname(part));
+      await rename(final, part);
+      await first.ctx.storage.mkdirs(dirname(abandoned));
+      await writeFile(abandoned, 'half');
+      const longAgo = new Date(Date.now() - 3_600_000);
+      await utimes(abandoned, longAgo, longAgo);
+
+      const again = await startServer(first.ctx.config, { inMemory: true, quiet: true });
+      try {
+        expect(await readFile(final, 'utf8')).toBe('{"text":"survives"}\n');
+        expect(await filesUnder(join(first.dataDir, 'files', PARTS_DIR))).toEqual([]);
+      } finally {
+        await again.close();
+      }
+    } finally {
+      await first.stop();
     }
   });
 });

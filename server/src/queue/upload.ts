@@ -162,17 +162,22 @@ export async function receiveUpload(
     await part.keep();
     return { complete: false, receivedBytes: part.size };
   }
+  let stored: StoredObject;
+  let recorded: boolean;
   try {
-    const stored = await part.finish();
-    if (!(await recordUpload(ctx.knex, jobId, leaseToken, { ...upload, stored }))) {
-      throw await fenceMissError(ctx.knex, jobId);
-    }
-    await part.commit();
-    return { complete: true, stored };
+    stored = await part.finish();
+    recorded = await recordUpload(ctx.knex, jobId, leaseToken, { ...upload, stored });
   } catch (err) {
     await part.discard();
     throw err;
   }
+  if (!recorded) {
+    await part.discard();
+    throw await fenceMissError(ctx.knex, jobId);
+  }
+  // Should the move fail now, the part stays: its row is committed, so the sweeper moves it.
+  await part.commit();
+  return { complete: true, stored };
 }
 
 /** Appends the request body to the part; with a range, exactly last - first + 1 bytes. */
