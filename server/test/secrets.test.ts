@@ -41,7 +41,9 @@ describe.each(DATABASES)('job secrets on %s', (db) => {
   let server: TestServer;
   let worker: ReturnType<typeof fakeWorker>;
   beforeAll(async () => {
-    server = await startTestServer(db);
+    // No background sweeper: the test rescues the expired lease itself, so no concurrent pass can
+    // hold the row (SKIP LOCKED) while the test reads it.
+    server = await startTestServer(db, { sweepIntervalMs: 3_600_000 });
     worker = fakeWorker(server);
   });
   afterAll(async () => {
@@ -126,7 +128,7 @@ describe.each(DATABASES)('job secrets on %s', (db) => {
     await server.ctx.knex.raw(`UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = ?`, [
       abandoned,
     ]);
-    await rescueExpiredLeases(server.ctx, 10);
+    expect(await rescueExpiredLeases(server.ctx, 10)).toMatchObject({ failed: 1 });
     expect(await server.ctx.knex('jobs').where({ id: abandoned }).first('status', 'secrets')).toEqual({
       status: 'failed',
       secrets: null,
