@@ -12,7 +12,7 @@ import type { AppContext } from './context.js';
 import { type Database, makePrivateDir, migrate, openDatabase, pgliteDir, restrictToOwner } from './db.js';
 import { listenForJobs } from './queue/notify.js';
 import { startSweeper } from './queue/sweeper.js';
-import { loadSecretsKey, SecretBox, sealPlaintextSecrets } from './secrets.js';
+import { checkSecretsKey, loadSecretsKey, SecretBox, sealPlaintextSecrets } from './secrets.js';
 import { seedCatalog } from './services/catalog.js';
 import { LocalStorage } from './storage.js';
 
@@ -52,6 +52,7 @@ async function serveOn(
   if (db.kind === 'pglite' && !opts.inMemory) await restrictToOwner(pgliteDir(config.dataDir));
   await seedCatalog(db.knex);
   const secretBox = new SecretBox(await loadSecretsKey(config));
+  await checkSecretsKey(db.knex, secretBox, config.secretsKeyRotate);
   await sealPlaintextSecrets(db.knex, secretBox);
   const ctx: AppContext = {
     knex: db.knex,

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { rescueExpiredLeases } from '../src/queue/rescue.js';
-import { loadSecretsKey, SecretBox, sealPlaintextSecrets } from '../src/secrets.js';
+import { checkSecretsKey, loadSecretsKey, SecretBox, sealPlaintextSecrets } from '../src/secrets.js';
 import { createFinetune, fakeWorker } from './fake-worker.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
 
@@ -182,6 +182,15 @@ describe.each(DATABASES)('job secrets on %s', (db) => {
     expect(await sealPlaintextSecrets(server.ctx.knex, server.ctx.secretBox)).toBe(1);
     expect(await rawRow(id)).not.toContain('hf_legacy');
     expect((await worker.claim())!.spec.hf_token).toBe('hf_legacy');
+  });
+
+  it('refuses a secrets key other than the one the database recorded, unless told to rotate', async () => {
+    const other = new SecretBox(randomBytes(32));
+    await expect(checkSecretsKey(server.ctx.knex, server.ctx.secretBox, false)).resolves.toBeUndefined();
+    await expect(checkSecretsKey(server.ctx.knex, other, false)).rejects.toThrow(/same TUNERY_SECRETS_KEY/);
+    await checkSecretsKey(server.ctx.knex, other, true);
+    await expect(checkSecretsKey(server.ctx.knex, server.ctx.secretBox, false)).rejects.toThrow(/ROTATE/);
+    await checkSecretsKey(server.ctx.knex, server.ctx.secretBox, true); // back, for the other tests
   });
 
   it('fails a job whose secrets this server cannot open, and hands out the next one', async () => {
