@@ -45,6 +45,8 @@ export interface Config {
   modelRoots: string[];
   /** Base64 of the 32-byte key sealing job secrets; unset: `${dataDir}/secrets-key`, created once. */
   secretsKey: string | undefined;
+  /** Adopt this secrets key though the database recorded another (the old one was lost). */
+  secretsKeyRotate: boolean;
   /** Admin key the CLI sends to a running server; unset: `${dataDir}/admin-key`. */
   adminKey: string | undefined;
 }
@@ -95,6 +97,7 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     ),
     modelRoots: modelRootsEnv(),
     secretsKey: process.env.TUNERY_SECRETS_KEY || undefined,
+    secretsKeyRotate: ['1', 'true'].includes(process.env.TUNERY_SECRETS_KEY_ROTATE ?? ''),
     adminKey: process.env.TUNERY_ADMIN_KEY || undefined,
     ...overrides,
   };

@@ -1,4 +1,4 @@
-import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
+import { createCipheriv, createDecipheriv, createHmac, randomBytes } from 'node:crypto';
 import { chmod, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Knex } from 'knex';
@@ -37,6 +37,11 @@ export class SecretBox {
       tag: cipher.getAuthTag().toString('base64'),
       data: data.toString('base64'),
     };
+  }
+
+  /** Names the key without revealing it: servers of one database compare it (checkSecretsKey). */
+  fingerprint(): string {
+    return createHmac('sha256', this.key).update('tunery secrets key fingerprint').digest('hex').slice(0, 32);
   }
 
   /** The secrets of job `jobId`; throws SecretsUnreadable when the envelope does not open with this key. */
@@ -105,4 +110,29 @@ export async function sealPlaintextSecrets(knex: Knex, box: SecretBox): Promise<
       .update({ secrets: sealed ? JSON.stringify(sealed) : null });
   }
   return rows.length;
+}
+
+const KEY_SETTING = 'secrets_key_fingerprint';
+
+/**
+ * Records this server's key in the database on first start, and refuses a different one after:
+ * a server with another key would fail every job whose secrets another server sealed. `rotate`
+ * (TUNERY_SECRETS_KEY_ROTATE) adopts the new key; jobs sealed with the old one then fail at claim.
+ */
+export async function checkSecretsKey(knex: Knex, box: SecretBox, rotate: boolean): Promise<void> {
+  const fingerprint = box.fingerprint();
+  await knex('settings').insert({ name: KEY_SETTING, value: fingerprint }).onConflict('name').ignore();
+  const stored = (await knex('settings').where({ name: KEY_SETTING }).first('value')) as { value: string };
+  if (stored.value === fingerprint) return;
+  if (!rotate) {
+    throw new Error(
+      "This server's secrets key (TUNERY_SECRETS_KEY, or the data directory's secrets-key) is not the " +
+        "one this database's job secrets are sealed with. Give every server of one database the same " +
+        'TUNERY_SECRETS_KEY; if the old key is lost, start once with TUNERY_SECRETS_KEY_ROTATE=1 (jobs ' +
+        'holding secrets sealed with the old key then fail when claimed).',
+    );
+  }
+  await knex('settings')
+    .where({ name: KEY_SETTING })
+    .update({ value: fingerprint, updated_at: knex.fn.now() });
 }

@@ -15,7 +15,7 @@ import { createPartSweeper, partSweeperConfig } from './part-sweeper.js';
 import { listenForJobs } from './queue/notify.js';
 import { extendLeasesAfterStart } from './queue/restart.js';
 import { startSweeper } from './queue/sweeper.js';
-import { loadSecretsKey, SecretBox, sealPlaintextSecrets } from './secrets.js';
+import { checkSecretsKey, loadSecretsKey, SecretBox, sealPlaintextSecrets } from './secrets.js';
 import { seedCatalog } from './services/catalog.js';
 import { LocalStorage } from './storage.js';
 
@@ -58,6 +58,7 @@ async function serveOn(
   if (db.kind === 'pglite' && !opts.inMemory) await restrictToOwner(pgliteDir(config.dataDir));
   await seedCatalog(db.knex);
   const secretBox = new SecretBox(await loadSecretsKey(config));
+  await checkSecretsKey(db.knex, secretBox, config.secretsKeyRotate);
   await sealPlaintextSecrets(db.knex, secretBox);
   const ctx: AppContext = {
     knex: db.knex,

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { rescueExpiredLeases } from '../src/queue/rescue.js';
-import { loadSecretsKey, SecretBox, sealPlaintextSecrets } from '../src/secrets.js';
+import { checkSecretsKey, loadSecretsKey, SecretBox, sealPlaintextSecrets } from '../src/secrets.js';
 import { createFinetune, fakeWorker } from './fake-worker.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
 
@@ -41,7 +41,9 @@ describe.each(DATABASES)('job secrets on %s', (db) => {
   let server: TestServer;
   let worker: ReturnType<typeof fakeWorker>;
   beforeAll(async () => {
-    server = await startTestServer(db);
+    // No background sweeper: the test rescues the expired lease itself, so no concurrent pass can
+    // hold the row (SKIP LOCKED) while the test reads it.
+    server = await startTestServer(db, { sweepIntervalMs: 3_600_000 });
     worker = fakeWorker(server);
   });
   afterAll(async () => {
@@ -126,7 +128,7 @@ describe.each(DATABASES)('job secrets on %s', (db) => {
     await server.ctx.knex.raw(`UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = ?`, [
       abandoned,
     ]);
-    await rescueExpiredLeases(server.ctx, 10);
+    expect(await rescueExpiredLeases(server.ctx, 10)).toMatchObject({ failed: 1 });
     expect(await server.ctx.knex('jobs').where({ id: abandoned }).first('status', 'secrets')).toEqual({
       status: 'failed',
       secrets: null,
@@ -180,6 +182,15 @@ describe.each(DATABASES)('job secrets on %s', (db) => {
     expect(await sealPlaintextSecrets(server.ctx.knex, server.ctx.secretBox)).toBe(1);
     expect(await rawRow(id)).not.toContain('hf_legacy');
     expect((await worker.claim())!.spec.hf_token).toBe('hf_legacy');
+  });
+
+  it('refuses a secrets key other than the one the database recorded, unless told to rotate', async () => {
+    const other = new SecretBox(randomBytes(32));
+    await expect(checkSecretsKey(server.ctx.knex, server.ctx.secretBox, false)).resolves.toBeUndefined();
+    await expect(checkSecretsKey(server.ctx.knex, other, false)).rejects.toThrow(/same TUNERY_SECRETS_KEY/);
+    await checkSecretsKey(server.ctx.knex, other, true);
+    await expect(checkSecretsKey(server.ctx.knex, server.ctx.secretBox, false)).rejects.toThrow(/ROTATE/);
+    await checkSecretsKey(server.ctx.knex, server.ctx.secretBox, true); // back, for the other tests
   });
 
   it('fails a job whose secrets this server cannot open, and hands out the next one', async () => {

@@ -4,8 +4,8 @@ import type { Migration } from './index.js';
 const TERMINAL = `('completed', 'failed', 'cancelled')`;
 
 /**
- * Job secrets are sealed (AES-256-GCM, see secrets.ts) and forgotten when a job ends; API keys
- * can expire.
+ * Job secrets are sealed (AES-256-GCM, see secrets.ts) and forgotten when a job ends; the sealing
+ * key's fingerprint is kept in `settings`; API keys can expire.
  */
 export const secretsKeys: Migration = {
   name: '002_secrets_keys',
@@ -29,8 +29,16 @@ export const secretsKeys: Migration = {
     await knex.schema.alterTable('api_keys', (t) => {
       t.timestamp('expires_at', { useTz: true }).nullable();
     });
+
+    // Server-wide facts every server of one database must agree on (the secrets key's fingerprint).
+    await knex.schema.createTable('settings', (t) => {
+      t.text('name').primary();
+      t.text('value').notNullable();
+      t.timestamp('updated_at', { useTz: true }).notNullable().defaultTo(knex.fn.now());
+    });
   },
   async down(knex: Knex) {
+    await knex.schema.dropTableIfExists('settings');
     await knex.schema.alterTable('api_keys', (t) => t.dropColumn('expires_at'));
     await knex.raw('DROP TRIGGER IF EXISTS jobs_forget_secrets ON jobs');
     await knex.raw('DROP FUNCTION IF EXISTS jobs_forget_secrets()');
