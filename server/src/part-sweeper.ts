@@ -6,6 +6,7 @@
  * then periodically.
  */
 import type { AppContext } from './context.js';
+import { repeatEvery } from './periodic.js';
 
 export interface PartSweeperConfig {
   /** A part untouched for this long is abandoned, ms. */
@@ -29,10 +30,6 @@ export interface PartSweeper {
 
 /** Starts the periodic passes (the first after one interval); `runOnce` runs one now. */
 export function createPartSweeper(ctx: AppContext, config: PartSweeperConfig): PartSweeper {
-  let timer: NodeJS.Timeout | undefined;
-  let running: Promise<unknown> = Promise.resolve();
-  let stopped = false;
-
   const runOnce = () =>
     ctx.storage.sweepParts({
       maxAgeMs: config.maxAgeMs,
@@ -46,31 +43,15 @@ export function createPartSweeper(ctx: AppContext, config: PartSweeperConfig): P
       },
     });
 
-  const tick = async () => {
-    try {
+  const loop = repeatEvery(
+    config.intervalMs,
+    async () => {
       const counts = await runOnce();
       if (counts.removed + counts.recovered > 0) ctx.logger.info(counts, 'swept unfinished uploads');
-    } catch (err) {
-      ctx.logger.error({ err, task: 'sweep unfinished uploads' }, 'part sweeper pass failed; will retry');
-    }
-  };
-
-  const schedule = () => {
-    if (stopped) return;
-    timer = setTimeout(() => {
-      running = tick().finally(schedule);
-    }, config.intervalMs);
-    timer.unref();
-  };
-
-  schedule();
-
-  return {
-    runOnce,
-    stop: async () => {
-      stopped = true;
-      clearTimeout(timer);
-      await running;
     },
-  };
+    (err) =>
+      ctx.logger.error({ err, task: 'sweep unfinished uploads' }, 'part sweeper pass failed; will retry'),
+  );
+
+  return { runOnce, stop: loop.stop };
 }

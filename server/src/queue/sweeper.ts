@@ -1,4 +1,5 @@
 import type { AppContext } from '../context.js';
+import { repeatEvery } from '../periodic.js';
 import { type RescueCounts, rescueExpiredLeases } from './rescue.js';
 
 export interface SweeperConfig {
@@ -31,9 +32,6 @@ export interface Sweeper {
 /** The maintenance loop that gives expired leases back to the queue. */
 export function createSweeper(ctx: AppContext, partial: Partial<SweeperConfig> = {}): Sweeper {
   const config = validateSweeperConfig(partial);
-  let timer: NodeJS.Timeout | undefined;
-  let running: Promise<unknown> = Promise.resolve();
-  let stopped = false;
 
   const runOnce = async (): Promise<RescueCounts> => {
     const total: RescueCounts = { retried: 0, cancelled: 0, failed: 0 };
@@ -46,34 +44,18 @@ export function createSweeper(ctx: AppContext, partial: Partial<SweeperConfig> =
     }
   };
 
-  const tick = async () => {
-    try {
+  const loop = repeatEvery(
+    config.intervalMs,
+    async () => {
       const counts = await runOnce();
       if (counts.retried + counts.cancelled + counts.failed > 0) {
         ctx.logger.info({ ...counts }, 'sweeper rescued expired leases');
       }
-    } catch (err) {
-      ctx.logger.error({ err, task: 'rescue expired leases' }, 'sweeper pass failed; will retry');
-    }
-  };
-
-  const schedule = () => {
-    if (stopped) return;
-    timer = setTimeout(() => {
-      running = tick().finally(schedule);
-    }, config.intervalMs);
-    timer.unref();
-  };
-  schedule();
-
-  return {
-    runOnce,
-    stop: async () => {
-      stopped = true;
-      clearTimeout(timer);
-      await running;
     },
-  };
+    (err) => ctx.logger.error({ err, task: 'rescue expired leases' }, 'sweeper pass failed; will retry'),
+  );
+
+  return { runOnce, stop: loop.stop };
 }
 
 /** Starts the lease sweeper with the server's interval; returns a function that stops it. */
