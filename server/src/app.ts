@@ -8,6 +8,7 @@ import { ApiError } from './errors.js';
 import { type Handler, keepSentBody, wrap } from './http.js';
 import { jsonBody } from './json-body.js';
 import { allRoutes } from './routes/index.js';
+import { OPENAI_PREFIX, openAIErrorBody } from './routes/openai/errors.js';
 import { datasetUploadOptions } from './services/dataset-upload.js';
 import { specOperations, specPath } from './spec.js';
 
@@ -62,6 +63,8 @@ export function createApp(ctx: AppContext): express.Express {
   app.use((req: Request) => {
     throw new ApiError(404, 'not_found', `No route ${req.method} ${req.path}.`);
   });
+  // The OpenAI-compatible routes answer errors in OpenAI's shape, so its clients' typed errors fire.
+  app.use(OPENAI_PREFIX, errorHandler(ctx, openAIErrorBody));
   app.use(errorHandler(ctx));
   return app;
 }
@@ -159,7 +162,11 @@ function toApiError(err: unknown, req: Request): ApiError {
   return new ApiError(500, 'internal_error', 'Internal server error.');
 }
 
-function errorHandler(ctx: AppContext) {
+/** Tunery's error body, the spec's `{"error": {"code", "message", "param"}}`. */
+const tuneryErrorBody = (e: ApiError): string =>
+  JSON.stringify({ error: { code: e.code, message: e.message, param: e.param } });
+
+function errorHandler(ctx: AppContext, body: (e: ApiError) => string = tuneryErrorBody) {
   return (err: unknown, req: Request, res: Response, _next: NextFunction) => {
     const apiError = toApiError(err, req);
     if (apiError.status >= 500) ctx.logger.error({ err, reqId: req.id }, 'request failed');
@@ -169,11 +176,6 @@ function errorHandler(ctx: AppContext) {
     }
     for (const [name, value] of Object.entries(apiError.headers)) res.setHeader(name, value);
     // Written directly: the error shape is the spec's, and the validator must not re-check it.
-    res
-      .status(apiError.status)
-      .type('application/json')
-      .send(
-        JSON.stringify({ error: { code: apiError.code, message: apiError.message, param: apiError.param } }),
-      );
+    res.status(apiError.status).type('application/json').send(body(apiError));
   };
 }

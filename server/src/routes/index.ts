@@ -6,6 +6,7 @@ import { datasetRoutes } from './datasets.js';
 import { distillationRoutes } from './distillation.js';
 import { metaRoutes } from './meta.js';
 import { modelRoutes } from './models.js';
+import { openAIRoutes } from './openai/index.js';
 import { planningRoutes } from './planning.js';
 import { templateRoutes } from './templates.js';
 import { trainingJobRoutes } from './training-jobs.js';
@@ -26,4 +27,5 @@ export const allRoutes: Routes = {
   ...budgetRoutes,
   ...adminRoutes,
   ...workerRoutes,
+  ...openAIRoutes,
 };

@@ -2,6 +2,7 @@ import type { Request } from 'express';
 import type { AppContext } from '../context.js';
 import { notFound } from '../errors.js';
 import {
+  type BodyOf,
   isoRequired,
   page,
   pathParam,
@@ -82,28 +83,35 @@ function resultOf(job: JobRow): Schemas['TrainingResult'] {
   };
 }
 
+/**
+ * Plans, stores and enqueues a training job (idempotent on the request's key); returns its id.
+ * Shared by createTrainingJob and the OpenAI-compatible fine-tuning route.
+ */
+export async function submitTrainingJob(
+  ctx: AppContext,
+  req: Request,
+  tenantId: string,
+  body: BodyOf<'createTrainingJob'>,
+): Promise<string> {
+  const { id } = await idempotent(ctx, req, 'training_jobs', 'job', async (id) => {
+    const plan = await planTrainingJob(ctx, tenantId, body);
+    // The new dataset's file is written inside the transaction but outlives its rollback.
+    const newDatasetId = newId('ds');
+    await removingOnFailure(ctx.storage, [['datasets', newDatasetId]], () =>
+      ctx.knex.transaction(async (trx) => {
+        const datasetId = await datasetIdFor(ctx, tenantId, plan.data, trx, newDatasetId);
+        await enqueueJob(ctx, trx, { ...plan.job, id, tenantId, datasetId, estimatedUsd: plan.estimatedUsd });
+      }),
+    );
+  });
+  return id;
+}
+
 export const trainingJobRoutes: Routes = {
   async createTrainingJob(req, res, ctx) {
     const tenantId = tenantOf(req);
     // Layered settings must not see validator defaults (see sentBody).
-    const body = sentBody<'createTrainingJob'>(res);
-    const { id } = await idempotent(ctx, req, 'training_jobs', 'job', async (id) => {
-      const plan = await planTrainingJob(ctx, tenantId, body);
-      // The new dataset's file is written inside the transaction but outlives its rollback.
-      const newDatasetId = newId('ds');
-      await removingOnFailure(ctx.storage, [['datasets', newDatasetId]], () =>
-        ctx.knex.transaction(async (trx) => {
-          const datasetId = await datasetIdFor(ctx, tenantId, plan.data, trx, newDatasetId);
-          await enqueueJob(ctx, trx, {
-            ...plan.job,
-            id,
-            tenantId,
-            datasetId,
-            estimatedUsd: plan.estimatedUsd,
-          });
-        }),
-      );
-    });
+    const id = await submitTrainingJob(ctx, req, tenantId, sentBody<'createTrainingJob'>(res));
     res.status(201).json(serializeTrainingJob(await getJobRow(ctx, tenantId, id, 'training'), ctx.storage));
   },
 

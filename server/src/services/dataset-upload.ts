@@ -16,6 +16,9 @@ import { type PreparedDataset, prepareJsonlDataset } from './datasets.js';
 /** The form field that carries the JSONL. */
 export const UPLOAD_FIELD = 'file';
 
+/** The operations whose multipart `file` is a dataset (Tunery's and the OpenAI-compatible upload). */
+const UPLOAD_OPERATIONS = new Set(['createDataset', 'createOpenAIFile']);
+
 /** A file as multer hands it to the engine. */
 interface IncomingFile {
   fieldname: string;
@@ -63,7 +66,7 @@ class DatasetUploadEngine {
   _handleFile(req: Request, file: IncomingFile, cb: Callback): void {
     const operationId = (req as { openapi?: { schema?: { operationId?: string } } }).openapi?.schema
       ?.operationId;
-    if (operationId !== 'createDataset' || file.fieldname !== UPLOAD_FIELD) {
+    if (!UPLOAD_OPERATIONS.has(operationId ?? '') || file.fieldname !== UPLOAD_FIELD) {
       file.stream.resume();
       cb(null, {
         refusal: new ApiError(400, 'invalid_request', 'Attach the JSONL as the form field "file".', 'file'),

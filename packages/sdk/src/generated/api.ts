@@ -1422,6 +1422,243 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/openai/v1/files": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List files (OpenAI)
+         * @description Your fine-tune files (datasets), newest first, paged with `after`/`limit`.
+         */
+        get: operations["listOpenAIFiles"];
+        put?: never;
+        /**
+         * Upload a file (OpenAI)
+         * @description OpenAI's `POST /files`: a chat JSONL with `purpose: fine-tune`, stored as a Tunery dataset
+         *     (the file id is the dataset id). Every line must be `{"messages": [...]}` with an assistant
+         *     turn; a bad line is `400` whose message names the line.
+         */
+        post: operations["createOpenAIFile"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/openai/v1/files/{file_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The file (dataset) id. */
+                file_id: string;
+            };
+            cookie?: never;
+        };
+        /**
+         * Retrieve a file (OpenAI)
+         * @description One file.
+         */
+        get: operations["getOpenAIFile"];
+        put?: never;
+        post?: never;
+        /**
+         * Delete a file (OpenAI)
+         * @description Deletes the file's dataset.
+         */
+        delete: operations["deleteOpenAIFile"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/openai/v1/files/{file_id}/content": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The file (dataset) id. */
+                file_id: string;
+            };
+            cookie?: never;
+        };
+        /**
+         * Retrieve a file's content (OpenAI)
+         * @description The stored JSONL.
+         */
+        get: operations["getOpenAIFileContent"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/openai/v1/fine_tuning/jobs": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List fine-tuning jobs (OpenAI)
+         * @description Your fine-tunes, newest first, paged with `after`/`limit`.
+         */
+        get: operations["listOpenAIFineTuningJobs"];
+        put?: never;
+        /**
+         * Create a fine-tuning job (OpenAI)
+         * @description A Tunery LoRA fine-tune of `model` on `training_file`. `n_epochs`, `batch_size` and
+         *     `learning_rate_multiplier` (× Tunery's learning rate 2e-4) map to Tunery's settings;
+         *     `auto` means Tunery's default. `validation_file` and integrations are refused (400).
+         */
+        post: operations["createOpenAIFineTuningJob"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/openai/v1/fine_tuning/jobs/{fine_tuning_job_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The fine-tuning (Tunery training) job id. */
+                fine_tuning_job_id: components["parameters"]["OpenAIJobId"];
+            };
+            cookie?: never;
+        };
+        /**
+         * Retrieve a fine-tuning job (OpenAI)
+         * @description One job.
+         */
+        get: operations["getOpenAIFineTuningJob"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/openai/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The fine-tuning (Tunery training) job id. */
+                fine_tuning_job_id: components["parameters"]["OpenAIJobId"];
+            };
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Cancel a fine-tuning job (OpenAI)
+         * @description Cancels the job (a running one stops at its next heartbeat).
+         */
+        post: operations["cancelOpenAIFineTuningJob"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/openai/v1/fine_tuning/jobs/{fine_tuning_job_id}/events": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The fine-tuning (Tunery training) job id. */
+                fine_tuning_job_id: components["parameters"]["OpenAIJobId"];
+            };
+            cookie?: never;
+        };
+        /**
+         * List a fine-tuning job's events (OpenAI)
+         * @description The job's events, newest first, paged with `after`/`limit`.
+         */
+        get: operations["listOpenAIFineTuningEvents"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/openai/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The fine-tuning (Tunery training) job id. */
+                fine_tuning_job_id: components["parameters"]["OpenAIJobId"];
+            };
+            cookie?: never;
+        };
+        /**
+         * List a fine-tuning job's checkpoints (OpenAI)
+         * @description The job's checkpoints, newest first, paged with `after`/`limit`.
+         */
+        get: operations["listOpenAIFineTuningCheckpoints"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/openai/v1/models": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List models (OpenAI)
+         * @description The base models you can fine-tune and your fine-tuned models.
+         */
+        get: operations["listOpenAIModels"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/openai/v1/models/{model}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description A base model name or a fine-tuned model id. */
+                model: string;
+            };
+            cookie?: never;
+        };
+        /**
+         * Retrieve a model (OpenAI)
+         * @description One model.
+         */
+        get: operations["getOpenAIModel"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
@@ -3179,6 +3416,308 @@ export interface components {
             will_retry?: boolean;
             run_at?: components["schemas"]["NullableTimestamp"];
         };
+        /** @description OpenAI's error shape; `code` is Tunery's stable code. */
+        OpenAIErrorResponse: {
+            /** @description The error. */
+            error: {
+                /** @description Explanation. */
+                message: string;
+                /** @description `invalid_request_error`, `authentication_error`, `permission_error`, `not_found_error`, `conflict_error`, `rate_limit_error` or `server_error`. */
+                type: string;
+                /** @description The field at fault. */
+                param: string | null;
+                /** @description Stable code (Tunery's). */
+                code: string | null;
+            };
+        };
+        /** @description A fine-tune file upload. */
+        OpenAIFileUpload: {
+            /**
+             * Format: binary
+             * @description Chat JSONL.
+             */
+            file: string;
+            /**
+             * @description Only `fine-tune`.
+             * @enum {string}
+             */
+            purpose: "fine-tune";
+        };
+        /** @description A file (a Tunery dataset). */
+        OpenAIFile: {
+            /** @description The dataset id. */
+            id: string;
+            /**
+             * @description Always `file`.
+             * @enum {string}
+             */
+            object: "file";
+            /** @description Size of the stored JSONL. */
+            bytes: number;
+            /** @description Unix seconds. */
+            created_at: number;
+            /** @description The uploaded file name. */
+            filename: string;
+            /**
+             * @description Always `fine-tune`.
+             * @enum {string}
+             */
+            purpose: "fine-tune";
+            /**
+             * @description Validated on upload, so always `processed`.
+             * @enum {string}
+             */
+            status: "processed";
+        };
+        /** @description A page of files. */
+        OpenAIFileList: {
+            /**
+             * @description Always `list`.
+             * @enum {string}
+             */
+            object: "list";
+            /** @description The files. */
+            data: components["schemas"]["OpenAIFile"][];
+            /** @description More after this page. */
+            has_more: boolean;
+            /** @description First id on the page. */
+            first_id?: string | null;
+            /** @description Last id on the page. */
+            last_id?: string | null;
+        };
+        /** @description A deleted file. */
+        OpenAIFileDeleted: {
+            /** @description The file id. */
+            id: string;
+            /**
+             * @description Always `file`.
+             * @enum {string}
+             */
+            object: "file";
+            /** @description Always true. */
+            deleted: boolean;
+        };
+        /** @description A positive integer, or `auto` for Tunery's default. */
+        OpenAIAutoInt: "auto" | number;
+        /** @description OpenAI's supervised hyperparameters. */
+        OpenAIHyperparameters: {
+            n_epochs?: components["schemas"]["OpenAIAutoInt"];
+            batch_size?: components["schemas"]["OpenAIAutoInt"];
+            /** @description Multiplies Tunery's learning rate (2e-4), or `auto`. */
+            learning_rate_multiplier?: "auto" | number;
+        };
+        /** @description OpenAI's fine-tuning job request. Fields Tunery cannot honour are refused (400). */
+        OpenAIFineTuningJobCreate: {
+            /** @description A base model name or id of the catalog. */
+            model: string;
+            /** @description A file id from `POST /files`. */
+            training_file: string;
+            /** @description Not supported: refused (400) when given. */
+            validation_file?: string | null;
+            /** @description Names the run and the fine-tuned model. */
+            suffix?: string | null;
+            /** @description Training seed. */
+            seed?: number | null;
+            hyperparameters?: components["schemas"]["OpenAIHyperparameters"];
+            /** @description Only `supervised` (a LoRA fine-tune). */
+            method?: {
+                /** @description Only `supervised`; others are refused. */
+                type: string;
+                /** @description Its hyperparameters. */
+                supervised?: {
+                    hyperparameters?: components["schemas"]["OpenAIHyperparameters"];
+                };
+            };
+            /** @description Not supported: refused (400) unless empty. */
+            integrations?: Record<string, never>[] | null;
+            /** @description Not supported: refused (400) unless empty. */
+            metadata?: {
+                [key: string]: string;
+            } | null;
+        };
+        /** @description A fine-tuning job (a Tunery training job). */
+        OpenAIFineTuningJob: {
+            /** @description The Tunery job id. */
+            id: string;
+            /**
+             * @description Always `fine_tuning.job`.
+             * @enum {string}
+             */
+            object: "fine_tuning.job";
+            /** @description Unix seconds. */
+            created_at: number;
+            /** @description Unix seconds. */
+            finished_at: number | null;
+            /** @description Not estimated: null. */
+            estimated_finish?: number | null;
+            /** @description The base model. */
+            model: string;
+            /** @description The output model id, once succeeded. */
+            fine_tuned_model: string | null;
+            /** @description The tenant. */
+            organization_id: string;
+            /**
+             * @description OpenAI's status.
+             * @enum {string}
+             */
+            status: "validating_files" | "queued" | "running" | "succeeded" | "failed" | "cancelled";
+            /** @description The settings the job runs with. */
+            hyperparameters: {
+                /** @description Epochs. */
+                n_epochs: number;
+                /** @description Batch size. */
+                batch_size: number;
+                /** @description Learning rate ÷ 2e-4. */
+                learning_rate_multiplier: number;
+            };
+            /** @description The dataset id. */
+            training_file: string | null;
+            /** @description Always null. */
+            validation_file: null;
+            /** @description Always empty. */
+            result_files: string[];
+            /** @description Tokens processed, once succeeded. */
+            trained_tokens: number | null;
+            /** @description Why it failed. */
+            error: {
+                /** @description Tunery's error code. */
+                code?: string;
+                /** @description Explanation. */
+                message?: string;
+                /** @description Always null. */
+                param?: string | null;
+            } | null;
+            /** @description Training seed. */
+            seed: number;
+            /** @description The suffix given. */
+            user_provided_suffix?: string | null;
+            /** @description Always null. */
+            integrations?: null;
+            /** @description Always null. */
+            metadata?: null;
+            /** @description Always supervised. */
+            method?: {
+                /**
+                 * @description Always `supervised`.
+                 * @enum {string}
+                 */
+                type?: "supervised";
+                /** @description Its hyperparameters. */
+                supervised?: {
+                    [key: string]: unknown;
+                };
+            };
+        };
+        /** @description A page of jobs. */
+        OpenAIFineTuningJobList: {
+            /**
+             * @description Always `list`.
+             * @enum {string}
+             */
+            object: "list";
+            /** @description The jobs. */
+            data: components["schemas"]["OpenAIFineTuningJob"][];
+            /** @description More after this page. */
+            has_more: boolean;
+        };
+        /** @description One job event. */
+        OpenAIFineTuningEvent: {
+            /** @description `ftevent-<job id>-<seq>`. */
+            id: string;
+            /**
+             * @description Always `fine_tuning.job.event`.
+             * @enum {string}
+             */
+            object: "fine_tuning.job.event";
+            /** @description Unix seconds. */
+            created_at: number;
+            /**
+             * @description Severity.
+             * @enum {string}
+             */
+            level: "info" | "warn" | "error";
+            /** @description What happened. */
+            message: string;
+            /**
+             * @description Event type.
+             * @enum {string}
+             */
+            type: "message" | "metrics";
+            /** @description Tunery's event kind and payload. */
+            data?: {
+                [key: string]: unknown;
+            };
+        };
+        /** @description A page of events. */
+        OpenAIFineTuningEventList: {
+            /**
+             * @description Always `list`.
+             * @enum {string}
+             */
+            object: "list";
+            /** @description The events, newest first. */
+            data: components["schemas"]["OpenAIFineTuningEvent"][];
+            /** @description More after this page. */
+            has_more: boolean;
+        };
+        /** @description One saved checkpoint. */
+        OpenAIFineTuningCheckpoint: {
+            /** @description `ftckpt-<job id>-<step>`. */
+            id: string;
+            /**
+             * @description Always `fine_tuning.job.checkpoint`.
+             * @enum {string}
+             */
+            object: "fine_tuning.job.checkpoint";
+            /** @description Unix seconds. */
+            created_at: number;
+            /** @description The checkpoint's file name. */
+            fine_tuned_model_checkpoint: string;
+            /** @description The job. */
+            fine_tuning_job_id: string;
+            /** @description Metrics at that step (`step`, `train_loss` when recorded). */
+            metrics: {
+                [key: string]: unknown;
+            };
+            /** @description Step. */
+            step_number: number;
+        };
+        /** @description A page of checkpoints. */
+        OpenAIFineTuningCheckpointList: {
+            /**
+             * @description Always `list`.
+             * @enum {string}
+             */
+            object: "list";
+            /** @description The checkpoints, newest first. */
+            data: components["schemas"]["OpenAIFineTuningCheckpoint"][];
+            /** @description More after this page. */
+            has_more: boolean;
+        };
+        /** @description A model. */
+        OpenAIModel: {
+            /** @description A base model name, or a fine-tuned model id. */
+            id: string;
+            /**
+             * @description Always `model`.
+             * @enum {string}
+             */
+            object: "model";
+            /** @description Unix seconds. */
+            created: number;
+            /** @description `tunery` for the catalog, else the tenant. */
+            owned_by: string;
+        };
+        /** @description All models. */
+        OpenAIModelList: {
+            /**
+             * @description Always `list`.
+             * @enum {string}
+             */
+            object: "list";
+            /** @description The models. */
+            data: components["schemas"]["OpenAIModel"][];
+        };
     };
     responses: {
         /** @description The request is malformed or a field is invalid (`invalid_request`, `invalid_config`, `invalid_dataset`, `no_adapter_loaded`). */
@@ -3438,6 +3977,15 @@ export interface components {
                 "application/octet-stream": string;
             };
         };
+        /** @description An error in OpenAI's shape (under `/openai/v1`). */
+        OpenAIError: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                "application/json": components["schemas"]["OpenAIErrorResponse"];
+            };
+        };
     };
     parameters: {
         /** @description Page size (at most 100). */
@@ -3476,6 +4024,12 @@ export interface components {
         CheckpointName: components["schemas"]["Name"];
         /** @description A flat file name, e.g. `adapter_model.safetensors`. */
         FileName: components["schemas"]["FileName"];
+        /** @description The id of the last object of the previous page. */
+        OpenAIAfter: string;
+        /** @description Page size. */
+        OpenAILimit: number;
+        /** @description The fine-tuning (Tunery training) job id. */
+        OpenAIJobId: string;
     };
     requestBodies: never;
     headers: never;
@@ -5713,6 +6267,354 @@ export interface operations {
             409: components["responses"]["Conflict"];
             429: components["responses"]["TooManyRequests"];
             500: components["responses"]["InternalError"];
+        };
+    };
+    listOpenAIFiles: {
+        parameters: {
+            query?: {
+                /** @description The id of the last file of the previous page. */
+                after?: string;
+                /** @description Page size. */
+                limit?: number;
+                /** @description By creation time. */
+                order?: "asc" | "desc";
+                /** @description Only files of this purpose (`fine-tune` is the only one). */
+                purpose?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description One page of files. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIFileList"];
+                };
+            };
+            400: components["responses"]["OpenAIError"];
+            401: components["responses"]["OpenAIError"];
+        };
+    };
+    createOpenAIFile: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "multipart/form-data": components["schemas"]["OpenAIFileUpload"];
+            };
+        };
+        responses: {
+            /** @description The stored file. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIFile"];
+                };
+            };
+            400: components["responses"]["OpenAIError"];
+            401: components["responses"]["OpenAIError"];
+            413: components["responses"]["OpenAIError"];
+        };
+    };
+    getOpenAIFile: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The file (dataset) id. */
+                file_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The file. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIFile"];
+                };
+            };
+            401: components["responses"]["OpenAIError"];
+            404: components["responses"]["OpenAIError"];
+        };
+    };
+    deleteOpenAIFile: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The file (dataset) id. */
+                file_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Deleted. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIFileDeleted"];
+                };
+            };
+            401: components["responses"]["OpenAIError"];
+            404: components["responses"]["OpenAIError"];
+            409: components["responses"]["OpenAIError"];
+        };
+    };
+    getOpenAIFileContent: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The file (dataset) id. */
+                file_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The file's bytes. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/octet-stream": string;
+                };
+            };
+            401: components["responses"]["OpenAIError"];
+            404: components["responses"]["OpenAIError"];
+        };
+    };
+    listOpenAIFineTuningJobs: {
+        parameters: {
+            query?: {
+                /** @description The id of the last object of the previous page. */
+                after?: components["parameters"]["OpenAIAfter"];
+                /** @description Page size. */
+                limit?: components["parameters"]["OpenAILimit"];
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description One page of jobs. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIFineTuningJobList"];
+                };
+            };
+            400: components["responses"]["OpenAIError"];
+            401: components["responses"]["OpenAIError"];
+        };
+    };
+    createOpenAIFineTuningJob: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["OpenAIFineTuningJobCreate"];
+            };
+        };
+        responses: {
+            /** @description The new job. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIFineTuningJob"];
+                };
+            };
+            400: components["responses"]["OpenAIError"];
+            401: components["responses"]["OpenAIError"];
+            402: components["responses"]["OpenAIError"];
+            404: components["responses"]["OpenAIError"];
+        };
+    };
+    getOpenAIFineTuningJob: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The fine-tuning (Tunery training) job id. */
+                fine_tuning_job_id: components["parameters"]["OpenAIJobId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The job. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIFineTuningJob"];
+                };
+            };
+            401: components["responses"]["OpenAIError"];
+            404: components["responses"]["OpenAIError"];
+        };
+    };
+    cancelOpenAIFineTuningJob: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The fine-tuning (Tunery training) job id. */
+                fine_tuning_job_id: components["parameters"]["OpenAIJobId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The job. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIFineTuningJob"];
+                };
+            };
+            401: components["responses"]["OpenAIError"];
+            404: components["responses"]["OpenAIError"];
+            409: components["responses"]["OpenAIError"];
+        };
+    };
+    listOpenAIFineTuningEvents: {
+        parameters: {
+            query?: {
+                /** @description The id of the last object of the previous page. */
+                after?: components["parameters"]["OpenAIAfter"];
+                /** @description Page size. */
+                limit?: components["parameters"]["OpenAILimit"];
+            };
+            header?: never;
+            path: {
+                /** @description The fine-tuning (Tunery training) job id. */
+                fine_tuning_job_id: components["parameters"]["OpenAIJobId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description One page of events. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIFineTuningEventList"];
+                };
+            };
+            400: components["responses"]["OpenAIError"];
+            401: components["responses"]["OpenAIError"];
+            404: components["responses"]["OpenAIError"];
+        };
+    };
+    listOpenAIFineTuningCheckpoints: {
+        parameters: {
+            query?: {
+                /** @description The id of the last object of the previous page. */
+                after?: components["parameters"]["OpenAIAfter"];
+                /** @description Page size. */
+                limit?: components["parameters"]["OpenAILimit"];
+            };
+            header?: never;
+            path: {
+                /** @description The fine-tuning (Tunery training) job id. */
+                fine_tuning_job_id: components["parameters"]["OpenAIJobId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description One page of checkpoints. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIFineTuningCheckpointList"];
+                };
+            };
+            400: components["responses"]["OpenAIError"];
+            401: components["responses"]["OpenAIError"];
+            404: components["responses"]["OpenAIError"];
+        };
+    };
+    listOpenAIModels: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description All models. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIModelList"];
+                };
+            };
+            401: components["responses"]["OpenAIError"];
+        };
+    };
+    getOpenAIModel: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description A base model name or a fine-tuned model id. */
+                model: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The model. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIModel"];
+                };
+            };
+            401: components["responses"]["OpenAIError"];
+            404: components["responses"]["OpenAIError"];
         };
     };
 }
