@@ -116,12 +116,44 @@ function exampleId(param: string): string {
   return examples[param] ?? param;
 }
 
-function curlFor(method: string, path: string, op: Operation, spec: Spec): string {
+/** The official `openai` client's call for each OpenAI-compatible operation (tag OpenAI). */
+const OPENAI_CLIENT_CALLS: Record<string, string> = {
+  createOpenAIFile: "client.files.create({ file: createReadStream('train.jsonl'), purpose: 'fine-tune' })",
+  listOpenAIFiles: 'client.files.list()',
+  getOpenAIFile: "client.files.retrieve('ds_0123456789abcdef01234567')",
+  deleteOpenAIFile: "client.files.delete('ds_0123456789abcdef01234567')",
+  getOpenAIFileContent: "(await client.files.content('ds_0123456789abcdef01234567')).text()",
+  createOpenAIFineTuningJob:
+    "client.fineTuning.jobs.create({ model: 'tiny-llama', training_file: 'ds_0123456789abcdef01234567' })",
+  listOpenAIFineTuningJobs: 'client.fineTuning.jobs.list()',
+  getOpenAIFineTuningJob: "client.fineTuning.jobs.retrieve('job_4f0c2a9d1b7e4c55a0d3e8f1')",
+  cancelOpenAIFineTuningJob: "client.fineTuning.jobs.cancel('job_4f0c2a9d1b7e4c55a0d3e8f1')",
+  listOpenAIFineTuningEvents: "client.fineTuning.jobs.listEvents('job_4f0c2a9d1b7e4c55a0d3e8f1')",
+  listOpenAIFineTuningCheckpoints: "client.fineTuning.jobs.checkpoints.list('job_4f0c2a9d1b7e4c55a0d3e8f1')",
+  listOpenAIModels: 'client.models.list()',
+  getOpenAIModel: "client.models.retrieve('tiny-llama')",
+};
+
+function openAIClientSample(call: string): string {
+  const printed = /\.list(Events)?\(/.test(call)
+    ? `for await (const item of ${call}) console.log(item);`
+    : `console.log(await ${call});`;
+  const fs = call.includes('createReadStream') ? "import { createReadStream } from 'node:fs';\n" : '';
+  return `${fs}import OpenAI from 'openai';\n\nconst client = new OpenAI({\n  baseURL: \`\${process.env.TUNERY_BASE_URL}/openai/v1\`,\n  apiKey: process.env.TUNERY_API_KEY,\n});\n${printed}\n`;
+}
+
+function curlFor(
+  method: string,
+  path: string,
+  op: Operation,
+  spec: Spec,
+  token = 'TUNERY_WORKER_TOKEN',
+): string {
   const body = exampleBody(op, spec);
   const url = `$TUNERY_BASE_URL${path.replace(/\{(\w+)\}/g, (_, p: string) => exampleId(p))}`;
   const data =
     body === undefined ? '' : ` \\\n  -H 'Content-Type: application/json' -d '${JSON.stringify(body)}'`;
-  return `curl -X ${method.toUpperCase()} "${url}" \\\n  -H "Authorization: Bearer $TUNERY_WORKER_TOKEN"${data}`;
+  return `curl -X ${method.toUpperCase()} "${url}" \\\n  -H "Authorization: Bearer $${token}"${data}`;
 }
 
 function buildReference(): void {
@@ -135,6 +167,14 @@ function buildReference(): void {
       if (sdkCall) {
         op['x-codeSamples'] = [
           { lang: 'TypeScript', label: '@tunery/sdk', source: sampleFor(method, path, op, spec, sdkCall) },
+        ];
+      } else if (op.tags?.includes('OpenAI')) {
+        // The OpenAI-compatible surface is for OpenAI's clients; curl where a sample is not written yet.
+        const call = OPENAI_CLIENT_CALLS[op.operationId];
+        op['x-codeSamples'] = [
+          call
+            ? { lang: 'TypeScript', label: 'openai', source: openAIClientSample(call) }
+            : { lang: 'Shell', label: 'curl', source: curlFor(method, path, op, spec, 'TUNERY_API_KEY') },
         ];
       } else if (op.tags?.includes('workers')) {
         // The worker protocol is spoken by tunery-worker, not the SDK.
