@@ -58,6 +58,27 @@ describe.each(DATABASES)('OpenAI-compatible routes on %s', (db) => {
     });
     expect(body.error.message).toMatch(/^line 2: .*assistant/);
 
+    // OpenAI's keys that Tunery's datasets would drop are refused, naming the line
+    const weighted = JSON.stringify({
+      messages: [
+        { role: 'user', content: 'a' },
+        { role: 'assistant', content: 'b', weight: 0 },
+      ],
+    });
+    const refusals: [string, string][] = [
+      [`${chat('a', 'b')}\n${weighted}\n`, 'line 2: messages[1].weight is not supported.'],
+      [
+        `${JSON.stringify({ text: 'plain' })}\n`,
+        'line 1: "text" is not supported: a line holds only "messages".',
+      ],
+      [`${chat('a', 'b')}\nnot json\n`, 'line 2: not valid JSON'],
+    ];
+    for (const [content, message] of refusals) {
+      const res = await upload(content);
+      expect(res.status).toBe(400);
+      expect(((await res.json()) as { error: { message: string } }).error.message).toContain(message);
+    }
+
     const anonymous = await server.api('/openai/v1/models', { key: null });
     expect(anonymous.status).toBe(401);
     expect(((await anonymous.json()) as { error: unknown }).error).toMatchObject({

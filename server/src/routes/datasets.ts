@@ -41,14 +41,10 @@ export function datasetView(row: DatasetRow): Schemas['Dataset'] {
 const defaultName = (prefix: string) => `${prefix}-${new Date().toISOString().slice(0, 10)}`;
 
 /**
- * A multipart create: the file was streamed to disk and validated before the handler runs.
- * `format`, when given, is the only format accepted (the OpenAI upload takes chat JSONL only).
+ * A multipart create (also the OpenAI-compatible upload's): the file was streamed to disk and
+ * validated before the handler runs.
  */
-export async function createFromUpload(
-  req: Request,
-  ctx: AppContext,
-  format?: DatasetRow['format'],
-): Promise<string> {
+export async function createFromUpload(req: Request, ctx: AppContext): Promise<string> {
   const tenantId = tenantOf(req);
   const files = (req.files as DatasetUploadFile[] | undefined) ?? [];
   const body = (req.body ?? {}) as { name?: string };
@@ -63,14 +59,6 @@ export async function createFromUpload(
     throw new ApiError(400, 'upload_interrupted', 'The request ended before the upload was recorded.');
   let recorded = false;
   try {
-    // every line has the first line's format, so a wrong format is line 1's fault
-    if (format && upload.prepared.format !== format)
-      throw new ApiError(
-        400,
-        'invalid_dataset',
-        `line 1: expected ${format} records, got ${upload.prepared.format}.`,
-        UPLOAD_FIELD,
-      );
     const { id } = await idempotent(
       ctx,
       req,

@@ -12,12 +12,19 @@ import type { AppContext } from '../context.js';
 import { ApiError } from '../errors.js';
 import { newId } from '../ids.js';
 import { type PreparedDataset, prepareJsonlDataset } from './datasets.js';
+import { checkOpenAIChatLine } from './openai-files.js';
 
 /** The form field that carries the JSONL. */
 export const UPLOAD_FIELD = 'file';
 
-/** The operations whose multipart `file` is a dataset (Tunery's and the OpenAI-compatible upload). */
-const UPLOAD_OPERATIONS = new Set(['createDataset', 'createOpenAIFile']);
+/**
+ * The operations whose multipart `file` is a dataset, with the further check each line gets: the
+ * OpenAI-compatible upload takes OpenAI's chat format only.
+ */
+const UPLOAD_OPERATIONS: Record<string, { checkLine?: (record: unknown) => void }> = {
+  createDataset: {},
+  createOpenAIFile: { checkLine: checkOpenAIChatLine },
+};
 
 /** A file as multer hands it to the engine. */
 interface IncomingFile {
@@ -66,7 +73,10 @@ class DatasetUploadEngine {
   _handleFile(req: Request, file: IncomingFile, cb: Callback): void {
     const operationId = (req as { openapi?: { schema?: { operationId?: string } } }).openapi?.schema
       ?.operationId;
-    if (!UPLOAD_OPERATIONS.has(operationId ?? '') || file.fieldname !== UPLOAD_FIELD) {
+    const operation = Object.hasOwn(UPLOAD_OPERATIONS, operationId ?? '')
+      ? UPLOAD_OPERATIONS[operationId!]
+      : undefined;
+    if (!operation || file.fieldname !== UPLOAD_FIELD) {
       file.stream.resume();
       cb(null, {
         refusal: new ApiError(400, 'invalid_request', 'Attach the JSONL as the form field "file".', 'file'),
@@ -83,7 +93,7 @@ class DatasetUploadEngine {
         yield chunk as Buffer;
       }
     }
-    prepareJsonlDataset(this.ctx, datasetId, hashed(), UPLOAD_FIELD).then(
+    prepareJsonlDataset(this.ctx, datasetId, hashed(), UPLOAD_FIELD, operation.checkLine).then(
       (prepared) => {
         const upload: StreamedDataset = { datasetId, prepared, rawSha256: raw.digest('hex'), claimed: false };
         // A request that ends before the route claims the file (a validation error, a dropped

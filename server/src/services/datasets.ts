@@ -274,11 +274,19 @@ export function prepareJsonlDataset(
   id: string,
   source: AsyncIterable<Buffer>,
   param: string,
+  /** A further check of each parsed line (it throws a message without location). */
+  checkLine?: (record: unknown) => void,
 ): Promise<PreparedDataset> {
   return writeDatasetFile(ctx, id, param, async (file) => {
     for await (const { line, lineNumber } of jsonlLines(source, param)) {
       if (line.trim() === '') continue;
-      await file.add(parseJsonlLine(line, lineNumber, param), `line ${lineNumber}`);
+      const record = parseJsonlLine(line, lineNumber, param);
+      try {
+        checkLine?.(record);
+      } catch (err) {
+        throw invalidDataset(`line ${lineNumber}: ${(err as Error).message}.`, param);
+      }
+      await file.add(record, `line ${lineNumber}`);
     }
   });
 }

@@ -35,8 +35,8 @@ async function fileOf(req: Request, ctx: AppContext): Promise<DatasetRow> {
 
 export const openAIFileRoutes: Routes = {
   async createOpenAIFile(req, res, ctx) {
-    // OpenAI fine-tunes on chat examples only; the upload's validator checks every line's shape.
-    const id = await createFromUpload(req, ctx, 'chat');
+    // the upload engine checked every line against OpenAI's chat format (services/openai-files.ts)
+    const id = await createFromUpload(req, ctx);
     res.json(fileView(await getDataset(ctx, tenantOf(req), id)) satisfies Schemas['OpenAIFile']);
   },
 
