@@ -1438,8 +1438,9 @@ export interface paths {
         /**
          * Upload a file (OpenAI)
          * @description OpenAI's `POST /files`: a chat JSONL with `purpose: fine-tune`, stored as a Tunery dataset
-         *     (the file id is the dataset id). Every line must be `{"messages": [...]}` with an assistant
-         *     turn; a bad line is `400` whose message names the line.
+         *     (the file id is the dataset id). Every line must be `{"messages": [{"role", "content"}]}`
+         *     with an assistant turn; OpenAI's other keys (`weight`, `name`, `tool_calls`, `tools`) are
+         *     refused rather than dropped. A bad line is `400 invalid_dataset` whose message names it.
          */
         post: operations["createOpenAIFile"];
         delete?: never;
