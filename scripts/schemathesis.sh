@@ -200,6 +200,7 @@ values = ["$running_lease"]
 
 [parameters]
 "path.job_id" = { dictionary = "job_id", probability = 0.5 }
+"path.fine_tuning_job_id" = { dictionary = "job_id", probability = 0.5 }
 "path.dataset_id" = { dictionary = "dataset_id", probability = 0.5 }
 "path.model_id" = { dictionary = "model_id", probability = 0.5 }
 "path.trajectory_id" = { dictionary = "trajectory_id", probability = 0.5 }

@@ -6299,6 +6299,8 @@ export interface operations {
             };
             400: components["responses"]["OpenAIError"];
             401: components["responses"]["OpenAIError"];
+            429: components["responses"]["OpenAIError"];
+            500: components["responses"]["OpenAIError"];
         };
     };
     createOpenAIFile: {
@@ -6325,7 +6327,10 @@ export interface operations {
             };
             400: components["responses"]["OpenAIError"];
             401: components["responses"]["OpenAIError"];
+            409: components["responses"]["OpenAIError"];
             413: components["responses"]["OpenAIError"];
+            429: components["responses"]["OpenAIError"];
+            500: components["responses"]["OpenAIError"];
         };
     };
     getOpenAIFile: {
@@ -6349,8 +6354,11 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIFile"];
                 };
             };
+            400: components["responses"]["OpenAIError"];
             401: components["responses"]["OpenAIError"];
             404: components["responses"]["OpenAIError"];
+            429: components["responses"]["OpenAIError"];
+            500: components["responses"]["OpenAIError"];
         };
     };
     deleteOpenAIFile: {
@@ -6374,9 +6382,12 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIFileDeleted"];
                 };
             };
+            400: components["responses"]["OpenAIError"];
             401: components["responses"]["OpenAIError"];
             404: components["responses"]["OpenAIError"];
             409: components["responses"]["OpenAIError"];
+            429: components["responses"]["OpenAIError"];
+            500: components["responses"]["OpenAIError"];
         };
     };
     getOpenAIFileContent: {
@@ -6400,8 +6411,11 @@ export interface operations {
                     "application/octet-stream": string;
                 };
             };
+            400: components["responses"]["OpenAIError"];
             401: components["responses"]["OpenAIError"];
             404: components["responses"]["OpenAIError"];
+            429: components["responses"]["OpenAIError"];
+            500: components["responses"]["OpenAIError"];
         };
     };
     listOpenAIFineTuningJobs: {
@@ -6429,6 +6443,8 @@ export interface operations {
             };
             400: components["responses"]["OpenAIError"];
             401: components["responses"]["OpenAIError"];
+            429: components["responses"]["OpenAIError"];
+            500: components["responses"]["OpenAIError"];
         };
     };
     createOpenAIFineTuningJob: {
@@ -6457,6 +6473,9 @@ export interface operations {
             401: components["responses"]["OpenAIError"];
             402: components["responses"]["OpenAIError"];
             404: components["responses"]["OpenAIError"];
+            409: components["responses"]["OpenAIError"];
+            429: components["responses"]["OpenAIError"];
+            500: components["responses"]["OpenAIError"];
         };
     };
     getOpenAIFineTuningJob: {
@@ -6480,8 +6499,11 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIFineTuningJob"];
                 };
             };
+            400: components["responses"]["OpenAIError"];
             401: components["responses"]["OpenAIError"];
             404: components["responses"]["OpenAIError"];
+            429: components["responses"]["OpenAIError"];
+            500: components["responses"]["OpenAIError"];
         };
     };
     cancelOpenAIFineTuningJob: {
@@ -6505,9 +6527,12 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIFineTuningJob"];
                 };
             };
+            400: components["responses"]["OpenAIError"];
             401: components["responses"]["OpenAIError"];
             404: components["responses"]["OpenAIError"];
             409: components["responses"]["OpenAIError"];
+            429: components["responses"]["OpenAIError"];
+            500: components["responses"]["OpenAIError"];
         };
     };
     listOpenAIFineTuningEvents: {
@@ -6539,6 +6564,8 @@ export interface operations {
             400: components["responses"]["OpenAIError"];
             401: components["responses"]["OpenAIError"];
             404: components["responses"]["OpenAIError"];
+            429: components["responses"]["OpenAIError"];
+            500: components["responses"]["OpenAIError"];
         };
     };
     listOpenAIFineTuningCheckpoints: {
@@ -6570,6 +6597,8 @@ export interface operations {
             400: components["responses"]["OpenAIError"];
             401: components["responses"]["OpenAIError"];
             404: components["responses"]["OpenAIError"];
+            429: components["responses"]["OpenAIError"];
+            500: components["responses"]["OpenAIError"];
         };
     };
     listOpenAIModels: {
@@ -6590,7 +6619,10 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIModelList"];
                 };
             };
+            400: components["responses"]["OpenAIError"];
             401: components["responses"]["OpenAIError"];
+            429: components["responses"]["OpenAIError"];
+            500: components["responses"]["OpenAIError"];
         };
     };
     getOpenAIModel: {
@@ -6614,8 +6646,11 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIModel"];
                 };
             };
+            400: components["responses"]["OpenAIError"];
             401: components["responses"]["OpenAIError"];
             404: components["responses"]["OpenAIError"];
+            429: components["responses"]["OpenAIError"];
+            500: components["responses"]["OpenAIError"];
         };
     };
 }
