@@ -50,7 +50,7 @@ const LORA_DEFAULTS = {
 };
 
 /** TrainingConfig defaults, as the spec documents them. */
-const TRAINING_DEFAULTS = {
+export const TRAINING_DEFAULTS = {
   num_epochs: 3,
   max_steps: -1,
   batch_size: 4,

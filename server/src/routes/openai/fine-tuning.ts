@@ -8,11 +8,12 @@ import { badRequest } from '../../errors.js';
 import { type BodyOf, pathParam, queryInt, type Routes, type Schemas, tenantOf } from '../../http.js';
 import { cancelJob } from '../../queue/cancel.js';
 import { getJobRow, type JobRow } from '../../services/jobs.js';
+import { TRAINING_DEFAULTS } from '../../services/training-request.js';
 import { submitTrainingJob } from '../training-jobs.js';
 import { cursorPage, rowsAfter, trailingNumber, unixSeconds } from './paging.js';
 
 /** Tunery's default learning rate, which `learning_rate_multiplier` multiplies. */
-const BASE_LEARNING_RATE = 2e-4;
+const BASE_LEARNING_RATE = TRAINING_DEFAULTS.learning_rate;
 
 type Create = Schemas['OpenAIFineTuningJobCreate'];
 type Hyperparameters = Schemas['OpenAIHyperparameters'];
@@ -75,8 +76,8 @@ export function fineTuningJobView(row: JobRow): Job {
   const config = row.config ?? {};
   const training = (config.training ?? {}) as Record<string, unknown>;
   const hyperparameters = {
-    n_epochs: numberOr(training.num_epochs, 3),
-    batch_size: numberOr(training.batch_size, 4),
+    n_epochs: numberOr(training.num_epochs, TRAINING_DEFAULTS.num_epochs),
+    batch_size: numberOr(training.batch_size, TRAINING_DEFAULTS.batch_size),
     learning_rate_multiplier: numberOr(training.learning_rate, BASE_LEARNING_RATE) / BASE_LEARNING_RATE,
   };
   const succeeded = row.status === 'completed';
@@ -97,7 +98,7 @@ export function fineTuningJobView(row: JobRow): Job {
     result_files: [],
     trained_tokens: succeeded && typeof tokens === 'number' ? Math.round(tokens) : null,
     error: row.error_code ? { code: row.error_code, message: row.error_message ?? '', param: null } : null,
-    seed: numberOr(config.seed, 42),
+    seed: numberOr(config.seed, TRAINING_DEFAULTS.seed),
     user_provided_suffix: typeof config.run_name === 'string' ? config.run_name : null,
     integrations: null,
     metadata: null,
