@@ -434,6 +434,37 @@ describe.each(DATABASES)('distillation on %s', (db) => {
     expect((await server.api(`/v1/distillation/${job.id}/artifacts/missing.gguf`)).status).toBe(404);
   });
 
+  it("pages the worker's logs and metrics as the training endpoints do", async () => {
+    await clearQueue();
+    const job = await (await create(SEED_REQUEST)).json();
+    const worker = fakeWorker(server);
+    const token = (await worker.claim({ job_types: ['distill'], device: 'cpu' }))!.lease_token;
+    const lines = [1, 2, 3].map((seq) => ({ seq, text: `step ${seq}/100 · loss ${1 / seq}` }));
+    expect((await worker.logs(job.id, token, lines)).status).toBe(200);
+    const points = [1, 2, 3].map((step) => ({ step, phase: 'train', loss: 1 / step, lr: 2e-4 }));
+    expect((await worker.metrics(job.id, token, points)).status).toBe(200);
+
+    const logs = await (await server.api(`/v1/distillation/${job.id}/logs?tenant_id=default`)).json();
+    expect(logs).toMatchObject({ job_id: job.id, latest_seq: 3 });
+    expect(logs.lines.map((l: { text: string }) => l.text)).toEqual(lines.map((l) => l.text));
+    const tail = await (await server.api(`/v1/distillation/${job.id}/logs?since=1&tail=1`)).json();
+    expect(tail.lines.map((l: { seq: number }) => l.seq)).toEqual([3]);
+
+    const metrics = await (await server.api(`/v1/distillation/${job.id}/metrics?since_step=1`)).json();
+    expect(metrics).toMatchObject({ job_id: job.id, count: 2, latest_step: 3 });
+    expect(metrics.points.map((p: { step: number; loss: number }) => [p.step, p.loss])).toEqual([
+      [2, 0.5],
+      [3, 1 / 3],
+    ]);
+    for (const path of ['logs', 'metrics']) {
+      const foreign = await server.api(`/v1/distillation/${job.id}/${path}`, { key: server.otherKey });
+      expect((await foreign.json()).error.code).toBe('job_not_found');
+      expect((await server.api(`/v1/distillation/${job.id}/${path}?tenant_id=other`)).status).toBe(403);
+    }
+    expect((await server.api(`/v1/distillation/${job.id}/logs?tail=0`)).status).toBe(400);
+    expect((await server.api(`/v1/distillation/${job.id}/metrics?limit=0`)).status).toBe(400);
+  });
+
   it('keeps every phase in the timeline, including ones no poll saw', async () => {
     await clearQueue();
     const job = await (await create(SEED_REQUEST)).json();

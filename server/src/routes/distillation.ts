@@ -22,6 +22,7 @@ import {
 } from '../services/distillation-request.js';
 import { sendStoredFile } from '../services/downloads.js';
 import { idempotent } from '../services/idempotency.js';
+import { logPage, metricPage } from '../services/job-telemetry.js';
 import { getJobRow, type JobRow, jobEvents, jobsOfKind, serializeDistillationJob } from '../services/jobs.js';
 import { listPage, newestFirst } from '../services/paging.js';
 import { type FileRow, jobOutputFiles, outputDirectory, outputFileView } from '../services/registry.js';
@@ -148,6 +149,14 @@ export const distillationRoutes: Routes = {
   async listDistillationJobEvents(req, res, ctx) {
     const job = await jobOf(req, ctx);
     res.json((await jobEvents(ctx, job.id, queryInt(req, 'since', 0))) satisfies Schemas['EventList']);
+  },
+
+  async listDistillationJobLogs(req, res, ctx) {
+    res.json((await logPage(ctx, req, await jobOf(req, ctx))) satisfies Schemas['LogPage']);
+  },
+
+  async listDistillationJobMetrics(req, res, ctx) {
+    res.json((await metricPage(ctx, req, await jobOf(req, ctx))) satisfies Schemas['MetricPage']);
   },
 
   async getDistillationArtifacts(req, res, ctx) {

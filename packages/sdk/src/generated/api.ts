@@ -143,6 +143,55 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/distillation/{job_id}/logs": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        /**
+         * Read a distillation job's log lines
+         * @description The worker's console lines (sampling, curation, every training step, export, and the error of
+         *     a failed attempt), in the shape and paging of the training jobs' logs: `since=<seq>` returns
+         *     lines after that sequence number; `tail=N` the last N lines. At most 1000 lines per call.
+         */
+        get: operations["listDistillationJobLogs"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/distillation/{job_id}/metrics": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        /**
+         * Read a distillation job's per-step metrics
+         * @description Per training step: `loss` (the BOND objective), `lr`, `grad_norm`, `throughput`, `tokens`, as
+         *     the training jobs' metrics; `since_step=N` returns only points with `step` greater than N.
+         */
+        get: operations["listDistillationJobMetrics"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/distillation/{job_id}/artifacts": {
         parameters: {
             query?: never;
@@ -3689,6 +3738,78 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["EventList"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            403: components["responses"]["Forbidden"];
+            404: components["responses"]["NotFound"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    listDistillationJobLogs: {
+        parameters: {
+            query?: {
+                /** @description Workspace key; when given it must be the API key's own tenant (`403 permission_denied` otherwise). */
+                tenant_id?: components["parameters"]["TenantId"];
+                /** @description Only lines with `seq` greater than this. */
+                since?: number;
+                /** @description Only the last N lines (applied after `since`). */
+                tail?: number;
+            };
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Log lines in `seq` order. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["LogPage"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            403: components["responses"]["Forbidden"];
+            404: components["responses"]["NotFound"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    listDistillationJobMetrics: {
+        parameters: {
+            query?: {
+                /** @description Workspace key; when given it must be the API key's own tenant (`403 permission_denied` otherwise). */
+                tenant_id?: components["parameters"]["TenantId"];
+                /** @description Only points with `step` greater than this. */
+                since_step?: number;
+                /** @description At most this many points (oldest first). */
+                limit?: number;
+            };
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Metric points in step order. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["MetricPage"];
                 };
             };
             400: components["responses"]["BadRequest"];
