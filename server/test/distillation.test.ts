@@ -465,6 +465,43 @@ describe.each(DATABASES)('distillation on %s', (db) => {
     expect((await server.api(`/v1/distillation/${job.id}/metrics?limit=0`)).status).toBe(400);
   });
 
+  it("bills the teacher's tokens at the configured price per teacher model", async () => {
+    await clearQueue();
+    const { config } = server.ctx;
+    const saved = { teacherPrices: config.teacherPrices, pricePerGpuHour: config.pricePerGpuHour };
+    // worker time free, so cost_accrued is the teacher's alone
+    Object.assign(config, { teacherPrices: { 'openai/gpt-4o': 2.5, '*': 10 }, pricePerGpuHour: 0 });
+    try {
+      const mini = {
+        ...SEED_REQUEST,
+        config: { ...SEED_REQUEST.config, teacher_model: 'openai/gpt-4o-mini' },
+      };
+      expect((await (await create(mini)).json()).config.teacher_usd_per_million_tokens).toBe(10);
+      await clearQueue();
+      const job = await (await create(SEED_REQUEST)).json();
+      expect(job.config.teacher_usd_per_million_tokens).toBe(2.5);
+      const worker = fakeWorker(server);
+      const token = (await worker.claim({ job_types: ['distill'], device: 'cpu' }))!.lease_token;
+      const cost = async () => (await (await server.api(`/v1/distillation/${job.id}`)).json()).cost_accrued;
+
+      await worker.events(job.id, token, { phase: 'data_generation', progress: { teacher_tokens: 400_000 } });
+      expect(await cost()).toBe(1);
+      await worker.heartbeat(job.id, token, { teacher_tokens: 600_000 });
+      expect(await cost()).toBe(1.5);
+      await worker.heartbeat(job.id, token, { training_step: 3 }); // no teacher count: nothing billed
+      await worker.heartbeat(job.id, token, { teacher_tokens: 600_000 }); // a repeat: nothing new
+      expect(await cost()).toBe(1.5);
+      // resumed from a checkpoint at 200k: the tokens after it are paid (and billed) again
+      await worker.events(job.id, token, { progress: { teacher_tokens: 200_000 } });
+      await worker.events(job.id, token, { progress: { teacher_tokens: 300_000 } });
+      expect(await cost()).toBe(1.75);
+      await worker.complete(job.id, token, {});
+      expect(await cost()).toBe(1.75);
+    } finally {
+      Object.assign(config, saved);
+    }
+  });
+
   it('keeps every phase in the timeline, including ones no poll saw', async () => {
     await clearQueue();
     const job = await (await create(SEED_REQUEST)).json();
