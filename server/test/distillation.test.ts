@@ -502,6 +502,30 @@ describe.each(DATABASES)('distillation on %s', (db) => {
     }
   });
 
+  it("keeps the last checkpoint's adapter of a cancelled or failed job as its artifacts", async () => {
+    for (const end of ['cancelled', 'failed'] as const) {
+      await clearQueue();
+      const job = await (await create(SEED_REQUEST)).json();
+      const worker = fakeWorker(server);
+      const token = (await worker.claim({ job_types: ['distill'], device: 'cpu' }))!.lease_token;
+      // what the worker publishes with each training checkpoint
+      for (const name of ['adapter_model.safetensors', 'adapter_config.json', 'tokenizer.json'])
+        await worker.upload(job.id, token, 'outputs', name, Buffer.from(`step 50 ${name}`));
+      if (end === 'cancelled') {
+        await server.api(`/v1/distillation/${job.id}/cancel`, { method: 'POST' });
+        await worker.cancelled(job.id, token);
+      } else {
+        await worker.fail(job.id, token, { code: 'training_error', message: 'CUDA error' }, false);
+      }
+      expect((await (await server.api(`/v1/distillation/${job.id}`)).json()).status).toBe(end);
+      const artifacts = await (await server.api(`/v1/distillation/${job.id}/artifacts`)).json();
+      expect(artifacts.adapter_path).toBe(`${server.dataDir}/files/jobs/${job.id}/outputs/`);
+      expect(artifacts.gguf_paths).toEqual({});
+      const adapter = artifacts.files.find((f: { name: string }) => f.name === 'adapter_model.safetensors');
+      expect(await (await server.api(adapter.download_url)).text()).toBe('step 50 adapter_model.safetensors');
+    }
+  });
+
   it('keeps every phase in the timeline, including ones no poll saw', async () => {
     await clearQueue();
     const job = await (await create(SEED_REQUEST)).json();
