@@ -215,14 +215,14 @@ describe.each(DATABASES)('distillation on %s', (db) => {
   it("refuses bad input with seed 000's codes and the field named", async () => {
     const config = SEED_REQUEST.config;
     const cases: [unknown, number, string, string | null][] = [
-      [{ name: 'x' }, 400, 'invalid_request', 'config'],
-      [{ config: { student_model: 'llama-3.2-1b' } }, 400, 'invalid_request', 'config.teacher_model'],
-      [{ config: { ...config, n_samples: 0 } }, 400, 'invalid_request', 'config.n_samples'],
-      [{ config: { ...config, training_steps: 'many' } }, 400, 'invalid_request', 'config.training_steps'],
+      [{ name: 'x' }, 400, 'invalid_config', 'config'],
+      [{ config: { student_model: 'llama-3.2-1b' } }, 400, 'invalid_config', 'config.teacher_model'],
+      [{ config: { ...config, n_samples: 0 } }, 400, 'invalid_config', 'config.n_samples'],
+      [{ config: { ...config, training_steps: 'many' } }, 400, 'invalid_config', 'config.training_steps'],
       [
         { config: { ...config, quantization_types: ['q9_z'] } },
         400,
-        'invalid_request',
+        'invalid_config',
         'config.quantization_types.0',
       ],
       [
@@ -257,6 +257,9 @@ describe.each(DATABASES)('distillation on %s', (db) => {
         param,
       });
     }
+    // the seed's code is for a distillation's config; a bad query elsewhere stays invalid_request
+    const list = await server.api('/v1/distillation?limit=0');
+    expect((await list.json()).error).toMatchObject({ code: 'invalid_request', param: 'limit' });
     const noPrompts = await create({ config }, server.otherKey);
     expect(noPrompts.status).toBe(400);
     expect((await noPrompts.json()).error).toMatchObject({ code: 'invalid_config', param: 'config.prompts' });

@@ -60,7 +60,9 @@ export interface paths {
         /**
          * Create a distillation job
          * @description Returns immediately with `status: "pending"`; data generation, curation, BOND training and
-         *     GGUF export happen asynchronously on a worker that can run distillation.
+         *     GGUF export happen asynchronously on a worker that can run distillation. Seed 000's codes:
+         *     every 400 is `invalid_config` (unknown model, missing required field, bad range), with the
+         *     field in `param`; `402 insufficient_credits` when the estimate exceeds the budget.
          */
         post: operations["createDistillationJob"];
         delete?: never;
