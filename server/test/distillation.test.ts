@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createKey } from '../src/auth.js';
 import { newId } from '../src/ids.js';
+import { rescueExpiredLeases } from '../src/queue/rescue.js';
 import { storeDataset } from '../src/services/datasets.js';
 import { fakeWorker } from './fake-worker.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
@@ -527,6 +528,22 @@ describe.each(DATABASES)('distillation on %s', (db) => {
       const adapter = artifacts.files.find((f: { name: string }) => f.name === 'adapter_model.safetensors');
       expect(await (await server.api(adapter.download_url)).text()).toBe('step 50 adapter_model.safetensors');
     }
+  });
+
+  it('fails a job whose worker died on its last attempt with training_error, as seed 000 lists it', async () => {
+    await clearQueue();
+    const job = await (await create(SEED_REQUEST)).json();
+    const worker = fakeWorker(server);
+    await worker.claim({ job_types: ['distill'], device: 'cpu' });
+    // the worker is gone: its lease has run out on the last allowed attempt
+    await server.ctx
+      .knex('jobs')
+      .where({ id: job.id })
+      .update({ max_attempts: 1, lease_expires_at: server.ctx.knex.raw("now() - interval '1 second'") });
+    expect(await rescueExpiredLeases(server.ctx, 10)).toMatchObject({ failed: 1 });
+    const failed = await (await server.api(`/v1/distillation/${job.id}`)).json();
+    expect(failed).toMatchObject({ status: 'failed', error: { code: 'training_error' } });
+    expect(failed.error.message).toMatch(/lease expired/);
   });
 
   it('keeps every phase in the timeline, including ones no poll saw', async () => {

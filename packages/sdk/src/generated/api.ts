@@ -83,7 +83,12 @@ export interface paths {
         };
         /**
          * Get a distillation job
-         * @description The current state of one job, with `phase` and `progress`.
+         * @description The current state of one job, with `phase` and `progress`. A failed job's `error.code`:
+         *     `training_error` (the worker's process crashed or died: see the `logs` endpoint),
+         *     `invalid_config` (the worker cannot do what the config asks), `insufficient_credits` (the
+         *     tenant's budget ran out; checkpoints are kept), `teacher_error` (the teacher endpoint kept
+         *     failing), `invalid_dataset`, `out_of_memory`. A cancelled or failed job keeps the adapter of
+         *     its last training checkpoint among its artifacts.
          */
         get: operations["getDistillationJob"];
         put?: never;
