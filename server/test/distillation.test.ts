@@ -546,6 +546,58 @@ describe.each(DATABASES)('distillation on %s', (db) => {
     expect(failed.error.message).toMatch(/lease expired/);
   });
 
+  it('lists checkpoints and resumes a cancelled job from one, with the teacher key given again', async () => {
+    await clearQueue();
+    const withKey = { ...SEED_REQUEST, config: { ...SEED_REQUEST.config, teacher_api_key: 'sk-first' } };
+    const job = await (await create(withKey)).json();
+    const worker = fakeWorker(server);
+    const token = (await worker.claim({ job_types: ['distill'], device: 'cpu' }))!.lease_token;
+    const notTerminal = await server.api(`/v1/distillation/${job.id}/resume`, { method: 'POST', json: {} });
+    expect(notTerminal.status).toBe(409);
+    expect((await notTerminal.json()).error.code).toBe('job_not_resumable');
+    await worker.upload(job.id, token, 'checkpoints', 'generation-25', Buffer.from('samples'), 0);
+    await worker.upload(job.id, token, 'checkpoints', 'checkpoint-50', Buffer.from('adapter'), 50);
+    await server.api(`/v1/distillation/${job.id}/cancel`, { method: 'POST' });
+    await worker.cancelled(job.id, token);
+
+    const list = await (await server.api(`/v1/distillation/${job.id}/checkpoints?tenant_id=default`)).json();
+    expect(list.job_id).toBe(job.id);
+    expect(list.checkpoints.map((c: { name: string; step: number }) => [c.name, c.step])).toEqual([
+      ['generation-25', 0],
+      ['checkpoint-50', 50],
+    ]);
+    const unknown = await server.api(`/v1/distillation/${job.id}/resume`, {
+      method: 'POST',
+      json: { checkpoint: 'checkpoint-99' },
+    });
+    expect(unknown.status).toBe(404);
+    const resumed = await server.api(`/v1/distillation/${job.id}/resume?tenant_id=default`, {
+      method: 'POST',
+      json: { checkpoint: 'generation-25', teacher_api_key: 'sk-again' },
+    });
+    expect(resumed.status).toBe(200);
+    const body = await resumed.text();
+    expect(JSON.parse(body)).toMatchObject({
+      id: job.id,
+      status: 'pending',
+      phase: 'initializing',
+      error: null,
+    });
+    expect(body).not.toContain('sk-again');
+
+    const again = (await worker.claim({ job_types: ['distill'], device: 'cpu' }))!;
+    expect(again.job_id).toBe(job.id);
+    expect(again.resume_from).toMatchObject({ name: 'generation-25', step: 0 });
+    expect((again.spec.teacher as { api_key: string }).api_key).toBe('sk-again');
+    for (const path of ['checkpoints', 'resume']) {
+      const foreign = await server.api(`/v1/distillation/${job.id}/${path}`, {
+        key: server.otherKey,
+        ...(path === 'resume' ? { method: 'POST', json: {} } : {}),
+      });
+      expect(foreign.status).toBe(404);
+    }
+  });
+
   it('keeps every phase in the timeline, including ones no poll saw', async () => {
     await clearQueue();
     const job = await (await create(SEED_REQUEST)).json();

@@ -1,16 +1,7 @@
 import type { Request } from 'express';
 import type { AppContext } from '../context.js';
 import { notFound } from '../errors.js';
-import {
-  isoRequired,
-  page,
-  pathParam,
-  queryInt,
-  type Routes,
-  type Schemas,
-  sentBody,
-  tenantOf,
-} from '../http.js';
+import { page, pathParam, queryInt, type Routes, type Schemas, sentBody, tenantOf } from '../http.js';
 import { newId } from '../ids.js';
 import { cancelJob } from '../queue/cancel.js';
 import { enqueueJob } from '../queue/enqueue.js';
@@ -19,7 +10,7 @@ import type { JobRow } from '../queue/types.js';
 import { storeDataset } from '../services/datasets.js';
 import { sendStoredFile } from '../services/downloads.js';
 import { idempotent } from '../services/idempotency.js';
-import { logPage, metricPage } from '../services/job-telemetry.js';
+import { checkpointList, logPage, metricPage } from '../services/job-telemetry.js';
 import { getJobRow, jobEvents, jobsOfKind, serializeTrainingJob } from '../services/jobs.js';
 import { listPage, newestFirst } from '../services/paging.js';
 import { finiteScores, jobOutputFiles, outputFileView, totalSizeMb } from '../services/registry.js';
@@ -214,19 +205,6 @@ export const trainingJobRoutes: Routes = {
   },
 
   async listTrainingJobCheckpoints(req, res, ctx) {
-    const job = await jobOf(req, ctx);
-    const rows = await ctx
-      .knex('files')
-      .where({ owner_kind: 'checkpoint', owner_id: job.id })
-      .orderBy([{ column: 'step' }, { column: 'created_at' }]);
-    res.json({
-      job_id: job.id,
-      checkpoints: rows.map((r) => ({
-        name: r.name,
-        step: r.step ?? 0,
-        size_bytes: Number(r.size_bytes),
-        created_at: isoRequired(r.created_at),
-      })),
-    } satisfies Schemas['CheckpointList']);
+    res.json((await checkpointList(ctx, await jobOf(req, ctx))) satisfies Schemas['CheckpointList']);
   },
 };

@@ -1,5 +1,5 @@
 /**
- * A job's log lines and metric points as the API pages them, for every job family (training and
+ * A job's log lines, metric points and checkpoints as the API pages them, for every job family (training and
  * distillation answer the same shapes; the worker reports both through the same protocol calls).
  */
 import type { Request } from 'express';
@@ -41,5 +41,22 @@ export async function metricPage(ctx: AppContext, req: Request, job: JobRow): Pr
     count: points.length,
     latest_step: latest?.step == null ? -1 : Number(latest.step),
     points,
+  };
+}
+
+/** The job's durable checkpoints, oldest first. */
+export async function checkpointList(ctx: AppContext, job: JobRow): Promise<Schemas['CheckpointList']> {
+  const rows = await ctx
+    .knex('files')
+    .where({ owner_kind: 'checkpoint', owner_id: job.id })
+    .orderBy([{ column: 'step' }, { column: 'created_at' }]);
+  return {
+    job_id: job.id,
+    checkpoints: rows.map((r) => ({
+      name: r.name,
+      step: r.step ?? 0,
+      size_bytes: Number(r.size_bytes),
+      created_at: isoRequired(r.created_at),
+    })),
   };
 }

@@ -199,6 +199,58 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/distillation/{job_id}/checkpoints": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        /**
+         * List a distillation job's checkpoints
+         * @description Durable checkpoints, oldest first: `generation-<n>` (the teacher's samples for the first n
+         *     prompts, step 0) and `checkpoint-<step>` (the student's adapter and optimizer at that training
+         *     step). Any of them can be named in `resume`.
+         */
+        get: operations["listDistillationJobCheckpoints"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/distillation/{job_id}/resume": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Resume a distillation job from a checkpoint
+         * @description Puts a `failed` or `cancelled` job back in the queue, to continue from the named checkpoint
+         *     or, without one, the latest: the teacher is not asked again for the prompts a checkpoint
+         *     holds samples of. `409 job_not_resumable` when the job is not failed or cancelled, or has no
+         *     checkpoint; `404` when the named checkpoint does not exist; `402 insufficient_credits` when
+         *     the budget cannot hold the rest of the job's estimated cost.
+         */
+        post: operations["resumeDistillationJob"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/distillation/{job_id}/artifacts": {
         parameters: {
             query?: never;
@@ -1733,6 +1785,12 @@ export interface components {
         /** @description The job's configuration with defaults applied (secrets left out). */
         DistillationConfigView: {
             [key: string]: unknown;
+        };
+        /** @description Which checkpoint a distillation resumes from. */
+        DistillationResumeRequest: {
+            checkpoint?: components["schemas"]["Name"];
+            /** @description Key of the teacher endpoint; a job's secrets are erased when it ends, so give it again. Never returned. */
+            teacher_api_key?: string;
         };
         /** @description One page of distillation jobs. */
         DistillationJobList: {
@@ -3823,6 +3881,79 @@ export interface operations {
             401: components["responses"]["Unauthorized"];
             403: components["responses"]["Forbidden"];
             404: components["responses"]["NotFound"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    listDistillationJobCheckpoints: {
+        parameters: {
+            query?: {
+                /** @description Workspace key; when given it must be the API key's own tenant (`403 permission_denied` otherwise). */
+                tenant_id?: components["parameters"]["TenantId"];
+            };
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The checkpoints. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CheckpointList"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            403: components["responses"]["Forbidden"];
+            404: components["responses"]["NotFound"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    resumeDistillationJob: {
+        parameters: {
+            query?: {
+                /** @description Workspace key; when given it must be the API key's own tenant (`403 permission_denied` otherwise). */
+                tenant_id?: components["parameters"]["TenantId"];
+            };
+            header?: {
+                /** @description Makes the create safe to retry; the body's `idempotency_key` takes precedence. */
+                "Idempotency-Key"?: components["parameters"]["IdempotencyKey"];
+            };
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["DistillationResumeRequest"];
+            };
+        };
+        responses: {
+            /** @description The job, `pending` again. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["DistillationJob"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            402: components["responses"]["PaymentRequired"];
+            403: components["responses"]["Forbidden"];
+            404: components["responses"]["NotFound"];
+            409: components["responses"]["Conflict"];
             429: components["responses"]["TooManyRequests"];
             500: components["responses"]["InternalError"];
         };
