@@ -230,11 +230,7 @@ export function logPageOf(state: MockState, jobId: string, search: Search): Sche
 }
 
 /** A job's metric points after `since_step`, up to `limit`. */
-export function metricPageOf(
-  state: MockState,
-  jobId: string,
-  search: Search,
-): Schemas['MetricPage'] {
+export function metricPageOf(state: MockState, jobId: string, search: Search): Schemas['MetricPage'] {
   const sinceStep = intParam(search.get('since_step'), 'since_step', -1, -1, Number.MAX_SAFE_INTEGER);
   const limit = intParam(search.get('limit'), 'limit', 1000, 1, 10000);
   const all = state.metrics.get(jobId) ?? [];
