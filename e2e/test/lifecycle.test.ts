@@ -187,6 +187,12 @@ describe('examples against the live server', () => {
       'export',
     ]);
     expect(events.at(-1)?.kind).toBe('completed');
+    // The worker's console and per-step metrics, through the same protocol calls as training's.
+    const { lines: logLines } = await client.distillation.logs(job.id);
+    expect(logLines.some((l) => /^step \d+\/\d+ · loss /.test(l.text))).toBe(true);
+    const metrics = await client.distillation.metrics(job.id);
+    expect(metrics.latest_step).toBe((job.results as { steps: number }).steps);
+    expect(metrics.points.every((p) => p.phase === 'train' && Number.isFinite(p.loss))).toBe(true);
     // What the example printed is what its polls saw: the last of it is always `done`.
     expect(lines.filter((l) => l.startsWith('phase ')).at(-1)).toMatch(/^phase done /);
     expect(lines).toContain(`adapter: ${artifacts.adapter_path}`);

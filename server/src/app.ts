@@ -124,6 +124,15 @@ function paramFromPath(path: string | undefined): string | null {
   return parts.length ? parts.join('.') : null;
 }
 
+/**
+ * The code of a request the spec's schema refuses. Seed 000 names every bad distillation create
+ * `invalid_config` ("unknown model, missing required field, or bad range"); elsewhere `invalid_request`.
+ */
+const schemaErrorCode = (req: Request, status: number) =>
+  status === 400 && req.method === 'POST' && req.path.replace(/\/$/, '') === '/v1/distillation'
+    ? 'invalid_config'
+    : 'invalid_request';
+
 /** Maps every failure to the spec's error shape. Never HTML, never a stack trace. */
 function toApiError(err: unknown, req: Request): ApiError {
   if (err instanceof ApiError) return err;
@@ -157,7 +166,7 @@ function toApiError(err: unknown, req: Request): ApiError {
     const first = e.errors?.[0];
     const param = paramFromPath(first?.path);
     const detail = first ? `${param ?? 'request'}: ${first.message}` : (e.message ?? 'Invalid request.');
-    return new ApiError(status, 'invalid_request', detail, param);
+    return new ApiError(status, schemaErrorCode(req, status), detail, param);
   }
   return new ApiError(500, 'internal_error', 'Internal server error.');
 }

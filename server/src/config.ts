@@ -35,6 +35,11 @@ export interface Config {
   idempotencyStaleSeconds: number;
   /** Price used for cost_accrued and budgets, USD per GPU(or CPU)-hour. */
   pricePerGpuHour: number;
+  /**
+   * USD per million teacher tokens (prompt and completion) of a distillation, by `teacher_model`
+   * as requests write it (`openai/gpt-4o`); `*` prices every model not listed.
+   */
+  teacherPrices: Record<string, number>;
   logLevel: string;
   /** The folder `pnpm docs` builds; served at /docs. */
   docsDir: string;
@@ -58,6 +63,20 @@ function intEnv(name: string, fallback: number): number {
   if (!Number.isFinite(value) || value < 0)
     throw new Error(`${name} must be a non-negative number, got "${raw}"`);
   return value;
+}
+
+/** `TUNERY_TEACHER_PRICES`: comma-separated `model=usd_per_million_tokens`, `*` for the rest. */
+export function teacherPricesEnv(raw = process.env.TUNERY_TEACHER_PRICES || '*=10'): Record<string, number> {
+  const prices: Record<string, number> = {};
+  for (const entry of raw.split(',').filter((part) => part.trim() !== '')) {
+    const eq = entry.lastIndexOf('=');
+    const model = entry.slice(0, eq).trim();
+    const price = Number(entry.slice(eq + 1));
+    if (eq <= 0 || !model || entry.slice(eq + 1).trim() === '' || !Number.isFinite(price) || price < 0)
+      throw new Error(`TUNERY_TEACHER_PRICES entries must be model=usd_per_million_tokens, got "${entry}"`);
+    prices[model] = price;
+  }
+  return prices;
 }
 
 /** `TUNERY_MODEL_ROOTS`: colon-separated absolute folders, normalized without a trailing slash. */
@@ -91,6 +110,7 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     uploadPartMaxAgeSeconds: intEnv('TUNERY_UPLOAD_PART_MAX_AGE_SECONDS', 24 * 3600),
     idempotencyStaleSeconds: intEnv('TUNERY_IDEMPOTENCY_STALE_SECONDS', 60),
     pricePerGpuHour: intEnv('TUNERY_PRICE_PER_GPU_HOUR', 2),
+    teacherPrices: teacherPricesEnv(),
     logLevel: process.env.LOG_LEVEL ?? 'info',
     docsDir: resolve(
       process.env.TUNERY_DOCS_DIR ?? fileURLToPath(new URL('../../docs-site', import.meta.url)),

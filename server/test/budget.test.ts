@@ -1,9 +1,10 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { createKey } from '../src/auth.js';
+import { teacherPricesEnv } from '../src/config.js';
 import { newId } from '../src/ids.js';
 import { enqueueJob } from '../src/queue/enqueue.js';
 import { reservableUsd, reserveBudget } from '../src/services/budget.js';
-import { DEFAULT_PARAMS, estimateJobCostUsd, TEACHER_USD_PER_TOKEN } from '../src/services/estimate.js';
+import { DEFAULT_PARAMS, estimateJobCostUsd, teacherUsdPerMillionTokens } from '../src/services/estimate.js';
 import type { TrainingJobCreate } from '../src/services/training-request.js';
 import { planTrainingJob } from '../src/services/training-request.js';
 import { fakeWorker } from './fake-worker.js';
@@ -28,8 +29,22 @@ describe('job cost estimates', () => {
       method: 'lora',
       totalTokens: 1e6,
       teacherTokens: 100_000,
+      teacherUsdPerMillionTokens: 10,
     });
-    expect(distill - lora).toBeCloseTo(100_000 * TEACHER_USD_PER_TOKEN, 6);
+    expect(distill - lora).toBeCloseTo(1, 6);
+  });
+
+  it('prices teachers per model from TUNERY_TEACHER_PRICES, `*` for the rest, local ones at 0', () => {
+    const teacherPrices = teacherPricesEnv('openai/gpt-4o=2.5, *=10,groq/llama=0');
+    expect(teacherPrices).toEqual({ 'openai/gpt-4o': 2.5, '*': 10, 'groq/llama': 0 });
+    const priced = { config: { ...ctx.config, teacherPrices } };
+    expect(teacherUsdPerMillionTokens(priced, 'openai/gpt-4o', 'openai')).toBe(2.5);
+    expect(teacherUsdPerMillionTokens(priced, 'openai/o3', 'openai')).toBe(10);
+    expect(teacherUsdPerMillionTokens(priced, 'groq/llama', 'openai')).toBe(0);
+    expect(teacherUsdPerMillionTokens(priced, 'local/qwen', 'local')).toBe(0);
+    expect(teacherPricesEnv()).toEqual({ '*': 10 });
+    for (const bad of ['gpt-4o', '=3', 'gpt-4o=', 'gpt-4o=-1', 'gpt-4o=abc'])
+      expect(() => teacherPricesEnv(bad)).toThrow(/TUNERY_TEACHER_PRICES/);
   });
 });
 

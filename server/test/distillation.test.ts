@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createKey } from '../src/auth.js';
 import { newId } from '../src/ids.js';
+import { rescueExpiredLeases } from '../src/queue/rescue.js';
 import { storeDataset } from '../src/services/datasets.js';
 import { fakeWorker } from './fake-worker.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
@@ -215,14 +216,14 @@ describe.each(DATABASES)('distillation on %s', (db) => {
   it("refuses bad input with seed 000's codes and the field named", async () => {
     const config = SEED_REQUEST.config;
     const cases: [unknown, number, string, string | null][] = [
-      [{ name: 'x' }, 400, 'invalid_request', 'config'],
-      [{ config: { student_model: 'llama-3.2-1b' } }, 400, 'invalid_request', 'config.teacher_model'],
-      [{ config: { ...config, n_samples: 0 } }, 400, 'invalid_request', 'config.n_samples'],
-      [{ config: { ...config, training_steps: 'many' } }, 400, 'invalid_request', 'config.training_steps'],
+      [{ name: 'x' }, 400, 'invalid_config', 'config'],
+      [{ config: { student_model: 'llama-3.2-1b' } }, 400, 'invalid_config', 'config.teacher_model'],
+      [{ config: { ...config, n_samples: 0 } }, 400, 'invalid_config', 'config.n_samples'],
+      [{ config: { ...config, training_steps: 'many' } }, 400, 'invalid_config', 'config.training_steps'],
       [
         { config: { ...config, quantization_types: ['q9_z'] } },
         400,
-        'invalid_request',
+        'invalid_config',
         'config.quantization_types.0',
       ],
       [
@@ -257,6 +258,9 @@ describe.each(DATABASES)('distillation on %s', (db) => {
         param,
       });
     }
+    // the seed's code is for a distillation's config; a bad query elsewhere stays invalid_request
+    const list = await server.api('/v1/distillation?limit=0');
+    expect((await list.json()).error).toMatchObject({ code: 'invalid_request', param: 'limit' });
     const noPrompts = await create({ config }, server.otherKey);
     expect(noPrompts.status).toBe(400);
     expect((await noPrompts.json()).error).toMatchObject({ code: 'invalid_config', param: 'config.prompts' });
@@ -432,6 +436,166 @@ describe.each(DATABASES)('distillation on %s', (db) => {
     expect(await part.text()).toBe('model-q8_0.gguf');
     expect((await server.api(gguf.download_url, { key: server.otherKey })).status).toBe(404);
     expect((await server.api(`/v1/distillation/${job.id}/artifacts/missing.gguf`)).status).toBe(404);
+  });
+
+  it("pages the worker's logs and metrics as the training endpoints do", async () => {
+    await clearQueue();
+    const job = await (await create(SEED_REQUEST)).json();
+    const worker = fakeWorker(server);
+    const token = (await worker.claim({ job_types: ['distill'], device: 'cpu' }))!.lease_token;
+    const lines = [1, 2, 3].map((seq) => ({ seq, text: `step ${seq}/100 · loss ${1 / seq}` }));
+    expect((await worker.logs(job.id, token, lines)).status).toBe(200);
+    const points = [1, 2, 3].map((step) => ({ step, phase: 'train', loss: 1 / step, lr: 2e-4 }));
+    expect((await worker.metrics(job.id, token, points)).status).toBe(200);
+
+    const logs = await (await server.api(`/v1/distillation/${job.id}/logs?tenant_id=default`)).json();
+    expect(logs).toMatchObject({ job_id: job.id, latest_seq: 3 });
+    expect(logs.lines.map((l: { text: string }) => l.text)).toEqual(lines.map((l) => l.text));
+    const tail = await (await server.api(`/v1/distillation/${job.id}/logs?since=1&tail=1`)).json();
+    expect(tail.lines.map((l: { seq: number }) => l.seq)).toEqual([3]);
+
+    const metrics = await (await server.api(`/v1/distillation/${job.id}/metrics?since_step=1`)).json();
+    expect(metrics).toMatchObject({ job_id: job.id, count: 2, latest_step: 3 });
+    expect(metrics.points.map((p: { step: number; loss: number }) => [p.step, p.loss])).toEqual([
+      [2, 0.5],
+      [3, 1 / 3],
+    ]);
+    for (const path of ['logs', 'metrics']) {
+      const foreign = await server.api(`/v1/distillation/${job.id}/${path}`, { key: server.otherKey });
+      expect((await foreign.json()).error.code).toBe('job_not_found');
+      expect((await server.api(`/v1/distillation/${job.id}/${path}?tenant_id=other`)).status).toBe(403);
+    }
+    expect((await server.api(`/v1/distillation/${job.id}/logs?tail=0`)).status).toBe(400);
+    expect((await server.api(`/v1/distillation/${job.id}/metrics?limit=0`)).status).toBe(400);
+  });
+
+  it("bills the teacher's tokens at the configured price per teacher model", async () => {
+    await clearQueue();
+    const { config } = server.ctx;
+    const saved = { teacherPrices: config.teacherPrices, pricePerGpuHour: config.pricePerGpuHour };
+    // worker time free, so cost_accrued is the teacher's alone
+    Object.assign(config, { teacherPrices: { 'openai/gpt-4o': 2.5, '*': 10 }, pricePerGpuHour: 0 });
+    try {
+      const mini = {
+        ...SEED_REQUEST,
+        config: { ...SEED_REQUEST.config, teacher_model: 'openai/gpt-4o-mini' },
+      };
+      expect((await (await create(mini)).json()).config.teacher_usd_per_million_tokens).toBe(10);
+      await clearQueue();
+      const job = await (await create(SEED_REQUEST)).json();
+      expect(job.config.teacher_usd_per_million_tokens).toBe(2.5);
+      const worker = fakeWorker(server);
+      const token = (await worker.claim({ job_types: ['distill'], device: 'cpu' }))!.lease_token;
+      const cost = async () => (await (await server.api(`/v1/distillation/${job.id}`)).json()).cost_accrued;
+
+      await worker.events(job.id, token, { phase: 'data_generation', progress: { teacher_tokens: 400_000 } });
+      expect(await cost()).toBe(1);
+      await worker.heartbeat(job.id, token, { teacher_tokens: 600_000 });
+      expect(await cost()).toBe(1.5);
+      await worker.heartbeat(job.id, token, { training_step: 3 }); // no teacher count: nothing billed
+      await worker.heartbeat(job.id, token, { teacher_tokens: 600_000 }); // a repeat: nothing new
+      expect(await cost()).toBe(1.5);
+      // resumed from a checkpoint at 200k: the tokens after it are paid (and billed) again
+      await worker.events(job.id, token, { progress: { teacher_tokens: 200_000 } });
+      await worker.events(job.id, token, { progress: { teacher_tokens: 300_000 } });
+      expect(await cost()).toBe(1.75);
+      await worker.complete(job.id, token, {});
+      expect(await cost()).toBe(1.75);
+    } finally {
+      Object.assign(config, saved);
+    }
+  });
+
+  it("keeps the last checkpoint's adapter of a cancelled or failed job as its artifacts", async () => {
+    for (const end of ['cancelled', 'failed'] as const) {
+      await clearQueue();
+      const job = await (await create(SEED_REQUEST)).json();
+      const worker = fakeWorker(server);
+      const token = (await worker.claim({ job_types: ['distill'], device: 'cpu' }))!.lease_token;
+      // what the worker publishes with each training checkpoint
+      for (const name of ['adapter_model.safetensors', 'adapter_config.json', 'tokenizer.json'])
+        await worker.upload(job.id, token, 'outputs', name, Buffer.from(`step 50 ${name}`));
+      if (end === 'cancelled') {
+        await server.api(`/v1/distillation/${job.id}/cancel`, { method: 'POST' });
+        await worker.cancelled(job.id, token);
+      } else {
+        await worker.fail(job.id, token, { code: 'training_error', message: 'CUDA error' }, false);
+      }
+      expect((await (await server.api(`/v1/distillation/${job.id}`)).json()).status).toBe(end);
+      const artifacts = await (await server.api(`/v1/distillation/${job.id}/artifacts`)).json();
+      expect(artifacts.adapter_path).toBe(`${server.dataDir}/files/jobs/${job.id}/outputs/`);
+      expect(artifacts.gguf_paths).toEqual({});
+      const adapter = artifacts.files.find((f: { name: string }) => f.name === 'adapter_model.safetensors');
+      expect(await (await server.api(adapter.download_url)).text()).toBe('step 50 adapter_model.safetensors');
+    }
+  });
+
+  it('fails a job whose worker died on its last attempt with training_error, as seed 000 lists it', async () => {
+    await clearQueue();
+    const job = await (await create(SEED_REQUEST)).json();
+    const worker = fakeWorker(server);
+    await worker.claim({ job_types: ['distill'], device: 'cpu' });
+    // the worker is gone: its lease has run out on the last allowed attempt
+    await server.ctx
+      .knex('jobs')
+      .where({ id: job.id })
+      .update({ max_attempts: 1, lease_expires_at: server.ctx.knex.raw("now() - interval '1 second'") });
+    expect(await rescueExpiredLeases(server.ctx, 10)).toMatchObject({ failed: 1 });
+    const failed = await (await server.api(`/v1/distillation/${job.id}`)).json();
+    expect(failed).toMatchObject({ status: 'failed', error: { code: 'training_error' } });
+    expect(failed.error.message).toMatch(/lease expired/);
+  });
+
+  it('lists checkpoints and resumes a cancelled job from one, with the teacher key given again', async () => {
+    await clearQueue();
+    const withKey = { ...SEED_REQUEST, config: { ...SEED_REQUEST.config, teacher_api_key: 'sk-first' } };
+    const job = await (await create(withKey)).json();
+    const worker = fakeWorker(server);
+    const token = (await worker.claim({ job_types: ['distill'], device: 'cpu' }))!.lease_token;
+    const notTerminal = await server.api(`/v1/distillation/${job.id}/resume`, { method: 'POST', json: {} });
+    expect(notTerminal.status).toBe(409);
+    expect((await notTerminal.json()).error.code).toBe('job_not_resumable');
+    await worker.upload(job.id, token, 'checkpoints', 'generation-25', Buffer.from('samples'), 0);
+    await worker.upload(job.id, token, 'checkpoints', 'checkpoint-50', Buffer.from('adapter'), 50);
+    await server.api(`/v1/distillation/${job.id}/cancel`, { method: 'POST' });
+    await worker.cancelled(job.id, token);
+
+    const list = await (await server.api(`/v1/distillation/${job.id}/checkpoints?tenant_id=default`)).json();
+    expect(list.job_id).toBe(job.id);
+    expect(list.checkpoints.map((c: { name: string; step: number }) => [c.name, c.step])).toEqual([
+      ['generation-25', 0],
+      ['checkpoint-50', 50],
+    ]);
+    const unknown = await server.api(`/v1/distillation/${job.id}/resume`, {
+      method: 'POST',
+      json: { checkpoint: 'checkpoint-99' },
+    });
+    expect(unknown.status).toBe(404);
+    const resumed = await server.api(`/v1/distillation/${job.id}/resume?tenant_id=default`, {
+      method: 'POST',
+      json: { checkpoint: 'generation-25', teacher_api_key: 'sk-again' },
+    });
+    expect(resumed.status).toBe(200);
+    const body = await resumed.text();
+    expect(JSON.parse(body)).toMatchObject({
+      id: job.id,
+      status: 'pending',
+      phase: 'initializing',
+      error: null,
+    });
+    expect(body).not.toContain('sk-again');
+
+    const again = (await worker.claim({ job_types: ['distill'], device: 'cpu' }))!;
+    expect(again.job_id).toBe(job.id);
+    expect(again.resume_from).toMatchObject({ name: 'generation-25', step: 0 });
+    expect((again.spec.teacher as { api_key: string }).api_key).toBe('sk-again');
+    for (const path of ['checkpoints', 'resume']) {
+      const foreign = await server.api(`/v1/distillation/${job.id}/${path}`, {
+        key: server.otherKey,
+        ...(path === 'resume' ? { method: 'POST', json: {} } : {}),
+      });
+      expect(foreign.status).toBe(404);
+    }
   });
 
   it('keeps every phase in the timeline, including ones no poll saw', async () => {

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGUFReader
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tunery_worker.context import JobStopped, LocalJobContext
@@ -264,6 +265,25 @@ def test_resume_continues_training_without_asking_the_teacher_again(tmp_path, ti
     assert [m["step"] for m in resumed.metrics] == [3, 4]
     assert resumed_result["teacher_tokens"] == full_result["teacher_tokens"]
     assert resumed_result["loss_final"] == pytest.approx(full_result["loss_final"], rel=1e-4)
+
+
+def test_a_stopped_job_keeps_the_last_checkpoints_adapter_as_outputs(tmp_path, tiny_llama):
+    with FakeOpenAI() as server:
+        # stopped at the start of step 4, after checkpoint-2 (save_steps 2) and step 3
+        ctx = make_ctx(tmp_path, tiny_llama, openai_spec(server), stop_after_checks=6)
+        with pytest.raises(JobStopped):
+            HANDLERS["distill"](ctx)
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= set(ctx.outputs)
+    assert not any(name.endswith(".gguf") or name == "train_config.json" for name in ctx.outputs)
+    published = load_file(str(ctx.outputs["adapter_model.safetensors"]))
+    _, path = ctx.checkpoints["checkpoint-2"]
+    at_checkpoint = torch.load(path, weights_only=False)["training"]["adapter"]
+    assert len(published) == len(at_checkpoint) > 0
+    for key, tensor in at_checkpoint.items():
+        # peft saves without the adapter's name ("default")
+        assert torch.equal(published[key.replace(".default", "")], tensor.cpu()), key
+    # step 3 trained on after the checkpoint: what is kept is the checkpoint's adapter, not step 3's
+    assert [m["step"] for m in ctx.metrics] == [1, 2, 3]
 
 
 def test_unsupported_gguf_type_fails_before_the_teacher_is_paid(tmp_path, tiny_llama):

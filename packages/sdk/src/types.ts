@@ -25,6 +25,9 @@ export type DistillationJobList = Schemas['DistillationJobList'];
 export type DistillationJobCreateParams = RequestBodyOf<'createDistillationJob'>;
 export type DistillationJobListParams = QueryOf<'listDistillationJobs'>;
 export type DistillationEventListParams = QueryOf<'listDistillationJobEvents'>;
+export type DistillationLogListParams = QueryOf<'listDistillationJobLogs'>;
+export type DistillationMetricListParams = QueryOf<'listDistillationJobMetrics'>;
+export type DistillationResumeParams = RequestBodyOf<'resumeDistillationJob'>;
 
 // ---- training jobs
 export type TrainingJob = Schemas['TrainingJob'];

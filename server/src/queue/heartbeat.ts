@@ -2,7 +2,7 @@ import type { AppContext } from '../context.js';
 import { ApiError } from '../errors.js';
 import { isOverBudget } from '../services/budget.js';
 import { failJob } from './fail.js';
-import { APPLY_PROGRESS, BILL_WORKER_TIME, fenceMissError, pricePerSecond } from './lease.js';
+import { APPLY_PROGRESS, BILL_WORKER_TIME_AND_TEACHER, fenceMissError, pricePerSecond } from './lease.js';
 
 export interface HeartbeatAnswer {
   lease_expires_at: Date;
@@ -27,7 +27,7 @@ export async function heartbeatJob(
     UPDATE jobs SET
       lease_expires_at = now() + make_interval(secs => :leaseSeconds),
       ${APPLY_PROGRESS},
-      ${BILL_WORKER_TIME},
+      ${BILL_WORKER_TIME_AND_TEACHER},
       updated_at = now()
     -- fencing: only the current attempt of a running job may extend its lease
     WHERE id = :jobId AND lease_token = :leaseToken AND status = 'running'

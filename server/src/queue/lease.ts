@@ -24,9 +24,23 @@ export const pricePerSecond = (ctx: Pick<AppContext, 'config'>) => ctx.config.pr
  * Needs the binding `:pricePerSecond`. Used by every fenced transition, so a job is billed for
  * exactly the time some worker held a live lease on it (a dead worker's silent tail is not billed).
  */
-export const BILL_WORKER_TIME = `
-  cost_accrued = cost_accrued
-    + GREATEST(0, EXTRACT(EPOCH FROM now() - COALESCE(billed_until, now()))) * :pricePerSecond,
+const WORKER_TIME_COST = `GREATEST(0, EXTRACT(EPOCH FROM now() - COALESCE(billed_until, now()))) * :pricePerSecond`;
+export const BILL_WORKER_TIME = `cost_accrued = cost_accrued + ${WORKER_TIME_COST}, billed_until = now()`;
+
+/**
+ * SQL expression: the cost of the teacher tokens a progress report (`:progress`) adds to the job's
+ * `progress.teacher_tokens`, at the job's `config.teacher_usd_per_million_tokens` (0 for jobs
+ * without a teacher). An attempt resumed from a checkpoint reports the checkpoint's lower count
+ * first (nothing billed) and then bills the tokens it pays the teacher again.
+ */
+export const TEACHER_TOKENS_COST = `
+  GREATEST(0, COALESCE((:progress::jsonb ->> 'teacher_tokens')::numeric, 0)
+    - COALESCE((progress ->> 'teacher_tokens')::numeric, 0))
+  * COALESCE((config ->> 'teacher_usd_per_million_tokens')::numeric, 0) / 1000000`;
+
+/** BILL_WORKER_TIME plus the teacher tokens of the progress report it comes with. */
+export const BILL_WORKER_TIME_AND_TEACHER = `
+  cost_accrued = cost_accrued + ${WORKER_TIME_COST} + ${TEACHER_TOKENS_COST},
   billed_until = now()`;
 
 /**

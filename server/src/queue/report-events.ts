@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
 import type { AppContext } from '../context.js';
 import { badRequest } from '../errors.js';
-import { APPLY_PROGRESS, fenceMissError } from './lease.js';
+import { APPLY_PROGRESS, fenceMissError, TEACHER_TOKENS_COST } from './lease.js';
 import { DISTILLATION_PHASES, isKnownPhase, TRAINING_PHASES } from './phases.js';
 import type { ReportOutcome } from './types.js';
 
@@ -67,6 +67,7 @@ export async function reportEvents(
           WHEN kind = 'distillation' AND :phase IN (SELECT jsonb_array_elements_text(:distillationPhases::jsonb)) THEN :phase
           ELSE phase END,
         ${APPLY_PROGRESS},
+        cost_accrued = cost_accrued + ${TEACHER_TOKENS_COST},
         -- seqs for the whole batch are reserved under the row lock; a repeat leaves a harmless gap
         event_seq = event_seq + :count,
         updated_at = now()

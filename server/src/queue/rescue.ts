@@ -46,10 +46,13 @@ export async function rescueExpiredLeases(ctx: AppContext, batchSize: number): P
           WHERE f.owner_kind = 'checkpoint' AND f.owner_id = jobs.id
           ORDER BY f.step DESC NULLS LAST, f.created_at DESC LIMIT 1
         ), resume_checkpoint),
+        -- seed 000 calls a distillation whose process died training_error ("see the logs")
         error_code = CASE WHEN NOT cancel_requested AND attempt >= max_attempts
-          THEN 'lease_expired' ELSE error_code END,
+          THEN CASE WHEN kind = 'distillation' THEN 'training_error' ELSE 'lease_expired' END
+          ELSE error_code END,
         error_message = CASE WHEN NOT cancel_requested AND attempt >= max_attempts
-          THEN 'The worker stopped heartbeating on the last allowed attempt.' ELSE error_message END,
+          THEN 'The worker stopped heartbeating on the last allowed attempt (lease expired).'
+          ELSE error_message END,
         finished_at = CASE WHEN cancel_requested OR attempt >= max_attempts THEN now() ELSE NULL END,
         lease_expires_at = NULL,
         updated_at = now()

@@ -14,6 +14,7 @@ import { newId } from '../ids.js';
 import { cancelJob } from '../queue/cancel.js';
 import { enqueueJob } from '../queue/enqueue.js';
 import type { Db } from '../queue/lease.js';
+import { resumeJob } from '../queue/resume.js';
 import { storeDataset } from '../services/datasets.js';
 import {
   type DistillationPlan,
@@ -22,6 +23,7 @@ import {
 } from '../services/distillation-request.js';
 import { sendStoredFile } from '../services/downloads.js';
 import { idempotent } from '../services/idempotency.js';
+import { checkpointList, logPage, metricPage } from '../services/job-telemetry.js';
 import { getJobRow, type JobRow, jobEvents, jobsOfKind, serializeDistillationJob } from '../services/jobs.js';
 import { listPage, newestFirst } from '../services/paging.js';
 import { type FileRow, jobOutputFiles, outputDirectory, outputFileView } from '../services/registry.js';
@@ -148,6 +150,31 @@ export const distillationRoutes: Routes = {
   async listDistillationJobEvents(req, res, ctx) {
     const job = await jobOf(req, ctx);
     res.json((await jobEvents(ctx, job.id, queryInt(req, 'since', 0))) satisfies Schemas['EventList']);
+  },
+
+  async listDistillationJobLogs(req, res, ctx) {
+    res.json((await logPage(ctx, req, await jobOf(req, ctx))) satisfies Schemas['LogPage']);
+  },
+
+  async listDistillationJobMetrics(req, res, ctx) {
+    res.json((await metricPage(ctx, req, await jobOf(req, ctx))) satisfies Schemas['MetricPage']);
+  },
+
+  async listDistillationJobCheckpoints(req, res, ctx) {
+    res.json((await checkpointList(ctx, await jobOf(req, ctx))) satisfies Schemas['CheckpointList']);
+  },
+
+  async resumeDistillationJob(req, res, ctx) {
+    const tenantId = checkTenantParam(req, req.query.tenant_id);
+    const jobId = pathParam(req, 'job_id');
+    const body = (req.body ?? {}) as Schemas['DistillationResumeRequest'];
+    // a repeated resume (same idempotency key) answers the job instead of 409 not resumable
+    await idempotent(ctx, req, `distillation_resume:${jobId}`, 'job', async () => {
+      const secrets = body.teacher_api_key ? { teacher_api_key: body.teacher_api_key } : undefined;
+      await resumeJob(ctx, tenantId, 'distillation', jobId, body.checkpoint, secrets);
+    });
+    const job = await getJobRow(ctx, tenantId, jobId, 'distillation');
+    res.json(serializeDistillationJob(job) satisfies Schemas['DistillationJob']);
   },
 
   async getDistillationArtifacts(req, res, ctx) {

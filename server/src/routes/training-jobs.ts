@@ -3,7 +3,6 @@ import type { AppContext } from '../context.js';
 import { notFound } from '../errors.js';
 import {
   type BodyOf,
-  isoRequired,
   page,
   pathParam,
   queryInt,
@@ -20,6 +19,7 @@ import type { JobRow } from '../queue/types.js';
 import { storeDataset } from '../services/datasets.js';
 import { sendStoredFile } from '../services/downloads.js';
 import { idempotent } from '../services/idempotency.js';
+import { checkpointList, logPage, metricPage } from '../services/job-telemetry.js';
 import { getJobRow, jobEvents, jobsOfKind, serializeTrainingJob } from '../services/jobs.js';
 import { listPage, newestFirst } from '../services/paging.js';
 import { finiteScores, jobOutputFiles, outputFileView, totalSizeMb } from '../services/registry.js';
@@ -29,8 +29,6 @@ import { removingOnFailure } from '../storage.js';
 /** The caller's training job named in the path (404 job_not_found for anyone else's). */
 const jobOf = (req: Request, ctx: AppContext) =>
   getJobRow(ctx, tenantOf(req), pathParam(req, 'job_id'), 'training');
-
-const MAX_LOG_LINES = 1000;
 
 /** Stores inline or file data as dataset `newDatasetId` (in the creating transaction); returns its id. */
 async function datasetIdFor(
@@ -182,39 +180,11 @@ export const trainingJobRoutes: Routes = {
   },
 
   async listTrainingJobLogs(req, res, ctx) {
-    const job = await jobOf(req, ctx);
-    const since = queryInt(req, 'since', 0);
-    const tail = req.query.tail === undefined ? undefined : queryInt(req, 'tail', MAX_LOG_LINES);
-    const query = ctx.knex('job_logs').where('job_id', job.id).andWhere('seq', '>', since);
-    // tail: the last N lines after `since`, still answered oldest first
-    const rows = tail
-      ? (await query.orderBy('seq', 'desc').limit(tail)).reverse()
-      : await query.orderBy('seq', 'asc').limit(MAX_LOG_LINES);
-    res.json({
-      job_id: job.id,
-      latest_seq: job.log_seq,
-      lines: rows.map((r) => ({ seq: r.seq, ts: isoRequired(r.ts), stream: r.stream, text: r.text })),
-    } satisfies Schemas['LogPage']);
+    res.json((await logPage(ctx, req, await jobOf(req, ctx))) satisfies Schemas['LogPage']);
   },
 
   async listTrainingJobMetrics(req, res, ctx) {
-    const job = await jobOf(req, ctx);
-    const sinceStep = queryInt(req, 'since_step', -1);
-    const limit = queryInt(req, 'limit', 1000);
-    const rows = await ctx
-      .knex('job_metrics')
-      .where('job_id', job.id)
-      .andWhere('step', '>', sinceStep)
-      .orderBy([{ column: 'step' }, { column: 'phase', order: 'desc' }])
-      .limit(limit);
-    const latest = await ctx.knex('job_metrics').where('job_id', job.id).max({ step: 'step' }).first();
-    const points = rows.map((r) => ({ ...r.point, ts: isoRequired(r.ts), step: r.step, phase: r.phase }));
-    res.json({
-      job_id: job.id,
-      count: points.length,
-      latest_step: latest?.step == null ? -1 : Number(latest.step),
-      points,
-    } satisfies Schemas['MetricPage']);
+    res.json((await metricPage(ctx, req, await jobOf(req, ctx))) satisfies Schemas['MetricPage']);
   },
 
   async listTrainingJobEvents(req, res, ctx) {
@@ -251,19 +221,6 @@ export const trainingJobRoutes: Routes = {
   },
 
   async listTrainingJobCheckpoints(req, res, ctx) {
-    const job = await jobOf(req, ctx);
-    const rows = await ctx
-      .knex('files')
-      .where({ owner_kind: 'checkpoint', owner_id: job.id })
-      .orderBy([{ column: 'step' }, { column: 'created_at' }]);
-    res.json({
-      job_id: job.id,
-      checkpoints: rows.map((r) => ({
-        name: r.name,
-        step: r.step ?? 0,
-        size_bytes: Number(r.size_bytes),
-        created_at: isoRequired(r.created_at),
-      })),
-    } satisfies Schemas['CheckpointList']);
+    res.json((await checkpointList(ctx, await jobOf(req, ctx))) satisfies Schemas['CheckpointList']);
   },
 };

@@ -9,7 +9,7 @@ import { newId } from '../ids.js';
 import type { Db } from '../queue/lease.js';
 import { resolveBaseModel } from './catalog.js';
 import { type DatasetRow, estimateTokens, getDataset } from './datasets.js';
-import { estimateJobCostUsd } from './estimate.js';
+import { estimateJobCostUsd, teacherUsdPerMillionTokens } from './estimate.js';
 import { JOB_INPUT } from './job-spec.js';
 
 export type DistillationJobCreate = BodyOf<'createDistillationJob'>;
@@ -271,11 +271,14 @@ export async function planDistillationJob(
       ? 0
       : promptTokens * config.n_samples + prompts.length * config.n_samples * config.max_new_tokens;
   const perExample = Math.ceil(promptTokens / prompts.length) + config.max_new_tokens;
+  // fixed at submission: the job is billed at the price it was estimated (and budgeted) with
+  const teacherPrice = teacherUsdPerMillionTokens(ctx, config.teacher_model, teacher.provider);
   const estimatedUsd = estimateJobCostUsd(ctx, {
     params: student.params,
     method: 'lora',
     totalTokens: config.training_steps * STUDENT_BATCH * perExample,
     teacherTokens,
+    teacherUsdPerMillionTokens: teacherPrice,
   });
   const quantization = config.quantization_types ?? (config.export_gguf ? ['q4_k_m'] : []);
   return {
@@ -283,6 +286,7 @@ export async function planDistillationJob(
       ...config,
       quantization_types: quantization,
       teacher,
+      teacher_usd_per_million_tokens: teacherPrice,
       student: { id: student.id, name: student.name, source: student.source },
       output_name: body.name && /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(body.name) ? body.name : undefined,
     },

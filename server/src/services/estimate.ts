@@ -41,10 +41,18 @@ const RECOMPUTE_FLOPS_PER_PARAM_TOKEN = 2;
 const REFERENCE_TFLOPS = 312;
 const REFERENCE_MFU = 0.35;
 /**
- * Teacher tokens of a distillation are billed at $10 per million tokens, the order of a frontier
- * model's output price; local teachers run on the worker, whose time is billed as compute instead.
+ * USD per million tokens of a distillation's teacher: its price in `TUNERY_TEACHER_PRICES`, else the
+ * `*` price, else 0. Local teachers run on the worker, whose time is billed as compute instead.
  */
-export const TEACHER_USD_PER_TOKEN = 10 / 1_000_000;
+export function teacherUsdPerMillionTokens(
+  ctx: Pick<AppContext, 'config'>,
+  teacherModel: string,
+  provider: string,
+): number {
+  if (provider === 'local') return 0;
+  const prices = ctx.config.teacherPrices;
+  return prices[teacherModel] ?? prices['*'] ?? 0;
+}
 /** When a job's model has no known parameter count, cost is estimated as for a small (0.5B) model. */
 export const DEFAULT_PARAMS = 500_000_000;
 
@@ -158,7 +166,13 @@ export function estimate(input: EstimateInput): Schemas['Estimate'] {
  */
 export function estimateJobCostUsd(
   ctx: Pick<AppContext, 'config'>,
-  input: { params: number | null; method: string | null; totalTokens: number; teacherTokens?: number },
+  input: {
+    params: number | null;
+    method: string | null;
+    totalTokens: number;
+    teacherTokens?: number;
+    teacherUsdPerMillionTokens?: number;
+  },
 ): number {
   const n = input.params && input.params > 0 ? input.params : DEFAULT_PARAMS;
   const flopsPerParamToken =
@@ -168,7 +182,7 @@ export function estimateJobCostUsd(
   const flops = flopsPerParamToken * n * Math.max(0, input.totalTokens);
   const seconds = flops / (REFERENCE_TFLOPS * 1e12 * REFERENCE_MFU);
   const compute = (seconds / 3600) * ctx.config.pricePerGpuHour;
-  const teacher = Math.max(0, input.teacherTokens ?? 0) * TEACHER_USD_PER_TOKEN;
+  const teacher = (Math.max(0, input.teacherTokens ?? 0) * (input.teacherUsdPerMillionTokens ?? 0)) / 1e6;
   return round(compute + teacher, 6);
 }
 

@@ -37,6 +37,9 @@ Phases (`ctx.set_phase`, progress `{prompts_done, prompts_total, training_step, 
    `train_config.json`, the curated pairs (`curated_pairs.jsonl`), and with `export_gguf` one
    `model-<q>.gguf` per quantization type from the adapter merged into the student.
 
+Every training checkpoint also publishes its adapter (with the tokenizer) as the job's outputs, so a
+cancelled or failed distillation keeps the last checkpoint's adapter; the export overwrites them.
+
 Meters for cost: teacher prompt/completion tokens (the endpoint's `usage`, or counted locally) and
 compute seconds, reported in progress and in the result.
 """
@@ -349,6 +352,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
                     },
                 },
             )
+            _publish_adapter(ctx, student, tokenizer, step + 1)
 
     # --- export: adapter, config, curated data, GGUF -----------------------------------------------------
     ctx.set_phase("export", progress(config.training_steps))
@@ -814,6 +818,20 @@ def _batch_indices(step: int, batch_size: int, count: int, seed: int) -> list[in
             orders[epoch] = epoch_order(count, seed, epoch)
         indices.append(orders[epoch][offset])
     return indices
+
+
+def _publish_adapter(
+    ctx: JobContext, student: PeftModel, tokenizer: PreTrainedTokenizerBase, step: int
+) -> None:
+    """Publishes the adapter as of a checkpoint as the job's outputs, so that a job cancelled or failed
+    after it keeps a usable adapter (seed 000: "partial artifacts are kept"). The export of a job
+    that finishes replaces these files under the same names."""
+    partial = Path(ctx.workdir) / "partial-adapter"
+    student.save_pretrained(str(partial))
+    tokenizer.save_pretrained(partial)
+    (partial / "README.md").unlink(missing_ok=True)
+    ctx.upload_dir(partial)
+    ctx.log(f"published the adapter of step {step} as the job's outputs")
 
 
 def _save_checkpoint(ctx: JobContext, name: str, step: int, state: dict[str, Any]) -> None:

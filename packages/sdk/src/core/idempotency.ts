@@ -17,6 +17,7 @@ export type IdempotentPostPath = {
 /** The same set at run time. The compiler checks it against the spec both ways (see below). */
 export const IDEMPOTENT_POST_PATHS = [
   '/v1/distillation',
+  '/v1/distillation/{job_id}/resume',
   '/v1/training/jobs',
   '/v1/training/jobs/{job_id}/resume',
   '/v1/training/jobs/{job_id}/merge',

@@ -60,7 +60,9 @@ export interface paths {
         /**
          * Create a distillation job
          * @description Returns immediately with `status: "pending"`; data generation, curation, BOND training and
-         *     GGUF export happen asynchronously on a worker that can run distillation.
+         *     GGUF export happen asynchronously on a worker that can run distillation. Seed 000's codes:
+         *     every 400 is `invalid_config` (unknown model, missing required field, bad range), with the
+         *     field in `param`; `402 insufficient_credits` when the estimate exceeds the budget.
          */
         post: operations["createDistillationJob"];
         delete?: never;
@@ -81,7 +83,12 @@ export interface paths {
         };
         /**
          * Get a distillation job
-         * @description The current state of one job, with `phase` and `progress`.
+         * @description The current state of one job, with `phase` and `progress`. A failed job's `error.code`:
+         *     `training_error` (the worker's process crashed or died: see the `logs` endpoint),
+         *     `invalid_config` (the worker cannot do what the config asks), `insufficient_credits` (the
+         *     tenant's budget ran out; checkpoints are kept), `teacher_error` (the teacher endpoint kept
+         *     failing), `invalid_dataset`, `out_of_memory`. A cancelled or failed job keeps the adapter of
+         *     its last training checkpoint among its artifacts.
          */
         get: operations["getDistillationJob"];
         put?: never;
@@ -137,6 +144,107 @@ export interface paths {
         get: operations["listDistillationJobEvents"];
         put?: never;
         post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/distillation/{job_id}/logs": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        /**
+         * Read a distillation job's log lines
+         * @description The worker's console lines (sampling, curation, every training step, export, and the error of
+         *     a failed attempt), in the shape and paging of the training jobs' logs: `since=<seq>` returns
+         *     lines after that sequence number; `tail=N` the last N lines. At most 1000 lines per call.
+         */
+        get: operations["listDistillationJobLogs"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/distillation/{job_id}/metrics": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        /**
+         * Read a distillation job's per-step metrics
+         * @description Per training step: `loss` (the BOND objective), `lr`, `grad_norm`, `throughput`, `tokens`, as
+         *     the training jobs' metrics; `since_step=N` returns only points with `step` greater than N.
+         */
+        get: operations["listDistillationJobMetrics"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/distillation/{job_id}/checkpoints": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        /**
+         * List a distillation job's checkpoints
+         * @description Durable checkpoints, oldest first: `generation-<n>` (the teacher's samples for the first n
+         *     prompts, step 0) and `checkpoint-<step>` (the student's adapter and optimizer at that training
+         *     step). Any of them can be named in `resume`.
+         */
+        get: operations["listDistillationJobCheckpoints"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/distillation/{job_id}/resume": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Resume a distillation job from a checkpoint
+         * @description Puts a `failed` or `cancelled` job back in the queue, to continue from the named checkpoint
+         *     or, without one, the latest: the teacher is not asked again for the prompts a checkpoint
+         *     holds samples of. `409 job_not_resumable` when the job is not failed or cancelled, or has no
+         *     checkpoint; `404` when the named checkpoint does not exist; `402 insufficient_credits` when
+         *     the budget cannot hold the rest of the job's estimated cost.
+         */
+        post: operations["resumeDistillationJob"];
         delete?: never;
         options?: never;
         head?: never;
@@ -1915,6 +2023,12 @@ export interface components {
         /** @description The job's configuration with defaults applied (secrets left out). */
         DistillationConfigView: {
             [key: string]: unknown;
+        };
+        /** @description Which checkpoint a distillation resumes from. */
+        DistillationResumeRequest: {
+            checkpoint?: components["schemas"]["Name"];
+            /** @description Key of the teacher endpoint; a job's secrets are erased when it ends, so give it again. Never returned. */
+            teacher_api_key?: string;
         };
         /** @description One page of distillation jobs. */
         DistillationJobList: {
@@ -4250,6 +4364,151 @@ export interface operations {
             401: components["responses"]["Unauthorized"];
             403: components["responses"]["Forbidden"];
             404: components["responses"]["NotFound"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    listDistillationJobLogs: {
+        parameters: {
+            query?: {
+                /** @description Workspace key; when given it must be the API key's own tenant (`403 permission_denied` otherwise). */
+                tenant_id?: components["parameters"]["TenantId"];
+                /** @description Only lines with `seq` greater than this. */
+                since?: number;
+                /** @description Only the last N lines (applied after `since`). */
+                tail?: number;
+            };
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Log lines in `seq` order. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["LogPage"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            403: components["responses"]["Forbidden"];
+            404: components["responses"]["NotFound"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    listDistillationJobMetrics: {
+        parameters: {
+            query?: {
+                /** @description Workspace key; when given it must be the API key's own tenant (`403 permission_denied` otherwise). */
+                tenant_id?: components["parameters"]["TenantId"];
+                /** @description Only points with `step` greater than this. */
+                since_step?: number;
+                /** @description At most this many points (oldest first). */
+                limit?: number;
+            };
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Metric points in step order. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["MetricPage"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            403: components["responses"]["Forbidden"];
+            404: components["responses"]["NotFound"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    listDistillationJobCheckpoints: {
+        parameters: {
+            query?: {
+                /** @description Workspace key; when given it must be the API key's own tenant (`403 permission_denied` otherwise). */
+                tenant_id?: components["parameters"]["TenantId"];
+            };
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The checkpoints. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CheckpointList"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            403: components["responses"]["Forbidden"];
+            404: components["responses"]["NotFound"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    resumeDistillationJob: {
+        parameters: {
+            query?: {
+                /** @description Workspace key; when given it must be the API key's own tenant (`403 permission_denied` otherwise). */
+                tenant_id?: components["parameters"]["TenantId"];
+            };
+            header?: {
+                /** @description Makes the create safe to retry; the body's `idempotency_key` takes precedence. */
+                "Idempotency-Key"?: components["parameters"]["IdempotencyKey"];
+            };
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["DistillationResumeRequest"];
+            };
+        };
+        responses: {
+            /** @description The job, `pending` again. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["DistillationJob"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            402: components["responses"]["PaymentRequired"];
+            403: components["responses"]["Forbidden"];
+            404: components["responses"]["NotFound"];
+            409: components["responses"]["Conflict"];
             429: components["responses"]["TooManyRequests"];
             500: components["responses"]["InternalError"];
         };

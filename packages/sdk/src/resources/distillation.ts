@@ -5,13 +5,19 @@ import type { PagePromise } from '../core/pagination.js';
 import { type WaitOptions, waitForJob } from '../core/polling.js';
 import { APIResource, clientFrom } from '../core/resource.js';
 import type {
+  CheckpointList,
   DistillationArtifacts,
   DistillationEventListParams,
   DistillationJob,
   DistillationJobCreateParams,
   DistillationJobList,
   DistillationJobListParams,
+  DistillationLogListParams,
+  DistillationMetricListParams,
+  DistillationResumeParams,
   EventList,
+  LogPage,
+  MetricPage,
 } from '../types.js';
 import { type DownloadOptions, downloadToPath, withRange } from './downloads.js';
 
@@ -67,6 +73,49 @@ export class Distiller extends APIResource {
     return this._client.get('/v1/distillation/{job_id}/events', {
       pathParams: { job_id: jobId },
       query,
+      ...options,
+    });
+  }
+
+  /** The worker's log lines after `since` (a seq), or the last `tail`; at most 1000 per call. */
+  logs(jobId: string, query?: DistillationLogListParams, options?: RequestOptions): APIPromise<LogPage> {
+    return this._client.get('/v1/distillation/{job_id}/logs', {
+      pathParams: { job_id: jobId },
+      query,
+      ...options,
+    });
+  }
+
+  /** Per-training-step metric points (BOND loss, lr, grad_norm, ...) after `since_step`. */
+  metrics(
+    jobId: string,
+    query?: DistillationMetricListParams,
+    options?: RequestOptions,
+  ): APIPromise<MetricPage> {
+    return this._client.get('/v1/distillation/{job_id}/metrics', {
+      pathParams: { job_id: jobId },
+      query,
+      ...options,
+    });
+  }
+
+  /** Durable checkpoints, oldest first: `generation-<n>` and `checkpoint-<step>`. */
+  checkpoints(jobId: string, options?: RequestOptions): APIPromise<CheckpointList> {
+    return this._client.get('/v1/distillation/{job_id}/checkpoints', {
+      pathParams: { job_id: jobId },
+      ...options,
+    });
+  }
+
+  /** Queues a failed or cancelled job again, from the named checkpoint or the latest. */
+  resume(
+    jobId: string,
+    body?: DistillationResumeParams,
+    options?: RequestOptions,
+  ): APIPromise<DistillationJob> {
+    return this._client.post('/v1/distillation/{job_id}/resume', {
+      pathParams: { job_id: jobId },
+      body,
       ...options,
     });
   }

@@ -233,6 +233,10 @@ describe('every mock response is valid against the spec', () => {
     await distiller.retrieve(job.id);
     await distiller.artifacts(job.id);
     await distiller.events(job.id, { since: 0 });
+    await distiller.logs(job.id, { tail: 10 });
+    await distiller.metrics(job.id, { since_step: -1 });
+    await distiller.checkpoints(job.id);
+    await expectError(distiller.resume(job.id), 409); // not failed or cancelled
     await expectError(distiller.events('job_missing'), 404);
     mock.advanceJob(job.id, 'done');
     const artifacts = await distiller.artifacts(job.id);

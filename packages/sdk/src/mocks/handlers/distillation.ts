@@ -5,6 +5,7 @@ import {
   intParam,
   type MockContext,
   newestFirst,
+  optionalJson,
   pageOf,
   remember,
   replayed,
@@ -22,6 +23,7 @@ import {
   tickDistillationJob,
 } from '../simulate.js';
 import { type MockState, newId, now } from '../state.js';
+import { checkpointListOf, logPageOf, metricPageOf, resumeCheckpoint } from './training.js';
 
 type Schemas = components['schemas'];
 
@@ -134,6 +136,57 @@ export function distillationHandlers(ctx: MockContext) {
       const since = intParam(query.get('since'), 'since', 0, 0, Number.MAX_SAFE_INTEGER);
       const events = (state.events.get(params.job_id) ?? []).filter((e) => e.seq > since);
       return response(200).json({ job_id: params.job_id, events });
+    },
+  );
+
+  router.get('/v1/distillation/{job_id}/logs', 'listDistillationJobLogs', ({ params, query, response }) => {
+    checkTenant(state, query.get('tenant_id') ?? undefined);
+    distillationJob(state, params.job_id);
+    return response(200).json(logPageOf(state, params.job_id, query));
+  });
+
+  router.get(
+    '/v1/distillation/{job_id}/metrics',
+    'listDistillationJobMetrics',
+    ({ params, query, response }) => {
+      checkTenant(state, query.get('tenant_id') ?? undefined);
+      distillationJob(state, params.job_id);
+      return response(200).json(metricPageOf(state, params.job_id, query));
+    },
+  );
+
+  router.get(
+    '/v1/distillation/{job_id}/checkpoints',
+    'listDistillationJobCheckpoints',
+    ({ params, query, response }) => {
+      checkTenant(state, query.get('tenant_id') ?? undefined);
+      distillationJob(state, params.job_id);
+      return response(200).json(checkpointListOf(state, params.job_id));
+    },
+  );
+
+  router.post(
+    '/v1/distillation/{job_id}/resume',
+    'resumeDistillationJob',
+    async ({ params, query, request, response }) => {
+      checkTenant(state, query.get('tenant_id') ?? undefined);
+      const job = distillationJob(state, params.job_id);
+      const body = await optionalJson<Schemas['DistillationResumeRequest']>(request);
+      const scope = `resumeDistillationJob/${job.id}` as const;
+      const key = idempotencyKeyOf(request, body);
+      if (replayed(ctx, scope, key, body)) return response(200).json(job);
+      const checkpoint = resumeCheckpoint(state, job, body?.checkpoint);
+      Object.assign(job, {
+        status: 'pending',
+        phase: 'initializing',
+        error: null,
+        finished_at: null,
+        cancel_requested: false,
+        updated_at: now(),
+      } satisfies Partial<Schemas['DistillationJob']>);
+      appendEvent(state, job.id, 'resumed', { checkpoint: checkpoint.name, step: checkpoint.step });
+      remember(ctx, scope, key, body, { kind: 'distillationJob', id: job.id });
+      return response(200).json(job);
     },
   );
 

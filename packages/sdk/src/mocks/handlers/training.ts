@@ -82,20 +82,7 @@ export function trainingHandlers(ctx: MockContext) {
       const scope = `resumeTrainingJob/${job.id}` as const;
       const key = idempotencyKeyOf(request, body);
       if (replayed(ctx, scope, key, body)) return response(200).json(job);
-      if (job.status !== 'failed' && job.status !== 'cancelled') {
-        throw new MockHttpError(
-          409,
-          'job_not_resumable',
-          `Job ${job.id} is ${job.status}; only failed or cancelled jobs resume.`,
-        );
-      }
-      const checkpoints = state.checkpoints.get(job.id) ?? [];
-      const checkpoint = body?.checkpoint
-        ? checkpoints.find((c) => c.name === body.checkpoint)
-        : checkpoints.at(-1);
-      if (body?.checkpoint && !checkpoint) throw notFound('checkpoint', body.checkpoint, 'checkpoint');
-      if (!checkpoint)
-        throw new MockHttpError(409, 'job_not_resumable', `Job ${job.id} has no checkpoint to resume from.`);
+      const checkpoint = resumeCheckpoint(state, job, body?.checkpoint);
       Object.assign(job, {
         status: 'pending',
         phase: 'queued',
@@ -148,13 +135,7 @@ export function trainingHandlers(ctx: MockContext) {
 
   router.get('/v1/training/jobs/{job_id}/logs', 'listTrainingJobLogs', ({ params, request, response }) => {
     trainingJob(state, params.job_id);
-    const search = new URL(request.url).searchParams;
-    const since = intParam(search.get('since'), 'since', 0, 0, Number.MAX_SAFE_INTEGER);
-    const tail = search.has('tail') ? intParam(search.get('tail'), 'tail', 1000, 1, 1000) : undefined;
-    const all = state.logs.get(params.job_id) ?? [];
-    let lines = all.filter((line) => line.seq > since);
-    lines = tail === undefined ? lines.slice(0, 1000) : lines.slice(-tail);
-    return response(200).json({ job_id: params.job_id, latest_seq: all.at(-1)?.seq ?? 0, lines });
+    return response(200).json(logPageOf(state, params.job_id, new URL(request.url).searchParams));
   });
 
   router.get(
@@ -162,13 +143,7 @@ export function trainingHandlers(ctx: MockContext) {
     'listTrainingJobMetrics',
     ({ params, request, response }) => {
       trainingJob(state, params.job_id);
-      const search = new URL(request.url).searchParams;
-      const sinceStep = intParam(search.get('since_step'), 'since_step', -1, -1, Number.MAX_SAFE_INTEGER);
-      const limit = intParam(search.get('limit'), 'limit', 1000, 1, 10000);
-      const all = state.metrics.get(params.job_id) ?? [];
-      const points = all.filter((p) => p.step > sinceStep).slice(0, limit);
-      const latest = all.reduce((max, p) => Math.max(max, p.step), -1);
-      return response(200).json({ job_id: params.job_id, count: points.length, latest_step: latest, points });
+      return response(200).json(metricPageOf(state, params.job_id, new URL(request.url).searchParams));
     },
   );
 
@@ -233,10 +208,61 @@ export function trainingHandlers(ctx: MockContext) {
     'listTrainingJobCheckpoints',
     ({ params, response }) => {
       trainingJob(state, params.job_id);
-      const checkpoints = (state.checkpoints.get(params.job_id) ?? []).map(({ fileId: _file, ...c }) => c);
-      return response(200).json({ job_id: params.job_id, checkpoints });
+      return response(200).json(checkpointListOf(state, params.job_id));
     },
   );
+}
+
+/** A request's query, as URLSearchParams or the router's typed view of it. */
+type Search = { get(name: string): string | null };
+
+/** A job's log lines after `since`, or the last `tail` (shared by training and distillation jobs). */
+export function logPageOf(state: MockState, jobId: string, search: Search): Schemas['LogPage'] {
+  const since = intParam(search.get('since'), 'since', 0, 0, Number.MAX_SAFE_INTEGER);
+  const tail = search.get('tail') !== null ? intParam(search.get('tail'), 'tail', 1000, 1, 1000) : undefined;
+  const all = state.logs.get(jobId) ?? [];
+  const lines = all.filter((line) => line.seq > since);
+  return {
+    job_id: jobId,
+    latest_seq: all.at(-1)?.seq ?? 0,
+    lines: tail === undefined ? lines.slice(0, 1000) : lines.slice(-tail),
+  };
+}
+
+/** A job's metric points after `since_step`, up to `limit`. */
+export function metricPageOf(state: MockState, jobId: string, search: Search): Schemas['MetricPage'] {
+  const sinceStep = intParam(search.get('since_step'), 'since_step', -1, -1, Number.MAX_SAFE_INTEGER);
+  const limit = intParam(search.get('limit'), 'limit', 1000, 1, 10000);
+  const all = state.metrics.get(jobId) ?? [];
+  const points = all.filter((p) => p.step > sinceStep).slice(0, limit);
+  const latest = all.reduce((max, p) => Math.max(max, p.step), -1);
+  return { job_id: jobId, count: points.length, latest_step: latest, points };
+}
+
+export function checkpointListOf(state: MockState, jobId: string): Schemas['CheckpointList'] {
+  const checkpoints = (state.checkpoints.get(jobId) ?? []).map(({ fileId: _file, ...c }) => c);
+  return { job_id: jobId, checkpoints };
+}
+
+/** The checkpoint a failed or cancelled job resumes from (the named one, else the latest), or the server's 409/404. */
+export function resumeCheckpoint(
+  state: MockState,
+  job: { id: string; status: string },
+  name: string | undefined,
+): { name: string; step: number } {
+  if (job.status !== 'failed' && job.status !== 'cancelled') {
+    throw new MockHttpError(
+      409,
+      'job_not_resumable',
+      `Job ${job.id} is ${job.status}; only failed or cancelled jobs resume.`,
+    );
+  }
+  const checkpoints = state.checkpoints.get(job.id) ?? [];
+  const checkpoint = name ? checkpoints.find((c) => c.name === name) : checkpoints.at(-1);
+  if (name && !checkpoint) throw notFound('checkpoint', name, 'checkpoint');
+  if (!checkpoint)
+    throw new MockHttpError(409, 'job_not_resumable', `Job ${job.id} has no checkpoint to resume from.`);
+  return checkpoint;
 }
 
 export function trainingJob(state: MockState, id: string): TrainingJob {
