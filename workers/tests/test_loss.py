@@ -42,6 +42,14 @@ def plain_and_fused(model: torch.nn.Module, inputs: dict[str, torch.Tensor]):  #
     return results
 
 
+def assert_same_gradient(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """Equal up to float32 summation order. The absolute tolerance scales with the tensor's largest
+    entry: an embedding's gradient sums many tokens' contributions, so an entry that cancels to
+    near zero keeps an error of ~1e-7 of the largest one, and its size differs between CPUs' kernels."""
+    scale = max(1.0, float(expected.abs().max()))
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     # 7 rows of the 512-token vocabulary per chunk: several chunks, the last one partial.
@@ -62,7 +70,7 @@ def test_fused_loss_equals_plain_loss_and_gradients_full_model(
     assert fused_grads.keys() == plain_grads.keys()
     assert "lm_head.weight" in fused_grads
     for name, grad in plain_grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert_same_gradient(fused_grads[name], grad, name)
 
 
 def test_fused_loss_equals_plain_loss_with_lora(small_chunks: None, tiny_llama: Path) -> None:
@@ -78,7 +86,7 @@ def test_fused_loss_equals_plain_loss_with_lora(small_chunks: None, tiny_llama: 
     assert fused == pytest.approx(plain, rel=1e-5)
     assert plain_grads.keys() == fused_grads.keys() and all("lora_" in n for n in plain_grads)
     for name, grad in plain_grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert_same_gradient(fused_grads[name], grad, name)
 
 
 def test_a_lora_wrapped_head_goes_through_checkpointed_chunks(small_chunks: None, tiny_llama: Path) -> None:
@@ -94,7 +102,7 @@ def test_a_lora_wrapped_head_goes_through_checkpointed_chunks(small_chunks: None
     assert fused == pytest.approx(plain, rel=1e-5)
     assert any("lm_head" in n for n in fused_grads)
     for name, grad in plain_grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert_same_gradient(fused_grads[name], grad, name)
 
 
 def test_fused_loss_under_bf16_autocast_matches_plain(tiny_llama: Path) -> None:
@@ -159,7 +167,7 @@ def test_packed_and_unpacked_losses_agree(arch: str, tiny_llama: Path, tiny_qwen
     assert packed_n == unpacked_n == sum(e.trained_tokens for e in examples)
     assert packed_loss == pytest.approx(unpacked, rel=1e-5)
     for name, grad in unpacked_grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert_same_gradient(packed_grads[name], grad, name)
 
 
 def test_fused_lora_adds_match_peft_in_outputs_and_gradients(
@@ -197,7 +205,7 @@ def test_fused_lora_adds_match_peft_in_outputs_and_gradients(
     torch.testing.assert_close(fused_reference, plain_reference)
     assert plain_grads.keys() == fused_grads.keys() and plain_grads
     for name, grad in plain_grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert_same_gradient(fused_grads[name], grad, name)
 
 
 def test_fused_loss_when_every_position_is_labelled(small_chunks: None, tiny_llama: Path) -> None:
@@ -207,7 +215,7 @@ def test_fused_loss_when_every_position_is_labelled(small_chunks: None, tiny_lla
     (plain, plain_n, plain_grads), (fused, fused_n, fused_grads) = plain_and_fused(model, inputs)
     assert fused_n == plain_n == 2 * 15 and fused == pytest.approx(plain, rel=1e-5)
     for name, grad in plain_grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert_same_gradient(fused_grads[name], grad, name)
 
 
 def test_rows_of_one_full_example_need_no_position_ids() -> None:
