@@ -1,7 +1,7 @@
 import type { NextFunction, Request, Response } from 'express';
 import type { Principal } from './auth.js';
 import type { AppContext } from './context.js';
-import { ApiError } from './errors.js';
+import { ApiError, badRequest } from './errors.js';
 import type { components, operations } from './generated/api.js';
 
 export type Schemas = components['schemas'];
@@ -65,16 +65,14 @@ export function queryInt(req: Request, name: string, fallback: number): number {
   return Number(value);
 }
 
-export function page(req: Request): { limit: number; offset: number } {
-  return { limit: queryInt(req, 'limit', 20), offset: queryInt(req, 'offset', 0) };
-}
-
-/** `{"<plural>": items, total, has_more}`, the one list envelope. */
-export function listEnvelope<K extends string, T>(key: K, items: T[], total: number, offset: number) {
-  return { [key]: items, total, has_more: offset + items.length < total } as { [P in K]: T[] } & {
-    total: number;
-    has_more: boolean;
-  };
+/** `limit` and where the page starts: `offset` rows in, or `after` a page's `next_cursor` (not both). */
+export function page(req: Request): { limit: number; offset: number; after?: string } {
+  const after = typeof req.query.after === 'string' ? req.query.after : undefined;
+  // req.query holds offset's default once validated; what the caller sent is in the URL.
+  if (after !== undefined && new URL(req.originalUrl, 'http://host').searchParams.has('offset')) {
+    throw badRequest('Give offset or after, not both.', 'after');
+  }
+  return { limit: queryInt(req, 'limit', 20), offset: queryInt(req, 'offset', 0), after };
 }
 
 /**

@@ -172,7 +172,7 @@ describe.each(DATABASES)('datasets on %s', (db) => {
     expect((await badLimit.json()).error).toMatchObject({ code: 'invalid_request', param: 'limit' });
 
     const other = await (await server.api('/v1/datasets', { key: server.otherKey })).json();
-    expect(other).toEqual({ datasets: [], total: 0, has_more: false });
+    expect(other).toEqual({ datasets: [], total: 0, has_more: false, next_cursor: null });
     const res = await server.api(`/v1/datasets/${ids[0]}`, { key: server.otherKey });
     expect(res.status).toBe(404);
     expect((await res.json()).error).toMatchObject({ code: 'not_found', param: 'dataset_id' });

@@ -318,7 +318,7 @@ describe.each(DATABASES)('distillation on %s', (db) => {
     expect((await server.api('/v1/distillation?tenant_id=other-tenant')).status).toBe(403);
     expect((await server.api('/v1/distillation?status=training')).status).toBe(400);
     const theirs = await (await server.api('/v1/distillation', { key: server.otherKey })).json();
-    expect(theirs).toEqual({ jobs: [], total: 0, has_more: false });
+    expect(theirs).toEqual({ jobs: [], total: 0, has_more: false, next_cursor: null });
   });
 
   it("answers 404 job_not_found for unknown and other tenants' jobs, 403 for a foreign tenant_id", async () => {

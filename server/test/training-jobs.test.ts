@@ -418,7 +418,7 @@ describe.each(DATABASES)('training jobs on %s', (db) => {
       expect(page.has_more).toBe(true);
       expect(page.total).toBeGreaterThanOrEqual(3);
       const none = await (await server.api('/v1/training/jobs?type=contract')).json();
-      expect(none).toEqual({ jobs: [], total: 0, has_more: false });
+      expect(none).toEqual({ jobs: [], total: 0, has_more: false, next_cursor: null });
       expect((await server.api('/v1/training/jobs?status=done')).status).toBe(400);
       expect((await server.api('/v1/training/jobs?limit=101')).status).toBe(400);
     });

@@ -58,7 +58,7 @@ describe.each(DATABASES)('trajectories on %s', (db) => {
     expect(res.status).toBe(404);
     expect((await res.json()).error).toMatchObject({ code: 'not_found', param: 'trajectory_id' });
     const list = await (await server.api('/v1/trajectories', { key: server.otherKey })).json();
-    expect(list).toEqual({ trajectories: [], total: 0, has_more: false, available: true });
+    expect(list).toEqual({ trajectories: [], total: 0, has_more: false, next_cursor: null, available: true });
   });
 
   it('refuses bad input', async () => {

@@ -160,10 +160,15 @@ export const modelRoutes: Routes = {
       ctx.knex('base_models').where((q) => q.where('tenant_id', tenantId).orWhereNull('tenant_id')),
       page(req),
       // Shipped entries first (smallest model first), then the tenant's own, newest first.
-      (q) =>
-        newestFirst({ column: 'name', order: 'asc' })(
-          q.orderByRaw('tenant_id IS NOT NULL').orderByRaw('CASE WHEN tenant_id IS NULL THEN params END ASC'),
-        ),
+      [
+        { sql: 'CASE WHEN tenant_id IS NULL THEN 0 ELSE 1 END', order: 'asc', kind: 'integer' },
+        {
+          sql: 'CASE WHEN tenant_id IS NULL THEN coalesce(params, 0) ELSE 0 END',
+          order: 'asc',
+          kind: 'integer',
+        },
+        ...newestFirst({ column: 'name', order: 'asc' }),
+      ],
       (rows) => rows.map((r) => baseModelView(toBaseModelRow(r))),
     );
     res.json(body satisfies Schemas['BaseModelList']);

@@ -1,33 +1,49 @@
 import { conflict, notFound } from '../errors.js';
-import { listEnvelope, page, pathParam, type Routes, type Schemas, sentBody, tenantOf } from '../http.js';
+import { page, pathParam, type Routes, type Schemas, sentBody, tenantOf } from '../http.js';
 import { forgetIdempotentCreates, idempotent } from '../services/idempotency.js';
+import { cursorValues, encodeCursor, listPage, newestFirst } from '../services/paging.js';
 import { builtinTemplateViews, getTemplate, isBuiltinTemplate, templateView } from '../services/templates.js';
 
 export const templateRoutes: Routes = {
   async listTemplates(req, res, ctx) {
     const tenantId = tenantOf(req);
-    const { limit, offset } = page(req);
-    // One list: the built-ins first, then the tenant's own, newest first.
+    const paging = page(req);
+    // One list: the built-ins first (a cursor there holds one value, the built-in's index), then
+    // the tenant's own, newest first (a cursor there is their keyset cursor, two values).
     const builtins = builtinTemplateViews();
-    const counted = await ctx.knex('templates').where({ tenant_id: tenantId }).count({ count: '*' }).first();
-    const total = builtins.length + Number(counted?.count ?? 0);
-    const fromBuiltins = builtins.slice(offset, offset + limit);
-    const customOffset = Math.max(0, offset - builtins.length);
-    const customLimit = limit - fromBuiltins.length;
-    const custom =
-      customLimit > 0
-        ? await ctx
-            .knex('templates')
-            .where({ tenant_id: tenantId })
-            .orderBy([
-              { column: 'created_at', order: 'desc' },
-              { column: 'name', order: 'asc' },
-            ])
-            .limit(customLimit)
-            .offset(customOffset)
-        : [];
-    const items = [...fromBuiltins, ...custom.map(templateView)];
-    res.json(listEnvelope('templates', items, total, offset) satisfies Schemas['TemplateList']);
+    const cursor = paging.after === undefined ? undefined : cursorValues(paging.after);
+    const builtinStart =
+      cursor === undefined ? paging.offset : cursor.length === 1 ? Number(cursor[0]) + 1 : Infinity;
+    const fromBuiltins = builtins.slice(builtinStart, builtinStart + paging.limit);
+    const own = ctx.knex('templates').where({ tenant_id: tenantId });
+    const counted = await own.clone().count({ count: '*' }).first();
+    const ownTotal = Number(counted?.count ?? 0);
+    const ownLimit = paging.limit - fromBuiltins.length;
+    const ownPage =
+      ownLimit > 0
+        ? await listPage(
+            'templates',
+            own,
+            cursor?.length === 2
+              ? { limit: ownLimit, offset: 0, after: paging.after }
+              : { limit: ownLimit, offset: Math.max(0, paging.offset - builtins.length) },
+            newestFirst({ column: 'name', order: 'asc' }),
+            (rows: Parameters<typeof templateView>[0][]) => rows.map(templateView),
+          )
+        : undefined;
+    const moreBuiltins = builtinStart + fromBuiltins.length < builtins.length;
+    const hasMore = ownPage ? ownPage.has_more : moreBuiltins || ownTotal > 0;
+    const body: Schemas['TemplateList'] = {
+      templates: [...fromBuiltins, ...(ownPage?.templates ?? [])],
+      total: builtins.length + ownTotal,
+      has_more: hasMore,
+      next_cursor: ownPage
+        ? ownPage.next_cursor
+        : hasMore
+          ? encodeCursor([String(builtinStart + fromBuiltins.length - 1)])
+          : null,
+    };
+    res.json(body);
   },
 
   async createTemplate(req, res, ctx) {

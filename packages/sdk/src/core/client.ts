@@ -15,7 +15,7 @@ import {
 } from './error.js';
 import { newIdempotencyKey, takesIdempotencyKey } from './idempotency.js';
 import { isLogLevel, type Logger, type LogLevel, levelledLogger } from './log.js';
-import { type ListEnvelope, PagePromise } from './pagination.js';
+import { type ListEnvelope, type PagePosition, PagePromise } from './pagination.js';
 import { retryDelayMs, shouldRetry } from './retry.js';
 import type {
   HttpMethod,
@@ -185,13 +185,16 @@ export class TuneryClient {
     SuccessBody<Op> & ListEnvelope<K, ItemOf<SuccessBody<Op>, K>>
   > {
     type Body = SuccessBody<Op> & ListEnvelope<K, ItemOf<SuccessBody<Op>, K>>;
-    const query = (options?.query ?? {}) as { offset?: number };
-    const fetchPage = (offset: number) =>
+    const { offset, after, ...filters } = (options?.query ?? {}) as {
+      offset?: number;
+      after?: string;
+    };
+    const fetchPage = (position: PagePosition) =>
       this.request<Body>('get', path, {
         ...(options as InternalOptions),
-        query: { ...query, offset },
+        query: { ...filters, ...position },
       }).withResponse();
-    return new PagePromise(key, query.offset ?? 0, fetchPage);
+    return new PagePromise(key, after === undefined ? { offset: offset ?? 0 } : { after }, fetchPage);
   }
 
   /** Calls one operation; the typed methods above are what resources use. */

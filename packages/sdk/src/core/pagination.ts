@@ -1,14 +1,20 @@
-// Offset pagination over the spec's list envelope `{"<plural>": [...], "total", "has_more"}`.
+// Pagination over the spec's list envelope `{"<plural>": [...], "total", "has_more", "next_cursor"}`:
+// the first page where the caller asked (`offset` or `after`), every next one by its cursor, so that a
+// walk over a list that grows meanwhile neither repeats an item nor skips one.
 import { APIPromise, type WithResponse } from './api-promise.js';
 
 /** The envelope every list operation answers. */
 export type ListEnvelope<K extends string, Item> = { [key in K]: Item[] } & {
   total: number;
   has_more: boolean;
+  next_cursor: string | null;
 };
 
-/** Fetches the page that starts at `offset`. */
-export type PageFetcher<Body> = (offset: number) => Promise<WithResponse<Body>>;
+/** Where a page starts: `offset` items in, or after the page whose `next_cursor` this is. */
+export type PagePosition = { offset: number } | { after: string };
+
+/** Fetches the page that starts at `position`. */
+export type PageFetcher<Body> = (position: PagePosition) => Promise<WithResponse<Body>>;
 
 /**
  * One page of a list. `data` holds its items; `for await (const item of page)` walks this page and
@@ -29,7 +35,7 @@ export class Page<K extends string, Item, Body extends ListEnvelope<K, Item> = L
   constructor(
     private readonly key: K,
     body: Body,
-    /** Offset of this page's first item. */
+    /** Items before this page's first one, when the walk started at an offset. */
     readonly offset: number,
     private readonly fetchPage: PageFetcher<Body>,
   ) {
@@ -40,20 +46,20 @@ export class Page<K extends string, Item, Body extends ListEnvelope<K, Item> = L
   }
 
   hasNextPage(): boolean {
-    // An empty page cannot advance the offset; stop rather than loop.
+    // An empty page cannot advance; stop rather than loop.
     return this.hasMore && this.data.length > 0;
   }
 
-  /** Offset of the next page's first item. */
-  nextOffset(): number {
-    return this.offset + this.data.length;
+  /** Where the next page starts: after this one's cursor (or, from a server without one, its offset). */
+  nextPosition(): PagePosition {
+    const cursor = this.body.next_cursor;
+    return cursor ? { after: cursor } : { offset: this.offset + this.data.length };
   }
 
   async getNextPage(): Promise<Page<K, Item, Body>> {
     if (!this.hasNextPage()) throw new Error('No next page; check hasNextPage() first.');
-    const offset = this.nextOffset();
-    const { data } = await this.fetchPage(offset);
-    return new Page(this.key, data, offset, this.fetchPage);
+    const { data } = await this.fetchPage(this.nextPosition());
+    return new Page(this.key, data, this.offset + this.data.length, this.fetchPage);
   }
 
   /** This page and every page after it. */
@@ -79,10 +85,10 @@ export class PagePromise<K extends string, Item, Body extends ListEnvelope<K, It
   extends APIPromise<Page<K, Item, Body>>
   implements AsyncIterable<Item>
 {
-  constructor(key: K, offset: number, fetchPage: PageFetcher<Body>) {
+  constructor(key: K, first: PagePosition, fetchPage: PageFetcher<Body>) {
     super(
-      fetchPage(offset).then(({ data, response, requestId }) => ({
-        data: new Page<K, Item, Body>(key, data, offset, fetchPage),
+      fetchPage(first).then(({ data, response, requestId }) => ({
+        data: new Page<K, Item, Body>(key, data, 'offset' in first ? first.offset : 0, fetchPage),
         response,
         requestId,
       })),

@@ -2038,6 +2038,8 @@ export interface components {
             total: number;
             /** @description More pages follow. */
             has_more: boolean;
+            /** @description Pass as `after` for the next page; null on the last page. */
+            next_cursor: string | null;
         };
         /** @description Where a distillation job's outputs are, on the server host and by download URL. */
         DistillationArtifacts: {
@@ -2378,6 +2380,8 @@ export interface components {
             total: number;
             /** @description More pages follow. */
             has_more: boolean;
+            /** @description Pass as `after` for the next page; null on the last page. */
+            next_cursor: string | null;
         };
         /** @description Which checkpoint to resume from. */
         ResumeRequest: {
@@ -2600,6 +2604,8 @@ export interface components {
             total: number;
             /** @description More pages follow. */
             has_more: boolean;
+            /** @description Pass as `after` for the next page; null on the last page. */
+            next_cursor: string | null;
         };
         /** @description A configuration to estimate. Name the model (or give `params`) and the data (or give `dataset_tokens`). */
         EstimateRequest: {
@@ -2923,6 +2929,8 @@ export interface components {
             total: number;
             /** @description More pages follow. */
             has_more: boolean;
+            /** @description Pass as `after` for the next page; null on the last page. */
+            next_cursor: string | null;
         };
         /** @description Which trajectories to include. */
         DatasetBuildRequest: {
@@ -3026,6 +3034,8 @@ export interface components {
             total: number;
             /** @description More pages follow. */
             has_more: boolean;
+            /** @description Pass as `after` for the next page; null on the last page. */
+            next_cursor: string | null;
             /**
              * @description Trajectory storage is available (seed 004).
              * @constant
@@ -3067,6 +3077,8 @@ export interface components {
             total: number;
             /** @description More pages follow. */
             has_more: boolean;
+            /** @description Pass as `after` for the next page; null on the last page. */
+            next_cursor: string | null;
             /** @description Name of the loaded adapter. */
             current_adapter: string | null;
         };
@@ -3120,6 +3132,8 @@ export interface components {
             total: number;
             /** @description More pages follow. */
             has_more: boolean;
+            /** @description Pass as `after` for the next page; null on the last page. */
+            next_cursor: string | null;
         };
         /** @description A model a job produced. */
         Model: {
@@ -3159,6 +3173,8 @@ export interface components {
             total: number;
             /** @description More pages follow. */
             has_more: boolean;
+            /** @description Pass as `after` for the next page; null on the last page. */
+            next_cursor: string | null;
         };
         /** @description How the model is served. */
         ActivateModelRequest: {
@@ -3285,6 +3301,8 @@ export interface components {
             total: number;
             /** @description More pages follow. */
             has_more: boolean;
+            /** @description Pass as `after` for the next page; null on the last page. */
+            next_cursor: string | null;
         };
         /** @description The key to create. */
         ApiKeyCreate: {
@@ -4105,8 +4123,10 @@ export interface components {
     parameters: {
         /** @description Page size (at most 100). */
         Limit: number;
-        /** @description Number of items to skip. */
+        /** @description Number of items to skip. Items created meanwhile shift offsets; `after` does not. */
         Offset: number;
+        /** @description The `next_cursor` of the previous page: this page holds the items that sort after that page's last one, so items created or deleted meanwhile neither repeat nor go missing. Not with `offset`; a value that is not this list's cursor is `400 invalid_cursor`. */
+        After: string;
         /** @description Workspace key; when given it must be the API key's own tenant (`403 permission_denied` otherwise). */
         TenantId: components["schemas"]["TenantId"];
         /** @description Makes the create safe to retry; the body's `idempotency_key` takes precedence. */
@@ -4208,8 +4228,10 @@ export interface operations {
                 status?: components["schemas"]["JobStatus"];
                 /** @description Page size (at most 100). */
                 limit?: components["parameters"]["Limit"];
-                /** @description Number of items to skip. */
+                /** @description Number of items to skip. Items created meanwhile shift offsets; `after` does not. */
                 offset?: components["parameters"]["Offset"];
+                /** @description The `next_cursor` of the previous page: this page holds the items that sort after that page's last one, so items created or deleted meanwhile neither repeat nor go missing. Not with `offset`; a value that is not this list's cursor is `400 invalid_cursor`. */
+                after?: components["parameters"]["After"];
             };
             header?: never;
             path?: never;
@@ -4585,8 +4607,10 @@ export interface operations {
                 type?: components["schemas"]["TrainingJobType"];
                 /** @description Page size (at most 100). */
                 limit?: components["parameters"]["Limit"];
-                /** @description Number of items to skip. */
+                /** @description Number of items to skip. Items created meanwhile shift offsets; `after` does not. */
                 offset?: components["parameters"]["Offset"];
+                /** @description The `next_cursor` of the previous page: this page holds the items that sort after that page's last one, so items created or deleted meanwhile neither repeat nor go missing. Not with `offset`; a value that is not this list's cursor is `400 invalid_cursor`. */
+                after?: components["parameters"]["After"];
             };
             header?: never;
             path?: never;
@@ -5017,8 +5041,10 @@ export interface operations {
             query?: {
                 /** @description Page size (at most 100). */
                 limit?: components["parameters"]["Limit"];
-                /** @description Number of items to skip. */
+                /** @description Number of items to skip. Items created meanwhile shift offsets; `after` does not. */
                 offset?: components["parameters"]["Offset"];
+                /** @description The `next_cursor` of the previous page: this page holds the items that sort after that page's last one, so items created or deleted meanwhile neither repeat nor go missing. Not with `offset`; a value that is not this list's cursor is `400 invalid_cursor`. */
+                after?: components["parameters"]["After"];
             };
             header?: never;
             path?: never;
@@ -5294,8 +5320,10 @@ export interface operations {
             query?: {
                 /** @description Page size (at most 100). */
                 limit?: components["parameters"]["Limit"];
-                /** @description Number of items to skip. */
+                /** @description Number of items to skip. Items created meanwhile shift offsets; `after` does not. */
                 offset?: components["parameters"]["Offset"];
+                /** @description The `next_cursor` of the previous page: this page holds the items that sort after that page's last one, so items created or deleted meanwhile neither repeat nor go missing. Not with `offset`; a value that is not this list's cursor is `400 invalid_cursor`. */
+                after?: components["parameters"]["After"];
             };
             header?: never;
             path?: never;
@@ -5446,8 +5474,10 @@ export interface operations {
             query?: {
                 /** @description Page size (at most 100). */
                 limit?: components["parameters"]["Limit"];
-                /** @description Number of items to skip. */
+                /** @description Number of items to skip. Items created meanwhile shift offsets; `after` does not. */
                 offset?: components["parameters"]["Offset"];
+                /** @description The `next_cursor` of the previous page: this page holds the items that sort after that page's last one, so items created or deleted meanwhile neither repeat nor go missing. Not with `offset`; a value that is not this list's cursor is `400 invalid_cursor`. */
+                after?: components["parameters"]["After"];
             };
             header?: never;
             path?: never;
@@ -5536,8 +5566,10 @@ export interface operations {
             query?: {
                 /** @description Page size (at most 100). */
                 limit?: components["parameters"]["Limit"];
-                /** @description Number of items to skip. */
+                /** @description Number of items to skip. Items created meanwhile shift offsets; `after` does not. */
                 offset?: components["parameters"]["Offset"];
+                /** @description The `next_cursor` of the previous page: this page holds the items that sort after that page's last one, so items created or deleted meanwhile neither repeat nor go missing. Not with `offset`; a value that is not this list's cursor is `400 invalid_cursor`. */
+                after?: components["parameters"]["After"];
             };
             header?: never;
             path?: never;
@@ -5674,8 +5706,10 @@ export interface operations {
             query?: {
                 /** @description Page size (at most 100). */
                 limit?: components["parameters"]["Limit"];
-                /** @description Number of items to skip. */
+                /** @description Number of items to skip. Items created meanwhile shift offsets; `after` does not. */
                 offset?: components["parameters"]["Offset"];
+                /** @description The `next_cursor` of the previous page: this page holds the items that sort after that page's last one, so items created or deleted meanwhile neither repeat nor go missing. Not with `offset`; a value that is not this list's cursor is `400 invalid_cursor`. */
+                after?: components["parameters"]["After"];
             };
             header?: never;
             path?: never;
@@ -5735,8 +5769,10 @@ export interface operations {
             query?: {
                 /** @description Page size (at most 100). */
                 limit?: components["parameters"]["Limit"];
-                /** @description Number of items to skip. */
+                /** @description Number of items to skip. Items created meanwhile shift offsets; `after` does not. */
                 offset?: components["parameters"]["Offset"];
+                /** @description The `next_cursor` of the previous page: this page holds the items that sort after that page's last one, so items created or deleted meanwhile neither repeat nor go missing. Not with `offset`; a value that is not this list's cursor is `400 invalid_cursor`. */
+                after?: components["parameters"]["After"];
             };
             header?: never;
             path?: never;
@@ -5948,8 +5984,10 @@ export interface operations {
             query?: {
                 /** @description Page size (at most 100). */
                 limit?: components["parameters"]["Limit"];
-                /** @description Number of items to skip. */
+                /** @description Number of items to skip. Items created meanwhile shift offsets; `after` does not. */
                 offset?: components["parameters"]["Offset"];
+                /** @description The `next_cursor` of the previous page: this page holds the items that sort after that page's last one, so items created or deleted meanwhile neither repeat nor go missing. Not with `offset`; a value that is not this list's cursor is `400 invalid_cursor`. */
+                after?: components["parameters"]["After"];
                 /** @description Only this tenant's keys (an admin key of another tenant may only name its own). */
                 tenant_id?: components["schemas"]["TenantId"];
                 /** @description Only user keys or only worker tokens. */

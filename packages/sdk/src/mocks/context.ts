@@ -13,13 +13,58 @@ export interface MockContext {
   autoAdvance: boolean;
 }
 
-/** `limit` (1–100, default 20) and `offset` (≥ 0, default 0), validated as the server does. */
-export function pageOf<T>(items: readonly T[], url: string): { page: T[]; total: number; has_more: boolean } {
+/**
+ * `limit` (1–100, default 20) and `offset` (≥ 0, default 0) or `after`, validated as the server
+ * does. The mock's cursor names the page's last item (by `id`, or `name` for named objects), so
+ * that, as on the server, items created meanwhile do not shift the next page.
+ */
+export function pageOf<T>(
+  items: readonly T[],
+  url: string,
+): { page: T[]; total: number; has_more: boolean; next_cursor: string | null } {
   const query = new URL(url).searchParams;
   const limit = intParam(query.get('limit'), 'limit', 20, 1, 100);
-  const offset = intParam(query.get('offset'), 'offset', 0, 0, Number.MAX_SAFE_INTEGER);
-  const page = items.slice(offset, offset + limit);
-  return { page, total: items.length, has_more: offset + page.length < items.length };
+  const after = query.get('after');
+  if (after !== null && query.has('offset')) {
+    throw new MockHttpError(400, 'invalid_request', 'Give offset or after, not both.', 'after');
+  }
+  const start =
+    after === null
+      ? intParam(query.get('offset'), 'offset', 0, 0, Number.MAX_SAFE_INTEGER)
+      : startAfter(items, after);
+  const page = items.slice(start, start + limit);
+  const hasMore = start + page.length < items.length;
+  const last = page.at(-1);
+  return {
+    page,
+    total: items.length,
+    has_more: hasMore,
+    next_cursor: hasMore && last !== undefined ? btoa(encodeURIComponent(identityOf(last))) : null,
+  };
+}
+
+const identityOf = (item: unknown): string => {
+  const { id, name } = item as { id?: string; name?: string };
+  return String(id ?? name);
+};
+
+function startAfter(items: readonly unknown[], cursor: string): number {
+  let identity: unknown;
+  try {
+    identity = decodeURIComponent(atob(cursor));
+  } catch {
+    identity = undefined;
+  }
+  const index = items.findIndex((item) => identityOf(item) === identity);
+  if (index < 0) {
+    throw new MockHttpError(
+      400,
+      'invalid_cursor',
+      'after must be the next_cursor of a page of this list.',
+      'after',
+    );
+  }
+  return index + 1;
 }
 
 export function intParam(

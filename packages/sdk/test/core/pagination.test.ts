@@ -19,8 +19,10 @@ describe('auto-pagination', () => {
     for await (const job of client().training.jobs.list({ limit: 100 })) seen.push(job);
     expect(seen).toHaveLength(250);
     expect(new Set(seen.map((j) => j.id)).size).toBe(250);
-    const offsets = mock.state.requests.map((r) => new URL(r.url).searchParams.get('offset'));
-    expect(offsets).toEqual(['0', '100', '200']);
+    const params = mock.state.requests.map((r) => new URL(r.url).searchParams);
+    expect(params.map((p) => p.get('offset'))).toEqual(['0', null, null]);
+    // Every next page continues from the page before's cursor.
+    expect(params.slice(1).every((p) => p.get('after'))).toBe(true);
     expect(mock.state.requests.every((r) => new URL(r.url).searchParams.get('limit') === '100')).toBe(true);
   });
 
@@ -54,6 +56,20 @@ describe('auto-pagination', () => {
     expect(rest).toHaveLength(4);
   });
 
+  it('neither repeats nor skips a job when jobs are created during the walk', async () => {
+    await seedJobs(6);
+    const tunery = client();
+    const data = await tunery.datasets.create({ train_texts: ['a'] });
+    const seen: string[] = [];
+    for await (const page of (await tunery.training.jobs.list({ limit: 2 })).iterPages()) {
+      seen.push(...page.data.map((j) => j.id));
+      // Newest first: each new job lands before the pages already read, shifting every offset.
+      await tunery.training.jobs.create({ base_model: 'tiny-llama', dataset_id: data.id });
+    }
+    expect(seen).toHaveLength(6);
+    expect(new Set(seen).size).toBe(6);
+  });
+
   it('keeps filters on every page and starts from the given offset', async () => {
     await seedJobs(5);
     const tunery = client();
@@ -75,7 +91,7 @@ describe('auto-pagination', () => {
   });
 
   it('stops on an empty page even if the server claims more', async () => {
-    const page = new Page('jobs', { jobs: [], total: 5, has_more: true }, 0, async () => {
+    const page = new Page('jobs', { jobs: [], total: 5, has_more: true, next_cursor: 'c' }, 0, async () => {
       throw new Error('must not fetch');
     });
     const items: unknown[] = [];

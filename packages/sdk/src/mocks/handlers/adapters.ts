@@ -9,11 +9,10 @@ export function adapterHandlers(ctx: MockContext) {
   const { router, state } = ctx;
 
   router.get('/v1/adapters', 'listAdapters', ({ request, response }) => {
-    const { page, total, has_more } = pageOf(newestFirst(state.adapters.values()), request.url);
+    const { page, ...paging } = pageOf(newestFirst(state.adapters.values()), request.url);
     return response(200).json({
       adapters: page,
-      total,
-      has_more,
+      ...paging,
       current_adapter: loadedAdapter(state)?.name ?? null,
     });
   });

@@ -18,8 +18,8 @@ export function adminHandlers({ router, state }: MockContext) {
         (kind === null || k.kind === kind) &&
         (all || statusOf(k) === 'active'),
     );
-    const { page, total, has_more } = pageOf(keys.map(withStatus), request.url);
-    return response(200).json({ keys: page, total, has_more });
+    const { page, ...paging } = pageOf(keys.map(withStatus), request.url);
+    return response(200).json({ keys: page, ...paging });
   });
 
   router.post('/v1/admin/keys', 'createApiKey', async ({ request, response }) => {

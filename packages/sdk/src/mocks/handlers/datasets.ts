@@ -33,8 +33,8 @@ export function datasetHandlers(ctx: MockContext) {
   });
 
   router.get('/v1/datasets', 'listDatasets', ({ request, response }) => {
-    const { page, total, has_more } = pageOf(newestFirst(state.datasets.values()), request.url);
-    return response(200).json({ datasets: page, total, has_more });
+    const { page, ...paging } = pageOf(newestFirst(state.datasets.values()), request.url);
+    return response(200).json({ datasets: page, ...paging });
   });
 
   router.post('/v1/datasets/build', 'buildDataset', async ({ request, response }) => {

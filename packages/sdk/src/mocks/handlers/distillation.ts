@@ -107,8 +107,8 @@ export function distillationHandlers(ctx: MockContext) {
     checkTenant(state, query.get('tenant_id') ?? undefined);
     const status = query.get('status');
     const jobs = newestFirst(state.distillationJobs.values()).filter((j) => !status || j.status === status);
-    const { page, total, has_more } = pageOf(jobs, request.url);
-    return response(200).json({ jobs: page, total, has_more });
+    const { page, ...paging } = pageOf(jobs, request.url);
+    return response(200).json({ jobs: page, ...paging });
   });
 
   router.get('/v1/distillation/{job_id}', 'getDistillationJob', ({ params, query, response }) => {

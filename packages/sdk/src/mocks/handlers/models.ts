@@ -21,8 +21,8 @@ export function modelHandlers(ctx: MockContext) {
   const { router, state } = ctx;
 
   router.get('/v1/base-models', 'listBaseModels', ({ request, response }) => {
-    const { page, total, has_more } = pageOf([...state.baseModels.values()], request.url);
-    return response(200).json({ models: page, total, has_more });
+    const { page, ...paging } = pageOf([...state.baseModels.values()], request.url);
+    return response(200).json({ models: page, ...paging });
   });
 
   router.post('/v1/base-models', 'createBaseModel', async ({ request, response }) => {
@@ -49,8 +49,8 @@ export function modelHandlers(ctx: MockContext) {
   });
 
   router.get('/v1/models', 'listModels', ({ request, response }) => {
-    const { page, total, has_more } = pageOf([...state.models.values()].reverse(), request.url);
-    return response(200).json({ models: page, total, has_more });
+    const { page, ...paging } = pageOf([...state.models.values()].reverse(), request.url);
+    return response(200).json({ models: page, ...paging });
   });
 
   router.get('/v1/models/{model_id}', 'getModel', ({ params, response }) =>

@@ -10,8 +10,8 @@ export function templateHandlers(ctx: MockContext) {
 
   router.get('/v1/training/templates', 'listTemplates', ({ request, response }) => {
     const all = [...state.templates.values()].sort((a, b) => Number(b.builtin) - Number(a.builtin));
-    const { page, total, has_more } = pageOf(all, request.url);
-    return response(200).json({ templates: page, total, has_more });
+    const { page, ...paging } = pageOf(all, request.url);
+    return response(200).json({ templates: page, ...paging });
   });
 
   router.post('/v1/training/templates', 'createTemplate', async ({ request, response }) => {

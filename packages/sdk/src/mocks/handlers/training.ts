@@ -49,8 +49,8 @@ export function trainingHandlers(ctx: MockContext) {
     const jobs = newestFirst(state.trainingJobs.values()).filter(
       (j) => (!status || j.status === status) && (!type || j.type === type),
     );
-    const { page, total, has_more } = pageOf(jobs, request.url);
-    return response(200).json({ jobs: page, total, has_more });
+    const { page, ...paging } = pageOf(jobs, request.url);
+    return response(200).json({ jobs: page, ...paging });
   });
 
   router.get('/v1/training/jobs/{job_id}', 'getTrainingJob', ({ params, response }) => {

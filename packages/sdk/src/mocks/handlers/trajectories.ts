@@ -46,8 +46,8 @@ export function trajectoryHandlers(ctx: MockContext) {
     const summaries = newestFirst(state.trajectories.values()).map(
       ({ llm_calls: _calls, provider_accesses: _accesses, metadata: _metadata, ...summary }) => summary,
     );
-    const { page, total, has_more } = pageOf(summaries, request.url);
-    return response(200).json({ trajectories: page, total, has_more, available: true });
+    const { page, ...paging } = pageOf(summaries, request.url);
+    return response(200).json({ trajectories: page, ...paging, available: true });
   });
 
   router.get('/v1/trajectories/{trajectory_id}', 'getTrajectory', ({ params, response }) =>
