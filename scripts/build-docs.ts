@@ -97,7 +97,7 @@ function sampleFor(method: string, path: string, op: Operation, spec: Spec, sdk:
   const args = [...pathArgs, ...(body === undefined ? [] : [JSON.stringify(body, null, 2)])].join(', ');
   const call = `await ${sdk}(${args})`;
   const printed =
-    method === 'get' && /list|List/.test(op.operationId)
+    method === 'get' && /list|List|^stream/.test(op.operationId)
       ? `for await (const item of ${sdk}(${args})) console.log(item);`
       : `const result = ${call};\nconsole.log(result);`;
   return `import { Tunery } from '@tunery/sdk';\n\nconst tunery = new Tunery(); // TUNERY_BASE_URL, TUNERY_API_KEY\n${printed}\n`;

@@ -4,6 +4,9 @@
 claims rarely match a pending job, so every valid-looking claim would sit out its whole wait and the
 run would spend its time asleep. Here a claim's wait is pinned to 0; everything else about the
 generated body (including invalid values, which the server must reject at once) is left alone.
+
+A job's live stream (`GET …/stream`) runs until the job ends or `max_seconds` (default 300) pass, and
+the seeded running job never ends: its `max_seconds` is pinned to 0 (send what is recorded, then end).
 """
 
 from typing import Any
@@ -13,8 +16,25 @@ import schemathesis
 
 @schemathesis.hook
 def before_call(context: Any, case: Any, **kwargs: Any) -> None:
-    if case.operation.label != "POST /v1/workers/claim" or not isinstance(case.body, dict):
+    if case.operation.label.endswith("/stream"):
+        pin_stream_duration(case)
+        return
+    if case.operation.label != "POST /v1/workers/claim" or not isinstance(
+        case.body, dict
+    ):
         return
     wait = case.body.get("wait_seconds", 0)
     if isinstance(wait, int | float) and not isinstance(wait, bool) and 0 <= wait <= 30:
         case.body["wait_seconds"] = 0
+
+
+def pin_stream_duration(case: Any) -> None:
+    query = case.query if isinstance(case.query, dict) else {}
+    seconds = query.get("max_seconds", 300)
+    if (
+        isinstance(seconds, int)
+        and not isinstance(seconds, bool)
+        and 0 <= seconds <= 3600
+    ):
+        query["max_seconds"] = 0
+        case.query = query

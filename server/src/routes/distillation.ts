@@ -23,6 +23,7 @@ import {
 } from '../services/distillation-request.js';
 import { sendStoredFile } from '../services/downloads.js';
 import { idempotent } from '../services/idempotency.js';
+import { streamJob } from '../services/job-stream.js';
 import { checkpointList, logPage, metricPage } from '../services/job-telemetry.js';
 import { getJobRow, type JobRow, jobEvents, jobsOfKind, serializeDistillationJob } from '../services/jobs.js';
 import { listPage, newestFirst } from '../services/paging.js';
@@ -145,6 +146,10 @@ export const distillationRoutes: Routes = {
     const tenantId = checkTenantParam(req, req.query.tenant_id);
     const job = await cancelJob(ctx, tenantId, 'distillation', pathParam(req, 'job_id'));
     res.json(serializeDistillationJob(job) satisfies Schemas['DistillationJob']);
+  },
+
+  async streamDistillationJob(req, res, ctx) {
+    await streamJob(ctx, req, res, await jobOf(req, ctx));
   },
 
   async listDistillationJobEvents(req, res, ctx) {

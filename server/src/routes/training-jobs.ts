@@ -19,6 +19,7 @@ import type { JobRow } from '../queue/types.js';
 import { storeDataset } from '../services/datasets.js';
 import { sendStoredFile } from '../services/downloads.js';
 import { idempotent } from '../services/idempotency.js';
+import { streamJob } from '../services/job-stream.js';
 import { checkpointList, logPage, metricPage } from '../services/job-telemetry.js';
 import { getJobRow, jobEvents, jobsOfKind, serializeTrainingJob } from '../services/jobs.js';
 import { listPage, newestFirst } from '../services/paging.js';
@@ -185,6 +186,10 @@ export const trainingJobRoutes: Routes = {
 
   async listTrainingJobMetrics(req, res, ctx) {
     res.json((await metricPage(ctx, req, await jobOf(req, ctx))) satisfies Schemas['MetricPage']);
+  },
+
+  async streamTrainingJob(req, res, ctx) {
+    await streamJob(ctx, req, res, await jobOf(req, ctx));
   },
 
   async listTrainingJobEvents(req, res, ctx) {

@@ -150,6 +150,38 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/distillation/{job_id}/stream": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        /**
+         * Follow a distillation job live (server-sent events)
+         * @description One `text/event-stream` connection that carries, as they are recorded, the job's log lines
+         *     (`event: log`, a `LogLine`), metric points (`event: metric`, a `MetricPoint`), timeline events
+         *     (`event: event`, a `JobEvent`) and status changes (`event: status`, a `JobStreamStatus`; the
+         *     first message is always the current status). Once the job has finished and all it recorded
+         *     has been sent, `event: end` (a `JobStreamEnd`) closes the stream. A comment line
+         *     (`: heartbeat`) keeps idle connections open.
+         *
+         *     Every message's `id` is the stream's position: reconnect with the `Last-Event-ID` header (or
+         *     the `last_event_id` query parameter) to get only what was not sent yet. A stream also ends,
+         *     without `end`, after `max_seconds`; reconnect the same way to go on.
+         */
+        get: operations["streamDistillationJob"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/distillation/{job_id}/logs": {
         parameters: {
             query?: never;
@@ -499,6 +531,38 @@ export interface paths {
          * @description Every state transition and notable moment (`created`, `claimed`, `phase`, `checkpoint`, `retry`, `cancel_requested`, `completed`, …).
          */
         get: operations["listTrainingJobEvents"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/training/jobs/{job_id}/stream": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        /**
+         * Follow a training job live (server-sent events)
+         * @description One `text/event-stream` connection that carries, as they are recorded, the job's log lines
+         *     (`event: log`, a `LogLine`), metric points (`event: metric`, a `MetricPoint`), timeline events
+         *     (`event: event`, a `JobEvent`) and status changes (`event: status`, a `JobStreamStatus`; the
+         *     first message is always the current status). Once the job has finished and all it recorded
+         *     has been sent, `event: end` (a `JobStreamEnd`) closes the stream. A comment line
+         *     (`: heartbeat`) keeps idle connections open.
+         *
+         *     Every message's `id` is the stream's position: reconnect with the `Last-Event-ID` header (or
+         *     the `last_event_id` query parameter) to get only what was not sent yet. A stream also ends,
+         *     without `end`, after `max_seconds`; reconnect the same way to go on.
+         */
+        get: operations["streamTrainingJob"];
         put?: never;
         post?: never;
         delete?: never;
@@ -2421,6 +2485,16 @@ export interface components {
             stream: "stdout" | "stderr";
             /** @description The line. */
             text: string;
+        };
+        /** @description A job's status as a live stream reports it (`event: status`). */
+        JobStreamStatus: {
+            status: components["schemas"]["JobStatus"];
+            /** @description The phase the job is in. */
+            phase: string | null;
+        };
+        /** @description The last message of a live stream (`event: end`), once the job has finished and all it recorded was sent. */
+        JobStreamEnd: {
+            status: components["schemas"]["JobStatus"];
         };
         /** @description Log lines after `since`. */
         LogPage: {
@@ -4390,6 +4464,45 @@ export interface operations {
             500: components["responses"]["InternalError"];
         };
     };
+    streamDistillationJob: {
+        parameters: {
+            query?: {
+                /** @description Workspace key; when given it must be the API key's own tenant (`403 permission_denied` otherwise). */
+                tenant_id?: components["parameters"]["TenantId"];
+                /** @description `Last-Event-ID` for clients that cannot set headers (the header wins). */
+                last_event_id?: string;
+                /** @description End the stream after this many seconds even if the job goes on (0 sends what is recorded and the status, then ends). */
+                max_seconds?: number;
+            };
+            header?: {
+                /** @description The `id` of the last message received; the stream continues after it. */
+                "Last-Event-ID"?: string;
+            };
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The stream. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/event-stream": string;
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            403: components["responses"]["Forbidden"];
+            404: components["responses"]["NotFound"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
     listDistillationJobLogs: {
         parameters: {
             query?: {
@@ -4916,6 +5029,42 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["EventList"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    streamTrainingJob: {
+        parameters: {
+            query?: {
+                /** @description `Last-Event-ID` for clients that cannot set headers (the header wins). */
+                last_event_id?: string;
+                /** @description End the stream after this many seconds even if the job goes on (0 sends what is recorded and the status, then ends). */
+                max_seconds?: number;
+            };
+            header?: {
+                /** @description The `id` of the last message received; the stream continues after it. */
+                "Last-Event-ID"?: string;
+            };
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The stream. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/event-stream": string;
                 };
             };
             400: components["responses"]["BadRequest"];

@@ -4,6 +4,7 @@ import type { ClientOptions, RequestOptions, TuneryClient } from '../core/client
 import type { PagePromise } from '../core/pagination.js';
 import { type WaitOptions, waitForJob } from '../core/polling.js';
 import { APIResource, clientFrom } from '../core/resource.js';
+import { followJobStream, type JobStreamMessage, type JobStreamOptions } from '../core/stream.js';
 import type {
   CheckpointList,
   DistillationArtifacts,
@@ -75,6 +76,23 @@ export class Distiller extends APIResource {
       query,
       ...options,
     });
+  }
+
+  /**
+   * The job live, from one server-sent-events connection: log lines, metric points, timeline events
+   * and status changes (phases included) as they are recorded, each once, ending with an `end`
+   * message after the job has finished. Reconnects on its own after the last message received.
+   */
+  stream(jobId: string, options?: JobStreamOptions): AsyncGenerator<JobStreamMessage, void, undefined> {
+    return followJobStream(
+      (lastEventId, signal) =>
+        this._client.getStream('/v1/distillation/{job_id}/stream', {
+          pathParams: { job_id: jobId },
+          headers: lastEventId === undefined ? undefined : { 'Last-Event-ID': lastEventId },
+          signal,
+        }),
+      options,
+    );
   }
 
   /** The worker's log lines after `since` (a seq), or the last `tail`; at most 1000 per call. */

@@ -158,6 +158,7 @@ describe('every mock response is valid against the spec', () => {
     await expectError(jobs.result(job.id), 404);
     await expectError(jobs.merge(job.id), 409);
     mock.advanceJob(job.id, 'completed');
+    for await (const message of jobs.stream(job.id)) if (message.type === 'end') break;
     await jobs.result(job.id);
     await jobs.outputs(job.id);
     await new Response(await jobs.download(job.id, 'adapter_config.json')).arrayBuffer();
@@ -236,6 +237,7 @@ describe('every mock response is valid against the spec', () => {
     await distiller.logs(job.id, { tail: 10 });
     await distiller.metrics(job.id, { since_step: -1 });
     await distiller.checkpoints(job.id);
+    await distiller.stream(job.id).next();
     await expectError(distiller.resume(job.id), 409); // not failed or cancelled
     await expectError(distiller.events('job_missing'), 404);
     mock.advanceJob(job.id, 'done');

@@ -23,6 +23,7 @@ import {
   tickDistillationJob,
 } from '../simulate.js';
 import { type MockState, newId, now } from '../state.js';
+import { jobStreamResponse } from '../stream.js';
 import { checkpointListOf, logPageOf, metricPageOf, resumeCheckpoint } from './training.js';
 
 type Schemas = components['schemas'];
@@ -136,6 +137,18 @@ export function distillationHandlers(ctx: MockContext) {
       const since = intParam(query.get('since'), 'since', 0, 0, Number.MAX_SAFE_INTEGER);
       const events = (state.events.get(params.job_id) ?? []).filter((e) => e.seq > since);
       return response(200).json({ job_id: params.job_id, events });
+    },
+  );
+
+  router.get(
+    '/v1/distillation/{job_id}/stream',
+    'streamDistillationJob',
+    ({ params, query, request, response }) => {
+      checkTenant(state, query.get('tenant_id') ?? undefined);
+      const job = distillationJob(state, params.job_id);
+      const sent = jobStreamResponse(state, job.id, job, request);
+      if (ctx.autoAdvance) tickDistillationJob(state, job);
+      return response.untyped(sent);
     },
   );
 

@@ -22,6 +22,7 @@ import {
   tickTrainingJob,
 } from '../simulate.js';
 import { type MockState, newId, now } from '../state.js';
+import { jobStreamResponse } from '../stream.js';
 import { storeDataset } from './datasets.js';
 
 type Schemas = components['schemas'];
@@ -132,6 +133,13 @@ export function trainingHandlers(ctx: MockContext) {
       return response(201).json({ merge_job_id: job.id, job });
     },
   );
+
+  router.get('/v1/training/jobs/{job_id}/stream', 'streamTrainingJob', ({ params, request, response }) => {
+    const job = trainingJob(state, params.job_id);
+    const sent = jobStreamResponse(state, job.id, job, request);
+    if (ctx.autoAdvance) tickTrainingJob(state, job, ctx.settings);
+    return response.untyped(sent);
+  });
 
   router.get('/v1/training/jobs/{job_id}/logs', 'listTrainingJobLogs', ({ params, request, response }) => {
     trainingJob(state, params.job_id);

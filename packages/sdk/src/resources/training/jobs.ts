@@ -4,6 +4,7 @@ import { type FollowOptions, followLogLines, followMetricPoints } from '../../co
 import type { PagePromise } from '../../core/pagination.js';
 import { type WaitOptions, waitForJob } from '../../core/polling.js';
 import { APIResource } from '../../core/resource.js';
+import { followJobStream, type JobStreamMessage, type JobStreamOptions } from '../../core/stream.js';
 import type {
   CheckpointList,
   EventList,
@@ -160,6 +161,24 @@ export class Jobs extends APIResource {
   ): Promise<TrainingJob> {
     const job = await this.create(body, { signal: options?.signal, ...requestOptions });
     return this.waitForCompletion(job.id, options);
+  }
+
+  /**
+   * The job live, from one server-sent-events connection: log lines, metric points, timeline events
+   * and status changes as they are recorded, each once, ending with an `end` message after the job
+   * has finished. Reconnects on its own after the last message received; `lastEventId` resumes an
+   * earlier stream.
+   */
+  stream(jobId: string, options?: JobStreamOptions): AsyncGenerator<JobStreamMessage, void, undefined> {
+    return followJobStream(
+      (lastEventId, signal) =>
+        this._client.getStream('/v1/training/jobs/{job_id}/stream', {
+          pathParams: { job_id: jobId },
+          headers: lastEventId === undefined ? undefined : { 'Last-Event-ID': lastEventId },
+          signal,
+        }),
+      options,
+    );
   }
 
   /** Every log line after `since` (default: all), each once, until the job has ended and its last lines are read. */

@@ -5,6 +5,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import {
   APIUserAbortError,
   ConflictError,
+  type JobStreamMessage,
   JobWaitTimeoutError,
   type LogLine,
   type MetricPoint,
@@ -134,6 +135,29 @@ describe('logs and metrics', () => {
     expect(mock.state.trainingJobs.get(job.id)?.status).toBe('completed');
     expect(lines.map((l) => l.seq)).toEqual(stored.map((l) => l.seq));
     expect(lines.at(-1)?.text).toMatch(/^completed/);
+  });
+
+  it('stream yields each log line, metric point and event once, and status changes, until end', async () => {
+    const jobs = tunery().training.jobs;
+    const job = await jobs.create(finetune);
+    const messages: JobStreamMessage[] = [];
+    // Work happens while we read; each connection sends what is new and closes, so the SDK reconnects.
+    const worker = setInterval(() => mock.tickJob(job.id), 3);
+    for await (const message of jobs.stream(job.id)) messages.push(message);
+    clearInterval(worker);
+    const seqs = (type: 'log' | 'event') => messages.flatMap((m) => (m.type === type ? [m.data.seq] : []));
+    expect(seqs('log')).toEqual((mock.state.logs.get(job.id) ?? []).map((l) => l.seq));
+    expect(seqs('event')).toEqual((mock.state.events.get(job.id) ?? []).map((e) => e.seq));
+    const metrics = messages.filter((m) => m.type === 'metric');
+    expect(metrics).toHaveLength(mock.state.metrics.get(job.id)?.length ?? -1);
+    const statuses = messages.flatMap((m) => (m.type === 'status' ? [m.data.status] : []));
+    expect(statuses[0]).toBe('pending');
+    expect(statuses.at(-1)).toBe('completed');
+    expect(messages.at(-1)).toMatchObject({ type: 'end', data: { status: 'completed' } });
+    // Every reconnection continued after the last message received.
+    const streams = mock.state.requests.filter((r) => r.operationId === 'streamTrainingJob');
+    expect(streams.length).toBeGreaterThan(1);
+    expect(streams.slice(1).every((r) => r.headers['last-event-id'])).toBe(true);
   });
 
   it('followLogs resumes after `since` and drains lines written as the job ended', async () => {
