@@ -4492,7 +4492,17 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "text/event-stream": string;
+                    "text/event-stream": {
+                        /** @description The stream position after this message; send it back as `Last-Event-ID`. */
+                        id: string;
+                        /**
+                         * @description What `data` holds.
+                         * @enum {string}
+                         */
+                        event: "status" | "log" | "metric" | "event" | "end";
+                        /** @description JSON: a `JobStreamStatus`, `LogLine`, `MetricPoint`, `JobEvent` or `JobStreamEnd`, as `event` says. */
+                        data: string;
+                    };
                 };
             };
             400: components["responses"]["BadRequest"];
@@ -5064,7 +5074,17 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "text/event-stream": string;
+                    "text/event-stream": {
+                        /** @description The stream position after this message; send it back as `Last-Event-ID`. */
+                        id: string;
+                        /**
+                         * @description What `data` holds.
+                         * @enum {string}
+                         */
+                        event: "status" | "log" | "metric" | "event" | "end";
+                        /** @description JSON: a `JobStreamStatus`, `LogLine`, `MetricPoint`, `JobEvent` or `JobStreamEnd`, as `event` says. */
+                        data: string;
+                    };
                 };
             };
             400: components["responses"]["BadRequest"];
