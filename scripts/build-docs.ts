@@ -28,6 +28,7 @@ const ACCESSORS: Record<string, string> = {
   BaseModels: 'tunery.baseModels',
   BudgetResource: 'tunery.budget',
   ApiKeys: 'tunery.admin.keys',
+  Webhooks: 'tunery.webhooks',
 };
 
 /** Operations kept for seed compatibility, which the SDK serves through another method. */

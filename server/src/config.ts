@@ -54,6 +54,15 @@ export interface Config {
   secretsKeyRotate: boolean;
   /** Admin key the CLI sends to a running server; unset: `${dataDir}/admin-key`. */
   adminKey: string | undefined;
+  /**
+   * Hosts webhooks may reach whatever their address (`TUNERY_WEBHOOK_ALLOW_HOSTS`, comma-separated,
+   * e.g. an internal service). Any other host must resolve to public addresses only.
+   */
+  webhookAllowHosts: string[];
+  /** How often pending webhook deliveries are sent, ms. */
+  webhookIntervalMs: number;
+  /** First retry delay of a failed webhook delivery, seconds; doubles per attempt. */
+  webhookRetryBaseSeconds: number;
 }
 
 function intEnv(name: string, fallback: number): number {
@@ -119,6 +128,12 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     secretsKey: process.env.TUNERY_SECRETS_KEY || undefined,
     secretsKeyRotate: ['1', 'true'].includes(process.env.TUNERY_SECRETS_KEY_ROTATE ?? ''),
     adminKey: process.env.TUNERY_ADMIN_KEY || undefined,
+    webhookAllowHosts: (process.env.TUNERY_WEBHOOK_ALLOW_HOSTS ?? '')
+      .split(',')
+      .map((host) => host.trim().toLowerCase())
+      .filter(Boolean),
+    webhookIntervalMs: intEnv('TUNERY_WEBHOOK_INTERVAL_MS', 1000),
+    webhookRetryBaseSeconds: intEnv('TUNERY_WEBHOOK_RETRY_BASE_SECONDS', 10),
     ...overrides,
   };
 }

@@ -17,6 +17,7 @@ import { extendLeasesAfterStart } from './queue/restart.js';
 import { startSweeper } from './queue/sweeper.js';
 import { checkSecretsKey, loadSecretsKey, SecretBox, sealPlaintextSecrets } from './secrets.js';
 import { seedCatalog } from './services/catalog.js';
+import { startWebhookDispatcher } from './services/webhooks.js';
 import { LocalStorage } from './storage.js';
 
 export interface RunningServer {
@@ -80,6 +81,7 @@ async function serveOn(
   const extended = await extendLeasesAfterStart(ctx);
   if (extended > 0) logger.info({ extended }, 'extended the leases of running jobs after the start');
   const stopSweeper = startSweeper(ctx);
+  const stopWebhooks = startWebhookDispatcher(ctx);
 
   const app = createApp(ctx);
   let server: Server;
@@ -90,6 +92,7 @@ async function serveOn(
   } catch (err) {
     // the port is taken (or the host wrong): stop what started, so the caller can close the database
     await stopSweeper();
+    await stopWebhooks();
     await stopListening();
     throw err;
   }
@@ -106,6 +109,7 @@ async function serveOn(
     closing ??= (async () => {
       ctx.shuttingDown.abort();
       await stopSweeper();
+      await stopWebhooks();
       await partSweeper.stop();
       await new Promise<void>((resolve) => {
         server.close(() => resolve());

@@ -8,6 +8,7 @@ import { Distiller } from './resources/distillation.js';
 import { BaseModels, Models } from './resources/models.js';
 import { Trainer } from './resources/training/trainer.js';
 import { Trajectories } from './resources/trajectories.js';
+import { Webhooks } from './resources/webhooks.js';
 import type { Health, Version } from './types.js';
 
 /**
@@ -28,6 +29,7 @@ export class Tunery extends TuneryClient {
   readonly baseModels: BaseModels = new BaseModels(this);
   readonly budget: BudgetResource = new BudgetResource(this);
   readonly admin: Admin = new Admin(this);
+  readonly webhooks: Webhooks = new Webhooks(this);
 
   /** Liveness and database check (no authentication). */
   health(options?: RequestOptions): APIPromise<Health> {

@@ -51,4 +51,6 @@ export { Jobs } from './resources/training/jobs.js';
 export { Templates } from './resources/training/templates.js';
 export { Trainer } from './resources/training/trainer.js';
 export { Trajectories } from './resources/trajectories.js';
+export { Webhooks } from './resources/webhooks.js';
 export type * from './types.js';
+export { type VerifyWebhookOptions, verifyWebhookSignature } from './webhook-signature.js';

@@ -119,3 +119,13 @@ export type CreatedApiKey = Schemas['CreatedApiKey'];
 export type ApiKeyCreateParams = RequestBodyOf<'createApiKey'>;
 export type ApiKeyListParams = QueryOf<'listApiKeys'>;
 export type BudgetUpdateParams = RequestBodyOf<'updateBudget'>;
+
+// ---- webhooks
+export type Webhook = Schemas['Webhook'];
+export type WebhookEvent = Schemas['WebhookEvent'];
+export type WebhookList = Schemas['WebhookList'];
+export type CreatedWebhook = Schemas['CreatedWebhook'];
+export type WebhookCreateParams = RequestBodyOf<'createWebhook'>;
+export type WebhookListParams = QueryOf<'listWebhooks'>;
+export type WebhookDelivery = Schemas['WebhookDelivery'];
+export type WebhookDeliveryList = Schemas['WebhookDeliveryList'];

@@ -1206,6 +1206,89 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/webhooks": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List webhooks
+         * @description The tenant's webhook endpoints, newest first (their secrets are shown only at creation).
+         */
+        get: operations["listWebhooks"];
+        put?: never;
+        /**
+         * Register a webhook
+         * @description From now on, every job of the tenant that ends with one of `events` (default: all three) is
+         *     POSTed to `url` as JSON `{"id", "type", "created_at", "data": {"job_id", "kind", "type",
+         *     "status", "finished_at", "error"}}`, with headers `Tunery-Webhook-Id`, `Tunery-Delivery-Id`
+         *     and `Tunery-Signature: t=<unix seconds>,v1=<hex>`, where `v1` is the HMAC-SHA256 of
+         *     `<t>.<body>` keyed with the webhook's `secret` (answered here, once). Verify it and reject old
+         *     `t` to refuse forgeries and replays; the SDK's `verifyWebhookSignature` does both. A delivery
+         *     that is not answered 2xx within 10 s is retried with exponential backoff, 8 attempts in all;
+         *     deliveries are at least once (deduplicate by `Tunery-Delivery-Id`). The host must resolve to
+         *     public addresses unless the operator allows it (`TUNERY_WEBHOOK_ALLOW_HOSTS`); a literal
+         *     non-public address is `400 webhook_host_not_allowed`, and redirects are not followed.
+         */
+        post: operations["createWebhook"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/webhooks/{webhook_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The webhook's id (`wh_…`). */
+                webhook_id: components["parameters"]["WebhookId"];
+            };
+            cookie?: never;
+        };
+        /**
+         * Get a webhook
+         * @description The webhook, without its secret.
+         */
+        get: operations["getWebhook"];
+        put?: never;
+        post?: never;
+        /**
+         * Delete a webhook
+         * @description Nothing more is sent to it, pending retries included; its delivery log goes with it.
+         */
+        delete: operations["deleteWebhook"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/webhooks/{webhook_id}/deliveries": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The webhook's id (`wh_…`). */
+                webhook_id: components["parameters"]["WebhookId"];
+            };
+            cookie?: never;
+        };
+        /**
+         * List a webhook's deliveries
+         * @description One row per job announced, newest first, with its status, attempts and the last answer or error.
+         */
+        get: operations["listWebhookDeliveries"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/admin/keys": {
         parameters: {
             query?: never;
@@ -1893,6 +1976,85 @@ export interface components {
             /** @description Human-readable explanation. */
             message: string;
         } | null;
+        /**
+         * @description A job of the tenant (training or distillation) ended this way.
+         * @enum {string}
+         */
+        WebhookEvent: "job.completed" | "job.failed" | "job.cancelled";
+        /** @description A new webhook endpoint. */
+        WebhookCreate: {
+            /**
+             * Format: uri
+             * @description Where events are POSTed (http or https).
+             */
+            url: string;
+            /** @description Which endings to send; default all three. */
+            events?: components["schemas"]["WebhookEvent"][];
+            /** @description What it is for. */
+            description?: string;
+            /** @description Re-using a key returns the same webhook. */
+            idempotency_key?: string;
+        };
+        /** @description A webhook endpoint. */
+        Webhook: {
+            id: components["schemas"]["Id"];
+            /** @description Where events are POSTed. */
+            url: string;
+            /** @description Which endings are sent. */
+            events: components["schemas"]["WebhookEvent"][];
+            /** @description What it is for. */
+            description: string | null;
+            created_at: components["schemas"]["Timestamp"];
+        };
+        /** @description A new webhook and its signing secret, which is answered only here. */
+        CreatedWebhook: {
+            webhook: components["schemas"]["Webhook"];
+            /** @description Key of the HMAC-SHA256 in `Tunery-Signature` (`whsec_…`). */
+            secret: string;
+        };
+        /** @description One page of webhooks. */
+        WebhookList: {
+            /** @description This page. */
+            webhooks: components["schemas"]["Webhook"][];
+            /** @description Webhooks in all pages. */
+            total: number;
+            /** @description More pages follow. */
+            has_more: boolean;
+            /** @description Pass as `after` for the next page; null on the last page. */
+            next_cursor: string | null;
+        };
+        /** @description One job announced to one webhook. */
+        WebhookDelivery: {
+            id: components["schemas"]["Id"];
+            webhook_id: components["schemas"]["Id"];
+            job_id: components["schemas"]["Id"];
+            event: components["schemas"]["WebhookEvent"];
+            /**
+             * @description Pending: not accepted yet, retried at `next_attempt_at`; failed: every attempt was refused.
+             * @enum {string}
+             */
+            status: "pending" | "delivered" | "failed";
+            /** @description POSTs made so far. */
+            attempts: number;
+            next_attempt_at: components["schemas"]["NullableTimestamp"];
+            /** @description The HTTP status of the last answer (null: none came). */
+            last_status_code: number | null;
+            /** @description Why the last attempt failed. */
+            last_error: string | null;
+            created_at: components["schemas"]["Timestamp"];
+            delivered_at: components["schemas"]["NullableTimestamp"];
+        };
+        /** @description One page of a webhook's deliveries. */
+        WebhookDeliveryList: {
+            /** @description This page. */
+            deliveries: components["schemas"]["WebhookDelivery"][];
+            /** @description Deliveries in all pages. */
+            total: number;
+            /** @description More pages follow. */
+            has_more: boolean;
+            /** @description Pass as `after` for the next page; null on the last page. */
+            next_cursor: string | null;
+        };
         /** @description Confirmation of a deletion. */
         Deleted: {
             /** @description The deleted object's id or name. */
@@ -4227,6 +4389,8 @@ export interface components {
         FileId: components["schemas"]["Id"];
         /** @description The adapter's name. */
         AdapterName: components["schemas"]["Name"];
+        /** @description The webhook's id (`wh_…`). */
+        WebhookId: components["schemas"]["Id"];
         /** @description The template's name. */
         TemplateName: components["schemas"]["Name"];
         /** @description The checkpoint's name, e.g. `checkpoint-500`. */
@@ -6144,6 +6308,160 @@ export interface operations {
             400: components["responses"]["BadRequest"];
             401: components["responses"]["Unauthorized"];
             403: components["responses"]["Forbidden"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    listWebhooks: {
+        parameters: {
+            query?: {
+                /** @description Page size (at most 100). */
+                limit?: components["parameters"]["Limit"];
+                /** @description Number of items to skip. Items created meanwhile shift offsets; `after` does not. */
+                offset?: components["parameters"]["Offset"];
+                /** @description The `next_cursor` of the previous page: this page holds the items that sort after that page's last one, so items created or deleted meanwhile neither repeat nor go missing. Not with `offset`; a value that is not this list's cursor is `400 invalid_cursor`. */
+                after?: components["parameters"]["After"];
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description One page of webhooks. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["WebhookList"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    createWebhook: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description Makes the create safe to retry; the body's `idempotency_key` takes precedence. */
+                "Idempotency-Key"?: components["parameters"]["IdempotencyKey"];
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["WebhookCreate"];
+            };
+        };
+        responses: {
+            /** @description The webhook, with its signing secret (shown only here). */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CreatedWebhook"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            409: components["responses"]["Conflict"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    getWebhook: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The webhook's id (`wh_…`). */
+                webhook_id: components["parameters"]["WebhookId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The webhook. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Webhook"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    deleteWebhook: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The webhook's id (`wh_…`). */
+                webhook_id: components["parameters"]["WebhookId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Deleted. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Deleted"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    listWebhookDeliveries: {
+        parameters: {
+            query?: {
+                /** @description Page size (at most 100). */
+                limit?: components["parameters"]["Limit"];
+                /** @description Number of items to skip. Items created meanwhile shift offsets; `after` does not. */
+                offset?: components["parameters"]["Offset"];
+                /** @description The `next_cursor` of the previous page: this page holds the items that sort after that page's last one, so items created or deleted meanwhile neither repeat nor go missing. Not with `offset`; a value that is not this list's cursor is `400 invalid_cursor`. */
+                after?: components["parameters"]["After"];
+            };
+            header?: never;
+            path: {
+                /** @description The webhook's id (`wh_…`). */
+                webhook_id: components["parameters"]["WebhookId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description One page of deliveries. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["WebhookDeliveryList"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
             429: components["responses"]["TooManyRequests"];
             500: components["responses"]["InternalError"];
         };

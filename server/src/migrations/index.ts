@@ -2,6 +2,7 @@ import type { Knex } from 'knex';
 import { init } from './001_init.js';
 import { secretsKeys } from './002_secrets_keys.js';
 import { budgetReservations } from './004_budget_idem.js';
+import { webhooks } from './005_webhooks.js';
 
 export interface Migration {
   name: string;
@@ -10,4 +11,4 @@ export interface Migration {
 }
 
 /** Every migration, in order. Add new ones at the end; never edit one that has shipped. */
-export const migrations: Migration[] = [init, secretsKeys, budgetReservations];
+export const migrations: Migration[] = [init, secretsKeys, budgetReservations, webhooks];

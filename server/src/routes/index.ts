@@ -11,6 +11,7 @@ import { planningRoutes } from './planning.js';
 import { templateRoutes } from './templates.js';
 import { trainingJobRoutes } from './training-jobs.js';
 import { trajectoryRoutes } from './trajectories.js';
+import { webhookRoutes } from './webhooks.js';
 import { workerRoutes } from './workers.js';
 
 /** operationId → handler, for every operation in the spec. */
@@ -26,6 +27,7 @@ export const allRoutes: Routes = {
   ...modelRoutes,
   ...budgetRoutes,
   ...adminRoutes,
+  ...webhookRoutes,
   ...workerRoutes,
   ...openAIRoutes,
 };

@@ -27,6 +27,7 @@ export const IDEMPOTENT_POST_PATHS = [
   '/v1/trajectories',
   '/v1/base-models',
   '/v1/models/{model_id}/benchmark',
+  '/v1/webhooks',
 ] as const satisfies readonly IdempotentPostPath[];
 
 // Fails to compile when the spec gains an idempotent POST that the list above lacks.

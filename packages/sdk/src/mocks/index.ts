@@ -24,6 +24,7 @@ import { planningHandlers } from './handlers/planning.js';
 import { templateHandlers } from './handlers/templates.js';
 import { trainingHandlers } from './handlers/training.js';
 import { trajectoryHandlers } from './handlers/trajectories.js';
+import { webhookHandlers } from './handlers/webhooks.js';
 import { workerHandlers } from './handlers/workers.js';
 import { type InjectedFailure, type RouteInfo, Router } from './router.js';
 import {
@@ -120,6 +121,7 @@ export function createTuneryMock(options: TuneryMockOptions = {}): TuneryMock {
     planningHandlers,
     datasetHandlers,
     trajectoryHandlers,
+    webhookHandlers,
     adapterHandlers,
     modelHandlers,
     budgetHandlers,

@@ -32,7 +32,15 @@ export interface Lease {
 
 export interface IdempotentResult {
   fingerprint: string;
-  kind: 'trainingJob' | 'distillationJob' | 'dataset' | 'trajectory' | 'template' | 'baseModel' | 'benchmark';
+  kind:
+    | 'trainingJob'
+    | 'distillationJob'
+    | 'dataset'
+    | 'trajectory'
+    | 'template'
+    | 'baseModel'
+    | 'benchmark'
+    | 'webhook';
   id: string;
 }
 
@@ -61,6 +69,7 @@ export interface MockState {
   budget: { limit_usd: number | null; spent_usd: number };
   /** API keys made through the admin API (their secrets are not kept). */
   apiKeys: Map<string, Schemas['ApiKey']>;
+  webhooks: Map<string, Schemas['CreatedWebhook']>;
   autoConfig: Schemas['AutoTrainingConfig'];
   idempotency: Map<string, IdempotentResult>;
   leases: Map<string, Lease>;
@@ -137,6 +146,7 @@ export function createState(tenantId = 'default'): MockState {
     baseModels: new Map(BUILTIN_BASE_MODELS.map((m) => [m.id, structuredClone(m)])),
     budget: { limit_usd: null, spent_usd: 0 },
     apiKeys: new Map(),
+    webhooks: new Map(),
     autoConfig: {
       enabled: false,
       threshold: 100,

@@ -103,6 +103,13 @@ describe('every mock response is valid against the spec', () => {
     mock.failNext('listApiKeys', 403);
     await expectError(tunery.admin.keys.list(), 403);
     await expectError(tunery.admin.keys.create({ expires_at: '2000-01-01T00:00:00Z' }), 400);
+    const hook = await tunery.webhooks.create({ url: 'https://ci.example.com/hook', events: ['job.failed'] });
+    await tunery.webhooks.list();
+    await tunery.webhooks.retrieve(hook.webhook.id);
+    await tunery.webhooks.deliveries(hook.webhook.id);
+    await expectError(tunery.webhooks.create({ url: 'not a url' }), 400);
+    await tunery.webhooks.delete(hook.webhook.id);
+    await expectError(tunery.webhooks.retrieve(hook.webhook.id), 404);
     await tunery.baseModels.list();
     await tunery.baseModels.create({ name: 'qwen', source: 'Qwen/Qwen2.5-0.5B' });
     await expectError(tunery.baseModels.create({ name: 'qwen', source: 'again' }), 409);
