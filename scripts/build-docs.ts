@@ -131,6 +131,10 @@ const OPENAI_CLIENT_CALLS: Record<string, string> = {
   cancelOpenAIFineTuningJob: "client.fineTuning.jobs.cancel('job_4f0c2a9d1b7e4c55a0d3e8f1')",
   listOpenAIFineTuningEvents: "client.fineTuning.jobs.listEvents('job_4f0c2a9d1b7e4c55a0d3e8f1')",
   listOpenAIFineTuningCheckpoints: "client.fineTuning.jobs.checkpoints.list('job_4f0c2a9d1b7e4c55a0d3e8f1')",
+  createOpenAIChatCompletion:
+    "client.chat.completions.create({ model: 'model_0123456789abcdef012345', messages: [{ role: 'user', content: 'Say hi' }] })",
+  createOpenAICompletion:
+    "client.completions.create({ model: 'smollm2-135m-instruct', prompt: 'Once upon a time' })",
   listOpenAIModels: 'client.models.list()',
   getOpenAIModel: "client.models.retrieve('tiny-llama')",
 };

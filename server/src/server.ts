@@ -17,6 +17,7 @@ import { extendLeasesAfterStart } from './queue/restart.js';
 import { startSweeper } from './queue/sweeper.js';
 import { checkSecretsKey, loadSecretsKey, SecretBox, sealPlaintextSecrets } from './secrets.js';
 import { seedCatalog } from './services/catalog.js';
+import { listenForInference } from './services/inference.js';
 import { startWebhookDispatcher } from './services/webhooks.js';
 import { LocalStorage } from './storage.js';
 
@@ -76,7 +77,12 @@ async function serveOn(
   // Before the first request: finish renames a crash interrupted, drop abandoned uploads.
   const partSweeper = createPartSweeper(ctx, partSweeperConfig(ctx));
   await partSweeper.runOnce();
-  const stopListening = await listenForJobs(ctx);
+  const stopListeningForJobs = await listenForJobs(ctx);
+  const stopListeningForInference = await listenForInference(ctx);
+  const stopListening = async () => {
+    await stopListeningForJobs();
+    await stopListeningForInference();
+  };
   // Before the first sweep: leases that lapsed while the server was down are not the workers' fault.
   const extended = await extendLeasesAfterStart(ctx);
   if (extended > 0) logger.info({ extended }, 'extended the leases of running jobs after the start');

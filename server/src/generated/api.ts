@@ -1361,6 +1361,56 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/workers/inference/claim": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Claim an inference request (long-poll)
+         * @description A worker started with `--serve` long-polls here: the oldest request waiting for a worker,
+         *     with what to load (a base model's source, a LoRA adapter's or a full model's files, which it
+         *     downloads from `/v1/workers/files/{file_id}` presenting `request_token` as `X-Lease-Token`),
+         *     the input and the sampling parameters. `204` when none arrived within `wait_seconds`. Each
+         *     claim also marks the worker as serving (callers get `503 no_serving_worker` when none was
+         *     seen for a minute). Inference requests are not jobs: nothing is stored once they end.
+         */
+        post: operations["claimInference"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/workers/inference/{request_id}/report": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The inference request's id (`inf_…`). */
+                request_id: components["schemas"]["Id"];
+            };
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Report generated text
+         * @description Text generated since the last report, relayed to the caller as it arrives; the last report
+         *     has `done: true` with `finish_reason` and `usage` (or `error`). `cancelled: true` in the
+         *     answer means the caller is gone: stop generating.
+         */
+        post: operations["reportInference"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/workers/jobs/{job_id}/heartbeat": {
         parameters: {
             query?: never;
@@ -1866,6 +1916,60 @@ export interface paths {
         get: operations["listOpenAIFineTuningCheckpoints"];
         put?: never;
         post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/openai/v1/chat/completions": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Create a chat completion (OpenAI)
+         * @description `model` is one of your fine-tuned models (`model_…`, as `fine_tuned_model` names it), one of
+         *     your adapters by name, or a base model of the catalog. A worker started with `--serve`
+         *     generates (transformers on CPU or CUDA, adapters loaded over their base model); with none,
+         *     `503 no_serving_worker`, and `503 inference_timeout` when none takes the request within a
+         *     minute. Greedy when `temperature` is 0; `seed` makes sampling repeatable. Fields OpenAI
+         *     defines that Tunery does not implement (tools, logprobs, penalties, `n` > 1…) are refused
+         *     with 400 naming them, never ignored.
+         *     Messages go through the model's chat template.
+         */
+        post: operations["createOpenAIChatCompletion"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/openai/v1/completions": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Create a completion (OpenAI)
+         * @description `model` is one of your fine-tuned models (`model_…`, as `fine_tuned_model` names it), one of
+         *     your adapters by name, or a base model of the catalog. A worker started with `--serve`
+         *     generates (transformers on CPU or CUDA, adapters loaded over their base model); with none,
+         *     `503 no_serving_worker`, and `503 inference_timeout` when none takes the request within a
+         *     minute. Greedy when `temperature` is 0; `seed` makes sampling repeatable. Fields OpenAI
+         *     defines that Tunery does not implement (tools, logprobs, penalties, `n` > 1…) are refused
+         *     with 400 naming them, never ignored.
+         *     The prompt is continued as it is (no chat template).
+         */
+        post: operations["createOpenAICompletion"];
         delete?: never;
         options?: never;
         head?: never;
@@ -4062,6 +4166,244 @@ export interface components {
             data: components["schemas"]["OpenAIFineTuningCheckpoint"][];
             /** @description More after this page. */
             has_more: boolean;
+        };
+        /** @description A serving worker asking for work. */
+        InferenceClaimRequest: {
+            /** @description Stable name of the worker. */
+            worker_id: string;
+            /**
+             * @description Long-poll time.
+             * @default 20
+             */
+            wait_seconds: number;
+        };
+        /** @description A model file the worker downloads. */
+        InferenceFile: {
+            file_id: components["schemas"]["Id"];
+            /** @description File name. */
+            name: string;
+            /** @description Size. */
+            size_bytes: number;
+            /** @description Digest to check. */
+            sha256: string;
+        };
+        /** @description Files to load, with a key that names them for caching (the job that made them). */
+        InferenceModelFiles: {
+            /** @description Cache key. */
+            key: string;
+            /** @description The files. */
+            files: components["schemas"]["InferenceFile"][];
+        } | null;
+        /** @description One inference request and what it needs. */
+        ClaimedInference: {
+            request_id: components["schemas"]["Id"];
+            /** @description Presented on reports and file downloads. */
+            request_token: string;
+            /** @description What to load. */
+            target: {
+                /** @description The model as the caller named it. */
+                name: string;
+                /** @description Base model: hub id or path on the worker (null with `model_files`). */
+                base_source: string | null;
+                adapter: components["schemas"]["InferenceModelFiles"];
+                model_files: components["schemas"]["InferenceModelFiles"];
+            };
+            /** @description `chat`: messages through the chat template; `completion`: a prompt continued as is. */
+            input: {
+                /**
+                 * @description Which.
+                 * @enum {string}
+                 */
+                kind: "chat" | "completion";
+                /** @description Chat messages. */
+                messages?: {
+                    /** @description system, user or assistant. */
+                    role: string;
+                    /** @description The text. */
+                    content: string;
+                }[];
+                /** @description The prompt. */
+                prompt?: string;
+            };
+            /** @description Sampling. */
+            params: {
+                /** @description Most new tokens. */
+                max_tokens: number;
+                /** @description 0: greedy. */
+                temperature: number;
+                /** @description Nucleus sampling. */
+                top_p: number;
+                /** @description Stop before any of these. */
+                stop: string[];
+                /** @description Sampling seed. */
+                seed: number | null;
+            };
+        };
+        /** @description Text generated since the last report; the last one has `done`. */
+        InferenceReport: {
+            /** @description From the claim. */
+            request_token: string;
+            /** @description The reporting worker. */
+            worker_id: string;
+            /** @description New text. */
+            text?: string;
+            /** @description The last report. */
+            done?: boolean;
+            /**
+             * @description Why generation ended (with `done`).
+             * @enum {string}
+             */
+            finish_reason?: "stop" | "length";
+            /** @description Token counts (with `done`). */
+            usage?: {
+                /** @description Prompt tokens. */
+                prompt_tokens: number;
+                /** @description Generated tokens. */
+                completion_tokens: number;
+            };
+            /** @description Generation failed (with `done`). */
+            error?: {
+                /** @description Stable code. */
+                code: string;
+                /** @description What went wrong. */
+                message: string;
+            };
+        };
+        /** @description Whether to go on. */
+        InferenceReportResponse: {
+            /** @description The caller is gone: stop generating. */
+            cancelled: boolean;
+        };
+        /** @description One message (text content only). */
+        OpenAIChatMessage: {
+            /**
+             * @description Who speaks (`developer` is treated as `system`).
+             * @enum {string}
+             */
+            role: "system" | "developer" | "user" | "assistant";
+            /** @description The text, or text parts. */
+            content: string | {
+                /** @constant */
+                type: "text";
+                text: string;
+            }[];
+            /** @description Refused: the chat templates have no place for it. */
+            name?: string;
+        };
+        /** @description Sampling fields shared by both endpoints. */
+        OpenAISamplingFields: {
+            /** @description Most new tokens (default 256). */
+            max_tokens?: number | null;
+            /** @description Default 1; 0 is greedy. */
+            temperature?: number | null;
+            /** @description Default 1. */
+            top_p?: number | null;
+            /** @description Up to 4 strings; the text ends before the first. */
+            stop?: null | string | string[];
+            /** @description Repeatable sampling. */
+            seed?: number | null;
+            /**
+             * @description Only 1.
+             * @constant
+             */
+            n?: 1;
+            /** @description Server-sent events. */
+            stream?: boolean | null;
+            /** @description `include_usage`: a last chunk with the usage. */
+            stream_options?: {
+                /** @description Send usage. */
+                include_usage?: boolean;
+            } | null;
+        };
+        /** @description OpenAI's chat completion request, the fields Tunery implements. */
+        OpenAIChatCompletionCreate: components["schemas"]["OpenAISamplingFields"] & {
+            /** @description A fine-tuned model id, an adapter name or a base model. */
+            model: string;
+            /** @description The conversation. */
+            messages: components["schemas"]["OpenAIChatMessage"][];
+            /** @description Most new tokens (wins over `max_tokens`). */
+            max_completion_tokens?: number | null;
+        };
+        /** @description OpenAI's (legacy) completion request, the fields Tunery implements. */
+        OpenAICompletionCreate: components["schemas"]["OpenAISamplingFields"] & {
+            /** @description A fine-tuned model id, an adapter name or a base model. */
+            model: string;
+            /** @description Continued as is. */
+            prompt: string;
+        };
+        /** @description Token counts. */
+        OpenAIUsage: {
+            /** @description Prompt. */
+            prompt_tokens: number;
+            /** @description Generated. */
+            completion_tokens: number;
+            /** @description Both. */
+            total_tokens: number;
+        };
+        /** @description A chat completion. */
+        OpenAIChatCompletion: {
+            /** @description `chatcmpl-…`. */
+            id: string;
+            /**
+             * @description Always chat.completion.
+             * @constant
+             */
+            object: "chat.completion";
+            /** @description Unix seconds. */
+            created: number;
+            /** @description As requested. */
+            model: string;
+            /** @description One choice. */
+            choices: {
+                /** @description 0. */
+                index: number;
+                message: {
+                    /**
+                     * @description assistant.
+                     * @constant
+                     */
+                    role: "assistant";
+                    /** @description The answer. */
+                    content: string;
+                };
+                /**
+                 * @description Why it ended.
+                 * @enum {string}
+                 */
+                finish_reason: "stop" | "length";
+                /** @description Not computed. */
+                logprobs: null;
+            }[];
+            usage: components["schemas"]["OpenAIUsage"];
+        };
+        /** @description A completion. */
+        OpenAICompletion: {
+            /** @description `cmpl-…`. */
+            id: string;
+            /**
+             * @description Always text_completion.
+             * @constant
+             */
+            object: "text_completion";
+            /** @description Unix seconds. */
+            created: number;
+            /** @description As requested. */
+            model: string;
+            /** @description One choice. */
+            choices: {
+                /** @description 0. */
+                index: number;
+                /** @description The continuation. */
+                text: string;
+                /**
+                 * @description Why it ended.
+                 * @enum {string}
+                 */
+                finish_reason: "stop" | "length";
+                /** @description Not computed. */
+                logprobs: null;
+            }[];
+            usage: components["schemas"]["OpenAIUsage"];
         };
         /** @description A model. */
         OpenAIModel: {
@@ -6598,6 +6940,73 @@ export interface operations {
             500: components["responses"]["InternalError"];
         };
     };
+    claimInference: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["InferenceClaimRequest"];
+            };
+        };
+        responses: {
+            /** @description A request, for this worker alone. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ClaimedInference"];
+                };
+            };
+            /** @description No request arrived within `wait_seconds`. */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    reportInference: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The inference request's id (`inf_…`). */
+                request_id: components["schemas"]["Id"];
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["InferenceReport"];
+            };
+        };
+        responses: {
+            /** @description Relayed. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["InferenceReportResponse"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            409: components["responses"]["Conflict"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
     heartbeatJob: {
         parameters: {
             query?: never;
@@ -7383,6 +7792,76 @@ export interface operations {
             404: components["responses"]["OpenAIError"];
             429: components["responses"]["OpenAIError"];
             500: components["responses"]["OpenAIError"];
+        };
+    };
+    createOpenAIChatCompletion: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["OpenAIChatCompletionCreate"];
+            };
+        };
+        responses: {
+            /** @description The answer, whole (`stream` false) or as server-sent events (`stream` true): chunks in OpenAI's streaming shape, then `[DONE]`. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIChatCompletion"];
+                    "text/event-stream": {
+                        /** @description A JSON chunk, or `[DONE]` last. */
+                        data: string;
+                    };
+                };
+            };
+            400: components["responses"]["OpenAIError"];
+            401: components["responses"]["OpenAIError"];
+            404: components["responses"]["OpenAIError"];
+            429: components["responses"]["OpenAIError"];
+            500: components["responses"]["OpenAIError"];
+            502: components["responses"]["OpenAIError"];
+            503: components["responses"]["OpenAIError"];
+        };
+    };
+    createOpenAICompletion: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["OpenAICompletionCreate"];
+            };
+        };
+        responses: {
+            /** @description The answer, whole (`stream` false) or as server-sent events (`stream` true): chunks in OpenAI's streaming shape, then `[DONE]`. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAICompletion"];
+                    "text/event-stream": {
+                        /** @description A JSON chunk, or `[DONE]` last. */
+                        data: string;
+                    };
+                };
+            };
+            400: components["responses"]["OpenAIError"];
+            401: components["responses"]["OpenAIError"];
+            404: components["responses"]["OpenAIError"];
+            429: components["responses"]["OpenAIError"];
+            500: components["responses"]["OpenAIError"];
+            502: components["responses"]["OpenAIError"];
+            503: components["responses"]["OpenAIError"];
         };
     };
     listOpenAIModels: {

@@ -3,6 +3,7 @@ import { init } from './001_init.js';
 import { secretsKeys } from './002_secrets_keys.js';
 import { budgetReservations } from './004_budget_idem.js';
 import { webhooks } from './005_webhooks.js';
+import { inference } from './006_inference.js';
 
 export interface Migration {
   name: string;
@@ -11,4 +12,4 @@ export interface Migration {
 }
 
 /** Every migration, in order. Add new ones at the end; never edit one that has shipped. */
-export const migrations: Migration[] = [init, secretsKeys, budgetReservations, webhooks];
+export const migrations: Migration[] = [init, secretsKeys, budgetReservations, webhooks, inference];

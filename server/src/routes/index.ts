@@ -4,6 +4,7 @@ import { adminRoutes } from './admin.js';
 import { budgetRoutes } from './budget.js';
 import { datasetRoutes } from './datasets.js';
 import { distillationRoutes } from './distillation.js';
+import { inferenceWorkerRoutes } from './inference-workers.js';
 import { metaRoutes } from './meta.js';
 import { modelRoutes } from './models.js';
 import { openAIRoutes } from './openai/index.js';
@@ -29,5 +30,6 @@ export const allRoutes: Routes = {
   ...adminRoutes,
   ...webhookRoutes,
   ...workerRoutes,
+  ...inferenceWorkerRoutes,
   ...openAIRoutes,
 };

@@ -4,6 +4,7 @@ import type { Request, Response } from 'express';
 import type { AppContext } from '../context.js';
 import { ApiError, notFound } from '../errors.js';
 import type { JobRow } from '../queue/types.js';
+import { inferenceRequestReads } from './inference.js';
 import { filesOfJob } from './job-spec.js';
 
 export interface DownloadableFile {
@@ -84,7 +85,11 @@ export async function fileForLease(
   const job = (await ctx.knex('jobs').where({ lease_token: leaseToken, status: 'running' }).first()) as
     | JobRow
     | undefined;
-  if (!job || !(await filesOfJob(ctx, job)).has(fileId)) throw missing;
+  // A serving worker presents its inference request's token for the model files it loads.
+  const readable = job
+    ? (await filesOfJob(ctx, job)).has(fileId)
+    : await inferenceRequestReads(ctx, leaseToken, fileId);
+  if (!readable) throw missing;
   const file = (await ctx.knex('files').where({ id: fileId }).first()) as DownloadableFile | undefined;
   if (!file) throw missing;
   return file;

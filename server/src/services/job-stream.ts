@@ -59,7 +59,7 @@ export async function streamJob(ctx: AppContext, req: Request, res: Response, jo
   const stop = () => {
     open = false;
   };
-  req.once('close', stop);
+  res.once('close', stop);
   ctx.shuttingDown.signal.addEventListener('abort', stop, { once: true });
   const send = (event: string, data: unknown) => {
     res.write(`id: ${formatPosition(position)}\nevent: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
@@ -92,7 +92,7 @@ export async function streamJob(ctx: AppContext, req: Request, res: Response, jo
       await pause(ctx);
     }
   } finally {
-    req.off('close', stop);
+    res.off('close', stop);
     ctx.shuttingDown.signal.removeEventListener('abort', stop);
     res.end();
   }

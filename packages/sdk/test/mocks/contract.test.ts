@@ -272,6 +272,11 @@ describe('every mock response is valid against the spec', () => {
       train_texts: ['w'],
       priority: 90,
     });
+    expect((await worker('POST', '/v1/workers/inference/claim', { worker_id: 'w1' })).status).toBe(204);
+    const report = { request_token: 'infreq_x', worker_id: 'w1', text: 'hi' };
+    expect((await worker('POST', '/v1/workers/inference/inf_missing/report', report)).body).toEqual({
+      cancelled: true,
+    });
     const claim = await worker('POST', '/v1/workers/claim', { worker_id: 'w1', capabilities });
     expect(claim.status).toBe(200);
     const { lease_token, job_id, inputs } = (claim.body as { job: Json }).job as {

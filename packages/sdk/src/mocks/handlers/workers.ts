@@ -18,6 +18,22 @@ type AnyJob = Schemas['TrainingJob'] | Schemas['DistillationJob'];
 const LEASE_SECONDS = 60;
 
 export function workerHandlers({ router, state }: MockContext) {
+  // Inference needs a caller on the OpenAI surface, which the mock does not serve: no request is
+  // ever waiting, and a report finds its caller gone.
+  router.post('/v1/workers/inference/claim', 'claimInference', async ({ request, response }) => {
+    await request.json().catch(badJson);
+    return response(204).empty();
+  });
+
+  router.post(
+    '/v1/workers/inference/{request_id}/report',
+    'reportInference',
+    async ({ request, response }) => {
+      await request.json().catch(badJson);
+      return response(200).json({ cancelled: true });
+    },
+  );
+
   router.post('/v1/workers/claim', 'claimJob', async ({ request, response }) => {
     const body = await request.json().catch(badJson);
     const found = nextJob(state, body.capabilities);

@@ -1,0 +1,330 @@
+/**
+ * Inference served by workers. A caller's request becomes one row of `inference_requests` (deleted
+ * when it ends: nothing grows per request, no per-token rows); a worker that announces `serve`
+ * long-polls for it, generates, and reports text chunks as they come. The chunks reach the server
+ * process holding the caller's connection through Postgres NOTIFY (every process LISTENs), or an
+ * in-process event on PGlite, so workers only ever dial out, as they do for training.
+ */
+import { randomBytes } from 'node:crypto';
+import pg from 'pg';
+import type { AppContext } from '../context.js';
+import { ApiError, notFound } from '../errors.js';
+import { newId } from '../ids.js';
+import { resolveBaseModel } from './catalog.js';
+
+const CHANNEL = 'tunery_inference';
+/** A worker that claimed or reported within this long is taken to be serving. */
+const SERVING_WORKER_SEEN_SECONDS = 60;
+/** How long a request may wait for a worker to start answering. */
+const FIRST_CHUNK_TIMEOUT_MS = 60_000;
+/** How long a started answer may go without a chunk. */
+const NEXT_CHUNK_TIMEOUT_MS = 120_000;
+
+export interface InferenceFile {
+  file_id: string;
+  name: string;
+  size_bytes: number;
+  sha256: string;
+}
+
+/** What a worker loads: a base model (by source), and optionally a LoRA adapter's or a full model's files. */
+export interface InferenceTarget {
+  /** The name the caller used. */
+  name: string;
+  base_source: string | null;
+  adapter: { key: string; files: InferenceFile[] } | null;
+  model_files: { key: string; files: InferenceFile[] } | null;
+}
+
+export type InferenceInput =
+  | { kind: 'chat'; messages: { role: string; content: string }[] }
+  | { kind: 'completion'; prompt: string };
+
+export interface InferenceParams {
+  max_tokens: number;
+  temperature: number;
+  top_p: number;
+  stop: string[];
+  seed: number | null;
+}
+
+/** One report of a worker, as the caller's process receives it. */
+export interface InferenceChunk {
+  text?: string | undefined;
+  done?: boolean | undefined;
+  finish_reason?: 'stop' | 'length' | undefined;
+  usage?: { prompt_tokens: number; completion_tokens: number } | undefined;
+  error?: { code: string; message: string } | undefined;
+}
+
+const GENERATED_EXTENSIONS = /\.gguf$/;
+
+async function outputFiles(ctx: AppContext, jobId: string): Promise<InferenceFile[]> {
+  const rows = await ctx
+    .knex('files')
+    .where({ owner_kind: 'job_output', owner_id: jobId })
+    .orderBy('name')
+    .select('id', 'name', 'size_bytes', 'sha256');
+  return rows
+    .filter((r) => !GENERATED_EXTENSIONS.test(r.name))
+    .map((r) => ({ file_id: r.id, name: r.name, size_bytes: Number(r.size_bytes), sha256: r.sha256 }));
+}
+
+/**
+ * What `model` names, for this tenant: one of its output models (`model_…`: an adapter over its
+ * base, or full weights), one of its adapters by name, or a base model of the catalog.
+ */
+export async function resolveInferenceTarget(
+  ctx: AppContext,
+  tenantId: string,
+  model: string,
+): Promise<InferenceTarget> {
+  const missing = notFound('model', model, 'model', 'model_not_found');
+  const output = await ctx.knex('models').where({ id: model, tenant_id: tenantId }).first();
+  const adapter = output
+    ? null
+    : await ctx.knex('adapters').where({ name: model, tenant_id: tenantId }).first();
+  if (output?.kind === 'adapter' || output?.kind === 'distilled' || adapter) {
+    const jobId = (output ?? adapter).job_id as string | null;
+    const baseName = (output?.base_model ?? adapter?.model_name) as string;
+    if (!jobId) throw missing;
+    const base = await resolveBaseModel(ctx, tenantId, { base_model: baseName }).catch(() => {
+      throw missing;
+    });
+    const files = (await outputFiles(ctx, jobId)).filter((f) => f.name.startsWith('adapter_'));
+    if (files.length === 0) throw missing;
+    return { name: model, base_source: base.source, adapter: { key: jobId, files }, model_files: null };
+  }
+  if (output) {
+    const files = await outputFiles(ctx, output.job_id);
+    if (files.length === 0) throw missing;
+    return { name: model, base_source: null, adapter: null, model_files: { key: output.job_id, files } };
+  }
+  const base = await resolveBaseModel(ctx, tenantId, { base_model: model }).catch(() => {
+    throw missing;
+  });
+  return { name: model, base_source: base.source, adapter: null, model_files: null };
+}
+
+// ---------------------------------------------------------------- the caller's side
+
+/** Whether a worker serves: one claimed or reported lately. */
+async function anyServingWorker(ctx: AppContext): Promise<boolean> {
+  const row = await ctx
+    .knex('serving_workers')
+    .where(
+      'last_seen_at',
+      '>',
+      ctx.knex.raw(`now() - make_interval(secs => ?)`, [SERVING_WORKER_SEEN_SECONDS]),
+    )
+    .first('worker_id');
+  return Boolean(row);
+}
+
+/**
+ * Queues one request and yields the worker's chunks until the last (`done`). Leaving early (the
+ * caller disconnected: `return()` on the generator) removes the request, which tells the worker
+ * to stop at its next report.
+ */
+export async function* runInference(
+  ctx: AppContext,
+  tenantId: string,
+  target: InferenceTarget,
+  input: InferenceInput,
+  params: InferenceParams,
+): AsyncGenerator<InferenceChunk, void, undefined> {
+  if (!(await anyServingWorker(ctx))) {
+    throw new ApiError(
+      503,
+      'no_serving_worker',
+      'No worker serves models: start one with `tunery-worker run --serve`.',
+    );
+  }
+  const id = newId('inf');
+  const inbox = subscribe(ctx, id);
+  try {
+    await ctx.knex('inference_requests').insert({
+      id,
+      tenant_id: tenantId,
+      token: `infreq_${randomBytes(24).toString('base64url')}`,
+      payload: JSON.stringify({ target, input, params }),
+    });
+    await notify(ctx, { queued: true });
+    let started = false;
+    for (;;) {
+      const chunk = await inbox.next(started ? NEXT_CHUNK_TIMEOUT_MS : FIRST_CHUNK_TIMEOUT_MS);
+      if (!chunk) {
+        if (!started)
+          throw new ApiError(503, 'inference_timeout', 'No serving worker took the request in time.');
+        yield { done: true, error: { code: 'inference_timeout', message: 'The worker stopped answering.' } };
+        return;
+      }
+      started = true;
+      yield chunk;
+      if (chunk.done) return;
+    }
+  } finally {
+    inbox.close();
+    await ctx.knex('inference_requests').where('id', id).delete();
+  }
+}
+
+/** The chunks relayed for request `id`, in order; `next` resolves undefined after `ms` without one. */
+function subscribe(ctx: AppContext, id: string) {
+  const queue: InferenceChunk[] = [];
+  let wake: (() => void) | undefined;
+  const event = `inference:${id}`;
+  const onChunk = (chunk: InferenceChunk) => {
+    queue.push(chunk);
+    wake?.();
+  };
+  ctx.queueSignal.on(event, onChunk);
+  return {
+    async next(ms: number): Promise<InferenceChunk | undefined> {
+      if (queue.length === 0) {
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, ms);
+          wake = () => {
+            clearTimeout(timer);
+            resolve();
+          };
+        });
+        wake = undefined;
+      }
+      return queue.shift();
+    },
+    close: () => ctx.queueSignal.off(event, onChunk),
+  };
+}
+
+// ---------------------------------------------------------------- the worker's side
+
+export interface ClaimedInference {
+  request_id: string;
+  request_token: string;
+  target: InferenceTarget;
+  input: InferenceInput;
+  params: InferenceParams;
+}
+
+async function markServing(ctx: AppContext, workerId: string): Promise<void> {
+  await ctx.knex.raw(
+    `INSERT INTO serving_workers (worker_id, last_seen_at) VALUES (?, now())
+     ON CONFLICT (worker_id) DO UPDATE SET last_seen_at = now()`,
+    [workerId],
+  );
+}
+
+/** The oldest queued request, for worker `workerId`, waiting up to `waitSeconds` for one. */
+export async function claimInference(
+  ctx: AppContext,
+  workerId: string,
+  waitSeconds: number,
+): Promise<ClaimedInference | null> {
+  const deadline = Date.now() + waitSeconds * 1000;
+  for (;;) {
+    await markServing(ctx, workerId);
+    const result = await ctx.knex.raw(
+      `UPDATE inference_requests SET status = 'claimed', worker_id = ?, claimed_at = now()
+       WHERE id = (SELECT id FROM inference_requests WHERE status = 'queued'
+                   ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+       RETURNING id, token, payload`,
+      [workerId],
+    );
+    const row = result.rows[0];
+    if (row) {
+      const payload = typeof row.payload === 'string' ? JSON.parse(row.payload) : row.payload;
+      return { request_id: row.id, request_token: row.token, ...payload };
+    }
+    const left = deadline - Date.now();
+    if (left <= 0 || ctx.shuttingDown.signal.aborted) return null;
+    await waitForQueued(ctx, Math.min(left, 5000));
+  }
+}
+
+function waitForQueued(ctx: AppContext, ms: number): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      ctx.queueSignal.off('inference-queued', done);
+      ctx.shuttingDown.signal.removeEventListener('abort', done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    ctx.queueSignal.once('inference-queued', done);
+    ctx.shuttingDown.signal.addEventListener('abort', done, { once: true });
+  });
+}
+
+/**
+ * Relays a worker's report to the caller. Answers whether the caller is gone (the request was
+ * removed), so the worker stops generating; a token that is not the request's is `409 lease_lost`.
+ */
+export async function reportInference(
+  ctx: AppContext,
+  workerId: string,
+  requestId: string,
+  token: string,
+  chunk: InferenceChunk,
+): Promise<{ cancelled: boolean }> {
+  await markServing(ctx, workerId);
+  const row = await ctx.knex('inference_requests').where('id', requestId).first('token');
+  if (!row) return { cancelled: true };
+  if (row.token !== token) {
+    throw new ApiError(409, 'lease_lost', 'This request token is not the request’s.', 'request_token');
+  }
+  // Long text goes in several notifications; the last carries the rest of the report.
+  const pieces = (chunk.text ?? '').match(/[\s\S]{1,2000}/gu) ?? [''];
+  for (const piece of pieces.slice(0, -1)) await notify(ctx, { id: requestId, chunk: { text: piece } });
+  await notify(ctx, { id: requestId, chunk: { ...chunk, text: pieces.at(-1) } });
+  return { cancelled: false };
+}
+
+/** Whether the worker holding `token` may download file `fileId` (one of its request's model files). */
+export async function inferenceRequestReads(
+  ctx: AppContext,
+  token: string,
+  fileId: string,
+): Promise<boolean> {
+  if (!token.startsWith('infreq_')) return false;
+  const row = await ctx.knex('inference_requests').where({ token, status: 'claimed' }).first('payload');
+  if (!row) return false;
+  const payload = typeof row.payload === 'string' ? JSON.parse(row.payload) : row.payload;
+  const target = payload.target as InferenceTarget;
+  const files = [...(target.adapter?.files ?? []), ...(target.model_files?.files ?? [])];
+  return files.some((f) => f.file_id === fileId);
+}
+
+// ---------------------------------------------------------------- the relay
+
+type Relayed = { queued: true } | { id: string; chunk: InferenceChunk };
+
+async function notify(ctx: AppContext, message: Relayed): Promise<void> {
+  if (ctx.dbKind === 'postgres')
+    await ctx.knex.raw('SELECT pg_notify(?, ?)', [CHANNEL, JSON.stringify(message)]);
+  else deliver(ctx, message);
+}
+
+function deliver(ctx: AppContext, message: Relayed): void {
+  if ('queued' in message) ctx.queueSignal.emit('inference-queued');
+  else ctx.queueSignal.emit(`inference:${message.id}`, message.chunk);
+}
+
+/** Starts this process's LISTEN for relayed chunks (Postgres only); returns a function that closes it. */
+export async function listenForInference(ctx: AppContext): Promise<() => Promise<void>> {
+  if (ctx.dbKind !== 'postgres' || !ctx.config.databaseUrl) return async () => {};
+  const client = new pg.Client({ connectionString: ctx.config.databaseUrl });
+  client.on('error', (err) => ctx.logger.warn({ err }, 'inference relay connection error'));
+  await client.connect();
+  client.on('notification', (n) => {
+    try {
+      deliver(ctx, JSON.parse(n.payload ?? '{}') as Relayed);
+    } catch (err) {
+      ctx.logger.warn({ err }, 'unreadable inference relay message');
+    }
+  });
+  await client.query(`LISTEN ${CHANNEL}`);
+  return async () => {
+    await client.end().catch(() => {});
+  };
+}
