@@ -220,7 +220,8 @@ export interface Stack {
   workers: Proc[];
   client: Tunery;
   /** Starts one more CPU worker; `serverUrl` puts something (a HoldProxy) between it and the server. */
-  startWorker(label?: string, serverUrl?: string): Proc;
+  /** A CPU worker; `extraArgs` go to `tunery-worker run` (`--serve` for a serving worker). */
+  startWorker(label?: string, serverUrl?: string, extraArgs?: string[]): Proc;
   /** Registers a model directory as a base model of this tenant. */
   registerModel(name: string, source: string): Promise<void>;
   /** Every worker's output and the server's tail, for a failure report. */
@@ -279,7 +280,7 @@ export async function startStack(opts: StackOptions): Promise<Stack> {
     );
 
     const client = new Tunery({ baseURL: url, apiKey, logLevel: 'off' });
-    const startWorker = (label = `w${workers.length + 1}`, serverUrl = url) => {
+    const startWorker = (label = `w${workers.length + 1}`, serverUrl = url, extraArgs: string[] = []) => {
       const worker = new Proc(
         `worker ${label}`,
         WORKER_BIN,
@@ -298,6 +299,7 @@ export async function startStack(opts: StackOptions): Promise<Stack> {
           // A short long-poll, so that a stopping worker exits quickly.
           '--wait-seconds',
           '2',
+          ...extraArgs,
         ],
         { env: { PYTHONUNBUFFERED: '1', TUNERY_MODEL_ROOTS: env.TUNERY_MODEL_ROOTS! } },
       );

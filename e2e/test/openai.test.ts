@@ -146,6 +146,43 @@ describe('OpenAI-compatible fine-tuning with the openai client', () => {
     expect(models).toEqual(expect.arrayContaining([TINY, done.fine_tuned_model]));
     expect(await client.models.retrieve(done.fine_tuned_model!)).toMatchObject({ object: 'model' });
     expect(await client.models.retrieve(TINY)).toMatchObject({ id: TINY, object: 'model' });
+
+    // Call the fine-tuned model with the same client, through a serving worker.
+    stack().startWorker('serve', undefined, ['--serve']);
+    const ask = { model: done.fine_tuned_model!, messages: [{ role: 'user' as const, content: 'Say hi' }] };
+    const answer = await until(
+      'a serving worker to answer',
+      () => client.chat.completions.create({ ...ask, temperature: 0, max_tokens: 8 }).catch(() => undefined),
+      { timeoutMs: 60_000, intervalMs: 500 },
+    );
+    expect(answer).toMatchObject({
+      object: 'chat.completion',
+      model: done.fine_tuned_model,
+      choices: [{ index: 0, message: { role: 'assistant' } }],
+    });
+    expect(['stop', 'length']).toContain(answer.choices[0]!.finish_reason);
+    expect(answer.usage!.completion_tokens).toBeGreaterThan(0);
+    expect(answer.usage!.completion_tokens).toBeLessThanOrEqual(8);
+    // Greedy decoding is repeatable, and the stream carries the same text.
+    const again = await client.chat.completions.create({ ...ask, temperature: 0, max_tokens: 8 });
+    expect(again.choices[0]!.message.content).toBe(answer.choices[0]!.message.content);
+    let streamed = '';
+    const stream = await client.chat.completions.create({
+      ...ask,
+      temperature: 0,
+      max_tokens: 8,
+      stream: true,
+    });
+    for await (const chunk of stream) streamed += chunk.choices[0]?.delta.content ?? '';
+    expect(streamed).toBe(answer.choices[0]!.message.content);
+    const completion = await client.completions.create({
+      model: TINY,
+      prompt: 'Once',
+      max_tokens: 4,
+      seed: 1,
+    });
+    expect(completion).toMatchObject({ object: 'text_completion', usage: { completion_tokens: 4 } });
+    expect(completion.choices[0]!.finish_reason).toBe('length');
   });
 
   it('answers unknown objects and refused fields with typed errors', async () => {

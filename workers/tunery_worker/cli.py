@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--keep-workdir", action="store_true", help="keep each attempt's files after it ends")
     run.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    run.add_argument(
+        "--serve",
+        action="store_true",
+        help="answer inference requests (chat/completions) instead of running jobs",
+    )
 
     tiny = sub.add_parser(
         "make-tiny-model", help="write a tiny random-weight model + tokenizer (no download)"
@@ -119,6 +124,8 @@ def run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         parser.error(str(err))
     client = WorkerClient(args.server, args.token)
     options: dict[str, Any] = {"worker_id": args.worker_id} if args.worker_id else {}
+    if args.serve:
+        return serve(args, client, device)
     worker = Worker(
         client,
         device=device,
@@ -136,6 +143,29 @@ def run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     finally:
         client.close()
         # Put back what was there: main() may run inside a longer-lived process (tests, embedding).
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def serve(args: argparse.Namespace, client: Any, device: str) -> int:
+    import platform
+    import uuid
+
+    from tunery_worker.serve import ServingWorker
+
+    worker = ServingWorker(
+        client,
+        worker_id=args.worker_id or f"{platform.node() or 'worker'}-serve-{uuid.uuid4().hex[:8]}",
+        device=device,
+        workdir=args.workdir,
+        wait_seconds=args.wait_seconds,
+        once=args.once,
+    )
+    previous = install_signal_handlers(worker)
+    try:
+        return worker.run()
+    finally:
+        client.close()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

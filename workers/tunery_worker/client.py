@@ -225,6 +225,24 @@ class WorkerClient:
         job: dict[str, Any] = response.json()["job"]
         return job
 
+    def claim_inference(self, worker_id: str, wait_seconds: float = 20) -> dict[str, Any] | None:
+        """Long-poll for an inference request (a serving worker); None when none arrived in time."""
+        response = self._request(
+            "POST",
+            "/v1/workers/inference/claim",
+            json={"worker_id": worker_id, "wait_seconds": wait_seconds},
+            timeout=wait_seconds + 30,
+        )
+        if response.status_code == 204:
+            return None
+        request: dict[str, Any] = response.json()
+        return request
+
+    def report_inference(self, request_id: str, report: dict[str, Any]) -> bool:
+        """Relays text to the caller; True when the caller is gone (stop generating)."""
+        answer = self._request("POST", f"/v1/workers/inference/{request_id}/report", json=report).json()
+        return bool(answer["cancelled"])
+
     def heartbeat(
         self, job_id: str, lease_token: str, progress: dict[str, Any] | None = None
     ) -> dict[str, Any]:
