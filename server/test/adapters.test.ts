@@ -5,6 +5,7 @@ import { newId } from '../src/ids.js';
 import { enqueueJob } from '../src/queue/enqueue.js';
 import type { JobRow } from '../src/queue/types.js';
 import { registerJobOutputs } from '../src/services/registry.js';
+import { fakeServingWorker } from './fake-worker.js';
 import { completedJob } from './fixtures.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
 
@@ -100,42 +101,72 @@ describe.each(DATABASES)('adapters on %s', (db) => {
     expect(names).toContain('racer');
   });
 
-  it('loads one adapter at a time and unloads it', async () => {
+  it('refuses to load an adapter while no worker serves', async () => {
+    await completedJob(server, { config: { output_name: 'unserved' } });
+    const load = await server.api('/v1/adapters/unserved/load', { method: 'POST' });
+    expect(load.status).toBe(503);
+    expect((await load.json()).error.code).toBe('no_serving_worker');
+    const view = await (await server.api('/v1/adapters/unserved')).json();
+    expect(view).toMatchObject({ is_loaded: false, loaded_on: [] });
+  });
+
+  it('loads one adapter at a time on a serving worker, and unloads it there', async () => {
     await completedJob(server, { config: { output_name: 'alpha' } });
     await completedJob(server, { config: { output_name: 'beta' } });
+    const worker = fakeServingWorker(server);
+    await worker.ready();
+    try {
+      const load = await server.api('/v1/adapters/alpha/load', { method: 'POST' });
+      expect(load.status).toBe(200);
+      expect(await load.json()).toEqual({
+        adapter_name: 'alpha',
+        status: 'loaded',
+        message: 'Adapter alpha loaded on serving worker serving-1',
+      });
+      expect(await (await server.api('/v1/adapters/alpha')).json()).toMatchObject({
+        is_loaded: true,
+        loaded_on: ['serving-1'],
+      });
+      await server.api('/v1/adapters/beta/load', { method: 'POST' });
+      const list = await (await server.api('/v1/adapters?limit=100')).json();
+      expect(list.current_adapter).toBe('beta');
+      const loaded = list.adapters.filter((a: { loaded_on: string[] }) => a.loaded_on.length > 0);
+      expect(loaded.map((a: { name: string; is_loaded: boolean }) => [a.name, a.is_loaded])).toEqual([
+        ['beta', true],
+      ]);
 
-    const load = await server.api('/v1/adapters/alpha/load', { method: 'POST' });
-    expect(load.status).toBe(200);
-    expect(await load.json()).toEqual({
-      adapter_name: 'alpha',
-      status: 'loaded',
-      message: 'Adapter alpha loaded successfully',
-    });
-    await server.api('/v1/adapters/beta/load', { method: 'POST' });
-    const list = await (await server.api('/v1/adapters?limit=100')).json();
-    expect(list.current_adapter).toBe('beta');
-    expect(
-      list.adapters.filter((a: { is_loaded: boolean }) => a.is_loaded).map((a: { name: string }) => a.name),
-    ).toEqual(['beta']);
-
-    const unload = await server.api('/v1/adapters/unload', { method: 'POST' });
-    expect(await unload.json()).toEqual({
-      adapter_name: 'beta',
-      status: 'unloaded',
-      message: 'Adapter beta unloaded successfully',
-    });
-    const again = await server.api('/v1/adapters/unload', { method: 'POST' });
-    expect(again.status).toBe(400);
-    expect((await again.json()).error.code).toBe('no_adapter_loaded');
+      const unload = await server.api('/v1/adapters/unload', { method: 'POST' });
+      expect(await unload.json()).toEqual({
+        adapter_name: 'beta',
+        status: 'unloaded',
+        message: 'Adapter beta unloaded successfully',
+      });
+      // The worker was asked to load alpha, load beta and drop alpha, then drop beta.
+      expect(worker.asked.map((a) => `${a.kind} ${a.target.name}`)).toEqual([
+        'load alpha',
+        'load beta',
+        'unload alpha',
+        'unload beta',
+      ]);
+      const again = await server.api('/v1/adapters/unload', { method: 'POST' });
+      expect(again.status).toBe(400);
+      expect((await again.json()).error.code).toBe('no_adapter_loaded');
+    } finally {
+      await worker.stop();
+    }
   });
 
   it('deletes an adapter with its files and unloads it', async () => {
     const { jobId, modelId } = await completedJob(server, { config: { output_name: 'gone' } });
     const file = await server.ctx.knex('files').where({ owner_id: jobId }).first();
-    await server.api('/v1/adapters/gone/load', { method: 'POST' });
+    const worker = fakeServingWorker(server);
+    await worker.ready();
+    expect((await server.api('/v1/adapters/gone/load', { method: 'POST' })).status).toBe(200);
     await server.api(`/v1/models/${modelId}/activate`, { method: 'POST', json: {} });
 
     const res = await server.api('/v1/adapters/gone', { method: 'DELETE' });
+    await worker.stop();
+    expect(worker.asked.map((a) => `${a.kind} ${a.target.name}`)).toEqual(['load gone', 'unload gone']);
     expect(res.status).toBe(200);
     expect(await res.json()).toMatchObject({ adapter_name: 'gone', status: 'deleted' });
     await expect(stat(join(server.dataDir, 'files', file.rel_path))).rejects.toThrow();

@@ -113,3 +113,47 @@ export async function createFinetune(
 }
 
 export const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/**
+ * A serving worker for tests: claims inference requests in the background and answers each at once
+ * (`load`/`unload` with done, text requests with `reply`), recording what it was asked.
+ */
+export function fakeServingWorker(server: TestServer, workerId = 'serving-1', reply = 'ok') {
+  const asked: { kind: string; target: { name: string } }[] = [];
+  let running = true;
+  const post = (path: string, json: unknown) =>
+    server.api(path, { key: server.workerToken, method: 'POST', json });
+  const claimOnce = async () => {
+    const res = await post('/v1/workers/inference/claim', { worker_id: workerId, wait_seconds: 0.2 });
+    if (res.status === 204) return;
+    const request = (await res.json()) as {
+      request_id: string;
+      request_token: string;
+      input: { kind: string };
+      target: { name: string };
+    };
+    asked.push({ kind: request.input.kind, target: request.target });
+    const text = ['load', 'unload'].includes(request.input.kind) ? '' : reply;
+    await post(`/v1/workers/inference/${request.request_id}/report`, {
+      request_token: request.request_token,
+      worker_id: workerId,
+      text,
+      done: true,
+      finish_reason: 'stop',
+      usage: { prompt_tokens: 1, completion_tokens: text ? 1 : 0 },
+    });
+  };
+  const loop = (async () => {
+    while (running) await claimOnce();
+  })();
+  return {
+    workerId,
+    asked,
+    /** Resolves once the worker has announced itself (its first claim answered). */
+    ready: () => claimOnce(),
+    async stop() {
+      running = false;
+      await loop;
+    },
+  };
+}

@@ -163,6 +163,19 @@ describe.each(DATABASES)('inference on %s', (db) => {
     expect((await res.json()).choices[0].message.content).toBe('ok');
   });
 
+  it('answers model "default" with the model the tenant activated', async () => {
+    const none = await chat({ model: 'default', messages: [{ role: 'user', content: 'x' }] });
+    expect(none.status).toBe(404);
+    const { modelId, jobId } = await completedJob(server, { baseModel: 'smollm2-135m-instruct' });
+    expect((await server.api(`/v1/models/${modelId}/activate`, { method: 'POST', json: {} })).status).toBe(200);
+    const [res, claimed] = await Promise.all([
+      chat({ model: 'default', messages: [{ role: 'user', content: 'hi' }] }),
+      serveOnce(['fine']),
+    ]);
+    expect(claimed.target.adapter?.key).toBe(jobId);
+    expect((await res.json()).choices[0].message.content).toBe('fine');
+  });
+
   it('refuses fields it does not implement and models that do not exist, in OpenAI’s shape', async () => {
     for (const [extra, param] of [
       [{ tools: [] }, 'tools'],

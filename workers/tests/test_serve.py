@@ -129,6 +129,13 @@ def test_adapters_load_beside_their_base(cache: ModelCache, tiny_llama: Path, tm
     assert plain_again == plain  # the base answers as itself with the adapter loaded beside it
     assert len(cache.loaded) == 1 and cache.loaded[f"base:{tiny_llama}"].adapters == {"adapter_job_a"}
 
+    # Unloading drops the adapter (the base stays), and loading it again gives the same answers.
+    cache.unload(with_adapter)
+    assert cache.loaded[f"base:{tiny_llama}"].adapters == set()
+    assert run(cache, base(tiny_llama), request(max_tokens=16))[0] == plain
+    cache.load(with_adapter, "infreq_test")
+    assert run(cache, with_adapter, request(max_tokens=16))[0] == tuned
+
 
 class FakeClient:
     def __init__(self) -> None:

@@ -75,6 +75,25 @@ class ModelCache:
             entry.adapters.add(name)
         return entry, name
 
+    def load(self, target: dict[str, Any], token: str) -> None:
+        """Loads `target` (and its adapter) into memory ahead of requests (POST /v1/adapters/{name}/load)."""
+        self.get(target, token)
+
+    def unload(self, target: dict[str, Any]) -> None:
+        """Drops `target`'s adapter from memory; its base stays for other requests."""
+        adapter = target.get("adapter")
+        entry = self.loaded.get(f"base:{target.get('base_source')}")
+        name = f"adapter_{adapter['key']}" if adapter else None
+        if entry is None or name not in entry.adapters or not isinstance(entry.model, PeftModel):
+            return
+        entry.adapters.discard(name)
+        if entry.adapters:
+            entry.model.set_adapter(sorted(entry.adapters)[0])
+            entry.model.delete_adapter(name)
+        else:
+            # The last adapter: back to the bare base model.
+            entry.model = entry.model.unload()
+
     def _load(self, source: str) -> Loaded:
         model, tokenizer = load_model_and_tokenizer(source, device=self.device, dtype=load_dtype(self.device))
         model.eval()
@@ -258,6 +277,14 @@ class ServingWorker:
             )
 
         try:
+            kind = request["input"]["kind"]
+            if kind == "load":
+                self.models.load(request["target"], token)
+            elif kind == "unload":
+                self.models.unload(request["target"])
+            if kind in ("load", "unload"):
+                report(done=True, finish_reason="stop", usage={"prompt_tokens": 0, "completion_tokens": 0})
+                return
             loaded, adapter = self.models.get(request["target"], token)
             outcome = generate(loaded, adapter, request, lambda text, final: bool(text) and report(text=text))
             follow: Generation = outcome["follow"]

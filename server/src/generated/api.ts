@@ -978,7 +978,9 @@ export interface paths {
         put?: never;
         /**
          * Unload the loaded adapter
-         * @description `400 no_adapter_loaded` when none is loaded.
+         * @description Every serving worker that holds it drops it from memory (workers that have gone away are
+         *     skipped), and the tenant has no loaded adapter. `400 no_adapter_loaded` when none is loaded.
+         *     Deleting an adapter unloads it the same way first.
          */
         post: operations["unloadAdapter"];
         delete?: never;
@@ -1029,7 +1031,11 @@ export interface paths {
         put?: never;
         /**
          * Load an adapter
-         * @description Marks the adapter as the one loaded for inference (one per tenant; loading another unloads it).
+         * @description A serving worker (`tunery-worker run --serve`) loads the adapter beside its base model and
+         *     keeps it in memory; the answer comes once it is ready, and the adapter's `loaded_on` names
+         *     the worker. It becomes the tenant's loaded adapter (`current_adapter`; one per tenant,
+         *     loading another unloads the previous). `503 no_serving_worker` when no worker serves,
+         *     `502` with the worker's code when it could not load it.
          */
         post: operations["loadAdapter"];
         delete?: never;
@@ -3396,8 +3402,10 @@ export interface components {
             size_mb: number;
             /** @description Notes. */
             description?: string | null;
-            /** @description The loaded adapter. */
+            /** @description The tenant's loaded adapter (`load`), held in memory by a serving worker. */
             is_loaded: boolean;
+            /** @description Serving workers that hold it in memory (seen within the last minute). */
+            loaded_on: string[];
             /** @description LoRA and training settings it was trained with. */
             training_config: {
                 [key: string]: unknown;
@@ -4208,13 +4216,13 @@ export interface components {
                 adapter: components["schemas"]["InferenceModelFiles"];
                 model_files: components["schemas"]["InferenceModelFiles"];
             };
-            /** @description `chat`: messages through the chat template; `completion`: a prompt continued as is. */
+            /** @description `chat`: messages through the chat template; `completion`: a prompt continued as is; `load`: load the target and keep it in memory (report `done` when ready); `unload`: drop the target's adapter from memory. */
             input: {
                 /**
                  * @description Which.
                  * @enum {string}
                  */
-                kind: "chat" | "completion";
+                kind: "chat" | "completion" | "load" | "unload";
                 /** @description Chat messages. */
                 messages?: {
                     /** @description system, user or assistant. */
@@ -4584,7 +4592,7 @@ export interface components {
                 "application/json": components["schemas"]["Error"];
             };
         };
-        /** @description An upstream service did not answer (`ollama_unreachable`). */
+        /** @description An upstream service did not answer (`ollama_unreachable`), or a serving worker failed (its code, e.g. `out_of_memory`). */
         BadGateway: {
             headers: {
                 [name: string]: unknown;
@@ -4640,7 +4648,7 @@ export interface components {
                 "application/json": components["schemas"]["Error"];
             };
         };
-        /** @description The server cannot reach its database (`service_unavailable`). */
+        /** @description The server cannot reach its database (`service_unavailable`), or no worker serves models (`no_serving_worker`, `inference_timeout`). */
         ServiceUnavailable: {
             headers: {
                 [name: string]: unknown;
@@ -6374,6 +6382,8 @@ export interface operations {
             404: components["responses"]["NotFound"];
             429: components["responses"]["TooManyRequests"];
             500: components["responses"]["InternalError"];
+            502: components["responses"]["BadGateway"];
+            503: components["responses"]["ServiceUnavailable"];
         };
     };
     listBaseModels: {

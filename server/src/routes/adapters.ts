@@ -2,6 +2,7 @@ import type { Knex } from 'knex';
 import type { AppContext } from '../context.js';
 import { ApiError, conflict, notFound } from '../errors.js';
 import { isoRequired, page, pathParam, type Routes, type Schemas, tenantOf } from '../http.js';
+import { liveServingWorkers, resolveInferenceTarget, runModelAction } from '../services/inference.js';
 import { listPage, newestFirst } from '../services/paging.js';
 import {
   type AdapterRow,
@@ -21,6 +22,7 @@ function adapterView(
   files: FileRow[],
   kinds: Map<string, string>,
   loaded: string | null,
+  loadedOn: string[],
 ): Schemas['Adapter'] {
   return {
     name: row.name,
@@ -31,6 +33,7 @@ function adapterView(
     size_mb: totalSizeMb(files),
     description: row.description,
     is_loaded: row.name === loaded,
+    loaded_on: loadedOn,
     training_config: json(row.training_config),
     metrics: json(row.metrics),
     files: files.map((f) => outputFileView(ctx, f, row.job_id ? kinds.get(row.job_id) : undefined)),
@@ -44,12 +47,61 @@ async function adapterViews(
   rows: AdapterRow[],
 ): Promise<Schemas['Adapter'][]> {
   const jobIds = rows.map((r) => r.job_id).filter((id): id is string => id !== null);
-  const [files, kinds, loaded] = await Promise.all([
+  const [files, kinds, loaded, placements] = await Promise.all([
     jobOutputFiles(ctx.knex, tenantId, jobIds),
     jobKinds(ctx.knex, jobIds),
     loadedAdapter(ctx.knex, tenantId),
+    livePlacements(
+      ctx,
+      tenantId,
+      rows.map((r) => r.name),
+    ),
   ]);
-  return rows.map((row) => adapterView(ctx, row, (row.job_id && files.get(row.job_id)) || [], kinds, loaded));
+  return rows.map((row) =>
+    adapterView(
+      ctx,
+      row,
+      (row.job_id && files.get(row.job_id)) || [],
+      kinds,
+      loaded,
+      placements.get(row.name) ?? [],
+    ),
+  );
+}
+
+/** Serving workers (seen lately) holding each adapter in memory. */
+async function livePlacements(
+  ctx: AppContext,
+  tenantId: string,
+  names: string[],
+): Promise<Map<string, string[]>> {
+  const rows = await ctx
+    .knex('adapter_placements')
+    .where({ tenant_id: tenantId })
+    .whereIn('adapter_name', names);
+  const live = await liveServingWorkers(ctx, [...new Set(rows.map((r) => r.worker_id as string))]);
+  const byName = new Map<string, string[]>();
+  for (const r of rows.filter((r) => live.has(r.worker_id))) {
+    byName.set(r.adapter_name, [...(byName.get(r.adapter_name) ?? []), r.worker_id]);
+  }
+  return byName;
+}
+
+/**
+ * Asks every serving worker that holds the adapter to drop it (one that has gone away has nothing to
+ * drop), then forgets where it was.
+ */
+async function unloadEverywhere(ctx: AppContext, tenantId: string, name: string): Promise<void> {
+  const holders = await ctx
+    .knex('adapter_placements')
+    .where({ tenant_id: tenantId, adapter_name: name })
+    .pluck('worker_id');
+  const live = await liveServingWorkers(ctx, holders as string[]);
+  if (live.size > 0) {
+    const target = await resolveInferenceTarget(ctx, tenantId, name);
+    for (const worker of live) await runModelAction(ctx, tenantId, target, 'unload', worker);
+  }
+  await ctx.knex('adapter_placements').where({ tenant_id: tenantId, adapter_name: name }).delete();
 }
 
 async function loadedAdapter(db: Knex | Knex.Transaction, tenantId: string): Promise<string | null> {
@@ -93,26 +145,34 @@ export const adapterRoutes: Routes = {
   async loadAdapter(req, res, ctx) {
     const tenantId = tenantOf(req);
     const name = pathParam(req, 'adapter_name');
-    await ctx.knex.transaction(async (trx) => {
-      await getAdapterRow(trx, tenantId, name);
-      // One adapter is loaded per tenant: loading this one replaces any other.
-      await trx('tenants').where({ id: tenantId }).update({ loaded_adapter: name });
-    });
+    await getAdapterRow(ctx.knex, tenantId, name);
+    const target = await resolveInferenceTarget(ctx, tenantId, name);
+    // One adapter is loaded per tenant: loading this one replaces any other.
+    const previous = await loadedAdapter(ctx.knex, tenantId);
+    const { worker_id } = await runModelAction(ctx, tenantId, target, 'load');
+    if (previous && previous !== name) await unloadEverywhere(ctx, tenantId, previous);
+    await ctx.knex.raw(
+      `INSERT INTO adapter_placements (tenant_id, adapter_name, worker_id) VALUES (?, ?, ?)
+       ON CONFLICT (tenant_id, adapter_name, worker_id) DO UPDATE SET loaded_at = now()`,
+      [tenantId, name, worker_id],
+    );
+    await ctx.knex('tenants').where({ id: tenantId }).update({ loaded_adapter: name });
     res.json({
       adapter_name: name,
       status: 'loaded',
-      message: `Adapter ${name} loaded successfully`,
+      message: `Adapter ${name} loaded on serving worker ${worker_id}`,
     } satisfies Schemas['AdapterAction']);
   },
 
   async unloadAdapter(req, res, ctx) {
     const tenantId = tenantOf(req);
-    const previous = await ctx.knex.transaction(async (trx) => {
-      const name = await loadedAdapter(trx, tenantId);
-      if (!name) throw new ApiError(400, 'no_adapter_loaded', 'No adapter is loaded.');
-      await trx('tenants').where({ id: tenantId, loaded_adapter: name }).update({ loaded_adapter: null });
-      return name;
-    });
+    const previous = await loadedAdapter(ctx.knex, tenantId);
+    if (!previous) throw new ApiError(400, 'no_adapter_loaded', 'No adapter is loaded.');
+    await unloadEverywhere(ctx, tenantId, previous);
+    await ctx
+      .knex('tenants')
+      .where({ id: tenantId, loaded_adapter: previous })
+      .update({ loaded_adapter: null });
     res.json({
       adapter_name: previous,
       status: 'unloaded',
@@ -123,6 +183,9 @@ export const adapterRoutes: Routes = {
   async deleteAdapter(req, res, ctx) {
     const tenantId = tenantOf(req);
     const name = pathParam(req, 'adapter_name');
+    await getAdapterRow(ctx.knex, tenantId, name);
+    // Out of the workers' memory first: a deleted adapter answers no request.
+    await unloadEverywhere(ctx, tenantId, name);
     const removed = await ctx.knex.transaction(async (trx) => {
       const adapter = await getAdapterRow(trx, tenantId, name);
       if (adapter.job_id) {

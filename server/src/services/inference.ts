@@ -38,7 +38,10 @@ export interface InferenceTarget {
 
 export type InferenceInput =
   | { kind: 'chat'; messages: { role: string; content: string }[] }
-  | { kind: 'completion'; prompt: string };
+  | { kind: 'completion'; prompt: string }
+  /** Load the target and keep it in memory; unload it (an adapter) from the worker's memory. */
+  | { kind: 'load' }
+  | { kind: 'unload' };
 
 export interface InferenceParams {
   max_tokens: number;
@@ -55,6 +58,8 @@ export interface InferenceChunk {
   finish_reason?: 'stop' | 'length' | undefined;
   usage?: { prompt_tokens: number; completion_tokens: number } | undefined;
   error?: { code: string; message: string } | undefined;
+  /** The worker that reported it (filled in by the server). */
+  worker_id?: string | undefined;
 }
 
 const GENERATED_EXTENSIONS = /\.gguf$/;
@@ -72,13 +77,22 @@ async function outputFiles(ctx: AppContext, jobId: string): Promise<InferenceFil
 
 /**
  * What `model` names, for this tenant: one of its output models (`model_…`: an adapter over its
- * base, or full weights), one of its adapters by name, or a base model of the catalog.
+ * base, or full weights), one of its adapters by name, a base model of the catalog, or `default`:
+ * the model the tenant activated.
  */
 export async function resolveInferenceTarget(
   ctx: AppContext,
   tenantId: string,
   model: string,
 ): Promise<InferenceTarget> {
+  if (model === 'default') {
+    // The tenant's activated model (POST /v1/models/{id}/activate).
+    const tenant = await ctx.knex('tenants').where({ id: tenantId }).first('active_model_id');
+    if (!tenant?.active_model_id) {
+      throw notFound('model', 'default', 'model', 'model_not_found');
+    }
+    return { ...(await resolveInferenceTarget(ctx, tenantId, tenant.active_model_id)), name: model };
+  }
   const missing = notFound('model', model, 'model', 'model_not_found');
   const output = await ctx.knex('models').where({ id: model, tenant_id: tenantId }).first();
   const adapter = output
@@ -132,6 +146,8 @@ export async function* runInference(
   target: InferenceTarget,
   input: InferenceInput,
   params: InferenceParams,
+  /** Only this worker may take the request. */
+  forWorker: string | null = null,
 ): AsyncGenerator<InferenceChunk, void, undefined> {
   if (!(await anyServingWorker(ctx))) {
     throw new ApiError(
@@ -148,6 +164,7 @@ export async function* runInference(
       tenant_id: tenantId,
       token: `infreq_${randomBytes(24).toString('base64url')}`,
       payload: JSON.stringify({ target, input, params }),
+      for_worker: forWorker,
     });
     await notify(ctx, { queued: true });
     let started = false;
@@ -226,10 +243,11 @@ export async function claimInference(
     await markServing(ctx, workerId);
     const result = await ctx.knex.raw(
       `UPDATE inference_requests SET status = 'claimed', worker_id = ?, claimed_at = now()
-       WHERE id = (SELECT id FROM inference_requests WHERE status = 'queued'
+       WHERE id = (SELECT id FROM inference_requests
+                   WHERE status = 'queued' AND (for_worker IS NULL OR for_worker = ?)
                    ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
        RETURNING id, token, payload`,
-      [workerId],
+      [workerId, workerId],
     );
     const row = result.rows[0];
     if (row) {
@@ -276,7 +294,7 @@ export async function reportInference(
   // Long text goes in several notifications; the last carries the rest of the report.
   const pieces = (chunk.text ?? '').match(/[\s\S]{1,2000}/gu) ?? [''];
   for (const piece of pieces.slice(0, -1)) await notify(ctx, { id: requestId, chunk: { text: piece } });
-  await notify(ctx, { id: requestId, chunk: { ...chunk, text: pieces.at(-1) } });
+  await notify(ctx, { id: requestId, chunk: { ...chunk, text: pieces.at(-1), worker_id: workerId } });
   return { cancelled: false };
 }
 
@@ -327,4 +345,35 @@ export async function listenForInference(ctx: AppContext): Promise<() => Promise
   return async () => {
     await client.end().catch(() => {});
   };
+}
+
+/** Sends one `load`/`unload` request and waits for its end: the worker that did it, or the error. */
+export async function runModelAction(
+  ctx: AppContext,
+  tenantId: string,
+  target: InferenceTarget,
+  kind: 'load' | 'unload',
+  forWorker: string | null = null,
+): Promise<{ worker_id: string }> {
+  const params = { max_tokens: 1, temperature: 0, top_p: 1, stop: [], seed: null };
+  for await (const chunk of runInference(ctx, tenantId, target, { kind }, params, forWorker)) {
+    if (chunk.error) throw new ApiError(502, chunk.error.code, chunk.error.message, 'adapter_name');
+    if (chunk.done) return { worker_id: chunk.worker_id ?? '' };
+  }
+  throw new ApiError(502, 'inference_timeout', 'The worker stopped answering.');
+}
+
+/** Serving workers seen within the last minute, of those given. */
+export async function liveServingWorkers(ctx: AppContext, workerIds: string[]): Promise<Set<string>> {
+  if (workerIds.length === 0) return new Set();
+  const rows = await ctx
+    .knex('serving_workers')
+    .whereIn('worker_id', workerIds)
+    .andWhere(
+      'last_seen_at',
+      '>',
+      ctx.knex.raw(`now() - make_interval(secs => ?)`, [SERVING_WORKER_SEEN_SECONDS]),
+    )
+    .pluck('worker_id');
+  return new Set(rows as string[]);
 }

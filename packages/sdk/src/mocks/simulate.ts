@@ -301,6 +301,7 @@ export function completeTrainingJob(
         size_mb: round(outputs.reduce((sum, f) => sum + f.size_bytes, 0) / 1e6, 2),
         description: null,
         is_loaded: false,
+        loaded_on: [],
         training_config: {
           lora_config: config.lora_config ?? {},
           training_config: config.training_config ?? {},

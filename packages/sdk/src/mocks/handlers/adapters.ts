@@ -21,6 +21,7 @@ export function adapterHandlers(ctx: MockContext) {
     const loaded = loadedAdapter(state);
     if (!loaded) throw new MockHttpError(400, 'no_adapter_loaded', 'No adapter is loaded.');
     loaded.is_loaded = false;
+    loaded.loaded_on = [];
     return response(200).json({
       adapter_name: loaded.name,
       status: 'unloaded',
@@ -44,15 +45,22 @@ export function adapterHandlers(ctx: MockContext) {
 
   router.post('/v1/adapters/{adapter_name}/load', 'loadAdapter', ({ params, response }) => {
     const found = adapter(state, params.adapter_name);
-    for (const other of state.adapters.values()) other.is_loaded = false;
+    for (const other of state.adapters.values()) {
+      other.is_loaded = false;
+      other.loaded_on = [];
+    }
+    // The mock plays one serving worker that holds what is loaded.
     found.is_loaded = true;
+    found.loaded_on = [MOCK_SERVING_WORKER];
     return response(200).json({
       adapter_name: found.name,
       status: 'loaded',
-      message: `Loaded ${found.name}.`,
+      message: `Adapter ${found.name} loaded on serving worker ${MOCK_SERVING_WORKER}`,
     });
   });
 }
+
+const MOCK_SERVING_WORKER = 'mock-serving-worker';
 
 function adapter(state: MockState, name: string): Schemas['Adapter'] {
   const found = state.adapters.get(name);
