@@ -167,7 +167,8 @@ describe.each(DATABASES)('inference on %s', (db) => {
     const none = await chat({ model: 'default', messages: [{ role: 'user', content: 'x' }] });
     expect(none.status).toBe(404);
     const { modelId, jobId } = await completedJob(server, { baseModel: 'smollm2-135m-instruct' });
-    expect((await server.api(`/v1/models/${modelId}/activate`, { method: 'POST', json: {} })).status).toBe(200);
+    const activated = await server.api(`/v1/models/${modelId}/activate`, { method: 'POST', json: {} });
+    expect(activated.status).toBe(200);
     const [res, claimed] = await Promise.all([
       chat({ model: 'default', messages: [{ role: 'user', content: 'hi' }] }),
       serveOnce(['fine']),
