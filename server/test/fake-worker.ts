@@ -6,7 +6,7 @@ export const ALL_JOB_TYPES = ['finetune', 'train', 'contract', 'merge', 'benchma
 export interface Capabilities {
   job_types: string[];
   methods?: string[];
-  device: 'cpu' | 'cuda';
+  device: 'cpu' | 'cuda' | 'mlx';
 }
 
 export interface ClaimedJob {

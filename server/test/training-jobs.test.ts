@@ -283,10 +283,26 @@ describe.each(DATABASES)('training jobs on %s', (db) => {
         })
       ).json();
       expect((await jobRow(job.id)).required_device).toBe('cuda');
-      const any = await (
-        await create({ base_model: 'smollm2-135m-instruct', dataset_id: datasetId, backend: 'mlx' })
-      ).json();
-      expect((await jobRow(any.id)).required_device).toBeNull();
+    });
+
+    it('takes backend mlx only while an online worker announces it', async () => {
+      const mlx = { base_model: 'smollm2-135m-instruct', dataset_id: datasetId, backend: 'mlx' };
+      const refused = await create(mlx);
+      expect(refused.status).toBe(400);
+      expect((await refused.json()).error).toMatchObject({ code: 'backend_unavailable', param: 'backend' });
+      // a stale mlx worker does not count
+      const workers = server.ctx.knex('workers');
+      await workers.clone().insert({
+        id: 'mac-1',
+        capabilities: JSON.stringify({ job_types: ['finetune'], device: 'mlx' }),
+        last_seen_at: server.ctx.knex.raw("now() - interval '1 hour'"),
+      });
+      expect((await create(mlx)).status).toBe(400);
+      await workers.clone().where({ id: 'mac-1' }).update({ last_seen_at: server.ctx.knex.fn.now() });
+      const accepted = await create(mlx);
+      expect(accepted.status).toBe(201);
+      expect((await jobRow((await accepted.json()).id)).required_device).toBe('mlx');
+      await workers.clone().where({ id: 'mac-1' }).delete();
     });
 
     it('refuses bad input with the field named', async () => {

@@ -2627,7 +2627,7 @@ export interface components {
             /** @description Seed-003 compatibility; its last path segment becomes `output_name`. */
             output_dir?: string;
             /**
-             * @description Seed-004 compatibility; `cpu`/`cuda` pin the worker device, `native`/`mlx` mean any.
+             * @description Seed-004 compatibility; `cpu`/`cuda`/`mlx` pin the worker device (`mlx` is refused with 400 `backend_unavailable` while no online worker announces device `mlx`); `native` means any device.
              * @enum {string}
              */
             backend?: "native" | "cpu" | "cuda" | "mlx";
@@ -3687,10 +3687,10 @@ export interface components {
             /** @description Training methods it runs. Omitted, the worker runs any method. */
             methods?: components["schemas"]["TrainingMethod"][];
             /**
-             * @description Where it trains.
+             * @description Where it trains (`mlx`: Apple silicon; only such a worker takes jobs created with `backend: mlx`).
              * @enum {string}
              */
-            device: "cpu" | "cuda";
+            device: "cpu" | "cuda" | "mlx";
             /** @description Accelerator (or host) memory. */
             memory_gb?: number;
             /** @description Accelerator name. */

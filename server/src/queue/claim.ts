@@ -8,7 +8,7 @@ export interface WorkerCapabilities {
   job_types: string[];
   /** Omitted: the worker takes any method. */
   methods?: string[];
-  device: 'cpu' | 'cuda';
+  device: 'cpu' | 'cuda' | 'mlx';
   memory_gb?: number;
   gpu_name?: string;
 }

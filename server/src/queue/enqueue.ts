@@ -23,7 +23,7 @@ export interface EnqueueInput {
   datasetId?: string | null;
   parentJobId?: string | null;
   modelId?: string | null;
-  requiredDevice?: 'cpu' | 'cuda' | null;
+  requiredDevice?: 'cpu' | 'cuda' | 'mlx' | null;
   priority?: number;
   maxAttempts?: number;
   totalSteps?: number | null;

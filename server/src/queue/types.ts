@@ -23,7 +23,7 @@ export interface JobRow {
   dataset_id: string | null;
   parent_job_id: string | null;
   model_id: string | null;
-  required_device: 'cpu' | 'cuda' | null;
+  required_device: 'cpu' | 'cuda' | 'mlx' | null;
   progress: Record<string, unknown>;
   results: Record<string, unknown>;
   metrics: Record<string, unknown>;

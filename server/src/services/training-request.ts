@@ -7,7 +7,7 @@
 import { readFile, realpath } from 'node:fs/promises';
 import { basename, resolve, sep } from 'node:path';
 import type { AppContext } from '../context.js';
-import { invalidConfig, notFound } from '../errors.js';
+import { badRequest, invalidConfig, notFound } from '../errors.js';
 import type { BodyOf, Schemas } from '../http.js';
 import type { EnqueueInput } from '../queue/enqueue.js';
 import type { JobRow } from '../queue/types.js';
@@ -343,8 +343,30 @@ function outputNameOf(body: TrainingJobCreate, hp: Hyperparams): string | undefi
   return last;
 }
 
-const requiredDeviceOf = (backend: TrainingJobCreate['backend']) =>
-  backend === 'cpu' || backend === 'cuda' ? backend : null;
+/** A worker counts as online when it claimed or heartbeat within this many seconds. */
+const WORKER_ONLINE_SECONDS = 60;
+
+/**
+ * The device a job's `backend` pins. `mlx` runs only on a worker announcing that device, so a
+ * request for it is refused while none is online rather than queued for a worker that never comes.
+ */
+async function requiredDeviceOf(
+  ctx: AppContext,
+  backend: TrainingJobCreate['backend'],
+): Promise<'cpu' | 'cuda' | 'mlx' | null> {
+  if (backend === 'cpu' || backend === 'cuda') return backend;
+  if (backend !== 'mlx') return null;
+  const online = await ctx.knex.raw(
+    `SELECT 1 FROM workers
+     WHERE capabilities->>'device' = 'mlx' AND last_seen_at > now() - make_interval(secs => ?)
+     LIMIT 1`,
+    [WORKER_ONLINE_SECONDS],
+  );
+  if (online.rows.length === 0) {
+    throw badRequest('No online worker announces the mlx backend.', 'backend', 'backend_unavailable');
+  }
+  return 'mlx';
+}
 
 /** The part of the spec every type shares. */
 function commonSpec(
@@ -442,6 +464,7 @@ export async function planTrainingJob(
   tenantId: string,
   body: TrainingJobCreate,
 ): Promise<TrainingJobPlan> {
+  const requiredDevice = await requiredDeviceOf(ctx, body.backend);
   const template = body.template ? await getTemplateConfig(ctx, tenantId, body.template) : {};
   const type: JobType = body.type ?? template.type ?? 'finetune';
   const hp = { ...template.hyperparams, ...body.hyperparams } as Hyperparams;
@@ -481,7 +504,7 @@ export async function planTrainingJob(
       baseModel: resolved.model.name,
       parentJobId: parent?.id ?? body.parent_job_id ?? null,
       modelId: resolved.modelId,
-      requiredDevice: requiredDeviceOf(body.backend),
+      requiredDevice,
       priority: body.priority,
       maxAttempts: body.max_attempts,
       totalSteps,
