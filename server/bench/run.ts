@@ -1,11 +1,12 @@
 /**
- * `pnpm bench`: four measurements in one run, printed as one table (then one `BENCH_JSON` line).
+ * `pnpm bench`: five measurements in one run, printed as one table (then one `BENCH_JSON` line).
  *
  *   1. server: GET /v1/training/jobs/{id} on the full app vs a bare Express route (PGlite; also
  *      Postgres when DATABASE_URL is set — on a scratch database created and dropped there);
  *   2. worker protocol: claim → complete per second with 16 pollers, exactly-once checked;
  *   3. SDK: tunery.training.jobs.retrieve vs raw fetch, per call;
- *   4. CPU training: the worker's LoRA loop vs a plain transformers+peft loop (Python).
+ *   4. CPU training: the worker's LoRA loop vs a plain transformers+peft loop (Python);
+ *   5. inference relay: a chat completion through a serving worker vs a plain request.
  *
  * Every server runs in its own child process and is killed at the end, whatever happens; all
  * traffic is on 127.0.0.1. Progress goes to stderr; the table and the JSON line to stdout; the
@@ -20,6 +21,7 @@ import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { type Served, serve, stopAll } from './children.js';
+import { measureInferenceRelay } from './inference-relay.js';
 import { measureSdkOverhead } from './sdk-overhead.js';
 import type { BareInfo } from './serve-bare.js';
 import type { TuneryInfo } from './serve-tunery.js';
@@ -33,11 +35,12 @@ const { values: flags } = parseArgs({
 });
 const quick = flags.quick;
 /** `--only 2,4`: just those measurements. */
-const wanted = new Set((flags.only ?? '1,2,3,4').split(',').map(Number));
+const wanted = new Set((flags.only ?? '1,2,3,4,5').split(',').map(Number));
 const LOAD = { connections: 16, seconds: quick ? 1 : 5, warmupSeconds: 1, repeats: quick ? 1 : 3 };
 const QUEUE = { jobs: quick ? 200 : 2000, pollers: 16, maxSeconds: 60 };
 const SDK = quick ? { calls: 200, rounds: 4, warmup: 50 } : { calls: 2000, rounds: 20, warmup: 200 };
 const TRAINING = { steps: quick ? 8 : 32, timeoutSeconds: 240 };
+const RELAY = quick ? { requests: 50, warmup: 10 } : { requests: 500, warmup: 50 };
 
 const SDK_ROW = 'SDK training.jobs.retrieve';
 
@@ -131,6 +134,13 @@ try {
       withTunery(['--db', db, '--queue', String(QUEUE.jobs)], (info) =>
         measureWorkerProtocol(info, label, QUEUE),
       ),
+    );
+  }
+
+  // 5: the inference relay, a fresh server per database.
+  for (const { db, label } of databases) {
+    await measure(5, `chat completion via relay, ${label}`, `inference_relay_${db}`, () =>
+      withTunery(['--db', db], (info) => measureInferenceRelay(info, label, RELAY)),
     );
   }
 

@@ -4,7 +4,7 @@
  */
 
 export interface Row {
-  /** Which of the four measurements (1 server, 2 worker protocol, 3 SDK, 4 training) the line belongs to. */
+  /** Which measurement (1 server, 2 worker protocol, 3 SDK, 4 training, 5 inference relay) the line belongs to. */
   section: number;
   /** What was measured, with its unit: `GET /v1/training/jobs/{id} · req/s`. */
   measurement: string;
