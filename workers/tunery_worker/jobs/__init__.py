@@ -23,6 +23,7 @@ HANDLER_PATHS: dict[str, str] = {
     "contract": "tunery_worker.jobs.contract:run",
     "distill": "tunery_worker.jobs.distill:run",
     "benchmark": "tunery_worker.jobs.benchmark:run",
+    "prompt_optimize": "tunery_worker.jobs.prompt_optimize:run",
 }
 
 

@@ -3682,8 +3682,8 @@ export interface components {
         };
         /** @description What this worker can run. */
         WorkerCapabilities: {
-            /** @description Job types it runs (`distill` for distillation jobs). */
-            job_types: ("finetune" | "train" | "contract" | "merge" | "benchmark" | "distill")[];
+            /** @description Job types it runs (`distill` for distillation jobs, `prompt_optimize` for training jobs created with `backend: native`). */
+            job_types: ("finetune" | "train" | "contract" | "merge" | "benchmark" | "distill" | "prompt_optimize")[];
             /** @description Training methods it runs. Omitted, the worker runs any method. */
             methods?: components["schemas"]["TrainingMethod"][];
             /**
@@ -3735,7 +3735,7 @@ export interface components {
              * @description Handler to run.
              * @enum {string}
              */
-            type: "finetune" | "train" | "contract" | "merge" | "benchmark" | "distill";
+            type: "finetune" | "train" | "contract" | "merge" | "benchmark" | "distill" | "prompt_optimize";
             /** @description This attempt's number. */
             attempt: number;
             /** @description Carried by every write of this attempt. */
