@@ -528,14 +528,14 @@ describe.each(DATABASES)('training jobs on %s', (db) => {
   });
 
   describe('cancel, resume, merge', () => {
-    it('cancels a pending job at once, then refuses with 409 job_already_running; DELETE does the same', async () => {
+    it('cancels a pending job at once, then refuses with 409 job_already_finished; DELETE does the same', async () => {
       const id = await createFinetune(server);
       const res = await server.api(`/v1/training/jobs/${id}/cancel`, { method: 'POST' });
       expect(res.status).toBe(200);
       expect(await res.json()).toMatchObject({ id, status: 'cancelled', cancel_requested: true });
       const again = await server.api(`/v1/training/jobs/${id}/cancel`, { method: 'POST' });
       expect(again.status).toBe(409);
-      expect((await again.json()).error.code).toBe('job_already_running');
+      expect((await again.json()).error.code).toBe('job_already_finished');
       const other = await createFinetune(server);
       const del = await server.api(`/v1/training/jobs/${other}`, { method: 'DELETE' });
       expect(await del.json()).toMatchObject({ status: 'cancelled' });

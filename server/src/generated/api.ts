@@ -408,8 +408,8 @@ export interface paths {
          * Cancel a training job
          * @description A pending job is cancelled at once. A running job gets `cancel_requested: true`; its worker
          *     learns of it on the next heartbeat, stops within one step, uploads what it has and
-         *     acknowledges, and the job becomes `cancelled` (or when its lease lapses). A terminal job is
-         *     `409 job_already_running`.
+         *     acknowledges, and the job becomes `cancelled` (or when its lease lapses). A job that has
+         *     already ended is `409 job_already_finished`.
          */
         post: operations["cancelTrainingJob"];
         delete?: never;
@@ -4529,7 +4529,7 @@ export interface components {
                 "application/json": components["schemas"]["Error"];
             };
         };
-        /** @description The object's state forbids this (`conflict`, `job_already_running`, `job_not_resumable`, `idempotency_conflict`, `lease_lost`), or a request with the same idempotency key is still in progress (`request_in_progress`, worth retrying). */
+        /** @description The object's state forbids this (`conflict`, `job_already_finished`, `job_already_running`, `job_not_resumable`, `idempotency_conflict`, `lease_lost`), or a request with the same idempotency key is still in progress (`request_in_progress`, worth retrying). */
         Conflict: {
             headers: {
                 [name: string]: unknown;

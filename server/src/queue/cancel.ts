@@ -6,7 +6,7 @@ import type { JobKind, JobRow } from './types.js';
 /**
  * A user's cancel. A pending job is cancelled at once; a running one gets `cancel_requested`,
  * which its worker reads in the next heartbeat answer before acknowledging. A terminal job is
- * `409 job_already_running` (seed 000's code for "this job can no longer change").
+ * `409 job_already_finished`; a distillation keeps seed 000's code for it, `job_already_running`.
  */
 export async function cancelJob(
   ctx: AppContext,
@@ -39,5 +39,6 @@ export async function cancelJob(
 async function cancelRefusal(db: AppContext['knex'], tenantId: string, kind: JobKind, jobId: string) {
   const row = await db('jobs').where({ id: jobId, tenant_id: tenantId, kind }).first('status');
   if (!row) return notFound('job', jobId, 'job_id', 'job_not_found');
-  return conflict(`Job ${jobId} is already ${row.status}.`, 'job_already_running');
+  const code = kind === 'distillation' ? 'job_already_running' : 'job_already_finished';
+  return conflict(`Job ${jobId} has already ended: it is ${row.status}.`, code);
 }

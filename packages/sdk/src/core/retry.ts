@@ -9,8 +9,9 @@ export interface RetryContext {
 
 /**
  * 409 codes that mean "someone else holds a lock or lease that will be released soon". A 409 with any
- * other code (`idempotency_conflict`, `job_already_running`, `job_not_resumable`, `conflict`,
- * `lease_lost` — a stale lease never becomes valid again) is a real conflict and is not retried.
+ * other code (`idempotency_conflict`, `job_already_finished`, `job_already_running`,
+ * `job_not_resumable`, `conflict`, `lease_lost` — a stale lease never becomes valid again) is a real
+ * conflict and is not retried.
  */
 export const TRANSIENT_CONFLICT_CODES: ReadonlySet<string> = new Set(['request_in_progress', 'lock_timeout']);
 

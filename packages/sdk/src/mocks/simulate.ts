@@ -211,7 +211,9 @@ export function failTrainingJob(
 /** The API's cancel: a pending job stops at once, a running one is flagged for its worker. */
 export function requestCancel(state: MockState, job: TrainingJob | DistillationJob) {
   if (isTerminalStatus(job.status)) {
-    throw new MockHttpError(409, 'job_already_running', `Job ${job.id} is already ${job.status}.`);
+    // A distillation keeps seed 000's code for it.
+    const code = state.distillationJobs.has(job.id) ? 'job_already_running' : 'job_already_finished';
+    throw new MockHttpError(409, code, `Job ${job.id} has already ended: it is ${job.status}.`);
   }
   if (job.status === 'pending') return finishCancel(state, job);
   job.cancel_requested = true;

@@ -23,6 +23,7 @@ describe('shouldRetry', () => {
     [404, 'job_not_found', false],
     [409, 'idempotency_conflict', false],
     [409, 'job_already_running', false],
+    [409, 'job_already_finished', false],
     [409, 'job_not_resumable', false],
     [409, 'lease_lost', false],
     [409, 'conflict', false],

@@ -39,7 +39,7 @@ describe('jobs: create, retrieve, list, cancel', () => {
     expect((await jobs.list({ status: 'cancelled' })).data).toHaveLength(1);
     expect((await jobs.list({ status: 'pending' })).data).toHaveLength(0);
     expect((await jobs.list({ type: 'merge' })).data).toHaveLength(0);
-    await expect(jobs.cancel(job.id)).rejects.toMatchObject({ status: 409, code: 'job_already_running' });
+    await expect(jobs.cancel(job.id)).rejects.toMatchObject({ status: 409, code: 'job_already_finished' });
   });
 
   it('cancels a running job once its worker acknowledges', async () => {
