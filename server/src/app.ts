@@ -7,6 +7,7 @@ import type { AppContext } from './context.js';
 import { ApiError } from './errors.js';
 import { type Handler, keepSentBody, wrap } from './http.js';
 import { jsonBody } from './json-body.js';
+import { metricsRoute, timeOperation } from './metrics.js';
 import { allRoutes } from './routes/index.js';
 import { OPENAI_PREFIX, openAIErrorBody } from './routes/openai/errors.js';
 import { datasetUploadOptions } from './services/dataset-upload.js';
@@ -32,7 +33,8 @@ export function createApp(ctx: AppContext): express.Express {
       autoLogging: { ignore: (req) => req.url === '/v1/health' },
     }),
   );
-  // The generated docs (pnpm docs) are static files, outside the API and its validator.
+  // Operators' metrics and the generated docs (pnpm docs) are outside the API and its validator.
+  app.get('/metrics', metricsRoute(ctx));
   app.use('/docs', express.static(ctx.config.docsDir, { index: 'index.html', fallthrough: true }));
   app.use(jsonBody(ctx.config.maxJsonBytes));
   app.use(
@@ -82,7 +84,8 @@ function mountRoutes(app: express.Express, ctx: AppContext): void {
   const handlers = allRoutes as Record<string, Handler>;
   for (const op of specOperations()) {
     const handler = handlers[op.operationId];
-    if (handler) app[op.method](op.expressPath, wrap(handler, ctx));
+    if (handler)
+      app[op.method](op.expressPath, timeOperation(ctx.metrics, op.operationId), wrap(handler, ctx));
   }
 }
 

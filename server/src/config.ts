@@ -63,6 +63,8 @@ export interface Config {
   webhookIntervalMs: number;
   /** First retry delay of a failed webhook delivery, seconds; doubles per attempt. */
   webhookRetryBaseSeconds: number;
+  /** Bearer token `GET /metrics` requires; unset: the metrics are open (scrape them on a private network). */
+  metricsToken: string | undefined;
 }
 
 function intEnv(name: string, fallback: number): number {
@@ -134,6 +136,7 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
       .filter(Boolean),
     webhookIntervalMs: intEnv('TUNERY_WEBHOOK_INTERVAL_MS', 1000),
     webhookRetryBaseSeconds: intEnv('TUNERY_WEBHOOK_RETRY_BASE_SECONDS', 10),
+    metricsToken: process.env.TUNERY_METRICS_TOKEN || undefined,
     ...overrides,
   };
 }

@@ -3,6 +3,7 @@ import type { Knex } from 'knex';
 import type { Logger } from 'pino';
 import type { Config } from './config.js';
 import type { DatabaseKind } from './db.js';
+import type { Metrics } from './metrics.js';
 import type { SecretBox } from './secrets.js';
 import type { LocalStorage } from './storage.js';
 
@@ -19,4 +20,6 @@ export interface AppContext {
   queueSignal: EventEmitter;
   /** Set when the server is shutting down: long-polls return at once. */
   shuttingDown: AbortController;
+  /** The operator's metrics (`GET /metrics`). */
+  metrics: Metrics;
 }

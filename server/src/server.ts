@@ -11,6 +11,7 @@ import type { Config } from './config.js';
 import type { AppContext } from './context.js';
 import { type Database, makePrivateDir, migrate, openDatabase, pgliteDir, restrictToOwner } from './db.js';
 import { createLogger } from './logging.js';
+import { createMetrics } from './metrics.js';
 import { createPartSweeper, partSweeperConfig } from './part-sweeper.js';
 import { listenForJobs } from './queue/notify.js';
 import { extendLeasesAfterStart } from './queue/restart.js';
@@ -62,15 +63,17 @@ async function serveOn(
   const secretBox = new SecretBox(await loadSecretsKey(config));
   await checkSecretsKey(db.knex, secretBox, config.secretsKeyRotate);
   await sealPlaintextSecrets(db.knex, secretBox);
+  const storage = new LocalStorage(config.dataDir, config.maxUploadBytes, config.storageQuotaBytes);
   const ctx: AppContext = {
     knex: db.knex,
     dbKind: db.kind,
     config,
-    storage: new LocalStorage(config.dataDir, config.maxUploadBytes, config.storageQuotaBytes),
+    storage,
     logger,
     secretBox,
     queueSignal: new EventEmitter().setMaxListeners(0),
     shuttingDown: new AbortController(),
+    metrics: createMetrics({ knex: db.knex, storage }),
   };
   const adminKey = await ensureAdminKey(ctx);
   await ctx.storage.prepare();

@@ -78,6 +78,8 @@ export class LocalStorage {
   private readonly writers = new Map<string, PartWriter>();
   /** Finished parts whose rows are in a caller's open transaction (see `removingOnFailure`). */
   private readonly deferred = new Set<PartWriter>();
+  /** Bytes written by uploads since the server started (the operator's metrics). */
+  bytesReceived = 0;
 
   constructor(
     dataDir: string,
@@ -408,6 +410,7 @@ export class PartWriter {
     }
     this.hash.update(chunk);
     this.size += chunk.length;
+    this.storage.bytesReceived += chunk.length;
   }
 
   /** Flushes the part to disk and closes it; the file's size and SHA-256. */

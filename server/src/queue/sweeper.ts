@@ -48,6 +48,9 @@ export function createSweeper(ctx: AppContext, partial: Partial<SweeperConfig> =
     config.intervalMs,
     async () => {
       const counts = await runOnce();
+      for (const outcome of ['retried', 'cancelled', 'failed'] as const) {
+        if (counts[outcome] > 0) ctx.metrics.leaseExpiries.inc({ outcome }, counts[outcome]);
+      }
       if (counts.retried + counts.cancelled + counts.failed > 0) {
         ctx.logger.info({ ...counts }, 'sweeper rescued expired leases');
       }
