@@ -2293,7 +2293,7 @@ export interface components {
              * @enum {string}
              */
             backend?: "native" | "cpu" | "cuda" | "mlx";
-            /** @description Settings of `backend: native` (required with it, refused without it). Each iteration asks the teacher to rewrite the best instruction so far given feedback examples it gets wrong, scores each proposal on held-out examples with `metric`, and keeps it only when it scores higher. The job result holds `optimized_prompt`, `optimized_score`, `original_prompt`, `original_score`; metrics hold one `eval` point per iteration (`eval_loss` = 1 − best score) and events one `prompt_candidate` per proposal. */
+            /** @description Settings of `backend: native` (required with it, refused without it). Each iteration asks the teacher to rewrite the best instruction so far given feedback examples it gets wrong, scores each proposal on held-out examples with `metric`, and keeps it only when it scores higher. The job result's `details` hold `optimized_prompt`, `optimized_score`, `original_prompt`, `original_score` (held-out scores, 0–1) and the teacher's token meters; it makes no model or output files; metrics hold one `eval` point per iteration (`eval_loss` = 1 − best score) and events one `prompt_candidate` per proposal. */
             prompt_optimization?: {
                 /** @description Model at the endpoint that proposes instructions (and grades with `llm_judge`). */
                 teacher_model: string;
