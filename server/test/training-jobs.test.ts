@@ -285,6 +285,99 @@ describe.each(DATABASES)('training jobs on %s', (db) => {
       expect((await jobRow(job.id)).required_device).toBe('cuda');
     });
 
+    it('makes backend native a prompt-optimization job, its teacher key only in the claim', async () => {
+      const native = {
+        backend: 'native',
+        base_model: 'task-model',
+        dataset_id: datasetId,
+        max_steps: 2,
+        prompt_optimization: {
+          teacher_model: 'gpt-x',
+          teacher_base_url: 'http://127.0.0.1:9/v1',
+          teacher_api_key: 'sk-native-secret',
+          metric: 'llm_judge',
+        },
+      };
+      const res = await create(native);
+      expect(res.status).toBe(201);
+      const text = await res.text();
+      expect(text).not.toContain('sk-native-secret');
+      const job = JSON.parse(text);
+      expect(job.type).toBe('prompt_optimize');
+      expect(job.config).toMatchObject({
+        type: 'prompt_optimize',
+        teacher: { provider: 'openai', model: 'gpt-x', base_url: 'http://127.0.0.1:9/v1' },
+        task_model: 'task-model',
+        metric: 'llm_judge',
+        iterations: 2,
+      });
+      const row = await jobRow(job.id);
+      expect(JSON.stringify(row.config)).not.toContain('sk-native-secret');
+      const claimed = await fakeWorker(server, 'po-worker').claim({
+        job_types: ['prompt_optimize'],
+        device: 'cpu',
+      });
+      expect(claimed?.job_id).toBe(job.id);
+      expect(claimed?.spec.teacher).toMatchObject({ model: 'gpt-x', api_key: 'sk-native-secret' });
+      expect(claimed?.inputs.map((i) => i.role)).toEqual(['dataset']);
+      await server.api(`/v1/training/jobs/${job.id}/cancel`, { method: 'POST' });
+    });
+
+    it('refuses backend native without its teacher, or with fields it would ignore', async () => {
+      const cases: [Record<string, unknown>, string][] = [
+        [{ backend: 'native', dataset_id: datasetId }, 'prompt_optimization.teacher_model'],
+        [
+          { backend: 'native', dataset_id: datasetId, prompt_optimization: { metric: 'exact_match' } },
+          'prompt_optimization',
+        ],
+        [{ backend: 'native', prompt_optimization: { teacher_model: 't' } }, 'dataset_id'],
+        [
+          {
+            backend: 'native',
+            dataset_id: datasetId,
+            learning_rate: 0.1,
+            prompt_optimization: { teacher_model: 't' },
+          },
+          'learning_rate',
+        ],
+        [
+          {
+            backend: 'native',
+            dataset_id: datasetId,
+            prompt_optimization: { teacher_model: 't', teacher_base_url: 'ftp://x/v1' },
+          },
+          'prompt_optimization.teacher_base_url',
+        ],
+        [
+          {
+            backend: 'native',
+            dataset_id: datasetId,
+            max_steps: 51,
+            prompt_optimization: { teacher_model: 't' },
+          },
+          'max_steps',
+        ],
+        [
+          {
+            base_model: 'smollm2-135m-instruct',
+            dataset_id: datasetId,
+            prompt_optimization: { teacher_model: 't' },
+          },
+          'prompt_optimization',
+        ],
+      ];
+      for (const [body, param] of cases) {
+        const res = await create(body);
+        expect(res.status, JSON.stringify(body)).toBe(400);
+        const { error } = await res.json();
+        expect(
+          error.code === 'invalid_config' || error.code === 'invalid_request',
+          JSON.stringify(error),
+        ).toBe(true);
+        expect(error.param, JSON.stringify(error)).toContain(param);
+      }
+    });
+
     it('takes backend mlx only while an online worker announces it', async () => {
       const mlx = { base_model: 'smollm2-135m-instruct', dataset_id: datasetId, backend: 'mlx' };
       const refused = await create(mlx);

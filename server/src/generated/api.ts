@@ -2394,10 +2394,10 @@ export interface components {
             files: components["schemas"]["OutputFile"][];
         };
         /**
-         * @description `finetune` (LoRA/QLoRA/full), `train` (grow a model), `contract` (prune layers), `merge` (adapter into base), `benchmark` (score a model).
+         * @description `finetune` (LoRA/QLoRA/full), `train` (grow a model), `contract` (prune layers), `merge` (adapter into base), `benchmark` (score a model), `prompt_optimize` (rewrite a system prompt; made by `backend: native`, not requestable as `type`).
          * @enum {string}
          */
-        TrainingJobType: "finetune" | "train" | "contract" | "merge" | "benchmark";
+        TrainingJobType: "finetune" | "train" | "contract" | "merge" | "benchmark" | "prompt_optimize";
         /**
          * @description How weights are trained. `qlora` needs a CUDA worker.
          * @enum {string}
@@ -2627,10 +2627,45 @@ export interface components {
             /** @description Seed-003 compatibility; its last path segment becomes `output_name`. */
             output_dir?: string;
             /**
-             * @description Seed-004 compatibility; `cpu`/`cuda`/`mlx` pin the worker device (`mlx` is refused with 400 `backend_unavailable` while no online worker announces device `mlx`); `native` means any device.
+             * @description Seed-004 compatibility. `cpu`/`cuda`/`mlx` pin the worker device of a fine-tune (`mlx` is refused with 400 `backend_unavailable` while no online worker announces device `mlx`). `native` makes a `prompt_optimize` job instead of a fine-tune: the system prompt of the task model `base_model` (a model name at the teacher endpoint) is optimized on `dataset_id` (chat records as buildDataset writes them, or prompt/completion) for `max_steps` iterations (default 3), as `prompt_optimization` configures; it takes only `base_model`, `dataset_id`, `max_steps`, `prompt_optimization`, `run_name`, `idempotency_key`, `priority` and `max_attempts` (other fields are 400 `invalid_config`). Omitted, the job is a fine-tune (Tunery's default; seed 004 has no default).
              * @enum {string}
              */
             backend?: "native" | "cpu" | "cuda" | "mlx";
+            /** @description Settings of `backend: native` (required with it, refused without it). Each iteration asks the teacher to rewrite the best instruction so far given feedback examples it gets wrong, scores each proposal on held-out examples with `metric`, and keeps it only when it scores higher. The job result's `details` hold `optimized_prompt`, `optimized_score`, `original_prompt`, `original_score` (held-out scores, 0–1) and the teacher's token meters; it makes no model or output files; metrics hold one `eval` point per iteration (`eval_loss` = 1 − best score) and events one `prompt_candidate` per proposal. */
+            prompt_optimization?: {
+                /** @description Model at the endpoint that proposes instructions (and grades with `llm_judge`). */
+                teacher_model: string;
+                /**
+                 * Format: uri
+                 * @description OpenAI-compatible base URL up to `/v1` (default the OpenAI API). http(s) without credentials; workers reach only public addresses or the hosts in `TUNERY_TEACHER_ALLOWED_HOSTS`.
+                 */
+                teacher_base_url?: string;
+                /** @description Key of the endpoint; stored for the worker, erased when the job ends, never returned. */
+                teacher_api_key?: string;
+                /**
+                 * @description `exact_match`: the answer equals the recorded one (case and outer whitespace ignored); `llm_judge`: the teacher grades it against the recorded one.
+                 * @default exact_match
+                 * @enum {string}
+                 */
+                metric: "exact_match" | "llm_judge";
+                /**
+                 * @description Proposals per iteration.
+                 * @default 2
+                 */
+                candidates_per_iteration: number;
+                /**
+                 * @description Share of examples held out for scoring.
+                 * @default 0.5
+                 */
+                eval_fraction: number;
+                /**
+                 * @description Examples read from the dataset.
+                 * @default 200
+                 */
+                max_examples: number;
+                /** @description Instruction to start from (default the most common system prompt of the dataset). */
+                initial_prompt?: string;
+            };
             parent_job_id?: components["schemas"]["Id"];
             /**
              * @description Higher runs first.

@@ -51,20 +51,20 @@ export interface Teacher {
  * which is kept out of the stored config). Which hosts a worker then reaches is the worker's egress
  * policy (`TUNERY_TEACHER_ALLOWED_HOSTS`), checked where the connection is made.
  */
-function teacherUrl(raw: string): string {
+export function teacherUrl(raw: string, param = 'config.teacher_base_url'): string {
   let url: URL;
   try {
     url = new URL(raw);
   } catch {
-    throw invalidConfig('teacher_base_url is not a URL.', 'config.teacher_base_url');
+    throw invalidConfig('teacher_base_url is not a URL.', param);
   }
   if (url.protocol !== 'http:' && url.protocol !== 'https:') {
-    throw invalidConfig('teacher_base_url must be an http(s) URL.', 'config.teacher_base_url');
+    throw invalidConfig('teacher_base_url must be an http(s) URL.', param);
   }
   if (url.username || url.password) {
     throw invalidConfig(
       'teacher_base_url may not carry credentials: give the key as teacher_api_key.',
-      'config.teacher_base_url',
+      param,
     );
   }
   return raw;

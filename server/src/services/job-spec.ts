@@ -141,6 +141,11 @@ function openSecrets(ctx: AppContext, job: JobRow): Record<string, unknown> {
 /** The spec for the job's type, with its secrets in clear. Training configs are stored in spec shape already. */
 function specOf(job: JobRow, secrets: Record<string, unknown>): Record<string, unknown> {
   if (job.type === 'distill') return distillSpec(job.config, secrets);
+  if (job.type === 'prompt_optimize') {
+    const teacher = { ...(job.config.teacher as Record<string, unknown>) };
+    if (typeof secrets.teacher_api_key === 'string') teacher.api_key = secrets.teacher_api_key;
+    return { ...job.config, teacher };
+  }
   const spec: Record<string, unknown> = { ...job.config };
   if (typeof secrets.hf_token === 'string') spec.hf_token = secrets.hf_token;
   return spec;

@@ -52,7 +52,7 @@ function oneOf<P extends string>(value: string, allowed: readonly P[], fallback:
   return (allowed as readonly string[]).includes(value) ? (value as P) : fallback;
 }
 
-const trainingTypes = ['finetune', 'train', 'contract', 'merge', 'benchmark'] as const;
+const trainingTypes = ['finetune', 'train', 'contract', 'merge', 'benchmark', 'prompt_optimize'] as const;
 const methods = ['lora', 'qlora', 'full'] as const;
 const isMethod = (value: string | null): value is Schemas['TrainingMethod'] =>
   value !== null && (methods as readonly string[]).includes(value);

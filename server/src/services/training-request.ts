@@ -14,6 +14,7 @@ import type { JobRow } from '../queue/types.js';
 import { checkModelSource, resolveBaseModel } from './catalog.js';
 import { type DatasetRow, estimateTokens, getDataset, parseJsonl, validateRecords } from './datasets.js';
 import { estimateJobCostUsd } from './estimate.js';
+import { planPromptOptimizeJob } from './prompt-optimize-request.js';
 import { getTemplateConfig } from './templates.js';
 
 export type TrainingJobCreate = BodyOf<'createTrainingJob'>;
@@ -464,6 +465,13 @@ export async function planTrainingJob(
   tenantId: string,
   body: TrainingJobCreate,
 ): Promise<TrainingJobPlan> {
+  if (body.backend === 'native') return planPromptOptimizeJob(ctx, tenantId, body);
+  if (body.prompt_optimization) {
+    throw invalidConfig('prompt_optimization applies only with backend native.', 'prompt_optimization');
+  }
+  if (body.type === 'prompt_optimize') {
+    throw invalidConfig('A prompt_optimize job is made with backend: native.', 'type');
+  }
   const requiredDevice = await requiredDeviceOf(ctx, body.backend);
   const template = body.template ? await getTemplateConfig(ctx, tenantId, body.template) : {};
   const type: JobType = body.type ?? template.type ?? 'finetune';

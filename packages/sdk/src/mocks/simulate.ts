@@ -83,6 +83,7 @@ const RUNNING_PHASE: Record<Schemas['TrainingJobType'], Schemas['TrainingPhase']
   contract: 'contracting',
   merge: 'merging',
   benchmark: 'evaluating',
+  prompt_optimize: 'evaluating',
 };
 
 /** Loss of step `step` of `total`: a smooth decay from about 2.5 to about 0.4. */
@@ -233,7 +234,11 @@ export function finishCancel(state: MockState, job: TrainingJob | DistillationJo
   appendEvent(state, job.id, 'cancelled');
 }
 
-const OUTPUT_KIND: Record<Exclude<Schemas['TrainingJobType'], 'benchmark'>, Schemas['Model']['kind']> = {
+// benchmark and prompt_optimize jobs make no model
+const OUTPUT_KIND: Record<
+  Exclude<Schemas['TrainingJobType'], 'benchmark' | 'prompt_optimize'>,
+  Schemas['Model']['kind']
+> = {
   finetune: 'adapter',
   train: 'grown',
   contract: 'contracted',
@@ -260,7 +265,7 @@ export function completeTrainingJob(
   const files = jobFiles(state, job.id);
   const params = baseModelParams(state, job.base_model);
 
-  if (job.type !== 'benchmark') {
+  if (job.type !== 'benchmark' && job.type !== 'prompt_optimize') {
     if (files.size === 0) {
       const adapterStyle = job.type === 'finetune' && job.method !== 'full';
       const names = adapterStyle
