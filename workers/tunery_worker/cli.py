@@ -137,9 +137,14 @@ def run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         shutdown_grace=args.shutdown_grace,
         **options,
     )
+    return run_until_done(worker, client)
+
+
+def run_until_done(worker: Any, client: Any) -> int:
+    """Runs `worker` with the shutdown signals handled, then closes the client."""
     previous = install_signal_handlers(worker)
     try:
-        return worker.run()
+        return int(worker.run())
     finally:
         client.close()
         # Put back what was there: main() may run inside a longer-lived process (tests, embedding).
@@ -161,13 +166,7 @@ def serve(args: argparse.Namespace, client: Any, device: str) -> int:
         wait_seconds=args.wait_seconds,
         once=args.once,
     )
-    previous = install_signal_handlers(worker)
-    try:
-        return worker.run()
-    finally:
-        client.close()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    return run_until_done(worker, client)
 
 
 def install_signal_handlers(worker: Any) -> dict[int, Any]:

@@ -46,15 +46,24 @@ export async function listenForJobs(ctx: AppContext): Promise<() => Promise<void
 
 /** Resolves on the next 'job-available' signal, after `ms`, or on shutdown — whichever comes first. */
 export function waitForJobSignal(ctx: AppContext, ms: number): Promise<void> {
+  return waitForSignal(ctx, 'job-available', ms);
+}
+
+/** Resolves on the next `event` of the queue signal, after `ms`, or on shutdown — whichever comes first. */
+export function waitForSignal(
+  ctx: Pick<AppContext, 'queueSignal' | 'shuttingDown'>,
+  event: string,
+  ms: number,
+): Promise<void> {
   return new Promise((resolve) => {
     const done = () => {
       clearTimeout(timer);
-      ctx.queueSignal.off('job-available', done);
+      ctx.queueSignal.off(event, done);
       ctx.shuttingDown.signal.removeEventListener('abort', done);
       resolve();
     };
     const timer = setTimeout(done, ms);
-    ctx.queueSignal.once('job-available', done);
+    ctx.queueSignal.once(event, done);
     ctx.shuttingDown.signal.addEventListener('abort', done, { once: true });
   });
 }

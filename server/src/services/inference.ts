@@ -10,6 +10,7 @@ import pg from 'pg';
 import type { AppContext } from '../context.js';
 import { ApiError, notFound } from '../errors.js';
 import { newId } from '../ids.js';
+import { waitForSignal } from '../queue/notify.js';
 import { resolveBaseModel } from './catalog.js';
 
 const CHANNEL = 'tunery_inference';
@@ -256,22 +257,8 @@ export async function claimInference(
     }
     const left = deadline - Date.now();
     if (left <= 0 || ctx.shuttingDown.signal.aborted) return null;
-    await waitForQueued(ctx, Math.min(left, 5000));
+    await waitForSignal(ctx, 'inference-queued', Math.min(left, 5000));
   }
-}
-
-function waitForQueued(ctx: AppContext, ms: number): Promise<void> {
-  return new Promise((resolve) => {
-    const done = () => {
-      clearTimeout(timer);
-      ctx.queueSignal.off('inference-queued', done);
-      ctx.shuttingDown.signal.removeEventListener('abort', done);
-      resolve();
-    };
-    const timer = setTimeout(done, ms);
-    ctx.queueSignal.once('inference-queued', done);
-    ctx.shuttingDown.signal.addEventListener('abort', done, { once: true });
-  });
 }
 
 /**
