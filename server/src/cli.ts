@@ -1,4 +1,4 @@
-#!/usr/bin/env -S npx tsx
+#!/usr/bin/env node
 import { parseArgs } from 'node:util';
 import { type Config, loadConfig } from './config.js';
 import { migrate, openDatabase } from './db.js';

@@ -37,9 +37,15 @@ function cli(dataDir: string, args: string[]): Promise<{ code: number; stdout: s
   });
 }
 
-/** `tunery-server start`; resolves once it says it listens (with the admin key it printed, if any), or rejects if it exits. */
-function startCli(dataDir: string): Promise<{ child: ChildProcess; adminKey: string | undefined }> {
-  const child = spawn(node[0], [...node.slice(1), 'start'], { cwd: serverDir, env: cliEnv(dataDir) });
+/**
+ * `tunery-server start` (from the TypeScript sources, or `command`: the compiled `dist/cli.js`);
+ * resolves once it says it listens (with the admin key it printed, if any), or rejects if it exits.
+ */
+function startCli(
+  dataDir: string,
+  command: readonly string[] = node,
+): Promise<{ child: ChildProcess; adminKey: string | undefined }> {
+  const child = spawn(command[0]!, [...command.slice(1), 'start'], { cwd: serverDir, env: cliEnv(dataDir) });
   let stdout = '';
   let stderr = '';
   child.stderr!.on('data', (chunk) => {
@@ -186,6 +192,27 @@ describe('the embedded database lock', () => {
       expect(await modeOf(join(dir, 'PG_VERSION'))).toBe(0o600);
     } finally {
       await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('the compiled server (pnpm -C server build, node dist/cli.js)', { timeout: 120_000 }, () => {
+  it('starts from dist/cli.js without tsx and serves the API', async () => {
+    const dataDir = await mkdtemp(join(tmpdir(), 'tunery-dist-'));
+    const { child, adminKey } = await startCli(dataDir, [process.execPath, 'dist/cli.js']);
+    try {
+      // A loader would show in the command line; the compiled one runs on plain node.
+      expect(child.spawnargs).not.toContain('tsx');
+      const url = JSON.parse(await readFile(join(dataDir, 'server.json'), 'utf8')).url as string;
+      expect((await fetch(`${url}/v1/health`)).status).toBe(200);
+      const jobs = await fetch(`${url}/v1/training/jobs`, {
+        headers: { authorization: `Bearer ${adminKey}` },
+      });
+      expect(jobs.status).toBe(200);
+      expect((await jobs.json()).jobs).toEqual([]);
+    } finally {
+      await stopCli(child);
+      await rm(dataDir, { recursive: true, force: true });
     }
   });
 });
