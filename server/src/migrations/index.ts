@@ -4,6 +4,7 @@ import { secretsKeys } from './002_secrets_keys.js';
 import { budgetReservations } from './004_budget_idem.js';
 import { webhooks } from './005_webhooks.js';
 import { inference } from './006_inference.js';
+import { runnableIndex } from './007_runnable_index.js';
 
 export interface Migration {
   name: string;
@@ -12,4 +13,11 @@ export interface Migration {
 }
 
 /** Every migration, in order. Add new ones at the end; never edit one that has shipped. */
-export const migrations: Migration[] = [init, secretsKeys, budgetReservations, webhooks, inference];
+export const migrations: Migration[] = [
+  init,
+  secretsKeys,
+  budgetReservations,
+  webhooks,
+  inference,
+  runnableIndex,
+];

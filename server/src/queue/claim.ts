@@ -1,6 +1,5 @@
 import type { AppContext } from '../context.js';
 import { newSecret } from '../ids.js';
-import { recordEvent } from './events.js';
 import { waitForJobSignal } from './notify.js';
 import type { JobRow } from './types.js';
 
@@ -34,28 +33,30 @@ async function touchWorker(ctx: AppContext, input: ClaimInput): Promise<void> {
 }
 
 /**
- * Leases the best runnable job this worker can run, or returns null. One statement picks and
- * leases it; the attempt row and the `claimed` event are written in the same transaction.
+ * Leases the best runnable job this worker can run, or returns null. One statement (one round
+ * trip, its own transaction) picks the job, leases it, opens its attempt and records the `claimed`
+ * event; `event_seq` moves in the same update, so the event's seq needs no second lock.
  */
 export async function claimNextJob(ctx: AppContext, input: ClaimInput): Promise<JobRow | null> {
   const { capabilities } = input;
-  return ctx.knex.transaction(async (trx) => {
-    const result = await trx.raw(
-      `
-      WITH next AS (
-        SELECT id FROM jobs
-        WHERE status = 'pending'
-          -- backoff and scheduling use the database clock, never the server's
-          AND run_at <= now()
-          AND type IN (SELECT jsonb_array_elements_text(:jobTypes::jsonb))
-          -- a worker that lists no methods runs any; jobs without a method suit every worker
-          AND (method IS NULL OR :anyMethod OR method IN (SELECT jsonb_array_elements_text(:methods::jsonb)))
-          AND (required_device IS NULL OR required_device = :device)
-        ORDER BY priority DESC, run_at, created_at
-        -- concurrent claimers skip rows another claim is taking instead of queueing behind it
-        FOR UPDATE SKIP LOCKED
-        LIMIT 1
-      )
+  const result = await ctx.knex.raw(
+    `
+    WITH next AS (
+      SELECT id FROM jobs
+      WHERE status = 'pending'
+        -- backoff and scheduling use the database clock, never the server's
+        AND run_at <= now()
+        AND type IN (SELECT jsonb_array_elements_text(:jobTypes::jsonb))
+        -- a worker that lists no methods runs any; jobs without a method suit every worker
+        AND (method IS NULL OR :anyMethod OR method IN (SELECT jsonb_array_elements_text(:methods::jsonb)))
+        AND (required_device IS NULL OR required_device = :device)
+      -- the order of the partial index jobs_runnable: read in order, no sort of every pending row
+      ORDER BY priority DESC, run_at, created_at
+      -- concurrent claimers skip rows another claim is taking instead of queueing behind it
+      FOR UPDATE SKIP LOCKED
+      LIMIT 1
+    ),
+    claimed AS (
       UPDATE jobs SET
         status = 'running',
         attempt = attempt + 1,
@@ -66,35 +67,34 @@ export async function claimNextJob(ctx: AppContext, input: ClaimInput): Promise<
         -- billing of worker time starts with the lease
         billed_until = now(),
         phase = CASE WHEN phase = 'queued' THEN 'initializing' ELSE phase END,
+        event_seq = event_seq + 1,
         updated_at = now()
       FROM next
       WHERE jobs.id = next.id
-      RETURNING jobs.*`,
-      {
-        jobTypes: JSON.stringify(capabilities.job_types),
-        anyMethod: capabilities.methods === undefined,
-        methods: JSON.stringify(capabilities.methods ?? []),
-        device: capabilities.device,
-        leaseToken: newSecret('lease'),
-        workerId: input.workerId,
-        leaseSeconds: ctx.config.leaseSeconds,
-      },
-    );
-    const job = result.rows[0] as JobRow | undefined;
-    if (!job) return null;
-    await trx('job_attempts').insert({
-      job_id: job.id,
-      attempt: job.attempt,
-      worker_id: input.workerId,
-      lease_token: job.lease_token,
-    });
-    await recordEvent(trx, job.id, 'claimed', {
-      attempt: job.attempt,
-      worker_id: input.workerId,
-      resume_checkpoint: job.resume_checkpoint,
-    });
-    return job;
-  });
+      RETURNING jobs.*
+    ),
+    attempt AS (
+      INSERT INTO job_attempts (job_id, attempt, worker_id, lease_token)
+      SELECT id, attempt, :workerId, lease_token FROM claimed
+    ),
+    event AS (
+      INSERT INTO job_events (job_id, seq, ts, kind, payload)
+      SELECT id, event_seq, now(), 'claimed',
+             jsonb_build_object('attempt', attempt, 'worker_id', :workerId::text, 'resume_checkpoint', resume_checkpoint)
+      FROM claimed
+    )
+    SELECT * FROM claimed`,
+    {
+      jobTypes: JSON.stringify(capabilities.job_types),
+      anyMethod: capabilities.methods === undefined,
+      methods: JSON.stringify(capabilities.methods ?? []),
+      device: capabilities.device,
+      leaseToken: newSecret('lease'),
+      workerId: input.workerId,
+      leaseSeconds: ctx.config.leaseSeconds,
+    },
+  );
+  return (result.rows[0] as JobRow | undefined) ?? null;
 }
 
 /**

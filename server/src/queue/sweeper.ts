@@ -61,8 +61,21 @@ export function createSweeper(ctx: AppContext, partial: Partial<SweeperConfig> =
   return { runOnce, stop: loop.stop };
 }
 
-/** Starts the lease sweeper with the server's interval; returns a function that stops it. */
+/** How often the queue's tables get fresh planner statistics (autovacuum may lag a burst of jobs). */
+const ANALYZE_INTERVAL_MS = 5 * 60 * 1000;
+
+/** Starts the lease sweeper with the server's interval, and the queue's ANALYZE; returns a function that stops both. */
 export function startSweeper(ctx: AppContext): () => Promise<void> {
   const sweeper = createSweeper(ctx, { intervalMs: ctx.config.sweepIntervalMs });
-  return sweeper.stop;
+  const analyze = repeatEvery(
+    ANALYZE_INTERVAL_MS,
+    async () => {
+      await ctx.knex.raw('ANALYZE jobs');
+    },
+    (err) => ctx.logger.warn({ err, task: 'analyze jobs' }, 'ANALYZE failed; will retry'),
+  );
+  return async () => {
+    await sweeper.stop();
+    await analyze.stop();
+  };
 }
