@@ -1,6 +1,7 @@
 """Schemathesis hooks for scripts/schemathesis.sh (loaded through the generated schemathesis.toml).
 
-`POST /v1/workers/claim` long-polls up to `wait_seconds` (default 20) when no job matches. Generated
+`POST /v1/workers/claim` (and a serving worker's `/v1/workers/inference/claim`) long-polls up
+to `wait_seconds` (default 20) when no job matches. Generated
 claims rarely match a pending job, so every valid-looking claim would sit out its whole wait and the
 run would spend its time asleep. Here a claim's wait is pinned to 0; everything else about the
 generated body (including invalid values, which the server must reject at once) is left alone.
@@ -14,14 +15,16 @@ from typing import Any
 import schemathesis
 
 
+# Claims that long-poll up to `wait_seconds` (default 20) when nothing is waiting.
+LONG_POLLS = ("POST /v1/workers/claim", "POST /v1/workers/inference/claim")
+
+
 @schemathesis.hook
 def before_call(context: Any, case: Any, **kwargs: Any) -> None:
     if case.operation.label.endswith("/stream"):
         pin_stream_duration(case)
         return
-    if case.operation.label != "POST /v1/workers/claim" or not isinstance(
-        case.body, dict
-    ):
+    if case.operation.label not in LONG_POLLS or not isinstance(case.body, dict):
         return
     wait = case.body.get("wait_seconds", 0)
     if isinstance(wait, int | float) and not isinstance(wait, bool) and 0 <= wait <= 30:
