@@ -14,7 +14,6 @@ from typing import Any
 
 import schemathesis
 
-
 # Claims that long-poll up to `wait_seconds` (default 20) when nothing is waiting.
 LONG_POLLS = ("POST /v1/workers/claim", "POST /v1/workers/inference/claim")
 
