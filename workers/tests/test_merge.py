@@ -70,3 +70,57 @@ def test_merged_logits_equal_base_plus_adapter(tmp_path: Path, tiny_llama: Path)
     assert (got - expected).abs().max().item() <= 1e-4
     assert (got - untouched).abs().max().item() > 1e-2  # the adapter really changed the model
     assert result["params_after"] == count_params(merged)
+
+
+def test_export_gguf_publishes_one_readable_file_per_quantization(tmp_path: Path, tiny_llama: Path) -> None:
+    from gguf import GGUFReader
+
+    adapter_dir = trained_adapter(tmp_path, tiny_llama)
+    ctx = LocalJobContext(
+        job_id="job_merge",
+        job_type="merge",
+        workdir=tmp_path / "merge",
+        inputs={"adapter": adapter_dir},
+        spec={
+            "base_model": {"name": "tiny", "source": str(tiny_llama)},
+            "output_name": "tiny-merged",
+            "export_gguf": True,
+            "quantization_types": ["q8_0", "f16"],
+        },
+    )
+    result = merge.run(ctx)
+    assert set(result["gguf"]) == {"q8_0", "f16"}
+    for quantization in ("q8_0", "f16"):
+        name = f"model-{quantization}.gguf"
+        assert result["gguf"][quantization] == {"name": name, "size_bytes": ctx.outputs[name].stat().st_size}
+        reader = GGUFReader(ctx.outputs[name])
+        arch = reader.fields["general.architecture"]
+        assert bytes(arch.parts[arch.data[0]]).decode() == "llama"
+        tensors = {t.name: t for t in reader.tensors}
+        assert "token_embd.weight" in tensors and "blk.0.attn_q.weight" in tensors
+    assert "model.safetensors" in ctx.outputs  # the merged weights are still published
+
+
+def test_unsupported_quantization_fails_before_loading(tmp_path: Path, tiny_llama: Path) -> None:
+    import pytest
+
+    from tunery_worker.errors import InvalidConfig
+
+    adapter_dir = tmp_path / "adapter"
+    adapter_dir.mkdir()
+    (adapter_dir / "adapter_config.json").write_text("{}")
+    ctx = LocalJobContext(
+        job_id="job_merge",
+        job_type="merge",
+        workdir=tmp_path / "merge",
+        inputs={"adapter": adapter_dir},
+        spec={
+            "base_model": {"name": "tiny", "source": str(tiny_llama)},
+            "export_gguf": True,
+            "quantization_types": ["q9_z"],
+        },
+    )
+    with pytest.raises(InvalidConfig) as raised:
+        merge.run(ctx)
+    assert raised.value.param == "quantization_types"
+    assert ctx.outputs == {}

@@ -3,7 +3,8 @@
 Inputs: `adapter` (a directory with `adapter_model.safetensors` + `adapter_config.json`, usually a
 finetune job's outputs) and the base from `base_model.source` (or a `model` input). The merge runs in
 float32 so the merged weights equal base + scale·B·A without rounding; outputs are `model.safetensors`,
-`config.json`, generation config and tokenizer files.
+`config.json`, generation config and tokenizer files. With `export_gguf`, one `model-<q>.gguf` per
+`quantization_types` entry joins them, written by the exporter distillation uses.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 
 from tunery_worker.context import JobContext
 from tunery_worker.errors import InvalidConfig
+from tunery_worker.gguf_export import validate_quantization_types, write_gguf
+from tunery_worker.jobs import spec_fields as f
 from tunery_worker.jobs.model_source import model_source
 from tunery_worker.modeling import count_params, load_dtype, load_model_and_tokenizer, load_tokenizer
 
@@ -21,6 +24,12 @@ def run(ctx: JobContext) -> dict[str, Any]:
     ctx.set_phase("initializing")
     adapter_dir, source = _resolve_inputs(ctx)
     output_name = str(ctx.spec.get("output_name") or f"{ctx.job_id}-merged")
+    # Checked before loading anything: a bad type fails the job at once, not after the merge.
+    gguf_types = (
+        validate_quantization_types(f.get_str_list(ctx.spec, "quantization_types", ["q4_k_m"]))
+        if f.get_bool(ctx.spec, "export_gguf", False)
+        else []
+    )
 
     ctx.set_phase("loading_model")
     from peft import PeftModel
@@ -48,7 +57,25 @@ def run(ctx: JobContext) -> dict[str, Any]:
     (tokenizer if tokenizer_source == source else load_tokenizer(tokenizer_source)).save_pretrained(out)
     for path in sorted(p for p in out.iterdir() if p.is_file() and p.name != "README.md"):
         ctx.upload_output(path)
-    return {"model": {"name": output_name}, "params_after": count_params(merged)}
+    gguf = _export_gguf(ctx, merged, tokenizer, out.parent / "gguf", gguf_types, output_name)
+    return {"model": {"name": output_name}, "params_after": count_params(merged), "gguf": gguf}
+
+
+def _export_gguf(
+    ctx: JobContext, merged: Any, tokenizer: Any, directory: Path, types: list[str], name: str
+) -> dict[str, dict[str, Any]]:
+    """One GGUF per type, each published as an output (`model-<q>.gguf`) as soon as it is written."""
+    files: dict[str, dict[str, Any]] = {}
+    if types:
+        ctx.set_phase("export")
+    for quantization in types:
+        ctx.check_stop()
+        path = directory / f"model-{quantization}.gguf"
+        info = write_gguf(merged, tokenizer, path, quantization, name=name)
+        ctx.upload_output(info.path)
+        files[quantization] = {"name": info.path.name, "size_bytes": info.size_bytes}
+        ctx.log(f"wrote {info.path.name} ({info.size_bytes / 1e6:.1f} MB, tensors {info.tensor_types})")
+    return files
 
 
 def _resolve_inputs(ctx: JobContext) -> tuple[Path, str]:
