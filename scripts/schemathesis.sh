@@ -57,6 +57,7 @@ print_server_errors() {
 
 cleanup() {
   local status=$?
+  if [[ -n ${serving_pid:-} ]]; then kill "$serving_pid" 2>/dev/null || true; fi
   stop_server
   if [[ $status -ne 0 ]]; then print_server_errors; fi
   if [[ -n ${SCHEMATHESIS_KEEP:-} ]]; then echo "kept $work" >&2; else rm -rf "$work"; fi
@@ -229,11 +230,32 @@ run_schemathesis() { # run_schemathesis LABEL TIMEOUT ARGS...
   return "$rc"
 }
 
+# A serving worker for the user operations (chat completions, adapter load/unload): it answers
+# every inference request at once with "ok", over the same protocol a real `--serve` worker speaks.
+serve_requests() {
+  local claimed id token
+  while true; do
+    claimed="$(curl -sS -X POST -H "Authorization: Bearer $worker_token" -H 'Content-Type: application/json' \
+      --data '{"worker_id":"schemathesis-serving","wait_seconds":5}' "$base/v1/workers/inference/claim" 2>/dev/null)" \
+      || { sleep 0.2; continue; }
+    [[ -n $claimed ]] || continue # 204: nothing came
+    id="$(jq -r .request_id <<<"$claimed")"
+    token="$(jq -r .request_token <<<"$claimed")"
+    curl -sS -X POST -H "Authorization: Bearer $worker_token" -H 'Content-Type: application/json' \
+      --data "{\"request_token\":\"$token\",\"worker_id\":\"schemathesis-serving\",\"text\":\"ok\",\"done\":true,\"finish_reason\":\"stop\",\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}" \
+      "$base/v1/workers/inference/$id/report" >/dev/null 2>&1 || true
+  done
+}
+
 status=0
 run_schemathesis "worker protocol (tag workers, worker token)" "$worker_timeout" \
   -H "Authorization: Bearer $worker_token" --include-tag workers --max-examples "$worker_max_examples" || status=1
+serve_requests &
+serving_pid=$!
 run_schemathesis "user operations (every tag but workers, user key)" "$user_timeout" \
   -H "Authorization: Bearer $user_key" --exclude-tag workers --max-examples "$max_examples" || status=1
+kill "$serving_pid" 2>/dev/null || true
+wait "$serving_pid" 2>/dev/null || true
 
 if ! curl -sf "$base/v1/health" >/dev/null; then
   echo "schemathesis.sh: the server stopped answering /v1/health" >&2

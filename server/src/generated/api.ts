@@ -7868,6 +7868,7 @@ export interface operations {
             400: components["responses"]["OpenAIError"];
             401: components["responses"]["OpenAIError"];
             404: components["responses"]["OpenAIError"];
+            413: components["responses"]["OpenAIError"];
             429: components["responses"]["OpenAIError"];
             500: components["responses"]["OpenAIError"];
             502: components["responses"]["OpenAIError"];
@@ -7903,6 +7904,7 @@ export interface operations {
             400: components["responses"]["OpenAIError"];
             401: components["responses"]["OpenAIError"];
             404: components["responses"]["OpenAIError"];
+            413: components["responses"]["OpenAIError"];
             429: components["responses"]["OpenAIError"];
             500: components["responses"]["OpenAIError"];
             502: components["responses"]["OpenAIError"];
