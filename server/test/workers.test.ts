@@ -287,6 +287,20 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
     expect((await worker.heartbeat(id, job.lease_token)).status).toBe(409);
   });
 
+  it('counts a worker busy with a long job as online: its heartbeats are seen', async () => {
+    await clearQueue();
+    const id = await createFinetune(server);
+    const job = (await worker.claim())!;
+    const online = async () => (await (await server.api('/v1/training/status')).json()).workers_online;
+    // Long after its claim (it claims nothing while it trains)…
+    await server.ctx.knex('workers').update({ last_seen_at: new Date(Date.now() - 3600_000) });
+    expect(await online()).toBe(0);
+    // …its heartbeat says it is there.
+    expect((await worker.heartbeat(id, job.lease_token)).status).toBe(200);
+    expect(await online()).toBe(1);
+    await worker.complete(id, job.lease_token);
+  });
+
   it('puts a retryable failure back with backoff and ends a final one failed', async () => {
     await clearQueue();
     const id = await createFinetune(server);

@@ -24,14 +24,19 @@ export async function heartbeatJob(
 ): Promise<HeartbeatAnswer> {
   const result = await ctx.knex.raw(
     `
-    UPDATE jobs SET
-      lease_expires_at = now() + make_interval(secs => :leaseSeconds),
-      ${APPLY_PROGRESS},
-      ${BILL_WORKER_TIME_AND_TEACHER},
-      updated_at = now()
-    -- fencing: only the current attempt of a running job may extend its lease
-    WHERE id = :jobId AND lease_token = :leaseToken AND status = 'running'
-    RETURNING lease_expires_at, cancel_requested, tenant_id`,
+    WITH beat AS (
+      UPDATE jobs SET
+        lease_expires_at = now() + make_interval(secs => :leaseSeconds),
+        ${APPLY_PROGRESS},
+        ${BILL_WORKER_TIME_AND_TEACHER},
+        updated_at = now()
+      -- fencing: only the current attempt of a running job may extend its lease
+      WHERE id = :jobId AND lease_token = :leaseToken AND status = 'running'
+      RETURNING lease_expires_at, cancel_requested, tenant_id, lease_owner
+    ),
+    -- a worker busy with a long job claims nothing, but it is there: its heartbeats say so
+    seen AS (UPDATE workers SET last_seen_at = now() FROM beat WHERE workers.id = beat.lease_owner)
+    SELECT lease_expires_at, cancel_requested, tenant_id FROM beat`,
     {
       jobId,
       leaseToken,
