@@ -157,4 +157,16 @@ describe.each(DATABASES)('webhooks on %s', (db) => {
     expect(await deleted.json()).toEqual({ id: body.webhook.id, deleted: true });
     expect((await server.api(`/v1/webhooks/${body.webhook.id}`)).status).toBe(404);
   });
+
+  it('answers a repeated create with the same webhook, and a new one once that was deleted', async () => {
+    const json = { url: 'https://hooks.example.com/once', idempotency_key: 'hook-1' };
+    const first = await create(json);
+    const again = await create(json);
+    expect(again.body.webhook.id).toBe(first.body.webhook.id);
+    await server.api(`/v1/webhooks/${first.body.webhook.id}`, { method: 'DELETE' });
+    const after = await create(json);
+    expect(after.status).toBe(201);
+    expect(after.body.webhook.id).not.toBe(first.body.webhook.id);
+    await server.api(`/v1/webhooks/${after.body.webhook.id}`, { method: 'DELETE' });
+  });
 });

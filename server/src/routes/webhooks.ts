@@ -2,7 +2,7 @@ import type { AppContext } from '../context.js';
 import { notFound } from '../errors.js';
 import { type BodyOf, page, pathParam, type Routes, type Schemas, tenantOf } from '../http.js';
 import { newSecret } from '../ids.js';
-import { idempotent } from '../services/idempotency.js';
+import { forgetIdempotentCreates, idempotent } from '../services/idempotency.js';
 import { listPage, newestFirst } from '../services/paging.js';
 import {
   checkWebhookUrl,
@@ -61,6 +61,8 @@ export const webhookRoutes: Routes = {
     const row = await webhookOf(ctx, tenantOf(req), pathParam(req, 'webhook_id'));
     // Its delivery log goes with it (ON DELETE CASCADE): nothing is sent for it any more.
     await ctx.knex('webhooks').where('id', row.id).delete();
+    // A repeat of the create that made it makes a new one, not a 404.
+    await forgetIdempotentCreates(ctx.knex, row.tenant_id, row.id);
     res.json({ id: row.id, deleted: true } satisfies Schemas['Deleted']);
   },
 
