@@ -233,15 +233,17 @@ run_schemathesis() { # run_schemathesis LABEL TIMEOUT ARGS...
 # A serving worker for the user operations (chat completions, adapter load/unload): it answers
 # every inference request at once with "ok", over the same protocol a real `--serve` worker speaks.
 serve_requests() {
+  # Nothing may end this loop but the kill at the end of the run: no `set -e` here.
+  set +e
   local claimed id token
   while true; do
-    claimed="$(curl -sS -X POST -H "Authorization: Bearer $worker_token" -H 'Content-Type: application/json' \
-      --data '{"worker_id":"schemathesis-serving","wait_seconds":5}' "$base/v1/workers/inference/claim" 2>/dev/null)" \
-      || { sleep 0.2; continue; }
-    [[ -n $claimed ]] || continue # 204: nothing came
-    id="$(jq -r .request_id <<<"$claimed")"
-    token="$(jq -r .request_token <<<"$claimed")"
-    curl -sS -X POST -H "Authorization: Bearer $worker_token" -H 'Content-Type: application/json' \
+    claimed="$(curl -sS --max-time 30 -X POST -H "Authorization: Bearer $worker_token" \
+      -H 'Content-Type: application/json' --data '{"worker_id":"schemathesis-serving","wait_seconds":5}' \
+      "$base/v1/workers/inference/claim" 2>/dev/null)"
+    id="$(jq -r '.request_id // empty' <<<"$claimed" 2>/dev/null)"
+    token="$(jq -r '.request_token // empty' <<<"$claimed" 2>/dev/null)"
+    if [[ -z $id || -z $token ]]; then sleep 0.1; continue; fi # 204 (nothing came) or an error
+    curl -sS --max-time 30 -X POST -H "Authorization: Bearer $worker_token" -H 'Content-Type: application/json' \
       --data "{\"request_token\":\"$token\",\"worker_id\":\"schemathesis-serving\",\"text\":\"ok\",\"done\":true,\"finish_reason\":\"stop\",\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}" \
       "$base/v1/workers/inference/$id/report" >/dev/null 2>&1 || true
   done
