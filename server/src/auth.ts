@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
 import type { Request } from 'express';
 import type { Knex } from 'knex';
-import { ApiError } from './errors.js';
+import { ApiError, type ErrorCode } from './errors.js';
 import { newId, newSecret } from './ids.js';
 
 /** Who is calling: a user key bound to a tenant, or a worker token. */
@@ -71,7 +71,7 @@ export async function hasAnyKey(knex: Knex): Promise<boolean> {
   return Boolean(row);
 }
 
-const unauthorized = (message: string, code = 'unauthorized') =>
+const unauthorized = (message: string, code: ErrorCode = 'unauthorized') =>
   new ApiError(401, code, message, null, { 'WWW-Authenticate': 'Bearer' });
 
 /**

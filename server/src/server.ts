@@ -10,6 +10,7 @@ import { createKey, hasAnyKey, OPERATOR_TENANT } from './auth.js';
 import type { Config } from './config.js';
 import type { AppContext } from './context.js';
 import { type Database, makePrivateDir, migrate, openDatabase, pgliteDir, restrictToOwner } from './db.js';
+import type { ErrorCode } from './errors.js';
 import { createLogger } from './logging.js';
 import { createMetrics } from './metrics.js';
 import { createPartSweeper, partSweeperConfig } from './part-sweeper.js';
@@ -204,8 +205,9 @@ function applyRequestTimeouts(server: Server, config: Config): void {
     if (config.requestTimeoutSeconds === 0) return;
     const timer = setTimeout(() => {
       if (req.complete) return;
+      const timeout: ErrorCode = 'request_timeout';
       const body = JSON.stringify({
-        error: { code: 'request_timeout', message: 'The request did not arrive in time.', param: null },
+        error: { code: timeout, message: 'The request did not arrive in time.', param: null },
       });
       if (!res.headersSent) {
         res.writeHead(408, { 'content-type': 'application/json', connection: 'close' });

@@ -16,6 +16,7 @@ export interface SpecOperation {
 interface SpecDocument {
   info: { version: string };
   paths: Record<string, Record<string, { operationId?: string } | unknown>>;
+  components: { schemas: { ErrorCode: { enum: string[] } } };
 }
 
 let cached: SpecDocument | undefined;

@@ -227,5 +227,16 @@ describe.each(DATABASES)('inference on %s', (db) => {
       code: 'out_of_memory',
       message: 'The model did not fit.',
     });
+
+    // A code the spec does not list reaches the caller as `inference_error`, with the worker's message.
+    const [odd] = await Promise.all([
+      chat({ model: 'smollm2-135m-instruct', messages: [{ role: 'user', content: 'x' }] }),
+      (async () => {
+        const c = (await claim())!;
+        await report(c, { done: true, error: { code: 'gpu_on_fire', message: 'It is hot.' } });
+      })(),
+    ]);
+    expect(odd.status).toBe(502);
+    expect((await odd.json()).error).toMatchObject({ code: 'inference_error', message: 'It is hot.' });
   });
 });

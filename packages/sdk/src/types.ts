@@ -8,6 +8,7 @@ type Schemas = components['schemas'];
 
 // ---- shared
 export type ErrorBody = Schemas['Error'];
+export type ErrorCode = Schemas['ErrorCode'];
 export type JobStatus = Schemas['JobStatus'];
 export type JobError = Schemas['JobError'];
 export type Deleted = Schemas['Deleted'];

@@ -2063,17 +2063,18 @@ export interface components {
         /** @description The one error shape of every endpoint. */
         Error: {
             error: {
-                /**
-                 * @description Stable, machine-readable code (see the API description for the list).
-                 * @example invalid_config
-                 */
-                code: string;
+                code: components["schemas"]["ErrorCode"];
                 /** @description Human-readable explanation. */
                 message: string;
                 /** @description The offending field path or parameter, when there is one. */
                 param: string | null;
             };
         };
+        /**
+         * @description Stable, machine-readable code of an error response. The server cannot send a code that is not listed here (its error type only takes these), so a client may switch over them exhaustively.
+         * @enum {string}
+         */
+        ErrorCode: "invalid_request" | "invalid_config" | "invalid_dataset" | "invalid_cursor" | "backend_unavailable" | "webhook_host_not_allowed" | "unauthorized" | "permission_denied" | "api_key_expired" | "api_key_revoked" | "insufficient_credits" | "not_found" | "job_not_found" | "key_not_found" | "model_not_found" | "file_not_found" | "method_not_allowed" | "conflict" | "job_already_finished" | "job_already_running" | "job_not_resumable" | "idempotency_conflict" | "request_in_progress" | "lease_lost" | "upload_interrupted" | "upload_superseded" | "upload_offset_mismatch" | "request_timeout" | "payload_too_large" | "range_not_satisfiable" | "no_adapter_loaded" | "no_serving_worker" | "inference_timeout" | "inference_error" | "ollama_unreachable" | "training_error" | "teacher_error" | "out_of_memory" | "rate_limited" | "service_unavailable" | "internal_error";
         /**
          * @description Lifecycle state. `pending` → `running` → `completed` | `failed` | `cancelled`.
          * @enum {string}

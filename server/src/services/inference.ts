@@ -8,7 +8,7 @@
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import type { AppContext } from '../context.js';
-import { ApiError, notFound } from '../errors.js';
+import { ApiError, knownErrorCode, notFound } from '../errors.js';
 import { newId } from '../ids.js';
 import { waitForSignal } from '../queue/notify.js';
 import { resolveBaseModel } from './catalog.js';
@@ -344,7 +344,13 @@ export async function runModelAction(
 ): Promise<{ worker_id: string }> {
   const params = { max_tokens: 1, temperature: 0, top_p: 1, stop: [], seed: null };
   for await (const chunk of runInference(ctx, tenantId, target, { kind }, params, forWorker)) {
-    if (chunk.error) throw new ApiError(502, chunk.error.code, chunk.error.message, 'adapter_name');
+    if (chunk.error)
+      throw new ApiError(
+        502,
+        knownErrorCode(chunk.error.code, 'inference_error'),
+        chunk.error.message,
+        'adapter_name',
+      );
     if (chunk.done) return { worker_id: chunk.worker_id ?? '' };
   }
   throw new ApiError(502, 'inference_timeout', 'The worker stopped answering.');

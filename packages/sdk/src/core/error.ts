@@ -3,6 +3,9 @@
 import type { components } from '../generated/api.js';
 
 type ErrorBody = components['schemas']['Error'];
+type ErrorCode = components['schemas']['ErrorCode'];
+type TrainingJob = components['schemas']['TrainingJob'];
+type DistillationJob = components['schemas']['DistillationJob'];
 
 /** The root of every error this SDK throws. */
 export class TuneryError extends Error {
@@ -18,8 +21,8 @@ export class APIError<TStatus extends number | undefined = number | undefined> e
   readonly headers: Headers | undefined;
   /** The parsed error body (`{"error": {...}}` per the spec), or whatever the server sent. */
   readonly error: ErrorBody['error'] | undefined;
-  /** Stable machine-readable code, e.g. `insufficient_credits`. */
-  readonly code: string | undefined;
+  /** Stable machine-readable code, e.g. `insufficient_credits`; undefined when no error body arrived. */
+  readonly code: ErrorCode | undefined;
   /** The offending field or parameter, when the server names one. */
   readonly param: string | null | undefined;
   /** The server's `x-request-id`, for support and logs. */
@@ -123,14 +126,17 @@ export class InternalServerError extends APIError<number> {
   override name = 'InternalServerError';
 }
 
-/** `waitForCompletion` gave up before the job reached a terminal status. */
-export class JobWaitTimeoutError extends TuneryError {
+/**
+ * `waitForCompletion` gave up before the job reached a terminal status. `lastJob` is the job as last
+ * seen: a training or a distillation job, told apart by `'job_id' in lastJob` (training jobs have it).
+ */
+export class JobWaitTimeoutError<Job = TrainingJob | DistillationJob> extends TuneryError {
   override name = 'JobWaitTimeoutError';
   constructor(
     readonly jobId: string,
     readonly timeoutMs: number,
     /** The job as last seen. */
-    readonly lastJob: unknown,
+    readonly lastJob: Job,
   ) {
     super(`Job ${jobId} did not finish within ${timeoutMs} ms.`);
   }

@@ -2,8 +2,12 @@
 import { describe, expectTypeOf, it } from 'vitest';
 import type { SuccessBody } from '../../src/core/types.js';
 import type {
+  APIError,
   components,
+  DistillationJob,
   DistillationJobCreateParams,
+  ErrorCode,
+  JobWaitTimeoutError,
   operations,
   Page,
   TrainingJob,
@@ -53,5 +57,14 @@ describe('types derived from the spec', () => {
       created_at: '2026-01-01T00:00:00Z';
     }>().toExtend<components['schemas']['Template']>();
     expectTypeOf<components['schemas']['LoraConfig']['lora_alpha']>().toEqualTypeOf<number | undefined>();
+  });
+});
+
+describe('error types', () => {
+  it("type e.code as the spec's union of codes and lastJob as a job", () => {
+    expectTypeOf<APIError['code']>().toEqualTypeOf<ErrorCode | undefined>();
+    expectTypeOf<'insufficient_credits'>().toExtend<ErrorCode>();
+    expectTypeOf<'no_such_code'>().not.toExtend<ErrorCode>();
+    expectTypeOf<JobWaitTimeoutError['lastJob']>().toEqualTypeOf<TrainingJob | DistillationJob>();
   });
 });

@@ -5,7 +5,7 @@
 import { randomBytes } from 'node:crypto';
 import type { Request, Response } from 'express';
 import type { AppContext } from '../../context.js';
-import { ApiError } from '../../errors.js';
+import { ApiError, knownErrorCode } from '../../errors.js';
 import { type BodyOf, type Routes, type Schemas, tenantOf } from '../../http.js';
 import {
   type InferenceChunk,
@@ -81,7 +81,7 @@ const usageOf = (chunk: InferenceChunk) => {
 const workerError = (error: { code: string; message: string }) =>
   new ApiError(
     error.code === 'invalid_config' ? 400 : 502,
-    error.code,
+    knownErrorCode(error.code, 'inference_error'),
     error.message,
     error.code === 'invalid_config' ? 'model' : null,
   );
