@@ -1,132 +1,224 @@
-// Public names for the spec's schemas and operation parameters. Every type is an alias of the
-// generated one; none is declared here.
+// Public names for the spec's schemas and operation parameters. Object types are interfaces that
+// extend the generated schema (so editors and typedoc show `TrainingJob` with its fields, not
+// `components["schemas"]["TrainingJob"]`); enums and unions stay aliases. No field is declared here:
+// the create-params union below only picks and requires fields of the spec's request body.
 
 import type { QueryOf, RequestBodyOf } from './core/types.js';
 import type { components } from './generated/api.js';
 
 type Schemas = components['schemas'];
+/** Named so that interfaces can extend a schema (an indexed access type cannot be extended directly). */
+type Schema<K extends keyof Schemas> = Schemas[K];
 
 // ---- shared
-export type ErrorBody = Schemas['Error'];
+export interface ErrorBody extends Schema<'Error'> {}
 export type ErrorCode = Schemas['ErrorCode'];
 export type JobStatus = Schemas['JobStatus'];
 export type JobError = Schemas['JobError'];
-export type Deleted = Schemas['Deleted'];
-export type Health = Schemas['Health'];
-export type Version = Schemas['Version'];
-export type OutputFile = Schemas['OutputFile'];
+export interface Deleted extends Schema<'Deleted'> {}
+export interface Health extends Schema<'Health'> {}
+export interface Version extends Schema<'Version'> {}
+export interface OutputFile extends Schema<'OutputFile'> {}
 export type QuantizationType = Schemas['QuantizationType'];
 
 // ---- distillation
-export type DistillationJob = Schemas['DistillationJob'];
-export type DistillationConfig = Schemas['DistillationConfig'];
+export interface DistillationJob extends Schema<'DistillationJob'> {}
+export interface DistillationConfig extends Schema<'DistillationConfig'> {}
 export type DistillationPhase = Schemas['DistillationPhase'];
-export type DistillationArtifacts = Schemas['DistillationArtifacts'];
-export type DistillationJobList = Schemas['DistillationJobList'];
-export type DistillationJobCreateParams = RequestBodyOf<'createDistillationJob'>;
-export type DistillationJobListParams = QueryOf<'listDistillationJobs'>;
-export type DistillationEventListParams = QueryOf<'listDistillationJobEvents'>;
-export type DistillationLogListParams = QueryOf<'listDistillationJobLogs'>;
-export type DistillationMetricListParams = QueryOf<'listDistillationJobMetrics'>;
-export type DistillationResumeParams = RequestBodyOf<'resumeDistillationJob'>;
+export interface DistillationArtifacts extends Schema<'DistillationArtifacts'> {}
+export interface DistillationJobList extends Schema<'DistillationJobList'> {}
+export interface DistillationJobCreateParams extends RequestBodyOf<'createDistillationJob'> {}
+export interface DistillationJobListParams extends QueryOf<'listDistillationJobs'> {}
+export interface DistillationEventListParams extends QueryOf<'listDistillationJobEvents'> {}
+export interface DistillationLogListParams extends QueryOf<'listDistillationJobLogs'> {}
+export interface DistillationMetricListParams extends QueryOf<'listDistillationJobMetrics'> {}
+export interface DistillationResumeParams extends RequestBodyOf<'resumeDistillationJob'> {}
 
 // ---- training jobs
-export type TrainingJob = Schemas['TrainingJob'];
+export interface TrainingJob extends Schema<'TrainingJob'> {}
 export type TrainingJobType = Schemas['TrainingJobType'];
 export type TrainingMethod = Schemas['TrainingMethod'];
 export type TrainingPhase = Schemas['TrainingPhase'];
-export type LoraConfig = Schemas['LoraConfig'];
-export type TrainingConfig = Schemas['TrainingConfig'];
-export type Hyperparams = Schemas['Hyperparams'];
-export type TrainingJobList = Schemas['TrainingJobList'];
-export type MergeResponse = Schemas['MergeResponse'];
-export type LogLine = Schemas['LogLine'];
-export type LogPage = Schemas['LogPage'];
-export type MetricPoint = Schemas['MetricPoint'];
-export type MetricPage = Schemas['MetricPage'];
-export type JobEvent = Schemas['JobEvent'];
-export type JobStreamStatus = Schemas['JobStreamStatus'];
-export type JobStreamEnd = Schemas['JobStreamEnd'];
-export type EventList = Schemas['EventList'];
-export type TrainingResult = Schemas['TrainingResult'];
-export type OutputList = Schemas['OutputList'];
-export type Checkpoint = Schemas['Checkpoint'];
-export type CheckpointList = Schemas['CheckpointList'];
-export type TrainingJobCreateParams = RequestBodyOf<'createTrainingJob'>;
-export type TrainingJobListParams = QueryOf<'listTrainingJobs'>;
-export type ResumeParams = RequestBodyOf<'resumeTrainingJob'>;
-export type MergeParams = RequestBodyOf<'mergeTrainingJob'>;
-export type LogListParams = QueryOf<'listTrainingJobLogs'>;
-export type MetricListParams = QueryOf<'listTrainingJobMetrics'>;
-export type EventListParams = QueryOf<'listTrainingJobEvents'>;
+export interface LoraConfig extends Schema<'LoraConfig'> {}
+export interface TrainingConfig extends Schema<'TrainingConfig'> {}
+export interface Hyperparams extends Schema<'Hyperparams'> {}
+export interface TrainingJobList extends Schema<'TrainingJobList'> {}
+export interface MergeResponse extends Schema<'MergeResponse'> {}
+export interface LogLine extends Schema<'LogLine'> {}
+export interface LogPage extends Schema<'LogPage'> {}
+export interface MetricPoint extends Schema<'MetricPoint'> {}
+export interface MetricPage extends Schema<'MetricPage'> {}
+export interface JobEvent extends Schema<'JobEvent'> {}
+export interface JobStreamStatus extends Schema<'JobStreamStatus'> {}
+export interface JobStreamEnd extends Schema<'JobStreamEnd'> {}
+export interface EventList extends Schema<'EventList'> {}
+export interface TrainingResult extends Schema<'TrainingResult'> {}
+export interface OutputList extends Schema<'OutputList'> {}
+export interface Checkpoint extends Schema<'Checkpoint'> {}
+export interface CheckpointList extends Schema<'CheckpointList'> {}
+/**
+ * Everything `POST /v1/training/jobs` accepts, seed spellings included (flat `lora_rank`, nested
+ * `lora_config`, `hyperparams`…). The SDK's `create` takes the stricter {@link TrainingJobCreateParams}.
+ */
+export interface TrainingJobCreateBody extends RequestBodyOf<'createTrainingJob'> {}
+
+/** Exactly one of the keys of `T`: the others are `never`, so giving two is a compile error. */
+type ExactlyOne<T> = { [K in keyof T]: Pick<T, K> & { [O in Exclude<keyof T, K>]?: never } }[keyof T];
+
+/** Fields every job type takes. */
+type JobOptions = Pick<TrainingJobCreateBody, 'idempotency_key' | 'run_name' | 'priority' | 'max_attempts'>;
+/** The model trained on: a catalog name or hub id, a catalog id, or one of your output models. */
+type ModelSource = ExactlyOne<
+  Required<Pick<TrainingJobCreateBody, 'base_model' | 'base_model_id' | 'source_model_id'>>
+>;
+/** The data trained on: a dataset, a dataset file, or inline texts. */
+type TrainingData = ExactlyOne<
+  Required<Pick<TrainingJobCreateBody, 'dataset_id' | 'dataset_path' | 'train_texts'>>
+>;
+type NoData = { [K in keyof TrainingData]?: never };
+/** `T` and no other field of the body: another spelling of a setting is a compile error, literal or not. */
+type Only<T> = T & { [K in Exclude<keyof TrainingJobCreateBody, keyof T>]?: never };
+type Hyperparam<K extends keyof Hyperparams> = { hyperparams?: Pick<Hyperparams, K> };
+
+/** A LoRA/QLoRA/full fine-tune (the default type). Settings are nested: `lora_config`, `training_config`. */
+export type FinetuneJobParams = Only<
+  JobOptions &
+    ModelSource &
+    TrainingData & { type?: 'finetune' } & Pick<
+      TrainingJobCreateBody,
+      | 'method'
+      | 'template'
+      | 'lora_config'
+      | 'training_config'
+      | 'eval_split'
+      | 'output_name'
+      | 'distributed'
+      | 'num_nodes'
+      | 'hf_token'
+      | 'wandb_project'
+    > & { backend?: Exclude<TrainingJobCreateBody['backend'], 'native'> }
+>;
+
+/** Grows a model, function-preserving (`hyperparams.turns`, `cycles`, `new_layers`…). */
+export type GrowJobParams = Only<
+  JobOptions &
+    ModelSource &
+    TrainingData & { type: 'train' } & Pick<TrainingJobCreateBody, 'output_name' | 'hf_token'> &
+    Hyperparam<'turns' | 'cycles' | 'steps_per_cycle' | 'lr' | 'seq_len' | 'new_layers'>
+>;
+
+/** Prunes layers of a model (`hyperparams.contraction_ratio`, `num_layers_to_contract`); data optional. */
+export type ContractJobParams = Only<
+  JobOptions &
+    ModelSource &
+    (TrainingData | NoData) & { type: 'contract' } & Pick<TrainingJobCreateBody, 'output_name' | 'hf_token'> &
+    Hyperparam<'contraction_ratio' | 'num_layers_to_contract'>
+>;
+
+/** Merges the adapter of a completed LoRA job (`parent_job_id`) into its base model. */
+export type MergeJobParams = Only<
+  JobOptions & { type: 'merge' } & Required<Pick<TrainingJobCreateBody, 'parent_job_id'>> &
+    Pick<TrainingJobCreateBody, 'output_name' | 'hf_token'>
+>;
+
+/** Scores one of your output models on a dataset. */
+export type BenchmarkJobParams = Only<
+  JobOptions & { type: 'benchmark' } & Required<Pick<TrainingJobCreateBody, 'source_model_id'>> & TrainingData
+>;
+
+/** Optimizes the system prompt of `base_model` at the teacher endpoint on `dataset_id` (seed 004 `native`). */
+export type PromptOptimizeJobParams = Only<
+  JobOptions & { backend: 'native'; type?: never } & Required<
+      Pick<TrainingJobCreateBody, 'base_model' | 'dataset_id' | 'prompt_optimization'>
+    > &
+    Pick<TrainingJobCreateBody, 'max_steps'>
+>;
+
+/**
+ * A new training job, one variant per `type`, each with its required fields required and one
+ * spelling per setting. `create({})` and two data sources (say `dataset_id` and `train_texts`) do not compile.
+ */
+export type TrainingJobCreateParams =
+  | FinetuneJobParams
+  | GrowJobParams
+  | ContractJobParams
+  | MergeJobParams
+  | BenchmarkJobParams
+  | PromptOptimizeJobParams;
+export interface TrainingJobListParams extends QueryOf<'listTrainingJobs'> {}
+export interface ResumeParams extends RequestBodyOf<'resumeTrainingJob'> {}
+export interface MergeParams extends RequestBodyOf<'mergeTrainingJob'> {}
+export interface LogListParams extends QueryOf<'listTrainingJobLogs'> {}
+export interface MetricListParams extends QueryOf<'listTrainingJobMetrics'> {}
+export interface EventListParams extends QueryOf<'listTrainingJobEvents'> {}
 
 // ---- templates and planning
-export type Template = Schemas['Template'];
-export type TemplateConfig = Schemas['TemplateConfig'];
-export type TemplateList = Schemas['TemplateList'];
-export type TemplateCreateParams = RequestBodyOf<'createTemplate'>;
-export type TemplateListParams = QueryOf<'listTemplates'>;
-export type Estimate = Schemas['Estimate'];
-export type EstimateParams = RequestBodyOf<'estimateTraining'>;
-export type Recommendation = Schemas['Recommendation'];
-export type RecommendParams = RequestBodyOf<'recommendTraining'>;
-export type TrainingStats = Schemas['TrainingStats'];
-export type TrainingStatus = Schemas['TrainingStatus'];
-export type AutoTrainingConfig = Schemas['AutoTrainingConfig'];
-export type AutoTrainingConfigResponse = Schemas['AutoTrainingConfigResponse'];
-export type AutoTrainingConfigUpdateParams = RequestBodyOf<'updateAutoTrainingConfig'>;
+export interface Template extends Schema<'Template'> {}
+export interface TemplateConfig extends Schema<'TemplateConfig'> {}
+export interface TemplateList extends Schema<'TemplateList'> {}
+export interface TemplateCreateParams extends RequestBodyOf<'createTemplate'> {}
+export interface TemplateListParams extends QueryOf<'listTemplates'> {}
+export interface Estimate extends Schema<'Estimate'> {}
+export interface EstimateParams extends RequestBodyOf<'estimateTraining'> {}
+export interface Recommendation extends Schema<'Recommendation'> {}
+export interface RecommendParams extends RequestBodyOf<'recommendTraining'> {}
+export interface TrainingStats extends Schema<'TrainingStats'> {}
+export interface TrainingStatus extends Schema<'TrainingStatus'> {}
+export interface AutoTrainingConfig extends Schema<'AutoTrainingConfig'> {}
+export interface AutoTrainingConfigResponse extends Schema<'AutoTrainingConfigResponse'> {}
+export interface AutoTrainingConfigUpdateParams extends RequestBodyOf<'updateAutoTrainingConfig'> {}
 
 // ---- datasets and trajectories
-export type Dataset = Schemas['Dataset'];
+export interface Dataset extends Schema<'Dataset'> {}
 export type DatasetFormat = Schemas['DatasetFormat'];
 export type DatasetRecord = Schemas['DatasetRecord'];
-export type ChatMessage = Schemas['ChatMessage'];
-export type DatasetList = Schemas['DatasetList'];
-export type DatasetCreateParams = RequestBodyOf<'createDataset'>;
+export interface ChatMessage extends Schema<'ChatMessage'> {}
+export interface DatasetList extends Schema<'DatasetList'> {}
+export interface DatasetCreateParams extends RequestBodyOf<'createDataset'> {}
 export type DatasetUploadFields = Omit<Schemas['DatasetUpload'], 'file'>;
-export type DatasetBuildParams = RequestBodyOf<'buildDataset'>;
-export type DatasetListParams = QueryOf<'listDatasets'>;
-export type Trajectory = Schemas['Trajectory'];
-export type TrajectorySummary = Schemas['TrajectorySummary'];
-export type TrajectoryList = Schemas['TrajectoryList'];
-export type LlmCall = Schemas['LlmCall'];
-export type TrajectoryCreateParams = RequestBodyOf<'createTrajectory'>;
-export type TrajectoryListParams = QueryOf<'listTrajectories'>;
+export interface DatasetBuildParams extends RequestBodyOf<'buildDataset'> {}
+export interface DatasetListParams extends QueryOf<'listDatasets'> {}
+export interface Trajectory extends Schema<'Trajectory'> {}
+export interface TrajectorySummary extends Schema<'TrajectorySummary'> {}
+export interface TrajectoryList extends Schema<'TrajectoryList'> {}
+export interface LlmCall extends Schema<'LlmCall'> {}
+export interface TrajectoryCreateParams extends RequestBodyOf<'createTrajectory'> {}
+export interface TrajectoryListParams extends QueryOf<'listTrajectories'> {}
 
 // ---- adapters, models, budget
-export type Adapter = Schemas['Adapter'];
-export type AdapterList = Schemas['AdapterList'];
-export type AdapterAction = Schemas['AdapterAction'];
-export type AdapterListParams = QueryOf<'listAdapters'>;
-export type BaseModel = Schemas['BaseModel'];
-export type BaseModelList = Schemas['BaseModelList'];
-export type BaseModelCreateParams = RequestBodyOf<'createBaseModel'>;
-export type BaseModelListParams = QueryOf<'listBaseModels'>;
-export type Model = Schemas['Model'];
-export type ModelList = Schemas['ModelList'];
-export type ModelListParams = QueryOf<'listModels'>;
-export type ActivateModelParams = RequestBodyOf<'activateModel'>;
-export type ActivateModelResponse = Schemas['ActivateModelResponse'];
-export type OllamaImportParams = RequestBodyOf<'importModelToOllama'>;
-export type OllamaImportResponse = Schemas['OllamaImportResponse'];
-export type BenchmarkParams = RequestBodyOf<'benchmarkModel'>;
-export type BenchmarkResponse = Schemas['BenchmarkResponse'];
-export type Budget = Schemas['Budget'];
+export interface Adapter extends Schema<'Adapter'> {}
+export interface AdapterList extends Schema<'AdapterList'> {}
+export interface AdapterAction extends Schema<'AdapterAction'> {}
+export interface AdapterListParams extends QueryOf<'listAdapters'> {}
+export interface BaseModel extends Schema<'BaseModel'> {}
+export interface BaseModelList extends Schema<'BaseModelList'> {}
+export interface BaseModelCreateParams extends RequestBodyOf<'createBaseModel'> {}
+export interface BaseModelListParams extends QueryOf<'listBaseModels'> {}
+export interface Model extends Schema<'Model'> {}
+export interface ModelList extends Schema<'ModelList'> {}
+export interface ModelListParams extends QueryOf<'listModels'> {}
+export interface ActivateModelParams extends RequestBodyOf<'activateModel'> {}
+export interface ActivateModelResponse extends Schema<'ActivateModelResponse'> {}
+export interface OllamaImportParams extends RequestBodyOf<'importModelToOllama'> {}
+export interface OllamaImportResponse extends Schema<'OllamaImportResponse'> {}
+export interface BenchmarkParams extends RequestBodyOf<'benchmarkModel'> {}
+export interface BenchmarkResponse extends Schema<'BenchmarkResponse'> {}
+export interface Budget extends Schema<'Budget'> {}
 
 // ---- admin
-export type ApiKey = Schemas['ApiKey'];
-export type ApiKeyList = Schemas['ApiKeyList'];
-export type CreatedApiKey = Schemas['CreatedApiKey'];
-export type ApiKeyCreateParams = RequestBodyOf<'createApiKey'>;
-export type ApiKeyListParams = QueryOf<'listApiKeys'>;
-export type BudgetUpdateParams = RequestBodyOf<'updateBudget'>;
+export interface ApiKey extends Schema<'ApiKey'> {}
+export interface ApiKeyList extends Schema<'ApiKeyList'> {}
+export interface CreatedApiKey extends Schema<'CreatedApiKey'> {}
+export interface ApiKeyCreateParams extends RequestBodyOf<'createApiKey'> {}
+export interface ApiKeyListParams extends QueryOf<'listApiKeys'> {}
+export interface BudgetUpdateParams extends RequestBodyOf<'updateBudget'> {}
 
 // ---- webhooks
-export type Webhook = Schemas['Webhook'];
+export interface Webhook extends Schema<'Webhook'> {}
 export type WebhookEvent = Schemas['WebhookEvent'];
-export type WebhookList = Schemas['WebhookList'];
-export type CreatedWebhook = Schemas['CreatedWebhook'];
-export type WebhookCreateParams = RequestBodyOf<'createWebhook'>;
-export type WebhookListParams = QueryOf<'listWebhooks'>;
-export type WebhookDelivery = Schemas['WebhookDelivery'];
-export type WebhookDeliveryList = Schemas['WebhookDeliveryList'];
+export interface WebhookList extends Schema<'WebhookList'> {}
+export interface CreatedWebhook extends Schema<'CreatedWebhook'> {}
+export interface WebhookCreateParams extends RequestBodyOf<'createWebhook'> {}
+export interface WebhookListParams extends QueryOf<'listWebhooks'> {}
+export interface WebhookDelivery extends Schema<'WebhookDelivery'> {}
+export interface WebhookDeliveryList extends Schema<'WebhookDeliveryList'> {}

@@ -1,4 +1,7 @@
 // When a failed attempt is tried again, and how long to wait first.
+import type { components } from '../generated/api.js';
+
+type ErrorCode = components['schemas']['ErrorCode'];
 
 /** What a retry rule looks at. `status` is undefined for connection errors and timeouts. */
 export interface RetryContext {
@@ -8,12 +11,12 @@ export interface RetryContext {
 }
 
 /**
- * 409 codes that mean "someone else holds a lock or lease that will be released soon". A 409 with any
+ * 409 codes that mean "a concurrent request holds this idempotency key and will answer soon". A 409 with any
  * other code (`idempotency_conflict`, `job_already_finished`, `job_already_running`,
  * `job_not_resumable`, `conflict`, `lease_lost` — a stale lease never becomes valid again) is a real
  * conflict and is not retried.
  */
-export const TRANSIENT_CONFLICT_CODES: ReadonlySet<string> = new Set(['request_in_progress', 'lock_timeout']);
+export const TRANSIENT_CONFLICT_CODES: ReadonlySet<ErrorCode> = new Set<ErrorCode>(['request_in_progress']);
 
 type RetryRule = (ctx: RetryContext) => boolean | undefined;
 
@@ -25,9 +28,9 @@ const RETRY_RULES: readonly RetryRule[] = [
   ({ status }) => (status === undefined ? true : undefined),
   // The server gave up waiting for the request body.
   ({ status }) => (status === 408 ? true : undefined),
-  // A lock or lease held by a concurrent request; any other conflict will not go away.
+  // A concurrent request with the same key will answer soon; any other conflict will not go away.
   ({ status, code }) =>
-    status === 409 ? code !== undefined && TRANSIENT_CONFLICT_CODES.has(code) : undefined,
+    status === 409 ? code !== undefined && TRANSIENT_CONFLICT_CODES.has(code as ErrorCode) : undefined,
   // Rate limited: wait (Retry-After) and try again.
   ({ status }) => (status === 429 ? true : undefined),
   // The server failed; the request is safe to repeat (creates carry an Idempotency-Key).

@@ -28,7 +28,6 @@ describe('shouldRetry', () => {
     [409, 'lease_lost', false],
     [409, 'conflict', false],
     [409, 'request_in_progress', true],
-    [409, 'lock_timeout', true],
     [409, undefined, false],
   ])('status %s code %s → %s', (status, code, expected) => {
     expect(shouldRetry({ status, code, headers: headers() })).toBe(expected);
@@ -43,8 +42,8 @@ describe('shouldRetry', () => {
     ).toBe(false);
   });
 
-  it('retries only lock- and lease-style conflicts', () => {
-    expect([...TRANSIENT_CONFLICT_CODES].sort()).toEqual(['lock_timeout', 'request_in_progress']);
+  it('retries only a conflict that a concurrent request will resolve', () => {
+    expect([...TRANSIENT_CONFLICT_CODES].sort()).toEqual(['request_in_progress']);
   });
 });
 

@@ -36,6 +36,7 @@ describe('types derived from the spec', () => {
     expectTypeOf<{ base_model: 'x'; train_texts: ['a'] }>().toExtend<TrainingJobCreateParams>();
     expectTypeOf<{
       base_model: 'x';
+      dataset_id: 'ds_1';
       lora_config: { r: 8 };
       training_config: { max_steps: 3 };
     }>().toExtend<TrainingJobCreateParams>();
@@ -66,5 +67,54 @@ describe('error types', () => {
     expectTypeOf<'insufficient_credits'>().toExtend<ErrorCode>();
     expectTypeOf<'no_such_code'>().not.toExtend<ErrorCode>();
     expectTypeOf<JobWaitTimeoutError['lastJob']>().toEqualTypeOf<TrainingJob | DistillationJob>();
+  });
+});
+
+describe('training job create params', () => {
+  type Create = Parameters<Tunery['training']['jobs']['create']>[0];
+  it('take one variant per type with its required fields', () => {
+    expectTypeOf<{ type: 'merge'; parent_job_id: 'job_1' }>().toExtend<Create>();
+    expectTypeOf<{ type: 'benchmark'; source_model_id: 'm_1'; dataset_id: 'ds_1' }>().toExtend<Create>();
+    expectTypeOf<{
+      type: 'contract';
+      base_model: 'x';
+      hyperparams: { contraction_ratio: 0.5 };
+    }>().toExtend<Create>();
+    expectTypeOf<{
+      type: 'train';
+      base_model_id: 'bm_1';
+      dataset_id: 'ds_1';
+      hyperparams: { turns: 2 };
+    }>().toExtend<Create>();
+    expectTypeOf<{
+      backend: 'native';
+      base_model: 'gpt';
+      dataset_id: 'ds_1';
+      prompt_optimization: { teacher_model: 't' };
+    }>().toExtend<Create>();
+  });
+
+  it('refuse what cannot be a job, and a second spelling of a setting', () => {
+    expectTypeOf<Record<string, never>>().not.toExtend<Create>();
+    expectTypeOf<{ base_model: 'x' }>().not.toExtend<Create>();
+    expectTypeOf<{ type: 'merge' }>().not.toExtend<Create>();
+    expectTypeOf<{ type: 'benchmark'; dataset_id: 'ds_1' }>().not.toExtend<Create>();
+    // two data sources, two models
+    expectTypeOf<{ base_model: 'x'; dataset_id: 'ds_1'; train_texts: ['a'] }>().not.toExtend<Create>();
+    expectTypeOf<{ base_model: 'x'; source_model_id: 'm'; dataset_id: 'ds_1' }>().not.toExtend<Create>();
+    // grow knobs are not fine-tune settings; a merge takes no data
+    expectTypeOf<{ base_model: 'x'; dataset_id: 'ds_1'; hyperparams: { turns: 2 } }>().not.toExtend<Create>();
+    expectTypeOf<{ type: 'merge'; parent_job_id: 'j'; dataset_id: 'ds_1' }>().not.toExtend<Create>();
+  });
+
+  it('flag a seed spelling in an object literal', () => {
+    const create = (_: Create) => undefined;
+    // @ts-expect-error: the rank is set in lora_config, not flat
+    create({ base_model: 'x', dataset_id: 'ds_1', lora_rank: 8 });
+    // @ts-expect-error: two data sources
+    create({ base_model: 'x', dataset_id: 'ds_1', train_texts: ['a'] });
+    // @ts-expect-error: an empty create
+    create({});
+    create({ base_model: 'x', dataset_id: 'ds_1', lora_config: { r: 8 } });
   });
 });
