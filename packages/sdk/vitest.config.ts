@@ -1,6 +1,8 @@
 import { defineConfig } from 'vitest/config';
+import { version } from './package.json';
 
 export default defineConfig({
+  define: { __SDK_VERSION__: JSON.stringify(version) },
   test: {
     include: ['test/**/*.test.ts'],
     testTimeout: 20_000,

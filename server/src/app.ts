@@ -4,6 +4,7 @@ import * as OpenApiValidator from 'express-openapi-validator';
 import { pinoHttp } from 'pino-http';
 import { authenticateRequest, authFailureOf } from './auth.js';
 import type { AppContext } from './context.js';
+import { cors } from './cors.js';
 import { ApiError } from './errors.js';
 import { type Handler, keepSentBody, wrap } from './http.js';
 import { jsonBody } from './json-body.js';
@@ -33,6 +34,7 @@ export function createApp(ctx: AppContext): express.Express {
       autoLogging: { ignore: (req) => req.url === '/v1/health' },
     }),
   );
+  app.use(cors(ctx.config.corsOrigins));
   // Operators' metrics and the generated docs (pnpm docs) are outside the API and its validator.
   app.get('/metrics', metricsRoute(ctx));
   app.use('/docs', express.static(ctx.config.docsDir, { index: 'index.html', fallthrough: true }));

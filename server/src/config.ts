@@ -65,6 +65,16 @@ export interface Config {
   webhookRetryBaseSeconds: number;
   /** Bearer token `GET /metrics` requires; unset: the metrics are open (scrape them on a private network). */
   metricsToken: string | undefined;
+  /** Web origins allowed to call the API from a browser (`TUNERY_CORS_ORIGINS`, comma-separated, or `*`). */
+  corsOrigins: string[];
+}
+
+/** A comma-separated list, trimmed, without empty entries. */
+function listEnv(name: string): string[] {
+  return (process.env[name] ?? '')
+    .split(',')
+    .map((item) => item.trim())
+    .filter(Boolean);
 }
 
 function intEnv(name: string, fallback: number): number {
@@ -130,13 +140,11 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     secretsKey: process.env.TUNERY_SECRETS_KEY || undefined,
     secretsKeyRotate: ['1', 'true'].includes(process.env.TUNERY_SECRETS_KEY_ROTATE ?? ''),
     adminKey: process.env.TUNERY_ADMIN_KEY || undefined,
-    webhookAllowHosts: (process.env.TUNERY_WEBHOOK_ALLOW_HOSTS ?? '')
-      .split(',')
-      .map((host) => host.trim().toLowerCase())
-      .filter(Boolean),
+    webhookAllowHosts: listEnv('TUNERY_WEBHOOK_ALLOW_HOSTS').map((host) => host.toLowerCase()),
     webhookIntervalMs: intEnv('TUNERY_WEBHOOK_INTERVAL_MS', 1000),
     webhookRetryBaseSeconds: intEnv('TUNERY_WEBHOOK_RETRY_BASE_SECONDS', 10),
     metricsToken: process.env.TUNERY_METRICS_TOKEN || undefined,
+    corsOrigins: listEnv('TUNERY_CORS_ORIGINS'),
     ...overrides,
   };
 }

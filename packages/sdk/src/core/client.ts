@@ -5,12 +5,13 @@ import type { paths } from '../generated/api.js';
 import { attemptSignal, sleep } from './abort.js';
 import { APIPromise, type WithResponse } from './api-promise.js';
 import { guardDownload, withConnectionErrors } from './body.js';
-import { readEnv } from './env.js';
+import { isRunningInBrowser, readEnv, SDK_VERSION } from './env.js';
 import {
   APIConnectionError,
   APIConnectionTimeoutError,
   APIError,
   APIUserAbortError,
+  TuneryError,
   UnparsableResponseError,
 } from './error.js';
 import { newIdempotencyKey, takesIdempotencyKey } from './idempotency.js';
@@ -59,6 +60,12 @@ export interface ClientOptions {
   logger?: Logger | undefined;
   /** Least severe level logged. Default: `TUNERY_LOG`, else `warn`. */
   logLevel?: LogLevel | undefined;
+  /**
+   * Allow the client in a browser. Off by default: an API key shipped to a web page can be read by
+   * anyone who opens it, so only set this for a key that may be public (a scoped, revocable one) or
+   * behind your own proxy. The server must also allow the page's origin (`TUNERY_CORS_ORIGINS`).
+   */
+  dangerouslyAllowBrowser?: boolean | undefined;
 }
 
 /** Per-call options, accepted as the last argument of every API method. */
@@ -111,6 +118,12 @@ export class TuneryClient {
   readonly #defaultHeaders: HeadersRecord;
 
   constructor(options: ClientOptions = {}) {
+    if (!options.dangerouslyAllowBrowser && isRunningInBrowser()) {
+      throw new TuneryError(
+        'The Tunery client is running in a browser, where its API key would be readable by anyone. ' +
+          'Call the API from your server, or pass `dangerouslyAllowBrowser: true` if you understand the risk.',
+      );
+    }
     this.apiKey = options.apiKey ?? readEnv('TUNERY_API_KEY') ?? null;
     this.baseURL = (options.baseURL ?? readEnv('TUNERY_BASE_URL') ?? DEFAULT_BASE_URL).replace(/\/+$/, '');
     this.timeout = options.timeout ?? DEFAULT_TIMEOUT_MS;
@@ -218,6 +231,8 @@ export class TuneryClient {
 
     for (let attempt = 0; ; attempt++) {
       const retriesLeft = maxRetries - attempt;
+      // The server's logs tell a retry from a first attempt (and count them).
+      headers['x-tunery-retry-count'] = String(attempt);
       if (callerSignal?.aborted) throw new APIUserAbortError();
       this.logger.debug(`${label} (attempt ${attempt + 1}/${maxRetries + 1})`);
       const attemptAbort = attemptSignal(callerSignal, timeout);
@@ -289,6 +304,8 @@ export class TuneryClient {
     return {
       // Downloads answer bytes, and errors answer JSON either way.
       Accept: parseAs === 'stream' ? 'application/octet-stream, application/json' : 'application/json',
+      // Browsers refuse to set it and drop it; elsewhere it tells the server's logs who called.
+      'User-Agent': `tunery-sdk-js/${SDK_VERSION}`,
       ...(this.apiKey ? { Authorization: `Bearer ${this.apiKey}` } : {}),
       ...(idempotencyKey ? { 'Idempotency-Key': idempotencyKey } : {}),
       ...this.#defaultHeaders,

@@ -4,3 +4,20 @@ export function readEnv(name: string): string | undefined {
   const value = env?.[name]?.trim();
   return value ? value : undefined;
 }
+
+declare const __SDK_VERSION__: string;
+/** This package's version (tsup and vitest define it from package.json). */
+export const SDK_VERSION: string = __SDK_VERSION__;
+
+/** True in a web page or web worker, where an API key in the code is readable by anyone who loads it. */
+export function isRunningInBrowser(): boolean {
+  const g = globalThis as {
+    window?: unknown;
+    document?: unknown;
+    importScripts?: unknown;
+    process?: unknown;
+  };
+  return (
+    (typeof g.window === 'object' && typeof g.document === 'object') || typeof g.importScripts === 'function'
+  );
+}

@@ -1,4 +1,5 @@
 import { getEventListeners } from 'node:events';
+import { readFileSync } from 'node:fs';
 import { delay, HttpResponse, http } from 'msw';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import {
@@ -371,6 +372,27 @@ describe('configuration', () => {
     const [request] = mock.state.requests;
     expect(request?.headers).toMatchObject({ authorization: 'Bearer tk_abc', 'x-team': 'ml', 'x-call': '1' });
     expect(request?.headers).not.toHaveProperty('x-drop');
+  });
+
+  it('names itself in User-Agent and counts retries in x-tunery-retry-count', async () => {
+    mock.failNext('getBudget', 503, { headers: { 'retry-after-ms': '0' }, times: 2 });
+    await client().budget.get();
+    const sent = mock.state.requests.filter((r) => r.operationId === 'getBudget');
+    expect(sent.map((r) => r.headers['x-tunery-retry-count'])).toEqual(['0', '1', '2']);
+    const { version } = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8'));
+    expect(sent[0]?.headers['user-agent']).toBe(`tunery-sdk-js/${version}`);
+  });
+
+  it('refuses to run in a browser unless dangerouslyAllowBrowser is set', () => {
+    vi.stubGlobal('window', {});
+    vi.stubGlobal('document', {});
+    try {
+      expect(() => new Tunery({ apiKey: 'tk' })).toThrow(/dangerouslyAllowBrowser/);
+      expect(new Tunery({ apiKey: 'tk', dangerouslyAllowBrowser: true }).apiKey).toBe('tk');
+    } finally {
+      vi.unstubAllGlobals();
+    }
+    expect(new Tunery({ apiKey: 'tk' }).apiKey).toBe('tk');
   });
 
   it('uses a custom fetch and passes fetchOptions to it', async () => {
