@@ -37,7 +37,7 @@ export { type ListEnvelope, Page, PagePromise } from './core/pagination.js';
 export { isTerminal, TERMINAL_STATUSES, type WaitOptions } from './core/polling.js';
 export { retryAfterMs, retryDelayMs, shouldRetry, TRANSIENT_CONFLICT_CODES } from './core/retry.js';
 export type { JobStreamMessage, JobStreamOptions } from './core/stream.js';
-export type { Uploadable } from './core/uploads.js';
+export { FileReadError, type ToFileInput, toFile, type Uploadable } from './core/uploads.js';
 export type { components, operations, paths } from './generated/api.js';
 export { Adapters } from './resources/adapters.js';
 export { Admin, ApiKeys } from './resources/admin.js';

@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
-import { BadRequestError, ConflictError, type Dataset } from '../../src/index.js';
+import { BadRequestError, ConflictError, type Dataset, FileReadError, toFile } from '../../src/index.js';
 import { useMockServer } from '../helpers.js';
 
 const { mock, client } = useMockServer();
@@ -64,6 +64,33 @@ describe('datasets', () => {
       expect(new Set(created.map((d) => d.sha256)).size).toBe(1);
       const parts = mock.state.requests.map((r) => r.headers['content-type']);
       expect(parts.every((type) => type?.startsWith('multipart/form-data; boundary='))).toBe(true);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('uploads JSONL text made into a file by toFile, with its name', async () => {
+    const file = await toFile(jsonl, 'math.jsonl');
+    expect(file).toBeInstanceOf(File);
+    expect(file.name).toBe('math.jsonl');
+    const created = await client().datasets.upload({ file, name: 'math' });
+    expect(created).toMatchObject({ name: 'math', num_examples: 2, format: 'prompt_completion' });
+    const fromBytes = await toFile(new TextEncoder().encode(jsonl), 'b.jsonl');
+    expect(await fromBytes.text()).toBe(jsonl);
+  });
+
+  it('names the path it cannot read in a FileReadError, before sending anything', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'tunery-'));
+    try {
+      for (const path of [join(dir, 'missing.jsonl'), dir]) {
+        const error = await client()
+          .datasets.upload({ file: path })
+          .catch((e: unknown) => e);
+        expect(error).toBeInstanceOf(FileReadError);
+        expect(error).toMatchObject({ path });
+        expect((error as Error).message).toContain(path);
+      }
+      expect(mock.state.requests).toHaveLength(0);
     } finally {
       await rm(dir, { recursive: true, force: true });
     }
