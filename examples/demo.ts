@@ -387,7 +387,7 @@ export async function main(): Promise<void> {
     console.log(`  ${file.name.padEnd(28)} ${String(file.size_bytes).padStart(9)} bytes  ${ok}`);
   }
   console.log(
-    `  adapter "${adapter?.name ?? done.adapter_name}" on the server: ${adapter?.path ?? done.adapter_path}`,
+    `  adapter "${adapter?.name ?? done.adapter_name}" on the server, in its data directory: ${adapter?.path ?? done.adapter_path}`,
   );
   console.log(`  downloaded to ${adapterDir}`);
 

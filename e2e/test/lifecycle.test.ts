@@ -113,13 +113,15 @@ describe('live LoRA fine-tune', () => {
   });
 
   it('registers the adapter and the output model', async () => {
-    const { client } = stack();
+    const { client, dataDir } = stack();
     const adapters = [];
     for await (const adapter of client.adapters.list()) adapters.push(adapter);
     const adapter = adapters.find((a) => a.job_id === job.id);
     expect(adapter, JSON.stringify(adapters)).toBeDefined();
     expect(adapter!.name).toBe(job.adapter_name);
-    expect(existsSync(join(adapter!.path, 'adapter_model.safetensors'))).toBe(true);
+    // Paths are shown relative to the server's data directory, never as the server's absolute paths.
+    expect(adapter!.path).toBe(`files/jobs/${job.id}/outputs`);
+    expect(existsSync(join(dataDir, adapter!.path, 'adapter_model.safetensors'))).toBe(true);
 
     const models = [];
     for await (const model of client.models.list()) models.push(model);
@@ -196,7 +198,9 @@ describe('examples against the live server', () => {
     // What the example printed is what its polls saw: the last of it is always `done`.
     expect(lines.filter((l) => l.startsWith('phase ')).at(-1)).toMatch(/^phase done /);
     expect(lines).toContain(`adapter: ${artifacts.adapter_path}`);
-    expect(existsSync(join(artifacts.adapter_path!, 'adapter_model.safetensors'))).toBe(true);
+    expect(existsSync(join(stack().dataDir, artifacts.adapter_path!, 'adapter_model.safetensors'))).toBe(
+      true,
+    );
 
     const names = artifacts.files.map((f) => f.name);
     expect(names).toEqual(expect.arrayContaining(['adapter_model.safetensors', 'curated_pairs.jsonl']));

@@ -12,7 +12,7 @@ import {
   stat,
   statfs,
 } from 'node:fs/promises';
-import { dirname, join, relative, resolve, sep } from 'node:path';
+import { dirname, join, posix, relative, resolve, sep } from 'node:path';
 import { Readable } from 'node:stream';
 import { ApiError } from './errors.js';
 
@@ -30,6 +30,8 @@ const SAFE_SEGMENT = /^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$/;
  * start with a dot (SAFE_SEGMENT), so a part never collides with a finished file.
  */
 export const PARTS_DIR = '.uploads';
+/** The folder of TUNERY_DATA_DIR that holds every stored file. */
+const STORE_DIR = 'files';
 /** Stored files are the server's alone: readable by its user only. */
 const DIR_MODE = 0o700;
 const FILE_MODE = 0o600;
@@ -86,7 +88,7 @@ export class LocalStorage {
     readonly maxUploadBytes: number,
     private readonly quotaBytes: number,
   ) {
-    this.root = resolve(dataDir, 'files');
+    this.root = resolve(dataDir, STORE_DIR);
   }
 
   /** The absolute path for segments, refusing anything that is not a plain name. */
@@ -100,6 +102,14 @@ export class LocalStorage {
     if (!full.startsWith(this.root + sep))
       throw new ApiError(400, 'invalid_request', 'Path escapes the data directory.', 'file');
     return full;
+  }
+
+  /**
+   * How a stored file is shown to tenants: relative to `TUNERY_DATA_DIR` (`files/jobs/…`), as the
+   * seeds document their paths. The server's absolute directories never reach a response.
+   */
+  shownPath(relPath: string): string {
+    return posix.join(STORE_DIR, relPath);
   }
 
   absolute(relPath: string): string {

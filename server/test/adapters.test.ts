@@ -43,7 +43,7 @@ describe.each(DATABASES)('adapters on %s', (db) => {
       training_config: { method: 'lora', r: 4, lora_alpha: 8, learning_rate: 2e-4 },
       metrics: { final_loss: 0.845, training_steps: 1000, training_time_minutes: 15.5 },
     });
-    expect(adapter.path).toBe(join(server.dataDir, 'files', 'jobs', jobId, 'outputs'));
+    expect(adapter.path).toBe(`files/jobs/${jobId}/outputs`);
 
     const got = await (await server.api('/v1/adapters/coding_assistant_v1')).json();
     expect(got.files.map((f: { name: string }) => f.name)).toEqual([

@@ -421,7 +421,7 @@ describe.each(DATABASES)('distillation on %s', (db) => {
       results: { loss_final: 0.2, samples_kept: 400 },
     });
     const artifacts = await (await server.api(`/v1/distillation/${job.id}/artifacts`)).json();
-    const dir = `${server.dataDir}/files/jobs/${job.id}/outputs`;
+    const dir = `files/jobs/${job.id}/outputs`; // relative to the data directory, never absolute
     expect(artifacts).toMatchObject({
       adapter_path: `${dir}/`,
       gguf_paths: { q4_k_m: `${dir}/model-q4_k_m.gguf`, q8_0: `${dir}/model-q8_0.gguf` },
@@ -523,7 +523,7 @@ describe.each(DATABASES)('distillation on %s', (db) => {
       }
       expect((await (await server.api(`/v1/distillation/${job.id}`)).json()).status).toBe(end);
       const artifacts = await (await server.api(`/v1/distillation/${job.id}/artifacts`)).json();
-      expect(artifacts.adapter_path).toBe(`${server.dataDir}/files/jobs/${job.id}/outputs/`);
+      expect(artifacts.adapter_path).toBe(`files/jobs/${job.id}/outputs/`);
       expect(artifacts.gguf_paths).toEqual({});
       const adapter = artifacts.files.find((f: { name: string }) => f.name === 'adapter_model.safetensors');
       expect(await (await server.api(adapter.download_url)).text()).toBe('step 50 adapter_model.safetensors');

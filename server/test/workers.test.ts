@@ -180,7 +180,7 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
       last_checkpoint_step: 2,
     });
     expect(finished.output_model_id).toMatch(/^model_/);
-    expect(finished.adapter_path).toMatch(new RegExp(`/jobs/${id}/outputs$`));
+    expect(finished.adapter_path).toBe(`files/jobs/${id}/outputs`);
     expect(finished.completed_at).toBe(finished.finished_at);
 
     const result = await (await server.api(`/v1/training/jobs/${id}/result`)).json();
@@ -206,7 +206,8 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
       sha256: sha256(weights),
       download_url: `/v1/training/jobs/${id}/output/adapter_model.safetensors`,
     });
-    expect(file.path.startsWith(server.dataDir)).toBe(true);
+    expect(file.path).toBe(`files/jobs/${id}/outputs/adapter_model.safetensors`);
+    expect(JSON.stringify(output)).not.toContain(server.dataDir);
 
     const whole = await server.api(file.download_url);
     expect(whole.status).toBe(200);

@@ -2378,18 +2378,18 @@ export interface components {
             /** @description Pass as `after` for the next page; null on the last page. */
             next_cursor: string | null;
         };
-        /** @description Where a distillation job's outputs are, on the server host and by download URL. */
+        /** @description Where a distillation job's outputs are, relative to the server's data directory (as seed 000 documents) and by download URL. */
         DistillationArtifacts: {
             job_id: components["schemas"]["Id"];
-            /** @description Directory holding the adapter files. */
+            /** @description Folder of the adapter files, relative to the server's data directory (`files/jobs/…/`); the server's absolute paths are never shown. */
             adapter_path: string | null;
-            /** @description Quantization type → GGUF file path. */
+            /** @description Quantization type → GGUF file, relative to the server's data directory. */
             gguf_paths: {
                 [key: string]: string;
             };
-            /** @description The tokenizer file. */
+            /** @description The tokenizer file, relative to the server's data directory. */
             tokenizer_path: string | null;
-            /** @description The resolved training configuration. */
+            /** @description The resolved training configuration, relative to the server's data directory. */
             config_path: string | null;
             /** @description Every artifact with its download URL. */
             files: components["schemas"]["OutputFile"][];
@@ -2727,7 +2727,7 @@ export interface components {
             output_model_id: string | null;
             /** @description The adapter this job produced. */
             adapter_name?: string | null;
-            /** @description Where that adapter's files are on the server. */
+            /** @description Folder of that adapter's files, relative to the server's data directory (`files/jobs/…/outputs`). */
             adapter_path?: string | null;
             /** @description A cancel was asked for and awaits the worker. */
             cancel_requested?: boolean;
@@ -2918,7 +2918,7 @@ export interface components {
             sha256: string;
             /** @description Path to download it with the same API key. */
             download_url: string;
-            /** @description Where it is on the server host. */
+            /** @description Where it is stored, relative to the server's data directory (`files/jobs/…`); download it with `download_url`. */
             path?: string;
         };
         /** @description A job's output artifacts. */
@@ -3427,7 +3427,7 @@ export interface components {
         /** @description A trained LoRA adapter. */
         Adapter: {
             name: components["schemas"]["Name"];
-            /** @description Directory of its files on the server host. */
+            /** @description Folder of its files, relative to the server's data directory (`files/jobs/…/outputs`). */
             path: string;
             /** @description Base model it adapts. */
             model_name: string;

@@ -38,13 +38,13 @@ const jobOf = (req: Request, ctx: AppContext) =>
 function artifactPaths(ctx: AppContext, jobId: string, files: FileRow[]) {
   const pathOf = (...names: string[]) => {
     const file = files.find((f) => names.includes(f.name));
-    return file ? ctx.storage.absolute(file.rel_path) : null;
+    return file ? ctx.storage.shownPath(file.rel_path) : null;
   };
   const hasAdapter = files.some((f) => f.name.startsWith('adapter_'));
   const ggufPaths: Record<string, string> = {};
   for (const file of files) {
     const match = /^(?:model-)?(.+)\.gguf$/.exec(file.name);
-    if (match) ggufPaths[match[1]!] = ctx.storage.absolute(file.rel_path);
+    if (match) ggufPaths[match[1]!] = ctx.storage.shownPath(file.rel_path);
   }
   return {
     adapter_path: hasAdapter ? `${outputDirectory(ctx, jobId, files)}/` : null,

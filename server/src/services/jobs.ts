@@ -58,9 +58,9 @@ const isMethod = (value: string | null): value is Schemas['TrainingMethod'] =>
   value !== null && (methods as readonly string[]).includes(value);
 
 /** Where a job's adapter files are on the server host, once it produced one. */
-function adapterPathOf(row: JobRow, storage?: Pick<AppContext['storage'], 'root'>): string | null {
+function adapterPathOf(row: JobRow, storage?: Pick<AppContext['storage'], 'shownPath'>): string | null {
   if (!row.adapter_name || !storage) return null;
-  return `${storage.root}/jobs/${row.id}/outputs`;
+  return storage.shownPath(`jobs/${row.id}/outputs`);
 }
 
 /**
@@ -69,7 +69,7 @@ function adapterPathOf(row: JobRow, storage?: Pick<AppContext['storage'], 'root'
  */
 export function serializeTrainingJob(
   row: JobRow,
-  storage?: Pick<AppContext['storage'], 'root'>,
+  storage?: Pick<AppContext['storage'], 'shownPath'>,
 ): Schemas['TrainingJob'] {
   const config = row.config ?? {};
   return {

@@ -3,7 +3,7 @@
  * its uploaded output files. Adapters and models own no bytes of their own: their files are the
  * job's output files (`files` rows with owner_kind 'job_output', owner_id = job id).
  */
-import { dirname } from 'node:path';
+import { posix } from 'node:path';
 import type { Knex } from 'knex';
 import type { AppContext } from '../context.js';
 import type { Schemas } from '../http.js';
@@ -277,19 +277,19 @@ export function outputFileView(
     size_mb: sizeMb(file.size_bytes),
     sha256: file.sha256,
     download_url: downloadUrl,
-    path: ctx.storage.absolute(file.rel_path),
+    path: ctx.storage.shownPath(file.rel_path),
   };
 }
 
-/** Where a job's outputs live on the server host: the folder of its files. */
+/** The folder of a job's outputs, relative to the data directory (see LocalStorage.shownPath). */
 export function outputDirectory(
   ctx: Pick<AppContext, 'storage'>,
   jobId: string | null,
   files: FileRow[],
 ): string {
   const first = files[0];
-  if (first) return dirname(ctx.storage.absolute(first.rel_path));
-  return jobId ? `${ctx.storage.root}/jobs/${jobId}/outputs` : ctx.storage.root;
+  if (first) return posix.dirname(ctx.storage.shownPath(first.rel_path));
+  return ctx.storage.shownPath(jobId ? `jobs/${jobId}/outputs` : '');
 }
 
 export const totalSizeMb = (files: FileRow[]) => sizeMb(files.reduce((sum, f) => sum + f.size_bytes, 0));

@@ -30,10 +30,18 @@ export function storeFile(
   return file;
 }
 
-/** The spec's OutputFile view of a stored file, downloadable at `downloadPath`. */
-export function outputFile(file: StoredBytes, downloadPath: string): components['schemas']['OutputFile'] {
+/** Where the server shows a job's outputs: relative to its data directory. */
+export const outputsDir = (jobId: string) => `files/jobs/${jobId}/outputs`;
+
+/** The spec's OutputFile view of job `jobId`'s stored file, downloadable at `downloadPath`. */
+export function outputFile(
+  file: StoredBytes,
+  jobId: string,
+  downloadPath: string,
+): components['schemas']['OutputFile'] {
   return {
     name: file.name,
+    path: `${outputsDir(jobId)}/${file.name}`,
     size_bytes: file.bytes.length,
     size_mb: Math.round((file.bytes.length / 1e6) * 100) / 100,
     sha256: file.sha256,

@@ -3,7 +3,7 @@
 import type { RequestBodyOf } from '../core/types.js';
 import type { components } from '../generated/api.js';
 import { MockHttpError } from './errors.js';
-import { jobFiles, outputFile, storeFile } from './files.js';
+import { jobFiles, outputFile, outputsDir, storeFile } from './files.js';
 import { type MockState, newId, now } from './state.js';
 
 type Schemas = components['schemas'];
@@ -278,7 +278,7 @@ export function completeTrainingJob(
       for (const name of names) files.set(name, storeFile(state, name, `${name} of ${job.id}\n`, 2048));
     }
     const outputs = [...files.values()].map((f) =>
-      outputFile(f, `/v1/training/jobs/${job.id}/output/${f.name}`),
+      outputFile(f, job.id, `/v1/training/jobs/${job.id}/output/${f.name}`),
     );
     const kind = job.type === 'finetune' && job.method === 'full' ? 'full' : OUTPUT_KIND[job.type];
     const model: Schemas['Model'] = {
@@ -301,7 +301,7 @@ export function completeTrainingJob(
     if (kind === 'adapter') {
       const adapter: Schemas['Adapter'] = {
         name: outputName,
-        path: `data/adapters/${outputName}`,
+        path: outputsDir(job.id),
         model_name: job.base_model ?? 'unknown',
         job_id: job.id,
         created_at: at,
@@ -476,14 +476,9 @@ function completeDistillationJob(state: MockState, job: DistillationJob, config:
   state.leases.delete(job.id);
   const files = jobFiles(state, job.id);
   if (files.size === 0) {
-    const names = [
-      'adapter_model.safetensors',
-      'adapter_config.json',
-      'tokenizer.json',
-      'training_config.json',
-    ];
+    const names = ['adapter_model.safetensors', 'adapter_config.json', 'tokenizer.json', 'train_config.json'];
     const ggufTypes = config.export_gguf ? (config.quantization_types ?? ['q8_0']) : [];
-    for (const q of ggufTypes) names.push(`student-${q}.gguf`);
+    for (const q of ggufTypes) names.push(`model-${q}.gguf`);
     for (const name of names) files.set(name, storeFile(state, name, `${name} of ${job.id}\n`, 2048));
   }
   const promptsTotal = (job.progress as Record<string, number>).prompts_total ?? 0;
@@ -502,22 +497,19 @@ export function distillationArtifacts(
   job: DistillationJob,
 ): Schemas['DistillationArtifacts'] {
   const files = [...(state.outputs.get(job.id)?.values() ?? [])];
-  const dir = `data/distillation/${job.id}`;
+  const dir = outputsDir(job.id);
   const has = (name: string) => files.some((f) => f.name === name);
   const gguf: Record<string, string> = {};
   for (const f of files) {
-    const match = /^student-(.+)\.gguf$/.exec(f.name);
+    const match = /^model-(.+)\.gguf$/.exec(f.name);
     if (match?.[1]) gguf[match[1]] = `${dir}/${f.name}`;
   }
   return {
     job_id: job.id,
-    adapter_path: has('adapter_model.safetensors') ? `${dir}/adapter` : null,
+    adapter_path: has('adapter_model.safetensors') ? `${dir}/` : null,
     gguf_paths: gguf,
     tokenizer_path: has('tokenizer.json') ? `${dir}/tokenizer.json` : null,
-    config_path: has('training_config.json') ? `${dir}/training_config.json` : null,
-    files: files.map((f) => ({
-      ...outputFile(f, `/v1/distillation/${job.id}/artifacts/${f.name}`),
-      path: `${dir}/${f.name}`,
-    })),
+    config_path: has('train_config.json') ? `${dir}/train_config.json` : null,
+    files: files.map((f) => outputFile(f, job.id, `/v1/distillation/${job.id}/artifacts/${f.name}`)),
   };
 }

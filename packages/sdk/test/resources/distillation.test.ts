@@ -63,16 +63,16 @@ describe('Distiller', () => {
 
     const artifacts = await distiller.artifacts(job.id);
     expect(Object.keys(artifacts.gguf_paths).sort()).toEqual(['q4_k_m', 'q8_0']);
-    expect(artifacts.adapter_path).toMatch(/adapter$/);
-    const file = artifacts.files.find((f) => f.name === 'student-q4_k_m.gguf');
-    expect(file?.download_url).toBe(`/v1/distillation/${job.id}/artifacts/student-q4_k_m.gguf`);
+    expect(artifacts.adapter_path).toBe(`files/jobs/${job.id}/outputs/`);
+    const file = artifacts.files.find((f) => f.name === 'model-q4_k_m.gguf');
+    expect(file?.download_url).toBe(`/v1/distillation/${job.id}/artifacts/model-q4_k_m.gguf`);
 
-    const stream = await distiller.downloadArtifact(job.id, 'student-q4_k_m.gguf', { range: 'bytes=-16' });
+    const stream = await distiller.downloadArtifact(job.id, 'model-q4_k_m.gguf', { range: 'bytes=-16' });
     expect(new Uint8Array(await new Response(stream).arrayBuffer())).toHaveLength(16);
     const dir = await mkdtemp(join(tmpdir(), 'tunery-'));
     try {
       const path = join(dir, 'student.gguf');
-      expect(await distiller.downloadArtifactToFile(job.id, 'student-q4_k_m.gguf', path)).toBe(
+      expect(await distiller.downloadArtifactToFile(job.id, 'model-q4_k_m.gguf', path)).toBe(
         file?.size_bytes,
       );
       expect((await readFile(path)).length).toBe(file?.size_bytes);
