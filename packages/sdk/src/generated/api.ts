@@ -842,8 +842,12 @@ export interface paths {
          * Upload a dataset
          * @description JSON with inline `train_texts` or `records`, or `jsonl` text; or `multipart/form-data` with
          *     a JSONL `file`. Each record is `{"text"}`, `{"prompt", "completion"}` or
-         *     `{"messages": [{"role", "content"}]}`, one format per dataset. Every line is validated:
-         *     a bad line is `400 invalid_dataset` whose message names the line.
+         *     `{"messages": [{"role", "content"}]}`, one format per dataset. Alpaca rows
+         *     (`{"instruction", "input"?, "output"}`: user turn `instruction`, then `input` after a blank
+         *     line; assistant turn `output`) and ShareGPT rows (`{"conversations": [{"from", "value"}]}`,
+         *     `from` one of `human`, `gpt`, `system`) are stored converted to `messages`, so their dataset's
+         *     format is `chat`. Every line is validated: a bad line is `400 invalid_dataset` whose message
+         *     names the line.
          */
         post: operations["createDataset"];
         delete?: never;
@@ -3224,7 +3228,7 @@ export interface components {
             /** @description Text. */
             content: string;
         };
-        /** @description One example in one of the three formats. */
+        /** @description One example in one of the three formats, or an Alpaca or ShareGPT row (stored as chat). */
         DatasetRecord: {
             /** @description The text. */
             text: string;
@@ -3236,9 +3240,29 @@ export interface components {
         } | {
             /** @description The conversation. */
             messages: components["schemas"]["ChatMessage"][];
+        } | {
+            /** @description The task; the user turn. */
+            instruction: string;
+            /** @description Context appended to the user turn after a blank line. */
+            input?: string;
+            /** @description Target; the assistant turn. */
+            output: string;
+        } | {
+            /** @description The conversation. */
+            conversations: components["schemas"]["ShareGPTTurn"][];
+        };
+        /** @description One ShareGPT turn. */
+        ShareGPTTurn: {
+            /**
+             * @description Speaker: becomes role user, assistant or system.
+             * @enum {string}
+             */
+            from: "human" | "gpt" | "system";
+            /** @description Text. */
+            value: string;
         };
         /**
-         * @description Record format.
+         * @description Record format. Alpaca and ShareGPT rows are stored converted, as `chat`.
          * @enum {string}
          */
         DatasetFormat: "text" | "prompt_completion" | "chat";
