@@ -152,6 +152,51 @@ describe.each(DATABASES)('training jobs on %s', (db) => {
       expect(JSON.stringify(await jobRow(job.id))).not.toContain('hf_secret');
     });
 
+    it("takes a dataset_path naming a file uploaded through the API, the caller's only", async () => {
+      const upload = (path: string, name: string, key?: string) => {
+        const form = new FormData();
+        if (path === '/openai/v1/files') form.append('purpose', 'fine-tune');
+        form.append(
+          'file',
+          new Blob([
+            `${JSON.stringify({
+              messages: [
+                { role: 'user', content: 'q' },
+                { role: 'assistant', content: 'a' },
+              ],
+            })}\n`,
+          ]),
+          name,
+        );
+        return server.api(path, { method: 'POST', body: form, ...(key ? { key } : {}) });
+      };
+      const mine = await (await upload('/v1/datasets', 'my-upload.jsonl')).json();
+      const openai = await (await upload('/openai/v1/files', 'openai-upload.jsonl')).json();
+      const theirs = await (await upload('/v1/datasets', 'their-upload.jsonl', server.otherKey)).json();
+      const base = { base_model: 'smollm2-135m-instruct' };
+      for (const [path, id] of [
+        ['my-upload.jsonl', mine.id],
+        [mine.id, mine.id],
+        ['openai-upload.jsonl', openai.id],
+        [openai.id, openai.id],
+      ]) {
+        const res = await create({ ...base, dataset_path: path });
+        expect(res.status).toBe(201);
+        const job = await res.json();
+        // the upload itself is trained on, not a copy of it
+        expect(job.dataset_id).toBe(id);
+        expect(job.config.dataset_format).toBe('chat');
+        await server.api(`/v1/training/jobs/${job.id}/cancel`, { method: 'POST' });
+      }
+      for (const path of ['their-upload.jsonl', theirs.id]) {
+        const res = await create({ ...base, dataset_path: path });
+        expect(res.status).toBe(400);
+        const err = (await res.json()).error;
+        expect(err).toMatchObject({ code: 'invalid_config', param: 'dataset_path' });
+        expect(err.message).toMatch(/No uploaded dataset/);
+      }
+    });
+
     it('layers settings: flat < hyperparams < nested', async () => {
       const base = { base_model: 'smollm2-135m-instruct', dataset_id: datasetId };
       const flatOnly = await (await create({ ...base, lora_rank: 4, learning_rate: 0.1 })).json();
