@@ -353,7 +353,8 @@ export interface paths {
          *     `base_model` (catalog name, hub id or a path on the worker), `model_name` (alias),
          *     `base_model_id` (catalog) or `source_model_id` (one of your output models); the data by
          *     `dataset_id`, `dataset_path` (a file you uploaded, by name or id, or a dataset file under the
-         *     data directory) or inline `train_texts`. Settings come flat (`num_epochs`, `lora_rank`, …), nested (`lora_config`,
+         *     data directory) or inline `train_texts`; with none of them, a training run uses your newest
+         *     dataset. Settings come flat (`num_epochs`, `lora_rank`, …), nested (`lora_config`,
          *     `training_config`) or as `hyperparams`; nested wins over `hyperparams`, which wins over flat.
          *     Returns the job at once with `status: "pending"`.
          */
@@ -2583,7 +2584,8 @@ export interface components {
             model_name?: string;
             base_model_id?: components["schemas"]["Id"];
             source_model_id?: components["schemas"]["Id"];
-            dataset_id?: components["schemas"]["Id"];
+            /** @description One of your datasets. When none of `dataset_id`, `dataset_path` and `train_texts` is given, a `finetune` or `train` job (or backend `native`) uses your most recently created dataset (seed 004), and is `400 no_dataset` when you have none; a `benchmark` job is `400 invalid_config`. */
+            dataset_id?: string;
             /** @description A file you uploaded through the API (`POST /v1/datasets` or `POST /openai/v1/files`), by the name it was uploaded under (the newest of that name) or its id; else a dataset file relative to `TUNERY_DATA_DIR/datasets`, stored as a new dataset. Only your own uploads are found. */
             dataset_path?: string;
             /** @description Inline training texts (stored as a dataset). */

@@ -462,6 +462,30 @@ export async function getDataset(
   return toDatasetRow(row);
 }
 
+/**
+ * The tenant's most recently created dataset: what a training job without data trains on (seed
+ * 004: "uses latest if omitted"). `400 no_dataset` when the tenant has none.
+ */
+export async function latestDataset(ctx: Pick<AppContext, 'knex'>, tenantId: string): Promise<DatasetRow> {
+  const row = await ctx
+    .knex('datasets')
+    .where({ tenant_id: tenantId })
+    .orderBy([
+      { column: 'created_at', order: 'desc' },
+      { column: 'id', order: 'desc' },
+    ])
+    .first();
+  if (!row) {
+    throw new ApiError(
+      400,
+      'no_dataset',
+      'No dataset to train on: give dataset_id, dataset_path or train_texts, or create a dataset first (POST /v1/datasets).',
+      'dataset_id',
+    );
+  }
+  return toDatasetRow(row);
+}
+
 // ------------------------------------------------------------------ datasets from trajectories
 
 /** One recorded LLM call (the spec's LlmCall). */

@@ -16,6 +16,7 @@ import {
   type DatasetRow,
   estimateTokens,
   getDataset,
+  latestDataset,
   parseJsonl,
   toDatasetRow,
   validateRecords,
@@ -302,8 +303,16 @@ async function planData(
   const given = DATA_FIELDS.filter((field) => body[field] !== undefined);
   if (given.length > 1) throw invalidConfig(`Give only one of ${DATA_FIELDS.join(', ')}.`, given[1]!);
   if (given.length === 0) {
-    if (type === 'finetune' || type === 'train' || type === 'benchmark') {
-      throw invalidConfig(`A ${type} job needs data: dataset_id, dataset_path or train_texts.`, 'dataset_id');
+    // training trains on the newest dataset (seed 004); contract and merge need none
+    if (type === 'finetune' || type === 'train') {
+      return { kind: 'existing', dataset: await latestDataset(ctx, tenantId) };
+    }
+    // scores on whatever dataset happens to be newest would mean nothing
+    if (type === 'benchmark') {
+      throw invalidConfig(
+        'A benchmark job needs data: dataset_id, dataset_path or train_texts.',
+        'dataset_id',
+      );
     }
     return null;
   }
