@@ -2625,7 +2625,7 @@ export interface components {
             num_nodes?: number;
             /** @description Hub token handed to the worker for gated models; never returned. */
             hf_token?: string;
-            /** @description Weights & Biases project the worker logs to, when it has wandb. */
+            /** @description Weights & Biases project the worker logs to: a run named after the job, with the job's config (without secrets) and every metric point the trainer reports. The job gets a `wandb_run` event with the run's `url` (or its local `dir` when the worker runs wandb offline, `WANDB_MODE=offline`). A worker without wandb (`pip install 'tunery-worker[wandb]'`), or whose wandb cannot start a run, records a `wandb_unavailable` event and trains anyway. */
             wandb_project?: string;
             /** @description Human name of the run. */
             run_name?: string;
