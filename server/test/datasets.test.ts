@@ -19,6 +19,42 @@ describe('parseJsonl', () => {
     expect(() => parseJsonl('{"text":"a"}\n\n{"text": oops}')).toThrow(/^line 3: not valid JSON/);
     expect(() => parseJsonl('{"text":"a"}\n{"prompt":"p","completion":"c"}')).toThrow(/^line 2: format/);
   });
+
+  it('converts Alpaca and ShareGPT rows to chat', () => {
+    const alpaca = [
+      '{"instruction":"Add","input":"2+2","output":"4","text":"rendered prompt"}',
+      '{"instruction":"Greet","output":"hi"}',
+    ].join('\n');
+    expect(parseJsonl(alpaca)).toEqual([chat('Add\n\n2+2', '4'), chat('Greet', 'hi')]);
+    const sharegpt = JSON.stringify({
+      conversations: [
+        { from: 'system', value: 'be brief' },
+        { from: 'human', value: 'hi' },
+        { from: 'gpt', value: 'hello' },
+      ],
+    });
+    expect(parseJsonl(sharegpt)).toEqual([
+      { messages: [{ role: 'system', content: 'be brief' }, ...chat('hi', 'hello').messages] },
+    ]);
+    // both are chat once converted, so they share a dataset with `messages` rows
+    expect(parseJsonl(`${alpaca}\n${sharegpt}\n${JSON.stringify(chat('a', 'b'))}`)).toHaveLength(4);
+  });
+
+  it('names the bad Alpaca or ShareGPT line', () => {
+    const cases: [string, RegExp][] = [
+      ['{"instruction":"x"}', /^line 2: "output" must be a non-empty string/],
+      ['{"instruction":"","output":"y"}', /^line 2: "instruction" must be a non-empty string/],
+      ['{"instruction":"x","input":3,"output":"y"}', /^line 2: "input" must be a string/],
+      ['{"conversations":[]}', /^line 2: "conversations" must be a non-empty array/],
+      ['{"conversations":[{"from":"bot","value":"x"}]}', /^line 2: conversations\[0\]\.from must be one of/],
+      ['{"conversations":[{"from":"gpt","value":1}]}', /^line 2: conversations\[0\]\.value must be a string/],
+      ['{"conversations":[{"from":"human","value":"x"}]}', /^line 2: .*non-empty gpt turn/],
+      ['{"instruction":"x","output":"y"}\n{"text":"t"}', /^line 3: format text differs .* chat/],
+    ];
+    for (const [line, message] of cases) {
+      expect(() => parseJsonl(`{"instruction":"ok","output":"ok"}\n${line}`)).toThrow(message);
+    }
+  });
 });
 
 describe.each(DATABASES)('datasets on %s', (db) => {
@@ -107,6 +143,37 @@ describe.each(DATABASES)('datasets on %s', (db) => {
     const err = (await refused.json()).error;
     expect(err).toMatchObject({ code: 'invalid_dataset', param: 'file' });
     expect(err.message).toMatch(/^line 2: /);
+  });
+
+  it('stores Alpaca and ShareGPT records as chat, and names a bad one', async () => {
+    const res = await create({
+      name: 'mixed-intake',
+      records: [
+        { instruction: 'Add', input: '2+2', output: '4' },
+        {
+          conversations: [
+            { from: 'human', value: 'hi' },
+            { from: 'gpt', value: 'hello' },
+          ],
+        },
+      ],
+    });
+    expect(res.status).toBe(201);
+    const body = await res.json();
+    expect(body).toMatchObject({ format: 'chat', num_examples: 2 });
+    const file = await server.ctx.knex('files').where({ owner_kind: 'dataset', owner_id: body.id }).first();
+    const lines = (await readFile(join(server.dataDir, 'files', file.rel_path), 'utf8')).trim().split('\n');
+    expect(lines.map((l) => JSON.parse(l))).toEqual([chat('Add\n\n2+2', '4'), chat('hi', 'hello')]);
+
+    // the schema refuses a bad inline record; a JSONL line is checked by the converter
+    const badRecord = await create({ records: [{ conversations: [{ from: 'bot', value: 'x' }] }] });
+    expect(badRecord.status).toBe(400);
+    expect((await badRecord.json()).error).toMatchObject({ code: 'invalid_request' });
+    const badLine = await create({ jsonl: '{"instruction":"a","output":"b"}\n{"instruction":"a"}\n' });
+    expect(badLine.status).toBe(400);
+    const err = (await badLine.json()).error;
+    expect(err).toMatchObject({ code: 'invalid_dataset', param: 'jsonl' });
+    expect(err.message).toMatch(/^line 2: "output" must be a non-empty string/);
   });
 
   it('names the bad JSONL line', async () => {

@@ -5,6 +5,13 @@ import { storeDataset } from '../src/services/datasets.js';
 import { createFinetune, fakeWorker, sleep } from './fake-worker.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
 
+const chatRecord = {
+  messages: [
+    { role: 'user', content: 'q' },
+    { role: 'assistant', content: 'a' },
+  ],
+};
+
 describe.each(DATABASES)('training jobs on %s', (db) => {
   let server: TestServer;
   let datasetId: string;
@@ -150,6 +157,65 @@ describe.each(DATABASES)('training jobs on %s', (db) => {
       // sealed at rest (test/secrets.test.ts checks the claim opens it)
       expect((await jobRow(job.id)).secrets).toMatchObject({ v: 1 });
       expect(JSON.stringify(await jobRow(job.id))).not.toContain('hf_secret');
+    });
+
+    it("takes a dataset_path naming a file uploaded through the API, the caller's only", async () => {
+      const upload = (path: string, name: string, key?: string) => {
+        const form = new FormData();
+        if (path === '/openai/v1/files') form.append('purpose', 'fine-tune');
+        form.append('file', new Blob([`${JSON.stringify(chatRecord)}\n`]), name);
+        return server.api(path, { method: 'POST', body: form, ...(key ? { key } : {}) });
+      };
+      const mine = await (await upload('/v1/datasets', 'my-upload.jsonl')).json();
+      const openai = await (await upload('/openai/v1/files', 'openai-upload.jsonl')).json();
+      const theirs = await (await upload('/v1/datasets', 'their-upload.jsonl', server.otherKey)).json();
+      const base = { base_model: 'smollm2-135m-instruct' };
+      for (const [path, id] of [
+        ['my-upload.jsonl', mine.id],
+        [mine.id, mine.id],
+        ['openai-upload.jsonl', openai.id],
+        [openai.id, openai.id],
+      ]) {
+        const res = await create({ ...base, dataset_path: path });
+        expect(res.status).toBe(201);
+        const job = await res.json();
+        // the upload itself is trained on, not a copy of it
+        expect(job.dataset_id).toBe(id);
+        expect(job.config.dataset_format).toBe('chat');
+        await server.api(`/v1/training/jobs/${job.id}/cancel`, { method: 'POST' });
+      }
+      for (const path of ['their-upload.jsonl', theirs.id]) {
+        const res = await create({ ...base, dataset_path: path });
+        expect(res.status).toBe(400);
+        const err = (await res.json()).error;
+        expect(err).toMatchObject({ code: 'invalid_config', param: 'dataset_path' });
+        expect(err.message).toMatch(/No uploaded dataset/);
+      }
+    });
+
+    it('trains on the newest dataset when no data is given (seed 004), 400 no_dataset without one', async () => {
+      const { createKey } = await import('../src/auth.js');
+      const key = await createKey(server.ctx.knex, { kind: 'user', tenantId: 'no-data' });
+      const bodies = [
+        { base_model: 'smollm2-135m-instruct' },
+        { backend: 'native', base_model: 'task-model', prompt_optimization: { teacher_model: 't' } },
+      ];
+      for (const body of bodies) {
+        const res = await create(body, { key });
+        expect(res.status, JSON.stringify(body)).toBe(400);
+        expect((await res.json()).error).toMatchObject({ code: 'no_dataset', param: 'dataset_id' });
+      }
+      const store = (name: string) =>
+        storeDataset(server.ctx, 'no-data', { name, records: [chatRecord], source: 'inline' });
+      await store('older');
+      const newest = await store('newest');
+      for (const body of bodies) {
+        const res = await create(body, { key });
+        expect(res.status, JSON.stringify(body)).toBe(201);
+        const job = await res.json();
+        expect(job.dataset_id).toBe(newest.id);
+        await server.api(`/v1/training/jobs/${job.id}/cancel`, { method: 'POST', key });
+      }
     });
 
     it('layers settings: flat < hyperparams < nested', async () => {
@@ -330,7 +396,6 @@ describe.each(DATABASES)('training jobs on %s', (db) => {
           { backend: 'native', dataset_id: datasetId, prompt_optimization: { metric: 'exact_match' } },
           'prompt_optimization',
         ],
-        [{ backend: 'native', prompt_optimization: { teacher_model: 't' } }, 'dataset_id'],
         [
           {
             backend: 'native',
@@ -400,7 +465,6 @@ describe.each(DATABASES)('training jobs on %s', (db) => {
 
     it('refuses bad input with the field named', async () => {
       const cases: [Record<string, unknown>, number, string, string][] = [
-        [{ base_model: 'smollm2-135m-instruct' }, 400, 'invalid_config', 'dataset_id'],
         [{ train_texts: ['a'] }, 400, 'invalid_config', 'base_model'],
         [{ base_model: 'no such model', train_texts: ['a'] }, 400, 'invalid_config', 'base_model'],
         [

@@ -463,3 +463,44 @@ def test_a_second_sigterm_exits_at_once(server: FakeTunery, tiny_llama: Path, tm
     finally:
         if process.poll() is None:
             process.kill()
+
+
+@pytest.fixture
+def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """W&B writes its runs under the returned folder and reaches nothing on the network."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    return tmp_path
+
+
+def test_a_job_with_wandb_project_logs_its_metrics_to_a_wandb_run(
+    server: FakeTunery, worker: Worker, tiny_llama: Path, wandb_offline: Path
+) -> None:
+    spec = {**finetune_spec(tiny_llama, max_steps=4), "wandb_project": "tunery-test", "hf_token": "hf_secret"}
+    job_id = server.enqueue("finetune", spec, inputs=[("dataset", "train.jsonl", DATASET)])
+    assert claim_and_run(worker) == "completed"
+
+    [event] = [e for e in server.state.events[job_id] if e["kind"].startswith("wandb")]
+    assert event["kind"] == "wandb_run" and event["payload"]["project"] == "tunery-test"
+    run_dir = Path(event["payload"]["dir"])
+    assert run_dir.parent == wandb_offline / "wandb" and run_dir.name.startswith("offline-run-")
+    [records] = list(run_dir.glob("run-*.wandb"))
+    data = records.read_bytes()
+    assert job_id.encode() in data  # the run is named after the job
+    assert b"train/loss" in data and b"train/grad_norm" in data  # the trainer's metrics were logged
+    assert b"hf_secret" not in data  # the config went without secrets
+
+
+def test_without_wandb_a_job_says_so_and_trains(
+    server: FakeTunery, worker: Worker, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
+    spec = {**finetune_spec(tiny_llama, max_steps=2), "wandb_project": "tunery-test"}
+    job_id = server.enqueue("finetune", spec, inputs=[("dataset", "train.jsonl", DATASET)])
+    assert claim_and_run(worker) == "completed"
+    [event] = [e for e in server.state.events[job_id] if e["kind"].startswith("wandb")]
+    assert event["kind"] == "wandb_unavailable" and "not installed" in event["payload"]["message"]

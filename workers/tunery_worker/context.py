@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,20 @@ class JobContext(ABC):
     inputs: dict[str, Path] = field(default_factory=dict)
     # Local path of the checkpoint to resume from, when the server handed one out.
     resume_checkpoint: Path | None = None
+    # Called with every metric point after it is recorded (the W&B mirror, see wandb_log.py).
+    metric_listeners: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
+
+    def metric(self, point: dict[str, Any]) -> None:
+        self.record_metric(point)
+        for listener in self.metric_listeners:
+            listener(point)
 
     # --- reporting (each context implements these) ---------------------------------------------------
     @abstractmethod
     def log(self, text: str, stream: str = "stdout") -> None: ...
 
     @abstractmethod
-    def metric(self, point: dict[str, Any]) -> None: ...
+    def record_metric(self, point: dict[str, Any]) -> None: ...
 
     @abstractmethod
     def event(self, kind: str, payload: dict[str, Any] | None = None) -> None: ...
@@ -92,7 +100,7 @@ class LocalJobContext(JobContext):
     def log(self, text: str, stream: str = "stdout") -> None:
         self.logs.append({"seq": len(self.logs) + 1, "ts": time.time(), "stream": stream, "text": text})
 
-    def metric(self, point: dict[str, Any]) -> None:
+    def record_metric(self, point: dict[str, Any]) -> None:
         self.metrics.append(dict(point))
 
     def event(self, kind: str, payload: dict[str, Any] | None = None) -> None:

@@ -28,6 +28,7 @@ from tunery_worker.context import JobContext, JobStopped
 from tunery_worker.errors import Failure, classify
 from tunery_worker.jobs import UnknownJobType, available_job_types, load_handler
 from tunery_worker.modeling import bitsandbytes_available, total_memory_gb
+from tunery_worker.wandb_log import wandb_run
 
 log = logging.getLogger("tunery_worker")
 
@@ -103,7 +104,7 @@ class RemoteJobContext(JobContext):
                     {"seq": self.log_seq, "ts": rfc3339(), "stream": stream, "text": line[:MAX_LINE]}
                 )
 
-    def metric(self, point: dict[str, Any]) -> None:
+    def record_metric(self, point: dict[str, Any]) -> None:
         clean = {k: json_safe(v) for k, v in point.items() if k in METRIC_FIELDS}
         clean["ts"] = rfc3339(point.get("ts") if isinstance(point.get("ts"), int | float) else None)
         clean.setdefault("phase", "train")
@@ -429,7 +430,8 @@ class Worker:
             ctx.inputs = self._download_inputs(job, ctx.workdir / "inputs")
             ctx.resume_checkpoint = self._download_resume(job, ctx.workdir / "resume")
             ctx.check_stop()
-            result = handler(ctx)
+            with wandb_run(ctx):
+                result = handler(ctx)
         except JobStopped:
             return self._stopped(ctx)
         except LeaseLost:

@@ -5,7 +5,7 @@ import { newId } from '../ids.js';
 import type { PartWriter, StoredObject } from '../storage.js';
 import { forgetIdempotentCreates } from './idempotency.js';
 
-/** `text` | `prompt_completion` | `chat`: one format per dataset. */
+/** `text` | `prompt_completion` | `chat`: one format per dataset (Alpaca and ShareGPT rows become chat). */
 export type DatasetFormat = 'text' | 'prompt_completion' | 'chat';
 export type DatasetSource = 'upload' | 'inline' | 'trajectories';
 
@@ -55,12 +55,54 @@ const invalidDataset = (message: string, param: string | null) =>
 const isPlainObject = (value: unknown): value is Record<string, unknown> =>
   typeof value === 'object' && value !== null && !Array.isArray(value);
 
-/** The format a record has, from its keys; null when it has none of the three shapes. */
-function formatOf(record: Record<string, unknown>): DatasetFormat | null {
+/**
+ * The shape a record has, from its keys; null when it has none. Alpaca and ShareGPT rows are
+ * converted to chat (what the worker trains on), so they never become a dataset's format.
+ */
+function shapeOf(record: Record<string, unknown>): DatasetFormat | 'alpaca' | 'sharegpt' | null {
   if ('messages' in record) return 'chat';
+  if ('conversations' in record) return 'sharegpt';
+  // before `text`: Alpaca exports often carry the rendered prompt as a `text` column too
+  if ('instruction' in record) return 'alpaca';
   if ('prompt' in record || 'completion' in record) return 'prompt_completion';
   if ('text' in record) return 'text';
   return null;
+}
+
+/** Alpaca's `instruction` (+ `input`) is the user turn and its `output` the assistant turn. */
+function alpacaToChat(record: Record<string, unknown>): Record<string, unknown> {
+  const { instruction, input, output } = record;
+  if (typeof instruction !== 'string' || instruction.length === 0)
+    throw new Error('"instruction" must be a non-empty string');
+  if (input !== undefined && typeof input !== 'string') throw new Error('"input" must be a string');
+  if (typeof output !== 'string' || output.length === 0)
+    throw new Error('"output" must be a non-empty string');
+  const user = input ? `${instruction}\n\n${input}` : instruction;
+  return {
+    messages: [
+      { role: 'user', content: user },
+      { role: 'assistant', content: output },
+    ],
+  };
+}
+
+const SHAREGPT_ROLES: Record<string, string> = { human: 'user', gpt: 'assistant', system: 'system' };
+
+/** ShareGPT's `conversations: [{from, value}]` as chat messages (human → user, gpt → assistant). */
+function sharegptToChat(record: Record<string, unknown>): Record<string, unknown> {
+  const turns = record.conversations;
+  if (!Array.isArray(turns) || turns.length === 0)
+    throw new Error('"conversations" must be a non-empty array');
+  const messages = turns.map((turn, i) => {
+    if (!isPlainObject(turn)) throw new Error(`conversations[${i}] must be an object`);
+    const role = typeof turn.from === 'string' ? SHAREGPT_ROLES[turn.from] : undefined;
+    if (!role) throw new Error(`conversations[${i}].from must be one of human, gpt, system`);
+    if (typeof turn.value !== 'string') throw new Error(`conversations[${i}].value must be a string`);
+    return { role, content: turn.value };
+  });
+  if (!messages.some((m) => m.role === 'assistant' && m.content.length > 0))
+    throw new Error('a ShareGPT record needs at least one non-empty gpt turn to train on');
+  return { messages };
 }
 
 /**
@@ -73,8 +115,15 @@ function normalizeRecord(
   format: DatasetFormat | null,
 ): { format: DatasetFormat; record: DatasetRecord } {
   if (!isPlainObject(record)) throw new Error('each record must be a JSON object');
-  const own = formatOf(record);
-  if (!own) throw new Error('expected {"text"}, {"prompt", "completion"} or {"messages": [...]}');
+  const shape = shapeOf(record);
+  if (!shape)
+    throw new Error(
+      'expected {"text"}, {"prompt", "completion"}, {"messages": [...]}, Alpaca {"instruction", "output"} ' +
+        'or ShareGPT {"conversations": [...]}',
+    );
+  if (shape === 'alpaca') return normalizeRecord(alpacaToChat(record), format);
+  if (shape === 'sharegpt') return normalizeRecord(sharegptToChat(record), format);
+  const own = shape;
   if (format && own !== format) throw new Error(`format ${own} differs from the dataset's format ${format}`);
   if (own === 'text') {
     if (typeof record.text !== 'string' || record.text.length === 0)
@@ -410,6 +459,30 @@ export async function getDataset(
 ): Promise<DatasetRow> {
   const row = await db('datasets').where({ tenant_id: tenantId, id }).first();
   if (!row) throw notFound('dataset', id, 'dataset_id');
+  return toDatasetRow(row);
+}
+
+/**
+ * The tenant's most recently created dataset: what a training job without data trains on (seed
+ * 004: "uses latest if omitted"). `400 no_dataset` when the tenant has none.
+ */
+export async function latestDataset(ctx: Pick<AppContext, 'knex'>, tenantId: string): Promise<DatasetRow> {
+  const row = await ctx
+    .knex('datasets')
+    .where({ tenant_id: tenantId })
+    .orderBy([
+      { column: 'created_at', order: 'desc' },
+      { column: 'id', order: 'desc' },
+    ])
+    .first();
+  if (!row) {
+    throw new ApiError(
+      400,
+      'no_dataset',
+      'No dataset to train on: give dataset_id, dataset_path or train_texts, or create a dataset first (POST /v1/datasets).',
+      'dataset_id',
+    );
+  }
   return toDatasetRow(row);
 }
 

@@ -5,7 +5,7 @@
  */
 import type { AppContext } from '../context.js';
 import { invalidConfig } from '../errors.js';
-import { getDataset } from './datasets.js';
+import { getDataset, latestDataset } from './datasets.js';
 import { teacherUrl } from './distillation-request.js';
 import type { TrainingJobCreate, TrainingJobPlan } from './training-request.js';
 
@@ -41,16 +41,16 @@ export async function planPromptOptimizeJob(
       'prompt_optimization.teacher_model',
     );
   }
-  if (!body.dataset_id) {
-    throw invalidConfig('backend native needs the recorded examples as dataset_id.', 'dataset_id');
-  }
   const iterations = body.max_steps ?? DEFAULT_ITERATIONS;
   if (iterations > MAX_ITERATIONS) {
     throw invalidConfig(`backend native runs at most ${MAX_ITERATIONS} iterations (max_steps).`, 'max_steps');
   }
   const baseUrl =
     options.teacher_base_url && teacherUrl(options.teacher_base_url, 'prompt_optimization.teacher_base_url');
-  const dataset = await getDataset(ctx, tenantId, body.dataset_id);
+  // seed 004: without datasetId the newest dataset is used
+  const dataset = body.dataset_id
+    ? await getDataset(ctx, tenantId, body.dataset_id)
+    : await latestDataset(ctx, tenantId);
   return {
     job: {
       kind: 'training',

@@ -12,7 +12,15 @@ import type { BodyOf, Schemas } from '../http.js';
 import type { EnqueueInput } from '../queue/enqueue.js';
 import type { JobRow } from '../queue/types.js';
 import { checkModelSource, resolveBaseModel } from './catalog.js';
-import { type DatasetRow, estimateTokens, getDataset, parseJsonl, validateRecords } from './datasets.js';
+import {
+  type DatasetRow,
+  estimateTokens,
+  getDataset,
+  latestDataset,
+  parseJsonl,
+  toDatasetRow,
+  validateRecords,
+} from './datasets.js';
 import { estimateJobCostUsd } from './estimate.js';
 import { planPromptOptimizeJob } from './prompt-optimize-request.js';
 import { getTemplateConfig } from './templates.js';
@@ -258,11 +266,29 @@ async function readDatasetFile(ctx: AppContext, relative: string): Promise<objec
     text = await readFile(real, 'utf8');
   } catch {
     throw invalidConfig(
-      `No dataset file "${relative}" in the datasets folder (hub dataset ids are not fetched: upload it with POST /v1/datasets).`,
+      `No uploaded dataset and no file in the datasets folder is named "${relative}" (hub dataset ids are not fetched: upload it with POST /v1/datasets).`,
       'dataset_path',
     );
   }
   return parseJsonl(text, 'dataset_path');
+}
+
+/**
+ * The tenant's dataset uploaded through the API (`POST /v1/datasets` or `/openai/v1/files`) whose
+ * id or upload name is `path`, the newest when several share the name; null when none. Only the
+ * caller's tenant is searched: another tenant's uploads do not exist for it.
+ */
+async function uploadedDataset(ctx: AppContext, tenantId: string, path: string): Promise<DatasetRow | null> {
+  const row = await ctx
+    .knex('datasets')
+    .where({ tenant_id: tenantId, source: 'upload' })
+    .andWhere((q) => q.where('id', path).orWhere('name', path))
+    .orderBy([
+      { column: 'created_at', order: 'desc' },
+      { column: 'id', order: 'desc' },
+    ])
+    .first();
+  return row ? toDatasetRow(row) : null;
 }
 
 const DATA_FIELDS = ['dataset_id', 'dataset_path', 'train_texts'] as const;
@@ -277,13 +303,24 @@ async function planData(
   const given = DATA_FIELDS.filter((field) => body[field] !== undefined);
   if (given.length > 1) throw invalidConfig(`Give only one of ${DATA_FIELDS.join(', ')}.`, given[1]!);
   if (given.length === 0) {
-    if (type === 'finetune' || type === 'train' || type === 'benchmark') {
-      throw invalidConfig(`A ${type} job needs data: dataset_id, dataset_path or train_texts.`, 'dataset_id');
+    // training trains on the newest dataset (seed 004); contract and merge need none
+    if (type === 'finetune' || type === 'train') {
+      return { kind: 'existing', dataset: await latestDataset(ctx, tenantId) };
+    }
+    // scores on whatever dataset happens to be newest would mean nothing
+    if (type === 'benchmark') {
+      throw invalidConfig(
+        'A benchmark job needs data: dataset_id, dataset_path or train_texts.',
+        'dataset_id',
+      );
     }
     return null;
   }
   if (body.dataset_id) return { kind: 'existing', dataset: await getDataset(ctx, tenantId, body.dataset_id) };
   if (body.dataset_path) {
+    // the caller's own upload comes first: it is what a client that uploaded a file names
+    const uploaded = await uploadedDataset(ctx, tenantId, body.dataset_path);
+    if (uploaded) return { kind: 'existing', dataset: uploaded };
     const records = await readDatasetFile(ctx, body.dataset_path);
     return {
       kind: 'new',

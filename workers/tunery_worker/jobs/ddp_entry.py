@@ -124,7 +124,7 @@ class StreamContext(JobContext):
     def log(self, text: str, stream: str = "stdout") -> None:
         self.emit("log", text=text, stream=stream)
 
-    def metric(self, point: dict[str, Any]) -> None:
+    def record_metric(self, point: dict[str, Any]) -> None:
         self.emit("metric", point=point)
 
     def event(self, kind: str, payload: dict[str, Any] | None = None) -> None:

@@ -352,8 +352,9 @@ export interface paths {
          *     (merge a LoRA adapter into its base) or `benchmark`. The base model is named by
          *     `base_model` (catalog name, hub id or a path on the worker), `model_name` (alias),
          *     `base_model_id` (catalog) or `source_model_id` (one of your output models); the data by
-         *     `dataset_id`, `dataset_path` (a dataset file under the data directory) or inline
-         *     `train_texts`. Settings come flat (`num_epochs`, `lora_rank`, …), nested (`lora_config`,
+         *     `dataset_id`, `dataset_path` (a file you uploaded, by name or id, or a dataset file under the
+         *     data directory) or inline `train_texts`; with none of them, a training run uses your newest
+         *     dataset. Settings come flat (`num_epochs`, `lora_rank`, …), nested (`lora_config`,
          *     `training_config`) or as `hyperparams`; nested wins over `hyperparams`, which wins over flat.
          *     Returns the job at once with `status: "pending"`.
          */
@@ -842,8 +843,12 @@ export interface paths {
          * Upload a dataset
          * @description JSON with inline `train_texts` or `records`, or `jsonl` text; or `multipart/form-data` with
          *     a JSONL `file`. Each record is `{"text"}`, `{"prompt", "completion"}` or
-         *     `{"messages": [{"role", "content"}]}`, one format per dataset. Every line is validated:
-         *     a bad line is `400 invalid_dataset` whose message names the line.
+         *     `{"messages": [{"role", "content"}]}`, one format per dataset. Alpaca rows
+         *     (`{"instruction", "input"?, "output"}`: user turn `instruction`, then `input` after a blank
+         *     line; assistant turn `output`) and ShareGPT rows (`{"conversations": [{"from", "value"}]}`,
+         *     `from` one of `human`, `gpt`, `system`) are stored converted to `messages`, so their dataset's
+         *     format is `chat`. Every line is validated: a bad line is `400 invalid_dataset` whose message
+         *     names the line.
          */
         post: operations["createDataset"];
         delete?: never;
@@ -2580,8 +2585,9 @@ export interface components {
             model_name?: string;
             base_model_id?: components["schemas"]["Id"];
             source_model_id?: components["schemas"]["Id"];
-            dataset_id?: components["schemas"]["Id"];
-            /** @description A dataset file relative to `TUNERY_DATA_DIR/datasets`. */
+            /** @description One of your datasets. When none of `dataset_id`, `dataset_path` and `train_texts` is given, a `finetune` or `train` job (or backend `native`) uses your most recently created dataset (seed 004), and is `400 no_dataset` when you have none; a `benchmark` job is `400 invalid_config`. */
+            dataset_id?: string;
+            /** @description A file you uploaded through the API (`POST /v1/datasets` or `POST /openai/v1/files`), by the name it was uploaded under (the newest of that name) or its id; else a dataset file relative to `TUNERY_DATA_DIR/datasets`, stored as a new dataset. Only your own uploads are found. */
             dataset_path?: string;
             /** @description Inline training texts (stored as a dataset). */
             train_texts?: string[];
@@ -2620,7 +2626,7 @@ export interface components {
             num_nodes?: number;
             /** @description Hub token handed to the worker for gated models; never returned. */
             hf_token?: string;
-            /** @description Weights & Biases project the worker logs to, when it has wandb. */
+            /** @description Weights & Biases project the worker logs to: a run named after the job, with the job's config (without secrets) and every metric point the trainer reports. The job gets a `wandb_run` event with the run's `url` (or its local `dir` when the worker runs wandb offline, `WANDB_MODE=offline`). A worker without wandb (`pip install 'tunery-worker[wandb]'`), or whose wandb cannot start a run, records a `wandb_unavailable` event and trains anyway. */
             wandb_project?: string;
             /** @description Human name of the run. */
             run_name?: string;
@@ -3225,7 +3231,7 @@ export interface components {
             /** @description Text. */
             content: string;
         };
-        /** @description One example in one of the three formats. */
+        /** @description One example in one of the three formats, or an Alpaca or ShareGPT row (stored as chat). */
         DatasetRecord: {
             /** @description The text. */
             text: string;
@@ -3237,9 +3243,29 @@ export interface components {
         } | {
             /** @description The conversation. */
             messages: components["schemas"]["ChatMessage"][];
+        } | {
+            /** @description The task; the user turn. */
+            instruction: string;
+            /** @description Context appended to the user turn after a blank line. */
+            input?: string;
+            /** @description Target; the assistant turn. */
+            output: string;
+        } | {
+            /** @description The conversation. */
+            conversations: components["schemas"]["ShareGPTTurn"][];
+        };
+        /** @description One ShareGPT turn. */
+        ShareGPTTurn: {
+            /**
+             * @description Speaker: becomes role user, assistant or system.
+             * @enum {string}
+             */
+            from: "human" | "gpt" | "system";
+            /** @description Text. */
+            value: string;
         };
         /**
-         * @description Record format.
+         * @description Record format. Alpaca and ShareGPT rows are stored converted, as `chat`.
          * @enum {string}
          */
         DatasetFormat: "text" | "prompt_completion" | "chat";
