@@ -161,6 +161,14 @@ function curlFor(
   return `curl -X ${method.toUpperCase()} "${url}" \\\n  -H "Authorization: Bearer $${token}"${data}`;
 }
 
+/** The sample tabs of the reference; `label` must match the x-codeSamples labels set below. */
+const SAMPLE_LANGUAGES = [
+  { lang: 'TypeScript', label: '@tunery/sdk' },
+  { lang: 'TypeScript', label: 'openai' },
+  { lang: 'curl', label: 'curl' },
+  { lang: 'Payload', label: 'Payload' },
+];
+
 function buildReference(): void {
   const spec = parse(readFileSync(join(root, 'openapi/openapi.yaml'), 'utf8')) as Spec;
   const sdk = sdkMethods();
@@ -190,6 +198,12 @@ function buildReference(): void {
     }
   }
   if (missing.length) throw new Error(`No SDK method found for: ${missing.join(', ')}`);
+  const shown = new Set(SAMPLE_LANGUAGES.map((l) => l.label));
+  const hidden = Object.values(spec.paths)
+    .flatMap((item) => Object.values(item))
+    .flatMap((op) => (op['x-codeSamples'] ?? []) as { label: string }[])
+    .filter((sample) => !shown.has(sample.label));
+  if (hidden.length) throw new Error(`Redoc would hide samples labelled: ${hidden.map((s) => s.label)}`);
   mkdirSync(join(out, 'api'), { recursive: true });
   const bundled = join(out, 'openapi.json');
   writeFileSync(bundled, JSON.stringify(spec, null, 2));
@@ -203,10 +217,15 @@ function buildReference(): void {
       '--inlineBundle',
       '--title',
       'Tunery API',
+      // Redoc 3 shows only the x-codeSamples whose label is one of these languages (its default list
+      // knows curl but not our labels), in this order; the first one present is the open tab.
+      '--openapi',
+      JSON.stringify({ codeSamples: { languages: SAMPLE_LANGUAGES } }),
       '-o',
       join(out, 'api/index.html'),
     ],
-    { cwd: root, stdio: ['ignore', 'ignore', 'inherit'] },
+    // REDOCLY_TELEMETRY=off also turns telemetry off in the page, which must work offline.
+    { cwd: root, stdio: ['ignore', 'ignore', 'inherit'], env: { ...process.env, REDOCLY_TELEMETRY: 'off' } },
   );
 }
 
