@@ -407,7 +407,7 @@ export async function main(): Promise<void> {
   // 7. Where to go from here.
   console.log();
   say('next');
-  console.log(`  API + SDK docs   ${baseURL}/docs/   (build them first with \`pnpm docs\`)`);
+  console.log(`  API + SDK docs   ${baseURL}/docs/   (build them first with \`pnpm run docs\`)`);
   console.log(
     `  a GPU worker     tunery-worker run --server ${baseURL} --token ${workerToken} --device cuda`,
   );

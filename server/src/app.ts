@@ -35,7 +35,7 @@ export function createApp(ctx: AppContext): express.Express {
     }),
   );
   app.use(cors(ctx.config.corsOrigins));
-  // Operators' metrics and the generated docs (pnpm docs) are outside the API and its validator.
+  // Operators' metrics and the generated docs (pnpm run docs) are outside the API and its validator.
   app.get('/metrics', metricsRoute(ctx));
   app.use('/docs', express.static(ctx.config.docsDir, { index: 'index.html', fallthrough: true }));
   app.use(jsonBody(ctx.config.maxJsonBytes));

@@ -41,7 +41,7 @@ export interface Config {
    */
   teacherPrices: Record<string, number>;
   logLevel: string;
-  /** The folder `pnpm docs` builds; served at /docs. */
+  /** The folder `pnpm run docs` builds; served at /docs. */
   docsDir: string;
   /**
    * Folders (absolute, normalized) under which a `base_model` may be an absolute path on the workers.

@@ -41,7 +41,7 @@ describe('docs served at /docs', () => {
     await rm(profile, { recursive: true, force: true });
   });
 
-  it('serves the built reference (run `pnpm docs` first)', async () => {
+  it('serves the built reference (run `pnpm run docs` first)', async () => {
     const res = await fetch(`${server.url}/docs/api/`);
     expect(res.status).toBe(200);
     expect(res.headers.get('content-type')).toMatch(/html/);
@@ -88,5 +88,27 @@ describe('docs served at /docs', () => {
       expect(statSync(shot).size).toBeGreaterThan(10_000);
     },
     300_000,
+  );
+
+  it.skipIf(!CHROMIUM)(
+    'shows the @tunery/sdk sample in the request panel of an operation',
+    async () => {
+      // Redoc 3 gives each operation a page of its own (a hash route); samples sit in its right panel.
+      const url = `${server.url}/docs/api/#/training/createtrainingjob`;
+      const { stdout } = await run(
+        CHROMIUM!,
+        [...CHROMIUM_FLAGS, `--user-data-dir=${profile}`, '--dump-dom', url],
+        { maxBuffer: 64 * 1024 * 1024, timeout: 120_000 },
+      );
+      // The page's scripts hold the spec, samples included, so look only inside the rendered panel:
+      // from the request samples panel's element to the response samples panel's.
+      const start = stdout.search(/class="[^"]*\bpanel-request-samples\b/);
+      expect(start, 'request samples panel').toBeGreaterThan(-1);
+      const end = stdout.slice(start).search(/class="[^"]*\bpanel-response-samples\b/);
+      const panel = stdout.slice(start, end === -1 ? undefined : start + end).replace(/<[^>]*>/g, '');
+      expect(panel).toContain('@tunery/sdk');
+      expect(panel).toContain('tunery.training.jobs.create(');
+    },
+    180_000,
   );
 });
