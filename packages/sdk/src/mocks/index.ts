@@ -10,7 +10,8 @@
  * const server = setupServer(...mock.handlers);
  * ```
  */
-import type { HttpHandler } from 'msw';
+import { type HttpHandler, HttpResponse, http } from 'msw';
+import type { ResponseOf } from '../core/types.js';
 import type { components } from '../generated/api.js';
 import type { MockContext } from './context.js';
 import { adapterHandlers } from './handlers/adapters.js';
@@ -163,6 +164,52 @@ export function createTuneryMock(options: TuneryMockOptions = {}): TuneryMock {
       failures.clear();
     },
   };
+}
+
+/** What a `mockHandler` resolver gets: the request and the path parameters by name. */
+export interface MockHandlerInfo {
+  request: Request;
+  params: Record<string, string>;
+}
+
+/** A resolver's answer: the operation's success body (checked by the compiler), or any Response. */
+export type MockHandlerResolver<Op extends OperationId> = (
+  info: MockHandlerInfo,
+) => ResponseOf<Op> | Response | Promise<ResponseOf<Op> | Response>;
+
+export interface MockHandlerOptions {
+  /** Where the handler listens. Default as `createTuneryMock`. */
+  baseURL?: string | undefined;
+  /** Status of a body the resolver returns. Default 200. */
+  status?: number | undefined;
+}
+
+let specRoutes: RouteInfo[] | undefined;
+
+/**
+ * An msw handler for one operation, by its operationId, whose resolver must return that operation's
+ * response body: to override one answer of the mock (or of a real server) in a test.
+ *
+ * ```ts
+ * server.use(mockHandler('getTrainingJob', ({ params }) => ({ ...job, id: params.job_id!, status: 'failed' })));
+ * ```
+ */
+export function mockHandler<Op extends OperationId>(
+  operationId: Op,
+  resolve: MockHandlerResolver<Op>,
+  options: MockHandlerOptions = {},
+): HttpHandler {
+  specRoutes ??= createTuneryMock().routes;
+  const route = specRoutes.find((r) => r.operationId === operationId);
+  if (!route) throw new Error(`No operation ${operationId} in the Tunery API.`);
+  const baseURL = (options.baseURL ?? envBaseURL() ?? 'http://127.0.0.1:8000').replace(/\/+$/, '');
+  const url = baseURL + route.path.replace(/\{(\w+)\}/g, ':$1');
+  return http[route.method](url, async ({ request, params }) => {
+    const answer = await resolve({ request, params: params as Record<string, string> });
+    return answer instanceof Response
+      ? answer
+      : HttpResponse.json(answer as object, { status: options.status ?? 200 });
+  });
 }
 
 function envBaseURL(): string | undefined {

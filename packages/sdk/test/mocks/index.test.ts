@@ -1,10 +1,10 @@
 import { describe, expect, it } from 'vitest';
 import { AuthenticationError, RateLimitError, type TrainingJob } from '../../src/index.js';
-import { createTuneryMock } from '../../src/mocks/index.js';
+import { createTuneryMock, mockHandler } from '../../src/mocks/index.js';
 import { useMockServer } from '../helpers.js';
 import { loadSpec, operationsOf } from '../spec.js';
 
-const { mock, client } = useMockServer({ apiKey: 'tk_test', workerToken: 'tw_test' });
+const { mock, server, client } = useMockServer({ apiKey: 'tk_test', workerToken: 'tw_test' });
 const finetune = { base_model: 'tiny-llama', train_texts: ['a'] };
 
 describe('createTuneryMock', () => {
@@ -83,5 +83,52 @@ describe('createTuneryMock', () => {
     const b = await tunery.training.jobs.create({ ...finetune, idempotency_key: 'k1' });
     expect(b.id).toBe(a.id);
     expect(mock.state.trainingJobs.size).toBe(1);
+  });
+});
+
+describe('mockHandler', () => {
+  it('overrides one operation with a typed answer, path parameters by name', async () => {
+    const created = await client().training.jobs.create(finetune);
+    server.use(
+      mockHandler(
+        'getTrainingJob',
+        ({ params }) => ({
+          ...created,
+          id: params.job_id!,
+          status: 'failed',
+          error: { code: 'out_of_memory', message: 'm' },
+        }),
+        { baseURL: 'http://tunery.test' },
+      ),
+    );
+    const job = await client().training.jobs.retrieve(created.id);
+    expect(job).toMatchObject({ id: created.id, status: 'failed', error: { code: 'out_of_memory' } });
+    // the other operations still answer from the mock's state
+    expect((await client().training.jobs.list()).data.map((j) => j.id)).toEqual([created.id]);
+  });
+
+  it('sends a Response as it is, so a test can answer an error', async () => {
+    server.use(
+      mockHandler(
+        'getBudget',
+        () =>
+          Response.json({ error: { code: 'internal_error', message: 'x', param: null } }, { status: 500 }),
+        {
+          baseURL: 'http://tunery.test',
+        },
+      ),
+    );
+    await expect(client({ maxRetries: 0 }).budget.get()).rejects.toMatchObject({
+      status: 500,
+      code: 'internal_error',
+    });
+  });
+
+  it('refuses, at compile time, a body of the wrong shape', () => {
+    // @ts-expect-error: a budget has no `status`
+    mockHandler('getBudget', () => ({ status: 'ok' }));
+    expect(() => mockHandler('noSuchOperation' as 'getBudget', () => new Response())).toThrow(
+      /noSuchOperation/,
+    );
   });
 });
