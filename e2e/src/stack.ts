@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Tunery } from '@tunery/sdk';
 import pg from 'pg';
+import { type StrictResponses, strictResponses } from './strict-responses.js';
 
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 export const WORKER_BIN = join(ROOT, '.venv', 'bin', 'tunery-worker');
@@ -219,6 +220,8 @@ export interface Stack {
   server: Proc;
   workers: Proc[];
   client: Tunery;
+  /** Every answer `client` got, checked against the spec made strict (see strict-responses.ts). */
+  responses: StrictResponses;
   /** Starts one more CPU worker; `serverUrl` puts something (a HoldProxy) between it and the server. */
   /** A CPU worker; `extraArgs` go to `tunery-worker run` (`--serve` for a serving worker). */
   startWorker(label?: string, serverUrl?: string, extraArgs?: string[]): Proc;
@@ -280,6 +283,8 @@ export async function startStack(opts: StackOptions): Promise<Stack> {
     );
 
     const client = new Tunery({ baseURL: url, apiKey, logLevel: 'off' });
+    const responses = strictResponses();
+    client.use(responses.middleware);
     const startWorker = (label = `w${workers.length + 1}`, serverUrl = url, extraArgs: string[] = []) => {
       const worker = new Proc(
         `worker ${label}`,
@@ -320,6 +325,7 @@ export async function startStack(opts: StackOptions): Promise<Stack> {
       server: started,
       workers,
       client,
+      responses,
       startWorker,
       registerModel: async (name, source) => {
         await client.baseModels.create({ name, source });

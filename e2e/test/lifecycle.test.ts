@@ -272,3 +272,83 @@ describe('live cancel', () => {
     expect(after.status).toBe('completed');
   });
 });
+
+describe('live grow, contract and benchmark', () => {
+  it('runs each type to completion on the tiny model, with the result its type reports', async () => {
+    const { client } = stack();
+    const wait = (id: string) =>
+      client.training.jobs.waitForCompletion(id, { pollIntervalMs: 250, timeout: 120_000 });
+    const grow = await client.training.jobs.create({
+      type: 'train',
+      base_model: TINY,
+      train_texts: TRAIN_TEXTS,
+      hyperparams: { turns: 1, cycles: 1, steps_per_cycle: 2, new_layers: 1 },
+    });
+    const contract = await client.training.jobs.create({
+      type: 'contract',
+      base_model: TINY,
+      hyperparams: { contraction_ratio: 0.5, num_layers_to_contract: 1 },
+    });
+    const grown = await wait(grow.id);
+    expect(grown, JSON.stringify(grown.error)).toMatchObject({ status: 'completed', type: 'train' });
+    const growth = (await client.training.jobs.result(grow.id)).details!;
+    expect(growth.layers_after).toBeGreaterThan(growth.layers_before!);
+    const contracted = await wait(contract.id);
+    expect(contracted, JSON.stringify(contracted.error)).toMatchObject({
+      status: 'completed',
+      type: 'contract',
+    });
+    expect((await client.training.jobs.result(contract.id)).details!.removed_layers).toHaveLength(1);
+
+    const bench = await client.training.jobs.create({
+      type: 'benchmark',
+      source_model_id: grown.output_model_id!,
+      train_texts: TRAIN_TEXTS,
+    });
+    const benchmarked = await wait(bench.id);
+    expect(benchmarked, JSON.stringify(benchmarked.error)).toMatchObject({
+      status: 'completed',
+      type: 'benchmark',
+    });
+    expect((await client.training.jobs.result(bench.id)).scores).toBeTruthy();
+  });
+});
+
+describe('the server says what it sends', () => {
+  it('answers every read of every job of this run (each type) only with fields the spec declares', async () => {
+    const { client, responses } = stack();
+    const types = new Set<string>();
+    for await (const job of client.training.jobs.list()) {
+      types.add(job.type);
+      const jobs = client.training.jobs;
+      await jobs.retrieve(job.id);
+      await jobs.logs(job.id);
+      await jobs.metrics(job.id);
+      await jobs.events(job.id);
+      await jobs.checkpoints(job.id);
+      await jobs.outputs(job.id);
+      if (job.status === 'completed') await jobs.result(job.id);
+    }
+    for await (const job of client.distillation.list()) {
+      types.add('distillation');
+      await client.distillation.retrieve(job.id);
+      await client.distillation.events(job.id);
+      await client.distillation.logs(job.id);
+      await client.distillation.metrics(job.id);
+      await client.distillation.checkpoints(job.id);
+      await client.distillation.artifacts(job.id);
+    }
+    for await (const _ of client.adapters.list());
+    for await (const _ of client.models.list());
+    for await (const _ of client.datasets.list());
+    expect([...types].sort()).toEqual([
+      'benchmark',
+      'contract',
+      'distillation',
+      'finetune',
+      'merge',
+      'train',
+    ]);
+    expect(await responses.problems()).toEqual([]);
+  });
+});

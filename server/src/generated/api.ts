@@ -2342,14 +2342,8 @@ export interface components {
             status: components["schemas"]["JobStatus"];
             phase: components["schemas"]["DistillationPhase"];
             config?: components["schemas"]["DistillationConfigView"];
-            /** @description `prompts_done`, `prompts_total`, `training_step`, `training_steps` as work advances. */
-            progress: {
-                [key: string]: unknown;
-            };
-            /** @description Headline results once training ends (losses, samples kept, GGUF files). */
-            results: {
-                [key: string]: unknown;
-            };
+            progress: components["schemas"]["DistillationProgress"];
+            results: components["schemas"]["DistillationResults"];
             /** @description USD accrued so far (compute and teacher tokens). */
             cost_accrued: number;
             /** @description A cancel was asked for and awaits the worker. */
@@ -2362,9 +2356,134 @@ export interface components {
             started_at?: components["schemas"]["NullableTimestamp"];
             finished_at?: components["schemas"]["NullableTimestamp"];
         };
-        /** @description The job's configuration with defaults applied (secrets left out). */
+        /** @description How far the job is, as its worker last reported (empty until it starts). */
+        DistillationProgress: {
+            /** @description Prompts the teacher has answered. */
+            prompts_done?: number;
+            /** @description Prompts to answer. */
+            prompts_total?: number;
+            /** @description Student training steps done. */
+            training_step?: number;
+            /** @description Student training steps planned. */
+            total_steps?: number;
+            /** @description Training loss at the last step. */
+            current_loss?: number;
+            /** @description Teacher tokens used so far (prompt + completion). */
+            teacher_tokens?: number;
+            /** @description Accelerator (or CPU) seconds used so far. */
+            gpu_seconds?: number;
+        };
+        /** @description Headline results once training ends (empty before). */
+        DistillationResults: {
+            /** @description Prompts answered by the teacher. */
+            prompts_total?: number;
+            /** @description Prompts with a curated pair. */
+            prompts_used?: number;
+            /** @description Teacher samples drawn (prompts × n_samples). */
+            samples_generated?: number;
+            /** @description Curated pairs trained on. */
+            pairs_kept?: number;
+            /** @description How samples were scored for curation. */
+            curation_score?: string;
+            /** @description Last training loss. */
+            loss_final?: number;
+            /** @description The BOND loss terms at the last step, by name. */
+            loss_components_final?: {
+                [key: string]: number;
+            };
+            /** @description Training steps run. */
+            steps?: number;
+            /** @description Parameters that trained (the adapter). */
+            params_trainable?: number;
+            /** @description Teacher prompt tokens. */
+            teacher_prompt_tokens?: number;
+            /** @description Teacher completion tokens. */
+            teacher_completion_tokens?: number;
+            /** @description Teacher tokens in all. */
+            teacher_tokens?: number;
+            /** @description Requests sent to the teacher. */
+            teacher_requests?: number;
+            /** @description Student tokens trained on. */
+            tokens_processed?: number;
+            /** @description Accelerator (or CPU) seconds used. */
+            gpu_seconds?: number;
+            /** @description The adapter written. */
+            adapter?: {
+                /** @description Its name. */
+                name?: string;
+                /** @description Size of its weights. */
+                size_bytes?: number;
+            };
+            /** @description Quantization type → the GGUF file written. */
+            gguf?: {
+                [key: string]: {
+                    /** @description File name. */
+                    name?: string;
+                    /** @description Size. */
+                    size_bytes?: number;
+                };
+            };
+        };
+        /** @description The job's configuration with defaults applied, as the worker runs it (secrets left out). */
         DistillationConfigView: {
-            [key: string]: unknown;
+            /** @description `distill`. */
+            type?: string;
+            /** @description The teacher as requested. */
+            teacher_model?: string;
+            /** @description The student as requested. */
+            student_model?: string;
+            teacher?: components["schemas"]["TeacherView"];
+            student?: components["schemas"]["ResolvedModel"];
+            /** @description The dataset the prompts come from. */
+            dataset_id?: string | null;
+            /** @description Cap on prompts used. */
+            num_prompts?: number;
+            /** @description Best-of-N candidates per prompt. */
+            n_samples?: number;
+            /** @description Student training steps. */
+            training_steps?: number;
+            /** @description BOND preference weight. */
+            bond_beta?: number;
+            /** @description KL regularization strength. */
+            bond_gamma?: number;
+            /** @description Teacher sampling temperature. */
+            temperature?: number;
+            /** @description Longest teacher completion. */
+            max_new_tokens?: number;
+            /** @description Student learning rate. */
+            learning_rate?: number;
+            /** @description Student LoRA rank. */
+            lora_rank?: number;
+            /** @description Seed of sampling and training. */
+            seed?: number;
+            /** @description GGUF files are written. */
+            export_gguf?: boolean;
+            /** @description GGUF types written. */
+            quantization_types?: string[];
+            /** @description Price of the teacher's tokens counted in `cost_accrued`. */
+            teacher_usd_per_million_tokens?: number;
+            /** @description Steps between checkpoints. */
+            save_steps?: number;
+        };
+        /** @description A model as the server resolved it for the worker. */
+        ResolvedModel: {
+            /** @description Catalog id, when it is in the catalog. */
+            id?: string | null;
+            /** @description Name as given. */
+            name?: string;
+            /** @description Hub id or worker-local directory the worker loads. */
+            source?: string | null;
+        };
+        /** @description The teacher endpoint (its key left out). */
+        TeacherView: {
+            /** @description Provider prefix, or `local`. */
+            provider?: string;
+            /** @description Model name at the endpoint. */
+            model?: string;
+            /** @description Endpoint base URL. */
+            base_url?: string | null;
+            /** @description What a `local/` teacher loads. */
+            source?: string | null;
         };
         /** @description Which checkpoint a distillation resumes from. */
         DistillationResumeRequest: {
@@ -2705,10 +2824,7 @@ export interface components {
             dataset_id?: string | null;
             /** @description The job this one derives from (merge). */
             parent_job_id?: string | null;
-            /** @description The resolved configuration the worker runs (secrets left out). */
-            config?: {
-                [key: string]: unknown;
-            };
+            config?: components["schemas"]["TrainingJobConfig"];
             /** @description Percent done. */
             progress: number;
             /** @description Last step reported. */
@@ -2719,9 +2835,12 @@ export interface components {
             current_loss?: number | null;
             /** @description Last learning rate. */
             learning_rate?: number | null;
-            /** @description `train_loss`, `eval_loss` as last reported. */
+            /** @description Losses as last reported. */
             metrics?: {
-                [key: string]: unknown;
+                /** @description Last training loss. */
+                train_loss?: number | null;
+                /** @description Last evaluation loss. */
+                eval_loss?: number | null;
             };
             /** @description Times reclaimed after an interruption (resumes from checkpoint; not an error). */
             retries: number;
@@ -2749,6 +2868,270 @@ export interface components {
             started_at: components["schemas"]["NullableTimestamp"];
             finished_at: components["schemas"]["NullableTimestamp"];
             completed_at?: components["schemas"]["NullableTimestamp"];
+        };
+        /** @description The resolved configuration the worker runs, secrets left out. Every type has `type`, `base_model`, `seed` and `output_name`; a fine-tune adds `method`, `lora`, `training`, `distributed`; a grow run `turns`, `cycles`, `growth`…; a contract run `contraction_ratio`; a merge `export_gguf`; a prompt optimization `teacher`, `task_model`, `metric`… */
+        TrainingJobConfig: {
+            type?: components["schemas"]["TrainingJobType"];
+            base_model?: components["schemas"]["ResolvedModel"];
+            /** @description Seed of data order and initialisation. */
+            seed?: number;
+            /** @description Name of the output model (null: the worker names it). */
+            output_name?: string | null;
+            /** @description Human name of the run. */
+            run_name?: string;
+            /** @description Template it was made from. */
+            template?: string;
+            /** @description Weights & Biases project it logs to. */
+            wandb_project?: string;
+            method?: components["schemas"]["TrainingMethod"];
+            /** @description LoRA settings as the worker reads them (`alpha`, `dropout` are `lora_alpha`, `lora_dropout` of the request). */
+            lora?: {
+                /** @description Rank. */
+                r?: number;
+                /** @description Scaling numerator. */
+                alpha?: number;
+                /** @description Adapter input dropout. */
+                dropout?: number;
+                /** @description Modules adapted, or `all-linear`. */
+                target_modules?: string | string[];
+                /** @description Which biases train. */
+                bias?: string;
+            };
+            training?: components["schemas"]["TrainingSettingsView"];
+            /** @description Format of the dataset trained on. */
+            dataset_format?: string | null;
+            /** @description Data-parallel settings. */
+            distributed?: {
+                /** @description Run with torchrun. */
+                enabled?: boolean;
+                /** @description Nodes. */
+                num_nodes?: number;
+            };
+            /** @description Grow: full training passes. */
+            turns?: number;
+            /** @description Grow: cycles. */
+            cycles?: number;
+            /** @description Grow: steps per cycle. */
+            steps_per_cycle?: number;
+            /** @description Grow: learning rate. */
+            lr?: number;
+            /** @description Grow: sequence length. */
+            seq_len?: number;
+            /** @description Grow settings. */
+            growth?: {
+                /** @description Layers added. */
+                new_layers?: number;
+            };
+            /** @description Contract: prune aggressiveness. */
+            contraction_ratio?: number;
+            /** @description Contract: layers processed. */
+            num_layers_to_contract?: number;
+            /** @description Merge: GGUF files are written. */
+            export_gguf?: boolean;
+            /** @description Merge: GGUF types written. */
+            quantization_types?: components["schemas"]["QuantizationType"][];
+            teacher?: components["schemas"]["TeacherView"];
+            /** @description Prompt optimization: the model the prompt is for. */
+            task_model?: string;
+            /** @description Prompt optimization: how answers are scored. */
+            metric?: string;
+            /** @description Prompt optimization: rounds. */
+            iterations?: number;
+            /** @description Prompt optimization: proposals per round. */
+            candidates_per_iteration?: number;
+            /** @description Prompt optimization: share of examples held out. */
+            eval_fraction?: number;
+            /** @description Prompt optimization: examples read. */
+            max_examples?: number;
+            /** @description Prompt optimization: instruction it starts from. */
+            initial_prompt?: string;
+        };
+        /** @description Training hyperparameters with defaults applied (the request's `training_config`). */
+        TrainingSettingsView: {
+            /** @description Passes over the data. */
+            num_epochs?: number;
+            /** @description Optimizer steps; -1 uses num_epochs. */
+            max_steps?: number;
+            /** @description Per-device batch size. */
+            batch_size?: number;
+            /** @description Micro-batches per step. */
+            gradient_accumulation_steps?: number;
+            /** @description Peak learning rate. */
+            learning_rate?: number;
+            /** @description Warmup steps. */
+            warmup_steps?: number;
+            /** @description Decay after warmup. */
+            lr_scheduler?: string;
+            /** @description AdamW weight decay. */
+            weight_decay?: number;
+            /** @description Truncation length. */
+            max_seq_length?: number;
+            /** @description Steps between metric points. */
+            logging_steps?: number;
+            /** @description Steps between checkpoints. */
+            save_steps?: number;
+            /** @description Steps between evaluations. */
+            eval_steps?: number;
+            /** @description Fraction held out. */
+            eval_split?: number;
+            /** @description Gradient checkpointing. */
+            use_gradient_checkpointing?: boolean;
+            /** @description bfloat16 where supported. */
+            bf16?: boolean;
+            /** @description Seed. */
+            seed?: number;
+            /** @description Also train on prompt tokens. */
+            train_on_inputs?: boolean;
+        };
+        /** @description The method, LoRA settings (peft names) and training hyperparameters an adapter was trained with, in one flat object (seed 003). */
+        AdapterTrainingConfig: {
+            method?: components["schemas"]["TrainingMethod"];
+            /** @description Rank. */
+            r?: number;
+            /** @description Scaling numerator. */
+            lora_alpha?: number;
+            /** @description Adapter input dropout. */
+            lora_dropout?: number;
+            /** @description Modules adapted. */
+            target_modules?: string | string[];
+            /** @description Which biases train. */
+            bias?: string;
+            /** @description Passes over the data. */
+            num_epochs?: number;
+            /** @description Optimizer steps; -1 uses num_epochs. */
+            max_steps?: number;
+            /** @description Per-device batch size. */
+            batch_size?: number;
+            /** @description Micro-batches per step. */
+            gradient_accumulation_steps?: number;
+            /** @description Peak learning rate. */
+            learning_rate?: number;
+            /** @description Warmup steps. */
+            warmup_steps?: number;
+            /** @description Decay after warmup. */
+            lr_scheduler?: string;
+            /** @description AdamW weight decay. */
+            weight_decay?: number;
+            /** @description Truncation length. */
+            max_seq_length?: number;
+            /** @description Steps between metric points. */
+            logging_steps?: number;
+            /** @description Steps between checkpoints. */
+            save_steps?: number;
+            /** @description Steps between evaluations. */
+            eval_steps?: number;
+            /** @description Fraction held out. */
+            eval_split?: number;
+            /** @description Gradient checkpointing. */
+            use_gradient_checkpointing?: boolean;
+            /** @description bfloat16 where supported. */
+            bf16?: boolean;
+            /** @description Seed. */
+            seed?: number;
+            /** @description Also train on prompt tokens. */
+            train_on_inputs?: boolean;
+        };
+        /** @description Everything the worker reported at the end; which fields depends on the job's type. */
+        TrainingResultDetails: {
+            /** @description Last training loss. */
+            loss_final?: number | null;
+            /** @description Last evaluation loss. */
+            eval_loss_final?: number | null;
+            /** @description Perplexity before. */
+            ppl_baseline?: number | null;
+            /** @description Perplexity after. */
+            ppl_final?: number | null;
+            /** @description Change in percent. */
+            ppl_delta_pct?: number | null;
+            /** @description Fine-tune: where perplexities were measured, `eval` or `train`. */
+            ppl_split?: string;
+            /** @description Contract: perplexity before pruning. */
+            ppl_before?: number | null;
+            /** @description Contract: perplexity after pruning. */
+            ppl_after?: number | null;
+            /** @description Contract: what the perplexities were measured on. */
+            ppl_source?: string | null;
+            /** @description Parameters that trained. */
+            params_trainable?: number | null;
+            /** @description Parameters before. */
+            params_before?: number | null;
+            /** @description Parameters after. */
+            params_after?: number | null;
+            /** @description Change in parameters. */
+            params_delta?: number | null;
+            /** @description Grow/contract: layers before. */
+            layers_before?: number;
+            /** @description Grow/contract: layers after. */
+            layers_after?: number;
+            /** @description Contract: indices of the removed layers. */
+            removed_layers?: number[];
+            /** @description Contract: how layer importance was measured. */
+            importance?: string;
+            /** @description Grow: max logit change right after growth. */
+            function_preservation?: number | null;
+            /** @description Tokens trained on. */
+            tokens_processed?: number | null;
+            /** @description Accelerator (or CPU) seconds. */
+            gpu_seconds?: number | null;
+            /** @description Seconds spent training. */
+            train_seconds?: number | null;
+            /** @description Steps trained. */
+            steps?: number | null;
+            /** @description The adapter written. */
+            adapter?: {
+                /** @description Its name. */
+                name?: string;
+                /** @description Size of its weights. */
+                size_bytes?: number;
+            } | null;
+            /** @description The model written. */
+            model?: {
+                /** @description Its name. */
+                name?: string | null;
+            } | null;
+            /** @description Merge with `export_gguf`: quantization type → the GGUF file written. */
+            gguf?: {
+                [key: string]: {
+                    /** @description File name. */
+                    name?: string;
+                    /** @description Size. */
+                    size_bytes?: number;
+                };
+            };
+            /** @description Benchmark: examples scored. */
+            examples?: number;
+            /** @description Benchmark: tokens scored. */
+            tokens_evaluated?: number;
+            /** @description Benchmark: perplexity. */
+            perplexity?: number | null;
+            /** @description Benchmark: score by name, as the worker reported it (a score that is not a finite number is null). */
+            scores?: {
+                [key: string]: number | null;
+            };
+            /** @description Prompt optimization: the best instruction found. */
+            optimized_prompt?: string;
+            /** @description Prompt optimization: its held-out score (0–1). */
+            optimized_score?: number;
+            /** @description Prompt optimization: the instruction it started from. */
+            original_prompt?: string;
+            /** @description Prompt optimization: its held-out score. */
+            original_score?: number;
+            /** @description Prompt optimization: optimized minus original score. */
+            improvement?: number;
+            /** @description Prompt optimization: how answers were scored. */
+            metric?: string;
+            /** @description Prompt optimization: examples scored. */
+            held_out_examples?: number;
+            /** @description Prompt optimization: examples the teacher saw. */
+            feedback_examples?: number;
+            /** @description Prompt optimization: the settings it ran with. */
+            config?: {
+                [key: string]: unknown;
+            };
+            /** @description Prompt optimization: the teacher's token and request meters. */
+            meters?: {
+                [key: string]: unknown;
+            };
         };
         /** @description One page of training jobs. */
         TrainingJobList: {
@@ -2908,10 +3291,7 @@ export interface components {
             scores?: {
                 [key: string]: number;
             } | null;
-            /** @description Everything else the worker reported. */
-            details?: {
-                [key: string]: unknown;
-            };
+            details?: components["schemas"]["TrainingResultDetails"];
         };
         /** @description One artifact. */
         OutputFile: {
@@ -3468,13 +3848,18 @@ export interface components {
             is_loaded: boolean;
             /** @description Serving workers that hold it in memory (seen within the last minute). */
             loaded_on: string[];
-            /** @description LoRA and training settings it was trained with. */
-            training_config: {
-                [key: string]: unknown;
-            };
-            /** @description `final_loss`, `training_steps`, `training_time_minutes`. */
+            /** @description LoRA and training settings it was trained with (a distilled adapter shows its distillation configuration). */
+            training_config: components["schemas"]["AdapterTrainingConfig"] | components["schemas"]["DistillationConfigView"];
+            /** @description How its training went. */
             metrics: {
-                [key: string]: unknown;
+                /** @description Last training loss. */
+                final_loss?: number | null;
+                /** @description Last evaluation loss, when evaluated. */
+                eval_loss?: number;
+                /** @description Steps trained. */
+                training_steps?: number | null;
+                /** @description Training time. */
+                training_time_minutes?: number | null;
             };
             /** @description Its files. */
             files?: components["schemas"]["OutputFile"][];
@@ -3570,7 +3955,15 @@ export interface components {
             imported_at?: components["schemas"]["NullableTimestamp"];
             /** @description Last benchmark scores and when. */
             benchmark?: {
-                [key: string]: unknown;
+                /** @description Score by name (null: not a finite number). */
+                scores?: {
+                    [key: string]: number | null;
+                };
+                /** @description The benchmark job. */
+                job_id?: string;
+                /** @description The dataset scored on. */
+                dataset_id?: string | null;
+                completed_at?: components["schemas"]["Timestamp"];
             } | null;
             /** @description Its files. */
             files: components["schemas"]["OutputFile"][];

@@ -91,10 +91,8 @@ export function lossAt(step: number, total: number): number {
   return round(0.3 + 2.2 * Math.exp((-3 * step) / Math.max(1, total)), 4);
 }
 
-function trainingConfig(job: TrainingJob): Partial<Schemas['TrainingConfig']> {
-  return (
-    ((job.config ?? {}) as { training_config?: Partial<Schemas['TrainingConfig']> }).training_config ?? {}
-  );
+function trainingConfig(job: TrainingJob): Schemas['TrainingSettingsView'] {
+  return job.config?.training ?? {};
 }
 
 export function startTrainingJob(state: MockState, job: TrainingJob) {
@@ -309,9 +307,15 @@ export function completeTrainingJob(
         description: null,
         is_loaded: false,
         loaded_on: [],
+        // flat, as the server shows it: the method, peft's LoRA names and the training settings
         training_config: {
-          lora_config: config.lora_config ?? {},
-          training_config: config.training_config ?? {},
+          method: job.method ?? 'lora',
+          r: job.config?.lora?.r,
+          lora_alpha: job.config?.lora?.alpha,
+          lora_dropout: job.config?.lora?.dropout,
+          target_modules: job.config?.lora?.target_modules,
+          bias: job.config?.lora?.bias,
+          ...trainingConfig(job),
         },
         metrics: {
           final_loss: job.current_loss ?? null,
@@ -330,8 +334,9 @@ export function completeTrainingJob(
     job.type === 'benchmark'
       ? { perplexity: 12.5, coherence: 0.8, consistency: 0.75, helpfulness: 0.7 }
       : null;
-  if (scores && config.source_model_id) {
-    const model = state.models.get(String(config.source_model_id));
+  const sourceModelId = state.sourceModelIds.get(job.id);
+  if (scores && sourceModelId) {
+    const model = state.models.get(sourceModelId);
     if (model) model.benchmark = { scores, job_id: job.id, completed_at: at };
   }
   const tokens =
@@ -483,10 +488,19 @@ function completeDistillationJob(state: MockState, job: DistillationJob, config:
   }
   const promptsTotal = (job.progress as Record<string, number>).prompts_total ?? 0;
   job.results = {
+    prompts_total: promptsTotal,
     samples_generated: promptsTotal * (config.n_samples ?? 4),
-    samples_kept: promptsTotal,
-    final_loss: lossAt(config.training_steps ?? 100, config.training_steps ?? 100),
-    gguf_files: [...files.keys()].filter((name) => name.endsWith('.gguf')),
+    pairs_kept: promptsTotal,
+    loss_final: lossAt(config.training_steps ?? 100, config.training_steps ?? 100),
+    steps: config.training_steps ?? 100,
+    gguf: Object.fromEntries(
+      [...files.values()]
+        .filter((f) => f.name.endsWith('.gguf'))
+        .map((f) => [
+          /^model-(.+)\.gguf$/.exec(f.name)?.[1] ?? f.name,
+          { name: f.name, size_bytes: f.bytes.length },
+        ]),
+    ),
   };
   appendEvent(state, job.id, 'completed');
 }

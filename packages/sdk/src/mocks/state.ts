@@ -49,6 +49,8 @@ export interface MockState {
   distillationJobs: Map<string, Schemas['DistillationJob']>;
   /** Secrets and inputs of each distillation job (never returned by the API). */
   distillationConfigs: Map<string, RequestBodyOf<'createDistillationJob'>['config']>;
+  /** A training job's source model (`source_model_id`), which the server keeps off the job's view. */
+  sourceModelIds: Map<string, string>;
   trainingJobs: Map<string, Schemas['TrainingJob']>;
   logs: Map<string, Schemas['LogLine'][]>;
   metrics: Map<string, Schemas['MetricPoint'][]>;
@@ -129,6 +131,7 @@ export function createState(tenantId = 'default'): MockState {
     tenantId,
     distillationJobs: new Map(),
     distillationConfigs: new Map(),
+    sourceModelIds: new Map(),
     trainingJobs: new Map(),
     logs: new Map(),
     metrics: new Map(),

@@ -84,7 +84,7 @@ export function distillationHandlers(ctx: MockContext) {
         prompts_done: 0,
         prompts_total: promptsTotal,
         training_step: 0,
-        training_steps: trainingSteps,
+        total_steps: trainingSteps,
       },
       results: {},
       cost_accrued: 0,

@@ -349,20 +349,27 @@ export function createTrainingJob(state: MockState, body: RequestBodyOf<'createT
     model_name: baseModel,
     dataset_id: datasetId,
     parent_job_id: body.parent_job_id ?? null,
+    // The server's shape: the resolved settings the worker runs (see TrainingJobConfig in the spec).
     config: {
       type,
-      method,
-      base_model: baseModel,
-      dataset_id: datasetId,
-      lora_config: loraConfig,
-      training_config: { ...trainingConfig, max_steps: totalSteps },
-      hyperparams: body.hyperparams ?? {},
-      eval_split: body.eval_split ?? preset.eval_split ?? 0,
-      distributed: body.distributed ?? false,
-      num_nodes: body.num_nodes ?? 1,
-      ...(outputName ? { output_name: outputName } : {}),
-      ...(body.source_model_id ? { source_model_id: body.source_model_id } : {}),
-      ...(body.backend ? { backend: body.backend } : {}),
+      base_model: { id: null, name: baseModel ?? 'unknown', source: baseModel },
+      seed: trainingConfig.seed ?? 42,
+      output_name: outputName ?? null,
+      ...(body.run_name ? { run_name: body.run_name } : {}),
+      ...(method
+        ? {
+            method,
+            lora: {
+              r: loraConfig.r,
+              alpha: loraConfig.lora_alpha,
+              dropout: loraConfig.lora_dropout,
+              target_modules: loraConfig.target_modules,
+              bias: loraConfig.bias,
+            },
+            training: { ...trainingConfig, max_steps: totalSteps },
+            distributed: { enabled: body.distributed ?? false, num_nodes: body.num_nodes ?? 1 },
+          }
+        : {}),
     },
     progress: 0,
     current_step: 0,
@@ -388,6 +395,8 @@ export function createTrainingJob(state: MockState, body: RequestBodyOf<'createT
     completed_at: null,
   };
   state.trainingJobs.set(id, job);
+  const sourceModelId = body.source_model_id ?? body.hyperparams?.source_model_id;
+  if (sourceModelId) state.sourceModelIds.set(id, sourceModelId);
   appendEvent(state, id, 'created', { type });
   appendLog(state, id, `${type} job created on ${baseModel}`);
   return job;

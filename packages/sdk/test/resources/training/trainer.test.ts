@@ -65,7 +65,7 @@ describe('Trainer', () => {
       base_model: 'tiny-llama',
       train_texts: ['x'],
     });
-    expect(job.config).toMatchObject({ lora_config: { r: 4 } });
+    expect(job.config).toMatchObject({ lora: { r: 4 } });
     await expect(templates.delete('lora-default')).rejects.toBeInstanceOf(ConflictError);
     expect(await templates.delete('tiny-lora')).toEqual({ id: 'tiny-lora', deleted: true });
     await expect(templates.get('tiny-lora')).rejects.toBeInstanceOf(NotFoundError);
