@@ -33,7 +33,7 @@ export {
 export type { FollowOptions } from './core/follow.js';
 export { IDEMPOTENT_POST_PATHS } from './core/idempotency.js';
 export type { Logger, LogLevel } from './core/log.js';
-export { type ListEnvelope, Page, PagePromise } from './core/pagination.js';
+export { ItemsPromise, type ListEnvelope, Page, PagePromise } from './core/pagination.js';
 export { isTerminal, TERMINAL_STATUSES, type WaitOptions } from './core/polling.js';
 export { retryAfterMs, retryDelayMs, shouldRetry, TRANSIENT_CONFLICT_CODES } from './core/retry.js';
 export type { JobStreamMessage, JobStreamOptions } from './core/stream.js';

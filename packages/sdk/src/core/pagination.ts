@@ -100,3 +100,31 @@ export class PagePromise<K extends string, Item, Body extends ListEnvelope<K, It
     yield* page;
   }
 }
+
+/**
+ * What the job-timeline reads return (logs, metrics, events, checkpoints, outputs): `await` it for
+ * the answer as the server sent it, or `for await` over it for every item, the reads that follow
+ * fetched as it goes (logs, metrics and events after the last item seen) until there is no more.
+ */
+export class ItemsPromise<Body, Item> extends APIPromise<Body> implements AsyncIterable<Item> {
+  constructor(
+    first: APIPromise<Body>,
+    private readonly itemsOf: (body: Body) => Item[],
+    /** The read after `body`, whose last item was `last`; undefined when `body` was the last one. */
+    private readonly readAfter?: (body: Body, last: Item) => Promise<Body> | undefined,
+  ) {
+    super(first.withResponse());
+  }
+
+  async *[Symbol.asyncIterator](): AsyncIterator<Item> {
+    let body: Body = await this;
+    for (;;) {
+      const items = this.itemsOf(body);
+      yield* items;
+      const last = items.at(-1);
+      const next = last === undefined ? undefined : this.readAfter?.(body, last);
+      if (!next) return;
+      body = await next;
+    }
+  }
+}

@@ -1,11 +1,13 @@
 import type { Middleware } from 'openapi-fetch';
 import type { APIPromise } from '../core/api-promise.js';
 import type { ClientOptions, RequestOptions, TuneryClient } from '../core/client.js';
-import type { PagePromise } from '../core/pagination.js';
+import { ItemsPromise, type PagePromise } from '../core/pagination.js';
 import { type WaitOptions, waitForJob } from '../core/polling.js';
 import { APIResource, clientFrom } from '../core/resource.js';
 import { followJobStream, type JobStreamMessage, type JobStreamOptions } from '../core/stream.js';
+import { logLines, metricPoints, timelineEvents } from '../core/timeline.js';
 import type {
+  Checkpoint,
   CheckpointList,
   DistillationArtifacts,
   DistillationEventListParams,
@@ -17,8 +19,11 @@ import type {
   DistillationMetricListParams,
   DistillationResumeParams,
   EventList,
+  JobEvent,
+  LogLine,
   LogPage,
   MetricPage,
+  MetricPoint,
 } from '../types.js';
 import { type DownloadOptions, downloadToPath, withRange } from './downloads.js';
 
@@ -68,14 +73,18 @@ export class Distiller extends APIResource {
    */
   events(
     jobId: string,
-    query?: DistillationEventListParams,
+    query: DistillationEventListParams = {},
     options?: RequestOptions,
-  ): APIPromise<EventList> {
-    return this._client.get('/v1/distillation/{job_id}/events', {
-      pathParams: { job_id: jobId },
+  ): ItemsPromise<EventList, JobEvent> {
+    return timelineEvents(
+      (q) =>
+        this._client.get('/v1/distillation/{job_id}/events', {
+          pathParams: { job_id: jobId },
+          query: q,
+          ...options,
+        }),
       query,
-      ...options,
-    });
+    );
   }
 
   /**
@@ -95,34 +104,47 @@ export class Distiller extends APIResource {
     );
   }
 
-  /** The worker's log lines after `since` (a seq), or the last `tail`; at most 1000 per call. */
-  logs(jobId: string, query?: DistillationLogListParams, options?: RequestOptions): APIPromise<LogPage> {
-    return this._client.get('/v1/distillation/{job_id}/logs', {
-      pathParams: { job_id: jobId },
+  /** The worker's log lines after `since` (a seq), or the last `tail`; at most 1000 per read. `for await` walks them all. */
+  logs(
+    jobId: string,
+    query: DistillationLogListParams = {},
+    options?: RequestOptions,
+  ): ItemsPromise<LogPage, LogLine> {
+    return logLines(
+      (q) =>
+        this._client.get('/v1/distillation/{job_id}/logs', {
+          pathParams: { job_id: jobId },
+          query: q,
+          ...options,
+        }),
       query,
-      ...options,
-    });
+    );
   }
 
   /** Per-training-step metric points (BOND loss, lr, grad_norm, ...) after `since_step`. */
   metrics(
     jobId: string,
-    query?: DistillationMetricListParams,
+    query: DistillationMetricListParams = {},
     options?: RequestOptions,
-  ): APIPromise<MetricPage> {
-    return this._client.get('/v1/distillation/{job_id}/metrics', {
-      pathParams: { job_id: jobId },
+  ): ItemsPromise<MetricPage, MetricPoint> {
+    return metricPoints(
+      (q) =>
+        this._client.get('/v1/distillation/{job_id}/metrics', {
+          pathParams: { job_id: jobId },
+          query: q,
+          ...options,
+        }),
       query,
-      ...options,
-    });
+    );
   }
 
   /** Durable checkpoints, oldest first: `generation-<n>` and `checkpoint-<step>`. */
-  checkpoints(jobId: string, options?: RequestOptions): APIPromise<CheckpointList> {
-    return this._client.get('/v1/distillation/{job_id}/checkpoints', {
+  checkpoints(jobId: string, options?: RequestOptions): ItemsPromise<CheckpointList, Checkpoint> {
+    const read = this._client.get('/v1/distillation/{job_id}/checkpoints', {
       pathParams: { job_id: jobId },
       ...options,
     });
+    return new ItemsPromise(read, (list) => list.checkpoints);
   }
 
   /** Queues a failed or cancelled job again, from the named checkpoint or the latest. */

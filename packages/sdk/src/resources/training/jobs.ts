@@ -1,14 +1,17 @@
 import type { APIPromise } from '../../core/api-promise.js';
 import type { RequestOptions } from '../../core/client.js';
 import { type FollowOptions, followLogLines, followMetricPoints } from '../../core/follow.js';
-import type { PagePromise } from '../../core/pagination.js';
+import { ItemsPromise, type PagePromise } from '../../core/pagination.js';
 import { type WaitOptions, waitForJob } from '../../core/polling.js';
 import { APIResource } from '../../core/resource.js';
 import { followJobStream, type JobStreamMessage, type JobStreamOptions } from '../../core/stream.js';
+import { logLines, metricPoints, timelineEvents } from '../../core/timeline.js';
 import type {
+  Checkpoint,
   CheckpointList,
   EventList,
   EventListParams,
+  JobEvent,
   LogLine,
   LogListParams,
   LogPage,
@@ -17,6 +20,7 @@ import type {
   MetricListParams,
   MetricPage,
   MetricPoint,
+  OutputFile,
   OutputList,
   ResumeParams,
   TrainingJob,
@@ -81,31 +85,54 @@ export class Jobs extends APIResource {
     });
   }
 
-  /** Log lines after `since` (a seq), or the last `tail`; at most 1000 per call. */
-  logs(jobId: string, query?: LogListParams, options?: RequestOptions): APIPromise<LogPage> {
-    return this._client.get('/v1/training/jobs/{job_id}/logs', {
-      pathParams: { job_id: jobId },
+  /**
+   * Log lines after `since` (a seq), or the last `tail`; at most 1000 per read. `for await` walks
+   * every line after `since`, reading on until the last one stored.
+   */
+  logs(jobId: string, query: LogListParams = {}, options?: RequestOptions): ItemsPromise<LogPage, LogLine> {
+    return logLines(
+      (q) =>
+        this._client.get('/v1/training/jobs/{job_id}/logs', {
+          pathParams: { job_id: jobId },
+          query: q,
+          ...options,
+        }),
       query,
-      ...options,
-    });
+    );
   }
 
-  /** Per-step metric points after `since_step`. */
-  metrics(jobId: string, query?: MetricListParams, options?: RequestOptions): APIPromise<MetricPage> {
-    return this._client.get('/v1/training/jobs/{job_id}/metrics', {
-      pathParams: { job_id: jobId },
+  /** Per-step metric points after `since_step`; `for await` walks every point, reading on. */
+  metrics(
+    jobId: string,
+    query: MetricListParams = {},
+    options?: RequestOptions,
+  ): ItemsPromise<MetricPage, MetricPoint> {
+    return metricPoints(
+      (q) =>
+        this._client.get('/v1/training/jobs/{job_id}/metrics', {
+          pathParams: { job_id: jobId },
+          query: q,
+          ...options,
+        }),
       query,
-      ...options,
-    });
+    );
   }
 
-  /** The job's timeline: created, claimed, phase, checkpoint, retry, completed… */
-  events(jobId: string, query?: EventListParams, options?: RequestOptions): APIPromise<EventList> {
-    return this._client.get('/v1/training/jobs/{job_id}/events', {
-      pathParams: { job_id: jobId },
+  /** The job's timeline: created, claimed, phase, checkpoint, retry, completed…; `for await` walks it all. */
+  events(
+    jobId: string,
+    query: EventListParams = {},
+    options?: RequestOptions,
+  ): ItemsPromise<EventList, JobEvent> {
+    return timelineEvents(
+      (q) =>
+        this._client.get('/v1/training/jobs/{job_id}/events', {
+          pathParams: { job_id: jobId },
+          query: q,
+          ...options,
+        }),
       query,
-      ...options,
-    });
+    );
   }
 
   /** Headline result of a completed job (perplexity, params, compute, cost). NotFoundError until then. */
@@ -116,12 +143,13 @@ export class Jobs extends APIResource {
     });
   }
 
-  /** The files the job produced, each with a download URL. */
-  outputs(jobId: string, options?: RequestOptions): APIPromise<OutputList> {
-    return this._client.get('/v1/training/jobs/{job_id}/output', {
+  /** The files the job produced, each with a download URL; `for await` walks the files. */
+  outputs(jobId: string, options?: RequestOptions): ItemsPromise<OutputList, OutputFile> {
+    const read = this._client.get('/v1/training/jobs/{job_id}/output', {
       pathParams: { job_id: jobId },
       ...options,
     });
+    return new ItemsPromise(read, (list) => list.files);
   }
 
   /** One output file's bytes as a web ReadableStream; `range: 'bytes=1024-'` to resume a download. */
@@ -137,12 +165,13 @@ export class Jobs extends APIResource {
     return downloadToPath(this.download(jobId, file, options), path);
   }
 
-  /** Durable checkpoints, oldest first; any can be named in `resume`. */
-  checkpoints(jobId: string, options?: RequestOptions): APIPromise<CheckpointList> {
-    return this._client.get('/v1/training/jobs/{job_id}/checkpoints', {
+  /** Durable checkpoints, oldest first; any can be named in `resume`. `for await` walks them. */
+  checkpoints(jobId: string, options?: RequestOptions): ItemsPromise<CheckpointList, Checkpoint> {
+    const read = this._client.get('/v1/training/jobs/{job_id}/checkpoints', {
       pathParams: { job_id: jobId },
       ...options,
     });
+    return new ItemsPromise(read, (list) => list.checkpoints);
   }
 
   /** Polls until completed, failed or cancelled; see WaitOptions. Failed/cancelled jobs are returned, not thrown. */

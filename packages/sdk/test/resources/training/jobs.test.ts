@@ -123,6 +123,35 @@ describe('logs and metrics', () => {
     expect(metrics.latest_step).toBe(30);
   });
 
+  it('walks every log line, metric point, event, checkpoint and output with for await', async () => {
+    const jobs = tunery().training.jobs;
+    const job = await jobs.create(finetune);
+    mock.advanceJob(job.id, { step: 30 });
+    // An eval point at the same step as a train point, so that a read of 3 ends between them.
+    const points = mock.state.metrics.get(job.id)!;
+    points.splice(points.findIndex((p) => p.step === 3) + 1, 0, { step: 3, phase: 'eval', eval_loss: 1.5 });
+    mock.advanceJob(job.id, 'completed');
+
+    const walk = async <T>(items: AsyncIterable<T>) => {
+      const seen: T[] = [];
+      for await (const item of items) seen.push(item);
+      return seen;
+    };
+    const byThree = await walk(jobs.metrics(job.id, { limit: 3 }));
+    expect(byThree).toEqual((await jobs.metrics(job.id)).points);
+    expect(byThree.filter((p) => p.step === 3).map((p) => p.phase)).toEqual(['train', 'eval']);
+    const metricReads = mock.state.requests.filter((r) => r.operationId === 'listTrainingJobMetrics');
+    expect(metricReads.length).toBeGreaterThan(10);
+
+    expect(await walk(jobs.logs(job.id))).toEqual((await jobs.logs(job.id)).lines);
+    expect((await walk(jobs.logs(job.id, { since: 2 })))[0]?.seq).toBe(3);
+    expect(await walk(jobs.events(job.id))).toEqual((await jobs.events(job.id)).events);
+    expect(await walk(jobs.checkpoints(job.id))).toEqual((await jobs.checkpoints(job.id)).checkpoints);
+    const files = await walk(jobs.outputs(job.id));
+    expect(files.map((f) => f.name)).toEqual((await jobs.outputs(job.id)).files.map((f) => f.name));
+    expect(files.length).toBeGreaterThan(0);
+  });
+
   it('followLogs yields every line once, in order, until the job ends', async () => {
     const jobs = tunery().training.jobs;
     const job = await jobs.create(finetune);
