@@ -1,4 +1,4 @@
-// Following a job's logs or metrics: read what is new, yield each item once, stop after the job ends.
+// Following a job's metrics: read what is new, yield each item once, stop after the job ends.
 import type { components } from '../generated/api.js';
 import { sleep } from './abort.js';
 import { DEFAULT_POLL_INTERVAL_MS, isTerminal } from './polling.js';
@@ -12,26 +12,8 @@ export interface FollowOptions {
   signal?: AbortSignal | undefined;
 }
 
-type ReadLogs = (since: number, signal: AbortSignal | undefined) => Promise<Schemas['LogPage']>;
 type ReadMetrics = (sinceStep: number, signal: AbortSignal | undefined) => Promise<Schemas['MetricPage']>;
 type ReadJob = (signal: AbortSignal | undefined) => Promise<{ status: Schemas['JobStatus'] }>;
-
-/** Every log line after `since`, in seq order, each once, until the job has ended and its last lines are read. */
-export function followLogLines(
-  readLogs: ReadLogs,
-  readJob: ReadJob,
-  { since = 0, ...options }: FollowOptions & { since?: number | undefined },
-): AsyncGenerator<Schemas['LogLine'], void, undefined> {
-  let cursor = since;
-  const readNew = async () => {
-    const page = await readLogs(cursor, options.signal);
-    return page.lines.filter((line) => line.seq > cursor);
-  };
-  const advance = (line: Schemas['LogLine']) => {
-    cursor = line.seq;
-  };
-  return follow(readNew, advance, readJob, options);
-}
 
 /**
  * Every metric point after `sinceStep`, in step order, each (step, phase) once, until the job ends.

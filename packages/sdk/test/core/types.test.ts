@@ -70,6 +70,22 @@ describe('error types', () => {
   });
 });
 
+describe('what the server reports, typed', () => {
+  it('declares progress, results, config and metrics field by field', () => {
+    expectTypeOf<DistillationJob['progress']['prompts_done']>().toEqualTypeOf<number | undefined>();
+    expectTypeOf<NonNullable<DistillationJob['config']>['teacher_model']>().toEqualTypeOf<
+      string | undefined
+    >();
+    expectTypeOf<NonNullable<TrainingJob['config']>['base_model']>().toEqualTypeOf<
+      components['schemas']['ResolvedModel'] | undefined
+    >();
+    expectTypeOf<NonNullable<TrainingJob['metrics']>['train_loss']>().toEqualTypeOf<
+      number | null | undefined
+    >();
+    expectTypeOf<DistillationJob['progress']>().not.toHaveProperty('anything_else');
+  });
+});
+
 describe('training job create params', () => {
   type Create = Parameters<Tunery['training']['jobs']['create']>[0];
   it('take one variant per type with its required fields', () => {

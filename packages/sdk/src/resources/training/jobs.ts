@@ -1,6 +1,6 @@
 import type { APIPromise } from '../../core/api-promise.js';
 import type { RequestOptions } from '../../core/client.js';
-import { type FollowOptions, followLogLines, followMetricPoints } from '../../core/follow.js';
+import { type FollowOptions, followMetricPoints } from '../../core/follow.js';
 import { ItemsPromise, type PagePromise } from '../../core/pagination.js';
 import { type WaitOptions, waitForJob } from '../../core/polling.js';
 import { APIResource } from '../../core/resource.js';
@@ -210,16 +210,18 @@ export class Jobs extends APIResource {
     );
   }
 
-  /** Every log line after `since` (default: all), each once, until the job has ended and its last lines are read. */
-  followLogs(
+  /**
+   * Every log line after `since` (default: all), each once, in `seq` order, until the job has ended
+   * and its last lines are sent: the log lines of the job's live `stream`, so each arrives as it is
+   * recorded, over one connection.
+   */
+  async *followLogs(
     jobId: string,
-    options: FollowOptions & { since?: number } = {},
+    { since = 0, signal }: { since?: number; signal?: AbortSignal } = {},
   ): AsyncGenerator<LogLine, void, undefined> {
-    return followLogLines(
-      (since, signal) => this.logs(jobId, { since }, { signal }),
-      (signal) => this.retrieve(jobId, { signal }),
-      options,
-    );
+    for await (const message of this.stream(jobId, { signal })) {
+      if (message.type === 'log' && message.data.seq > since) yield message.data;
+    }
   }
 
   /** Every metric point after `sinceStep` (default: all), each (step, phase) once, until the job ends. */

@@ -158,7 +158,7 @@ describe('logs and metrics', () => {
     const lines: LogLine[] = [];
     // Work happens while we read: the job moves one tick every few milliseconds.
     const worker = setInterval(() => mock.tickJob(job.id), 3);
-    for await (const line of jobs.followLogs(job.id, { pollIntervalMs: 1 })) lines.push(line);
+    for await (const line of jobs.followLogs(job.id)) lines.push(line);
     clearInterval(worker);
     const stored = mock.state.logs.get(job.id) ?? [];
     expect(mock.state.trainingJobs.get(job.id)?.status).toBe('completed');
@@ -194,7 +194,7 @@ describe('logs and metrics', () => {
     const job = await jobs.create(finetune);
     mock.advanceJob(job.id, 'completed');
     const lines: number[] = [];
-    for await (const line of jobs.followLogs(job.id, { since: 3, pollIntervalMs: 1 })) lines.push(line.seq);
+    for await (const line of jobs.followLogs(job.id, { since: 3 })) lines.push(line.seq);
     const stored = mock.state.logs.get(job.id) ?? [];
     expect(lines).toEqual(stored.filter((l) => l.seq > 3).map((l) => l.seq));
   });
@@ -226,7 +226,7 @@ describe('logs and metrics', () => {
     const controller = new AbortController();
     setTimeout(() => controller.abort(), 30);
     const read = async () => {
-      for await (const _ of jobs.followLogs(job.id, { pollIntervalMs: 5, signal: controller.signal })) {
+      for await (const _ of jobs.followLogs(job.id, { signal: controller.signal })) {
         // keep reading
       }
     };
