@@ -175,6 +175,19 @@ describe('OpenAI-compatible fine-tuning with the openai client', () => {
     });
     for await (const chunk of stream) streamed += chunk.choices[0]?.delta.content ?? '';
     expect(streamed).toBe(answer.choices[0]!.message.content);
+    // @tunery/sdk's chat method: the same answer, whole and streamed.
+    const sdk = stack().client;
+    const sdkAnswer = await sdk.chat.completions.create({ ...ask, temperature: 0, max_tokens: 8 });
+    expect(sdkAnswer.choices[0]!.message.content).toBe(answer.choices[0]!.message.content);
+    let sdkStreamed = '';
+    for await (const chunk of await sdk.chat.completions.create({
+      ...ask,
+      temperature: 0,
+      max_tokens: 8,
+      stream: true,
+    }))
+      sdkStreamed += chunk.choices[0]?.delta.content ?? '';
+    expect(sdkStreamed).toBe(answer.choices[0]!.message.content);
     const completion = await client.completions.create({
       model: TINY,
       prompt: 'Once',

@@ -3,6 +3,7 @@ import { type RequestOptions, TuneryClient } from './core/client.js';
 import { Adapters } from './resources/adapters.js';
 import { Admin } from './resources/admin.js';
 import { BudgetResource } from './resources/budget.js';
+import { Chat } from './resources/chat.js';
 import { Datasets } from './resources/datasets.js';
 import { Distiller } from './resources/distillation.js';
 import { BaseModels, Models } from './resources/models.js';
@@ -30,6 +31,7 @@ export class Tunery extends TuneryClient {
   readonly budget: BudgetResource = new BudgetResource(this);
   readonly admin: Admin = new Admin(this);
   readonly webhooks: Webhooks = new Webhooks(this);
+  readonly chat: Chat = new Chat(this);
 
   /** Liveness and database check (no authentication). */
   health(options?: RequestOptions): APIPromise<Health> {

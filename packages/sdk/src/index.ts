@@ -42,6 +42,7 @@ export type { components, operations, paths } from './generated/api.js';
 export { Adapters } from './resources/adapters.js';
 export { Admin, ApiKeys } from './resources/admin.js';
 export { BudgetResource } from './resources/budget.js';
+export { Chat, ChatCompletions } from './resources/chat.js';
 export { Datasets, type DatasetUploadParams } from './resources/datasets.js';
 export { Distiller } from './resources/distillation.js';
 export type { DownloadOptions } from './resources/downloads.js';

@@ -222,3 +222,9 @@ export interface WebhookCreateParams extends RequestBodyOf<'createWebhook'> {}
 export interface WebhookListParams extends QueryOf<'listWebhooks'> {}
 export interface WebhookDelivery extends Schema<'WebhookDelivery'> {}
 export interface WebhookDeliveryList extends Schema<'WebhookDeliveryList'> {}
+
+// ---- inference (OpenAI-compatible)
+export interface ChatCompletion extends Schema<'OpenAIChatCompletion'> {}
+export interface ChatCompletionChunk extends Schema<'OpenAIChatCompletionChunk'> {}
+export type ChatCompletionCreateParams = RequestBodyOf<'createOpenAIChatCompletion'>;
+export type ChatMessageParam = Schemas['OpenAIChatMessage'];

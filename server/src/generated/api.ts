@@ -4839,6 +4839,43 @@ export interface components {
             }[];
             usage: components["schemas"]["OpenAIUsage"];
         };
+        /** @description One chunk of a streamed chat completion. */
+        OpenAIChatCompletionChunk: {
+            /** @description The same `chatcmpl-…` in every chunk. */
+            id: string;
+            /**
+             * @description Always chat.completion.chunk.
+             * @constant
+             */
+            object: "chat.completion.chunk";
+            /** @description Unix seconds. */
+            created: number;
+            /** @description As requested. */
+            model: string;
+            /** @description One choice; none in the last chunk with `usage`. */
+            choices: {
+                /** @description 0. */
+                index: number;
+                /** @description The text since the last chunk (`role` in the first one). */
+                delta: {
+                    /**
+                     * @description In the first chunk.
+                     * @constant
+                     */
+                    role?: "assistant";
+                    /** @description New text. */
+                    content?: string;
+                };
+                /**
+                 * @description Set in the last chunk of the choice.
+                 * @enum {string|null}
+                 */
+                finish_reason: "stop" | "length" | null;
+                /** @description Not computed. */
+                logprobs?: null;
+            }[];
+            usage?: components["schemas"]["OpenAIUsage"];
+        };
         /** @description A completion. */
         OpenAICompletion: {
             /** @description `cmpl-…`. */
@@ -8280,7 +8317,7 @@ export interface operations {
                 content: {
                     "application/json": components["schemas"]["OpenAIChatCompletion"];
                     "text/event-stream": {
-                        /** @description A JSON chunk, or `[DONE]` last. */
+                        /** @description A chunk as JSON (an `{"error"}` object if the worker failed midway), or `[DONE]` last. */
                         data: string;
                     };
                 };
