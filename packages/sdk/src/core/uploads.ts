@@ -69,14 +69,8 @@ async function blobFromPath(path: string): Promise<Blob> {
   }
 }
 
-/** What `toFile` turns into a File: text (the file's contents, e.g. JSONL), bytes, a Blob, a stream. */
-export type ToFileInput =
-  | string
-  | Uint8Array
-  | ArrayBuffer
-  | Blob
-  | ReadableStream<Uint8Array>
-  | AsyncIterable<Uint8Array>;
+/** What `toFile` turns into a File: the same kinds as an upload takes, but a string is the file's contents (e.g. JSONL), not a path. */
+export type ToFileInput = Uploadable;
 
 /**
  * A File with `name` from contents in memory: JSONL text, bytes, a Blob or a stream (read now). A
