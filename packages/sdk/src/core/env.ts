@@ -5,9 +5,12 @@ export function readEnv(name: string): string | undefined {
   return value ? value : undefined;
 }
 
-declare const __SDK_VERSION__: string;
-/** This package's version (tsup and vitest define it from package.json). */
-export const SDK_VERSION: string = __SDK_VERSION__;
+declare const __SDK_VERSION__: string | undefined;
+/**
+ * This package's version: tsup and vitest define it from package.json; source run some other way
+ * (tsx, say) reports `source`.
+ */
+export const SDK_VERSION: string = typeof __SDK_VERSION__ === 'string' ? __SDK_VERSION__ : 'source';
 
 /** True in a web page or web worker, where an API key in the code is readable by anyone who loads it. */
 export function isRunningInBrowser(): boolean {
