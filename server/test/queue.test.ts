@@ -1,3 +1,4 @@
+import { EventEmitter } from 'node:events';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { newId } from '../src/ids.js';
 import { cancelJob } from '../src/queue/cancel.js';
@@ -65,6 +66,40 @@ describe.each(DATABASES)('queue on %s', (db) => {
   const drain = async () => {
     await server.ctx.knex('jobs').whereIn('status', ['pending', 'running']).update({ status: 'cancelled' });
   };
+
+  it('wakes waiting claims once per committed transaction, however many jobs it enqueues', async () => {
+    // The in-process signal, counted: what a LISTENing server process relays NOTIFYs to.
+    const queueSignal = new EventEmitter();
+    let wakes = 0;
+    queueSignal.on('job-available', () => wakes++);
+    const counting = { ...server.ctx, dbKind: 'pglite' as const, queueSignal };
+    const input = () => ({
+      id: newId('job'),
+      tenantId: 'default',
+      kind: 'training' as const,
+      type: 'finetune',
+      config: {},
+    });
+    const settled = () => new Promise((resolve) => setImmediate(resolve));
+
+    await server.ctx.knex.transaction(async (trx) => {
+      for (let i = 0; i < 5; i++) await enqueueJob(counting, trx, input());
+    });
+    await settled();
+    expect(wakes).toBe(1);
+    await server.ctx.knex
+      .transaction(async (trx) => {
+        await enqueueJob(counting, trx, input());
+        throw new Error('roll back');
+      })
+      .catch(() => {});
+    await settled();
+    expect(wakes).toBe(1); // a rolled-back transaction wakes nobody
+    await enqueueJob(counting, server.ctx.knex, input());
+    await settled();
+    expect(wakes).toBe(2);
+    await drain();
+  });
 
   it('hands each of 200 jobs to exactly one of 8 concurrent claimers', async () => {
     await drain();

@@ -16,14 +16,23 @@ export async function notifyJobAvailable(
   else ctx.queueSignal.emit('job-available');
 }
 
+/** Transactions that already have a notification waiting for their commit. */
+const notifyingTransactions = new WeakSet<Knex.Transaction>();
+
 /**
  * Notifies once `db`'s transaction has committed (at once when `db` is not a transaction), so a
- * woken claim can see the row. A rolled-back transaction notifies nobody.
+ * woken claim can see the row. A rolled-back transaction notifies nobody, and a transaction that
+ * makes many jobs claimable (a batch enqueue) notifies once: every waiter wakes on one signal.
  */
 export function notifyAfterCommit(
   ctx: Pick<AppContext, 'knex' | 'dbKind' | 'queueSignal'>,
   db: Knex | Knex.Transaction,
 ): void {
+  if (db.isTransaction) {
+    const trx = db as Knex.Transaction;
+    if (notifyingTransactions.has(trx)) return;
+    notifyingTransactions.add(trx);
+  }
   const committed = db.isTransaction ? (db as Knex.Transaction).executionPromise : Promise.resolve();
   committed.then(
     () => notifyJobAvailable(ctx).catch(() => {}),
