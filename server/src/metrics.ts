@@ -8,6 +8,7 @@ import type { NextFunction, Request, Response } from 'express';
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
 import type { AppContext } from './context.js';
 import { ApiError } from './errors.js';
+import { SERVING_WORKER_SEEN_SECONDS } from './services/inference.js';
 
 /** A worker counts as online when it claimed or heartbeat within this many seconds (as /v1/training/status). */
 const ONLINE_SECONDS = 120;
@@ -75,12 +76,12 @@ export function createMetrics(ctx: Pick<AppContext, 'knex' | 'storage'>): Metric
   });
   new Gauge({
     name: 'tunery_serving_workers_online',
-    help: 'Serving workers that claimed or reported within 60 s.',
+    help: `Serving workers that claimed or reported within ${SERVING_WORKER_SEEN_SECONDS} s.`,
     registers: [registry],
     async collect() {
       this.set(
         await countOf(
-          `SELECT count(*)::int AS n FROM serving_workers WHERE last_seen_at > now() - make_interval(secs => 60)`,
+          `SELECT count(*)::int AS n FROM serving_workers WHERE last_seen_at > now() - make_interval(secs => ${SERVING_WORKER_SEEN_SECONDS})`,
         ),
       );
     },

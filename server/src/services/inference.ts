@@ -12,10 +12,11 @@ import { ApiError, knownErrorCode, notFound } from '../errors.js';
 import { newId } from '../ids.js';
 import { waitForSignal } from '../queue/notify.js';
 import { resolveBaseModel } from './catalog.js';
+import { loadableOutputs } from './job-spec.js';
 
 const CHANNEL = 'tunery_inference';
 /** A worker that claimed or reported within this long is taken to be serving. */
-const SERVING_WORKER_SEEN_SECONDS = 60;
+export const SERVING_WORKER_SEEN_SECONDS = 60;
 /** How long a request may wait for a worker to start answering. */
 const FIRST_CHUNK_TIMEOUT_MS = 60_000;
 /** How long a started answer may go without a chunk. */
@@ -63,17 +64,14 @@ export interface InferenceChunk {
   worker_id?: string | undefined;
 }
 
-const GENERATED_EXTENSIONS = /\.gguf$/;
-
+/** The files a worker downloads to load a job's output (GGUF exports are for other runtimes). */
 async function outputFiles(ctx: AppContext, jobId: string): Promise<InferenceFile[]> {
-  const rows = await ctx
-    .knex('files')
-    .where({ owner_kind: 'job_output', owner_id: jobId })
-    .orderBy('name')
-    .select('id', 'name', 'size_bytes', 'sha256');
-  return rows
-    .filter((r) => !GENERATED_EXTENSIONS.test(r.name))
-    .map((r) => ({ file_id: r.id, name: r.name, size_bytes: Number(r.size_bytes), sha256: r.sha256 }));
+  return (await loadableOutputs(ctx, jobId)).map((f) => ({
+    file_id: f.id,
+    name: f.name,
+    size_bytes: Number(f.size_bytes),
+    sha256: f.sha256,
+  }));
 }
 
 /**
@@ -125,16 +123,18 @@ export async function resolveInferenceTarget(
 
 /** Whether a worker serves: one claimed or reported lately. */
 async function anyServingWorker(ctx: AppContext): Promise<boolean> {
-  const row = await ctx
+  return Boolean(await servingWorkersSeen(ctx).first('worker_id'));
+}
+
+/** The serving workers that claimed or reported within SERVING_WORKER_SEEN_SECONDS. */
+const servingWorkersSeen = (ctx: Pick<AppContext, 'knex'>) =>
+  ctx
     .knex('serving_workers')
     .where(
       'last_seen_at',
       '>',
       ctx.knex.raw(`now() - make_interval(secs => ?)`, [SERVING_WORKER_SEEN_SECONDS]),
-    )
-    .first('worker_id');
-  return Boolean(row);
-}
+    );
 
 /**
  * Queues one request and yields the worker's chunks until the last (`done`). Leaving early (the
@@ -359,14 +359,6 @@ export async function runModelAction(
 /** Serving workers seen within the last minute, of those given. */
 export async function liveServingWorkers(ctx: AppContext, workerIds: string[]): Promise<Set<string>> {
   if (workerIds.length === 0) return new Set();
-  const rows = await ctx
-    .knex('serving_workers')
-    .whereIn('worker_id', workerIds)
-    .andWhere(
-      'last_seen_at',
-      '>',
-      ctx.knex.raw(`now() - make_interval(secs => ?)`, [SERVING_WORKER_SEEN_SECONDS]),
-    )
-    .pluck('worker_id');
+  const rows = await servingWorkersSeen(ctx).whereIn('worker_id', workerIds).pluck('worker_id');
   return new Set(rows as string[]);
 }

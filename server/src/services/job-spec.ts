@@ -42,7 +42,7 @@ const inputOf = (role: InputRole, file: FileRow): JobInput => ({
 });
 
 /** A job's output files that another job can load (GGUF exports are for serving, not training). */
-async function loadableOutputs(ctx: AppContext, jobId: string): Promise<FileRow[]> {
+export async function loadableOutputs(ctx: Pick<AppContext, 'knex'>, jobId: string): Promise<FileRow[]> {
   const rows = (await ctx
     .knex('files')
     .where({ owner_kind: 'job_output', owner_id: jobId })
