@@ -40,14 +40,27 @@ export function notifyAfterCommit(
   );
 }
 
-/** Starts the LISTEN connection (Postgres only); returns a function that closes it. */
-export async function listenForJobs(ctx: AppContext): Promise<() => Promise<void>> {
+/** Starts the LISTEN connection of the job queue (Postgres only); returns a function that closes it. */
+export function listenForJobs(ctx: AppContext): Promise<() => Promise<void>> {
+  return listen(ctx, CHANNEL, 'queue listener', () => ctx.queueSignal.emit('job-available'));
+}
+
+/**
+ * LISTENs on `channel` on a dedicated connection (Postgres only: PGlite has one process, which
+ * signals in process) and hands each payload to `onPayload`; returns a function that closes it.
+ */
+export async function listen(
+  ctx: AppContext,
+  channel: string,
+  name: string,
+  onPayload: (payload: string) => void,
+): Promise<() => Promise<void>> {
   if (ctx.dbKind !== 'postgres' || !ctx.config.databaseUrl) return async () => {};
   const client = new pg.Client({ connectionString: ctx.config.databaseUrl });
-  client.on('error', (err) => ctx.logger.warn({ err }, 'queue listener connection error'));
+  client.on('error', (err) => ctx.logger.warn({ err }, `${name} connection error`));
   await client.connect();
-  client.on('notification', () => ctx.queueSignal.emit('job-available'));
-  await client.query(`LISTEN ${CHANNEL}`);
+  client.on('notification', (n) => onPayload(n.payload ?? ''));
+  await client.query(`LISTEN ${channel}`);
   return async () => {
     await client.end().catch(() => {});
   };

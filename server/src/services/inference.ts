@@ -6,11 +6,10 @@
  * in-process event on PGlite, so workers only ever dial out, as they do for training.
  */
 import { randomBytes } from 'node:crypto';
-import pg from 'pg';
 import type { AppContext } from '../context.js';
 import { ApiError, knownErrorCode, notFound } from '../errors.js';
 import { newId } from '../ids.js';
-import { waitForSignal } from '../queue/notify.js';
+import { listen, waitForSignal } from '../queue/notify.js';
 import { resolveBaseModel } from './catalog.js';
 import { loadableOutputs } from './job-spec.js';
 
@@ -316,22 +315,14 @@ function deliver(ctx: AppContext, message: Relayed): void {
 }
 
 /** Starts this process's LISTEN for relayed chunks (Postgres only); returns a function that closes it. */
-export async function listenForInference(ctx: AppContext): Promise<() => Promise<void>> {
-  if (ctx.dbKind !== 'postgres' || !ctx.config.databaseUrl) return async () => {};
-  const client = new pg.Client({ connectionString: ctx.config.databaseUrl });
-  client.on('error', (err) => ctx.logger.warn({ err }, 'inference relay connection error'));
-  await client.connect();
-  client.on('notification', (n) => {
+export function listenForInference(ctx: AppContext): Promise<() => Promise<void>> {
+  return listen(ctx, CHANNEL, 'inference relay', (payload) => {
     try {
-      deliver(ctx, JSON.parse(n.payload ?? '{}') as Relayed);
+      deliver(ctx, JSON.parse(payload || '{}') as Relayed);
     } catch (err) {
       ctx.logger.warn({ err }, 'unreadable inference relay message');
     }
   });
-  await client.query(`LISTEN ${CHANNEL}`);
-  return async () => {
-    await client.end().catch(() => {});
-  };
 }
 
 /** Sends one `load`/`unload` request and waits for its end: the worker that did it, or the error. */
