@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fake_http import FakeHTTPServer
 from gguf import GGUFReader
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -36,48 +35,28 @@ CANDIDATES = [
 PROMPTS = ["What is the capital of France?", "Name a day of the week.", "How many legs does a spider have?"]
 
 
-class FakeOpenAI:
+class FakeOpenAI(FakeHTTPServer):
     """A chat-completions endpoint. `minimal=True` mimics a server that ignores `n` and rejects `logprobs`."""
 
     def __init__(self, minimal: bool = False, status: int = 200) -> None:
         self.minimal, self.status = minimal, status
         self.requests: list[dict] = []
-        fake = self
+        super().__init__(self.respond)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.requests.append(
-                    {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
-                )
-                if fake.status != 200:
-                    return self._send(fake.status, {"error": {"message": "nope"}})
-                if fake.minimal and body.get("logprobs"):
-                    return self._send(400, {"error": {"message": "logprobs is not supported"}})
-                n = 1 if fake.minimal else body["n"]
-                # Successive requests for one prompt get successive candidates.
-                answered = [r for r in fake.requests if r["body"]["messages"] == body["messages"]]
-                offset = sum(1 for r in answered if not r["body"].get("logprobs")) - 1
-                choices = [fake.choice(i if not fake.minimal else offset + i, body) for i in range(n)]
-                completion_tokens = sum(len(CANDIDATES[i % 3][0].split()) for i in range(n))
-                usage = {"prompt_tokens": 7, "completion_tokens": completion_tokens}
-                self._send(
-                    200, {"id": "cmpl", "object": "chat.completion", "choices": choices, "usage": usage}
-                )
-
-            def _send(self, status: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+    def respond(self, path: str, headers, body: dict) -> tuple[int, dict]:
+        self.requests.append({"path": path, "auth": headers.get("Authorization"), "body": body})
+        if self.status != 200:
+            return self.status, {"error": {"message": "nope"}}
+        if self.minimal and body.get("logprobs"):
+            return 400, {"error": {"message": "logprobs is not supported"}}
+        n = 1 if self.minimal else body["n"]
+        # Successive requests for one prompt get successive candidates.
+        answered = [r for r in self.requests if r["body"]["messages"] == body["messages"]]
+        offset = sum(1 for r in answered if not r["body"].get("logprobs")) - 1
+        choices = [self.choice(i if not self.minimal else offset + i, body) for i in range(n)]
+        completion_tokens = sum(len(CANDIDATES[i % 3][0].split()) for i in range(n))
+        usage = {"prompt_tokens": 7, "completion_tokens": completion_tokens}
+        return 200, {"id": "cmpl", "object": "chat.completion", "choices": choices, "usage": usage}
 
     def choice(self, i: int, body: dict) -> dict:
         content, logprob, finish = CANDIDATES[i % 3]
@@ -85,18 +64,6 @@ class FakeOpenAI:
         if body.get("logprobs"):
             choice["logprobs"] = {"content": [{"token": w, "logprob": logprob} for w in content.split()]}
         return choice
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def __enter__(self) -> FakeOpenAI:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def make_ctx(tmp_path: Path, student: Path, spec: dict, name: str = "job", **kwargs) -> LocalJobContext:

@@ -9,11 +9,10 @@ the original, and the scores are known exactly.
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from fake_http import FakeHTTPServer
 
 from tunery_worker.context import LocalJobContext
 from tunery_worker.errors import InvalidConfig, InvalidDataset
@@ -31,34 +30,20 @@ QUESTIONS = {
 }
 
 
-class FakeOpenAI:
+class FakeOpenAI(FakeHTTPServer):
+    """A deterministic chat model: proposer, judge and task answers by the system prompt it gets."""
+
     def __init__(self) -> None:
         self.requests: list[dict] = []
-        fake = self
+        super().__init__(self.respond)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.requests.append({"auth": self.headers.get("Authorization"), "body": body})
-                data = json.dumps(
-                    {
-                        "choices": [
-                            {"index": 0, "message": {"role": "assistant", "content": fake.reply(body)}}
-                        ],
-                        "usage": {"prompt_tokens": 10, "completion_tokens": 3},
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+    def respond(self, path: str, headers, body: dict) -> tuple[int, dict]:
+        self.requests.append({"auth": headers.get("Authorization"), "body": body})
+        message = {"role": "assistant", "content": self.reply(body)}
+        return 200, {
+            "choices": [{"index": 0, "message": message}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 3},
+        }
 
     @staticmethod
     def reply(body: dict) -> str:
@@ -73,18 +58,6 @@ class FakeOpenAI:
             return "YES" if answer.strip() == reference else "NO"
         country = user.rsplit(" ", 1)[-1].rstrip("?")
         return QUESTIONS[country] if MAGIC in system else f"The capital of {country} is {QUESTIONS[country]}."
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def __enter__(self) -> FakeOpenAI:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
