@@ -50,6 +50,19 @@ describe.each(DATABASES)('idempotency keys on %s', (db) => {
     ]);
   });
 
+  it('a key whose create died is not taken over by a different request body', async () => {
+    await inProgressKey('died-2', 61);
+    const other = await server.api('/v1/training/jobs', {
+      method: 'POST',
+      json: { ...body(), run_name: 'another request' },
+      headers: { 'idempotency-key': 'died-2' },
+    });
+    expect(other.status).toBe(409);
+    expect((await other.json()).error.code).toBe('idempotency_conflict');
+    // the request the key was made for still completes
+    expect((await create('died-2')).status).toBe(201);
+  });
+
   it('a recent in-progress key still answers 409 request_in_progress', async () => {
     await inProgressKey('busy-1', 5);
     const res = await create('busy-1');

@@ -94,8 +94,8 @@ export async function idempotent(
 /**
  * A key whose create started longer ago than any create takes and never completed belongs to a
  * request that died mid-way (the process crashed, the database connection broke): no object was
- * made, so the key is as good as free. Takes it over for this request, atomically (of two newcomers
- * only one wins); true when it did.
+ * made, so the key is as good as free for a repeat of that request. Takes it over for this request
+ * when its body is the same, atomically (of two newcomers only one wins); true when it did.
  */
 async function takeOverStaleKey(
   ctx: AppContext,
@@ -105,6 +105,8 @@ async function takeOverStaleKey(
     .knex('idempotency_keys')
     .where({ tenant_id: row.tenant_id, scope: row.scope, key: row.key })
     .whereNull('completed_at')
+    // only the same request may finish what died: another body under this key stays a conflict
+    .andWhere('request_hash', row.request_hash)
     // the database clock, like every other deadline
     .andWhereRaw('created_at < now() - make_interval(secs => ?)', [ctx.config.idempotencyStaleSeconds])
     .update({ resource_id: row.resource_id, request_hash: row.request_hash, created_at: ctx.knex.fn.now() })
