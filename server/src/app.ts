@@ -189,6 +189,12 @@ function errorHandler(ctx: AppContext, body: (e: ApiError) => string = tuneryErr
       return;
     }
     for (const [name, value] of Object.entries(apiError.headers)) res.setHeader(name, value);
+    // A refused request whose body is still arriving (an unauthenticated upload of many GB, say) is
+    // not drained: the answer closes the connection, so the sender cannot hold the socket open.
+    if (!req.complete) {
+      res.setHeader('Connection', 'close');
+      res.once('finish', () => req.socket.destroy());
+    }
     // Written directly: the error shape is the spec's, and the validator must not re-check it.
     res.status(apiError.status).type('application/json').send(body(apiError));
   };

@@ -1,5 +1,6 @@
 // Hostile request bodies and methods: deep nesting, lone UTF-16 surrogates, methods a path lacks.
 // Every one is a 4xx in the error shape, answered before any work (or any copy) is done for it.
+import { connect } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loneSurrogatePath, MAX_JSON_DEPTH, nestsDeeperThan } from '../src/json-body.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
@@ -113,6 +114,24 @@ describe.each(DATABASES)('hostile requests on %s', (db) => {
     expect(trajectory.status).toBe(400);
     // Query parameters are text on the wire, and still read as their schema's type.
     expect((await server.api('/v1/trajectories?limit=1')).status).toBe(200);
+  });
+
+  it('answers an unauthenticated upload of many GB at once, then closes the connection instead of draining it', async () => {
+    const { hostname, port } = new URL(server.url);
+    const socket = connect(Number(port), hostname);
+    let answer = '';
+    socket.on('data', (chunk) => {
+      answer += chunk.toString();
+    });
+    const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
+    socket.write(
+      'POST /v1/datasets HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n' +
+        `Content-Length: ${20 * 1024 ** 3}\r\n\r\n--b\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n`,
+    );
+    // The body keeps coming, as far as the client is concerned; the server does not wait for it.
+    await closed;
+    expect(answer).toMatch(/^HTTP\/1\.1 401/);
+    expect(answer.toLowerCase()).toContain('connection: close');
   });
 
   it('answers 405 with an Allow header listing the methods of the path', async () => {
