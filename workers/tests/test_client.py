@@ -294,6 +294,10 @@ def test_a_shutdown_bound_stops_retrying_against_a_dead_server(server: FakeTuner
         client.release(job["job_id"], job["lease_token"])
     with pytest.raises(httpx.TransportError):
         client.download("/v1/workers/files/file_x", tmp_path / "f")
+    upload = tmp_path / "model.safetensors"
+    upload.write_bytes(b"weights")
+    with pytest.raises(httpx.TransportError):
+        client.upload_output(job["job_id"], job["lease_token"], "model.safetensors", upload)
     # One try each, no backoff: the shutdown bound had passed.
     assert sleeps == []
     # A later, longer bound does not lift an earlier one.

@@ -336,7 +336,8 @@ class WorkerClient:
                 (409, "upload_offset_mismatch"),
                 (400, "upload_interrupted"),
             )
-            gave_up = time.monotonic() - progress_at > self.retry.retry_seconds
+            # no byte accepted for retry_seconds, or the shutdown bound has passed
+            gave_up = self._out_of_time(progress_at)
             if not (mismatch or should_retry(response, error)) or gave_up:
                 if response is None:
                     assert error is not None
@@ -351,7 +352,7 @@ class WorkerClient:
                 error or f"HTTP {response.status_code if response is not None else '?'}",
                 delay,
             )
-            self._sleep(delay)
+            self._backoff(delay)
             attempt += 1
             received = self._upload_offset(url, lease_token)
             if received > offset:  # progress: the backoff and the give-up clock start again
