@@ -385,6 +385,26 @@ def test_the_backend_choice() -> None:
     assert cuda_visible_devices("cuda:1", "4,6") == "6"
 
 
+def test_the_cli_picks_the_backend(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tunery_worker import cli
+
+    seen: list[tuple[str, str]] = []
+
+    def run(self: ServingWorker) -> int:
+        seen.append((self.backend.name, self.worker_id))
+        return 0
+
+    monkeypatch.setattr(ServingWorker, "run", run)
+    args = ["--server", "http://127.0.0.1:9", "--token", "t", "--device", "cpu", "--workdir", str(tmp_path)]
+    assert cli.main([*args, "--serve"]) == 0  # auto, on a CPU
+    assert cli.main([*args, "--serve", "--serve-backend", "transformers", "--worker-id", "me"]) == 0
+    assert seen[0][0] == "transformers" and "-serve-transformers-" in seen[0][1]
+    assert seen[1] == ("transformers", "me")
+    with pytest.raises(SystemExit) as refused:
+        cli.main([*args, "--serve", "--serve-backend", "vllm"])
+    assert refused.value.code == 2 and len(seen) == 2
+
+
 # -- the real thing, on a CUDA machine with vllm installed
 
 
