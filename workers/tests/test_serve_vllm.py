@@ -40,6 +40,8 @@ class FakeVllm:
         self.adapters: dict[str, str] = {}  # lora_name → lora_path
         self.aborted = threading.Event()  # a stream whose client went away before its end
         self.chunks_written = 0
+        self.streaming = self.most_at_once = 0  # streams open now, and at most
+        self.counting = threading.Lock()
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -103,6 +105,9 @@ class FakeVllm:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()  # HTTP/1.0: the stream ends when the connection closes
+                with fake.counting:
+                    fake.streaming += 1
+                    fake.most_at_once = max(fake.most_at_once, fake.streaming)
                 try:
                     if chat:
                         self.event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
@@ -120,6 +125,9 @@ class FakeVllm:
                     self.wfile.flush()
                 except (BrokenPipeError, ConnectionResetError):
                     fake.aborted.set()
+                finally:
+                    with fake.counting:
+                        fake.streaming -= 1
 
             def event(self, chunk: dict[str, Any]) -> None:
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
@@ -339,6 +347,48 @@ def test_the_worker_answers_through_the_vllm_backend(fake: FakeVllm, tmp_path: P
     (error,) = client.reports
     assert error["done"] is True and error["error"]["code"] == "inference_error"
     assert "already loaded" in error["error"]["message"]
+
+
+class QueueClient(FakeClient):
+    """Hands out `requests` to whichever claim loop asks first."""
+
+    def __init__(self, requests: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.queue, self.lock = list(requests), threading.Lock()
+
+    def claim_inference(self, worker_id: str, wait_seconds: float) -> dict[str, Any] | None:
+        with self.lock:
+            if self.queue:
+                return self.queue.pop(0)
+        time.sleep(0.01)
+        return None
+
+
+def test_requests_run_at_once_on_vllm_and_one_at_a_time_on_transformers(tmp_path: Path) -> None:
+    fake = FakeVllm(delay=0.05)
+    try:
+        backend, _ = backend_on(fake, tmp_path)
+        claims = [
+            {"request_id": f"inf_{i}", "request_token": f"infreq_{i}", "target": base(tmp_path), **request()}
+            for i in (1, 2)
+        ]
+        client = QueueClient(claims)
+        worker = ServingWorker(
+            client,  # type: ignore[arg-type]
+            worker_id="w",
+            device="cuda",
+            workdir=tmp_path,
+            backend=backend,
+            concurrency=2,
+            once=True,  # each claim loop answers one request, then stops
+        )
+        assert worker.run() == 0
+        assert fake.most_at_once == 2
+        assert [r["usage"]["completion_tokens"] for r in client.reports if r.get("done")] == [5, 5]
+    finally:
+        fake.close()
+    serial = ServingWorker(FakeClient(), worker_id="w", device="cpu", workdir=tmp_path, concurrency=2)  # type: ignore[arg-type]
+    assert serial.concurrency == 1
 
 
 def test_a_server_that_dies_while_starting_is_an_error_with_its_log(tmp_path: Path) -> None:

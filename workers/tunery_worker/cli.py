@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         dest="concurrency",
-        help="jobs run at once (default 1)",
+        help="jobs run at once (default 1); with --serve on vllm, requests answered at once",
     )
     run.add_argument("--worker-id", help="stable name of this worker (default: host name + random suffix)")
     run.add_argument("--workdir", type=Path, default=Path("./tunery-work"), help="scratch space for attempts")
@@ -217,6 +217,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser, client: Any
         wait_seconds=args.wait_seconds,
         once=args.once,
         backend=backend,
+        concurrency=args.concurrency,
     )
     return run_until_done(worker, client)
 

@@ -256,6 +256,8 @@ class Backend(Protocol):
     `token` is the request token that file downloads need."""
 
     name: str
+    #: Whether requests may run at once (one claim loop each): vLLM batches them; transformers does not.
+    concurrent: bool
 
     def load(self, target: dict[str, Any], token: str) -> None:
         """Loads `target` (and its adapter) ahead of requests (POST /v1/adapters/{name}/load)."""
@@ -277,6 +279,7 @@ class TransformersBackend:
     """Models in this process (`ModelCache`), generated with transformers `generate`."""
 
     name = "transformers"
+    concurrent = False
 
     def __init__(self, client: WorkerClient, device: str, workdir: Path) -> None:
         self.models = ModelCache(client, device, workdir)
@@ -301,7 +304,8 @@ class TransformersBackend:
 
 
 class ServingWorker:
-    """Claims inference requests and answers them, one at a time, until stopped."""
+    """Claims inference requests and answers them until stopped: one at a time, or `concurrency` at
+    once (one claim loop each) on a backend that runs requests together."""
 
     def __init__(
         self,
@@ -313,9 +317,14 @@ class ServingWorker:
         wait_seconds: float = 20,
         once: bool = False,
         backend: Backend | None = None,
+        concurrency: int = 1,
     ) -> None:
         self.client, self.worker_id, self.wait_seconds, self.once = client, worker_id, wait_seconds, once
         self.backend: Backend = backend or TransformersBackend(client, device, workdir)
+        if concurrency > 1 and not self.backend.concurrent:
+            log.warning("the %s backend answers one request at a time: concurrency 1", self.backend.name)
+            concurrency = 1
+        self.concurrency = concurrency
         self.stopping = threading.Event()
 
     @property
@@ -327,17 +336,47 @@ class ServingWorker:
         self.stopping.set()
 
     def run(self) -> int:
-        log.info("serving as %s with the %s backend", self.worker_id, self.backend.name)
+        log.info(
+            "serving as %s with the %s backend (%d at once)",
+            self.worker_id,
+            self.backend.name,
+            self.concurrency,
+        )
+        failures: list[BaseException] = []
+
+        def slot() -> None:
+            try:
+                self._claim_loop()
+            except BaseException as err:  # a slot that cannot claim stops the others too
+                failures.append(err)
+                self.stopping.set()
+
+        others = [
+            threading.Thread(target=slot, name=f"serve-{i}", daemon=True) for i in range(1, self.concurrency)
+        ]
+        for thread in others:
+            thread.start()
         try:
-            while not self.stopping.is_set():
-                request = self.client.claim_inference(self.worker_id, self.wait_seconds)
-                if request is not None:
-                    self.answer(request)
-                if self.once and request is not None:
-                    break
+            self._claim_loop()
+        except BaseException:
+            self.stopping.set()
+            raise
         finally:
+            for thread in others:
+                while thread.is_alive():  # joined in steps: signals still reach the main thread
+                    thread.join(timeout=1)
             self.backend.close()
+        if failures:
+            raise failures[0]
         return 0
+
+    def _claim_loop(self) -> None:
+        while not self.stopping.is_set():
+            request = self.client.claim_inference(self.worker_id, self.wait_seconds)
+            if request is not None:
+                self.answer(request)
+            if self.once and request is not None:
+                break
 
     def answer(self, request: dict[str, Any]) -> None:
         request_id, token = request["request_id"], request["request_token"]

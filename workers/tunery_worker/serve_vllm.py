@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -195,7 +196,9 @@ class VllmLauncher:
 
     def __call__(self, source: str) -> Engine:
         port = free_port()
-        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+        # The server needs none of the worker's credentials.
+        env = {k: v for k, v in os.environ.items() if k != "TUNERY_WORKER_TOKEN"}
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         visible = cuda_visible_devices(self.device, os.environ.get("CUDA_VISIBLE_DEVICES"))
         if visible is not None:
             env["CUDA_VISIBLE_DEVICES"] = visible
@@ -228,6 +231,7 @@ class VllmBackend:
     """Serves through vLLM OpenAI servers, one per base model, with adapters loaded at runtime."""
 
     name = "vllm"
+    concurrent = True
 
     def __init__(
         self,
@@ -243,6 +247,8 @@ class VllmBackend:
         self.startup_timeout = startup_timeout
         self.has_chat_template = has_chat_template
         self.engines: dict[str, Engine] = {}
+        # Starting servers and loading adapters one request at a time; streams run side by side.
+        self.lock = threading.Lock()
         self.http = httpx.Client(timeout=httpx.Timeout(30, read=read_timeout))
 
     # -- the Backend interface
@@ -251,6 +257,10 @@ class VllmBackend:
         self._model_for(target, token)
 
     def unload(self, target: dict[str, Any]) -> None:
+        with self.lock:
+            self._unload(target)
+
+    def _unload(self, target: dict[str, Any]) -> None:
         adapter = target.get("adapter")
         engine = self.engines.get(f"base:{target.get('base_source')}")
         if not adapter or engine is None:
@@ -285,7 +295,8 @@ class VllmBackend:
             body["seed"] = int(params["seed"])
         if input_["kind"] == "chat":
             if engine.chat_template is None:
-                engine.chat_template = self.has_chat_template(engine.source)
+                with self.lock:
+                    engine.chat_template = self.has_chat_template(engine.source)
             if engine.chat_template:
                 path, body["messages"] = "/v1/chat/completions", list(input_["messages"])
             else:
@@ -295,9 +306,10 @@ class VllmBackend:
         return self._stream(engine, path, body, send)
 
     def close(self) -> None:
-        for engine in self.engines.values():
-            engine.close()
-        self.engines.clear()
+        with self.lock:
+            for engine in self.engines.values():
+                engine.close()
+            self.engines.clear()
         self.http.close()
 
     # -- engines and adapters
@@ -305,6 +317,10 @@ class VllmBackend:
     def _model_for(self, target: dict[str, Any], token: str) -> tuple[Engine, str]:
         """The engine serving `target`'s base (started if need be) and the model name to ask for:
         the adapter's (loaded into it once), or the base's."""
+        with self.lock:
+            return self._model_for_locked(target, token)
+
+    def _model_for_locked(self, target: dict[str, Any], token: str) -> tuple[Engine, str]:
         if target.get("model_files"):
             files = target["model_files"]
             key = f"model:{files['key']}"
