@@ -3,6 +3,8 @@
     tunery-worker [run] --server URL --token T [--device auto|cuda|cpu] [--concurrency N]
                         [--worker-id ID] [--workdir DIR] [--once] [--wait-seconds S]
                         [--shutdown-grace S]
+                        [--serve [--serve-backend transformers|vllm|auto] [--vllm-max-loras N]
+                                 [--vllm-args ARGS]]
     tunery-worker make-tiny-model DIR [--arch llama|qwen2] [--seed N]
 
 `run` is the default subcommand, so `tunery-worker --server …` works too. The server URL and token
@@ -10,6 +12,12 @@ also come from TUNERY_SERVER_URL and TUNERY_WORKER_TOKEN. SIGTERM (or a first Ct
 gracefully: running jobs checkpoint and are handed back to the queue, talking to the server for at
 most `--shutdown-grace` seconds more (an unreachable server is not waited out); a second SIGTERM or
 Ctrl-C exits at once.
+
+`--serve` answers inference requests instead of running jobs, with the backend `--serve-backend`
+names: `transformers` (models in the worker's process), `vllm` (vLLM's OpenAI server as a child
+process per base model, adapters loaded at runtime; needs `pip install 'tunery-worker[vllm]'` and
+CUDA), or `auto` (the default: vllm when `import vllm` works and CUDA is available, else
+transformers).
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         dest="concurrency",
-        help="jobs run at once (default 1)",
+        help="jobs run at once (default 1); with --serve on vllm, requests answered at once",
     )
     run.add_argument("--worker-id", help="stable name of this worker (default: host name + random suffix)")
     run.add_argument("--workdir", type=Path, default=Path("./tunery-work"), help="scratch space for attempts")
@@ -67,6 +75,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--serve",
         action="store_true",
         help="answer inference requests (chat/completions) instead of running jobs",
+    )
+    run.add_argument(
+        "--serve-backend",
+        choices=["transformers", "vllm", "auto"],
+        default="auto",
+        help="with --serve: what generates. transformers: models in this process; vllm: vLLM's OpenAI "
+        "server as a child process per base model, LoRA adapters loaded at runtime (the vllm extra, "
+        "CUDA only); auto (default): vllm when `import vllm` works and CUDA is available, else "
+        "transformers",
+    )
+    run.add_argument(
+        "--vllm-max-loras",
+        type=int,
+        default=4,
+        help="with --serve-backend vllm: adapters one vLLM batch can mix (its --max-loras; default 4)",
+    )
+    run.add_argument(
+        "--vllm-args",
+        default="",
+        help="with --serve-backend vllm: more arguments for each vLLM server, as one string, e.g. "
+        "--vllm-args='--gpu-memory-utilization 0.45' to fit two base models; they win over the "
+        "worker's own (--vllm-args='--max-lora-rank 128' for adapters above rank 64)",
     )
 
     tiny = sub.add_parser(
@@ -110,6 +140,8 @@ def run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         parser.error("--wait-seconds must be between 0 and 30")
     if args.shutdown_grace < 0:
         parser.error("--shutdown-grace must be at least 0")
+    if args.vllm_max_loras < 1:
+        parser.error("--vllm-max-loras must be at least 1")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -125,7 +157,7 @@ def run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     client = WorkerClient(args.server, args.token)
     options: dict[str, Any] = {"worker_id": args.worker_id} if args.worker_id else {}
     if args.serve:
-        return serve(args, client, device)
+        return serve(args, parser, client, device)
     worker = Worker(
         client,
         device=device,
@@ -152,19 +184,40 @@ def run_until_done(worker: Any, client: Any) -> int:
             signal.signal(signum, handler)
 
 
-def serve(args: argparse.Namespace, client: Any, device: str) -> int:
+def serve(args: argparse.Namespace, parser: argparse.ArgumentParser, client: Any, device: str) -> int:
     import platform
+    import shlex
     import uuid
 
     from tunery_worker.serve import ServingWorker
+    from tunery_worker.serve_vllm import choose_backend, make_backend
 
+    backend_name, why_not_vllm = choose_backend(args.serve_backend, device)
+    if args.serve_backend == "vllm" and why_not_vllm:
+        client.close()
+        parser.error(f"--serve-backend vllm: {why_not_vllm}")
+    if args.serve_backend == "auto" and why_not_vllm:
+        logging.getLogger("tunery_worker").info("serving with transformers: %s", why_not_vllm)
+    backend = make_backend(
+        backend_name,
+        client,
+        device,
+        args.workdir,
+        max_loras=args.vllm_max_loras,
+        vllm_args=shlex.split(args.vllm_args),
+    )
+    # The claim carries no capabilities: the default worker id names the backend, so that the
+    # server's serving workers (and its logs) show what each one serves with.
+    default_id = f"{platform.node() or 'worker'}-serve-{backend.name}-{uuid.uuid4().hex[:8]}"
     worker = ServingWorker(
         client,
-        worker_id=args.worker_id or f"{platform.node() or 'worker'}-serve-{uuid.uuid4().hex[:8]}",
+        worker_id=args.worker_id or default_id,
         device=device,
         workdir=args.workdir,
         wait_seconds=args.wait_seconds,
         once=args.once,
+        backend=backend,
+        concurrency=args.concurrency,
     )
     return run_until_done(worker, client)
 

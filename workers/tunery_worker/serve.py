@@ -1,10 +1,14 @@
 """Serving: a worker started with `--serve` answers inference requests instead of running jobs.
 
-It long-polls the server for a request (`/v1/workers/inference/claim`), loads what it names (a base
-model by source, a LoRA adapter over it, or a full model's files; each kept in memory for the next
-request, adapters side by side on their base through peft), generates with transformers `generate`
-(KV cache; greedy when temperature is 0, sampled with temperature/top_p otherwise, repeatable with a
-seed), and reports the text as it comes. A report answered `cancelled` (the caller left) stops it.
+It long-polls the server for a request (`/v1/workers/inference/claim`), hands it to its backend, and
+reports the text as it comes. A report answered `cancelled` (the caller left) stops it.
+
+A backend loads what a request names (a base model by source, a LoRA adapter over it, or a full
+model's files; each kept for the next request) and generates. Two exist, behind one small interface
+(`Backend`: load, unload, generate, close): `TransformersBackend` here (models in this process,
+adapters side by side on their base through peft, transformers `generate` with its KV cache; greedy
+when temperature is 0, sampled with temperature/top_p otherwise, repeatable with a seed), and
+`VllmBackend` (serve_vllm.py: vLLM's OpenAI server as a child process, on a CUDA worker).
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from peft import PeftModel
@@ -100,18 +105,29 @@ class ModelCache:
         return Loaded(model, tokenizer)
 
     def _download(self, files: dict[str, Any], token: str) -> Path:
-        folder = self.workdir / "serve" / str(files["key"])
-        for f in files["files"]:
-            dest = folder / str(f["name"])
-            if not dest.exists():
-                self.client.download(
-                    f"/v1/workers/files/{f['file_id']}",
-                    dest,
-                    sha256=f["sha256"],
-                    size_bytes=f["size_bytes"],
-                    lease_token=token,
-                )
-        return folder
+        return download_files(self.client, self.workdir, files, token)
+
+
+def download_files(client: WorkerClient, workdir: Path, files: dict[str, Any], token: str) -> Path:
+    """A request's model or adapter files (`{key, files}`), cached under the workdir by key."""
+    folder = workdir / "serve" / str(files["key"])
+    for f in files["files"]:
+        dest = folder / str(f["name"])
+        if not dest.exists():
+            client.download(
+                f"/v1/workers/files/{f['file_id']}",
+                dest,
+                sha256=f["sha256"],
+                size_bytes=f["size_bytes"],
+                lease_token=token,
+            )
+    return folder
+
+
+def plain_chat_prompt(messages: list[dict[str, Any]]) -> str:
+    """Chat messages for a model without a chat template (a plain base model): one "role: content"
+    line each, then the assistant's turn."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, input_: dict[str, Any]) -> list[int]:
@@ -123,9 +139,7 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, input_: dict[str, Any]) -> li
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         # The template writes the special tokens itself.
         return list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
-    # A model without a template (a plain base model): one "role: content" line each.
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    return list(tokenizer(text)["input_ids"])
+    return list(tokenizer(plain_chat_prompt(messages))["input_ids"])
 
 
 class Generation(BaseStreamer, StoppingCriteria):  # type: ignore[misc]
@@ -233,8 +247,65 @@ class _adapter:
             self.inner.__exit__(*exc)
 
 
+#: `send(text)` relays text to the caller and answers True when the caller has left (stop generating).
+Send = Callable[[str], bool]
+
+
+class Backend(Protocol):
+    """What a serving worker generates with. `target` and `request` are the claim's (ClaimedInference);
+    `token` is the request token that file downloads need."""
+
+    name: str
+    #: Whether requests may run at once (one claim loop each): vLLM batches them; transformers does not.
+    concurrent: bool
+
+    def load(self, target: dict[str, Any], token: str) -> None:
+        """Loads `target` (and its adapter) ahead of requests (POST /v1/adapters/{name}/load)."""
+
+    def unload(self, target: dict[str, Any]) -> None:
+        """Drops `target`'s adapter; its base stays for other requests."""
+
+    def generate(
+        self, target: dict[str, Any], request: dict[str, Any], token: str, send: Send
+    ) -> dict[str, Any]:
+        """Runs one request, relaying all of its text through `send`; returns `{finish_reason, usage}`."""
+        ...
+
+    def close(self) -> None:
+        """Lets go of what the backend holds (child processes); called when the worker stops."""
+
+
+class TransformersBackend:
+    """Models in this process (`ModelCache`), generated with transformers `generate`."""
+
+    name = "transformers"
+    concurrent = False
+
+    def __init__(self, client: WorkerClient, device: str, workdir: Path) -> None:
+        self.models = ModelCache(client, device, workdir)
+
+    def load(self, target: dict[str, Any], token: str) -> None:
+        self.models.load(target, token)
+
+    def unload(self, target: dict[str, Any]) -> None:
+        self.models.unload(target)
+
+    def generate(
+        self, target: dict[str, Any], request: dict[str, Any], token: str, send: Send
+    ) -> dict[str, Any]:
+        loaded, adapter = self.models.get(target, token)
+        outcome = generate(loaded, adapter, request, lambda text, final: bool(text) and send(text))
+        follow: Generation = outcome["follow"]
+        follow.flush(final=True)
+        return {"finish_reason": outcome["finish_reason"], "usage": outcome["usage"]}
+
+    def close(self) -> None:
+        pass
+
+
 class ServingWorker:
-    """Claims inference requests and answers them, one at a time, until stopped."""
+    """Claims inference requests and answers them until stopped: one at a time, or `concurrency` at
+    once (one claim loop each) on a backend that runs requests together."""
 
     def __init__(
         self,
@@ -245,9 +316,15 @@ class ServingWorker:
         workdir: Path,
         wait_seconds: float = 20,
         once: bool = False,
+        backend: Backend | None = None,
+        concurrency: int = 1,
     ) -> None:
         self.client, self.worker_id, self.wait_seconds, self.once = client, worker_id, wait_seconds, once
-        self.models = ModelCache(client, device, workdir)
+        self.backend: Backend = backend or TransformersBackend(client, device, workdir)
+        if concurrency > 1 and not self.backend.concurrent:
+            log.warning("the %s backend answers one request at a time: concurrency 1", self.backend.name)
+            concurrency = 1
+        self.concurrency = concurrency
         self.stopping = threading.Event()
 
     @property
@@ -259,14 +336,47 @@ class ServingWorker:
         self.stopping.set()
 
     def run(self) -> int:
-        log.info("serving as %s", self.worker_id)
+        log.info(
+            "serving as %s with the %s backend (%d at once)",
+            self.worker_id,
+            self.backend.name,
+            self.concurrency,
+        )
+        failures: list[BaseException] = []
+
+        def slot() -> None:
+            try:
+                self._claim_loop()
+            except BaseException as err:  # a slot that cannot claim stops the others too
+                failures.append(err)
+                self.stopping.set()
+
+        others = [
+            threading.Thread(target=slot, name=f"serve-{i}", daemon=True) for i in range(1, self.concurrency)
+        ]
+        for thread in others:
+            thread.start()
+        try:
+            self._claim_loop()
+        except BaseException:
+            self.stopping.set()
+            raise
+        finally:
+            for thread in others:
+                while thread.is_alive():  # joined in steps: signals still reach the main thread
+                    thread.join(timeout=1)
+            self.backend.close()
+        if failures:
+            raise failures[0]
+        return 0
+
+    def _claim_loop(self) -> None:
         while not self.stopping.is_set():
             request = self.client.claim_inference(self.worker_id, self.wait_seconds)
             if request is not None:
                 self.answer(request)
             if self.once and request is not None:
                 break
-        return 0
 
     def answer(self, request: dict[str, Any]) -> None:
         request_id, token = request["request_id"], request["request_token"]
@@ -279,16 +389,15 @@ class ServingWorker:
         try:
             kind = request["input"]["kind"]
             if kind == "load":
-                self.models.load(request["target"], token)
+                self.backend.load(request["target"], token)
             elif kind == "unload":
-                self.models.unload(request["target"])
+                self.backend.unload(request["target"])
             if kind in ("load", "unload"):
                 report(done=True, finish_reason="stop", usage={"prompt_tokens": 0, "completion_tokens": 0})
                 return
-            loaded, adapter = self.models.get(request["target"], token)
-            outcome = generate(loaded, adapter, request, lambda text, final: bool(text) and report(text=text))
-            follow: Generation = outcome["follow"]
-            follow.flush(final=True)
+            outcome = self.backend.generate(
+                request["target"], request, token, lambda text: bool(text) and report(text=text)
+            )
             report(done=True, finish_reason=outcome["finish_reason"], usage=outcome["usage"])
         except Exception as err:  # the caller gets the error; the worker goes on serving
             log.exception("inference request %s failed", request_id)
