@@ -1,12 +1,14 @@
 /**
- * `pnpm bench`: five measurements in one run, printed as one table (then one `BENCH_JSON` line).
+ * `pnpm bench`: six measurements in one run, printed as one table (then one `BENCH_JSON` line).
  *
  *   1. server: GET /v1/training/jobs/{id} on the full app vs a bare Express route (PGlite; also
  *      Postgres when DATABASE_URL is set — on a scratch database created and dropped there);
  *   2. worker protocol: claim → complete per second with 16 pollers, exactly-once checked;
  *   3. SDK: tunery.training.jobs.retrieve vs raw fetch, per call;
  *   4. CPU training: the worker's LoRA loop vs a plain transformers+peft loop (Python);
- *   5. inference relay: a chat completion through a serving worker vs a plain request.
+ *   5. inference relay: a chat completion through a serving worker vs a plain request;
+ *   6. serving overhead: chat completions of a tiny model through Tunery and a real serving worker
+ *      vs the same backend called in-process (time to first text, tokens/s).
  *
  * Every server runs in its own child process and is killed at the end, whatever happens; all
  * traffic is on 127.0.0.1. Progress goes to stderr; the table and the JSON line to stdout; the
@@ -20,6 +22,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
+import { measureChatOverhead } from './chat-overhead.js';
 import { type Served, serve, stopAll } from './children.js';
 import { measureInferenceRelay } from './inference-relay.js';
 import { measureSdkOverhead } from './sdk-overhead.js';
@@ -35,12 +38,13 @@ const { values: flags } = parseArgs({
 });
 const quick = flags.quick;
 /** `--only 2,4`: just those measurements. */
-const wanted = new Set((flags.only ?? '1,2,3,4,5').split(',').map(Number));
+const wanted = new Set((flags.only ?? '1,2,3,4,5,6').split(',').map(Number));
 const LOAD = { connections: 16, seconds: quick ? 1 : 5, warmupSeconds: 1, repeats: quick ? 1 : 3 };
 const QUEUE = { jobs: quick ? 200 : 2000, pollers: 16, maxSeconds: 60 };
 const SDK = quick ? { calls: 200, rounds: 4, warmup: 50 } : { calls: 2000, rounds: 20, warmup: 200 };
 const TRAINING = { steps: quick ? 8 : 32, timeoutSeconds: 240 };
 const RELAY = quick ? { requests: 50, warmup: 10 } : { requests: 500, warmup: 50 };
+const CHAT = quick ? { requests: 5, warmup: 2, maxTokens: 16 } : { requests: 30, warmup: 3, maxTokens: 32 };
 
 const SDK_ROW = 'SDK training.jobs.retrieve';
 
@@ -143,6 +147,11 @@ try {
       withTunery(['--db', db], (info) => measureInferenceRelay(info, label, RELAY)),
     );
   }
+
+  // 6: a real serving worker on a tiny model, against its backend in-process.
+  await measure(6, 'chat completion through Tunery vs in-process', 'chat_overhead', () =>
+    measureChatOverhead(CHAT),
+  );
 
   // 4: Python, after every server is gone.
   await measure(4, 'LoRA training tokens/s (CPU)', 'training_cpu', () => measureTraining(TRAINING));

@@ -38,13 +38,14 @@ interface TrainingReport {
   peak_rss_mb: number;
 }
 
-function runPython(args: string[], timeoutSeconds: number): Promise<string> {
+/** Runs `python -m <module> …args` from the repository's .venv; resolves with its stdout. */
+export function runPython(module: string, args: string[], timeoutSeconds: number): Promise<string> {
   const python = join(repoRoot, '.venv', 'bin', 'python');
   if (!existsSync(python)) {
     return Promise.reject(new Error(`${python} not found: run bash scripts/bootstrap.sh`));
   }
   const child = track(
-    spawn(python, ['-m', 'tunery_worker.bench', ...args], {
+    spawn(python, ['-m', module, ...args], {
       cwd: join(repoRoot, 'workers'),
       stdio: ['ignore', 'pipe', 'pipe'],
       env: { ...process.env, PYTHONUNBUFFERED: '1' },
@@ -61,21 +62,22 @@ function runPython(args: string[], timeoutSeconds: number): Promise<string> {
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => {
       void stopChild(child);
-      reject(new Error(`tunery_worker.bench took over ${timeoutSeconds} s`));
+      reject(new Error(`${module} took over ${timeoutSeconds} s`));
     }, timeoutSeconds * 1000);
     child.once('exit', (code) => {
       clearTimeout(timer);
       if (code === 0) resolve(stdout);
-      else
-        reject(
-          new Error(`tunery_worker.bench exited ${code}: ${stderr.trim().split('\n').slice(-3).join(' / ')}`),
-        );
+      else reject(new Error(`${module} exited ${code}: ${stderr.trim().split('\n').slice(-3).join(' / ')}`));
     });
   });
 }
 
 export async function measureTraining(opts: TrainingOptions): Promise<Measured> {
-  const stdout = await runPython(['--json', '--steps', String(opts.steps)], opts.timeoutSeconds);
+  const stdout = await runPython(
+    'tunery_worker.bench',
+    ['--json', '--steps', String(opts.steps)],
+    opts.timeoutSeconds,
+  );
   const report = JSON.parse(stdout.trim().split('\n').pop()!) as TrainingReport;
   const { tunery, peer } = report;
   return {
