@@ -196,6 +196,35 @@ describe('OpenAI-compatible fine-tuning with the openai client', () => {
     });
     expect(completion).toMatchObject({ object: 'text_completion', usage: { completion_tokens: 4 } });
     expect(completion.choices[0]!.finish_reason).toBe('length');
+
+    // Seed 003's flow: load the adapter the job trained, generate with it by name, unload it.
+    const trained = await sdk.training.jobs.retrieve(created.id);
+    const adapterName = trained.adapter_name!;
+    expect(await sdk.adapters.load(adapterName)).toMatchObject({
+      adapter_name: adapterName,
+      status: 'loaded',
+    });
+    expect((await sdk.adapters.retrieve(adapterName)).loaded_on).toHaveLength(1);
+    const byAdapter = await sdk.chat.completions.create({
+      model: adapterName,
+      messages: ask.messages,
+      temperature: 0,
+      max_tokens: 8,
+    });
+    // The adapter over its base is the fine-tuned model: the same greedy answer.
+    expect(byAdapter.choices[0]!.message.content).toBe(answer.choices[0]!.message.content);
+    expect(await sdk.adapters.unload()).toMatchObject({ adapter_name: adapterName, status: 'unloaded' });
+    expect((await sdk.adapters.retrieve(adapterName)).loaded_on).toEqual([]);
+
+    // Seed 004's: activate the model, then generate with it as the tenant's default.
+    await sdk.models.activate(trained.output_model_id!);
+    const byDefault = await sdk.chat.completions.create({
+      model: 'default',
+      messages: ask.messages,
+      temperature: 0,
+      max_tokens: 8,
+    });
+    expect(byDefault.choices[0]!.message.content).toBe(answer.choices[0]!.message.content);
   });
 
   it('answers unknown objects and refused fields with typed errors', async () => {
