@@ -20,20 +20,20 @@ export function createApp(ctx: AppContext): express.Express {
   app.disable('x-powered-by');
   app.set('query parser', 'extended');
 
-  app.use(
-    pinoHttp({
-      logger: ctx.logger,
-      genReqId: (req, res) => {
-        const id =
-          (req.headers['x-request-id'] as string | undefined) ?? `req_${randomUUID().replaceAll('-', '')}`;
-        res.setHeader('x-request-id', id);
-        return id;
-      },
-      customLogLevel: (_req, res, err) =>
-        err || res.statusCode >= 500 ? 'error' : res.statusCode >= 400 ? 'warn' : 'info',
-      autoLogging: { ignore: (req) => req.url === '/v1/health' },
-    }),
-  );
+  app.use(requestId);
+  // Access logs: one line per request (request id, status, time). When the level leaves them out,
+  // pino-http is not mounted at all, so a quiet server pays nothing for them.
+  if (ctx.logger.isLevelEnabled('warn')) {
+    app.use(
+      pinoHttp({
+        logger: ctx.logger,
+        genReqId: (req) => req.id as string,
+        customLogLevel: (_req, res, err) =>
+          err || res.statusCode >= 500 ? 'error' : res.statusCode >= 400 ? 'warn' : 'info',
+        autoLogging: { ignore: (req) => req.url === '/v1/health' },
+      }),
+    );
+  }
   app.use(cors(ctx.config.corsOrigins));
   // Operators' metrics and the generated docs (pnpm run docs) are outside the API and its validator.
   app.get('/metrics', metricsRoute(ctx));
@@ -71,6 +71,14 @@ export function createApp(ctx: AppContext): express.Express {
   app.use(OPENAI_PREFIX, errorHandler(ctx, openAIErrorBody));
   app.use(errorHandler(ctx));
   return app;
+}
+
+/** The caller's `x-request-id`, or a new one, on the request (`req.id`) and its answer. */
+function requestId(req: Request, res: Response, next: NextFunction): void {
+  const id = (req.headers['x-request-id'] as string | undefined) ?? `req_${randomUUID().replaceAll('-', '')}`;
+  req.id = id;
+  res.setHeader('x-request-id', id);
+  next();
 }
 
 /** Operations of the spec that no route module handles (a test keeps this empty). */
