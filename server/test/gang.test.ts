@@ -42,8 +42,9 @@ function gangWorker(server: TestServer, n: number) {
         gang: { addr: `10.0.0.${n}`, port: 29500 + n },
       });
       if (res.status === 204) return null;
+      if (res.status === 202) return { gang: (await res.json()) as GangJoin };
       expect(res.status).toBe(200);
-      return (await res.json()) as { job?: ClaimedJob; gang?: GangJoin };
+      return (await res.json()) as { job: ClaimedJob };
     },
     wait: (jobId: string, token: string, waitSeconds = 0) =>
       post(`/v1/workers/jobs/${jobId}/gang/wait`, { member_token: token, wait_seconds: waitSeconds }),

@@ -243,11 +243,13 @@ class WorkerClient:
                 "gang": gang,
             },
             timeout=wait_seconds + 30,
+            ok=(200, 202, 204),
         )
         if response.status_code == 204:
             return None
         answer: dict[str, Any] = response.json()
-        return ("gang", answer["gang"]) if answer.get("gang") else ("job", answer["job"])
+        # 202: joined a forming gang (the body is the membership); 200: a leased job
+        return ("gang", answer) if response.status_code == 202 else ("job", answer["job"])
 
     def gang_wait(self, job_id: str, member_token: str, wait_seconds: float = 20) -> dict[str, Any]:
         """Long-poll of a gang member: `{state: forming|started|expired, ...}`; LeaseLost when it is gone."""

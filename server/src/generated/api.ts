@@ -1365,7 +1365,7 @@ export interface paths {
          * @description Hands out the highest-priority runnable job this worker can run (`capabilities`), with a
          *     lease. Waits up to `wait_seconds` for one to appear; `204` when none did.
          *     A worker that sends `gang` may instead be offered a gang job (`num_nodes` > 1): the answer is
-         *     then `gang`, its membership of the job's forming gang (see waitGang).
+         *     then `202` with its membership of the job's forming gang (see waitGang).
          */
         post: operations["claimJob"];
         delete?: never;
@@ -3934,10 +3934,9 @@ export interface components {
                 download_url: string;
             };
         };
-        /** @description The claimed job (`job`), or, for a gang job, membership of its forming gang (`gang`); exactly one of them. */
+        /** @description The claimed job. */
         ClaimResponse: {
-            job?: components["schemas"]["ClaimedJob"];
-            gang?: components["schemas"]["GangJoin"];
+            job: components["schemas"]["ClaimedJob"];
         };
         /** @description The lease token alone. */
         LeaseBody: {
@@ -7109,6 +7108,15 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["ClaimResponse"];
+                };
+            };
+            /** @description The worker joined a gang job's forming gang; wait for the rest with waitGang. */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["GangJoin"];
                 };
             };
             /** @description No job arrived within `wait_seconds`. */

@@ -91,9 +91,10 @@ export const workerRoutes: Routes = {
       }
       if (outcome.gang) {
         const g = outcome.gang;
-        res.json({
-          gang: { ...g, window_expires_at: new Date(g.window_expires_at).toISOString() },
-        } satisfies Schemas['ClaimResponse']);
+        res.status(202).json({
+          ...g,
+          window_expires_at: new Date(g.window_expires_at).toISOString(),
+        } satisfies Schemas['GangJoin']);
         return;
       }
       const { job } = outcome;
