@@ -7,6 +7,9 @@ travels in the environment), starts
         -m tunery_worker.jobs.ddp_entry <workdir>/ddp/job.json
 
 in a session of its own, and forwards what rank 0 reports to the job's context until torchrun exits.
+A gang node (`num_nodes` N > 1, the worker's place in `ctx.gang`) starts `--nnodes=N --node-rank=k
+--master-addr=A --master-port=P --nproc_per_node=1` instead; only node 0's group has global rank 0,
+so the other nodes forward nothing, and their clean exit is their whole result.
 
 Rank 0 reports as JSON lines appended to `ddp/events.jsonl`, one object per context call: `{"op":
 "log"|"metric"|"event"|"phase"|"checkpoint"|"output"|"stopping"|"result"|"stopped"|"error", ...}`.
