@@ -294,6 +294,8 @@ export class DrillServer {
     saveSteps: number;
     maxAttempts?: number;
     texts?: string[];
+    /** > 1: a gang of that many workers (each started with --gang-addr). */
+    numNodes?: number;
   }): Promise<TrainingJob> {
     return this.ok<TrainingJob>('POST', '/v1/training/jobs', {
       base_model: 'drill-tiny',
@@ -309,6 +311,7 @@ export class DrillServer {
         learning_rate: 0.001,
       },
       max_attempts: opts.maxAttempts ?? 5,
+      ...(opts.numNodes ? { num_nodes: opts.numNodes } : {}),
     });
   }
 
@@ -345,6 +348,8 @@ export async function spawnWorker(
   server: DrillServer,
   workerId: string,
   serverUrl = server.url,
+  /** More `tunery-worker run` options, e.g. `['--gang-addr', '127.0.0.1']`. */
+  extraArgs: string[] = [],
 ): Promise<Child> {
   const workdir = join(server.dir, 'work', workerId);
   await mkdir(workdir, { recursive: true });
@@ -364,6 +369,7 @@ export async function spawnWorker(
       workdir,
       '--wait-seconds',
       '1',
+      ...extraArgs,
     ],
     {
       cwd: ROOT,

@@ -12,6 +12,8 @@ export interface Config {
   leaseSeconds: number;
   /** How often the sweeper rescues expired leases, ms. */
   sweepIntervalMs: number;
+  /** Seconds a worker that joined a gang (num_nodes > 1) waits for the rest before giving its slot up. */
+  gangWindowSeconds: number;
   /** First retry delay after a retryable failure, seconds; doubles per attempt. */
   retryBaseSeconds: number;
   /** Longest retry delay, seconds. */
@@ -121,6 +123,7 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     databaseUrl: process.env.DATABASE_URL || undefined,
     leaseSeconds: intEnv('TUNERY_LEASE_SECONDS', 60),
     sweepIntervalMs: intEnv('TUNERY_SWEEP_INTERVAL_MS', 5000),
+    gangWindowSeconds: intEnv('TUNERY_GANG_WINDOW_SECONDS', 30),
     retryBaseSeconds: intEnv('TUNERY_RETRY_BASE_SECONDS', 10),
     retryMaxSeconds: intEnv('TUNERY_RETRY_MAX_SECONDS', 600),
     maxJsonBytes: intEnv('TUNERY_MAX_JSON_BYTES', 10 * 1024 * 1024),

@@ -66,7 +66,7 @@ describe.each(DATABASES)('training jobs on %s', (db) => {
       expect(config.lora).toMatchObject({ r: 4, dropout: 0.1 });
     });
 
-    it('runs distributed data-parallel on one node and refuses several nodes up front', async () => {
+    it('runs distributed data-parallel on one node, gang-schedules several, refuses distributed: false with several', async () => {
       const one = await create({
         base_model: 'tiny/model',
         dataset_id: datasetId,
@@ -75,14 +75,23 @@ describe.each(DATABASES)('training jobs on %s', (db) => {
       });
       expect(one.status).toBe(201);
       expect((await one.json()).config.distributed).toEqual({ enabled: true, num_nodes: 1 });
-      const many = await create({
+      const many = await create({ base_model: 'tiny/model', dataset_id: datasetId, num_nodes: 2 });
+      expect(many.status).toBe(201);
+      const job = await many.json();
+      expect(job.config.distributed).toEqual({ enabled: true, num_nodes: 2 });
+      expect((await server.api(`/v1/training/jobs/${job.id}/cancel`, { method: 'POST' })).status).toBe(200);
+      expect((await jobRow(job.id)).num_nodes).toBe(2);
+      const contradiction = await create({
         base_model: 'tiny/model',
         dataset_id: datasetId,
-        distributed: true,
+        distributed: false,
         num_nodes: 2,
       });
-      expect(many.status).toBe(400);
-      expect((await many.json()).error).toMatchObject({ code: 'invalid_config', param: 'num_nodes' });
+      expect(contradiction.status).toBe(400);
+      expect((await contradiction.json()).error).toMatchObject({
+        code: 'invalid_config',
+        param: 'distributed',
+      });
     });
 
     it('takes seed 003 fields: model_name, train_texts, nested configs, output_dir', async () => {

@@ -248,16 +248,18 @@ def test_a_rank_error_reaches_the_worker_with_its_code(tmp_path: Path, tiny_llam
 # --- refusals and the report stream (no processes) -------------------------------------------------------
 
 
-def test_several_nodes_are_refused_with_what_to_do_instead(tmp_path: Path, tiny_llama: Path) -> None:
+def test_several_nodes_outside_a_gang_are_refused(tmp_path: Path, tiny_llama: Path) -> None:
     ctx = make_ctx(tmp_path, tiny_llama, memorization_set(tmp_path), distributed=ddp(num_nodes=3))
     with pytest.raises(InvalidConfig) as caught:
         finetune.run(ctx)
     assert caught.value.param == "distributed" and caught.value.code == "invalid_config"
-    message = caught.value.message
-    assert "num_nodes > 1 needs 3 workers scheduled together" in message
-    assert "run one worker per node with torchrun yourself" in message
-    assert "use num_nodes 1 with several GPUs" in message
+    assert "runs on a gang of 3 workers" in caught.value.message
+    assert "not started as a member of one" in caught.value.message
     assert ctx.phases == ["initializing"] and not ctx.logs
+    # a gang of another size is not this job's either
+    ctx.gang = {"rank": 0, "world": 2, "master_addr": "127.0.0.1", "master_port": 29500}
+    with pytest.raises(InvalidConfig, match="not started as a member"):
+        finetune.run(ctx)
 
 
 @pytest.mark.parametrize(

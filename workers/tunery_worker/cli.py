@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="after SIGTERM, stop retrying requests to the server after this many seconds (default 30)",
     )
     run.add_argument("--keep-workdir", action="store_true", help="keep each attempt's files after it ends")
+    run.add_argument(
+        "--gang-addr",
+        default=os.environ.get("TUNERY_GANG_ADDR"),
+        help="join multi-node jobs (num_nodes > 1), hosting their rendezvous on this address, which the "
+        "other workers must reach ($TUNERY_GANG_ADDR; default: do not join them)",
+    )
     run.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     run.add_argument(
         "--serve",
@@ -167,6 +173,7 @@ def run_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         wait_seconds=args.wait_seconds,
         keep_workdir=args.keep_workdir,
         shutdown_grace=args.shutdown_grace,
+        gang_addr=args.gang_addr or None,
         **options,
     )
     return run_until_done(worker, client)

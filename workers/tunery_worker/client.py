@@ -225,6 +225,49 @@ class WorkerClient:
         job: dict[str, Any] = response.json()["job"]
         return job
 
+    def claim_or_join(
+        self, worker_id: str, capabilities: dict[str, Any], wait_seconds: float, gang: dict[str, Any]
+    ) -> tuple[str, dict[str, Any]] | None:
+        """A claim of a worker that can join gangs (`gang`: `{addr, port}` of its rendezvous).
+
+        `("job", job)` for a leased job, `("gang", join)` when it joined a forming gang (then wait with
+        `gang_wait`), None when nothing arrived within `wait_seconds`.
+        """
+        response = self._request(
+            "POST",
+            "/v1/workers/claim",
+            json={
+                "worker_id": worker_id,
+                "capabilities": capabilities,
+                "wait_seconds": wait_seconds,
+                "gang": gang,
+            },
+            timeout=wait_seconds + 30,
+            ok=(200, 202, 204),
+        )
+        if response.status_code == 204:
+            return None
+        answer: dict[str, Any] = response.json()
+        # 202: joined a forming gang (the body is the membership); 200: a leased job
+        return ("gang", answer) if response.status_code == 202 else ("job", answer["job"])
+
+    def gang_wait(self, job_id: str, member_token: str, wait_seconds: float = 20) -> dict[str, Any]:
+        """Long-poll of a gang member: `{state: forming|started|expired, ...}`; LeaseLost when it is gone."""
+        answer: dict[str, Any] = self._request(
+            "POST",
+            f"/v1/workers/jobs/{job_id}/gang/wait",
+            json={"member_token": member_token, "wait_seconds": wait_seconds},
+            timeout=wait_seconds + 30,
+        ).json()
+        return answer
+
+    def gang_heartbeat(self, job_id: str, member_token: str) -> dict[str, Any]:
+        """A gang member's heartbeat (ranks above 0); LeaseLost once the gang's attempt ended."""
+        answer: dict[str, Any] = self._request(
+            "POST", f"/v1/workers/jobs/{job_id}/gang/heartbeat", json={"member_token": member_token}
+        ).json()
+        return answer
+
     def claim_inference(self, worker_id: str, wait_seconds: float = 20) -> dict[str, Any] | None:
         """Long-poll for an inference request (a serving worker); None when none arrived in time."""
         response = self._request(

@@ -37,6 +37,8 @@ class JobContext(ABC):
     resume_checkpoint: Path | None = None
     # Called with every metric point after it is recorded (the W&B mirror, see wandb_log.py).
     metric_listeners: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
+    # A gang member's place (`num_nodes` > 1): {rank, world, master_addr, master_port}; None otherwise.
+    gang: dict[str, Any] | None = None
 
     def metric(self, point: dict[str, Any]) -> None:
         self.record_metric(point)

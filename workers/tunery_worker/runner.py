@@ -12,6 +12,7 @@ import logging
 import math
 import platform
 import shutil
+import socket
 import threading
 import time
 import traceback
@@ -241,7 +242,7 @@ class RemoteJobContext(JobContext):
             with self._lock:
                 progress = dict(self._progress)
             try:
-                answer = self.client.heartbeat(self.job_id, self.lease_token, progress)
+                answer = self._beat(progress)
             except LeaseLost:
                 self.request_stop("lease_lost")
                 return
@@ -251,6 +252,10 @@ class RemoteJobContext(JobContext):
             if answer.get("cancel_requested"):
                 self.request_stop("cancelled")
 
+    def _beat(self, progress: dict[str, Any]) -> dict[str, Any]:
+        assert self.client is not None
+        return self.client.heartbeat(self.job_id, self.lease_token, progress)
+
     def _flush_loop(self) -> None:
         while not self._closed.wait(self.flush_interval):
             try:
@@ -259,6 +264,39 @@ class RemoteJobContext(JobContext):
                 return
             except Exception as err:
                 log.warning("[%s] report failed, will resend: %s", self.job_id, err)
+
+
+@dataclass(eq=False)
+class GangMemberContext(RemoteJobContext):
+    """A gang member above rank 0: it trains its share and keeps quiet. Rank 0's worker holds the job's
+    lease and reports everything; this one only heartbeats its membership (`lease_token` is its member
+    token), which answers `lease_lost` once the gang's attempt has ended, however it ended."""
+
+    def log(self, text: str, stream: str = "stdout") -> None:
+        (log.warning if stream == "stderr" else log.info)("[%s] %s", self.job_id, text)
+
+    def record_metric(self, point: dict[str, Any]) -> None:
+        pass
+
+    def event(self, kind: str, payload: dict[str, Any] | None = None) -> None:
+        pass
+
+    def set_phase(self, phase: str, progress: dict[str, Any] | None = None) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def _beat(self, progress: dict[str, Any]) -> dict[str, Any]:
+        assert self.client is not None
+        return self.client.gang_heartbeat(self.job_id, self.lease_token)
+
+
+def free_port(addr: str) -> int:
+    """A TCP port free on `addr` now, for the rendezvous this worker would host as a gang's rank 0."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((addr if addr not in ("localhost",) else "127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 # --- the worker -----------------------------------------------------------------------------------------
@@ -277,6 +315,9 @@ class Worker:
     # After a shutdown request, requests stop retrying after this long: a worker whose server is down
     # still exits (its leases expire on the server, and the jobs go back to the queue anyway).
     shutdown_grace: float = 30.0
+    # Set: this worker joins gangs (jobs with num_nodes > 1), hosting their rendezvous on this address
+    # when it is rank 0. The other members must reach it there.
+    gang_addr: str | None = None
 
     def __post_init__(self) -> None:
         self._shutdown = threading.Event()
@@ -345,7 +386,7 @@ class Worker:
         failures = job_errors = 0
         while not self._shutdown.is_set():
             try:
-                job = self.client.claim(self.worker_id, caps, self.wait_seconds)
+                job = self._claim(caps)
                 failures = 0
             except Unauthorized as err:
                 self.fatal = err
@@ -381,6 +422,43 @@ class Worker:
             if self.once:
                 return
 
+    def _claim(self, caps: dict[str, Any]) -> dict[str, Any] | None:
+        """A job to run: claimed, or (for a worker that joins gangs) a gang that formed around it."""
+        if self.gang_addr is None:
+            return self.client.claim(self.worker_id, caps, self.wait_seconds)
+        address = {"addr": self.gang_addr, "port": free_port(self.gang_addr)}
+        answer = self.client.claim_or_join(self.worker_id, caps, self.wait_seconds, address)
+        if answer is None:
+            return None
+        kind, body = answer
+        return body if kind == "job" else self._wait_for_gang(body)
+
+    def _wait_for_gang(self, join: dict[str, Any]) -> dict[str, Any] | None:
+        """Wait in a forming gang: its job (with `gang`, this worker's place) once all joined, else None."""
+        job_id, token = join["job_id"], join["member_token"]
+        log.info(
+            "[%s] joined its gang (%s of %s); waiting for the rest", job_id, join["joined"], join["world"]
+        )
+        while not self._shutdown.is_set():
+            try:
+                answer = self.client.gang_wait(job_id, token, self.wait_seconds)
+            except LeaseLost:
+                return None
+            if answer["state"] == "started":
+                job: dict[str, Any] = answer["job"]
+                job["gang"] = answer["gang"]
+                log.info(
+                    "[%s] gang started: node %s of %s",
+                    job_id,
+                    answer["gang"]["rank"],
+                    answer["gang"]["world"],
+                )
+                return job
+            if answer["state"] == "expired":
+                log.info("[%s] the gang did not form in time; claiming again", job_id)
+                return None
+        return None  # shutting down: the join window lapses on the server
+
     # --- one attempt ----------------------------------------------------------------------------------
 
     def run_job(self, job: dict[str, Any]) -> str:
@@ -391,7 +469,9 @@ class Worker:
         job_id, token = job["job_id"], job["lease_token"]
         workdir = self.workdir / job_id / f"attempt-{job['attempt']}"
         workdir.mkdir(parents=True, exist_ok=True)
-        ctx = RemoteJobContext(
+        gang: dict[str, Any] | None = job.get("gang")
+        member = gang is not None and int(gang["rank"]) > 0
+        ctx = (GangMemberContext if member else RemoteJobContext)(
             job_id=job_id,
             job_type=job["type"],
             spec=job.get("spec") or {},
@@ -402,6 +482,7 @@ class Worker:
             lease_token=token,
             lease_seconds=float(job.get("lease_seconds") or 60),
             log_seq=int(job.get("log_seq") or 0),
+            gang=gang,
         )
         with self._active_lock:
             self._active[job_id] = ctx
@@ -430,14 +511,24 @@ class Worker:
             ctx.inputs = self._download_inputs(job, ctx.workdir / "inputs")
             ctx.resume_checkpoint = self._download_resume(job, ctx.workdir / "resume")
             ctx.check_stop()
+            if isinstance(ctx, GangMemberContext):
+                handler(ctx)
+                log.info("[%s] gang node %s finished its share", job_id, ctx.gang and ctx.gang["rank"])
+                return "member_done"  # rank 0's worker completes the job
             with wandb_run(ctx):
                 result = handler(ctx)
         except JobStopped:
+            if isinstance(ctx, GangMemberContext):
+                return "dropped"  # rank 0 hands back, cancels or loses the attempt for the gang
             return self._stopped(ctx)
         except LeaseLost:
             log.warning("[%s] lease lost; dropping the job", job_id)
             return "dropped"
         except Exception as exc:
+            if isinstance(ctx, GangMemberContext):
+                # Only rank 0 may report; the group failing reaches it as well (or the lost lease does).
+                log.error("[%s] gang node failed: %s\n%s", job_id, exc, traceback.format_exc())
+                return "member_failed"
             if ctx.stop_reason == "shutdown":
                 # e.g. the final checkpoint's upload gave up on an unreachable server: hand back
                 # what the last uploaded checkpoint holds rather than report a failure.
@@ -524,4 +615,4 @@ class Worker:
         return self.client.download(resume["download_url"], dest, lease_token=job["lease_token"])
 
 
-__all__ = ["ProtocolError", "RemoteJobContext", "Worker", "json_safe", "rfc3339"]
+__all__ = ["GangMemberContext", "ProtocolError", "RemoteJobContext", "Worker", "json_safe", "rfc3339"]

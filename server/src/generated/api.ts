@@ -1364,6 +1364,8 @@ export interface paths {
          * Claim the next job (long-poll)
          * @description Hands out the highest-priority runnable job this worker can run (`capabilities`), with a
          *     lease. Waits up to `wait_seconds` for one to appear; `204` when none did.
+         *     A worker that sends `gang` may instead be offered a gang job (`num_nodes` > 1): the answer is
+         *     then `202` with its membership of the job's forming gang (see waitGang).
          */
         post: operations["claimJob"];
         delete?: never;
@@ -1439,6 +1441,59 @@ export interface paths {
          * @description Extends the lease and answers whether the job's owner asked to cancel it.
          */
         post: operations["heartbeatJob"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/workers/jobs/{job_id}/gang/wait": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Wait for a gang to form (long-poll)
+         * @description A member of a forming gang waits here until all `num_nodes` members joined (`started`: its rank,
+         *     rank 0's rendezvous address and the claimed job), its join window passed first (`expired`: the
+         *     slot is given up, so competing gangs never hold each other's workers forever; claim again), or
+         *     `wait_seconds` passed (`forming`: ask again). `409 lease_lost` when the membership is gone (the
+         *     job was cancelled, or the attempt it belonged to has ended).
+         */
+        post: operations["waitGang"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/workers/jobs/{job_id}/gang/heartbeat": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Extend a gang member's lease
+         * @description Members above rank 0 of a started gang heartbeat here (rank 0 holds the job's lease and uses
+         *     heartbeatJob). A member whose lease lapses ends the attempt for the whole gang, as a lost lease
+         *     ends any attempt: the job goes back to the queue to resume from its last checkpoint. `409
+         *     lease_lost` once the attempt has ended, however it ended: stop the group and drop the job.
+         */
+        post: operations["heartbeatGangMember"];
         delete?: never;
         options?: never;
         head?: never;
@@ -2733,13 +2788,10 @@ export interface components {
             eval_steps?: number;
             /** @description Flat form of training_config.use_gradient_checkpointing. */
             use_gradient_checkpointing?: boolean;
+            /** @description Data-parallel training with torchrun: with `num_nodes: 1`, across the processes of one worker (its GPUs, or 2 on CPU). Defaults to false, or to true when `num_nodes` > 1 (which `false` contradicts: `400 invalid_config`). */
+            distributed?: boolean;
             /**
-             * @description Run across several nodes with torchrun.
-             * @default false
-             */
-            distributed: boolean;
-            /**
-             * @description Nodes for a distributed run.
+             * @description Workers (nodes) the run trains on at once. Above 1 the job is gang-scheduled: it starts only when that many workers that can join gangs have joined it, each running one torchrun process; losing any of them ends the attempt for all and the job resumes from its last checkpoint.
              * @default 1
              */
             num_nodes: number;
@@ -4161,6 +4213,65 @@ export interface components {
              * @default 20
              */
             wait_seconds: number;
+            gang?: components["schemas"]["GangAddress"];
+        };
+        /** @description Sent by a worker that can join gangs (jobs with `num_nodes` > 1): where it would host the group's rendezvous (torchrun's master) should it become rank 0. A claim without it is never offered a gang job. */
+        GangAddress: {
+            /** @description Host name or IP the other members can reach. */
+            addr: string;
+            /** @description A free TCP port on that host. */
+            port: number;
+        };
+        /** @description The claim joined a forming gang instead of leasing a job: wait for the rest with waitGang, presenting `member_token`, until the gang starts or `window_expires_at` passes. */
+        GangJoin: {
+            job_id: components["schemas"]["Id"];
+            /** @description This membership's token: waitGang, heartbeatGangMember, downloads (`X-Lease-Token`), and for rank 0 the job's lease token. */
+            member_token: string;
+            /** @description Members the gang needs (`num_nodes`). */
+            world: number;
+            /** @description Members that have joined so far, this one included. */
+            joined: number;
+            window_expires_at: components["schemas"]["Timestamp"];
+        };
+        /** @description A member's wait for its gang. */
+        GangWaitRequest: {
+            /** @description From GangJoin. */
+            member_token: string;
+            /**
+             * @description Long-poll time.
+             * @default 20
+             */
+            wait_seconds: number;
+        };
+        /** @description A started member's place in the group. */
+        GangPlace: {
+            /** @description Node rank (order of arrival). Rank 0 hosts the rendezvous and is the job's lease holder: it alone reports and completes. */
+            rank: number;
+            /** @description Nodes in the group (`num_nodes`). */
+            world: number;
+            /** @description Rank 0's address (its GangAddress). */
+            master_addr: string;
+            /** @description Rank 0's port. */
+            master_port: number;
+        };
+        /** @description `started`: the gang is whole; `gang` is this member's place and `job` the claimed job (its `lease_token` is this member's token). `forming`: not yet, ask again. `expired`: the join window passed first and the slot was given up; claim again. */
+        GangWaitResponse: {
+            /**
+             * @description Where the gang stands.
+             * @enum {string}
+             */
+            state: "forming" | "started" | "expired";
+            /** @description Members the gang needs. */
+            world: number;
+            /** @description Members joined (`world` once started). */
+            joined: number;
+            gang?: components["schemas"]["GangPlace"];
+            job?: components["schemas"]["ClaimedJob"];
+        };
+        /** @description A heartbeat of a gang member above rank 0. */
+        GangHeartbeatRequest: {
+            /** @description From GangJoin. */
+            member_token: string;
         };
         /** @description A file the job needs. */
         JobInput: {
@@ -7429,6 +7540,15 @@ export interface operations {
                     "application/json": components["schemas"]["ClaimResponse"];
                 };
             };
+            /** @description The worker joined a gang job's forming gang; wait for the rest with waitGang. */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["GangJoin"];
+                };
+            };
             /** @description No job arrived within `wait_seconds`. */
             204: {
                 headers: {
@@ -7526,6 +7646,72 @@ export interface operations {
         };
         responses: {
             /** @description The lease was extended. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HeartbeatResponse"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            409: components["responses"]["Conflict"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    waitGang: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["GangWaitRequest"];
+            };
+        };
+        responses: {
+            /** @description Where the gang stands. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["GangWaitResponse"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            409: components["responses"]["Conflict"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    heartbeatGangMember: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The job's id. */
+                job_id: components["parameters"]["JobId"];
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["GangHeartbeatRequest"];
+            };
+        };
+        responses: {
+            /** @description The member's lease was extended. */
             200: {
                 headers: {
                     [name: string]: unknown;

@@ -5,6 +5,7 @@ import { budgetReservations } from './004_budget_idem.js';
 import { webhooks } from './005_webhooks.js';
 import { inference } from './006_inference.js';
 import { runnableIndex } from './007_runnable_index.js';
+import { gangs } from './008_gangs.js';
 
 export interface Migration {
   name: string;
@@ -20,4 +21,5 @@ export const migrations: Migration[] = [
   webhooks,
   inference,
   runnableIndex,
+  gangs,
 ];

@@ -24,6 +24,8 @@ export interface EnqueueInput {
   parentJobId?: string | null;
   modelId?: string | null;
   requiredDevice?: 'cpu' | 'cuda' | 'mlx' | null;
+  /** Workers scheduled together (a gang); default 1. */
+  numNodes?: number;
   priority?: number;
   maxAttempts?: number;
   totalSteps?: number | null;
@@ -71,11 +73,11 @@ export async function enqueueJob(
     `
     INSERT INTO jobs (
       id, tenant_id, kind, type, method, status, phase, name, description, priority,
-      config, secrets, base_model, dataset_id, parent_job_id, model_id, required_device,
+      config, secrets, base_model, dataset_id, parent_job_id, model_id, required_device, num_nodes,
       max_attempts, total_steps, cost_reserved, run_at, created_at, updated_at
     ) VALUES (
       :id, :tenantId, :kind, :type, :method, 'pending', :phase, :name, :description, :priority,
-      :config::jsonb, :secrets::jsonb, :baseModel, :datasetId, :parentJobId, :modelId, :requiredDevice,
+      :config::jsonb, :secrets::jsonb, :baseModel, :datasetId, :parentJobId, :modelId, :requiredDevice, :numNodes,
       :maxAttempts, :totalSteps, :reservedUsd,
       -- runnable at once; the database clock is the only clock the queue trusts
       now(), now(), now()
@@ -98,6 +100,7 @@ export async function enqueueJob(
       parentJobId: input.parentJobId ?? null,
       modelId: input.modelId ?? null,
       requiredDevice: input.requiredDevice ?? null,
+      numNodes: input.numNodes ?? 1,
       maxAttempts: input.maxAttempts ?? 5,
       totalSteps: input.totalSteps ?? null,
       reservedUsd,

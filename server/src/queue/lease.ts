@@ -24,7 +24,8 @@ export const pricePerSecond = (ctx: Pick<AppContext, 'config'>) => ctx.config.pr
  * Needs the binding `:pricePerSecond`. Used by every fenced transition, so a job is billed for
  * exactly the time some worker held a live lease on it (a dead worker's silent tail is not billed).
  */
-const WORKER_TIME_COST = `GREATEST(0, EXTRACT(EPOCH FROM now() - COALESCE(billed_until, now()))) * :pricePerSecond`;
+// A gang (num_nodes > 1) holds that many workers for the same time.
+const WORKER_TIME_COST = `GREATEST(0, EXTRACT(EPOCH FROM now() - COALESCE(billed_until, now()))) * :pricePerSecond * jobs.num_nodes`;
 export const BILL_WORKER_TIME = `cost_accrued = cost_accrued + ${WORKER_TIME_COST}, billed_until = now()`;
 
 /**

@@ -1,5 +1,6 @@
 import type { AppContext } from '../context.js';
 import { recordEvent } from './events.js';
+import { expireLostGangs } from './gang.js';
 import { notifyAfterCommit } from './notify.js';
 import type { JobRow } from './types.js';
 
@@ -20,6 +21,8 @@ type Rescued = Pick<JobRow, 'id' | 'attempt' | 'status' | 'retries' | 'resume_ch
  */
 export async function rescueExpiredLeases(ctx: AppContext, batchSize: number): Promise<RescueCounts> {
   return ctx.knex.transaction(async (trx) => {
+    // a gang whose member (rank > 0) went silent loses its attempt like a silent rank 0
+    await expireLostGangs(trx, batchSize);
     const result = await trx.raw(
       `
       WITH expired AS (

@@ -24,6 +24,8 @@ export interface JobRow {
   parent_job_id: string | null;
   model_id: string | null;
   required_device: 'cpu' | 'cuda' | 'mlx' | null;
+  /** Workers the job runs on at once; > 1 is a gang (queue/gang.ts). */
+  num_nodes: number;
   progress: Record<string, unknown>;
   results: Record<string, unknown>;
   metrics: Record<string, unknown>;

@@ -1,11 +1,12 @@
 import type { Request, Response } from 'express';
 import type { AppContext } from '../context.js';
-import { badRequest } from '../errors.js';
+import { badRequest, leaseLost } from '../errors.js';
 import { type BodyOf, pathParam, type Routes, type Schemas } from '../http.js';
 import { acknowledgeCancel } from '../queue/acknowledge-cancel.js';
 import { claimJobWithWait } from '../queue/claim.js';
 import { completeJob } from '../queue/complete.js';
 import { failJob } from '../queue/fail.js';
+import { heartbeatGangMember, waitForGang } from '../queue/gang.js';
 import { heartbeatJob } from '../queue/heartbeat.js';
 import { releaseJob } from '../queue/release.js';
 import { reportEvents } from '../queue/report-events.js';
@@ -78,16 +79,25 @@ export const workerRoutes: Routes = {
     const gone = callerGone(res);
     const deadline = Date.now() + (body.wait_seconds ?? 20) * 1000;
     for (;;) {
-      const job = await claimJobWithWait(
+      const outcome = await claimJobWithWait(
         ctx,
-        { workerId: body.worker_id, capabilities: body.capabilities },
+        { workerId: body.worker_id, capabilities: body.capabilities, gang: body.gang },
         Math.max(0, (deadline - Date.now()) / 1000),
         gone,
       );
-      if (!job) {
+      if (!outcome) {
         res.status(204).end();
         return;
       }
+      if (outcome.gang) {
+        const g = outcome.gang;
+        res.status(202).json({
+          ...g,
+          window_expires_at: new Date(g.window_expires_at).toISOString(),
+        } satisfies Schemas['GangJoin']);
+        return;
+      }
+      const { job } = outcome;
       let claimed: Schemas['ClaimedJob'];
       try {
         claimed = await buildClaimedJob(ctx, job);
@@ -109,6 +119,52 @@ export const workerRoutes: Routes = {
   async heartbeatJob(req, res, ctx) {
     const body = req.body as BodyOf<'heartbeatJob'>;
     const answer = await heartbeatJob(ctx, jobIdOf(req), body.lease_token, body.progress);
+    res.json({
+      lease_expires_at: new Date(answer.lease_expires_at).toISOString(),
+      cancel_requested: answer.cancel_requested,
+    } satisfies Schemas['HeartbeatResponse']);
+  },
+
+  async waitGang(req, res, ctx) {
+    const body = req.body as BodyOf<'waitGang'>;
+    const jobId = jobIdOf(req);
+    const outcome = await waitForGang(
+      ctx,
+      jobId,
+      body.member_token,
+      body.wait_seconds ?? 20,
+      callerGone(res),
+    );
+    if (outcome.state !== 'started') {
+      res.json(outcome satisfies Schemas['GangWaitResponse']);
+      return;
+    }
+    const { place, job } = outcome;
+    let claimed: Schemas['ClaimedJob'];
+    try {
+      // each member downloads with its own token; rank 0's is the job's lease token
+      claimed = await buildClaimedJob(ctx, { ...job, lease_token: body.member_token });
+    } catch (err) {
+      if (!(err instanceof MissingJobInput)) throw err;
+      await failJob(ctx, job.id, job.lease_token!, {
+        code: 'invalid_config',
+        message: err.message,
+        retryable: false,
+      });
+      throw leaseLost(jobId);
+    }
+    res.json({
+      state: 'started',
+      world: place.world,
+      joined: place.world,
+      gang: place,
+      job: claimed,
+    } satisfies Schemas['GangWaitResponse']);
+  },
+
+  async heartbeatGangMember(req, res, ctx) {
+    const body = req.body as BodyOf<'heartbeatGangMember'>;
+    const answer = await heartbeatGangMember(ctx, jobIdOf(req), body.member_token);
     res.json({
       lease_expires_at: new Date(answer.lease_expires_at).toISOString(),
       cancel_requested: answer.cancel_requested,

@@ -3,6 +3,7 @@ import { pipeline } from 'node:stream/promises';
 import type { Request, Response } from 'express';
 import type { AppContext } from '../context.js';
 import { ApiError, notFound } from '../errors.js';
+import { jobOfMemberToken } from '../queue/gang.js';
 import type { JobRow } from '../queue/types.js';
 import { inferenceRequestReads } from './inference.js';
 import { filesOfJob } from './job-spec.js';
@@ -82,9 +83,13 @@ export async function fileForLease(
   leaseToken: string,
 ): Promise<DownloadableFile> {
   const missing = notFound('file', fileId, 'file_id');
-  const job = (await ctx.knex('jobs').where({ lease_token: leaseToken, status: 'running' }).first()) as
-    | JobRow
-    | undefined;
+  const job =
+    ((await ctx.knex('jobs').where({ lease_token: leaseToken, status: 'running' }).first()) as
+      | JobRow
+      | undefined) ??
+    // a gang member above rank 0 presents its own member token
+    (await jobOfMemberToken(ctx, leaseToken)) ??
+    undefined;
   // A serving worker presents its inference request's token for the model files it loads.
   const readable = job
     ? (await filesOfJob(ctx, job)).has(fileId)

@@ -436,12 +436,12 @@ function typeSpec(
 ) {
   if (type === 'finetune') {
     const { lora, training } = mergeSettings(template, body);
-    if ((body.num_nodes ?? 1) > 1) {
-      // Several nodes need several workers scheduled together, which the queue does not do (yet).
+    const numNodes = body.num_nodes ?? 1;
+    if (numNodes > 1 && body.distributed === false) {
       throw invalidConfig(
-        'num_nodes > 1 needs one worker per node scheduled together, which Tunery does not do yet; ' +
-          'use distributed: true with num_nodes: 1 to train data-parallel across all GPUs of one worker.',
-        'num_nodes',
+        `num_nodes ${numNodes} trains on ${numNodes} workers at once, which is a distributed run; ` +
+          'leave distributed out (or true), or use num_nodes: 1.',
+        'distributed',
       );
     }
     return {
@@ -450,7 +450,8 @@ function typeSpec(
       lora,
       training,
       dataset_format: format,
-      distributed: { enabled: body.distributed ?? false, num_nodes: body.num_nodes ?? 1 },
+      // num_nodes > 1 is a gang: that many workers, scheduled together (queue/gang.ts)
+      distributed: { enabled: body.distributed ?? numNodes > 1, num_nodes: numNodes },
     };
   }
   if (type === 'train') {
@@ -533,11 +534,13 @@ export async function planTrainingJob(
   };
   const totalSteps =
     type === 'finetune' ? finetuneTotalSteps(config.training as TrainingSettings, stats.examples) : null;
-  const estimatedUsd = estimateJobCostUsd(ctx, {
-    params: resolved.params,
-    method,
-    totalTokens: plannedTokens(type, config, stats, totalSteps),
-  });
+  const estimatedUsd =
+    estimateJobCostUsd(ctx, {
+      params: resolved.params,
+      method,
+      totalTokens: plannedTokens(type, config, stats, totalSteps),
+    }) * // a gang holds num_nodes workers for the run's time (billing counts each)
+    (type === 'finetune' ? (body.num_nodes ?? 1) : 1);
   return {
     job: {
       kind: 'training',
@@ -553,6 +556,7 @@ export async function planTrainingJob(
       priority: body.priority,
       maxAttempts: body.max_attempts,
       totalSteps,
+      numNodes: type === 'finetune' ? (body.num_nodes ?? 1) : 1,
     },
     data,
     estimatedUsd,

@@ -7,6 +7,9 @@ travels in the environment), starts
         -m tunery_worker.jobs.ddp_entry <workdir>/ddp/job.json
 
 in a session of its own, and forwards what rank 0 reports to the job's context until torchrun exits.
+A gang node (`num_nodes` N > 1, the worker's place in `ctx.gang`) starts `--nnodes=N --node-rank=k
+--master-addr=A --master-port=P --nproc_per_node=1` instead; only node 0's group has global rank 0,
+so the other nodes forward nothing, and their clean exit is their whole result.
 
 Rank 0 reports as JSON lines appended to `ddp/events.jsonl`, one object per context call: `{"op":
 "log"|"metric"|"event"|"phase"|"checkpoint"|"output"|"stopping"|"result"|"stopped"|"error", ...}`.
@@ -182,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         attempt=int(job["attempt"]),
         inputs={role: Path(p) for role, p in job["inputs"].items()},
         resume_checkpoint=Path(job["resume_checkpoint"]) if job["resume_checkpoint"] else None,
+        gang=job.get("gang"),
         stream=run_dir / "events.jsonl" if rank == 0 else None,
         stop_file=run_dir / "stop",
         outbox=run_dir / "outbox",
@@ -197,10 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         dist.init_process_group(
             backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=cfg.distributed.timeout_s)
         )
-        if cfg.distributed.nproc_per_node != world_size:
+        expected = (cfg.distributed.nproc_per_node or 1) * cfg.distributed.num_nodes
+        if expected != world_size:
             raise InvalidConfig(
-                f"torchrun started {world_size} processes, the spec resolves to "
-                f"{cfg.distributed.nproc_per_node}",
+                f"torchrun started {world_size} processes, the spec resolves to {expected}",
                 param="distributed",
             )
         if cuda:
@@ -277,6 +281,7 @@ def launch(ctx: JobContext, cfg: finetune.FinetuneConfig) -> dict[str, Any]:
         "attempt": ctx.attempt,
         "inputs": {role: str(path) for role, path in ctx.inputs.items()},
         "resume_checkpoint": str(ctx.resume_checkpoint) if ctx.resume_checkpoint else None,
+        "gang": ctx.gang,
         "run_dir": str(run_dir),
         "parent_pid": os.getpid(),
     }
@@ -289,19 +294,29 @@ def launch(ctx: JobContext, cfg: finetune.FinetuneConfig) -> dict[str, Any]:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     if ctx.spec.get("hf_token"):
         env[HF_TOKEN_ENV] = str(ctx.spec["hf_token"])
+    d = cfg.distributed
+    if d.num_nodes > 1:
+        # A gang: this worker is node `node_rank` of `num_nodes`; rank 0's worker hosts the static
+        # rendezvous (torchrun's TCP store) at the address it gave the server when it joined.
+        where = [
+            f"--nnodes={d.num_nodes}", f"--node-rank={d.node_rank}",
+            f"--master-addr={d.master_addr}", f"--master-port={d.master_port}",
+        ]  # fmt: skip
+    else:
+        where = ["--standalone", "--nnodes=1"]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+        sys.executable, "-m", "torch.distributed.run", *where,
         f"--nproc_per_node={nproc}", "-m", ENTRY_MODULE, str(job_file),
     ]  # fmt: skip
     backend = "nccl" if ctx.device.startswith("cuda") else "gloo"
-    ctx.log(f"distributed: torchrun --standalone --nnodes=1 --nproc_per_node={nproc} ({backend})")
+    ctx.log(f"distributed: torchrun {' '.join(where)} --nproc_per_node={nproc} ({backend})")
     with open(run_dir / "torchrun.log", "wb") as output:
         proc = subprocess.Popen(
             command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
     group = _Group(proc, run_dir)
     try:
-        return _supervise(ctx, group)
+        return _supervise(ctx, group, member=d.num_nodes > 1 and d.node_rank > 0)
     finally:
         group.end()
 
@@ -409,7 +424,9 @@ class _Forwarder:
             path.unlink(missing_ok=True)
 
 
-def _supervise(ctx: JobContext, group: _Group) -> dict[str, Any]:
+def _supervise(ctx: JobContext, group: _Group, member: bool = False) -> dict[str, Any]:
+    """Forward rank 0's reports until torchrun exits; its result. `member`: a gang node above 0,
+    whose group has no rank 0 (nothing to forward) and whose clean exit is its whole result."""
     run_dir = group.run_dir
     forwarder = _Forwarder(ctx, run_dir / "events.jsonl")
     stop_requested: float | None = None
@@ -422,6 +439,11 @@ def _supervise(ctx: JobContext, group: _Group) -> dict[str, Any]:
         if stop_requested is None and ctx.should_stop():
             (run_dir / "stop").touch()
             stop_requested = time.monotonic()
+            if getattr(ctx, "stop_reason", None) == "lease_lost" and ctx.gang is not None and not ended:
+                # The gang's attempt is over (a member was lost, or the job was taken back): no
+                # checkpoint can be stored any more, and the other nodes are gone or going.
+                group.end()
+                ended = True
         if stop_requested is not None and not ended:
             waited = time.monotonic() - stop_requested
             # Acknowledged, or past the last step (as in one process, a late stop lets the job finish).
@@ -438,6 +460,8 @@ def _supervise(ctx: JobContext, group: _Group) -> dict[str, Any]:
     code = group.proc.returncode
     if forwarder.result is not None and code == 0:
         return forwarder.result
+    if member and code == 0 and stop_requested is None:
+        return {}  # rank 0's worker reports the result
     if stop_requested is not None or forwarder.stopped:
         raise JobStopped(ctx.job_id)
     if forwarder.error is not None:

@@ -102,8 +102,12 @@ class TrainingSettings:
 @dataclass
 class DistributedSettings:
     enabled: bool = False  # data-parallel training with torchrun on this worker
-    num_nodes: int = 1  # only 1: several nodes need workers scheduled together, which the server lacks
+    num_nodes: int = 1  # > 1: a gang of that many workers, one torchrun node each (the server schedules it)
     nproc_per_node: int | None = None  # processes; None: one per visible CUDA device, CPU_NPROC on CPU
+    # Set for a gang (num_nodes > 1) from the worker's place in it, never from the spec.
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
     # How long a rank waits in a collective before the group fails. Rank 0 alone evaluates,
     # checkpoints and uploads while the others wait at the next step; torch's 10-minute default
     # killed runs whose checkpoint upload or evaluation took longer.
@@ -126,7 +130,10 @@ class FinetuneConfig:
     use_fp16: bool = False  # CUDA without native bf16 (T4, V100): fp16 autocast with a GradScaler
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        config = dataclasses.asdict(self)
+        for placement in ("node_rank", "master_addr", "master_port"):  # this attempt's, not the run's
+            config["distributed"].pop(placement, None)
+        return config
 
 
 # The protocol names LoRA settings `alpha`/`dropout`; the public API says `lora_alpha`/`lora_dropout`.
@@ -145,7 +152,7 @@ def resolve_config(ctx: JobContext) -> FinetuneConfig:
             "Use method 'lora' or run a GPU worker",
             param="method",
         )
-    distributed = _resolve_distributed(spec.get("distributed"), ctx.device)
+    distributed = _resolve_distributed(spec.get("distributed"), ctx.device, ctx.gang)
 
     base = spec.get("base_model") or {}
     source = model_source(ctx)
@@ -182,20 +189,34 @@ def _settings(cls: Any, given: dict[str, Any], section: str) -> Any:
         raise InvalidConfig(f"{section}: {err}", param=section) from None
 
 
-def _resolve_distributed(given: Any, device: str) -> DistributedSettings:
+def _resolve_distributed(given: Any, device: str, gang: dict[str, Any] | None = None) -> DistributedSettings:
     """`distributed` with `nproc_per_node` resolved to a number (1 when not distributed)."""
     if not isinstance(given, dict):  # the public API's plain `distributed: true|false`
         given = {"enabled": bool(given)}
+    given = {k: v for k, v in given.items() if k not in ("node_rank", "master_addr", "master_port")}
     d = _settings(DistributedSettings, given, "distributed")
     if not d.enabled:
         return DistributedSettings(enabled=False, num_nodes=1, nproc_per_node=1, timeout_s=d.timeout_s)
     if not isinstance(d.num_nodes, int) or d.num_nodes < 1:
         raise InvalidConfig("distributed.num_nodes must be an integer ≥ 1", param="distributed")
     if d.num_nodes > 1:
-        raise InvalidConfig(
-            f"num_nodes > 1 needs {d.num_nodes} workers scheduled together, which Tunery does not do yet; "
-            "run one worker per node with torchrun yourself or use num_nodes 1 with several GPUs",
-            param="distributed",
+        # A gang: the server started it on num_nodes workers and told this one its place.
+        if gang is None or int(gang.get("world", 0)) != d.num_nodes:
+            raise InvalidConfig(
+                f"num_nodes {d.num_nodes} runs on a gang of {d.num_nodes} workers, which the server "
+                "schedules together; this worker was not started as a member of one",
+                param="distributed",
+            )
+        if not isinstance(d.timeout_s, int | float) or d.timeout_s < 60:
+            raise InvalidConfig("distributed.timeout_s must be a number of seconds ≥ 60", param="distributed")
+        return DistributedSettings(
+            enabled=True,
+            num_nodes=d.num_nodes,
+            nproc_per_node=1,  # one process per node: the worker's device (CPU with gloo, or one GPU)
+            timeout_s=float(d.timeout_s),
+            node_rank=int(gang["rank"]),
+            master_addr=str(gang["master_addr"]),
+            master_port=int(gang["master_port"]),
         )
     gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
     nproc = d.nproc_per_node
@@ -239,7 +260,7 @@ def _check_ranges(cfg: FinetuneConfig) -> None:
     for param, ok, rule in rules:
         if not ok:
             raise InvalidConfig(f"{param} {rule}", param=param)
-    nproc = cfg.distributed.nproc_per_node or 1
+    nproc = (cfg.distributed.nproc_per_node or 1) * cfg.distributed.num_nodes
     if t.batch_size < nproc:
         raise InvalidConfig(
             f"training.batch_size {t.batch_size} is smaller than the {nproc} distributed processes: "
@@ -254,7 +275,7 @@ def _check_ranges(cfg: FinetuneConfig) -> None:
 def run(ctx: JobContext) -> dict[str, Any]:
     ctx.set_phase("initializing")
     cfg = resolve_config(ctx)
-    if (cfg.distributed.nproc_per_node or 1) > 1:
+    if (cfg.distributed.nproc_per_node or 1) > 1 or cfg.distributed.num_nodes > 1:
         from tunery_worker.jobs import ddp_entry
 
         return ddp_entry.launch(ctx, cfg)
