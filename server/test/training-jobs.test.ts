@@ -256,7 +256,14 @@ describe.each(DATABASES)('training jobs on %s', (db) => {
     });
 
     it('starts from a template, which the request overrides', async () => {
+      // the template's qlora needs an online CUDA worker that runs it
+      const gpu = {
+        id: `gpu-${db}`,
+        capabilities: JSON.stringify({ job_types: ['finetune'], device: 'cuda' }),
+      };
+      await server.ctx.knex('workers').insert(gpu);
       const res = await create({ template: 'qlora-7b', dataset_id: datasetId, lora_rank: 8 });
+      await server.ctx.knex('workers').where({ id: gpu.id }).delete();
       expect(res.status).toBe(201);
       const job = await res.json();
       expect(job).toMatchObject({ method: 'qlora', base_model: 'qwen2.5-7b-instruct' });

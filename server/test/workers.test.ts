@@ -331,7 +331,13 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
 
   it('hands out only what the worker can run, and long-polls until a job arrives', async () => {
     await clearQueue();
+    // a qlora job is only accepted while a CUDA worker that runs it is online
+    await server.ctx.knex('workers').insert({
+      id: 'gpu-online',
+      capabilities: JSON.stringify({ job_types: ['finetune'], device: 'cuda' }),
+    });
     await createFinetune(server, { method: 'qlora' });
+    await server.ctx.knex('workers').where({ id: 'gpu-online' }).delete();
     expect(await worker.claim({ job_types: ['finetune'], methods: ['lora'], device: 'cpu' })).toBeNull();
     expect(await worker.claim({ job_types: ['distill'], device: 'cpu' })).toBeNull();
     await clearQueue();

@@ -11,6 +11,72 @@ const STATUSES = ['pending', 'running', 'completed', 'failed', 'cancelled'] as c
 const WORKER_ONLINE_SECONDS = 60;
 
 /**
+ * Each online worker and what it is running now: the jobs it holds a live lease on. The caller's
+ * jobs are named; other tenants' are only counted.
+ */
+async function onlineWorkers(ctx: AppContext, tenantId: string): Promise<Schemas['OnlineWorker'][]> {
+  const workers = await ctx.knex.raw(
+    `SELECT id, capabilities, last_seen_at FROM workers
+     WHERE last_seen_at > now() - make_interval(secs => ?) ORDER BY id`,
+    [WORKER_ONLINE_SECONDS],
+  );
+  const rows = workers.rows as { id: string; capabilities: unknown; last_seen_at: Date | string }[];
+  if (rows.length === 0) return [];
+  const running = await ctx
+    .knex('jobs')
+    .select('id', 'tenant_id', 'lease_owner', 'kind', 'type', 'method', 'phase', 'current_step')
+    .select('total_steps', 'started_at')
+    .where('status', 'running')
+    .andWhere('lease_expires_at', '>', ctx.knex.fn.now())
+    .whereIn(
+      'lease_owner',
+      rows.map((w) => w.id),
+    )
+    .orderBy([{ column: 'started_at' }, { column: 'id' }]);
+  const jobs = running as {
+    id: string;
+    tenant_id: string;
+    lease_owner: string;
+    kind: 'training' | 'distillation';
+    type: string;
+    method: string | null;
+    phase: string;
+    current_step: number;
+    total_steps: number | null;
+    started_at: Date | string | null;
+  }[];
+  const iso = (t: Date | string) => new Date(t).toISOString();
+  return rows.map((w) => {
+    const caps = (typeof w.capabilities === 'string' ? JSON.parse(w.capabilities) : w.capabilities) as {
+      device?: string;
+      job_types?: string[];
+      methods?: string[];
+    };
+    const held = jobs.filter((j) => j.lease_owner === w.id);
+    const mine = held.filter((j) => j.tenant_id === tenantId);
+    return {
+      worker_id: w.id,
+      device: caps.device ?? 'cpu',
+      job_types: caps.job_types ?? [],
+      methods: caps.methods ?? null,
+      last_seen_at: iso(w.last_seen_at),
+      busy: held.length > 0,
+      running_jobs: mine.map((j) => ({
+        job_id: j.id,
+        kind: j.kind,
+        type: j.type,
+        method: j.method,
+        phase: j.phase,
+        current_step: Number(j.current_step),
+        total_steps: j.total_steps == null ? null : Number(j.total_steps),
+        started_at: j.started_at == null ? null : iso(j.started_at),
+      })),
+      other_running_jobs: held.length - mine.length,
+    };
+  });
+}
+
+/**
  * The parameter count (and context length, when the catalog knows it) of the model a planning
  * request names. An explicit `params` wins; a model without a known count needs one.
  */
@@ -171,6 +237,7 @@ export const planningRoutes: Routes = {
       [WORKER_ONLINE_SECONDS],
     );
     const workersOnline = Number(online.rows[0]?.n ?? 0);
+    const workers = await onlineWorkers(ctx, tenantId);
     res.json({
       running_jobs: byStatus.get('running') ?? 0,
       queued_jobs: byStatus.get('pending') ?? 0,
@@ -180,6 +247,7 @@ export const planningRoutes: Routes = {
       dataset_count: await count('datasets'),
       runtime_available: workersOnline > 0,
       workers_online: workersOnline,
+      workers,
     } satisfies Schemas['TrainingStatus']);
   },
 

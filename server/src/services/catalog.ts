@@ -30,12 +30,14 @@ interface BuiltinModel {
   params: number;
   architecture: string;
   context_length: number;
+  /** `num_hidden_layers` of the published config: what a contract run may remove layers from. */
+  num_layers: number;
 }
 
 /**
  * The shipped catalog. Parameter counts are the exact totals of the published checkpoints
  * (embeddings included, tied embeddings counted once); context lengths are the models' configured
- * `max_position_embeddings` as used without rope scaling.
+ * `max_position_embeddings` as used without rope scaling; layer counts their `num_hidden_layers`.
  */
 const BUILTIN_MODELS: BuiltinModel[] = [
   {
@@ -44,6 +46,7 @@ const BUILTIN_MODELS: BuiltinModel[] = [
     params: 134_515_008,
     architecture: 'llama',
     context_length: 8192,
+    num_layers: 30,
   },
   {
     name: 'smollm2-360m-instruct',
@@ -51,6 +54,7 @@ const BUILTIN_MODELS: BuiltinModel[] = [
     params: 361_821_120,
     architecture: 'llama',
     context_length: 8192,
+    num_layers: 32,
   },
   {
     name: 'qwen2.5-0.5b-instruct',
@@ -58,6 +62,7 @@ const BUILTIN_MODELS: BuiltinModel[] = [
     params: 494_032_768,
     architecture: 'qwen2',
     context_length: 32768,
+    num_layers: 24,
   },
   {
     name: 'qwen2.5-1.5b-instruct',
@@ -65,6 +70,7 @@ const BUILTIN_MODELS: BuiltinModel[] = [
     params: 1_543_714_304,
     architecture: 'qwen2',
     context_length: 32768,
+    num_layers: 28,
   },
   {
     name: 'qwen2.5-7b-instruct',
@@ -72,6 +78,7 @@ const BUILTIN_MODELS: BuiltinModel[] = [
     params: 7_615_616_512,
     architecture: 'qwen2',
     context_length: 32768,
+    num_layers: 28,
   },
   {
     name: 'tinyllama-1.1b-chat',
@@ -79,6 +86,7 @@ const BUILTIN_MODELS: BuiltinModel[] = [
     params: 1_100_048_384,
     architecture: 'llama',
     context_length: 2048,
+    num_layers: 22,
   },
   {
     name: 'llama-3.2-1b',
@@ -86,6 +94,7 @@ const BUILTIN_MODELS: BuiltinModel[] = [
     params: 1_235_814_400,
     architecture: 'llama',
     context_length: 131072,
+    num_layers: 16,
   },
   {
     name: 'llama-3.2-1b-instruct',
@@ -93,6 +102,7 @@ const BUILTIN_MODELS: BuiltinModel[] = [
     params: 1_235_814_400,
     architecture: 'llama',
     context_length: 131072,
+    num_layers: 16,
   },
   {
     name: 'llama-3.2-3b',
@@ -100,6 +110,7 @@ const BUILTIN_MODELS: BuiltinModel[] = [
     params: 3_212_749_824,
     architecture: 'llama',
     context_length: 131072,
+    num_layers: 28,
   },
   {
     name: 'llama-3.2-3b-instruct',
@@ -107,6 +118,7 @@ const BUILTIN_MODELS: BuiltinModel[] = [
     params: 3_212_749_824,
     architecture: 'llama',
     context_length: 131072,
+    num_layers: 28,
   },
   {
     name: 'llama-3.1-8b',
@@ -114,6 +126,7 @@ const BUILTIN_MODELS: BuiltinModel[] = [
     params: 8_030_261_248,
     architecture: 'llama',
     context_length: 131072,
+    num_layers: 32,
   },
   {
     name: 'llama-3.1-8b-instruct',
@@ -121,6 +134,7 @@ const BUILTIN_MODELS: BuiltinModel[] = [
     params: 8_030_261_248,
     architecture: 'llama',
     context_length: 131072,
+    num_layers: 32,
   },
   {
     name: 'codellama-7b-instruct',
@@ -128,6 +142,7 @@ const BUILTIN_MODELS: BuiltinModel[] = [
     params: 6_738_546_688,
     architecture: 'llama',
     context_length: 16384,
+    num_layers: 32,
   },
   {
     name: 'mistral-7b-instruct-v0.3',
@@ -135,6 +150,7 @@ const BUILTIN_MODELS: BuiltinModel[] = [
     params: 7_248_023_552,
     architecture: 'mistral',
     context_length: 32768,
+    num_layers: 32,
   },
   {
     name: 'phi-3-mini-4k-instruct',
@@ -142,6 +158,7 @@ const BUILTIN_MODELS: BuiltinModel[] = [
     params: 3_821_079_552,
     architecture: 'phi3',
     context_length: 4096,
+    num_layers: 32,
   },
   {
     name: 'gemma-2-2b-it',
@@ -149,6 +166,7 @@ const BUILTIN_MODELS: BuiltinModel[] = [
     params: 2_614_341_888,
     architecture: 'gemma2',
     context_length: 8192,
+    num_layers: 26,
   },
 ];
 
@@ -198,9 +216,20 @@ export function checkModelSource(
   return source;
 }
 
+/**
+ * What the catalog knows of a shipped model's shape, by the source workers load (`org/name`): its
+ * layer count and architecture; null for any other model (its config is known only to workers).
+ */
+export function builtinModelShape(
+  source: string | null,
+): { num_layers: number; architecture: string } | null {
+  const model = source ? BUILTIN_MODELS.find((m) => m.source === source) : undefined;
+  return model ? { num_layers: model.num_layers, architecture: model.architecture } : null;
+}
+
 /** Seeds the shipped base-model entries; re-running updates them in place. */
 export async function seedCatalog(knex: Knex): Promise<void> {
-  for (const model of BUILTIN_MODELS) {
+  for (const { num_layers: _layers, ...model } of BUILTIN_MODELS) {
     const row = { id: builtinBaseModelId(model.name), tenant_id: null, ...model };
     await knex('base_models')
       .insert(row)

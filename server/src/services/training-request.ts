@@ -11,7 +11,7 @@ import { badRequest, invalidConfig, notFound } from '../errors.js';
 import type { BodyOf, Schemas } from '../http.js';
 import type { EnqueueInput } from '../queue/enqueue.js';
 import type { JobRow } from '../queue/types.js';
-import { checkModelSource, resolveBaseModel } from './catalog.js';
+import { builtinModelShape, checkModelSource, resolveBaseModel } from './catalog.js';
 import {
   type DatasetRow,
   estimateTokens,
@@ -381,6 +381,136 @@ function outputNameOf(body: TrainingJobCreate, hp: Hyperparams): string | undefi
   return last;
 }
 
+// ------------------------------------------------------------------ fields a type acts on
+
+type BodyField = keyof TrainingJobCreate;
+const MODEL_FIELDS: BodyField[] = ['base_model', 'model_name', 'base_model_id', 'source_model_id'];
+const DATA: BodyField[] = [...DATA_FIELDS];
+const OUTPUT: BodyField[] = ['output_name', 'output_dir'];
+
+/** Fields every type acts on (`hyperparams` and `training_config` are checked key by key). */
+const COMMON_FIELDS: BodyField[] = [
+  'type',
+  'idempotency_key',
+  'template',
+  'hyperparams',
+  'training_config',
+  'run_name',
+  'wandb_project',
+  'hf_token',
+  'backend',
+  'priority',
+  'max_attempts',
+];
+
+/** The request fields each type acts on: any other is refused, never stored and ignored. */
+const TYPE_FIELDS: Record<Exclude<JobType, 'prompt_optimize'>, BodyField[]> = {
+  finetune: [
+    ...MODEL_FIELDS,
+    ...DATA,
+    ...OUTPUT,
+    'method',
+    'eval_split',
+    'lora_config',
+    'num_epochs',
+    'batch_size',
+    'learning_rate',
+    'max_steps',
+    'lora_rank',
+    'lora_alpha',
+    'max_seq_length',
+    'eval_steps',
+    'use_gradient_checkpointing',
+    'distributed',
+    'num_nodes',
+  ],
+  train: [...MODEL_FIELDS, ...DATA, ...OUTPUT],
+  contract: [...MODEL_FIELDS, ...DATA, ...OUTPUT],
+  merge: [...OUTPUT, 'parent_job_id'],
+  // a benchmark scores an existing output model and writes its scores onto it: no new model
+  benchmark: ['source_model_id', ...DATA],
+};
+
+/** The `hyperparams` keys each type acts on (seed 002). */
+const TYPE_HYPERPARAMS: Record<Exclude<JobType, 'prompt_optimize'>, (keyof Hyperparams)[]> = {
+  finetune: ['lora_rank', 'steps', 'lr', 'seq_len', 'output_name', 'source_model_id'],
+  train: [
+    'turns',
+    'cycles',
+    'steps_per_cycle',
+    'lr',
+    'seq_len',
+    'new_layers',
+    'output_name',
+    'source_model_id',
+  ],
+  contract: ['contraction_ratio', 'num_layers_to_contract', 'output_name', 'source_model_id'],
+  merge: ['output_name'],
+  benchmark: ['source_model_id'],
+};
+
+const METHOD_HINT: Record<string, string> = {
+  train: 'grows the model',
+  contract: 'removes layers',
+  merge: "merges the parent job's adapter",
+  benchmark: 'scores an output model',
+};
+
+/**
+ * Refuses every field of the request that a job of `type` would not act on, naming it: a
+ * `merge` given `lora_config`, a `contract` given `eval_split`, a `benchmark` given
+ * `output_name`. Non-finetune types read only `seed` from `training_config`. Also refuses the
+ * model or the output named twice (one of the two would be ignored). A finetune setting given in
+ * several forms (flat, `hyperparams`, nested) is not refused: the forms layer as documented.
+ */
+function refuseFieldsTypeIgnores(type: JobType, body: TrainingJobCreate): void {
+  if (type === 'prompt_optimize') return;
+  const allowed = new Set<string>([...COMMON_FIELDS, ...TYPE_FIELDS[type]]);
+  const what = METHOD_HINT[type] ?? 'fine-tunes';
+  for (const [field, value] of Object.entries(body)) {
+    if (value === undefined || allowed.has(field)) continue;
+    throw invalidConfig(`A ${type} job does not use ${field} (it ${what}); leave it out.`, field);
+  }
+  const hpAllowed = new Set<string>(TYPE_HYPERPARAMS[type]);
+  for (const [key, value] of Object.entries(body.hyperparams ?? {})) {
+    if (value === undefined || hpAllowed.has(key)) continue;
+    throw invalidConfig(
+      `A ${type} job does not use hyperparams.${key}; it reads ${[...hpAllowed].join(', ')}.`,
+      `hyperparams.${key}`,
+    );
+  }
+  if (type !== 'finetune') {
+    for (const [key, value] of Object.entries(body.training_config ?? {})) {
+      if (value === undefined || key === 'seed') continue;
+      throw invalidConfig(
+        `A ${type} job reads only seed from training_config, not ${key}.`,
+        `training_config.${key}`,
+      );
+    }
+  }
+  const models = (
+    [
+      ['base_model', body.base_model],
+      ['model_name', body.model_name],
+      ['base_model_id', body.base_model_id],
+      ['source_model_id', body.source_model_id],
+      ['hyperparams.source_model_id', body.hyperparams?.source_model_id],
+    ] as const
+  ).filter(([, v]) => v !== undefined);
+  if (models.length > 1) {
+    throw invalidConfig(
+      `Name the model once: ${models.map(([f]) => f).join(' and ')} were both given.`,
+      models[1]![0],
+    );
+  }
+  if (body.output_name !== undefined && body.hyperparams?.output_name !== undefined) {
+    throw invalidConfig('Give output_name once: top-level or in hyperparams.', 'hyperparams.output_name');
+  }
+  if (body.output_dir !== undefined && (body.output_name ?? body.hyperparams?.output_name) !== undefined) {
+    throw invalidConfig('output_dir names the output too; give it or output_name, not both.', 'output_dir');
+  }
+}
+
 /** A worker counts as online when it claimed or heartbeat within this many seconds. */
 const WORKER_ONLINE_SECONDS = 60;
 
@@ -404,6 +534,82 @@ async function requiredDeviceOf(
     throw badRequest('No online worker announces the mlx backend.', 'backend', 'backend_unavailable');
   }
   return 'mlx';
+}
+
+/**
+ * `qlora` loads 4-bit weights with bitsandbytes, which only CUDA workers do: refused when the job's
+ * `backend` pins another device, and (like `backend: mlx`) while no online CUDA worker that runs
+ * finetune jobs with qlora is there to take it, rather than queued to fail or wait forever.
+ */
+async function checkMethodRunnable(
+  ctx: AppContext,
+  method: string | null,
+  requiredDevice: string | null,
+): Promise<void> {
+  if (method !== 'qlora') return;
+  if (requiredDevice && requiredDevice !== 'cuda') {
+    throw invalidConfig(
+      `method qlora needs a CUDA worker; backend ${requiredDevice} pins another device.`,
+      'method',
+    );
+  }
+  const online = await ctx.knex.raw(
+    `SELECT 1 FROM workers
+     WHERE capabilities->>'device' = 'cuda'
+       AND capabilities->'job_types' @> '["finetune"]'::jsonb
+       AND (capabilities->'methods' IS NULL OR capabilities->'methods' @> '["qlora"]'::jsonb)
+       AND last_seen_at > now() - make_interval(secs => ?)
+     LIMIT 1`,
+    [WORKER_ONLINE_SECONDS],
+  );
+  if (online.rows.length === 0) {
+    throw badRequest(
+      'method qlora needs a CUDA worker, and no online worker with device cuda runs qlora fine-tunes; use method lora or start a GPU worker.',
+      'method',
+      'backend_unavailable',
+    );
+  }
+}
+
+/** Where a request set a training setting, for the error's `param` (the template when not the request). */
+function settingParam(body: TrainingJobCreate, key: 'eval_split' | 'eval_steps'): string {
+  if (body.training_config?.[key] !== undefined) return `training_config.${key}`;
+  if (body[key] !== undefined) return key;
+  return 'template';
+}
+
+/** Checks of a fine-tune's settings against its data that the worker would otherwise fail or skip later. */
+function checkFinetuneSettings(body: TrainingJobCreate, training: TrainingSettings, examples: number): void {
+  if (training.eval_split > 0 && examples < 2) {
+    throw invalidConfig(
+      `eval_split holds out part of the data for evaluation, which needs at least 2 examples; the dataset has ${examples}.`,
+      settingParam(body, 'eval_split'),
+    );
+  }
+  if (training.eval_steps > 0 && training.eval_split === 0) {
+    throw invalidConfig(
+      'eval_steps evaluates on held-out data, and eval_split holds none out: set eval_split > 0 or leave eval_steps out.',
+      settingParam(body, 'eval_steps'),
+    );
+  }
+}
+
+/**
+ * A contract run removes `max(1, round(contraction_ratio × num_layers_to_contract))` layers and keeps
+ * at least one (the worker's rule): checked against the layer count when the catalog knows it.
+ */
+function checkContraction(config: Record<string, unknown>, model: SpecModel): void {
+  const shape = builtinModelShape(model.source);
+  if (!shape) return;
+  const ratio = config.contraction_ratio as number;
+  const count = config.num_layers_to_contract as number;
+  const remove = Math.max(1, Math.round(ratio * count));
+  if (remove >= shape.num_layers) {
+    throw invalidConfig(
+      `contraction_ratio × num_layers_to_contract removes ${remove} of the ${shape.num_layers} layers of ${model.name}; at most ${shape.num_layers - 1} can go.`,
+      'hyperparams.num_layers_to_contract',
+    );
+  }
 }
 
 /** The part of the spec every type shares. */
@@ -513,6 +719,7 @@ export async function planTrainingJob(
   const requiredDevice = await requiredDeviceOf(ctx, body.backend);
   const template = body.template ? await getTemplateConfig(ctx, tenantId, body.template) : {};
   const type: JobType = body.type ?? template.type ?? 'finetune';
+  refuseFieldsTypeIgnores(type, body);
   const hp = { ...template.hyperparams, ...body.hyperparams } as Hyperparams;
   const method = type === 'finetune' ? (body.method ?? template.method ?? 'lora') : null;
 
@@ -532,6 +739,9 @@ export async function planTrainingJob(
     ...commonSpec(type, resolved.model, body, outputName),
     ...typeSpec(type, method, body, template, hp, stats.format),
   };
+  await checkMethodRunnable(ctx, method, requiredDevice);
+  if (type === 'finetune') checkFinetuneSettings(body, config.training as TrainingSettings, stats.examples);
+  if (type === 'contract') checkContraction(config, resolved.model);
   const totalSteps =
     type === 'finetune' ? finetuneTotalSteps(config.training as TrainingSettings, stats.examples) : null;
   const estimatedUsd =
@@ -563,9 +773,32 @@ export async function planTrainingJob(
   };
 }
 
-/** The config of a merge job created from the merge endpoint (seed 001's `POST …/merge`). */
+/** The model types the worker's GGUF exporter writes (`config.model_type`, the catalog's architecture). */
+const GGUF_ARCHITECTURES = ['llama', 'qwen2'];
+
+/**
+ * The config of a merge job created from the merge endpoint (seed 001's `POST …/merge`). Options
+ * the worker would refuse or skip are refused here: `quantization_types` without `export_gguf`, and
+ * `export_gguf` for a base model whose architecture the exporter does not write.
+ */
 export function mergeJobPlan(parent: JobRow, options: Schemas['MergeRequest']): TrainingJobPlan['job'] {
   const model = specModelOfJob(parent);
+  if (options.quantization_types !== undefined && !options.export_gguf) {
+    throw invalidConfig('quantization_types applies only with export_gguf: true.', 'quantization_types');
+  }
+  if (options.export_gguf && options.quantization_types?.length === 0) {
+    throw invalidConfig(
+      'export_gguf needs at least one quantization type (leave quantization_types out for q4_k_m).',
+      'quantization_types',
+    );
+  }
+  const architecture = builtinModelShape(model.source)?.architecture;
+  if (options.export_gguf && architecture && !GGUF_ARCHITECTURES.includes(architecture)) {
+    throw invalidConfig(
+      `GGUF export writes ${GGUF_ARCHITECTURES.join(' and ')} models; ${model.name} is ${architecture}.`,
+      'export_gguf',
+    );
+  }
   return {
     kind: 'training',
     type: 'merge',

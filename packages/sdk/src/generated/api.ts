@@ -357,6 +357,26 @@ export interface paths {
          *     dataset. Settings come flat (`num_epochs`, `lora_rank`, …), nested (`lora_config`,
          *     `training_config`) or as `hyperparams`; nested wins over `hyperparams`, which wins over flat.
          *     Returns the job at once with `status: "pending"`.
+         *
+         *     **Nothing is accepted and ignored.** A field the job's type does not act on is
+         *     `400 invalid_config` naming it: only `finetune` takes `method`, `eval_split`, `eval_steps`,
+         *     `lora_config`, the flat settings, `distributed` and `num_nodes`; other types read only `seed`
+         *     from `training_config` and only their own `hyperparams` keys (`train`: `turns`, `cycles`,
+         *     `steps_per_cycle`, `lr`, `seq_len`, `new_layers`; `contract`: `contraction_ratio`,
+         *     `num_layers_to_contract`; `finetune`: `lora_rank`, `steps`, `lr`, `seq_len`; all but
+         *     `benchmark`: `output_name`; all but `merge`: `source_model_id`). Only `merge` takes
+         *     `parent_job_id`, and it takes no model or data fields; `benchmark` takes `source_model_id` and
+         *     data, and no `output_name`/`output_dir`. The model named twice (`base_model`, `model_name`,
+         *     `base_model_id`, `source_model_id`, `hyperparams.source_model_id`) or the output named twice
+         *     (`output_name`, `hyperparams.output_name`, `output_dir`) is refused too.
+         *
+         *     **Checked at submission, not by a failed job later:** `method: qlora` with `backend`
+         *     `cpu`/`mlx` (`400 invalid_config`) or while no online worker with device `cuda` runs
+         *     qlora fine-tunes (`400 backend_unavailable`, `param: method`); `eval_split` > 0 on data of
+         *     fewer than 2 examples, and `eval_steps` > 0 without `eval_split` (nothing would be
+         *     evaluated); a `contract` run on a catalog model asked to remove
+         *     `max(1, round(contraction_ratio × num_layers_to_contract))` layers when the model has no more
+         *     than that (`param: hyperparams.num_layers_to_contract`).
          */
         post: operations["createTrainingJob"];
         delete?: never;
@@ -462,6 +482,9 @@ export interface paths {
          * Merge a job's LoRA adapter into its base model
          * @description Creates a `merge` job that merges the completed LoRA/QLoRA job's adapter into the base model
          *     and saves merged safetensors (and GGUF files when asked). Poll it as any training job.
+         *     `400 invalid_config` at once for `quantization_types` without `export_gguf: true`, an empty
+         *     `quantization_types` with it, and `export_gguf` for a catalog base model whose architecture
+         *     the GGUF exporter does not write (it writes `llama` and `qwen2`).
          */
         post: operations["mergeTrainingJob"];
         delete?: never;
@@ -790,7 +813,10 @@ export interface paths {
         };
         /**
          * Training service status
-         * @description Running/queued/completed/failed job counts, model and dataset counts, and whether any worker is online.
+         * @description Running/queued/completed/failed job counts, model and dataset counts, whether any worker is
+         *     online, and for each online worker (seen in the last minute) what it runs and what it is
+         *     running now: your jobs it holds a live lease on by id, type and progress, and how many other
+         *     tenants' jobs it runs (counted, never named).
          */
         get: operations["getTrainingStatus"];
         put?: never;
@@ -2579,7 +2605,7 @@ export interface components {
          */
         TrainingJobType: "finetune" | "train" | "contract" | "merge" | "benchmark" | "prompt_optimize";
         /**
-         * @description How weights are trained. `qlora` needs a CUDA worker.
+         * @description How weights are trained. `qlora` needs a CUDA worker: a job asking for it is `400 backend_unavailable` while no online worker with device `cuda` runs it.
          * @enum {string}
          */
         TrainingMethod: "lora" | "qlora" | "full";
@@ -2736,7 +2762,7 @@ export interface components {
             steps?: number;
             source_model_id?: components["schemas"]["Id"];
             /**
-             * @description Prune aggressiveness (contract).
+             * @description Prune aggressiveness (contract): `max(1, round(contraction_ratio × num_layers_to_contract))` layers are removed, and at least one must remain.
              * @default 0.5
              */
             contraction_ratio?: number;
@@ -2765,7 +2791,7 @@ export interface components {
             dataset_path?: string;
             /** @description Inline training texts (stored as a dataset). */
             train_texts?: string[];
-            /** @description Fraction held out for evaluation. */
+            /** @description Fraction held out for evaluation (finetune; needs at least 2 examples). */
             eval_split?: number;
             lora_config?: components["schemas"]["LoraConfig"];
             training_config?: components["schemas"]["TrainingConfig"];
@@ -3616,6 +3642,44 @@ export interface components {
             runtime_available: boolean;
             /** @description Workers seen in the last minute. */
             workers_online: number;
+            /** @description The online workers, by id. */
+            workers: components["schemas"]["OnlineWorker"][];
+        };
+        /** @description A worker seen in the last minute and what it is doing. */
+        OnlineWorker: {
+            /** @description The id it claims with. */
+            worker_id: string;
+            /** @description Where it trains (`cpu`, `cuda`, `mlx`). */
+            device: string;
+            /** @description Job types it runs. */
+            job_types: string[];
+            /** @description Training methods it runs; null: any. */
+            methods: string[] | null;
+            last_seen_at: components["schemas"]["Timestamp"];
+            /** @description It holds a live lease on some job (yours or another tenant's). */
+            busy: boolean;
+            /** @description Your jobs it is running now (a live lease), oldest first. */
+            running_jobs: {
+                job_id: components["schemas"]["Id"];
+                /**
+                 * @description Which resource it is (`/v1/training/jobs` or `/v1/distillation`).
+                 * @enum {string}
+                 */
+                kind: "training" | "distillation";
+                /** @description Job type (`finetune`, `merge`, `distill`, …). */
+                type: string;
+                /** @description Training method, null for types without one. */
+                method: string | null;
+                /** @description Phase it reported. */
+                phase: string;
+                /** @description Last step reported. */
+                current_step: number;
+                /** @description Steps planned, once known. */
+                total_steps: number | null;
+                started_at: components["schemas"]["NullableTimestamp"];
+            }[];
+            /** @description Jobs of other tenants it is running now (not named). */
+            other_running_jobs: number;
         };
         /** @description Auto-training settings. */
         AutoTrainingConfig: {

@@ -121,6 +121,29 @@ export function planningHandlers({ router, state }: MockContext) {
       dataset_count: state.datasets.size,
       runtime_available: state.workersOnline > 0,
       workers_online: state.workersOnline,
+      // the first mock worker runs every running job; the others idle
+      workers: Array.from({ length: state.workersOnline }, (_, i) => {
+        const running = i === 0 ? all.filter((j) => j.status === 'running') : [];
+        return {
+          worker_id: `worker-${i + 1}`,
+          device: 'cuda',
+          job_types: ['finetune', 'train', 'contract', 'merge', 'benchmark', 'distill'],
+          methods: null,
+          last_seen_at: new Date().toISOString(),
+          busy: running.length > 0,
+          running_jobs: running.map((j) => ({
+            job_id: j.id,
+            kind: 'type' in j ? ('training' as const) : ('distillation' as const),
+            type: 'type' in j ? j.type : 'distill',
+            method: 'method' in j ? (j.method ?? null) : null,
+            phase: 'phase' in j ? j.phase : 'training',
+            current_step: 'current_step' in j ? j.current_step : 0,
+            total_steps: 'total_steps' in j ? j.total_steps : null,
+            started_at: j.started_at ?? null,
+          })),
+          other_running_jobs: 0,
+        };
+      }),
     });
   });
 
