@@ -1,8 +1,8 @@
 import { defineConfig } from 'vitest/config';
-import { version } from './package.json';
+import pkg from './package.json' with { type: 'json' };
 
 export default defineConfig({
-  define: { __SDK_VERSION__: JSON.stringify(version) },
+  define: { __SDK_VERSION__: JSON.stringify(pkg.version) },
   test: {
     include: ['test/**/*.test.ts'],
     testTimeout: 20_000,

@@ -368,6 +368,14 @@ describe('every mock response is valid against the spec', () => {
     expect(
       (await worker('POST', `/v1/workers/jobs/${job_id}/heartbeat`, { lease_token: 'stale' })).status,
     ).toBe(409);
+    // The mock forms no gangs: a member token is never valid, an unknown job is not found.
+    for (const op of ['wait', 'heartbeat']) {
+      const gang = await worker('POST', `/v1/workers/jobs/${job_id}/gang/${op}`, { member_token: 'm' });
+      expect(gang).toMatchObject({ status: 409, body: { error: { code: 'lease_lost' } } });
+      expect(
+        (await worker('POST', `/v1/workers/jobs/job_missing/gang/${op}`, { member_token: 'm' })).status,
+      ).toBe(404);
+    }
     await worker('POST', `/v1/workers/jobs/${job_id}/complete`, {
       ...lease,
       result: { loss_final: 0.5, note: 'ok' },

@@ -277,6 +277,14 @@ export function workerHandlers({ router, state }: MockContext) {
     return response(200).json({ job_id: job.id, status: job.status, will_retry: true, run_at: now() });
   });
 
+  // The mock runs every job on one worker: it forms no gangs, so no member token is ever valid.
+  router.post('/v1/workers/jobs/{job_id}/gang/wait', 'waitGang', ({ params }) =>
+    noGangMember(state, params.job_id),
+  );
+  router.post('/v1/workers/jobs/{job_id}/gang/heartbeat', 'heartbeatGangMember', ({ params }) =>
+    noGangMember(state, params.job_id),
+  );
+
   router.post(
     '/v1/workers/jobs/{job_id}/cancelled',
     'acknowledgeCancel',
@@ -360,6 +368,19 @@ async function receiveUpload(
   }
   state.uploadParts.delete(key);
   return { complete: true, data };
+}
+
+/** What a gang operation answers here: 404 for an unknown job, else 409 lease_lost (no gang, no member). */
+function noGangMember(state: MockState, jobId: string): never {
+  if (!state.trainingJobs.has(jobId) && !state.distillationJobs.has(jobId)) {
+    throw notFound('job', jobId, 'job_id', 'job_not_found');
+  }
+  throw new MockHttpError(
+    409,
+    'lease_lost',
+    `The mock forms no gangs: no member of ${jobId}.`,
+    'member_token',
+  );
 }
 
 function leasedJob(state: MockState, jobId: string, token: string): AnyJob {
