@@ -8,10 +8,8 @@ import type { NextFunction, Request, Response } from 'express';
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
 import type { AppContext } from './context.js';
 import { ApiError } from './errors.js';
+import { WORKER_ONLINE_SECONDS } from './queue/claim.js';
 import { SERVING_WORKER_SEEN_SECONDS } from './services/inference.js';
-
-/** A worker counts as online when it claimed or heartbeat within this many seconds (as /v1/training/status). */
-const ONLINE_SECONDS = 120;
 
 export interface Metrics {
   registry: Registry;
@@ -64,12 +62,12 @@ export function createMetrics(ctx: Pick<AppContext, 'knex' | 'storage'>): Metric
   const countOf = async (sql: string) => Number((await ctx.knex.raw(sql)).rows[0]?.n ?? 0);
   new Gauge({
     name: 'tunery_workers_online',
-    help: `Training workers that claimed or heartbeat within ${ONLINE_SECONDS} s.`,
+    help: `Training workers that claimed or heartbeat within ${WORKER_ONLINE_SECONDS} s.`,
     registers: [registry],
     async collect() {
       this.set(
         await countOf(
-          `SELECT count(*)::int AS n FROM workers WHERE last_seen_at > now() - make_interval(secs => ${ONLINE_SECONDS})`,
+          `SELECT count(*)::int AS n FROM workers WHERE last_seen_at > now() - make_interval(secs => ${WORKER_ONLINE_SECONDS})`,
         ),
       );
     },

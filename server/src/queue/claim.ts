@@ -26,6 +26,9 @@ export type ClaimOutcome = { job: JobRow; gang?: never } | { gang: GangJoin; job
 /** Longest single sleep of a long-poll: jobs whose backoff ends wake nobody, so look again this often. */
 const RECHECK_MS = 1000;
 
+/** A worker counts as online when it claimed or heartbeat within this many seconds. */
+export const WORKER_ONLINE_SECONDS = 60;
+
 /** Records the worker and what it can do, for the status pages. */
 async function touchWorker(ctx: AppContext, input: ClaimInput): Promise<void> {
   await ctx.knex.raw(

@@ -1,14 +1,13 @@
 import type { AppContext } from '../context.js';
 import { invalidConfig } from '../errors.js';
 import { type BodyOf, type Routes, type Schemas, tenantOf } from '../http.js';
+import { WORKER_ONLINE_SECONDS } from '../queue/claim.js';
 import { getAutoConfig, updateAutoConfig } from '../services/auto-training.js';
 import { getBaseModel, resolveBaseModel } from '../services/catalog.js';
 import { estimateTokens, getDataset } from '../services/datasets.js';
 import { estimate, recommend } from '../services/estimate.js';
 
 const STATUSES = ['pending', 'running', 'completed', 'failed', 'cancelled'] as const;
-/** A worker counts as online when it claimed or heartbeat within this many seconds. */
-const WORKER_ONLINE_SECONDS = 60;
 
 /**
  * Each online worker and what it is running now: the jobs it holds a live lease on. The caller's

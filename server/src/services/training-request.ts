@@ -9,6 +9,7 @@ import { basename, resolve, sep } from 'node:path';
 import type { AppContext } from '../context.js';
 import { badRequest, invalidConfig, notFound } from '../errors.js';
 import type { BodyOf, Schemas } from '../http.js';
+import { WORKER_ONLINE_SECONDS } from '../queue/claim.js';
 import type { EnqueueInput } from '../queue/enqueue.js';
 import type { JobRow } from '../queue/types.js';
 import { builtinModelShape, checkModelSource, resolveBaseModel } from './catalog.js';
@@ -510,9 +511,6 @@ function refuseFieldsTypeIgnores(type: JobType, body: TrainingJobCreate): void {
     throw invalidConfig('output_dir names the output too; give it or output_name, not both.', 'output_dir');
   }
 }
-
-/** A worker counts as online when it claimed or heartbeat within this many seconds. */
-const WORKER_ONLINE_SECONDS = 60;
 
 /**
  * The device a job's `backend` pins. `mlx` runs only on a worker announcing that device, so a
