@@ -357,6 +357,33 @@ describe.each(DATABASES)('seed request examples on %s', (db) => {
       expect(await res.json()).toMatchObject({ ok: true, config: { threshold: 200, cooldown_hours: 24 } });
     });
 
+    it('activates the documented model: ok and the active model', async () => {
+      const res = await post(`/v1/models/${adapterModelId}/activate`, { provider_model: 'eliza-v1' });
+      expect(res.status).toBe(200);
+      expect(await res.json()).toMatchObject({ ok: true, active_model: 'eliza-v1' });
+    });
+
+    it('benchmarks the model (no body, as written): a queued job on the data it was trained on', async () => {
+      const res = await post(`/v1/models/${adapterModelId}/benchmark`);
+      expect(res.status).toBe(202);
+      const queued = await res.json();
+      expect(queued).toMatchObject({ model_id: adapterModelId, status: 'pending', scores: null });
+      expect(await server.ctx.knex('jobs').where({ id: queued.job_id }).first()).toMatchObject({
+        type: 'benchmark',
+        model_id: adapterModelId,
+      });
+    });
+
+    it('answers import-ollama with baseModel, as the seed writes it, 400 naming base_model', async () => {
+      const res = await post(`/v1/models/${adapterModelId}/import-ollama`, {
+        model_name: 'eliza-v1',
+        base_model: 'eliza-1-2b',
+        ollama_url: 'http://localhost:11434',
+      });
+      expect(res.status).toBe(400);
+      expect((await res.json()).error).toMatchObject({ param: 'base_model' });
+    });
+
     it('answers the status counters', async () => {
       const res = await server.api('/v1/training/status');
       expect(res.status).toBe(200);
