@@ -31,7 +31,19 @@ function strict(node: unknown): void {
 
 function strictSpec(): Json {
   const spec = parse(readFileSync(SPEC_PATH, 'utf8')) as Json;
-  strict(spec.components);
+  // A schema that is one member of an allOf must not refuse the other members' properties.
+  const members = new Set<string>();
+  JSON.stringify(spec, (key, value) => {
+    if (key === 'allOf' && Array.isArray(value)) {
+      for (const member of value as Json[]) if (typeof member.$ref === 'string') members.add(member.$ref);
+    }
+    return value;
+  });
+  const schemas = (spec.components as Json).schemas as Record<string, Json>;
+  for (const [name, schema] of Object.entries(schemas)) {
+    if (members.has(`#/components/schemas/${name}`)) for (const value of Object.values(schema)) strict(value);
+    else strict(schema);
+  }
   strict(spec.paths);
   return spec;
 }
@@ -57,11 +69,17 @@ export function strictResponses(): StrictResponses {
   const validatorFor = (path: string, method: string, status: number) => {
     const key = `${method} ${path} ${status}`;
     if (!validators.has(key)) {
-      const responses = ((spec.paths as Json)[path] as Json | undefined)?.[method] as Json | undefined;
-      const declared = (responses?.responses as Json | undefined)?.[String(status)] as Json | undefined;
+      const operation = ((spec.paths as Json)[path] as Json | undefined)?.[method] as Json | undefined;
+      let declared = (operation?.responses as Json | undefined)?.[String(status)] as Json | undefined;
+      let at = `#/paths/${pointer(path)}/${method}/responses/${status}`;
+      // Error answers are shared: `{$ref: '#/components/responses/…'}`.
+      if (typeof declared?.$ref === 'string') {
+        at = declared.$ref;
+        const name = at.split('/').pop()!;
+        declared = ((spec.components as Json).responses as Json)[name] as Json;
+      }
       const json = (declared?.content as Json | undefined)?.['application/json'];
-      const ref = `spec#/paths/${pointer(path)}/${method}/responses/${status}/content/application~1json/schema`;
-      validators.set(key, json ? ajv.compile({ $ref: ref }) : null);
+      validators.set(key, json ? ajv.compile({ $ref: `spec${at}/content/application~1json/schema` }) : null);
     }
     return validators.get(key);
   };

@@ -341,6 +341,9 @@ describe('the server says what it sends', () => {
     for await (const _ of client.adapters.list());
     for await (const _ of client.models.list());
     for await (const _ of client.datasets.list());
+    for await (const _ of client.trajectories.list());
+    // error answers are checked too
+    await expect(client.training.jobs.retrieve('job_missing')).rejects.toMatchObject({ status: 404 });
     expect([...types].sort()).toEqual([
       'benchmark',
       'contract',

@@ -32,14 +32,19 @@ const PREFLIGHT_MAX_AGE_SECONDS = 600;
 export function cors(allowedOrigins: readonly string[]) {
   const anyOrigin = allowedOrigins.includes('*');
   return (req: Request, res: Response, next: NextFunction) => {
+    // The answer depends on the origin whenever origins are listed: caches must keep them apart.
+    if (allowedOrigins.length > 0 && !anyOrigin) res.vary('Origin');
     const origin = req.headers.origin;
     if (!origin || !(anyOrigin || allowedOrigins.includes(origin))) return next();
     res.setHeader('Access-Control-Allow-Origin', anyOrigin ? '*' : origin);
-    res.vary('Origin');
     res.setHeader('Access-Control-Expose-Headers', EXPOSED_HEADERS);
     if (req.method !== 'OPTIONS' || !req.headers['access-control-request-method']) return next();
     res.setHeader('Access-Control-Allow-Methods', 'GET, POST, PUT, PATCH, DELETE');
-    res.setHeader('Access-Control-Allow-Headers', ALLOWED_HEADERS);
+    // A listed origin may send what it asks to (a client's own default headers, say); else the API's.
+    res.setHeader(
+      'Access-Control-Allow-Headers',
+      req.headers['access-control-request-headers'] ?? ALLOWED_HEADERS,
+    );
     res.setHeader('Access-Control-Max-Age', String(PREFLIGHT_MAX_AGE_SECONDS));
     res.status(204).end();
   };

@@ -20,14 +20,20 @@ describe('CORS (TUNERY_CORS_ORIGINS)', () => {
         origin: PAGE,
         'access-control-request-method': 'POST',
         'access-control-request-headers':
-          'authorization, content-type, idempotency-key, x-tunery-retry-count',
+          'authorization, content-type, idempotency-key, x-tunery-retry-count, x-team',
       },
     });
     expect(res.status).toBe(204);
     expect(res.headers.get('access-control-allow-origin')).toBe(PAGE);
     expect(res.headers.get('access-control-allow-methods')).toContain('POST');
     const allowed = res.headers.get('access-control-allow-headers')?.toLowerCase() ?? '';
-    for (const header of ['authorization', 'content-type', 'idempotency-key', 'x-tunery-retry-count']) {
+    for (const header of [
+      'authorization',
+      'content-type',
+      'idempotency-key',
+      'x-tunery-retry-count',
+      'x-team',
+    ]) {
       expect(allowed).toContain(header);
     }
   });
@@ -47,6 +53,8 @@ describe('CORS (TUNERY_CORS_ORIGINS)', () => {
     const res = await server.api('/v1/training/jobs', { headers: { origin: 'https://evil.example' } });
     expect(res.status).toBe(200);
     expect(res.headers.get('access-control-allow-origin')).toBeNull();
+    // caches must not hand this answer to a listed origin
+    expect(res.headers.get('vary')).toMatch(/origin/i);
     const preflight = await server.api('/v1/training/jobs', {
       method: 'OPTIONS',
       key: null,

@@ -65,8 +65,15 @@ export interface TrainingJobCreateBody extends RequestBodyOf<'createTrainingJob'
 /** Exactly one of the keys of `T`: the others are `never`, so giving two is a compile error. */
 type ExactlyOne<T> = { [K in keyof T]: Pick<T, K> & { [O in Exclude<keyof T, K>]?: never } }[keyof T];
 
-/** Fields every job type takes. */
-type JobOptions = Pick<TrainingJobCreateBody, 'idempotency_key' | 'run_name' | 'priority' | 'max_attempts'>;
+/** Fields every job type takes (a prompt optimization only the first four). */
+type BasicOptions = Pick<TrainingJobCreateBody, 'idempotency_key' | 'run_name' | 'priority' | 'max_attempts'>;
+type JobOptions = BasicOptions &
+  Pick<TrainingJobCreateBody, 'template' | 'wandb_project' | 'hf_token'> & {
+    /** Pins the worker device (`mlx` only while a worker announces it). */
+    backend?: Exclude<TrainingJobCreateBody['backend'], 'native'>;
+  };
+/** The one training setting every type reads. */
+type SeedOnly = { training_config?: Pick<TrainingConfig, 'seed'> };
 /** The model trained on: a catalog name or hub id, a catalog id, or one of your output models. */
 type ModelSource = ExactlyOne<
   Required<Pick<TrainingJobCreateBody, 'base_model' | 'base_model_id' | 'source_model_id'>>
@@ -75,68 +82,81 @@ type ModelSource = ExactlyOne<
 type TrainingData = ExactlyOne<
   Required<Pick<TrainingJobCreateBody, 'dataset_id' | 'dataset_path' | 'train_texts'>>
 >;
+/** None: the tenant's newest dataset (seed 004), or none at all where the type needs no data. */
 type NoData = { [K in keyof TrainingData]?: never };
 /** `T` and no other field of the body: another spelling of a setting is a compile error, literal or not. */
 type Only<T> = T & { [K in Exclude<keyof TrainingJobCreateBody, keyof T>]?: never };
-type Hyperparam<K extends keyof Hyperparams> = { hyperparams?: Pick<Hyperparams, K> };
+/** The `hyperparams` keys `K`, and no other. */
+type Hyperparam<K extends keyof Hyperparams> = {
+  hyperparams?: Pick<Hyperparams, K> & { [O in Exclude<keyof Hyperparams, K>]?: never };
+};
 
-/** A LoRA/QLoRA/full fine-tune (the default type). Settings are nested: `lora_config`, `training_config`. */
+/**
+ * A LoRA/QLoRA/full fine-tune (the default type). Settings are nested: `lora_config`,
+ * `training_config`. Without data it trains on your newest dataset.
+ */
 export type FinetuneJobParams = Only<
   JobOptions &
     ModelSource &
-    TrainingData & { type?: 'finetune' } & Pick<
+    (TrainingData | NoData) & { type?: 'finetune' } & Pick<
       TrainingJobCreateBody,
       | 'method'
-      | 'template'
       | 'lora_config'
       | 'training_config'
       | 'eval_split'
       | 'output_name'
       | 'distributed'
       | 'num_nodes'
-      | 'hf_token'
-      | 'wandb_project'
-    > & { backend?: Exclude<TrainingJobCreateBody['backend'], 'native'> }
+    >
 >;
 
-/** Grows a model, function-preserving (`hyperparams.turns`, `cycles`, `new_layers`…). */
+/** Grows a model, function-preserving (`hyperparams.turns`, `cycles`, `new_layers`…); data as a fine-tune's. */
 export type GrowJobParams = Only<
   JobOptions &
+    SeedOnly &
     ModelSource &
-    TrainingData & { type: 'train' } & Pick<TrainingJobCreateBody, 'output_name' | 'hf_token'> &
+    (TrainingData | NoData) & { type: 'train' } & Pick<TrainingJobCreateBody, 'output_name'> &
     Hyperparam<'turns' | 'cycles' | 'steps_per_cycle' | 'lr' | 'seq_len' | 'new_layers'>
 >;
 
 /** Prunes layers of a model (`hyperparams.contraction_ratio`, `num_layers_to_contract`); data optional. */
 export type ContractJobParams = Only<
   JobOptions &
+    SeedOnly &
     ModelSource &
-    (TrainingData | NoData) & { type: 'contract' } & Pick<TrainingJobCreateBody, 'output_name' | 'hf_token'> &
+    (TrainingData | NoData) & { type: 'contract' } & Pick<TrainingJobCreateBody, 'output_name'> &
     Hyperparam<'contraction_ratio' | 'num_layers_to_contract'>
 >;
 
 /** Merges the adapter of a completed LoRA job (`parent_job_id`) into its base model. */
 export type MergeJobParams = Only<
-  JobOptions & { type: 'merge' } & Required<Pick<TrainingJobCreateBody, 'parent_job_id'>> &
-    Pick<TrainingJobCreateBody, 'output_name' | 'hf_token'>
+  JobOptions &
+    SeedOnly & { type: 'merge' } & Required<Pick<TrainingJobCreateBody, 'parent_job_id'>> &
+    Pick<TrainingJobCreateBody, 'output_name'>
 >;
 
 /** Scores one of your output models on a dataset. */
 export type BenchmarkJobParams = Only<
-  JobOptions & { type: 'benchmark' } & Required<Pick<TrainingJobCreateBody, 'source_model_id'>> & TrainingData
+  JobOptions &
+    SeedOnly & { type: 'benchmark' } & Required<Pick<TrainingJobCreateBody, 'source_model_id'>> &
+    TrainingData
 >;
 
-/** Optimizes the system prompt of `base_model` at the teacher endpoint on `dataset_id` (seed 004 `native`). */
+/**
+ * Optimizes the system prompt of `base_model` at the teacher endpoint on `dataset_id` (your newest
+ * dataset when omitted), seed 004's `native` backend.
+ */
 export type PromptOptimizeJobParams = Only<
-  JobOptions & { backend: 'native'; type?: never } & Required<
-      Pick<TrainingJobCreateBody, 'base_model' | 'dataset_id' | 'prompt_optimization'>
+  BasicOptions & { backend: 'native'; type?: never } & Required<
+      Pick<TrainingJobCreateBody, 'base_model' | 'prompt_optimization'>
     > &
-    Pick<TrainingJobCreateBody, 'max_steps'>
+    Pick<TrainingJobCreateBody, 'dataset_id' | 'max_steps'>
 >;
 
 /**
  * A new training job, one variant per `type`, each with its required fields required and one
- * spelling per setting. `create({})` and two data sources (say `dataset_id` and `train_texts`) do not compile.
+ * spelling per setting. `create({})`, two data sources (say `dataset_id` and `train_texts`) or a
+ * field the type does not use do not compile.
  */
 export type TrainingJobCreateParams =
   | FinetuneJobParams

@@ -304,8 +304,8 @@ export class TuneryClient {
     return {
       // Downloads answer bytes, and errors answer JSON either way.
       Accept: parseAs === 'stream' ? 'application/octet-stream, application/json' : 'application/json',
-      // Browsers refuse to set it and drop it; elsewhere it tells the server's logs who called.
-      'User-Agent': `tunery-sdk-js/${SDK_VERSION}`,
+      // Tells the server's logs who called; not from a page, where it would need a CORS preflight.
+      ...(isRunningInBrowser() ? {} : { 'User-Agent': `tunery-sdk-js/${SDK_VERSION}` }),
       ...(this.apiKey ? { Authorization: `Bearer ${this.apiKey}` } : {}),
       ...(idempotencyKey ? { 'Idempotency-Key': idempotencyKey } : {}),
       ...this.#defaultHeaders,

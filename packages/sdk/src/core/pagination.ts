@@ -109,22 +109,13 @@ export class PagePromise<K extends string, Item, Body extends ListEnvelope<K, It
 export class ItemsPromise<Body, Item> extends APIPromise<Body> implements AsyncIterable<Item> {
   constructor(
     first: APIPromise<Body>,
-    private readonly itemsOf: (body: Body) => Item[],
-    /** The read after `body`, whose last item was `last`; undefined when `body` was the last one. */
-    private readonly readAfter?: (body: Body, last: Item) => Promise<Body> | undefined,
+    /** Every item from the first answer on, each walk with its own state. */
+    private readonly walk: (first: Body) => AsyncIterable<Item>,
   ) {
     super(first.withResponse());
   }
 
   async *[Symbol.asyncIterator](): AsyncIterator<Item> {
-    let body: Body = await this;
-    for (;;) {
-      const items = this.itemsOf(body);
-      yield* items;
-      const last = items.at(-1);
-      const next = last === undefined ? undefined : this.readAfter?.(body, last);
-      if (!next) return;
-      body = await next;
-    }
+    yield* this.walk(await this);
   }
 }

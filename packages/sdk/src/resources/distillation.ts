@@ -1,11 +1,11 @@
 import type { Middleware } from 'openapi-fetch';
 import type { APIPromise } from '../core/api-promise.js';
 import type { ClientOptions, RequestOptions, TuneryClient } from '../core/client.js';
-import { ItemsPromise, type PagePromise } from '../core/pagination.js';
+import type { ItemsPromise, PagePromise } from '../core/pagination.js';
 import { type WaitOptions, waitForJob } from '../core/polling.js';
 import { APIResource, clientFrom } from '../core/resource.js';
 import { followJobStream, type JobStreamMessage, type JobStreamOptions } from '../core/stream.js';
-import { logLines, metricPoints, timelineEvents } from '../core/timeline.js';
+import { allOf, logLines, metricPoints, timelineEvents } from '../core/timeline.js';
 import type {
   Checkpoint,
   CheckpointList,
@@ -144,7 +144,7 @@ export class Distiller extends APIResource {
       pathParams: { job_id: jobId },
       ...options,
     });
-    return new ItemsPromise(read, (list) => list.checkpoints);
+    return allOf(read, (list) => list.checkpoints);
   }
 
   /** Queues a failed or cancelled job again, from the named checkpoint or the latest. */

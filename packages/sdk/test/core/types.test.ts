@@ -108,11 +108,25 @@ describe('training job create params', () => {
       dataset_id: 'ds_1';
       prompt_optimization: { teacher_model: 't' };
     }>().toExtend<Create>();
+    // without data, the newest dataset; every type takes a seed, a template, a device pin
+    expectTypeOf<{ base_model: 'x' }>().toExtend<Create>();
+    expectTypeOf<{
+      backend: 'native';
+      base_model: 'gpt';
+      prompt_optimization: { teacher_model: 't' };
+    }>().toExtend<Create>();
+    expectTypeOf<{
+      type: 'train';
+      base_model: 'x';
+      training_config: { seed: 7 };
+      backend: 'cuda';
+    }>().toExtend<Create>();
+    expectTypeOf<{ type: 'merge'; parent_job_id: 'j'; template: 't'; hf_token: 'hf' }>().toExtend<Create>();
   });
 
   it('refuse what cannot be a job, and a second spelling of a setting', () => {
     expectTypeOf<Record<string, never>>().not.toExtend<Create>();
-    expectTypeOf<{ base_model: 'x' }>().not.toExtend<Create>();
+    expectTypeOf<{ dataset_id: 'ds_1' }>().not.toExtend<Create>();
     expectTypeOf<{ type: 'merge' }>().not.toExtend<Create>();
     expectTypeOf<{ type: 'benchmark'; dataset_id: 'ds_1' }>().not.toExtend<Create>();
     // two data sources, two models
@@ -121,6 +135,15 @@ describe('training job create params', () => {
     // grow knobs are not fine-tune settings; a merge takes no data
     expectTypeOf<{ base_model: 'x'; dataset_id: 'ds_1'; hyperparams: { turns: 2 } }>().not.toExtend<Create>();
     expectTypeOf<{ type: 'merge'; parent_job_id: 'j'; dataset_id: 'ds_1' }>().not.toExtend<Create>();
+    // another type's hyperparams, from a variable (no excess-property check to help), and a grow's
+    // training settings beyond its seed
+    const hp = { turns: 2, lora_rank: 8 };
+    expectTypeOf<{ type: 'train'; base_model: 'x'; hyperparams: typeof hp }>().not.toExtend<Create>();
+    expectTypeOf<{
+      type: 'train';
+      base_model: 'x';
+      training_config: { max_steps: 3 };
+    }>().not.toExtend<Create>();
   });
 
   it('flag a seed spelling in an object literal', () => {

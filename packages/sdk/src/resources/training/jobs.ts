@@ -1,11 +1,11 @@
 import type { APIPromise } from '../../core/api-promise.js';
 import type { RequestOptions } from '../../core/client.js';
 import { type FollowOptions, followMetricPoints } from '../../core/follow.js';
-import { ItemsPromise, type PagePromise } from '../../core/pagination.js';
+import type { ItemsPromise, PagePromise } from '../../core/pagination.js';
 import { type WaitOptions, waitForJob } from '../../core/polling.js';
 import { APIResource } from '../../core/resource.js';
 import { followJobStream, type JobStreamMessage, type JobStreamOptions } from '../../core/stream.js';
-import { logLines, metricPoints, timelineEvents } from '../../core/timeline.js';
+import { allOf, logLines, metricPoints, timelineEvents } from '../../core/timeline.js';
 import type {
   Checkpoint,
   CheckpointList,
@@ -149,7 +149,7 @@ export class Jobs extends APIResource {
       pathParams: { job_id: jobId },
       ...options,
     });
-    return new ItemsPromise(read, (list) => list.files);
+    return allOf(read, (list) => list.files);
   }
 
   /** One output file's bytes as a web ReadableStream; `range: 'bytes=1024-'` to resume a download. */
@@ -171,7 +171,7 @@ export class Jobs extends APIResource {
       pathParams: { job_id: jobId },
       ...options,
     });
-    return new ItemsPromise(read, (list) => list.checkpoints);
+    return allOf(read, (list) => list.checkpoints);
   }
 
   /** Polls until completed, failed or cancelled; see WaitOptions. Failed/cancelled jobs are returned, not thrown. */

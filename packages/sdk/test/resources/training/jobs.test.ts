@@ -143,6 +143,16 @@ describe('logs and metrics', () => {
     const metricReads = mock.state.requests.filter((r) => r.operationId === 'listTrainingJobMetrics');
     expect(metricReads.length).toBeGreaterThan(10);
 
+    // The last read ends between the train and eval points of the final step: it still ends.
+    const final = mock.state.metrics.get(job.id)!;
+    final.push({ step: final.at(-1)!.step, phase: 'eval', eval_loss: 1.2 });
+    const all = (await jobs.metrics(job.id)).points;
+    expect(await walk(jobs.metrics(job.id, { limit: all.length - 1 }))).toEqual(all);
+    // A limit of 1 cannot hold a step's two points: the walk still ends, every step once at least.
+    const one = await walk(jobs.metrics(job.id, { limit: 1 }));
+    expect(new Set(one.map((p) => p.step))).toEqual(new Set(all.map((p) => p.step)));
+    expect(new Set(one.map((p) => `${p.step}/${p.phase}`)).size).toBe(one.length);
+
     expect(await walk(jobs.logs(job.id))).toEqual((await jobs.logs(job.id)).lines);
     expect((await walk(jobs.logs(job.id, { since: 2 })))[0]?.seq).toBe(3);
     expect(await walk(jobs.events(job.id))).toEqual((await jobs.events(job.id)).events);
