@@ -6,6 +6,7 @@ import { newId } from '../src/ids.js';
 import { rescueExpiredLeases } from '../src/queue/rescue.js';
 import { storeDataset } from '../src/services/datasets.js';
 import { fakeWorker } from './fake-worker.js';
+import { recordSupportTrajectory } from './fixtures.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
 
 /** Seed 000's request body, exactly as documented. */
@@ -32,19 +33,7 @@ describe.each(DATABASES)('distillation on %s', (db) => {
   beforeAll(async () => {
     server = await startTestServer(db);
     // recorded traffic: seed 000's create names no prompts, so they come from trajectories
-    await server.ctx.knex('trajectories').insert({
-      id: newId('traj'),
-      tenant_id: 'default',
-      source: 'chat',
-      status: 'completed',
-      llm_calls: JSON.stringify([
-        { user_prompt: 'My printer is on fire', response: 'Urgent: hardware' },
-        { messages: [{ role: 'user', content: 'Reset my password' }], response: 'Account' },
-      ]),
-      provider_accesses: JSON.stringify([]),
-      metadata: JSON.stringify({}),
-      llm_call_count: 2,
-    });
+    await recordSupportTrajectory(server);
   });
   afterAll(async () => {
     await server?.stop();

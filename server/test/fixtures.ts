@@ -63,3 +63,20 @@ export async function completedJob(server: TestServer, opts: CompletedJobOptions
     return { jobId: id, ...registered };
   });
 }
+
+/** One recorded chat trajectory of the default tenant with two LLM calls (two support tickets). */
+export async function recordSupportTrajectory(server: TestServer): Promise<void> {
+  await server.ctx.knex('trajectories').insert({
+    id: newId('traj'),
+    tenant_id: 'default',
+    source: 'chat',
+    status: 'completed',
+    llm_calls: JSON.stringify([
+      { user_prompt: 'My printer is on fire', response: 'Urgent: hardware' },
+      { messages: [{ role: 'user', content: 'Reset my password' }], response: 'Account' },
+    ]),
+    provider_accesses: JSON.stringify([]),
+    metadata: JSON.stringify({}),
+    llm_call_count: 2,
+  });
+}

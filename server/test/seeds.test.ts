@@ -7,9 +7,9 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { newId } from '../src/ids.js';
 import { storeDataset } from '../src/services/datasets.js';
 import { createFinetune, fakeWorker } from './fake-worker.js';
+import { recordSupportTrajectory } from './fixtures.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
 
 describe.each(DATABASES)('seed request examples on %s', (db) => {
@@ -20,19 +20,7 @@ describe.each(DATABASES)('seed request examples on %s', (db) => {
   beforeAll(async () => {
     server = await startTestServer(db);
     // recorded traffic (seeds 000 and 004 build their data from trajectories)
-    await server.ctx.knex('trajectories').insert({
-      id: newId('traj'),
-      tenant_id: 'default',
-      source: 'chat',
-      status: 'completed',
-      llm_calls: JSON.stringify([
-        { user_prompt: 'My printer is on fire', response: 'Urgent: hardware' },
-        { messages: [{ role: 'user', content: 'Reset my password' }], response: 'Account' },
-      ]),
-      provider_accesses: JSON.stringify([]),
-      metadata: JSON.stringify({}),
-      llm_call_count: 2,
-    });
+    await recordSupportTrajectory(server);
     datasetId = (
       await storeDataset(server.ctx, 'default', {
         name: 'seed-data',

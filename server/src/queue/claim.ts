@@ -1,6 +1,7 @@
 import type { AppContext } from '../context.js';
 import { newSecret } from '../ids.js';
 import { type GangAddress, type GangJoin, joinGang } from './gang.js';
+import { START_ATTEMPT } from './lease.js';
 import { waitForJobSignal } from './notify.js';
 import type { JobRow } from './types.js';
 
@@ -73,15 +74,7 @@ export async function claimNextJob(ctx: AppContext, input: ClaimInput): Promise<
     ),
     claimed AS (
       UPDATE jobs SET
-        status = 'running',
-        attempt = attempt + 1,
-        lease_token = :leaseToken,
-        lease_owner = :workerId,
-        lease_expires_at = now() + make_interval(secs => :leaseSeconds),
-        started_at = COALESCE(started_at, now()),
-        -- billing of worker time starts with the lease
-        billed_until = now(),
-        phase = CASE WHEN phase = 'queued' THEN 'initializing' ELSE phase END,
+        ${START_ATTEMPT},
         event_seq = event_seq + 1,
         updated_at = now()
       FROM next

@@ -18,7 +18,7 @@ import type { AppContext } from '../context.js';
 import { leaseLost } from '../errors.js';
 import { newSecret } from '../ids.js';
 import { recordEvent } from './events.js';
-import { fenceMissError } from './lease.js';
+import { fenceMissError, START_ATTEMPT } from './lease.js';
 import { notifyAfterCommit, waitForJobSignal } from './notify.js';
 import type { JobRow } from './types.js';
 
@@ -138,14 +138,7 @@ async function startGang(
   const started = await trx.raw(
     `
     UPDATE jobs SET
-      status = 'running',
-      attempt = attempt + 1,
-      lease_token = :leaseToken,
-      lease_owner = :workerId,
-      lease_expires_at = now() + make_interval(secs => :leaseSeconds),
-      started_at = COALESCE(started_at, now()),
-      billed_until = now(),
-      phase = CASE WHEN phase = 'queued' THEN 'initializing' ELSE phase END,
+      ${START_ATTEMPT},
       updated_at = now()
     WHERE id = :jobId
     RETURNING attempt, resume_checkpoint`,

@@ -5,6 +5,20 @@ import { type ApiError, leaseLost, notFound } from '../errors.js';
 export type Db = Knex | Knex.Transaction;
 
 /** The job a worker names does not exist at all: 404, not a fencing failure. */
+/**
+ * The columns a job's new attempt sets: running, leased to `:workerId` with `:leaseToken` for
+ * `:leaseSeconds`, billed from now. The one-statement claim and a gang's start share it.
+ */
+export const START_ATTEMPT = `
+  status = 'running',
+  attempt = attempt + 1,
+  lease_token = :leaseToken,
+  lease_owner = :workerId,
+  lease_expires_at = now() + make_interval(secs => :leaseSeconds),
+  started_at = COALESCE(started_at, now()),
+  billed_until = now(),
+  phase = CASE WHEN phase = 'queued' THEN 'initializing' ELSE phase END`;
+
 export const jobNotFound = (jobId: string) => notFound('job', jobId, 'job_id', 'job_not_found');
 
 /**
