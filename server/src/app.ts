@@ -11,7 +11,7 @@ import { jsonBody } from './json-body.js';
 import { metricsRoute, timeOperation } from './metrics.js';
 import { allRoutes } from './routes/index.js';
 import { OPENAI_PREFIX, openAIErrorBody } from './routes/openai/errors.js';
-import { datasetUploadOptions } from './services/dataset-upload.js';
+import { datasetUploadOptions, discardUnclaimedUploads } from './services/dataset-upload.js';
 import { specOperations, specPath } from './spec.js';
 
 /** Builds the Express app: request ids and logs, body parsing, spec validation, routes, errors. */
@@ -189,13 +189,16 @@ const tuneryErrorBody = (e: ApiError): string =>
   JSON.stringify({ error: { code: e.code, message: e.message, param: e.param } });
 
 function errorHandler(ctx: AppContext, body: (e: ApiError) => string = tuneryErrorBody) {
-  return (err: unknown, req: Request, res: Response, _next: NextFunction) => {
+  return async (err: unknown, req: Request, res: Response, _next: NextFunction) => {
     const apiError = toApiError(err, req);
     if (apiError.status >= 500) ctx.logger.error({ err, reqId: req.id }, 'request failed');
     if (res.headersSent) {
       res.destroy();
       return;
     }
+    await discardUnclaimedUploads(req).catch((cause: unknown) =>
+      ctx.logger.warn({ err: cause, reqId: req.id }, 'could not remove a refused upload'),
+    );
     for (const [name, value] of Object.entries(apiError.headers)) res.setHeader(name, value);
     // A refused request whose body is still arriving (an unauthenticated upload of many GB, say) is
     // not drained: the answer closes the connection, so the sender cannot hold the socket open.

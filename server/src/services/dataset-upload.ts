@@ -56,6 +56,21 @@ export interface DatasetUploadFile {
 type Callback = (err: Error | null, info?: Partial<DatasetUploadFile>) => void;
 
 /**
+ * Removes the parts of uploads no route took over (a request refused after its file arrived), so
+ * that an error answer goes out only once nothing of the request is left on disk.
+ */
+export async function discardUnclaimedUploads(req: Request): Promise<void> {
+  const files = (req.files as DatasetUploadFile[] | undefined) ?? [];
+  await Promise.all(
+    files.map((file) => {
+      if (!file.upload || file.upload.claimed) return undefined;
+      file.upload.claimed = true; // the discard on close (below) has nothing left to do
+      return file.upload.prepared.part.discard();
+    }),
+  );
+}
+
+/**
  * Options for the validator's `fileUploader` (multer): this engine, one file of at most
  * TUNERY_MAX_UPLOAD_BYTES, and a few short text fields (`name`, `idempotency_key`), so no part of
  * a form is held in memory beyond a few KB.
