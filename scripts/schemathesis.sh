@@ -157,8 +157,13 @@ pending_job="$(user POST /v1/training/jobs "$job_body" | jq -r .id)"
 user POST /v1/training/templates '{"name":"st-template","description":"seeded","config":{"method":"lora","training_config":{"max_steps":4}}}' >/dev/null
 trajectory_id="$(user POST /v1/trajectories '{"source":"chat","llm_calls":[{"model":"m","user_prompt":"hi","response":"hello"}]}' | jq -r .id)"
 distill_job="$(user POST /v1/distillation '{"name":"st-distill","config":{"teacher_model":"local/st-tiny","student_model":"st-tiny","prompts":["say hi"],"training_steps":2}}' | jq -r .id)"
+# Stateful runs follow links from the key list to revoke: revoking the worker token would stop the
+# serving worker below mid-run, so the hooks send a revoke of it to an id that does not exist.
+export SCHEMATHESIS_PROTECTED_KEY_IDS
+SCHEMATHESIS_PROTECTED_KEY_IDS="$(user GET '/v1/admin/keys?kind=worker' | jq -r '[.keys[].id] | join(",")')"
 echo "seeded: jobs $done_job (completed) $running_job (running) $pending_job (pending) $distill_job (distillation)," \
-  "dataset $dataset_id, model $model_id, adapter $adapter_name, trajectory $trajectory_id, base model $base_model_id"
+  "dataset $dataset_id, model $model_id, adapter $adapter_name, trajectory $trajectory_id, base model $base_model_id," \
+  "worker token $SCHEMATHESIS_PROTECTED_KEY_IDS (never revoked)"
 
 # ---------------------------------------------------------------- schemathesis config
 # Dictionaries of real values; each matching parameter takes one of them half of the time.
