@@ -109,6 +109,26 @@ describe.each(DATABASES)('job streams on %s', (db) => {
     expect(viaQuery.map(key)).toEqual(rest.map(key));
   });
 
+  it('carries only the sources `include` names, from a position a client wrote itself', async () => {
+    const id = await createFinetune(server);
+    await runJob(id);
+    const all = await readStream(await server.api(`/v1/training/jobs/${id}/stream`));
+    const logs = all.filter((m) => m.event === 'log');
+    const after = logs[0]!.data.seq;
+    const only = await readStream(
+      await server.api(`/v1/training/jobs/${id}/stream?include=log`, {
+        headers: { 'Last-Event-ID': `l${after}.e0.m` },
+      }),
+    );
+    expect(only.map((m) => m.event)).toEqual(['status', ...logs.slice(1).map(() => 'log'), 'end']);
+    expect(only.filter((m) => m.event === 'log').map((m) => m.data)).toEqual(
+      logs.slice(1).map((m) => m.data),
+    );
+    const bad = await server.api(`/v1/training/jobs/${id}/stream?include=log,status`);
+    expect(bad.status).toBe(400);
+    expect((await bad.json()).error).toMatchObject({ code: 'invalid_request', param: 'include' });
+  });
+
   it('ends after max_seconds without end while the job goes on', async () => {
     const id = await createFinetune(server);
     const messages = await readStream(await server.api(`/v1/training/jobs/${id}/stream?max_seconds=0`));

@@ -36,7 +36,7 @@ export type { Logger, LogLevel } from './core/log.js';
 export { ItemsPromise, type ListEnvelope, Page, PagePromise } from './core/pagination.js';
 export { isTerminal, TERMINAL_STATUSES, type WaitOptions } from './core/polling.js';
 export { retryAfterMs, retryDelayMs, shouldRetry, TRANSIENT_CONFLICT_CODES } from './core/retry.js';
-export type { JobStreamMessage, JobStreamOptions } from './core/stream.js';
+export type { JobStreamMessage, JobStreamOptions, JobStreamSource } from './core/stream.js';
 export { FileReadError, type ToFileInput, toFile, type Uploadable } from './core/uploads.js';
 export type { components, operations, paths } from './generated/api.js';
 export { Adapters } from './resources/adapters.js';

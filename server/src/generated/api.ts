@@ -171,7 +171,10 @@ export interface paths {
          *
          *     Every message's `id` is the stream's position: reconnect with the `Last-Event-ID` header (or
          *     the `last_event_id` query parameter) to get only what was not sent yet. A stream also ends,
-         *     without `end`, after `max_seconds`; reconnect the same way to go on.
+         *     without `end`, after `max_seconds`; reconnect the same way to go on. A position reads
+         *     `l<log seq>.e<event seq>.m<phase>:<step>,…` (what was sent of each source), so `l120.e0.m`
+         *     starts the log lines after seq 120. `include` narrows the stream to some sources (status
+         *     and `end` are always sent).
          */
         get: operations["streamDistillationJob"];
         put?: never;
@@ -584,7 +587,10 @@ export interface paths {
          *
          *     Every message's `id` is the stream's position: reconnect with the `Last-Event-ID` header (or
          *     the `last_event_id` query parameter) to get only what was not sent yet. A stream also ends,
-         *     without `end`, after `max_seconds`; reconnect the same way to go on.
+         *     without `end`, after `max_seconds`; reconnect the same way to go on. A position reads
+         *     `l<log seq>.e<event seq>.m<phase>:<step>,…` (what was sent of each source), so `l120.e0.m`
+         *     starts the log lines after seq 120. `include` narrows the stream to some sources (status
+         *     and `end` are always sent).
          */
         get: operations["streamTrainingJob"];
         put?: never;
@@ -5374,6 +5380,8 @@ export interface components {
         };
     };
     parameters: {
+        /** @description Only these sources, comma-separated (`log`, `metric`, `event`); status changes and `end` are always sent. Default: all. */
+        StreamInclude: string;
         /** @description Page size (at most 100). */
         Limit: number;
         /** @description Number of items to skip. Items created meanwhile shift offsets; `after` does not. */
@@ -5654,6 +5662,8 @@ export interface operations {
                 last_event_id?: string;
                 /** @description End the stream after this many seconds even if the job goes on (0 sends what is recorded and the status, then ends). */
                 max_seconds?: number;
+                /** @description Only these sources, comma-separated (`log`, `metric`, `event`); status changes and `end` are always sent. Default: all. */
+                include?: components["parameters"]["StreamInclude"];
             };
             header?: {
                 /** @description The `id` of the last message received; the stream continues after it. */
@@ -6236,6 +6246,8 @@ export interface operations {
                 last_event_id?: string;
                 /** @description End the stream after this many seconds even if the job goes on (0 sends what is recorded and the status, then ends). */
                 max_seconds?: number;
+                /** @description Only these sources, comma-separated (`log`, `metric`, `event`); status changes and `end` are always sent. Default: all. */
+                include?: components["parameters"]["StreamInclude"];
             };
             header?: {
                 /** @description The `id` of the last message received; the stream continues after it. */

@@ -18,6 +18,15 @@ const HEARTBEAT_MS = 15_000;
 const BATCH = 500;
 const TERMINAL = new Set(['completed', 'failed', 'cancelled']);
 
+/** The sources a stream can carry (`include`); status changes and `end` always go out. */
+type Source = 'log' | 'metric' | 'event';
+
+/** `include=log,event` (already checked against the spec's pattern); absent: every source. */
+function includedSources(include: unknown): Set<Source> {
+  if (typeof include !== 'string') return new Set(['log', 'metric', 'event']);
+  return new Set(include.split(',') as Source[]);
+}
+
 /** What a stream has sent: the last log and event seq, and the last metric step of each phase. */
 interface Position {
   log: number;
@@ -49,6 +58,7 @@ export function parsePosition(id: string | undefined): Position {
 export async function streamJob(ctx: AppContext, req: Request, res: Response, job: JobRow): Promise<void> {
   const lastId = req.get('last-event-id') ?? (req.query.last_event_id as string | undefined);
   const position = parsePosition(lastId);
+  const sources = includedSources(req.query.include);
   const deadline = Date.now() + queryInt(req, 'max_seconds', 300) * 1000;
   res.writeHead(200, {
     'content-type': 'text/event-stream; charset=utf-8',
@@ -78,7 +88,7 @@ export async function streamJob(ctx: AppContext, req: Request, res: Response, jo
         send('status', { status: row.status, phase: row.phase ?? null });
       }
       // Status is read before the telemetry, so that a job seen finished has nothing left unsent.
-      const sent = await sendNewTelemetry(ctx, job.id, position, send);
+      const sent = await sendNewTelemetry(ctx, job.id, position, sources, send);
       if (TERMINAL.has(row.status) && sent === 0) {
         send('end', { status: row.status });
         break;
@@ -98,38 +108,49 @@ export async function streamJob(ctx: AppContext, req: Request, res: Response, jo
   }
 }
 
-/** Sends what was recorded after `position` (advancing it), oldest first; returns how much it sent. */
+/**
+ * Sends what `sources` recorded after `position` (advancing it), oldest first; returns how much it
+ * sent. A source left out is not read at all.
+ */
 async function sendNewTelemetry(
   ctx: AppContext,
   jobId: string,
   position: Position,
+  sources: Set<Source>,
   send: (event: string, data: unknown) => void,
 ): Promise<number> {
+  const none = Promise.resolve([]);
   const [logs, events, metrics] = await Promise.all([
-    ctx
-      .knex('job_logs')
-      .where('job_id', jobId)
-      .andWhere('seq', '>', position.log)
-      .orderBy('seq')
-      .limit(BATCH),
-    ctx
-      .knex('job_events')
-      .where('job_id', jobId)
-      .andWhere('seq', '>', position.event)
-      .orderBy('seq')
-      .limit(BATCH),
-    ctx
-      .knex('job_metrics')
-      .where('job_id', jobId)
-      .andWhere((q) => {
-        // Per phase, the steps after the last one sent (a phase not seen yet: all of them).
-        for (const [phase, step] of Object.entries(position.metric)) {
-          q.orWhere((p) => p.where('phase', phase).andWhere('step', '>', step));
-        }
-        q.orWhereNotIn('phase', Object.keys(position.metric));
-      })
-      .orderBy([{ column: 'step' }, { column: 'phase', order: 'desc' }])
-      .limit(BATCH),
+    !sources.has('log')
+      ? none
+      : ctx
+          .knex('job_logs')
+          .where('job_id', jobId)
+          .andWhere('seq', '>', position.log)
+          .orderBy('seq')
+          .limit(BATCH),
+    !sources.has('event')
+      ? none
+      : ctx
+          .knex('job_events')
+          .where('job_id', jobId)
+          .andWhere('seq', '>', position.event)
+          .orderBy('seq')
+          .limit(BATCH),
+    !sources.has('metric')
+      ? none
+      : ctx
+          .knex('job_metrics')
+          .where('job_id', jobId)
+          .andWhere((q) => {
+            // Per phase, the steps after the last one sent (a phase not seen yet: all of them).
+            for (const [phase, step] of Object.entries(position.metric)) {
+              q.orWhere((p) => p.where('phase', phase).andWhere('step', '>', step));
+            }
+            q.orWhereNotIn('phase', Object.keys(position.metric));
+          })
+          .orderBy([{ column: 'step' }, { column: 'phase', order: 'desc' }])
+          .limit(BATCH),
   ]);
   for (const r of logs) {
     position.log = r.seq;

@@ -13,9 +13,17 @@ export type JobStreamMessage =
   | { type: 'status'; id: string; data: Schemas['JobStreamStatus'] }
   | { type: 'end'; id: string; data: Schemas['JobStreamEnd'] };
 
+/** A source of a job's stream; status changes and `end` always come. */
+export type JobStreamSource = 'log' | 'metric' | 'event';
+
 export interface JobStreamOptions {
-  /** Continue after this message `id` (from an earlier stream) instead of from the start. */
+  /**
+   * Continue after this message `id` (from an earlier stream) instead of from the start. An id
+   * reads `l<log seq>.e<event seq>.m<phase>:<step>,…`: `l120.e0.m` starts the logs after seq 120.
+   */
   lastEventId?: string | undefined;
+  /** Only these sources (default: all): `['log']` reads no metric or event rows on the server. */
+  include?: readonly JobStreamSource[] | undefined;
   /** Stops the stream: the iterator rejects with APIUserAbortError. */
   signal?: AbortSignal | undefined;
 }
@@ -25,6 +33,11 @@ export type OpenJobStream = (
   lastEventId: string | undefined,
   signal: AbortSignal | undefined,
 ) => Promise<ReadableStream<Uint8Array>>;
+
+/** The stream's query for `options` (its `include`, comma-separated). */
+export function streamQuery(options: JobStreamOptions = {}): { include?: string } {
+  return options.include?.length ? { include: options.include.join(',') } : {};
+}
 
 /** Pause before reconnecting to a stream that closed without sending anything. */
 const IDLE_RECONNECT_MS = 1000;

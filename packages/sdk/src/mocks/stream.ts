@@ -18,24 +18,28 @@ export function jobStreamResponse(
   job: { status: string; phase?: string | null | undefined },
   request: Request,
 ): Response {
-  const position = parsePosition(
-    request.headers.get('last-event-id') ?? new URL(request.url).searchParams.get('last_event_id'),
-  );
+  const query = new URL(request.url).searchParams;
+  const position = parsePosition(request.headers.get('last-event-id') ?? query.get('last_event_id'));
+  // `include=log,event`: only those sources (status and `end` always go out).
+  const include = new Set((query.get('include') ?? 'log,metric,event').split(','));
   let text = '';
   const send = (event: string, data: unknown) => {
     text += `id: ${formatPosition(position)}\nevent: ${event}\ndata: ${JSON.stringify(data)}\n\n`;
   };
   send('status', { status: job.status, phase: job.phase ?? null });
-  for (const line of (state.logs.get(jobId) ?? []).filter((l) => l.seq > position.log)) {
+  const recorded = <T>(source: string, items: T[] | undefined) => (include.has(source) ? (items ?? []) : []);
+  for (const line of recorded('log', state.logs.get(jobId)).filter((l) => l.seq > position.log)) {
     position.log = line.seq;
     send('log', line);
   }
-  const metrics = (state.metrics.get(jobId) ?? []).filter((p) => p.step > (position.metric[p.phase] ?? -1));
+  const metrics = recorded('metric', state.metrics.get(jobId)).filter(
+    (p) => p.step > (position.metric[p.phase] ?? -1),
+  );
   for (const point of metrics) {
     position.metric[point.phase] = point.step;
     send('metric', point);
   }
-  for (const event of (state.events.get(jobId) ?? []).filter((e) => e.seq > position.event)) {
+  for (const event of recorded('event', state.events.get(jobId)).filter((e) => e.seq > position.event)) {
     position.event = event.seq;
     send('event', event);
   }

@@ -4,7 +4,12 @@ import type { ClientOptions, RequestOptions, TuneryClient } from '../core/client
 import type { ItemsPromise, PagePromise } from '../core/pagination.js';
 import { type WaitOptions, waitForJob } from '../core/polling.js';
 import { APIResource, clientFrom } from '../core/resource.js';
-import { followJobStream, type JobStreamMessage, type JobStreamOptions } from '../core/stream.js';
+import {
+  followJobStream,
+  type JobStreamMessage,
+  type JobStreamOptions,
+  streamQuery,
+} from '../core/stream.js';
 import { allOf, logLines, metricPoints, timelineEvents } from '../core/timeline.js';
 import type {
   Checkpoint,
@@ -97,6 +102,7 @@ export class Distiller extends APIResource {
       (lastEventId, signal) =>
         this._client.getStream('/v1/distillation/{job_id}/stream', {
           pathParams: { job_id: jobId },
+          query: streamQuery(options),
           headers: lastEventId === undefined ? undefined : { 'Last-Event-ID': lastEventId },
           signal,
         }),

@@ -4,7 +4,12 @@ import { type FollowOptions, followMetricPoints } from '../../core/follow.js';
 import type { ItemsPromise, PagePromise } from '../../core/pagination.js';
 import { type WaitOptions, waitForJob } from '../../core/polling.js';
 import { APIResource } from '../../core/resource.js';
-import { followJobStream, type JobStreamMessage, type JobStreamOptions } from '../../core/stream.js';
+import {
+  followJobStream,
+  type JobStreamMessage,
+  type JobStreamOptions,
+  streamQuery,
+} from '../../core/stream.js';
 import { allOf, logLines, metricPoints, timelineEvents } from '../../core/timeline.js';
 import type {
   Checkpoint,
@@ -203,6 +208,7 @@ export class Jobs extends APIResource {
       (lastEventId, signal) =>
         this._client.getStream('/v1/training/jobs/{job_id}/stream', {
           pathParams: { job_id: jobId },
+          query: streamQuery(options),
           headers: lastEventId === undefined ? undefined : { 'Last-Event-ID': lastEventId },
           signal,
         }),
@@ -212,15 +218,16 @@ export class Jobs extends APIResource {
 
   /**
    * Every log line after `since` (default: all), each once, in `seq` order, until the job has ended
-   * and its last lines are sent: the log lines of the job's live `stream`, so each arrives as it is
-   * recorded, over one connection.
+   * and its last lines are sent: the job's live `stream` narrowed to its logs and started after
+   * `since`, so each line arrives as it is recorded, over one connection, and earlier ones are not sent.
    */
   async *followLogs(
     jobId: string,
     { since = 0, signal }: { since?: number; signal?: AbortSignal } = {},
   ): AsyncGenerator<LogLine, void, undefined> {
-    for await (const message of this.stream(jobId, { signal })) {
-      if (message.type === 'log' && message.data.seq > since) yield message.data;
+    const lastEventId = `l${Math.max(0, Math.floor(since))}.e0.m`;
+    for await (const message of this.stream(jobId, { signal, include: ['log'], lastEventId })) {
+      if (message.type === 'log') yield message.data;
     }
   }
 

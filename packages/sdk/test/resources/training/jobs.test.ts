@@ -207,6 +207,10 @@ describe('logs and metrics', () => {
     for await (const line of jobs.followLogs(job.id, { since: 3 })) lines.push(line.seq);
     const stored = mock.state.logs.get(job.id) ?? [];
     expect(lines).toEqual(stored.filter((l) => l.seq > 3).map((l) => l.seq));
+    // The stream itself started after line 3 and carried logs only: nothing earlier was sent.
+    const streams = mock.state.requests.filter((r) => r.operationId === 'streamTrainingJob');
+    expect(streams[0]?.headers['last-event-id']).toBe('l3.e0.m');
+    expect(streams.every((r) => new URL(r.url).searchParams.get('include') === 'log')).toBe(true);
   });
 
   it('followMetrics yields each (step, phase) once, including an eval point that lands late', async () => {
