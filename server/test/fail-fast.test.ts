@@ -294,6 +294,51 @@ describe.each(DATABASES)('fail fast on %s', (db) => {
       expect((await ok.json()).config.training).toMatchObject({ eval_split: 0.34, eval_steps: 5 });
     });
 
+    it('refuses one setting written twice with different values, and takes equal ones', async () => {
+      const base = { base_model: 'smollm2-135m-instruct', dataset_id: datasetId };
+      await expectRefused(
+        { ...base, max_steps: 10, training_config: { max_steps: 20 } },
+        'invalid_config',
+        'training_config.max_steps',
+      );
+      await expectRefused(
+        { ...base, lora_rank: 8, hyperparams: { lora_rank: 16 } },
+        'invalid_config',
+        'hyperparams.lora_rank',
+      );
+      await expectRefused(
+        { ...base, hyperparams: { seq_len: 256 }, training_config: { max_seq_length: 512 } },
+        'invalid_config',
+        'training_config.max_seq_length',
+      );
+      const same = await create({ ...base, learning_rate: 1e-4, hyperparams: { lr: 1e-4 }, lora_rank: 4 });
+      expect(same.status).toBe(201);
+      expect((await same.json()).config).toMatchObject({
+        training: { learning_rate: 1e-4 },
+        lora: { r: 4 },
+      });
+    });
+
+    it("refuses a max_seq_length past the model's context; lowers a template's or the default", async () => {
+      const shortModel = await server.api('/v1/base-models', {
+        method: 'POST',
+        json: { name: 'ff-short', source: 'org/ff-short', context_length: 512 },
+      });
+      expect(shortModel.status).toBe(201);
+      const base = { base_model: 'ff-short', dataset_id: datasetId };
+      await expectRefused({ ...base, max_seq_length: 1024 }, 'invalid_config', 'max_seq_length');
+      await expectRefused(
+        { ...base, hyperparams: { seq_len: 600 } },
+        'invalid_config',
+        'hyperparams.seq_len',
+      );
+      const fitted = await create(base);
+      expect(fitted.status).toBe(201);
+      expect((await fitted.json()).config.training.max_seq_length).toBe(512);
+      const explicit = await create({ ...base, training_config: { max_seq_length: 256 } });
+      expect((await explicit.json()).config.training.max_seq_length).toBe(256);
+    });
+
     it('refuses merge options the worker would refuse or skip', async () => {
       const merge = (json: Record<string, unknown>) =>
         server.api(`/v1/training/jobs/${parentJob}/merge`, { method: 'POST', json });

@@ -227,32 +227,28 @@ describe.each(DATABASES)('training jobs on %s', (db) => {
       }
     });
 
-    it('layers settings: flat < hyperparams < nested', async () => {
+    it('takes settings flat, as hyperparams and nested, combined (one setting twice must agree)', async () => {
       const base = { base_model: 'smollm2-135m-instruct', dataset_id: datasetId };
       const flatOnly = await (await create({ ...base, lora_rank: 4, learning_rate: 0.1 })).json();
       expect(flatOnly.config.lora.r).toBe(4);
+      expect(flatOnly.config.training.learning_rate).toBe(0.1);
       const withHyper = await (
-        await create({
-          ...base,
-          lora_rank: 4,
-          learning_rate: 0.1,
-          hyperparams: { lora_rank: 8, lr: 0.01, steps: 50 },
-        })
+        await create({ ...base, lora_alpha: 32, hyperparams: { lora_rank: 8, lr: 0.01, steps: 50 } })
       ).json();
-      expect(withHyper.config.lora.r).toBe(8);
+      expect(withHyper.config.lora).toMatchObject({ r: 8, alpha: 32 });
       expect(withHyper.config.training).toMatchObject({ learning_rate: 0.01, max_steps: 50 });
       expect(withHyper.total_steps).toBe(50);
-      const nested = await (
+      const mixed = await (
         await create({
           ...base,
-          lora_rank: 4,
-          hyperparams: { lora_rank: 8, lr: 0.01 },
-          lora_config: { r: 16 },
-          training_config: { learning_rate: 0.001 },
+          lora_rank: 16,
+          hyperparams: { lr: 0.01, steps: 20 },
+          lora_config: { r: 16, lora_dropout: 0.1 },
+          training_config: { batch_size: 2, max_steps: 20 },
         })
       ).json();
-      expect(nested.config.lora.r).toBe(16);
-      expect(nested.config.training.learning_rate).toBe(0.001);
+      expect(mixed.config.lora).toMatchObject({ r: 16, dropout: 0.1 });
+      expect(mixed.config.training).toMatchObject({ learning_rate: 0.01, batch_size: 2, max_steps: 20 });
     });
 
     it('starts from a template, which the request overrides', async () => {

@@ -358,8 +358,9 @@ export interface paths {
          *     `dataset_id`, `dataset_path` (a file you uploaded, by name or id, or a dataset file under the
          *     data directory) or inline `train_texts`; with none of them, a training run uses your newest
          *     dataset. Settings come flat (`num_epochs`, `lora_rank`, …), nested (`lora_config`,
-         *     `training_config`) or as `hyperparams`; nested wins over `hyperparams`, which wins over flat.
-         *     Returns the job at once with `status: "pending"`.
+         *     `training_config`) or as `hyperparams`, over the template's; one setting written twice in a
+         *     request (`max_steps` and `training_config.max_steps`) must have the same value, else
+         *     `400 invalid_config` naming the second. Returns the job at once with `status: "pending"`.
          *
          *     **Nothing is accepted and ignored.** A field the job's type does not act on is
          *     `400 invalid_config` naming it: only `finetune` takes `method`, `eval_split`, `eval_steps`,
@@ -377,7 +378,9 @@ export interface paths {
          *     `cpu`/`mlx` (`400 invalid_config`) or while no online worker with device `cuda` runs
          *     qlora fine-tunes (`400 backend_unavailable`, `param: method`); `eval_split` > 0 on data of
          *     fewer than 2 examples, and `eval_steps` > 0 without `eval_split` (nothing would be
-         *     evaluated); a `contract` run on a catalog model asked to remove
+         *     evaluated); a `max_seq_length` the request sets longer than the base model's context length
+         *     (when its catalog entry gives one; a template's or the default is lowered to it); a
+         *     `contract` run on a catalog model asked to remove
          *     `max(1, round(contraction_ratio × num_layers_to_contract))` layers when the model has no more
          *     than that (`param: hyperparams.num_layers_to_contract`).
          */

@@ -22,6 +22,8 @@ export interface ResolvedBaseModel {
   name: string;
   source: string;
   params: number | null;
+  /** The longest sequence the model takes (catalog entries that say; null: unknown). */
+  contextLength: number | null;
 }
 
 interface BuiltinModel {
@@ -297,6 +299,7 @@ export async function resolveBaseModel(
     name: row.name,
     source: checkModelSource(ctx.config, row.source, param),
     params: row.params,
+    contextLength: row.context_length,
   });
   if (ref.base_model_id)
     return pick(await getBaseModel(ctx, tenantId, ref.base_model_id, 'base_model_id', db));
@@ -306,7 +309,13 @@ export async function resolveBaseModel(
     (await findVisible(db, tenantId, 'name', name)) ?? (await findVisible(db, tenantId, 'source', name));
   if (byName) return pick(byName);
   if (isModelSource(name)) {
-    return { id: null, name, source: checkModelSource(ctx.config, name, param), params: null };
+    return {
+      id: null,
+      name,
+      source: checkModelSource(ctx.config, name, param),
+      params: null,
+      contextLength: null,
+    };
   }
   throw invalidConfig(
     `Unknown model "${name}": use a catalog name (GET /v1/base-models), a hub id like "org/name", or an absolute path on the workers.`,

@@ -1,7 +1,8 @@
 /**
  * createTrainingJob's request, normalised into one job: which model, which data, which settings.
- * Settings come in layers, later wins: the template's, then the flat seed-001 fields, then
- * `hyperparams` (seed 002), then the nested `lora_config` / `training_config` (seed 003).
+ * Settings come in layers, later wins: the template's, then the request's. A request may write a
+ * setting as a flat seed-001 field, in `hyperparams` (seed 002) or in the nested `lora_config` /
+ * `training_config` (seed 003); writing one twice with different values is refused.
  * The stored `config` is the worker's spec for the job's type (docs/worker-protocol.md), minus secrets.
  */
 import { readFile, realpath } from 'node:fs/promises';
@@ -87,71 +88,115 @@ function defined<T extends Record<string, unknown>>(values: T): Partial<T> {
   return Object.fromEntries(Object.entries(values).filter(([, v]) => v !== undefined)) as Partial<T>;
 }
 
-/** One layer of settings from wherever a request (or template) put them. */
-interface SettingsLayer {
-  lora: Partial<LoraSettings>;
-  training: Partial<TrainingSettings>;
+/** A setting: `lora.r`, `training.max_steps`, … */
+type SettingKey = `lora.${keyof LoraSettings}` | `training.${keyof TrainingSettings}`;
+
+/** One form of writing settings: which field of its object holds which setting. */
+type Spelling = ReadonlyArray<readonly [SettingKey, string]>;
+
+/** The flat seed-001 fields of a request. */
+const FLAT: Spelling = [
+  ['lora.r', 'lora_rank'],
+  ['lora.alpha', 'lora_alpha'],
+  ...(
+    [
+      'num_epochs',
+      'batch_size',
+      'learning_rate',
+      'max_steps',
+      'max_seq_length',
+      'eval_steps',
+      'eval_split',
+      'use_gradient_checkpointing',
+    ] as const
+  ).map((key) => [`training.${key}`, key] as const),
+];
+const HYPERPARAMS: Spelling = [
+  ['lora.r', 'lora_rank'],
+  ['training.max_steps', 'steps'],
+  ['training.learning_rate', 'lr'],
+  ['training.max_seq_length', 'seq_len'],
+];
+const LORA_CONFIG: Spelling = [
+  ['lora.r', 'r'],
+  ['lora.alpha', 'lora_alpha'],
+  ['lora.dropout', 'lora_dropout'],
+  ['lora.target_modules', 'target_modules'],
+  ['lora.bias', 'bias'],
+];
+
+/** A setting as one place wrote it: `param` is the field's path in the request (or template). */
+interface Setting {
+  key: SettingKey;
+  param: string;
+  value: unknown;
 }
 
-function loraFromNested(lora: Schemas['LoraConfig'] | undefined): Partial<LoraSettings> {
-  if (!lora) return {};
-  return defined({
-    r: lora.r,
-    alpha: lora.lora_alpha,
-    dropout: lora.lora_dropout,
-    target_modules: lora.target_modules,
-    bias: lora.bias,
-  });
+/** The settings `source` spells one way (`prefix` names the object they sit in). */
+function spelled(source: object | undefined, spelling: Spelling, prefix = ''): Setting[] {
+  const values = (source ?? {}) as Record<string, unknown>;
+  return spelling.flatMap(([key, field]) =>
+    values[field] === undefined ? [] : [{ key, param: `${prefix}${field}`, value: values[field] }],
+  );
 }
 
-function flatLayer(body: TrainingJobCreate): SettingsLayer {
-  return {
-    lora: defined({ r: body.lora_rank, alpha: body.lora_alpha }),
-    training: defined({
-      num_epochs: body.num_epochs,
-      batch_size: body.batch_size,
-      learning_rate: body.learning_rate,
-      max_steps: body.max_steps,
-      max_seq_length: body.max_seq_length,
-      eval_steps: body.eval_steps,
-      eval_split: body.eval_split,
-      use_gradient_checkpointing: body.use_gradient_checkpointing,
-    }),
-  };
-}
-
-function hyperparamsLayer(hp: Hyperparams | undefined): SettingsLayer {
-  if (!hp) return { lora: {}, training: {} };
-  return {
-    lora: defined({ r: hp.lora_rank }),
-    training: defined({ max_steps: hp.steps, learning_rate: hp.lr, max_seq_length: hp.seq_len }),
-  };
-}
-
-function nestedLayer(source: {
+/** Every setting a request or template writes, in the order its forms layer (later wins). */
+function settingsOf(source: {
+  hyperparams?: Hyperparams;
   lora_config?: Schemas['LoraConfig'];
   training_config?: Schemas['TrainingConfig'];
-}) {
-  return { lora: loraFromNested(source.lora_config), training: defined({ ...source.training_config }) };
+}): Setting[] {
+  // every TrainingConfig field is a training setting of the same name
+  const fields = Object.keys(source.training_config ?? {}) as (keyof TrainingSettings)[];
+  const training: Spelling = fields.map((key) => [`training.${key}`, key] as const);
+  return [
+    ...spelled(source.hyperparams, HYPERPARAMS, 'hyperparams.'),
+    ...spelled(source.lora_config, LORA_CONFIG, 'lora_config.'),
+    ...spelled(source.training_config, training, 'training_config.'),
+  ];
 }
 
-/** Template first, then the request's flat fields, hyperparams and nested objects. */
-function mergeSettings(template: TemplateConfig, body: TrainingJobCreate) {
-  const layers: SettingsLayer[] = [
-    { lora: {}, training: defined({ eval_split: template.eval_split }) },
-    hyperparamsLayer(template.hyperparams),
-    nestedLayer(template),
-    flatLayer(body),
-    hyperparamsLayer(body.hyperparams),
-    nestedLayer(body),
-  ];
-  const lora: LoraSettings = { ...LORA_DEFAULTS };
-  const training: TrainingSettings = { ...TRAINING_DEFAULTS };
-  for (const layer of layers) {
-    Object.assign(lora, layer.lora);
-    Object.assign(training, layer.training);
+/** The request's settings: flat fields, then hyperparams and nested objects. */
+function requestSettings(body: TrainingJobCreate): Setting[] {
+  return [...spelled(body, FLAT), ...settingsOf(body)];
+}
+
+/**
+ * A request that writes one setting twice with different values (`max_steps: 10` and
+ * `training_config.max_steps: 20`) would have one of them ignored: refused, naming both.
+ */
+function refuseConflictingSettings(settings: Setting[]): void {
+  const first = new Map<SettingKey, Setting>();
+  for (const setting of settings) {
+    const earlier = first.get(setting.key);
+    if (!earlier) first.set(setting.key, setting);
+    else if (JSON.stringify(earlier.value) !== JSON.stringify(setting.value)) {
+      throw invalidConfig(
+        `${earlier.param} and ${setting.param} set the same setting to different values (${JSON.stringify(earlier.value)} and ${JSON.stringify(setting.value)}): keep one.`,
+        setting.param,
+      );
+    }
   }
-  return { lora, training };
+}
+
+/** Template first, then the request; the request's own forms must agree with each other. */
+function mergeSettings(template: TemplateConfig, body: TrainingJobCreate) {
+  const fromRequest = requestSettings(body);
+  refuseConflictingSettings(fromRequest);
+  const lora: Record<string, unknown> = { ...LORA_DEFAULTS };
+  const training: Record<string, unknown> = { ...TRAINING_DEFAULTS };
+  if (template.eval_split !== undefined) training.eval_split = template.eval_split;
+  for (const { key, value } of [...settingsOf(template), ...fromRequest]) {
+    const [group, name] = key.split('.') as ['lora' | 'training', string];
+    (group === 'lora' ? lora : training)[name] = value;
+  }
+  return { lora: lora as LoraSettings, training: training as TrainingSettings };
+}
+
+/** Where the request set a training setting, for an error's `param` (the template's when not). */
+function settingParam(body: TrainingJobCreate, key: keyof TrainingSettings): string {
+  const set = requestSettings(body).filter((s) => s.key === `training.${key}`);
+  return set.at(-1)?.param ?? 'template';
 }
 
 // ------------------------------------------------------------------ the model
@@ -203,6 +248,8 @@ interface ResolvedModel {
   model: SpecModel;
   params: number | null;
   modelId: string | null;
+  /** The longest sequence the model takes, when its catalog entry says (null: unknown). */
+  contextLength?: number | null;
 }
 
 /** One of the tenant's output models; adapters bring their base model along. */
@@ -245,7 +292,12 @@ async function resolveModel(
     base_model: baseModel,
     base_model_id: body.base_model_id,
   });
-  return { model: { id: base.id, name: base.name, source: base.source }, params: base.params, modelId: null };
+  return {
+    model: { id: base.id, name: base.name, source: base.source },
+    params: base.params,
+    modelId: null,
+    contextLength: base.contextLength,
+  };
 }
 
 // ------------------------------------------------------------------ the data
@@ -462,7 +514,7 @@ const METHOD_HINT: Record<string, string> = {
  * `merge` given `lora_config`, a `contract` given `eval_split`, a `benchmark` given
  * `output_name`. Non-finetune types read only `seed` from `training_config`. Also refuses the
  * model or the output named twice (one of the two would be ignored). A finetune setting given in
- * several forms (flat, `hyperparams`, nested) is not refused: the forms layer as documented.
+ * several forms (flat, `hyperparams`, nested) is checked by mergeSettings: equal values only.
  */
 function refuseFieldsTypeIgnores(type: JobType, body: TrainingJobCreate): void {
   if (type === 'prompt_optimize') return;
@@ -569,13 +621,6 @@ async function checkMethodRunnable(
   }
 }
 
-/** Where a request set a training setting, for the error's `param` (the template when not the request). */
-function settingParam(body: TrainingJobCreate, key: 'eval_split' | 'eval_steps'): string {
-  if (body.training_config?.[key] !== undefined) return `training_config.${key}`;
-  if (body[key] !== undefined) return key;
-  return 'template';
-}
-
 /** Checks of a fine-tune's settings against its data that the worker would otherwise fail or skip later. */
 function checkFinetuneSettings(body: TrainingJobCreate, training: TrainingSettings, examples: number): void {
   if (training.eval_split > 0 && examples < 2) {
@@ -590,6 +635,28 @@ function checkFinetuneSettings(body: TrainingJobCreate, training: TrainingSettin
       settingParam(body, 'eval_steps'),
     );
   }
+}
+
+/**
+ * A max_seq_length the request wrote must fit the model's context when the catalog gives it (400);
+ * a template's or the default one is lowered to it, so a short-context model needs no setting.
+ */
+function fitSeqLengthToModel(
+  body: TrainingJobCreate,
+  training: TrainingSettings,
+  model: ResolvedModel,
+): void {
+  const limit = model.contextLength;
+  if (!limit || training.max_seq_length <= limit) return;
+  const param = settingParam(body, 'max_seq_length');
+  if (param === 'template') {
+    training.max_seq_length = limit;
+    return;
+  }
+  throw invalidConfig(
+    `max_seq_length ${training.max_seq_length} is longer than ${model.model.name} takes (${limit} tokens).`,
+    param,
+  );
 }
 
 /**
@@ -738,7 +805,10 @@ export async function planTrainingJob(
     ...typeSpec(type, method, body, template, hp, stats.format),
   };
   await checkMethodRunnable(ctx, method, requiredDevice);
-  if (type === 'finetune') checkFinetuneSettings(body, config.training as TrainingSettings, stats.examples);
+  if (type === 'finetune') {
+    fitSeqLengthToModel(body, config.training as TrainingSettings, resolved);
+    checkFinetuneSettings(body, config.training as TrainingSettings, stats.examples);
+  }
   if (type === 'contract') checkContraction(config, resolved.model);
   const totalSteps =
     type === 'finetune' ? finetuneTotalSteps(config.training as TrainingSettings, stats.examples) : null;
