@@ -278,7 +278,28 @@ describe.each(DATABASES)('uploads and disk (%s)', (db) => {
     const stored = join(server.dataDir, 'files', 'jobs', job.job_id, 'outputs', 'model.safetensors');
     expect(sha256(await readFile(stored))).toBe(sha256(payload));
     expect(await partsOf(server)).toEqual([]);
-    await worker.complete(job.job_id, job.lease_token);
+
+    // A worker whose 201 was lost asks again: the file is answered whole, with its checksum.
+    const after = await server.api(`${path}/offset`, { key: server.workerToken, headers: lease });
+    expect(await after.json()).toEqual({
+      received_bytes: payload.length,
+      stored: { name: 'model.safetensors', size_bytes: payload.length, sha256: sha256(payload) },
+    });
+    // The next attempt did not store it: it starts from byte 0.
+    const released = await server.api(`/v1/workers/jobs/${job.job_id}/release`, {
+      key: server.workerToken,
+      method: 'POST',
+      json: { lease_token: job.lease_token },
+    });
+    expect(released.status).toBe(200);
+    const again = (await worker.claim())!;
+    expect(again.job_id).toBe(job.job_id);
+    const fresh = await server.api(`${path}/offset`, {
+      key: server.workerToken,
+      headers: { 'x-lease-token': again.lease_token },
+    });
+    expect(await fresh.json()).toEqual({ received_bytes: 0 });
+    await worker.complete(job.job_id, again.lease_token);
   });
 
   it('takes a file in chunks (202 each) and refuses a Content-Range the body does not match', async () => {

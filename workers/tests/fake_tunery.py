@@ -43,13 +43,16 @@ class FakeState:
     # (job_id, "checkpoints" | "outputs", name) → the bytes received of an unfinished upload
     parts: dict[tuple[str, str, str], bytes] = field(default_factory=dict)
     upload_ranges: list[str | None] = field(default_factory=list)  # each upload request's Content-Range
+    # (job_id, kind, name) → the last whole file received (GET …/offset answers it as `stored`)
+    stored_uploads: dict[tuple[str, str, str], bytes] = field(default_factory=dict)
     completed: dict[str, dict[str, Any]] = field(default_factory=dict)
     failed: dict[str, dict[str, Any]] = field(default_factory=dict)
     cancelled: set[str] = field(default_factory=set)
     released: set[str] = field(default_factory=set)  # handed back on shutdown (pending again)
     requests: list[tuple[str, str]] = field(default_factory=list)
     # route name → faults to apply to its next requests: an int status, a (status, code) error,
-    # "drop", "truncate" (downloads) or "cut" (uploads: half the body arrives, then a drop).
+    # "drop", "truncate" (downloads), "cut" (uploads: half the body arrives, then a drop) or
+    # "lose-answer" (uploads: the file is stored, then a drop instead of the 201).
     faults: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
     range_requests: list[str] = field(default_factory=list)
 
@@ -318,7 +321,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with self.fake.lock:
             self.fake.state.checkpoints[ids["job"]][ids["name"]] = (int(params["step"]), data)
-        self._stored(ids["name"], data)
+        self._stored(ids["name"], data, fault)
 
     def _output(self, ids: dict[str, str], body: bytes, _: dict[str, str], fault: Any) -> None:
         if not self._leased(ids["job"], self.headers.get("X-Lease-Token")):
@@ -328,7 +331,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with self.fake.lock:
             self.fake.state.outputs[ids["job"]][ids["name"]] = data
-        self._stored(ids["name"], data)
+        self._stored(ids["name"], data, fault)
 
     def _receive(self, job: str, kind: str, name: str, body: bytes, fault: Any) -> bytes | None:
         """The server's resumable upload: the whole file once it is complete, else None (answered)."""
@@ -357,15 +360,26 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(202, {"received_bytes": len(data)})
             return None
         state.parts.pop(key, None)
+        state.stored_uploads[key] = data
         return data
 
     def _offset(self, ids: dict[str, str], _: bytes, __: dict[str, str], ___: Any) -> None:
         if not self._leased(ids["job"], self.headers.get("X-Lease-Token")):
             return
-        received = len(self.fake.state.parts.get((ids["job"], ids["kind"], ids["name"]), b""))
+        key = (ids["job"], ids["kind"], ids["name"])
+        received = len(self.fake.state.parts.get(key, b""))
+        stored = self.fake.state.stored_uploads.get(key)
+        if not received and stored is not None:  # the whole file arrived (this fake has one attempt)
+            digest = hashlib.sha256(stored).hexdigest()
+            answer = {"name": ids["name"], "size_bytes": len(stored), "sha256": digest}
+            return self._json(200, {"received_bytes": len(stored), "stored": answer})
         self._json(200, {"received_bytes": received})
 
-    def _stored(self, name: str, body: bytes) -> None:
+    def _stored(self, name: str, body: bytes, fault: Any = None) -> None:
+        if fault == "lose-answer":  # the file is stored, then the connection dies before the 201
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         self._json(201, {"name": name, "size_bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()})
 
     def _file(self, ids: dict[str, str], _: bytes, __: dict[str, str], fault: Any) -> None:

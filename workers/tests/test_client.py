@@ -7,6 +7,7 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -210,6 +211,34 @@ def test_a_dropped_upload_resumes_from_the_offset_the_server_holds(
     assert offset_queries == [f"/v1/workers/jobs/{job['job_id']}/outputs/model.safetensors/offset"]
 
 
+def test_an_upload_whose_answer_was_lost_is_not_sent_again(server: FakeTunery, tmp_path: Path) -> None:
+    client = make_client(server.url, Sleeps())
+    job = claimed(server, client)
+    payload = os.urandom(1 << 20)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(payload)
+
+    server.fault("output", "lose-answer")  # stored whole, then the connection dies before the 201
+    stored = client.upload_output(job["job_id"], job["lease_token"], "model.safetensors", path)
+    assert stored == {
+        "name": "model.safetensors",
+        "size_bytes": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    # one PUT, then the offset said the file is there with this checksum: no second transfer
+    methods = [m for m, p in server.state.requests if "/outputs/model.safetensors" in p]
+    assert methods == ["PUT", "GET"]
+
+    # the server holds other bytes under that name (the connection died before any arrived): sent again
+    server.state.stored_uploads[(job["job_id"], "outputs", "other.bin")] = b"stale bytes"
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"new bytes")
+    server.fault("output", "drop")
+    again = client.upload_output(job["job_id"], job["lease_token"], "other.bin", other)
+    assert again["sha256"] == hashlib.sha256(b"new bytes").hexdigest()
+    assert [m for m, p in server.state.requests if "/outputs/other.bin" in p] == ["PUT", "GET", "PUT"]
+
+
 def test_an_upload_asks_for_the_offset_on_a_mismatch_but_not_on_other_client_errors(
     server: FakeTunery, tmp_path: Path
 ) -> None:
@@ -241,7 +270,7 @@ def test_an_upload_the_server_stored_differently_is_an_error(server: FakeTunery,
     server.state.parts[(job["job_id"], "outputs", "adapter.bin")] = b""
     original = client._upload_offset
 
-    def wrong_offset(url: str, lease_token: str) -> int:
+    def wrong_offset(url: str, lease_token: str) -> dict[str, Any]:
         server.state.parts[(job["job_id"], "outputs", "adapter.bin")] = b"y" * 500
         return original(url, lease_token)
 

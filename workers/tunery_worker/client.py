@@ -397,15 +397,21 @@ class WorkerClient:
             )
             self._backoff(delay)
             attempt += 1
-            received = self._upload_offset(url, lease_token)
+            held = self._upload_offset(url, lease_token)
+            whole = held.get("stored")
+            if whole and whole.get("size_bytes") == size and whole.get("sha256") == digest.hexdigest():
+                return dict(whole)  # this attempt's file arrived whole; only its 201 was lost
+            received = int(held["received_bytes"])
             if received > offset:  # progress: the backoff and the give-up clock start again
                 attempt, progress_at = 0, time.monotonic()
             offset = received if received < size else 0
 
-    def _upload_offset(self, url: str, lease_token: str) -> int:
-        """How many bytes of the upload at `url` the server holds."""
-        answer = self._request("GET", f"{url}/offset", headers={"X-Lease-Token": lease_token}).json()
-        return int(answer["received_bytes"])
+    def _upload_offset(self, url: str, lease_token: str) -> dict[str, Any]:
+        """What the server holds of the upload at `url`: `received_bytes`, and `stored` when whole."""
+        answer: dict[str, Any] = self._request(
+            "GET", f"{url}/offset", headers={"X-Lease-Token": lease_token}
+        ).json()
+        return answer
 
     def download(
         self,

@@ -198,18 +198,44 @@ async function receiveBody(part: PartWriter, body: Readable, range: ContentRange
   }
 }
 
+/** Where a resumed upload stands: bytes of its part, or the whole file this attempt already stored. */
+export type UploadProgress =
+  | { receivedBytes: number; stored?: never }
+  | { receivedBytes: number; stored: { name: string; size_bytes: number; sha256: string } };
+
 /**
  * How many bytes of an upload the server holds (0 when none), fenced by the lease. A request still
  * writing the file is stopped first, so the answer is where the worker's next request must start.
+ * With no part open, a file of that name this attempt already stored is answered whole: a worker
+ * whose `201` was lost compares its checksum and is done, instead of sending every byte again.
  */
 export async function uploadOffset(
   ctx: AppContext,
   jobId: string,
   leaseToken: string,
   upload: UploadTarget,
-): Promise<number> {
+): Promise<UploadProgress> {
   const segments = segmentsOf(jobId, upload);
   ctx.storage.pathFor(segments);
   await assertLeaseHeld(ctx, jobId, leaseToken);
-  return ctx.storage.receivedBytes(segments);
+  const receivedBytes = await ctx.storage.receivedBytes(segments);
+  if (receivedBytes > 0) return { receivedBytes };
+  const stored = await storedThisAttempt(ctx, jobId, leaseToken, upload);
+  return stored ? { receivedBytes: stored.size_bytes, stored } : { receivedBytes };
+}
+
+/** The job's file of this name, when the lease's attempt recorded it (not an earlier attempt). */
+async function storedThisAttempt(ctx: AppContext, jobId: string, leaseToken: string, upload: UploadTarget) {
+  const result = await ctx.knex.raw(
+    `
+    SELECT f.name, f.size_bytes, f.sha256
+    FROM files f
+    JOIN jobs j ON j.id = f.owner_id
+    JOIN job_attempts a ON a.job_id = j.id AND a.attempt = j.attempt
+    WHERE f.owner_kind = :kind AND f.owner_id = :jobId AND f.name = :name
+      AND j.lease_token = :leaseToken AND f.created_at >= a.started_at`,
+    { kind: upload.kind, jobId, name: upload.name, leaseToken },
+  );
+  const row = result.rows[0] as { name: string; size_bytes: string | number; sha256: string } | undefined;
+  return row && { name: row.name, size_bytes: Number(row.size_bytes), sha256: row.sha256 };
 }

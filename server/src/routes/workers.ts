@@ -63,8 +63,8 @@ async function storeUpload(
 /** Where a resumed upload must continue: the bytes the server holds of it. */
 async function sendUploadOffset(ctx: AppContext, req: Request, res: Response, upload: UploadTarget) {
   const leaseToken = req.header('x-lease-token') ?? '';
-  const received = await uploadOffset(ctx, jobIdOf(req), leaseToken, upload);
-  res.json({ received_bytes: received } satisfies Schemas['UploadOffset']);
+  const { receivedBytes, stored } = await uploadOffset(ctx, jobIdOf(req), leaseToken, upload);
+  res.json({ received_bytes: receivedBytes, ...(stored && { stored }) } satisfies Schemas['UploadOffset']);
 }
 
 const checkpointStep = (req: Request): number => {
