@@ -319,6 +319,16 @@ describe.each(DATABASES)('fail fast on %s', (db) => {
       });
     });
 
+    it('refuses a template whose presets the job type would ignore, and takes one made for it', async () => {
+      const contract = { type: 'contract', base_model: 'smollm2-135m-instruct', dataset_id: datasetId };
+      await expectRefused({ ...contract, template: 'lora-default' }, 'invalid_config', 'template');
+      const refused = await create({ ...contract, template: 'lora-default' });
+      expect((await refused.json()).error.message).toMatch(/^Template "lora-default" presets \w+/);
+      const ok = await create({ ...contract, template: 'contract-half' });
+      expect(ok.status).toBe(201);
+      expect((await ok.json()).config).toMatchObject({ contraction_ratio: 0.5, num_layers_to_contract: 8 });
+    });
+
     it("refuses a max_seq_length past the model's context; lowers a template's or the default", async () => {
       const shortModel = await server.api('/v1/base-models', {
         method: 'POST',

@@ -8,7 +8,7 @@
 import { readFile, realpath } from 'node:fs/promises';
 import { basename, resolve, sep } from 'node:path';
 import type { AppContext } from '../context.js';
-import { badRequest, invalidConfig, notFound } from '../errors.js';
+import { ApiError, badRequest, invalidConfig, notFound } from '../errors.js';
 import type { BodyOf, Schemas } from '../http.js';
 import { WORKER_ONLINE_SECONDS } from '../queue/claim.js';
 import type { EnqueueInput } from '../queue/enqueue.js';
@@ -565,6 +565,22 @@ function refuseFieldsTypeIgnores(type: JobType, body: TrainingJobCreate): void {
 }
 
 /**
+ * A template's presets are held to the same rule as the request's own fields: a fine-tune
+ * template (its `method`, `lora_config`, …) named on a `contract` job would be ignored, so refused.
+ */
+function refuseTemplatePresetsTypeIgnores(type: JobType, name: string, template: TemplateConfig): void {
+  try {
+    refuseFieldsTypeIgnores(type, template as TrainingJobCreate);
+  } catch (err) {
+    if (!(err instanceof ApiError)) throw err;
+    throw invalidConfig(
+      `Template "${name}" presets ${err.param}, which a ${type} job does not use: name a template made for ${type} jobs, or none.`,
+      'template',
+    );
+  }
+}
+
+/**
  * The device a job's `backend` pins. `mlx` runs only on a worker announcing that device, so a
  * request for it is refused while none is online rather than queued for a worker that never comes.
  */
@@ -785,6 +801,7 @@ export async function planTrainingJob(
   const template = body.template ? await getTemplateConfig(ctx, tenantId, body.template) : {};
   const type: JobType = body.type ?? template.type ?? 'finetune';
   refuseFieldsTypeIgnores(type, body);
+  if (body.template) refuseTemplatePresetsTypeIgnores(type, body.template, template);
   const hp = { ...template.hyperparams, ...body.hyperparams } as Hyperparams;
   const method = type === 'finetune' ? (body.method ?? template.method ?? 'lora') : null;
 

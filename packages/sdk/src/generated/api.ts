@@ -372,7 +372,8 @@ export interface paths {
          *     `parent_job_id`, and it takes no model or data fields; `benchmark` takes `source_model_id` and
          *     data, and no `output_name`/`output_dir`. The model named twice (`base_model`, `model_name`,
          *     `base_model_id`, `source_model_id`, `hyperparams.source_model_id`) or the output named twice
-         *     (`output_name`, `hyperparams.output_name`, `output_dir`) is refused too.
+         *     (`output_name`, `hyperparams.output_name`, `output_dir`) is refused too, and so is a
+         *     `template` that presets a field the job's type does not act on (`param: template`).
          *
          *     **Checked at submission, not by a failed job later:** `method: qlora` with `backend`
          *     `cpu`/`mlx` (`400 invalid_config`) or while no online worker with device `cuda` runs
