@@ -151,6 +151,8 @@ const OPENAI_CLIENT_CALLS: Record<string, string> = {
   listOpenAIFineTuningJobs: 'client.fineTuning.jobs.list()',
   getOpenAIFineTuningJob: "client.fineTuning.jobs.retrieve('job_4f0c2a9d1b7e4c55a0d3e8f1')",
   cancelOpenAIFineTuningJob: "client.fineTuning.jobs.cancel('job_4f0c2a9d1b7e4c55a0d3e8f1')",
+  pauseOpenAIFineTuningJob: "client.fineTuning.jobs.pause('job_4f0c2a9d1b7e4c55a0d3e8f1')",
+  resumeOpenAIFineTuningJob: "client.fineTuning.jobs.resume('job_4f0c2a9d1b7e4c55a0d3e8f1')",
   listOpenAIFineTuningEvents: "client.fineTuning.jobs.listEvents('job_4f0c2a9d1b7e4c55a0d3e8f1')",
   listOpenAIFineTuningCheckpoints: "client.fineTuning.jobs.checkpoints.list('job_4f0c2a9d1b7e4c55a0d3e8f1')",
   createOpenAIChatCompletion:

@@ -1,7 +1,7 @@
 // The OpenAI-compatible surface (/openai/v1) driven by the official `openai` client against the real
 // server (embedded PGlite) and a CPU worker: upload a chat JSONL, fine-tune the tiny model, read its
 // events (auto-paginated) and checkpoints, list models, cancel a second job, and the typed errors.
-import OpenAI, { BadRequestError, NotFoundError, toFile } from 'openai';
+import OpenAI, { BadRequestError, ConflictError, NotFoundError, toFile } from 'openai';
 import { describe, expect, it } from 'vitest';
 import { until } from '../src/stack.js';
 import { TINY, useStack } from '../src/use-stack.js';
@@ -90,8 +90,20 @@ describe('OpenAI-compatible fine-tuning with the openai client', () => {
     });
     expect(created.hyperparameters.learning_rate_multiplier).toBeCloseTo(50, 6);
 
-    // A second job, cancelled while the first holds the only worker (or just after it starts).
+    // A second job, paused and resumed, then cancelled, while the first holds the only worker (or
+    // just after it starts: then a resume is refused until its run has stopped, and is tried again).
     const second = await client.fineTuning.jobs.create({ model: TINY, training_file: file.id });
+    expect((await client.fineTuning.jobs.pause(second.id)).status).toBe('paused');
+    const resumed = await until(
+      'the paused job resumed',
+      () =>
+        client.fineTuning.jobs.resume(second.id).catch((err: unknown) => {
+          if (err instanceof ConflictError) return undefined;
+          throw err;
+        }),
+      { timeoutMs: 60_000, intervalMs: 250 },
+    );
+    expect(resumed.status).toBe('queued');
     const cancelling = await client.fineTuning.jobs.cancel(second.id);
     expect(cancelling.id).toBe(second.id);
     await until(

@@ -232,6 +232,64 @@ describe.each(DATABASES)('OpenAI-compatible routes on %s', (db) => {
     expect(events.data[0]).toMatchObject({ level: 'error', data: { kind: 'failed' } });
   });
 
+  it('pauses and resumes: at once when queued, after the worker stops when running, from the checkpoint', async () => {
+    const post = (id: string, action: string) =>
+      server.api(`/openai/v1/fine_tuning/jobs/${id}/${action}`, { method: 'POST' });
+    const statusAfter = async (id: string, action: string, expected = 200) => {
+      const res = await post(id, action);
+      const body = (await res.json()) as { status: string; error?: { type: string; code: string } };
+      expect({ action, status: res.status }).toEqual({ action, status: expected });
+      return expected === 200 ? body.status : body.error?.code;
+    };
+    const job = (await (await createJob({})).json()) as { id: string };
+
+    // queued: paused at once; a second pause answers it unchanged; a resume queues it again
+    expect(await statusAfter(job.id, 'pause')).toBe('paused');
+    expect(await statusAfter(job.id, 'pause')).toBe('paused');
+    expect(await statusAfter(job.id, 'resume')).toBe('queued');
+    expect(await statusAfter(job.id, 'resume', 409)).toBe('job_not_resumable');
+
+    // running with a checkpoint: paused at once, resumable once the worker has stopped
+    const worker = fakeWorker(server);
+    const first = (await worker.claim())!;
+    expect(first.job_id).toBe(job.id);
+    expect(first.resume_from).toBeNull();
+    const upload = await worker.upload(
+      job.id,
+      first.lease_token,
+      'checkpoints',
+      'checkpoint-2',
+      Buffer.from('w'),
+      2,
+    );
+    expect(upload.status).toBe(201);
+    expect(await statusAfter(job.id, 'pause')).toBe('paused');
+    expect(await statusAfter(job.id, 'resume', 409)).toBe('job_not_resumable');
+    expect((await worker.cancelled(job.id, first.lease_token)).status).toBe(200);
+    const paused = (await (await server.api(`/openai/v1/fine_tuning/jobs/${job.id}`)).json()) as {
+      status: string;
+    };
+    expect(paused.status).toBe('paused');
+    expect(await statusAfter(job.id, 'resume')).toBe('queued');
+    const second = (await worker.claim())!;
+    expect(second.resume_from?.name).toBe('checkpoint-2');
+    expect((await worker.complete(job.id, second.lease_token)).status).toBe(200);
+    expect(await statusAfter(job.id, 'pause', 409)).toBe('job_already_finished');
+
+    // a paused job can still be cancelled, and then it is no longer paused
+    const other = (await (await createJob({})).json()) as { id: string };
+    expect(await statusAfter(other.id, 'pause')).toBe('paused');
+    expect(await statusAfter(other.id, 'cancel')).toBe('cancelled');
+    expect(await statusAfter(other.id, 'resume', 409)).toBe('job_not_resumable');
+
+    const events = (await (await server.api(`/v1/training/jobs/${job.id}/events`)).json()) as {
+      events: { kind: string }[];
+    };
+    expect(events.events.map((e) => e.kind)).toEqual(
+      expect.arrayContaining(['paused', 'resumed', 'cancelled', 'completed']),
+    );
+  });
+
   it("hides another tenant's files and jobs (404)", async () => {
     const other = await upload(JSONL, server.otherKey);
     const theirs = ((await other.json()) as { id: string }).id;

@@ -6,6 +6,7 @@ import { webhooks } from './005_webhooks.js';
 import { inference } from './006_inference.js';
 import { runnableIndex } from './007_runnable_index.js';
 import { gangs } from './008_gangs.js';
+import { paused } from './009_paused.js';
 
 export interface Migration {
   name: string;
@@ -22,4 +23,5 @@ export const migrations: Migration[] = [
   inference,
   runnableIndex,
   gangs,
+  paused,
 ];

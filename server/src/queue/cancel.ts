@@ -4,8 +4,10 @@ import { recordEvent } from './events.js';
 import type { JobKind, JobRow } from './types.js';
 
 /**
- * A user's cancel. A pending job is cancelled at once; a running one gets `cancel_requested`,
- * which its worker reads in the next heartbeat answer before acknowledging. A terminal job is
+ * A user's cancel, or pause (`pause`: the same stop, remembered in `paused_at`, so that a resume
+ * without a checkpoint starts over). A pending job stops at once; a running one gets
+ * `cancel_requested`, which its worker reads in the next heartbeat answer before acknowledging.
+ * A paused job can still be cancelled (it stays cancelled, no longer paused). A terminal job is
  * `409 job_already_finished`; a distillation keeps seed 000's code for it, `job_already_running`.
  */
 export async function cancelJob(
@@ -13,6 +15,7 @@ export async function cancelJob(
   tenantId: string,
   kind: JobKind,
   jobId: string,
+  { pause = false }: { pause?: boolean } = {},
 ): Promise<JobRow> {
   return ctx.knex.transaction(async (trx) => {
     const updated = await trx.raw(
@@ -20,16 +23,19 @@ export async function cancelJob(
       UPDATE jobs SET
         status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END,
         cancel_requested = true,
+        paused_at = CASE WHEN :pause THEN COALESCE(paused_at, now()) ELSE NULL END,
         finished_at = CASE WHEN status = 'pending' THEN now() ELSE finished_at END,
         updated_at = now()
-      -- only the owner's live jobs; the state check makes a cancel racing a completion lose cleanly
-      WHERE id = :jobId AND tenant_id = :tenantId AND kind = :kind AND status IN ('pending', 'running')
+      -- only the owner's live (or paused) jobs; the state check makes a cancel racing a completion lose cleanly
+      WHERE id = :jobId AND tenant_id = :tenantId AND kind = :kind
+        AND (status IN ('pending', 'running') OR paused_at IS NOT NULL)
       RETURNING *`,
-      { jobId, tenantId, kind },
+      { jobId, tenantId, kind, pause },
     );
     const job = updated.rows[0] as JobRow | undefined;
     if (!job) throw await cancelRefusal(trx, tenantId, kind, jobId);
-    await recordEvent(trx, job.id, job.status === 'cancelled' ? 'cancelled' : 'cancel_requested', {
+    const stopped = job.status === 'cancelled';
+    await recordEvent(trx, job.id, pause ? 'paused' : stopped ? 'cancelled' : 'cancel_requested', {
       by: 'user',
     });
     return job;

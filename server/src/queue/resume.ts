@@ -22,8 +22,9 @@ async function pickCheckpoint(
 
 /**
  * Puts a failed or cancelled job back in the queue, to continue from a checkpoint, with `secrets`
- * (in clear; sealed here) in place of those erased when it ended. Unknown checkpoint → 404; a job
- * in any other state, or with no checkpoint at all → 409 job_not_resumable; a tenant whose budget
+ * (in clear; sealed here) in place of those erased when it ended; a paused job without a checkpoint
+ * starts over. Unknown checkpoint → 404; a job in any other state, or with no checkpoint at all
+ * (and not paused) → 409 job_not_resumable; a tenant whose budget
  * cannot hold the rest of the job's estimate → 402 insufficient_credits.
  */
 export async function resumeJob(
@@ -41,7 +42,10 @@ export async function resumeJob(
     if (!job) throw notFound('job', jobId, 'job_id', 'job_not_found');
     const checkpoint = await pickCheckpoint(trx, jobId, checkpointName);
     if (checkpointName && !checkpoint) throw notFound('checkpoint', checkpointName, 'checkpoint');
-    if (!checkpoint) throw conflict(`Job ${jobId} has no checkpoint to resume from.`, 'job_not_resumable');
+    // a paused job without a checkpoint starts over; any other needs one
+    if (!checkpoint && !job.paused_at) {
+      throw conflict(`Job ${jobId} has no checkpoint to resume from.`, 'job_not_resumable');
+    }
     // Pending again, it holds what is left of its estimate (at least a cent's hundredth: a job whose
     // tenant has nothing left would only be stopped at its first heartbeat): 402 when that does not fit.
     const unspent = Number(job.cost_reserved) - Number(job.cost_accrued);
@@ -55,6 +59,7 @@ export async function resumeJob(
         run_at = now(),
         resume_checkpoint = :checkpoint,
         cancel_requested = false,
+        paused_at = NULL,
         -- the job's secrets were erased when it ended; the caller may give them again
         secrets = :secrets::jsonb,
         -- at least one more attempt, whatever the earlier ones used up
@@ -69,7 +74,7 @@ export async function resumeJob(
       {
         jobId,
         tenantId,
-        checkpoint: checkpoint.name,
+        checkpoint: checkpoint?.name ?? null,
         secrets: sealedSecretsJson(ctx, jobId, secrets),
       },
     );
@@ -80,7 +85,10 @@ export async function resumeJob(
         'job_not_resumable',
       );
     }
-    await recordEvent(trx, jobId, 'resumed', { checkpoint: checkpoint.name, step: checkpoint.step });
+    await recordEvent(trx, jobId, 'resumed', {
+      checkpoint: checkpoint?.name ?? null,
+      step: checkpoint?.step ?? 0,
+    });
     notifyAfterCommit(ctx, trx);
     return resumed;
   });

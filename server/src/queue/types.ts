@@ -41,6 +41,8 @@ export interface JobRow {
   lease_owner: string | null;
   lease_expires_at: Date | null;
   cancel_requested: boolean;
+  /** Set by a pause (a cancel that resumes from the start when no checkpoint was taken). */
+  paused_at: Date | null;
   last_checkpoint_step: number;
   resume_checkpoint: string | null;
   output_model_id: string | null;

@@ -1980,6 +1980,56 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/openai/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The fine-tuning (Tunery training) job id. */
+                fine_tuning_job_id: components["parameters"]["OpenAIJobId"];
+            };
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Pause a fine-tuning job (OpenAI)
+         * @description Stops the job, keeping its checkpoints: a queued job at once, a running one at its worker's
+         *     next report. It is `paused` from then on, until a resume. Pausing a paused job answers it
+         *     unchanged; a finished job is `409`.
+         */
+        post: operations["pauseOpenAIFineTuningJob"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/openai/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The fine-tuning (Tunery training) job id. */
+                fine_tuning_job_id: components["parameters"]["OpenAIJobId"];
+            };
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Resume a paused fine-tuning job (OpenAI)
+         * @description Queues a paused job again, to continue from its latest checkpoint (from the start when none
+         *     was taken). A job that is not paused, or whose run has not stopped yet, is `409`; a budget
+         *     that cannot hold the rest of the job is `402`.
+         */
+        post: operations["resumeOpenAIFineTuningJob"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/openai/v1/fine_tuning/jobs/{fine_tuning_job_id}/events": {
         parameters: {
             query?: never;
@@ -4682,10 +4732,10 @@ export interface components {
             /** @description The tenant. */
             organization_id: string;
             /**
-             * @description OpenAI's status.
+             * @description OpenAI's status (`paused` after a pause, until a resume).
              * @enum {string}
              */
-            status: "validating_files" | "queued" | "running" | "succeeded" | "failed" | "cancelled";
+            status: "validating_files" | "queued" | "running" | "succeeded" | "failed" | "cancelled" | "paused";
             /** @description The settings the job runs with. */
             hyperparameters: {
                 /** @description Epochs. */
@@ -8494,6 +8544,65 @@ export interface operations {
             };
             400: components["responses"]["OpenAIError"];
             401: components["responses"]["OpenAIError"];
+            404: components["responses"]["OpenAIError"];
+            409: components["responses"]["OpenAIError"];
+            429: components["responses"]["OpenAIError"];
+            500: components["responses"]["OpenAIError"];
+        };
+    };
+    pauseOpenAIFineTuningJob: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The fine-tuning (Tunery training) job id. */
+                fine_tuning_job_id: components["parameters"]["OpenAIJobId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The job, now `paused`. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIFineTuningJob"];
+                };
+            };
+            400: components["responses"]["OpenAIError"];
+            401: components["responses"]["OpenAIError"];
+            404: components["responses"]["OpenAIError"];
+            409: components["responses"]["OpenAIError"];
+            429: components["responses"]["OpenAIError"];
+            500: components["responses"]["OpenAIError"];
+        };
+    };
+    resumeOpenAIFineTuningJob: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The fine-tuning (Tunery training) job id. */
+                fine_tuning_job_id: components["parameters"]["OpenAIJobId"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The job, `queued` again. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIFineTuningJob"];
+                };
+            };
+            400: components["responses"]["OpenAIError"];
+            401: components["responses"]["OpenAIError"];
+            402: components["responses"]["OpenAIError"];
             404: components["responses"]["OpenAIError"];
             409: components["responses"]["OpenAIError"];
             429: components["responses"]["OpenAIError"];

@@ -4,9 +4,10 @@
  */
 import type { Request } from 'express';
 import type { AppContext } from '../../context.js';
-import { badRequest } from '../../errors.js';
+import { badRequest, conflict } from '../../errors.js';
 import { type BodyOf, pathParam, queryInt, type Routes, type Schemas, tenantOf } from '../../http.js';
 import { cancelJob } from '../../queue/cancel.js';
+import { resumeJob } from '../../queue/resume.js';
 import { getJobRow, type JobRow } from '../../services/jobs.js';
 import { TRAINING_DEFAULTS } from '../../services/training-request.js';
 import { submitTrainingJob } from '../training-jobs.js';
@@ -26,6 +27,10 @@ const STATUS: Record<JobRow['status'], Job['status']> = {
   failed: 'failed',
   cancelled: 'cancelled',
 };
+
+/** A paused job is `paused` from the pause on (its run may still be stopping) until a resume. */
+const statusOf = (row: JobRow): Job['status'] =>
+  row.paused_at && (row.status === 'running' || row.status === 'cancelled') ? 'paused' : STATUS[row.status];
 
 /** `auto` (or absent) leaves Tunery's default in place. */
 const chosen = <T>(value: T | 'auto' | undefined): T | undefined => (value === 'auto' ? undefined : value);
@@ -91,7 +96,7 @@ export function fineTuningJobView(row: JobRow): Job {
     model: row.base_model ?? '',
     fine_tuned_model: succeeded ? row.output_model_id : null,
     organization_id: row.tenant_id,
-    status: STATUS[row.status],
+    status: statusOf(row),
     hyperparameters,
     training_file: row.dataset_id,
     validation_file: null,
@@ -141,6 +146,28 @@ export const openAIFineTuningRoutes: Routes = {
   async cancelOpenAIFineTuningJob(req, res, ctx) {
     const job = await cancelJob(ctx, tenantOf(req), 'training', pathParam(req, 'fine_tuning_job_id'));
     res.json(fineTuningJobView(job) satisfies Job);
+  },
+
+  async pauseOpenAIFineTuningJob(req, res, ctx) {
+    const job = await jobOf(req, ctx);
+    const paused = job.paused_at
+      ? job
+      : await cancelJob(ctx, tenantOf(req), 'training', job.id, { pause: true });
+    res.json(fineTuningJobView(paused) satisfies Job);
+  },
+
+  async resumeOpenAIFineTuningJob(req, res, ctx) {
+    const job = await jobOf(req, ctx);
+    if (!job.paused_at) throw conflict(`Job ${job.id} is not paused.`, 'job_not_resumable');
+    if (job.status !== 'cancelled') {
+      throw conflict(
+        `Job ${job.id} is still stopping for its pause; resume it once it is paused.`,
+        'job_not_resumable',
+      );
+    }
+    res.json(
+      fineTuningJobView(await resumeJob(ctx, tenantOf(req), 'training', job.id, undefined)) satisfies Job,
+    );
   },
 
   async listOpenAIFineTuningEvents(req, res, ctx) {
