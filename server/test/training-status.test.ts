@@ -18,6 +18,27 @@ describe.each(DATABASES)('training status on %s', (db) => {
     return res.json();
   };
 
+  it('lists the serving workers with the backend their claims name', async () => {
+    expect((await status()).serving_workers).toEqual([]);
+    const claim = (workerId: string, backend?: string) =>
+      server.api('/v1/workers/inference/claim', {
+        key: server.workerToken,
+        method: 'POST',
+        json: { worker_id: workerId, wait_seconds: 0, ...(backend ? { backend } : {}) },
+      });
+    expect((await claim('serve-gpu', 'vllm')).status).toBe(204);
+    expect((await claim('serve-cpu', 'transformers')).status).toBe(204);
+    expect((await claim('serve-gpu')).status).toBe(204); // a claim that does not say keeps what was said
+    const serving = (await status()).serving_workers as { worker_id: string; backend: string }[];
+    expect(serving.map(({ worker_id, backend }) => ({ worker_id, backend }))).toEqual([
+      { worker_id: 'serve-cpu', backend: 'transformers' },
+      { worker_id: 'serve-gpu', backend: 'vllm' },
+    ]);
+    const bad = await claim('serve-x', 'llama.cpp');
+    expect(bad.status).toBe(400);
+    await server.ctx.knex('serving_workers').delete();
+  });
+
   it('lists each online worker with the jobs it runs now: the caller’s named, others counted', async () => {
     expect(await status()).toMatchObject({ workers_online: 0, runtime_available: false, workers: [] });
 

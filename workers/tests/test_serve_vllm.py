@@ -355,9 +355,13 @@ class QueueClient(FakeClient):
     def __init__(self, requests: list[dict[str, Any]]) -> None:
         super().__init__()
         self.queue, self.lock = list(requests), threading.Lock()
+        self.backends: set[str | None] = set()  # what the claims said they serve with
 
-    def claim_inference(self, worker_id: str, wait_seconds: float) -> dict[str, Any] | None:
+    def claim_inference(
+        self, worker_id: str, wait_seconds: float, backend: str | None = None
+    ) -> dict[str, Any] | None:
         with self.lock:
+            self.backends.add(backend)
             if self.queue:
                 return self.queue.pop(0)
         time.sleep(0.01)
@@ -384,6 +388,7 @@ def test_requests_run_at_once_on_vllm_and_one_at_a_time_on_transformers(tmp_path
         )
         assert worker.run() == 0
         assert fake.most_at_once == 2
+        assert client.backends == {"vllm"}  # the server's status shows the engine
         assert [r["usage"]["completion_tokens"] for r in client.reports if r.get("done")] == [5, 5]
     finally:
         fake.close()

@@ -268,12 +268,20 @@ class WorkerClient:
         ).json()
         return answer
 
-    def claim_inference(self, worker_id: str, wait_seconds: float = 20) -> dict[str, Any] | None:
-        """Long-poll for an inference request (a serving worker); None when none arrived in time."""
+    def claim_inference(
+        self, worker_id: str, wait_seconds: float = 20, backend: str | None = None
+    ) -> dict[str, Any] | None:
+        """Long-poll for an inference request (a serving worker); None when none arrived in time.
+
+        `backend` (`transformers`, `vllm`) is shown to operators in the server's status.
+        """
+        body: dict[str, Any] = {"worker_id": worker_id, "wait_seconds": wait_seconds}
+        if backend is not None:
+            body["backend"] = backend
         response = self._request(
             "POST",
             "/v1/workers/inference/claim",
-            json={"worker_id": worker_id, "wait_seconds": wait_seconds},
+            json=body,
             timeout=wait_seconds + 30,
         )
         if response.status_code == 204:

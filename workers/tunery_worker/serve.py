@@ -372,7 +372,7 @@ class ServingWorker:
 
     def _claim_loop(self) -> None:
         while not self.stopping.is_set():
-            request = self.client.claim_inference(self.worker_id, self.wait_seconds)
+            request = self.client.claim_inference(self.worker_id, self.wait_seconds, self.backend.name)
             if request is not None:
                 self.answer(request)
             if self.once and request is not None:

@@ -7,6 +7,7 @@ import { inference } from './006_inference.js';
 import { runnableIndex } from './007_runnable_index.js';
 import { gangs } from './008_gangs.js';
 import { paused } from './009_paused.js';
+import { servingBackend } from './010_serving_backend.js';
 
 export interface Migration {
   name: string;
@@ -24,4 +25,5 @@ export const migrations: Migration[] = [
   runnableIndex,
   gangs,
   paused,
+  servingBackend,
 ];

@@ -5,7 +5,7 @@ import { claimInference, reportInference } from '../services/inference.js';
 export const inferenceWorkerRoutes: Routes = {
   async claimInference(req, res, ctx) {
     const body = req.body as BodyOf<'claimInference'>;
-    const claimed = await claimInference(ctx, body.worker_id, body.wait_seconds ?? 20);
+    const claimed = await claimInference(ctx, body.worker_id, body.wait_seconds ?? 20, body.backend ?? null);
     if (!claimed) {
       res.status(204).end();
       return;

@@ -1,11 +1,12 @@
 import type { AppContext } from '../context.js';
 import { invalidConfig } from '../errors.js';
-import { type BodyOf, type Routes, type Schemas, tenantOf } from '../http.js';
+import { type BodyOf, isoRequired, type Routes, type Schemas, tenantOf } from '../http.js';
 import { WORKER_ONLINE_SECONDS } from '../queue/claim.js';
 import { getAutoConfig, updateAutoConfig } from '../services/auto-training.js';
 import { getBaseModel, resolveBaseModel } from '../services/catalog.js';
 import { estimateTokens, getDataset } from '../services/datasets.js';
 import { estimate, recommend } from '../services/estimate.js';
+import { servingWorkersOnline } from '../services/inference.js';
 
 const STATUSES = ['pending', 'running', 'completed', 'failed', 'cancelled'] as const;
 
@@ -237,6 +238,7 @@ export const planningRoutes: Routes = {
     );
     const workersOnline = Number(online.rows[0]?.n ?? 0);
     const workers = await onlineWorkers(ctx, tenantId);
+    const serving = await servingWorkersOnline(ctx);
     res.json({
       running_jobs: byStatus.get('running') ?? 0,
       queued_jobs: byStatus.get('pending') ?? 0,
@@ -247,6 +249,11 @@ export const planningRoutes: Routes = {
       runtime_available: workersOnline > 0,
       workers_online: workersOnline,
       workers,
+      serving_workers: serving.map((w) => ({
+        worker_id: w.worker_id,
+        backend: w.backend as Schemas['ServingBackend'] | null,
+        last_seen_at: isoRequired(w.last_seen_at),
+      })),
     } satisfies Schemas['TrainingStatus']);
   },
 

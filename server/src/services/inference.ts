@@ -224,12 +224,21 @@ export interface ClaimedInference {
   params: InferenceParams;
 }
 
-async function markServing(ctx: AppContext, workerId: string): Promise<void> {
+/** Records a serving worker as seen now, with its backend when it said (claims do; reports do not). */
+async function markServing(ctx: AppContext, workerId: string, backend: string | null = null): Promise<void> {
   await ctx.knex.raw(
-    `INSERT INTO serving_workers (worker_id, last_seen_at) VALUES (?, now())
-     ON CONFLICT (worker_id) DO UPDATE SET last_seen_at = now()`,
-    [workerId],
+    `INSERT INTO serving_workers (worker_id, last_seen_at, backend) VALUES (?, now(), ?)
+     ON CONFLICT (worker_id) DO UPDATE
+       SET last_seen_at = now(), backend = COALESCE(EXCLUDED.backend, serving_workers.backend)`,
+    [workerId, backend],
   );
+}
+
+/** The serving workers seen within the last minute, for the status page. */
+export async function servingWorkersOnline(
+  ctx: Pick<AppContext, 'knex'>,
+): Promise<{ worker_id: string; backend: string | null; last_seen_at: Date }[]> {
+  return servingWorkersSeen(ctx).orderBy('worker_id').select('worker_id', 'backend', 'last_seen_at');
 }
 
 /** The oldest queued request, for worker `workerId`, waiting up to `waitSeconds` for one. */
@@ -237,10 +246,11 @@ export async function claimInference(
   ctx: AppContext,
   workerId: string,
   waitSeconds: number,
+  backend: string | null = null,
 ): Promise<ClaimedInference | null> {
   const deadline = Date.now() + waitSeconds * 1000;
   for (;;) {
-    await markServing(ctx, workerId);
+    await markServing(ctx, workerId, backend);
     const result = await ctx.knex.raw(
       `UPDATE inference_requests SET status = 'claimed', worker_id = ?, claimed_at = now()
        WHERE id = (SELECT id FROM inference_requests

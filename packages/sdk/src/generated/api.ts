@@ -3706,6 +3706,8 @@ export interface components {
             workers_online: number;
             /** @description The online workers, by id. */
             workers: components["schemas"]["OnlineWorker"][];
+            /** @description The workers serving models (`--serve`) seen in the last minute, by id, with their backend. */
+            serving_workers: components["schemas"]["ServingWorker"][];
         };
         /** @description A worker seen in the last minute and what it is doing. */
         OnlineWorker: {
@@ -4878,6 +4880,20 @@ export interface components {
              * @default 20
              */
             wait_seconds?: number;
+            backend?: components["schemas"]["ServingBackend"];
+        };
+        /**
+         * @description The engine a serving worker generates with: transformers `generate`, or vLLM (CUDA).
+         * @enum {string}
+         */
+        ServingBackend: "transformers" | "vllm";
+        /** @description A serving worker seen in the last minute. */
+        ServingWorker: {
+            /** @description The id it claims with. */
+            worker_id: string;
+            /** @description Its engine, as its claims say (null: a worker that does not say). */
+            backend: components["schemas"]["ServingBackend"] | null;
+            last_seen_at: components["schemas"]["Timestamp"];
         };
         /** @description A model file the worker downloads. */
         InferenceFile: {

@@ -144,6 +144,8 @@ export function planningHandlers({ router, state }: MockContext) {
           other_running_jobs: 0,
         };
       }),
+      // the mock answers chat completions itself: no serving worker stands behind them
+      serving_workers: [],
     });
   });
 
