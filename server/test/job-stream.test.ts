@@ -124,6 +124,11 @@ describe.each(DATABASES)('job streams on %s', (db) => {
     expect(only.filter((m) => m.event === 'log').map((m) => m.data)).toEqual(
       logs.slice(1).map((m) => m.data),
     );
+    // two sources, the comma as is (a curl or EventSource URL) and encoded (what URL builders send)
+    for (const include of ['log,event', 'log%2Cevent']) {
+      const two = await readStream(await server.api(`/v1/training/jobs/${id}/stream?include=${include}`));
+      expect(new Set(two.map((m) => m.event))).toEqual(new Set(['status', 'log', 'event', 'end']));
+    }
     const bad = await server.api(`/v1/training/jobs/${id}/stream?include=log,status`);
     expect(bad.status).toBe(400);
     expect((await bad.json()).error).toMatchObject({ code: 'invalid_request', param: 'include' });

@@ -372,7 +372,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not received and stored is not None:  # the whole file arrived (this fake has one attempt)
             digest = hashlib.sha256(stored).hexdigest()
             answer = {"name": ids["name"], "size_bytes": len(stored), "sha256": digest}
-            return self._json(200, {"received_bytes": len(stored), "stored": answer})
+            return self._json(200, {"received_bytes": 0, "stored": answer})
         self._json(200, {"received_bytes": received})
 
     def _stored(self, name: str, body: bytes, fault: Any = None) -> None:

@@ -238,6 +238,16 @@ def test_an_upload_whose_answer_was_lost_is_not_sent_again(server: FakeTunery, t
     assert again["sha256"] == hashlib.sha256(b"new bytes").hexdigest()
     assert [m for m, p in server.state.requests if "/outputs/other.bin" in p] == ["PUT", "GET", "PUT"]
 
+    # the same with stored bytes shorter than the file: the retry still starts at byte 0
+    server.state.stored_uploads[(job["job_id"], "outputs", "longer.bin")] = b"old"
+    longer = tmp_path / "longer.bin"
+    longer.write_bytes(b"a longer file than the stored one")
+    server.fault("output", "drop")
+    grown = client.upload_output(job["job_id"], job["lease_token"], "longer.bin", longer)
+    assert grown["size_bytes"] == longer.stat().st_size
+    assert [m for m, p in server.state.requests if "/outputs/longer.bin" in p] == ["PUT", "GET", "PUT"]
+    assert server.state.upload_ranges[-1] == f"bytes 0-{longer.stat().st_size - 1}/{longer.stat().st_size}"
+
 
 def test_an_upload_asks_for_the_offset_on_a_mismatch_but_not_on_other_client_errors(
     server: FakeTunery, tmp_path: Path

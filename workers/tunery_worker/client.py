@@ -409,7 +409,8 @@ class WorkerClient:
             whole = held.get("stored")
             if whole and whole.get("size_bytes") == size and whole.get("sha256") == digest.hexdigest():
                 return dict(whole)  # this attempt's file arrived whole; only its 201 was lost
-            received = int(held["received_bytes"])
+            # other bytes stored under the name: start over (the part holds none)
+            received = 0 if whole else int(held["received_bytes"])
             if received > offset:  # progress: the backoff and the give-up clock start again
                 attempt, progress_at = 0, time.monotonic()
             offset = received if received < size else 0

@@ -1649,7 +1649,7 @@ export interface paths {
          * @description How many bytes of this checkpoint the server holds for the lease's attempt (0 when none): a
          *     resumed upload continues with `Content-Range: bytes <received_bytes>-…`. A request still
          *     writing the file is stopped first, so the answer is final. When this attempt already stored
-         *     the whole file, `stored` says so (with its checksum) and `received_bytes` is its size.
+         *     the whole file, `stored` says so (with its checksum) beside `received_bytes: 0`.
          */
         get: operations["getJobCheckpointUploadOffset"];
         put?: never;
@@ -1704,7 +1704,7 @@ export interface paths {
          * @description How many bytes of this output file the server holds for the lease's attempt (0 when none): a
          *     resumed upload continues with `Content-Range: bytes <received_bytes>-…`. A request still
          *     writing the file is stopped first, so the answer is final. When this attempt already stored
-         *     the whole file, `stored` says so (with its checksum) and `received_bytes` is its size.
+         *     the whole file, `stored` says so (with its checksum) beside `received_bytes: 0`.
          */
         get: operations["getJobOutputUploadOffset"];
         put?: never;
@@ -4547,7 +4547,7 @@ export interface components {
         UploadOffset: {
             /** @description Bytes of the file the server holds; the next chunk starts here. */
             received_bytes: number;
-            /** @description Only on GET …/offset: this attempt already stored the whole file (its `201` may have been lost). When its `sha256` is the file's, the upload is done; else upload it again from byte 0. */
+            /** @description Only on GET …/offset, with no unfinished copy (`received_bytes` 0): this attempt already stored the whole file (its `201` may have been lost). When its `sha256` is the file's, the upload is done; else upload it again from byte 0. */
             stored?: components["schemas"]["StoredFile"];
         };
         /** @description A stored upload. */

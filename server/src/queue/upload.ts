@@ -206,8 +206,9 @@ export type UploadProgress =
 /**
  * How many bytes of an upload the server holds (0 when none), fenced by the lease. A request still
  * writing the file is stopped first, so the answer is where the worker's next request must start.
- * With no part open, a file of that name this attempt already stored is answered whole: a worker
- * whose `201` was lost compares its checksum and is done, instead of sending every byte again.
+ * With no part open, a file of that name this attempt already stored is named beside (`stored`): a
+ * worker whose `201` was lost compares its checksum and is done, instead of sending every byte
+ * again; `receivedBytes` stays what the part holds (0), where any other upload of the name starts.
  */
 export async function uploadOffset(
   ctx: AppContext,
@@ -221,7 +222,7 @@ export async function uploadOffset(
   const receivedBytes = await ctx.storage.receivedBytes(segments);
   if (receivedBytes > 0) return { receivedBytes };
   const stored = await storedThisAttempt(ctx, jobId, leaseToken, upload);
-  return stored ? { receivedBytes: stored.size_bytes, stored } : { receivedBytes };
+  return stored ? { receivedBytes, stored } : { receivedBytes };
 }
 
 /** The job's file of this name, when the lease's attempt recorded it (not an earlier attempt). */

@@ -34,7 +34,7 @@ interface Position {
   metric: Record<string, number>;
 }
 
-/** `l<seq>.e<seq>.m<phase>:<step>,…`: readable in a debugger, opaque to clients. */
+/** `l<seq>.e<seq>.m<phase>:<step>,…`, as the spec documents it (a client may start logs after a seq). */
 export function formatPosition(p: Position): string {
   const metric = Object.entries(p.metric)
     .map(([phase, step]) => `${phase}:${step}`)

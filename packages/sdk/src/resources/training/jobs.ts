@@ -225,7 +225,9 @@ export class Jobs extends APIResource {
     jobId: string,
     { since = 0, signal }: { since?: number; signal?: AbortSignal } = {},
   ): AsyncGenerator<LogLine, void, undefined> {
-    const lastEventId = `l${Math.max(0, Math.floor(since))}.e0.m`;
+    // a seq the server's position takes: a whole number, 0 (all lines) to 999,999,999
+    const seq = Number.isNaN(since) ? 0 : Math.min(Math.max(0, Math.floor(since)), 999_999_999);
+    const lastEventId = `l${seq}.e0.m`;
     for await (const message of this.stream(jobId, { signal, include: ['log'], lastEventId })) {
       if (message.type === 'log') yield message.data;
     }
