@@ -91,6 +91,31 @@ describe.each(DATABASES)('templates on %s', (db) => {
     expect((await badName.json()).error).toMatchObject({ code: 'invalid_request', param: 'name' });
     const unknown = await create({ name: 'bad', config: { learning_rate: 0.1 } });
     expect(unknown.status).toBe(400);
+    // presets that contradict each other, or that the template's type would not use
+    const twice = await create({
+      name: 'bad',
+      config: { hyperparams: { steps: 10 }, training_config: { max_steps: 20 } },
+    });
+    expect((await twice.json()).error).toMatchObject({
+      code: 'invalid_config',
+      param: 'config.training_config.max_steps',
+    });
+    const split = await create({
+      name: 'bad',
+      config: { eval_split: 0.1, training_config: { eval_split: 0.3 } },
+    });
+    expect((await split.json()).error).toMatchObject({ param: 'config.training_config.eval_split' });
+    const unused = await create({ name: 'bad', config: { type: 'contract', lora_config: { r: 4 } } });
+    expect((await unused.json()).error).toMatchObject({
+      code: 'invalid_config',
+      param: 'config.lora_config',
+    });
+    const agreeing = await create({
+      name: 'agreeing',
+      config: { hyperparams: { steps: 10 }, training_config: { max_steps: 10 } },
+    });
+    expect(agreeing.status).toBe(201);
+    await server.api('/v1/training/templates/agreeing', { method: 'DELETE' });
   });
 
   it('keeps tenants apart and is idempotent per key', async () => {

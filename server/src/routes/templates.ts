@@ -3,6 +3,7 @@ import { page, pathParam, type Routes, type Schemas, sentBody, tenantOf } from '
 import { forgetIdempotentCreates, idempotent } from '../services/idempotency.js';
 import { cursorValues, encodeCursor, listPage, newestFirst } from '../services/paging.js';
 import { builtinTemplateViews, getTemplate, isBuiltinTemplate, templateView } from '../services/templates.js';
+import { checkTemplateConfig } from '../services/training-request.js';
 
 export const templateRoutes: Routes = {
   async listTemplates(req, res, ctx) {
@@ -53,6 +54,7 @@ export const templateRoutes: Routes = {
     if (isBuiltinTemplate(body.name)) {
       throw conflict(`"${body.name}" is a built-in template; choose another name.`, 'conflict', 'name');
     }
+    checkTemplateConfig(body.config);
     // Templates are named, not numbered: the name is the object's id for idempotency.
     await idempotent(ctx, req, 'createTemplate', { id: body.name }, async () => {
       const inserted = await ctx

@@ -581,6 +581,25 @@ function refuseTemplatePresetsTypeIgnores(type: JobType, name: string, template:
 }
 
 /**
+ * A template's config as it is created: its presets must not contradict each other (`eval_split`
+ * and `training_config.eval_split` with two values) nor preset what its type does not use (a
+ * `contract` template with `lora_config`), so that every job naming it would not be refused.
+ * Errors name the field under `config.`.
+ */
+export function checkTemplateConfig(config: TemplateConfig): void {
+  try {
+    refuseConflictingSettings([
+      ...spelled(config, [['training.eval_split', 'eval_split']]),
+      ...settingsOf(config),
+    ]);
+    refuseFieldsTypeIgnores(config.type ?? 'finetune', config as TrainingJobCreate);
+  } catch (err) {
+    if (!(err instanceof ApiError)) throw err;
+    throw new ApiError(err.status, err.code, err.message, err.param ? `config.${err.param}` : 'config');
+  }
+}
+
+/**
  * The device a job's `backend` pins. `mlx` runs only on a worker announcing that device, so a
  * request for it is refused while none is online rather than queued for a worker that never comes.
  */

@@ -716,6 +716,8 @@ export interface paths {
          * Save a custom template
          * @description Saves a named job configuration; pass its name as `template` when creating a training job
          *     and the job starts from it. Names are unique per tenant and may not shadow a built-in.
+         *     A config that writes one setting twice with different values, or presets a field its
+         *     `type` does not act on, is `400 invalid_config` naming it under `config.`.
          */
         post: operations["createTemplate"];
         delete?: never;
