@@ -134,8 +134,8 @@ try {
   }
   await bare?.stop();
 
-  // 2: a fresh server per database, with the batch enqueued before the pollers start (on Postgres
-  // then the toy and graphile-worker peers, each alone in turn).
+  // 2: a fresh server per database, with the batch enqueued before the pollers start; on Postgres
+  // also its peers (worker-protocol.ts), each alone in turn.
   for (const { db, label } of databases) {
     await measure(2, `worker claim→complete, ${label}`, `worker_protocol_${db}`, () =>
       measureWorkerProtocol(db, label, QUEUE),

@@ -286,13 +286,19 @@ function graphileOk(g: GraphileResult): boolean {
   return g.completed === g.jobs && g.ranTwice === 0 && g.neverRan === 0 && g.leftInQueue === 0;
 }
 
-/** What each graphile-worker variant (drain-graphile.ts) changes from the defaults. */
-const GRAPHILE_SETTINGS: Record<string, string> = {
+/** What each graphile-worker variant (drain-graphile.ts --variant) changes from the defaults. */
+const GRAPHILE_VARIANTS = ['default', 'batched'] as const;
+const GRAPHILE_SETTINGS: Record<(typeof GRAPHILE_VARIANTS)[number], string> = {
   default: 'its defaults (1 job at a time)',
   batched: '16 jobs at a time, local queue of 64, completions batched',
 };
 
-function graphileRow(what: string, tunery: Drained, label: string, peer: Peer<GraphileResult>): Row {
+function graphileRow(
+  what: string,
+  tunery: Drained,
+  label: (typeof GRAPHILE_VARIANTS)[number],
+  peer: Peer<GraphileResult>,
+): Row {
   const g = peer.result;
   const check = !g
     ? `FAILED: ${peer.error}`
@@ -353,7 +359,7 @@ function rowsFor(
     ),
     line('claim p50 ms', (d) => d.claimP50, ''),
     line('claim p99 ms', (d) => d.claimP99, p99Target),
-    ...(graphile ?? []).map((g, i) => graphileRow(what, tunery, i === 0 ? 'default' : 'batched', g)),
+    ...(graphile ?? []).map((g, i) => graphileRow(what, tunery, GRAPHILE_VARIANTS[i]!, g)),
   ];
 }
 
@@ -388,7 +394,7 @@ export async function measureWorkerProtocol(
   const toyRuns = [toyBefore, await drainToy()];
   const toy = meanOf(toyRuns);
   const graphile: Peer<GraphileResult>[] = [];
-  for (const variant of ['default', 'batched']) {
+  for (const variant of GRAPHILE_VARIANTS) {
     graphile.push(
       await attempt(() =>
         withServed<GraphileResult, GraphileResult>(
