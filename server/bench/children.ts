@@ -105,3 +105,18 @@ export async function serve<T>(script: string, args: string[] = [], timeoutMs = 
   });
   return { info, stop: () => stopChild(child) };
 }
+
+/** Starts `bench/<script>`, runs `body` with what it announced, and stops it whatever happens. */
+export async function withServed<T, R>(
+  script: string,
+  args: string[],
+  body: (info: T) => Promise<R>,
+  timeoutMs?: number,
+): Promise<R> {
+  const served = await serve<T>(script, args, timeoutMs);
+  try {
+    return await body(served.info);
+  } finally {
+    await served.stop();
+  }
+}

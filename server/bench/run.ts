@@ -3,7 +3,9 @@
  *
  *   1. server: GET /v1/training/jobs/{id} on the full app vs a bare Express route (PGlite; also
  *      Postgres when DATABASE_URL is set — on a scratch database created and dropped there);
- *   2. worker protocol: claim → complete per second with 16 pollers, exactly-once checked;
+ *   2. worker protocol: claim → complete per second with 16 pollers, exactly-once checked, the
+ *      load generator's CPU per job; on Postgres beside a minimal HTTP claim toy (same client
+ *      loop) and graphile-worker 0.17 (no HTTP, a reference);
  *   3. SDK: tunery.training.jobs.retrieve vs raw fetch, per call;
  *   4. CPU training: the worker's LoRA loop vs a plain transformers+peft loop (Python);
  *   5. inference relay: a chat completion through a serving worker vs a plain request;
@@ -132,12 +134,11 @@ try {
   }
   await bare?.stop();
 
-  // 2: a fresh server per database, with the batch enqueued before the pollers start.
+  // 2: a fresh server per database, with the batch enqueued before the pollers start; on Postgres
+  // also its peers (worker-protocol.ts), each alone in turn.
   for (const { db, label } of databases) {
     await measure(2, `worker claim→complete, ${label}`, `worker_protocol_${db}`, () =>
-      withTunery(['--db', db, '--queue', String(QUEUE.jobs)], (info) =>
-        measureWorkerProtocol(info, label, QUEUE),
-      ),
+      measureWorkerProtocol(db, label, QUEUE),
     );
   }
 

@@ -14,13 +14,14 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import pg from 'pg';
 import { createKey } from '../src/auth.js';
 import { loadConfig } from '../src/config.js';
 import { newId } from '../src/ids.js';
 import { enqueueJob } from '../src/queue/enqueue.js';
 import type { JobRow } from '../src/queue/types.js';
 import { type RunningServer, startServer } from '../src/server.js';
+import { CREATE_JOB_BODY } from './job-body.js';
+import { type ScratchDatabase, scratchDatabase } from './scratch-db.js';
 
 export interface TuneryInfo {
   url: string;
@@ -33,46 +34,14 @@ export interface TuneryInfo {
   pending: string[];
 }
 
-/** A training job as a user submits one (seed 003's shape): inline texts, LoRA and training configs. */
-export const CREATE_JOB_BODY = {
-  model_name: 'smollm2-135m-instruct',
-  train_texts: [
-    '### Instruction:\nSay hi\n\n### Response:\nhi',
-    '### Instruction:\nName a colour\n\n### Response:\nblue',
-  ],
-  lora_config: { r: 16, lora_alpha: 32, lora_dropout: 0.05, target_modules: ['q_proj', 'v_proj'] },
-  training_config: { num_epochs: 3, batch_size: 4, learning_rate: 0.0002, max_steps: 100, save_steps: 50 },
-  output_dir: './bench-output',
-};
-
 const { values } = parseArgs({
   options: { db: { type: 'string', default: 'pglite' }, queue: { type: 'string', default: '0' } },
 });
 const db = values.db === 'postgres' ? 'postgres' : 'pglite';
 const queueSize = Number(values.queue);
 
-/** A fresh database on DATABASE_URL's server; the benchmark never touches the database named there. */
-async function scratchDatabase(): Promise<{ url: string; drop(): Promise<void> }> {
-  const base = process.env.DATABASE_URL;
-  if (!base) throw new Error('--db postgres needs DATABASE_URL');
-  const name = `tunery_bench_${process.pid}_${Math.random().toString(36).slice(2, 8)}`;
-  const run = async (sql: string) => {
-    const client = new pg.Client({ connectionString: base });
-    await client.connect();
-    try {
-      await client.query(sql);
-    } finally {
-      await client.end();
-    }
-  };
-  await run(`CREATE DATABASE ${name}`);
-  const url = new URL(base);
-  url.pathname = `/${name}`;
-  return { url: url.toString(), drop: () => run(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`) };
-}
-
 const dataDir = await mkdtemp(join(tmpdir(), 'tunery-bench-'));
-let scratch: Awaited<ReturnType<typeof scratchDatabase>> | undefined;
+let scratch: ScratchDatabase | undefined;
 let server: RunningServer | undefined;
 let stopping: Promise<void> | undefined;
 /** Stops what has started so far, drops the scratch database, removes the data dir, exits. */

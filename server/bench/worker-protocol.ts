@@ -1,17 +1,44 @@
 /**
  * 2 · Worker protocol: claims+completes per second over HTTP. 16 pollers drain a pre-enqueued
  * batch, each looping `POST /v1/workers/claim` (wait_seconds 0) → `POST …/jobs/{id}/complete` with
- * the lease token, until a claim answers 204. Reports the rate, claim latency p50/p99, and checks
- * that every job was claimed exactly once (client side) and ended `completed` (server side).
+ * the lease token, until a claim answers 204. Reports the rate, claim latency p50/p99, the load
+ * generator's own CPU per job, and checks that every job was claimed exactly once (client side) and
+ * ended `completed` (server side).
+ *
+ * On Postgres the same run adds its peers, each on its own scratch database on the same server and
+ * each alone while it runs: the HTTP claim toy (serve-toy-queue.ts: node:http + pg, 2 prepared
+ * statements per job), drained by the very same client loop once before Tunery and once after (the
+ * row shows the mean), then graphile-worker 0.17 (drain-graphile.ts: no HTTP, a no-op task
+ * in-process) at its defaults and batched, as a reference. The targets printed are issue 12's; a
+ * ratio below one is printed, not a failure.
  */
+import { Agent, request } from 'node:http';
+import { withServed } from './children.js';
+import type { GraphileResult } from './drain-graphile.js';
+import type { ToyInfo } from './serve-toy-queue.js';
 import type { TuneryInfo } from './serve-tunery.js';
-import { percentile } from './stats.js';
-import type { Measured, Row } from './table.js';
+import { percentile, ratio } from './stats.js';
+import { formatNumber, type Measured, type Row } from './table.js';
 
 export interface QueueOptions {
+  /** How many jobs each queue holds before its pollers start. */
+  jobs: number;
   pollers: number;
   /** Stop the pollers after this long even if the queue is not drained. */
   maxSeconds: number;
+}
+
+/** Issue 12's bar for Tunery against the toy (jobs/s) and for its claim p99. */
+const TARGET = { toyRatio: 0.8, claimP99Ms: 50 };
+
+/** A queue that speaks Tunery's worker protocol over HTTP: Tunery itself, or the toy. */
+interface HttpQueue {
+  url: string;
+  token: string;
+  /** Every job that should be drained. */
+  pending: string[];
+  /** How many jobs the server holds in `status` (for the exactly-once check). */
+  count(status: 'pending' | 'running' | 'completed'): Promise<number>;
 }
 
 /** What a finetune worker reports on completion (docs/worker-protocol.md). */
@@ -32,31 +59,91 @@ const RESULT = {
   model: null,
 };
 
-async function post(url: string, token: string, body: unknown): Promise<Response> {
-  return fetch(url, {
-    method: 'POST',
-    headers: {
-      authorization: `Bearer ${token}`,
-      'content-type': 'application/json',
-      accept: 'application/json',
+interface Answer {
+  status: number;
+  text: string;
+}
+
+/**
+ * One POST over `agent`'s kept-alive sockets. node:http rather than fetch: undici's fetch costs the
+ * load generator about twice the CPU per request, and on a 2-core machine the client's CPU is
+ * taken from the servers under test.
+ */
+function post(agent: Agent, url: string, token: string, body: unknown): Promise<Answer> {
+  const payload = JSON.stringify(body);
+  return new Promise((resolve, reject) => {
+    const req = request(
+      url,
+      {
+        method: 'POST',
+        agent,
+        headers: {
+          authorization: `Bearer ${token}`,
+          'content-type': 'application/json',
+          'content-length': Buffer.byteLength(payload),
+          accept: 'application/json',
+        },
+      },
+      (res) => {
+        let text = '';
+        res.setEncoding('utf8');
+        res.on('data', (chunk: string) => {
+          text += chunk;
+        });
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, text }));
+        res.on('error', reject);
+      },
+    );
+    req.on('error', reject);
+    req.end(payload);
+  });
+}
+
+function tuneryQueue(info: TuneryInfo): HttpQueue {
+  return {
+    url: info.url,
+    token: info.workerToken,
+    pending: info.pending,
+    async count(status) {
+      const res = await fetch(`${info.url}/v1/training/jobs?status=${status}&limit=1`, {
+        headers: { authorization: `Bearer ${info.apiKey}` },
+      });
+      if (!res.ok) throw new Error(`GET /v1/training/jobs?status=${status} answered ${res.status}`);
+      return ((await res.json()) as { total: number }).total;
     },
-    body: JSON.stringify(body),
-  });
+  };
 }
 
-async function countByStatus(info: TuneryInfo, status: string): Promise<number> {
-  const res = await fetch(`${info.url}/v1/training/jobs?status=${status}&limit=1`, {
-    headers: { authorization: `Bearer ${info.apiKey}` },
-  });
-  if (!res.ok) throw new Error(`GET /v1/training/jobs?status=${status} answered ${res.status}`);
-  return ((await res.json()) as { total: number }).total;
+function toyQueue(info: ToyInfo): HttpQueue {
+  return {
+    url: info.url,
+    token: info.token,
+    pending: info.pending,
+    async count(status) {
+      const res = await fetch(`${info.url}/counts`, { headers: { authorization: `Bearer ${info.token}` } });
+      if (!res.ok) throw new Error(`toy GET /counts answered ${res.status}`);
+      return ((await res.json()) as Record<string, number>)[status] ?? 0;
+    },
+  };
 }
 
-export async function measureWorkerProtocol(
-  info: TuneryInfo,
-  dbLabel: string,
-  opts: QueueOptions,
-): Promise<Measured> {
+/** One drain of one queue by the pollers, with its checks. */
+interface Drained {
+  jobsPerSecond: number;
+  claimP50: number;
+  claimP99: number;
+  /** The bench process's CPU (user + system) during the drain, per completed job. */
+  clientCpuMicrosPerJob: number;
+  /** The same CPU as a share of one core over the drain: near 1, the client is the bottleneck. */
+  clientCoreShare: number;
+  /** One phrase: the exactly-once check's outcome. */
+  check: string;
+  ok: boolean;
+  data: Record<string, unknown>;
+}
+
+/** 16 pollers (opts.pollers) loop claim → complete on `queue` until a claim answers 204. */
+async function drain(queue: HttpQueue, opts: QueueOptions): Promise<Drained> {
   const claims = new Map<string, number>();
   const claimMs: number[] = [];
   let completed = 0;
@@ -64,6 +151,8 @@ export async function measureWorkerProtocol(
   // The first poller to fail stops the others at their next claim; its error fails the measurement.
   let failure: unknown;
   const deadline = performance.now() + opts.maxSeconds * 1000;
+  // One kept-alive socket per poller, as each worker would hold its own.
+  const agent = new Agent({ keepAlive: true, maxSockets: opts.pollers });
 
   const poller = async (i: number) => {
     const claimBody = {
@@ -77,20 +166,20 @@ export async function measureWorkerProtocol(
         return;
       }
       const started = performance.now();
-      const res = await post(`${info.url}/v1/workers/claim`, info.workerToken, claimBody);
+      const res = await post(agent, `${queue.url}/v1/workers/claim`, queue.token, claimBody);
       if (res.status === 204) return; // drained
-      if (res.status !== 200) throw new Error(`claim answered ${res.status}: ${await res.text()}`);
-      const { job } = (await res.json()) as { job: { job_id: string; lease_token: string } };
+      if (res.status !== 200) throw new Error(`claim answered ${res.status}: ${res.text}`);
+      const { job } = JSON.parse(res.text) as { job: { job_id: string; lease_token: string } };
       claimMs.push(performance.now() - started);
       claims.set(job.job_id, (claims.get(job.job_id) ?? 0) + 1);
 
-      const done = await post(`${info.url}/v1/workers/jobs/${job.job_id}/complete`, info.workerToken, {
+      const done = await post(agent, `${queue.url}/v1/workers/jobs/${job.job_id}/complete`, queue.token, {
         lease_token: job.lease_token,
         result: RESULT,
       });
-      const answer = (await done.json()) as { status?: string };
+      const answer = JSON.parse(done.text) as { status?: string };
       if (done.status !== 200 || answer.status !== 'completed') {
-        throw new Error(`complete answered ${done.status}: ${JSON.stringify(answer)}`);
+        throw new Error(`complete answered ${done.status}: ${done.text}`);
       }
       completed++;
     }
@@ -100,18 +189,21 @@ export async function measureWorkerProtocol(
     poller(i).catch((err) => {
       failure ??= err;
     });
+  const cpuBefore = process.cpuUsage();
   const started = performance.now();
   await Promise.all(Array.from({ length: opts.pollers }, (_, i) => guarded(i)));
   const seconds = (performance.now() - started) / 1000;
+  const cpu = process.cpuUsage(cpuBefore);
+  agent.destroy();
   if (failure) throw failure;
 
-  const expected = new Set(info.pending);
+  const expected = new Set(queue.pending);
   const twice = [...claims.values()].filter((n) => n > 1).length;
   const unexpected = [...claims.keys()].filter((id) => !expected.has(id)).length;
   const missing = [...expected].filter((id) => !claims.has(id)).length;
   const exactlyOnce = [...expected].filter((id) => claims.get(id) === 1).length;
-  const serverCompleted = await countByStatus(info, 'completed');
-  const leftOver = (await countByStatus(info, 'pending')) + (await countByStatus(info, 'running'));
+  const serverCompleted = await queue.count('completed');
+  const leftOver = (await queue.count('pending')) + (await queue.count('running'));
   const exact = twice === 0 && unexpected === 0 && serverCompleted === completed;
   const ok = exact && !timedOut && exactlyOnce === expected.size && serverCompleted === expected.size;
   const check = ok
@@ -120,54 +212,210 @@ export async function measureWorkerProtocol(
       ? `TIME CAP: ${completed}/${expected.size} jobs done in ${opts.maxSeconds} s, each claimed once`
       : `CHECK FAILED: ${exactlyOnce}/${expected.size} claimed once, ${twice} twice, ${missing} never, ` +
         `${unexpected} unexpected; server: ${serverCompleted} completed, ${leftOver} pending/running`;
-
-  const what = `worker claim→complete, ${dbLabel}`;
-  const rows: Row[] = [
-    {
-      section: 2,
-      measurement: `${what} · jobs/s`,
-      tunery: completed / seconds,
-      peer: null,
-      peerName: null,
-      ratio: null,
-      notes: `${opts.pollers} pollers; ${check}`,
-    },
-    {
-      section: 2,
-      measurement: `${what} · claim p50 ms`,
-      tunery: percentile(claimMs, 50),
-      peer: null,
-      peerName: null,
-      ratio: null,
-      notes: '',
-    },
-    {
-      section: 2,
-      measurement: `${what} · claim p99 ms`,
-      tunery: percentile(claimMs, 99),
-      peer: null,
-      peerName: null,
-      ratio: null,
-      notes: '',
-    },
-  ];
+  const clientCpuMicrosPerJob = (cpu.user + cpu.system) / Math.max(1, completed);
+  const clientCoreShare = (cpu.user + cpu.system) / 1e6 / seconds;
+  const claimP50 = percentile(claimMs, 50);
+  const claimP99 = percentile(claimMs, 99);
   return {
+    jobsPerSecond: completed / seconds,
+    claimP50,
+    claimP99,
+    clientCpuMicrosPerJob,
+    clientCoreShare,
+    check,
     ok,
-    rows,
     data: {
-      ...opts,
       jobs: expected.size,
       completed,
       seconds,
       timed_out: timedOut,
-      claim_p50_ms: percentile(claimMs, 50),
-      claim_p99_ms: percentile(claimMs, 99),
+      claim_p50_ms: claimP50,
+      claim_p99_ms: claimP99,
+      client_cpu_us_per_job: clientCpuMicrosPerJob,
+      client_core_share: clientCoreShare,
       exactly_once: exactlyOnce,
       claimed_twice: twice,
       missing,
       unexpected,
       server_completed: serverCompleted,
       server_left_over: leftOver,
+    },
+  };
+}
+
+/** A peer that could not run (or whose check failed) keeps Tunery's figures and says why. */
+interface Peer<T> {
+  result?: T;
+  error?: string;
+}
+
+async function attempt<T>(run: () => Promise<T>): Promise<Peer<T>> {
+  try {
+    return { result: await run() };
+  } catch (err) {
+    return { error: (err instanceof Error ? err.message : String(err)).split('\n')[0]!.slice(0, 160) };
+  }
+}
+
+/** Several drains of one peer as one: each figure their mean; failed if any failed. */
+function meanOf(runs: Peer<Drained>[]): Peer<Drained> & { rates?: number[] } {
+  const failed = runs.find((run) => !run.result);
+  if (failed) return failed;
+  const drains = runs.map((run) => run.result!);
+  const mean = (pick: (d: Drained) => number) => drains.reduce((sum, d) => sum + pick(d), 0) / drains.length;
+  const notOk = drains.find((d) => !d.ok);
+  return {
+    rates: drains.map((d) => d.jobsPerSecond),
+    result: {
+      jobsPerSecond: mean((d) => d.jobsPerSecond),
+      claimP50: mean((d) => d.claimP50),
+      claimP99: mean((d) => d.claimP99),
+      clientCpuMicrosPerJob: mean((d) => d.clientCpuMicrosPerJob),
+      clientCoreShare: mean((d) => d.clientCoreShare),
+      check: notOk?.check ?? drains[0]!.check,
+      ok: !notOk,
+      data: {},
+    },
+  };
+}
+
+const cpuNote = (d: Drained) =>
+  `client ${Math.round(d.clientCpuMicrosPerJob)} µs CPU/job (${Math.round(d.clientCoreShare * 100)}% of a core)`;
+
+function graphileOk(g: GraphileResult): boolean {
+  return g.completed === g.jobs && g.ranTwice === 0 && g.neverRan === 0 && g.leftInQueue === 0;
+}
+
+/** What each graphile-worker variant (drain-graphile.ts --variant) changes from the defaults. */
+const GRAPHILE_VARIANTS = ['default', 'batched'] as const;
+const GRAPHILE_SETTINGS: Record<(typeof GRAPHILE_VARIANTS)[number], string> = {
+  default: 'its defaults (1 job at a time)',
+  batched: '16 jobs at a time, local queue of 64, completions batched',
+};
+
+function graphileRow(
+  what: string,
+  tunery: Drained,
+  label: (typeof GRAPHILE_VARIANTS)[number],
+  peer: Peer<GraphileResult>,
+): Row {
+  const g = peer.result;
+  const check = !g
+    ? `FAILED: ${peer.error}`
+    : graphileOk(g)
+      ? `${g.jobs} jobs ran once each, queue empty`
+      : `CHECK FAILED: ${g.completed}/${g.jobs} completed, ${g.ranTwice} twice, ${g.neverRan} never, ` +
+        `${g.leftInQueue} left`;
+  return {
+    section: 2,
+    measurement: `${what} vs graphile-worker ${label} · jobs/s`,
+    tunery: tunery.jobsPerSecond,
+    peer: g ? g.jobs / g.seconds : null,
+    peerName: `graphile-worker 0.17, ${label}`,
+    ratio: g ? ratio(tunery.jobsPerSecond, g.jobs / g.seconds) : null,
+    notes:
+      `reference, no HTTP: a no-op task in the worker's process, jobs added in one addJobs; ` +
+      `${GRAPHILE_SETTINGS[label]}; ${check}` +
+      (g ? `; its process ${Math.round(g.cpuMicrosPerJob)} µs CPU/job` : ''),
+  };
+}
+
+function rowsFor(
+  label: string,
+  opts: QueueOptions,
+  tunery: Drained,
+  toy?: Peer<Drained> & { rates?: number[] },
+  graphile?: Peer<GraphileResult>[],
+): Row[] {
+  const what = `worker claim→complete, ${label}`;
+  const peer = toy?.result;
+  const line = (unit: string, pick: (d: Drained) => number, notes: string): Row => ({
+    section: 2,
+    measurement: `${what} · ${unit}`,
+    tunery: pick(tunery),
+    peer: peer ? pick(peer) : null,
+    peerName: peer ? 'HTTP claim toy' : null,
+    ratio: peer ? ratio(pick(tunery), pick(peer)) : null,
+    notes,
+  });
+  const toyNote = !toy
+    ? ''
+    : peer
+      ? `; toy (mean of ${toy.rates?.map((r) => formatNumber(r)).join(' and ')} jobs/s, drained before and after): ` +
+        `${peer.ok ? 'same check held' : peer.check}, ${cpuNote(peer)}`
+      : `; toy FAILED: ${toy.error}`;
+  const rate = ratio(tunery.jobsPerSecond, peer?.jobsPerSecond);
+  const rateTarget =
+    rate == null ? '' : `; target ≥ ${TARGET.toyRatio}× toy${rate >= TARGET.toyRatio ? ' met' : ': BELOW'}`;
+  // The targets are Postgres's (issue 12); PGlite's rows show what the embedded default costs.
+  const p99Target = !toy
+    ? ''
+    : `target < ${TARGET.claimP99Ms} ms${tunery.claimP99 < TARGET.claimP99Ms ? ' met' : ': ABOVE'}`;
+  return [
+    line(
+      'jobs/s',
+      (d) => d.jobsPerSecond,
+      `${opts.pollers} pollers; ${tunery.check}, ${cpuNote(tunery)}${toyNote}${rateTarget}`,
+    ),
+    line('claim p50 ms', (d) => d.claimP50, ''),
+    line('claim p99 ms', (d) => d.claimP99, p99Target),
+    ...(graphile ?? []).map((g, i) => graphileRow(what, tunery, GRAPHILE_VARIANTS[i]!, g)),
+  ];
+}
+
+/**
+ * Tunery on `db` (a fresh server, the batch enqueued before the pollers start), then on Postgres
+ * its peers one after another, each alone on the machine while it runs.
+ */
+export async function measureWorkerProtocol(
+  db: string,
+  label: string,
+  opts: QueueOptions,
+): Promise<Measured> {
+  const jobs = String(opts.jobs);
+  const postgres = db === 'postgres';
+  const drainToy = () =>
+    attempt(() =>
+      withServed<ToyInfo, Drained>('serve-toy-queue.ts', ['--jobs', jobs], (info) =>
+        drain(toyQueue(info), opts),
+      ),
+    );
+  // The toy drains in seconds: once before Tunery and once after, so a drift in the machine's
+  // load (other work on it) shows as a spread instead of landing on one side.
+  const toyBefore = postgres ? await drainToy() : undefined;
+  const tunery = await withServed<TuneryInfo, Drained>(
+    'serve-tunery.ts',
+    ['--db', db, '--queue', jobs],
+    (info) => drain(tuneryQueue(info), opts),
+  );
+  if (!postgres || !toyBefore) {
+    return { ok: tunery.ok, rows: rowsFor(label, opts, tunery), data: { ...opts, tunery: tunery.data } };
+  }
+  const toyRuns = [toyBefore, await drainToy()];
+  const toy = meanOf(toyRuns);
+  const graphile: Peer<GraphileResult>[] = [];
+  for (const variant of GRAPHILE_VARIANTS) {
+    graphile.push(
+      await attempt(() =>
+        withServed<GraphileResult, GraphileResult>(
+          'drain-graphile.ts',
+          ['--jobs', jobs, '--variant', variant],
+          async (result) => result,
+          (opts.maxSeconds + 60) * 1000,
+        ),
+      ),
+    );
+  }
+  const peersOk =
+    toy.result?.ok === true && graphile.every((g) => g.result !== undefined && graphileOk(g.result));
+  return {
+    ok: tunery.ok && peersOk,
+    rows: rowsFor(label, opts, tunery, toy, graphile),
+    data: {
+      ...opts,
+      tunery: tunery.data,
+      toy: toyRuns.map((run) => run.result?.data ?? { error: run.error }),
+      graphile: graphile.map((g) => g.result ?? { error: g.error }),
     },
   };
 }
