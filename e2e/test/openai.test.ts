@@ -71,6 +71,7 @@ describe('OpenAI-compatible fine-tuning with the openai client', () => {
     const created = await client.fineTuning.jobs.create({
       model: TINY,
       training_file: file.id,
+      validation_file: file.id,
       suffix: 'oai-e2e',
       seed: 7,
       method: {
@@ -127,6 +128,10 @@ describe('OpenAI-compatible fine-tuning with the openai client', () => {
     expect(done.fine_tuned_model).toMatch(/^model_/);
     expect(done.trained_tokens).toBeGreaterThan(0);
     expect(done.finished_at).toBeGreaterThanOrEqual(done.created_at);
+    // the validation file was evaluated on: the final eval loss and perplexity are on it
+    expect(done.validation_file).toBe(file.id);
+    const result = await stack().client.training.jobs.result(created.id);
+    expect(result.details).toMatchObject({ ppl_split: 'eval', eval_loss_final: expect.any(Number) });
 
     const jobIds = [];
     for await (const job of client.fineTuning.jobs.list({ limit: 1 })) jobIds.push(job.id);
@@ -249,10 +254,14 @@ describe('OpenAI-compatible fine-tuning with the openai client', () => {
     });
     const file = await upload(TRAIN_JSONL, 'again.jsonl');
     const refused = await client.fineTuning.jobs
-      .create({ model: TINY, training_file: file.id, validation_file: file.id })
+      .create({
+        model: TINY,
+        training_file: file.id,
+        integrations: [{ type: 'wandb', wandb: { project: 'p' } }],
+      })
       .catch((e: unknown) => e);
     expect(refused).toBeInstanceOf(BadRequestError);
-    expect(refused).toMatchObject({ param: 'validation_file' });
+    expect(refused).toMatchObject({ param: 'integrations' });
     await expect(
       client.fineTuning.jobs.create({ model: TINY, training_file: 'ds_nope' }),
     ).rejects.toBeInstanceOf(NotFoundError);

@@ -294,6 +294,29 @@ describe.each(DATABASES)('fail fast on %s', (db) => {
       expect((await ok.json()).config.training).toMatchObject({ eval_split: 0.34, eval_steps: 5 });
     });
 
+    it('takes eval_dataset_id instead of a held-out split, not beside one, and only where it is used', async () => {
+      const base = { base_model: 'smollm2-135m-instruct', dataset_id: datasetId };
+      await expectRefused(
+        { ...base, eval_dataset_id: oneExample, eval_split: 0.2 },
+        'invalid_config',
+        'eval_dataset_id',
+      );
+      await expectRefused(
+        { ...base, type: 'contract', eval_dataset_id: oneExample },
+        'invalid_config',
+        'eval_dataset_id',
+      );
+      const missing = await create({ ...base, eval_dataset_id: 'ds_nope' });
+      expect(missing.status).toBe(404);
+      expect((await missing.json()).error.param).toBe('eval_dataset_id');
+      const ok = await create({ ...base, eval_dataset_id: oneExample, eval_steps: 5 });
+      expect(ok.status).toBe(201);
+      expect((await ok.json()).config).toMatchObject({
+        eval_dataset_id: oneExample,
+        training: { eval_steps: 5 },
+      });
+    });
+
     it('refuses one setting written twice with different values, and takes equal ones', async () => {
       const base = { base_model: 'smollm2-135m-instruct', dataset_id: datasetId };
       await expectRefused(

@@ -35,7 +35,7 @@ describe.each(DATABASES)('OpenAI-compatible routes on %s', (db) => {
   const tuneryConfig = async (id: string) =>
     (
       (await (await server.api(`/v1/training/jobs/${id}`)).json()) as {
-        config: { training: Record<string, unknown>; seed: number };
+        config: { training: Record<string, unknown>; seed: number; eval_dataset_id?: string };
       }
     ).config;
 
@@ -138,7 +138,6 @@ describe.each(DATABASES)('OpenAI-compatible routes on %s', (db) => {
 
   it('refuses what it cannot honour, naming the field', async () => {
     const cases: [Record<string, unknown>, string][] = [
-      [{ validation_file: fileId }, 'validation_file'],
       [{ integrations: [{ type: 'wandb', wandb: { project: 'x' } }] }, 'integrations'],
       [{ metadata: { team: 'a' } }, 'metadata'],
       [{ method: { type: 'dpo' } }, 'method.type'],
@@ -288,6 +287,27 @@ describe.each(DATABASES)('OpenAI-compatible routes on %s', (db) => {
     expect(events.events.map((e) => e.kind)).toEqual(
       expect.arrayContaining(['paused', 'resumed', 'cancelled', 'completed']),
     );
+  });
+
+  it('evaluates on validation_file: an eval_dataset input of the job, shown back', async () => {
+    // the earlier jobs are ahead in the queue: cancel them so the worker claims this one
+    const listed = (await (await server.api('/openai/v1/fine_tuning/jobs?limit=100')).json()) as {
+      data: { id: string }[];
+    };
+    for (const { id } of listed.data)
+      await server.api(`/openai/v1/fine_tuning/jobs/${id}/cancel`, { method: 'POST' });
+    const res = await createJob({ validation_file: fileId });
+    expect(res.status).toBe(200);
+    const job = (await res.json()) as { id: string; validation_file: string | null };
+    expect(job.validation_file).toBe(fileId);
+    expect((await tuneryConfig(job.id)).eval_dataset_id).toBe(fileId);
+    const claimed = (await fakeWorker(server).claim())!;
+    expect(claimed.job_id).toBe(job.id);
+    expect(claimed.inputs.map((i) => i.role).sort()).toEqual(['dataset', 'eval_dataset']);
+    await server.api(`/openai/v1/fine_tuning/jobs/${job.id}/cancel`, { method: 'POST' });
+
+    const unknown = await createJob({ validation_file: 'ds_nope' });
+    expect(unknown.status).toBe(404);
   });
 
   it("hides another tenant's files and jobs (404)", async () => {

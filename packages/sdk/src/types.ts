@@ -104,6 +104,7 @@ export type FinetuneJobParams = Only<
       | 'lora_config'
       | 'training_config'
       | 'eval_split'
+      | 'eval_dataset_id'
       | 'output_name'
       | 'distributed'
       | 'num_nodes'
@@ -115,7 +116,10 @@ export type GrowJobParams = Only<
   JobOptions &
     SeedOnly &
     ModelSource &
-    (TrainingData | NoData) & { type: 'train' } & Pick<TrainingJobCreateBody, 'output_name'> &
+    (TrainingData | NoData) & { type: 'train' } & Pick<
+      TrainingJobCreateBody,
+      'output_name' | 'eval_dataset_id'
+    > &
     Hyperparam<'turns' | 'cycles' | 'steps_per_cycle' | 'lr' | 'seq_len' | 'new_layers'>
 >;
 

@@ -1927,7 +1927,8 @@ export interface paths {
          * Create a fine-tuning job (OpenAI)
          * @description A Tunery LoRA fine-tune of `model` on `training_file`. `n_epochs`, `batch_size` and
          *     `learning_rate_multiplier` (× Tunery's learning rate 2e-4) map to Tunery's settings;
-         *     `auto` means Tunery's default. `validation_file` and integrations are refused (400).
+         *     `auto` means Tunery's default. `validation_file` is evaluated on (Tunery's `eval_dataset_id`);
+         *     integrations are refused (400).
          */
         post: operations["createOpenAIFineTuningJob"];
         delete?: never;
@@ -2857,6 +2858,8 @@ export interface components {
             train_texts?: string[];
             /** @description Fraction held out for evaluation (finetune; needs at least 2 examples). */
             eval_split?: number;
+            /** @description One of your datasets to evaluate on, instead of holding out part of the training data (`finetune`, `train`; not with `eval_split`). Its records are in the training data's format. */
+            eval_dataset_id?: string;
             lora_config?: components["schemas"]["LoraConfig"];
             training_config?: components["schemas"]["TrainingConfig"];
             hyperparams?: components["schemas"]["Hyperparams"];
@@ -3042,6 +3045,8 @@ export interface components {
             training?: components["schemas"]["TrainingSettingsView"];
             /** @description Format of the dataset trained on. */
             dataset_format?: string | null;
+            /** @description The dataset evaluated on instead of a held-out split (`eval_dataset_id` of the request). */
+            eval_dataset_id?: components["schemas"]["Id"];
             /** @description Data-parallel settings. */
             distributed?: {
                 /** @description Run with torchrun. */
@@ -4691,7 +4696,7 @@ export interface components {
             model: string;
             /** @description A file id from `POST /files`. */
             training_file: string;
-            /** @description Not supported: refused (400) when given. */
+            /** @description A file (dataset) of yours to evaluate on: the job reports its eval loss on it instead of holding out part of `training_file`. */
             validation_file?: string | null;
             /** @description Names the run and the fine-tuned model. */
             suffix?: string | null;
@@ -4751,8 +4756,8 @@ export interface components {
             };
             /** @description The dataset id. */
             training_file: string | null;
-            /** @description Always null. */
-            validation_file: null;
+            /** @description The file evaluated on, if one was given. */
+            validation_file: string | null;
             /** @description Always empty. */
             result_files: string[];
             /** @description Tokens processed, once succeeded. */

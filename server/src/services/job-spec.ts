@@ -63,6 +63,18 @@ async function datasetInputs(ctx: AppContext, job: JobRow): Promise<JobInput[]> 
   return [inputOf('dataset', file)];
 }
 
+/** The dataset a job evaluates on instead of a held-out split (`config.eval_dataset_id`), if any. */
+async function evalDatasetInputs(ctx: AppContext, job: JobRow): Promise<JobInput[]> {
+  const id = job.config?.eval_dataset_id;
+  if (typeof id !== 'string') return [];
+  const dataset = await ctx.knex('datasets').where({ id, tenant_id: job.tenant_id }).first('file_id');
+  const file = dataset
+    ? ((await ctx.knex('files').where({ id: dataset.file_id }).first()) as FileRow | undefined)
+    : undefined;
+  if (!file) throw new MissingJobInput(`Its eval dataset ${id} was deleted.`);
+  return [inputOf('eval_dataset', file)];
+}
+
 /** Files the server wrote for this job alone; the file name says the role (`prompts.jsonl`). */
 async function preparedInputs(ctx: AppContext, job: JobRow): Promise<JobInput[]> {
   const rows = (await ctx
@@ -174,6 +186,7 @@ export async function filesOfJob(ctx: AppContext, job: JobRow): Promise<Set<stri
 async function inputsOf(ctx: AppContext, job: JobRow): Promise<JobInput[]> {
   return [
     ...(await datasetInputs(ctx, job)),
+    ...(await evalDatasetInputs(ctx, job)),
     ...(await preparedInputs(ctx, job)),
     ...(await modelInputs(ctx, job)),
   ];

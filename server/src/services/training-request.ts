@@ -464,6 +464,7 @@ const TYPE_FIELDS: Record<Exclude<JobType, 'prompt_optimize'>, BodyField[]> = {
     ...OUTPUT,
     'method',
     'eval_split',
+    'eval_dataset_id',
     'lora_config',
     'num_epochs',
     'batch_size',
@@ -477,7 +478,7 @@ const TYPE_FIELDS: Record<Exclude<JobType, 'prompt_optimize'>, BodyField[]> = {
     'distributed',
     'num_nodes',
   ],
-  train: [...MODEL_FIELDS, ...DATA, ...OUTPUT],
+  train: [...MODEL_FIELDS, ...DATA, ...OUTPUT, 'eval_dataset_id'],
   contract: [...MODEL_FIELDS, ...DATA, ...OUTPUT],
   merge: [...OUTPUT, 'parent_job_id'],
   // a benchmark scores an existing output model and writes its scores onto it: no new model
@@ -664,9 +665,15 @@ function checkFinetuneSettings(body: TrainingJobCreate, training: TrainingSettin
       settingParam(body, 'eval_split'),
     );
   }
-  if (training.eval_steps > 0 && training.eval_split === 0) {
+  if (body.eval_dataset_id && training.eval_split > 0) {
     throw invalidConfig(
-      'eval_steps evaluates on held-out data, and eval_split holds none out: set eval_split > 0 or leave eval_steps out.',
+      'eval_dataset_id is evaluated on instead of a held-out split: give it or eval_split, not both.',
+      'eval_dataset_id',
+    );
+  }
+  if (training.eval_steps > 0 && training.eval_split === 0 && !body.eval_dataset_id) {
+    throw invalidConfig(
+      'eval_steps evaluates on held-out data, and neither eval_split nor eval_dataset_id gives any: set one or leave eval_steps out.',
       settingParam(body, 'eval_steps'),
     );
   }
@@ -840,6 +847,15 @@ export async function planTrainingJob(
     ...commonSpec(type, resolved.model, body, outputName),
     ...typeSpec(type, method, body, template, hp, stats.format),
   };
+  // the worker evaluates on it (input `eval_dataset`) instead of holding part of the data out
+  if (body.eval_dataset_id) {
+    const evalSet = await ctx
+      .knex('datasets')
+      .where({ tenant_id: tenantId, id: body.eval_dataset_id })
+      .first('id');
+    if (!evalSet) throw notFound('dataset', body.eval_dataset_id, 'eval_dataset_id');
+    config.eval_dataset_id = evalSet.id;
+  }
   await checkMethodRunnable(ctx, method, requiredDevice);
   if (type === 'finetune') {
     fitSeqLengthToModel(body, config.training as TrainingSettings, resolved);

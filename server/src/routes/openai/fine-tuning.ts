@@ -37,11 +37,6 @@ const chosen = <T>(value: T | 'auto' | undefined): T | undefined => (value === '
 
 /** Refuses what Tunery cannot do rather than accepting and ignoring it. */
 function refuseUnsupported(body: Create): void {
-  if (body.validation_file != null)
-    throw badRequest(
-      'validation_file is not supported; Tunery holds out eval data itself.',
-      'validation_file',
-    );
   if (body.integrations?.length) throw badRequest('integrations are not supported.', 'integrations');
   if (body.metadata && Object.keys(body.metadata).length)
     throw badRequest('metadata is not supported.', 'metadata');
@@ -63,6 +58,7 @@ function tuneryJobBody(body: Create): BodyOf<'createTrainingJob'> {
     method: 'lora',
     base_model: body.model,
     dataset_id: body.training_file,
+    ...(body.validation_file != null ? { eval_dataset_id: body.validation_file } : {}),
     ...(body.suffix ? { run_name: body.suffix } : {}),
     training_config: {
       ...(chosen(hp.n_epochs) !== undefined ? { num_epochs: chosen(hp.n_epochs) } : {}),
@@ -99,7 +95,7 @@ export function fineTuningJobView(row: JobRow): Job {
     status: statusOf(row),
     hyperparameters,
     training_file: row.dataset_id,
-    validation_file: null,
+    validation_file: typeof config.eval_dataset_id === 'string' ? config.eval_dataset_id : null,
     result_files: [],
     trained_tokens: succeeded && typeof tokens === 'number' ? Math.round(tokens) : null,
     error: row.error_code ? { code: row.error_code, message: row.error_message ?? '', param: null } : null,
