@@ -12,7 +12,7 @@ import { releaseJob } from '../queue/release.js';
 import { reportEvents } from '../queue/report-events.js';
 import { reportLogs } from '../queue/report-logs.js';
 import { reportMetrics } from '../queue/report-metrics.js';
-import type { JobRow } from '../queue/types.js';
+import type { ClaimedJobRow, JobRow } from '../queue/types.js';
 import { parseContentRange, receiveUpload, type UploadTarget, uploadOffset } from '../queue/upload.js';
 import { fileForLease, sendStoredFile } from '../services/downloads.js';
 import { buildClaimedJob, MissingJobInput } from '../services/job-spec.js';
@@ -20,7 +20,7 @@ import { buildClaimedJob, MissingJobInput } from '../services/job-spec.js';
 /** Every worker route names its job in the path. */
 const jobIdOf = (req: Request) => pathParam(req, 'job_id');
 
-const transition = (job: JobRow): Schemas['TransitionResponse'] => ({
+const transition = (job: Pick<JobRow, 'id' | 'status' | 'run_at'>): Schemas['TransitionResponse'] => ({
   job_id: job.id,
   status: job.status,
   will_retry: job.status === 'pending',
@@ -73,6 +73,27 @@ const checkpointStep = (req: Request): number => {
   return step;
 };
 
+/**
+ * The claim answers of leased jobs, in order. A job whose input is gone can never run: it ends
+ * failed for its owner to see, and is left out.
+ */
+async function claimAnswers(ctx: AppContext, jobs: ClaimedJobRow[]): Promise<Schemas['ClaimedJob'][]> {
+  const answers: Schemas['ClaimedJob'][] = [];
+  for (const job of jobs) {
+    try {
+      answers.push(await buildClaimedJob(ctx, job));
+    } catch (err) {
+      if (!(err instanceof MissingJobInput)) throw err;
+      await failJob(ctx, job.id, job.lease_token!, {
+        code: 'invalid_config',
+        message: err.message,
+        retryable: false,
+      });
+    }
+  }
+  return answers;
+}
+
 export const workerRoutes: Routes = {
   async claimJob(req, res, ctx) {
     const body = req.body as BodyOf<'claimJob'>;
@@ -97,21 +118,10 @@ export const workerRoutes: Routes = {
         } satisfies Schemas['GangJoin']);
         return;
       }
-      const { job } = outcome;
-      let claimed: Schemas['ClaimedJob'];
-      try {
-        claimed = await buildClaimedJob(ctx, job);
-      } catch (err) {
-        if (!(err instanceof MissingJobInput)) throw err;
-        // The job can never run: it ends failed for its owner to see, and this worker gets the next one.
-        await failJob(ctx, job.id, job.lease_token!, {
-          code: 'invalid_config',
-          message: err.message,
-          retryable: false,
-        });
-        continue;
-      }
-      res.json({ job: claimed } satisfies Schemas['ClaimResponse']);
+      const claimed = await claimAnswers(ctx, outcome.jobs);
+      // every job it leased could not run (and was failed): this worker gets the next ones
+      if (claimed.length === 0) continue;
+      res.json({ job: claimed[0]! } satisfies Schemas['ClaimResponse']);
       return;
     }
   },
