@@ -105,6 +105,7 @@ export const workerRoutes: Routes = {
         { workerId: body.worker_id, capabilities: body.capabilities, gang: body.gang },
         Math.max(0, (deadline - Date.now()) / 1000),
         gone,
+        body.max_jobs ?? 1,
       );
       if (!outcome) {
         res.status(204).end();
@@ -121,7 +122,9 @@ export const workerRoutes: Routes = {
       const claimed = await claimAnswers(ctx, outcome.jobs);
       // every job it leased could not run (and was failed): this worker gets the next ones
       if (claimed.length === 0) continue;
-      res.json({ job: claimed[0]! } satisfies Schemas['ClaimResponse']);
+      // `jobs` only for workers that asked for a batch: older workers read `job` alone
+      const batch = body.max_jobs === undefined ? {} : { jobs: claimed };
+      res.json({ job: claimed[0]!, ...batch } satisfies Schemas['ClaimResponse']);
       return;
     }
   },

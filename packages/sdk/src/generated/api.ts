@@ -1389,7 +1389,8 @@ export interface paths {
         /**
          * Claim the next job (long-poll)
          * @description Hands out the highest-priority runnable job this worker can run (`capabilities`), with a
-         *     lease. Waits up to `wait_seconds` for one to appear; `204` when none did.
+         *     lease; with `max_jobs`, up to that many (each with its own lease, listed in `jobs`). Waits up
+         *     to `wait_seconds` for one to appear; `204` when none did.
          *     A worker that sends `gang` may instead be offered a gang job (`num_nodes` > 1): the answer is
          *     then `202` with its membership of the job's forming gang (see waitGang).
          */
@@ -4278,6 +4279,8 @@ export interface components {
              */
             wait_seconds?: number;
             gang?: components["schemas"]["GangAddress"];
+            /** @description Lease up to this many jobs at once (1 when left out), best first; when sent, the answer lists them in `jobs`. Gang jobs are never leased in a batch: when the best job is one, the answer is `202` as without `max_jobs`, and a batch ends before a gang job further down. */
+            max_jobs?: number;
         };
         /** @description Sent by a worker that can join gangs (jobs with `num_nodes` > 1): where it would host the group's rendezvous (torchrun's master) should it become rank 0. A claim without it is never offered a gang job. */
         GangAddress: {
@@ -4391,9 +4394,11 @@ export interface components {
                 download_url: string;
             };
         };
-        /** @description The claimed job. */
+        /** @description The claimed job; with `max_jobs` in the claim, every job leased (`job` is the first of them). */
         ClaimResponse: {
             job: components["schemas"]["ClaimedJob"];
+            /** @description Sent when the claim sent `max_jobs`: the leased jobs, best first (at most `max_jobs`), each with its own lease. */
+            jobs?: components["schemas"]["ClaimedJob"][];
         };
         /** @description The lease token alone. */
         LeaseBody: {
