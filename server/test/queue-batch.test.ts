@@ -118,4 +118,99 @@ describe.each(DATABASES)('batched claims and completes on %s', (db) => {
     const statuses = await server.ctx.knex('jobs').whereIn('id', [gangLater, after]).select('id', 'status');
     expect(statuses.every((s) => s.status === 'pending')).toBe(true);
   });
+
+  const completeBatch = async (completions: { job_id: string; lease_token: string; result?: object }[]) => {
+    const res = await server.api('/v1/workers/jobs/complete', {
+      key: server.workerToken,
+      method: 'POST',
+      json: { completions: completions.map((c) => ({ result: { loss_final: 0.5 }, ...c })) },
+    });
+    expect(res.status).toBe(200);
+    return ((await res.json()) as { results: unknown[] }).results;
+  };
+
+  it('completes each job of a batch on its own lease: a stale one fails alone, a retried batch answers the same', async () => {
+    await drain();
+    const ids = [await enqueue(), await enqueue(), await enqueue()];
+    const [a, b, c] = await claimBatch(3);
+    // b's lease moves on: released, then leased again by another worker
+    const released = await server.api(`/v1/workers/jobs/${b!.job_id}/release`, {
+      key: server.workerToken,
+      method: 'POST',
+      json: { lease_token: b!.lease_token },
+    });
+    expect(released.status).toBe(200);
+    const again = await claim({ worker_id: 'other', max_jobs: 1 });
+    const bNow = ((await again.json()) as { job: ClaimedJob }).job;
+    expect(bNow).toMatchObject({ job_id: b!.job_id, attempt: 2 });
+
+    const batch = [
+      { job_id: a!.job_id, lease_token: a!.lease_token },
+      { job_id: b!.job_id, lease_token: b!.lease_token },
+      { job_id: 'job_never_existed', lease_token: 'lease_x' },
+      { job_id: c!.job_id, lease_token: c!.lease_token },
+    ];
+    const expected = [
+      { job_id: a!.job_id, status: 'completed' },
+      { job_id: b!.job_id, error: { code: 'lease_lost', message: expect.any(String), param: 'lease_token' } },
+      { job_id: 'job_never_existed', error: expect.objectContaining({ code: 'job_not_found' }) },
+      { job_id: c!.job_id, status: 'completed' },
+    ];
+    expect(await completeBatch(batch)).toEqual(expected);
+    // the first answer was lost: the same batch again changes nothing and answers the same
+    expect(await completeBatch(batch)).toEqual(expected);
+
+    const rows = await server.ctx
+      .knex('jobs')
+      .whereIn('id', ids)
+      .select('id', 'status', 'lease_token', 'adapter_name', 'output_model_id', 'results');
+    const byId = new Map(rows.map((r) => [r.id, r]));
+    for (const done of [a!, c!]) {
+      const row = byId.get(done.job_id)!;
+      expect(row).toMatchObject({ status: 'completed', results: { loss_final: 0.5 } });
+      const adapters = await server.ctx.knex('adapters').where({ job_id: done.job_id }).pluck('name');
+      expect(adapters).toEqual([row.adapter_name]);
+      const models = await server.ctx.knex('models').where({ job_id: done.job_id }).pluck('id');
+      expect(models).toEqual([row.output_model_id]);
+      const ended = await server.ctx.knex('job_attempts').where({ job_id: done.job_id }).pluck('outcome');
+      expect(ended).toEqual(['completed']);
+    }
+    expect(byId.get(b!.job_id)).toMatchObject({ status: 'running', lease_token: bNow.lease_token });
+    const completedEvents = await server.ctx
+      .knex('job_events')
+      .whereIn('job_id', ids)
+      .where({ kind: 'completed' })
+      .pluck('job_id');
+    expect(completedEvents.sort()).toEqual([a!.job_id, c!.job_id].sort());
+  });
+
+  it('registers each job of a batch under its own adapter name when two ask for the same one', async () => {
+    await drain();
+    await enqueue({ config: { output_name: 'twin' } });
+    await enqueue({ config: { output_name: 'twin' } });
+    const jobs = await claimBatch(2);
+    const results = await completeBatch(jobs.map((j) => ({ job_id: j.job_id, lease_token: j.lease_token })));
+    expect(results).toEqual(jobs.map((j) => ({ job_id: j.job_id, status: 'completed' })));
+    const names = await server.ctx
+      .knex('jobs')
+      .whereIn(
+        'id',
+        jobs.map((j) => j.job_id),
+      )
+      .pluck('adapter_name');
+    expect(new Set(names).size).toBe(2);
+    expect(names).toContain('twin');
+  });
+
+  it('refuses an empty batch and one of more than 32', async () => {
+    const one = { job_id: 'job_x', lease_token: 'lease_x', result: {} };
+    for (const completions of [[], Array.from({ length: 33 }, () => one)]) {
+      const res = await server.api('/v1/workers/jobs/complete', {
+        key: server.workerToken,
+        method: 'POST',
+        json: { completions },
+      });
+      expect(res.status).toBe(400);
+    }
+  });
 });

@@ -1750,6 +1750,31 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/workers/jobs/complete": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Complete several jobs
+         * @description Completes up to 32 jobs in one request (a worker that claimed a batch with `max_jobs`). Each
+         *     completion is fenced by its own `lease_token` and answered on its own, in request order:
+         *     `status: completed` (also when an earlier send of the same completion already completed the
+         *     job, so a retried batch answers the same), or the `error` the single completeJob would have
+         *     answered (`lease_lost` for a stale lease, `job_not_found`). One stale lease fails only its own
+         *     completion; the others complete.
+         */
+        post: operations["completeJobs"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/workers/jobs/{job_id}/fail": {
         parameters: {
             query?: never;
@@ -4505,6 +4530,43 @@ export interface components {
             /** @description Result fields (see docs/worker-protocol.md). */
             result: {
                 [key: string]: unknown;
+            };
+        };
+        /** @description Completions of several jobs, each with its attempt's lease token. */
+        CompleteBatchRequest: {
+            /** @description One per job (a job listed twice is completed once). */
+            completions: {
+                job_id: components["schemas"]["Id"];
+                /** @description The attempt's lease token. */
+                lease_token: string;
+                /** @description Result fields (see docs/worker-protocol.md). */
+                result: {
+                    [key: string]: unknown;
+                };
+            }[];
+        };
+        /** @description Each completion's outcome. */
+        CompleteBatchResponse: {
+            /** @description In request order. */
+            results: components["schemas"]["CompletionResult"][];
+        };
+        /** @description One completion's outcome. */
+        CompletionResult: {
+            job_id: components["schemas"]["Id"];
+            /**
+             * @description The job's status.
+             * @enum {string}
+             */
+            status: "completed";
+        } | {
+            job_id: components["schemas"]["Id"];
+            /** @description Why, as completeJob would have answered it. */
+            error: {
+                code: components["schemas"]["ErrorCode"];
+                /** @description Human-readable explanation. */
+                message: string;
+                /** @description The offending field. */
+                param: string | null;
             };
         };
         /** @description Why the attempt failed. */
@@ -8117,6 +8179,34 @@ export interface operations {
             401: components["responses"]["Unauthorized"];
             404: components["responses"]["NotFound"];
             409: components["responses"]["Conflict"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    completeJobs: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["CompleteBatchRequest"];
+            };
+        };
+        responses: {
+            /** @description Each completion's outcome, in request order. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CompleteBatchResponse"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
             429: components["responses"]["TooManyRequests"];
             500: components["responses"]["InternalError"];
         };

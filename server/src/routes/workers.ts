@@ -4,7 +4,7 @@ import { badRequest, leaseLost } from '../errors.js';
 import { type BodyOf, pathParam, type Routes, type Schemas } from '../http.js';
 import { acknowledgeCancel } from '../queue/acknowledge-cancel.js';
 import { claimJobWithWait } from '../queue/claim.js';
-import { completeJob } from '../queue/complete.js';
+import { completeJob, completeJobs } from '../queue/complete.js';
 import { failJob } from '../queue/fail.js';
 import { heartbeatGangMember, waitForGang } from '../queue/gang.js';
 import { heartbeatJob } from '../queue/heartbeat.js';
@@ -236,6 +236,20 @@ export const workerRoutes: Routes = {
     const body = req.body as BodyOf<'completeJob'>;
     const job = await completeJob(ctx, jobIdOf(req), body.lease_token, body.result);
     res.json(transition(job) satisfies Schemas['TransitionResponse']);
+  },
+
+  async completeJobs(req, res, ctx) {
+    const body = req.body as BodyOf<'completeJobs'>;
+    const outcomes = await completeJobs(
+      ctx,
+      body.completions.map((c) => ({ jobId: c.job_id, leaseToken: c.lease_token, result: c.result })),
+    );
+    const results = outcomes.map(({ jobId, error }): Schemas['CompletionResult'] =>
+      error
+        ? { job_id: jobId, error: { code: error.code, message: error.message, param: error.param ?? null } }
+        : { job_id: jobId, status: 'completed' },
+    );
+    res.json({ results } satisfies Schemas['CompleteBatchResponse']);
   },
 
   async failJob(req, res, ctx) {
