@@ -3,7 +3,7 @@ import { newSecret } from '../ids.js';
 import { type PreparedStatement, runPrepared } from '../prepared.js';
 import { type GangAddress, type GangJoin, joinGang } from './gang.js';
 import { startAttempt } from './lease.js';
-import { waitForJobSignal } from './notify.js';
+import { handOnWake, type Wake, waitForJobs } from './notify.js';
 import { CLAIMED_COLUMNS, type ClaimedJobRow } from './types.js';
 
 export interface WorkerCapabilities {
@@ -140,10 +140,11 @@ export async function claimNextJob(ctx: AppContext, input: ClaimInput): Promise<
 }
 
 /**
- * Long-poll: claims (up to `max` jobs) at once if it can, else sleeps until a job is signalled (or a
- * recheck is due) and tries again, until `waitSeconds` have passed, the caller went away, or the
- * server stops. A gang job the claim offers is joined (queue/gang.ts); one that is no longer
- * joinable is skipped.
+ * Long-poll: claims (up to `max` jobs) at once if it can, else waits in line until a signal wakes it
+ * (or a recheck is due) and tries again, until `waitSeconds` have passed, the caller went away, or
+ * the server stops. A woken claim that gets nothing hands its wake on to the next claim in line (it
+ * may be a worker that can run the job). A gang job the claim offers is joined (queue/gang.ts); one
+ * that is no longer joinable is skipped.
  */
 export async function claimJobWithWait(
   ctx: AppContext,
@@ -151,12 +152,17 @@ export async function claimJobWithWait(
   waitSeconds: number,
   callerGone: AbortSignal,
   max = 1,
+  recheckMs = RECHECK_MS,
 ): Promise<ClaimOutcome | null> {
   await touchWorker(ctx, input);
   const deadline = Date.now() + waitSeconds * 1000;
+  let wake: Wake | null = null;
   for (;;) {
     // A worker that hung up must not be handed a job it will never run.
-    if (callerGone.aborted) return null;
+    if (callerGone.aborted) {
+      handOnWake(ctx, wake);
+      return null;
+    }
     const jobs = await claimJobs(ctx, input, max);
     const best = jobs[0];
     if (best && best.num_nodes === 1) return { jobs };
@@ -165,8 +171,9 @@ export async function claimJobWithWait(
       if (joined) return { gang: joined };
       continue; // started or cancelled meanwhile: look again at once
     }
+    handOnWake(ctx, wake);
     const left = deadline - Date.now();
     if (left <= 0 || ctx.shuttingDown.signal.aborted) return null;
-    await waitForJobSignal(ctx, Math.min(left, RECHECK_MS));
+    wake = await waitForJobs(ctx, Math.min(left, recheckMs));
   }
 }
