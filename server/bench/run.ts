@@ -3,7 +3,9 @@
  *
  *   1. server: GET /v1/training/jobs/{id} on the full app vs a bare Express route (PGlite; also
  *      Postgres when DATABASE_URL is set — on a scratch database created and dropped there);
- *   2. worker protocol: claim → complete per second with 16 pollers, exactly-once checked;
+ *   2. worker protocol: claim → complete per second with 16 pollers, exactly-once checked; the same
+ *      batched (max_jobs 32, batched completes); and the herd: 16 idle long-polls, then the whole
+ *      batch enqueued in one transaction, claim statements per job from the server's /metrics;
  *   3. SDK: tunery.training.jobs.retrieve vs raw fetch, per call;
  *   4. CPU training: the worker's LoRA loop vs a plain transformers+peft loop (Python);
  *   5. inference relay: a chat completion through a serving worker vs a plain request;
@@ -25,6 +27,7 @@ import { parseArgs } from 'node:util';
 import { measureChatOverhead } from './chat-overhead.js';
 import { type Served, serve, stopAll } from './children.js';
 import { measureInferenceRelay } from './inference-relay.js';
+import { measureBatchedClaims, measureHerd } from './queue-batch.js';
 import { measureSdkOverhead } from './sdk-overhead.js';
 import type { BareInfo } from './serve-bare.js';
 import type { TuneryInfo } from './serve-tunery.js';
@@ -41,6 +44,7 @@ const quick = flags.quick;
 const wanted = new Set((flags.only ?? '1,2,3,4,5,6').split(',').map(Number));
 const LOAD = { connections: 16, seconds: quick ? 1 : 5, warmupSeconds: 1, repeats: quick ? 1 : 3 };
 const QUEUE = { jobs: quick ? 200 : 2000, pollers: 16, maxSeconds: 60 };
+const BATCHED = { pollers: 16, batch: 32, maxSeconds: 60 };
 const SDK = quick ? { calls: 200, rounds: 4, warmup: 50 } : { calls: 2000, rounds: 20, warmup: 200 };
 const TRAINING = { steps: quick ? 8 : 32, timeoutSeconds: 240 };
 const RELAY = quick ? { requests: 50, warmup: 10 } : { requests: 500, warmup: 50 };
@@ -137,6 +141,16 @@ try {
     await measure(2, `worker claim→complete, ${label}`, `worker_protocol_${db}`, () =>
       withTunery(['--db', db, '--queue', String(QUEUE.jobs)], (info) =>
         measureWorkerProtocol(info, label, QUEUE),
+      ),
+    );
+    await measure(2, `batched claim→complete, ${label}`, `queue_batched_${db}`, () =>
+      withTunery(['--db', db, '--queue', String(QUEUE.jobs)], (info) =>
+        measureBatchedClaims(info, label, BATCHED),
+      ),
+    );
+    await measure(2, `herd wake-up, ${label}`, `queue_herd_${db}`, () =>
+      withTunery(['--db', db, '--queue', String(QUEUE.jobs), '--enqueue-on-signal'], (info) =>
+        measureHerd(info, label, BATCHED),
       ),
     );
   }
