@@ -74,24 +74,26 @@ const checkpointStep = (req: Request): number => {
 };
 
 /**
- * The claim answers of leased jobs, in order. A job whose input is gone can never run: it ends
- * failed for its owner to see, and is left out.
+ * The claim answers of leased jobs, in order, built side by side (a batch's inputs are looked up at
+ * once). A job whose input is gone can never run: it ends failed for its owner to see, and is left out.
  */
 async function claimAnswers(ctx: AppContext, jobs: ClaimedJobRow[]): Promise<Schemas['ClaimedJob'][]> {
-  const answers: Schemas['ClaimedJob'][] = [];
-  for (const job of jobs) {
-    try {
-      answers.push(await buildClaimedJob(ctx, job));
-    } catch (err) {
-      if (!(err instanceof MissingJobInput)) throw err;
-      await failJob(ctx, job.id, job.lease_token!, {
-        code: 'invalid_config',
-        message: err.message,
-        retryable: false,
-      });
-    }
-  }
-  return answers;
+  const answers = await Promise.all(
+    jobs.map(async (job) => {
+      try {
+        return await buildClaimedJob(ctx, job);
+      } catch (err) {
+        if (!(err instanceof MissingJobInput)) throw err;
+        await failJob(ctx, job.id, job.lease_token!, {
+          code: 'invalid_config',
+          message: err.message,
+          retryable: false,
+        });
+        return null;
+      }
+    }),
+  );
+  return answers.filter((answer) => answer !== null);
 }
 
 export const workerRoutes: Routes = {
