@@ -5,7 +5,9 @@
  *      Postgres when DATABASE_URL is set — on a scratch database created and dropped there);
  *   2. worker protocol: claim → complete per second with 16 pollers, exactly-once checked, the
  *      load generator's CPU per job; on Postgres beside a minimal HTTP claim toy (same client
- *      loop) and graphile-worker 0.17 (no HTTP, a reference);
+ *      loop) and graphile-worker 0.17 (no HTTP, a reference); the same batched (max_jobs 32,
+ *      batched completes); and the herd: 16 idle long-polls, then the whole batch enqueued in one
+ *      transaction, claim statements per job from the server's /metrics;
  *   3. SDK: tunery.training.jobs.retrieve vs raw fetch, per call;
  *   4. CPU training: the worker's LoRA loop vs a plain transformers+peft loop (Python);
  *   5. inference relay: a chat completion through a serving worker vs a plain request;
@@ -27,6 +29,7 @@ import { parseArgs } from 'node:util';
 import { measureChatOverhead } from './chat-overhead.js';
 import { type Served, serve, stopAll } from './children.js';
 import { measureInferenceRelay } from './inference-relay.js';
+import { measureBatchedClaims, measureHerd } from './queue-batch.js';
 import { measureSdkOverhead } from './sdk-overhead.js';
 import type { BareInfo } from './serve-bare.js';
 import type { TuneryInfo } from './serve-tunery.js';
@@ -43,6 +46,7 @@ const quick = flags.quick;
 const wanted = new Set((flags.only ?? '1,2,3,4,5,6').split(',').map(Number));
 const LOAD = { connections: 16, seconds: quick ? 1 : 5, warmupSeconds: 1, repeats: quick ? 1 : 3 };
 const QUEUE = { jobs: quick ? 200 : 2000, pollers: 16, maxSeconds: 60 };
+const BATCHED = { pollers: 16, batch: 32, maxSeconds: 60 };
 const SDK = quick ? { calls: 200, rounds: 4, warmup: 50 } : { calls: 2000, rounds: 20, warmup: 200 };
 const TRAINING = { steps: quick ? 8 : 32, timeoutSeconds: 240 };
 const RELAY = quick ? { requests: 50, warmup: 10 } : { requests: 500, warmup: 50 };
@@ -139,6 +143,16 @@ try {
   for (const { db, label } of databases) {
     await measure(2, `worker claim→complete, ${label}`, `worker_protocol_${db}`, () =>
       measureWorkerProtocol(db, label, QUEUE),
+    );
+    await measure(2, `batched claim→complete, ${label}`, `queue_batched_${db}`, () =>
+      withTunery(['--db', db, '--queue', String(QUEUE.jobs)], (info) =>
+        measureBatchedClaims(info, label, BATCHED),
+      ),
+    );
+    await measure(2, `herd wake-up, ${label}`, `queue_herd_${db}`, () =>
+      withTunery(['--db', db, '--queue', String(QUEUE.jobs), '--enqueue-on-signal'], (info) =>
+        measureHerd(info, label, BATCHED),
+      ),
     );
   }
 

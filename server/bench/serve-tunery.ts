@@ -6,9 +6,11 @@
  * server's errors on stderr).
  *
  * Creates an admin key, a worker token and one training job through the API; with `--queue N`
- * also enqueues N more finetune jobs like it (for the worker-protocol benchmark). Then prints one
- * line — `READY {url, db, apiKey, workerToken, jobId, pending: [ids]}` — and serves until SIGTERM,
- * SIGINT or the end of its stdin.
+ * also enqueues N more finetune jobs like it, in one transaction (for the worker-protocol
+ * benchmarks). With `--enqueue-on-signal` those N jobs are enqueued only when the process receives
+ * SIGUSR2 (the herd benchmark: workers are long-polling by then); their ids are known beforehand.
+ * Then prints one line — `READY {url, db, pid, apiKey, workerToken, jobId, pending: [ids], queued:
+ * [ids]}` — and serves until SIGTERM, SIGINT or the end of its stdin.
  */
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -32,10 +34,18 @@ export interface TuneryInfo {
   jobId: string;
   /** Every pending job (the API-created one and the `--queue` batch). */
   pending: string[];
+  /** The server's process, for `--enqueue-on-signal`'s SIGUSR2. */
+  pid: number;
+  /** The `--queue` batch's ids (pending once enqueued; with `--enqueue-on-signal`, on SIGUSR2). */
+  queued: string[];
 }
 
 const { values } = parseArgs({
-  options: { db: { type: 'string', default: 'pglite' }, queue: { type: 'string', default: '0' } },
+  options: {
+    db: { type: 'string', default: 'pglite' },
+    queue: { type: 'string', default: '0' },
+    'enqueue-on-signal': { type: 'boolean', default: false },
+  },
 });
 const db = values.db === 'postgres' ? 'postgres' : 'pglite';
 const queueSize = Number(values.queue);
@@ -86,13 +96,15 @@ try {
   }
   const jobId = ((await created.json()) as { id: string }).id;
 
-  if (queueSize > 0) {
-    // The batch copies the API-created job, so each claim carries its spec and dataset input.
-    const model = (await tunery.ctx.knex('jobs').where({ id: jobId }).first()) as JobRow;
-    await tunery.ctx.knex.transaction(async (trx) => {
-      for (let i = 0; i < queueSize; i++) {
+  // The batch copies the API-created job, so each claim carries its spec and dataset input.
+  const model = (await tunery.ctx.knex('jobs').where({ id: jobId }).first()) as JobRow;
+  const queued = Array.from({ length: queueSize }, () => newId('job'));
+  /** Enqueues the batch in one transaction: one signal for all of it. */
+  const enqueueBatch = () =>
+    tunery.ctx.knex.transaction(async (trx) => {
+      for (const [i, id] of queued.entries()) {
         await enqueueJob(tunery.ctx, trx, {
-          id: newId('job'),
+          id,
           tenantId: model.tenant_id,
           kind: 'training',
           type: model.type,
@@ -106,9 +118,24 @@ try {
         });
       }
     });
+  if (values['enqueue-on-signal']) {
+    process.on('SIGUSR2', () => {
+      enqueueBatch().catch((err) => process.stderr.write(`enqueue on signal failed: ${err}\n`));
+    });
+  } else if (queueSize > 0) {
+    await enqueueBatch();
   }
   const pending = (await tunery.ctx.knex('jobs').where({ status: 'pending' }).pluck('id')) as string[];
-  const info: TuneryInfo = { url: tunery.url, db, apiKey, workerToken, jobId, pending };
+  const info: TuneryInfo = {
+    url: tunery.url,
+    db,
+    pid: process.pid,
+    apiKey,
+    workerToken,
+    jobId,
+    pending,
+    queued,
+  };
   process.stdout.write(`READY ${JSON.stringify(info)}\n`);
 } catch (err) {
   process.stderr.write(`${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);

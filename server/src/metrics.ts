@@ -1,8 +1,8 @@
 /**
  * The operator's view, in Prometheus's text format at `GET /metrics`: request latency by operation,
  * the queue by status and type, workers online, serving workers and inference requests in flight,
- * lease expiries and upload bytes, plus Node's process metrics. One registry per server (tests run
- * several in one process). With `TUNERY_METRICS_TOKEN` set, scrapes must present it as a bearer token.
+ * lease expiries, claim attempts and upload bytes, plus Node's process metrics. One registry per
+ * server (tests run several in one process). With `TUNERY_METRICS_TOKEN` set, scrapes must present it as a bearer token.
  */
 import type { NextFunction, Request, Response } from 'express';
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
@@ -15,6 +15,7 @@ export interface Metrics {
   registry: Registry;
   requestSeconds: Histogram<'operation' | 'method' | 'status'>;
   leaseExpiries: Counter<'outcome'>;
+  claimAttempts: Counter<'outcome'>;
 }
 
 export function createMetrics(ctx: Pick<AppContext, 'knex' | 'storage'>): Metrics {
@@ -30,6 +31,12 @@ export function createMetrics(ctx: Pick<AppContext, 'knex' | 'storage'>): Metric
   const leaseExpiries = new Counter({
     name: 'tunery_lease_expiries_total',
     help: 'Running jobs whose lease lapsed, by what the sweeper did with them.',
+    labelNames: ['outcome'] as const,
+    registers: [registry],
+  });
+  const claimAttempts = new Counter({
+    name: 'tunery_claim_attempts_total',
+    help: 'Claim statements run (each long-poll wake runs one), by whether they leased a job: claimed attempts per job near 1 means no thundering herd.',
     labelNames: ['outcome'] as const,
     registers: [registry],
   });
@@ -92,7 +99,7 @@ export function createMetrics(ctx: Pick<AppContext, 'knex' | 'storage'>): Metric
       this.set(await countOf('SELECT count(*)::int AS n FROM inference_requests'));
     },
   });
-  return { registry, requestSeconds, leaseExpiries };
+  return { registry, requestSeconds, leaseExpiries, claimAttempts };
 }
 
 /** Times a route's requests into `tunery_http_request_duration_seconds`, labelled with its operationId. */

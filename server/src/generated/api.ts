@@ -1401,7 +1401,8 @@ export interface paths {
         /**
          * Claim the next job (long-poll)
          * @description Hands out the highest-priority runnable job this worker can run (`capabilities`), with a
-         *     lease. Waits up to `wait_seconds` for one to appear; `204` when none did.
+         *     lease; with `max_jobs`, up to that many (each with its own lease, listed in `jobs`). Waits up
+         *     to `wait_seconds` for one to appear; `204` when none did.
          *     A worker that sends `gang` may instead be offered a gang job (`num_nodes` > 1): the answer is
          *     then `202` with its membership of the job's forming gang (see waitGang).
          */
@@ -1757,6 +1758,31 @@ export interface paths {
          * @description The job becomes `completed`; its adapter and output model are registered from `result`.
          */
         post: operations["completeJob"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/workers/jobs/complete": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Complete several jobs
+         * @description Completes up to 32 jobs in one request (a worker that claimed a batch with `max_jobs`). Each
+         *     completion is fenced by its own `lease_token` and answered on its own, in request order:
+         *     `status: completed` (also when an earlier send of the same completion already completed the
+         *     job, so a retried batch answers the same), or the `error` the single completeJob would have
+         *     answered (`lease_lost` for a stale lease, `job_not_found`). One stale lease fails only its own
+         *     completion; the others complete.
+         */
+        post: operations["completeJobs"];
         delete?: never;
         options?: never;
         head?: never;
@@ -4349,6 +4375,8 @@ export interface components {
              */
             wait_seconds: number;
             gang?: components["schemas"]["GangAddress"];
+            /** @description Lease up to this many jobs at once (1 when left out), best first; when sent, the answer lists them in `jobs`. Gang jobs are never leased in a batch: when the best job is one, the answer is `202` as without `max_jobs`, and a batch ends before a gang job further down. */
+            max_jobs?: number;
         };
         /** @description Sent by a worker that can join gangs (jobs with `num_nodes` > 1): where it would host the group's rendezvous (torchrun's master) should it become rank 0. A claim without it is never offered a gang job. */
         GangAddress: {
@@ -4462,9 +4490,11 @@ export interface components {
                 download_url: string;
             };
         };
-        /** @description The claimed job. */
+        /** @description The claimed job; with `max_jobs` in the claim, every job leased (`job` is the first of them). */
         ClaimResponse: {
             job: components["schemas"]["ClaimedJob"];
+            /** @description Sent when the claim sent `max_jobs`: the leased jobs, best first (at most `max_jobs`), each with its own lease. */
+            jobs?: components["schemas"]["ClaimedJob"][];
         };
         /** @description The lease token alone. */
         LeaseBody: {
@@ -4573,6 +4603,43 @@ export interface components {
             /** @description Result fields (see docs/worker-protocol.md). */
             result: {
                 [key: string]: unknown;
+            };
+        };
+        /** @description Completions of several jobs, each with its attempt's lease token. */
+        CompleteBatchRequest: {
+            /** @description One per job (a job listed twice is completed once). */
+            completions: {
+                job_id: components["schemas"]["Id"];
+                /** @description The attempt's lease token. */
+                lease_token: string;
+                /** @description Result fields (see docs/worker-protocol.md). */
+                result: {
+                    [key: string]: unknown;
+                };
+            }[];
+        };
+        /** @description Each completion's outcome. */
+        CompleteBatchResponse: {
+            /** @description In request order. */
+            results: components["schemas"]["CompletionResult"][];
+        };
+        /** @description One completion's outcome. */
+        CompletionResult: {
+            job_id: components["schemas"]["Id"];
+            /**
+             * @description The job's status.
+             * @enum {string}
+             */
+            status: "completed";
+        } | {
+            job_id: components["schemas"]["Id"];
+            /** @description Why, as completeJob would have answered it. */
+            error: {
+                code: components["schemas"]["ErrorCode"];
+                /** @description Human-readable explanation. */
+                message: string;
+                /** @description The offending field. */
+                param: string | null;
             };
         };
         /** @description Why the attempt failed. */
@@ -8205,6 +8272,34 @@ export interface operations {
             401: components["responses"]["Unauthorized"];
             404: components["responses"]["NotFound"];
             409: components["responses"]["Conflict"];
+            429: components["responses"]["TooManyRequests"];
+            500: components["responses"]["InternalError"];
+        };
+    };
+    completeJobs: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["CompleteBatchRequest"];
+            };
+        };
+        responses: {
+            /** @description Each completion's outcome, in request order. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CompleteBatchResponse"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
             429: components["responses"]["TooManyRequests"];
             500: components["responses"]["InternalError"];
         };

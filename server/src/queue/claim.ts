@@ -1,9 +1,10 @@
 import type { AppContext } from '../context.js';
 import { newSecret } from '../ids.js';
+import { type PreparedStatement, runPrepared } from '../prepared.js';
 import { type GangAddress, type GangJoin, joinGang } from './gang.js';
-import { START_ATTEMPT } from './lease.js';
-import { waitForJobSignal } from './notify.js';
-import type { JobRow } from './types.js';
+import { startAttempt } from './lease.js';
+import { handOnWake, type Wake, waitForJobs } from './notify.js';
+import { CLAIMED_COLUMNS, type ClaimedJobRow } from './types.js';
 
 export interface WorkerCapabilities {
   job_types: string[];
@@ -21,8 +22,8 @@ export interface ClaimInput {
   gang?: GangAddress;
 }
 
-/** A claim's outcome: a leased job, or membership of a gang that is forming. */
-export type ClaimOutcome = { job: JobRow; gang?: never } | { gang: GangJoin; job?: never };
+/** A claim's outcome: leased jobs (at least one, best first), or membership of a gang that is forming. */
+export type ClaimOutcome = { jobs: ClaimedJobRow[]; gang?: never } | { gang: GangJoin; jobs?: never };
 
 /** Longest single sleep of a long-poll: jobs whose backoff ends wake nobody, so look again this often. */
 const RECHECK_MS = 1000;
@@ -42,97 +43,137 @@ async function touchWorker(ctx: AppContext, input: ClaimInput): Promise<void> {
   );
 }
 
+/** The most jobs one claim may lease (the spec's `max_jobs` maximum). */
+export const MAX_CLAIM_BATCH = 32;
+
 /**
- * Leases the best runnable job this worker can run, or returns null. One statement (one round
- * trip, its own transaction) picks the job, leases it, opens its attempt and records the `claimed`
- * event; `event_seq` moves in the same update, so the event's seq needs no second lock.
- * When the best job is a gang job (num_nodes > 1, offered only to workers that can join gangs), the
- * statement leases nothing and returns that job's row as it is (`pending`): the caller joins its gang.
+ * Up to `$9` runnable jobs this worker can run, best first, leased in one statement: each gets its
+ * attempt (lease token `$7[n]` for the n-th best), its attempt row and its `claimed` event; `event_seq`
+ * moves in the same update, so the event's seq needs no second lock. Gang jobs (num_nodes > 1, offered
+ * only to workers that can join gangs) are never leased here: when the best job is one, the statement
+ * leases nothing and returns that job's row as it is (`pending`) for the caller to join its gang; a
+ * gang job further down ends the batch before it, so no job jumps ahead of it.
  */
-export async function claimNextJob(ctx: AppContext, input: ClaimInput): Promise<JobRow | null> {
-  const { capabilities } = input;
-  const result = await ctx.knex.raw(
-    `
+const CLAIM_JOBS: PreparedStatement = {
+  name: 'tunery_claim_jobs',
+  text: `
     WITH next AS (
-      SELECT id, num_nodes FROM jobs
+      SELECT id, num_nodes, priority, run_at, created_at FROM jobs
       WHERE status = 'pending'
         -- backoff and scheduling use the database clock, never the server's
         AND run_at <= now()
-        AND type IN (SELECT jsonb_array_elements_text(:jobTypes::jsonb))
+        AND type = ANY($1::text[])
         -- a worker that lists no methods runs any; jobs without a method suit every worker
-        AND (method IS NULL OR :anyMethod OR method IN (SELECT jsonb_array_elements_text(:methods::jsonb)))
-        AND (required_device IS NULL OR required_device = :device)
+        AND (method IS NULL OR $2::boolean OR method = ANY($3::text[]))
+        AND (required_device IS NULL OR required_device = $4::text)
         -- gangs: only for workers that can join one, and not one this worker is waiting in already
-        AND (num_nodes = 1 OR (:gang AND NOT EXISTS (
+        AND (num_nodes = 1 OR ($5::boolean AND NOT EXISTS (
           SELECT 1 FROM job_gang_members m
-          WHERE m.job_id = jobs.id AND m.worker_id = :workerId AND m.rank IS NULL)))
+          WHERE m.job_id = jobs.id AND m.worker_id = $6::text AND m.rank IS NULL)))
       -- the order of the partial index jobs_runnable: read in order, no sort of every pending row
       ORDER BY priority DESC, run_at, created_at
       -- concurrent claimers skip rows another claim is taking instead of queueing behind it
       FOR UPDATE SKIP LOCKED
-      LIMIT 1
+      LIMIT $9::int
+    ),
+    ranked AS (
+      SELECT id, num_nodes, row_number() OVER (ORDER BY priority DESC, run_at, created_at) AS rank FROM next
+    ),
+    first_gang AS (SELECT min(rank) AS rank FROM ranked WHERE num_nodes > 1),
+    leasable AS (
+      SELECT ranked.id, ranked.rank FROM ranked, first_gang
+      WHERE first_gang.rank IS NULL OR ranked.rank < first_gang.rank
     ),
     claimed AS (
       UPDATE jobs SET
-        ${START_ATTEMPT},
+        ${startAttempt({ leaseToken: '($7::text[])[leasable.rank]', workerId: '$6::text', leaseSeconds: '$8::float8' })},
         event_seq = event_seq + 1,
         updated_at = now()
-      FROM next
-      WHERE jobs.id = next.id AND next.num_nodes = 1
-      RETURNING jobs.*
+      FROM leasable
+      WHERE jobs.id = leasable.id
+      RETURNING leasable.rank, jobs.event_seq, ${CLAIMED_COLUMNS.map((c) => `jobs.${c}`).join(', ')}
     ),
     attempt AS (
       INSERT INTO job_attempts (job_id, attempt, worker_id, lease_token)
-      SELECT id, attempt, :workerId, lease_token FROM claimed
+      SELECT id, attempt, $6::text, lease_token FROM claimed
     ),
     event AS (
       INSERT INTO job_events (job_id, seq, ts, kind, payload)
       SELECT id, event_seq, now(), 'claimed',
-             jsonb_build_object('attempt', attempt, 'worker_id', :workerId::text, 'resume_checkpoint', resume_checkpoint)
+             jsonb_build_object('attempt', attempt, 'worker_id', $6::text, 'resume_checkpoint', resume_checkpoint)
       FROM claimed
     )
-    SELECT * FROM claimed
-    UNION ALL
-    SELECT jobs.* FROM jobs JOIN next ON jobs.id = next.id WHERE next.num_nodes > 1`,
-    {
-      jobTypes: JSON.stringify(capabilities.job_types),
-      anyMethod: capabilities.methods === undefined,
-      methods: JSON.stringify(capabilities.methods ?? []),
-      device: capabilities.device,
-      gang: input.gang !== undefined,
-      leaseToken: newSecret('lease'),
-      workerId: input.workerId,
-      leaseSeconds: ctx.config.leaseSeconds,
-    },
-  );
-  return (result.rows[0] as JobRow | undefined) ?? null;
+    SELECT ${CLAIMED_COLUMNS.join(', ')} FROM (
+      SELECT rank, ${CLAIMED_COLUMNS.join(', ')} FROM claimed
+      UNION ALL
+      SELECT 0, ${CLAIMED_COLUMNS.map((c) => `jobs.${c}`).join(', ')}
+      FROM jobs JOIN ranked ON jobs.id = ranked.id WHERE ranked.rank = 1 AND ranked.num_nodes > 1
+    ) AS answer
+    ORDER BY rank`,
+};
+
+/**
+ * Leases up to `max` of the best runnable jobs this worker can run, best first (none: empty). When
+ * the best job is a gang job the answer is that one job, not leased (`pending`): the caller joins its
+ * gang. One statement: one round trip, its own transaction.
+ */
+export async function claimJobs(ctx: AppContext, input: ClaimInput, max: number): Promise<ClaimedJobRow[]> {
+  const { capabilities } = input;
+  const rows = await runPrepared<ClaimedJobRow>(ctx.knex, CLAIM_JOBS, [
+    capabilities.job_types,
+    capabilities.methods === undefined,
+    capabilities.methods ?? [],
+    capabilities.device,
+    input.gang !== undefined,
+    input.workerId,
+    Array.from({ length: max }, () => newSecret('lease')),
+    ctx.config.leaseSeconds,
+    max,
+  ]);
+  ctx.metrics.claimAttempts.inc({ outcome: rows.length > 0 ? 'claimed' : 'empty' });
+  return rows;
+}
+
+/** The best runnable job for this worker, leased (or a gang job's row, not leased); null when none. */
+export async function claimNextJob(ctx: AppContext, input: ClaimInput): Promise<ClaimedJobRow | null> {
+  return (await claimJobs(ctx, input, 1))[0] ?? null;
 }
 
 /**
- * Long-poll: claims at once if it can, else sleeps until a job is signalled (or a recheck is due)
- * and tries again, until `waitSeconds` have passed, the caller went away, or the server stops.
- * A gang job the claim offers is joined (queue/gang.ts); one that is no longer joinable is skipped.
+ * Long-poll: claims (up to `max` jobs) at once if it can, else waits in line until a signal wakes it
+ * (or a recheck is due) and tries again, until `waitSeconds` have passed, the caller went away, or
+ * the server stops. A woken claim that gets nothing hands its wake on to the next claim in line (it
+ * may be a worker that can run the job). A gang job the claim offers is joined (queue/gang.ts); one
+ * that is no longer joinable is skipped.
  */
 export async function claimJobWithWait(
   ctx: AppContext,
   input: ClaimInput,
   waitSeconds: number,
   callerGone: AbortSignal,
+  max = 1,
+  recheckMs = RECHECK_MS,
 ): Promise<ClaimOutcome | null> {
   await touchWorker(ctx, input);
   const deadline = Date.now() + waitSeconds * 1000;
+  let wake: Wake | null = null;
   for (;;) {
     // A worker that hung up must not be handed a job it will never run.
-    if (callerGone.aborted) return null;
-    const job = await claimNextJob(ctx, input);
-    if (job && job.num_nodes === 1) return { job };
-    if (job && input.gang) {
-      const joined = await joinGang(ctx, job.id, input.workerId, input.gang);
+    if (callerGone.aborted) {
+      handOnWake(ctx, wake);
+      return null;
+    }
+    const jobs = await claimJobs(ctx, input, max);
+    const best = jobs[0];
+    if (best && best.num_nodes === 1) return { jobs };
+    if (best && input.gang) {
+      const joined = await joinGang(ctx, best.id, input.workerId, input.gang);
       if (joined) return { gang: joined };
       continue; // started or cancelled meanwhile: look again at once
     }
+    handOnWake(ctx, wake);
     const left = deadline - Date.now();
     if (left <= 0 || ctx.shuttingDown.signal.aborted) return null;
-    await waitForJobSignal(ctx, Math.min(left, RECHECK_MS));
+    wake = await waitForJobs(ctx, Math.min(left, recheckMs));
   }
 }

@@ -1,9 +1,9 @@
-import type { Knex } from 'knex';
 import type { AppContext } from '../context.js';
-import { registerJobOutputs } from '../services/registry.js';
-import { recordEvent } from './events.js';
-import { BILL_WORKER_TIME, type Db, fenceMissError, pricePerSecond } from './lease.js';
-import type { JobRow } from './types.js';
+import { type ApiError, leaseLost } from '../errors.js';
+import { type PreparedStatement, runPrepared } from '../prepared.js';
+import { planJobOutputs } from '../services/registry.js';
+import { billWorkerTime, type Db, fenceMissError, jobNotFound, pricePerSecond } from './lease.js';
+import { type JobRow, OUTPUT_SOURCE_COLUMNS, type OutputSourceRow } from './types.js';
 
 /**
  * A terminal transition found no running row for this token. When the same attempt already made
@@ -42,53 +42,218 @@ export async function endAttempt(
   );
 }
 
+/** One completion a worker sends: the job, its attempt's lease token, its result. */
+export interface Completion {
+  jobId: string;
+  leaseToken: string;
+  result: Record<string, unknown>;
+}
+
+/** How one completion went: done (now, or by an earlier send of the same request), or why not. */
+export type CompletionOutcome = { jobId: string; error?: never } | { jobId: string; error: ApiError };
+
+/** The jobs being completed, as the decision of what they register needs them. */
+const READ_FOR_COMPLETION: PreparedStatement = {
+  name: 'tunery_complete_read',
+  text: `SELECT ${OUTPUT_SOURCE_COLUMNS.join(', ')} FROM jobs WHERE id = ANY($1::text[])`,
+};
+
 /**
- * Completes the current attempt: the job becomes `completed` with its result, the adapter and
- * output model it produced are registered, and the registry's ids are stored on the job.
+ * Completes every listed job whose lease token is still its current one (`$1`: one JSON object per
+ * job, from completionInput), in one statement: registers its adapter (under its fallback name when
+ * another adapter has the name) and its output model, or stores a benchmark's scores; then one
+ * update of the job's row (completed, result, billing, registry ids, the event's seq), its attempt
+ * closed and its `completed` event. Rows are locked in id order, so concurrent batches cannot
+ * deadlock. Answers the ids it completed; a job whose lease moved on is left as it is.
  */
-export async function completeJob(
-  ctx: AppContext,
-  jobId: string,
-  leaseToken: string,
-  result: Record<string, unknown>,
-): Promise<JobRow> {
-  return ctx.knex.transaction(async (trx: Knex.Transaction) => {
-    const updated = await trx.raw(
-      `
+const COMPLETE_JOBS: PreparedStatement = {
+  name: 'tunery_complete_jobs',
+  text: `
+    WITH input AS (
+      SELECT * FROM jsonb_to_recordset($1::jsonb) AS r(
+        job_id text, lease_token text, result jsonb,
+        adapter_name text, adapter_fallback text, adapter_model text, adapter_description text,
+        adapter_training_config jsonb, adapter_metrics jsonb,
+        new_model_id text, model_kind text, model_name text, model_params bigint, benchmark jsonb)
+    ),
+    fenced AS (
+      SELECT jobs.id, jobs.tenant_id, jobs.base_model, jobs.model_id AS source_model_id, input.*
+      FROM jobs JOIN input ON jobs.id = input.job_id
+      -- fencing: only the current attempt of a running job may complete it
+      WHERE jobs.lease_token = input.lease_token AND jobs.status = 'running'
+      ORDER BY jobs.id
+      FOR UPDATE OF jobs
+    ),
+    old_adapter AS (
+      SELECT a.job_id, a.name FROM adapters a JOIN fenced f ON a.tenant_id = f.tenant_id AND a.job_id = f.id
+    ),
+    -- the requested name, unless the tenant has an adapter of that name (ON CONFLICT: also one that a
+    -- concurrent completion is inserting, whose commit this waits for)
+    adapter_named AS (
+      INSERT INTO adapters (tenant_id, name, job_id, model_name, description, training_config, metrics)
+      SELECT tenant_id, adapter_name, id, adapter_model, adapter_description, adapter_training_config, adapter_metrics
+      FROM fenced f
+      WHERE adapter_name IS NOT NULL AND NOT EXISTS (SELECT 1 FROM old_adapter o WHERE o.job_id = f.id)
+      ON CONFLICT (tenant_id, name) DO NOTHING
+      RETURNING job_id, name
+    ),
+    adapter_fallback AS (
+      INSERT INTO adapters (tenant_id, name, job_id, model_name, description, training_config, metrics)
+      SELECT tenant_id, adapter_fallback, id, adapter_model, adapter_description, adapter_training_config, adapter_metrics
+      FROM fenced f
+      WHERE adapter_name IS NOT NULL
+        AND NOT EXISTS (SELECT 1 FROM old_adapter o WHERE o.job_id = f.id)
+        AND NOT EXISTS (SELECT 1 FROM adapter_named n WHERE n.job_id = f.id)
+      ON CONFLICT (tenant_id, name) DO NOTHING
+      RETURNING job_id, name
+    ),
+    adapter AS (
+      SELECT job_id, name FROM old_adapter
+      UNION ALL SELECT job_id, name FROM adapter_named
+      UNION ALL SELECT job_id, name FROM adapter_fallback
+    ),
+    -- a job that makes an adapter completes only with it (both names taken: it stays running)
+    registrable AS (
+      SELECT f.*, a.name AS registered_adapter FROM fenced f LEFT JOIN adapter a ON a.job_id = f.id
+      WHERE f.adapter_name IS NULL OR a.name IS NOT NULL
+    ),
+    old_model AS (
+      SELECT m.job_id, m.id FROM models m JOIN registrable r ON m.tenant_id = r.tenant_id AND m.job_id = r.id
+    ),
+    new_model AS (
+      INSERT INTO models (id, tenant_id, job_id, name, kind, base_model, params)
+      SELECT new_model_id, tenant_id, id, COALESCE(registered_adapter, model_name), model_kind, base_model, model_params
+      FROM registrable r
+      WHERE model_kind IS NOT NULL AND NOT EXISTS (SELECT 1 FROM old_model o WHERE o.job_id = r.id)
+      RETURNING job_id, id
+    ),
+    model AS (SELECT job_id, id FROM old_model UNION ALL SELECT job_id, id FROM new_model),
+    scored AS (
+      UPDATE models SET benchmark = r.benchmark FROM registrable r
+      WHERE r.benchmark IS NOT NULL AND models.tenant_id = r.tenant_id AND models.id = r.source_model_id
+    ),
+    done AS (
       UPDATE jobs SET
         status = 'completed',
         phase = 'done',
-        results = :result::jsonb,
-        ${BILL_WORKER_TIME},
+        results = r.result,
+        ${billWorkerTime('$2::float8')},
         current_step = GREATEST(current_step, COALESCE(total_steps, 0)),
         lease_expires_at = NULL,
         -- a completed run's earlier failures are history (kept on the attempts)
         error_code = NULL,
         error_message = NULL,
+        output_model_id = m.id,
+        adapter_name = r.registered_adapter,
+        event_seq = event_seq + 1,
         finished_at = now(),
         updated_at = now()
-      -- fencing: only the current attempt of a running job may complete it
-      WHERE id = :jobId AND lease_token = :leaseToken AND status = 'running'
-      RETURNING *`,
-      { jobId, leaseToken, result: JSON.stringify(result), pricePerSecond: pricePerSecond(ctx) },
-    );
-    const job = updated.rows[0] as JobRow | undefined;
-    if (!job) return repeatOrFenceMiss(trx, jobId, leaseToken, ['completed']);
+      FROM registrable r LEFT JOIN model m ON m.job_id = r.id
+      WHERE jobs.id = r.id
+      RETURNING jobs.id, jobs.attempt, jobs.event_seq, jobs.output_model_id, jobs.adapter_name
+    ),
+    ended AS (
+      UPDATE job_attempts SET outcome = 'completed', error_code = NULL, error_message = NULL, ended_at = now()
+      FROM done
+      WHERE job_attempts.job_id = done.id AND job_attempts.attempt = done.attempt AND job_attempts.outcome = 'running'
+    ),
+    event AS (
+      INSERT INTO job_events (job_id, seq, ts, kind, payload)
+      SELECT id, event_seq, now(), 'completed',
+             jsonb_build_object('attempt', attempt, 'output_model_id', output_model_id, 'adapter_name', adapter_name)
+      FROM done
+    )
+    SELECT id FROM done`,
+};
 
-    const registered = await registerJobOutputs(ctx, trx, job, result);
-    const [final] = (await trx('jobs')
-      .where({ id: job.id })
-      .update({
-        output_model_id: registered.modelId,
-        adapter_name: registered.adapterName,
-      })
-      .returning('*')) as JobRow[];
-    await endAttempt(trx, job, 'completed');
-    await recordEvent(trx, job.id, 'completed', {
-      attempt: job.attempt,
-      output_model_id: registered.modelId,
-      adapter_name: registered.adapterName,
-    });
-    return final!;
-  });
+/** Where a job stands, to answer a completion that completed nothing. */
+const READ_LEASE_STATE: PreparedStatement = {
+  name: 'tunery_complete_lease_state',
+  text: 'SELECT id, status, lease_token FROM jobs WHERE id = ANY($1::text[])',
+};
+
+type LeaseState = Pick<JobRow, 'id' | 'status' | 'lease_token'>;
+
+/** One element of COMPLETE_JOBS's `$1`: the completion and what its job registers. */
+function completionInput(job: OutputSourceRow, completion: Completion) {
+  const plan = planJobOutputs(job, completion.result);
+  return {
+    job_id: job.id,
+    lease_token: completion.leaseToken,
+    result: completion.result,
+    adapter_name: plan.adapter?.name ?? null,
+    adapter_fallback: plan.adapter?.fallbackName ?? null,
+    adapter_model: plan.adapter?.row.model_name ?? null,
+    adapter_description: plan.adapter?.row.description ?? null,
+    adapter_training_config: plan.adapter?.row.training_config ?? null,
+    adapter_metrics: plan.adapter?.row.metrics ?? null,
+    new_model_id: plan.model?.id ?? null,
+    model_kind: plan.model?.kind ?? null,
+    model_name: plan.model?.name ?? null,
+    model_params: plan.model?.params ?? null,
+    benchmark: plan.benchmark,
+  };
+}
+
+/**
+ * The answer to a completion that completed nothing. When the same attempt already completed the
+ * job (a retried request whose first answer was lost), it is answered as done; otherwise the lease
+ * is gone (409 lease_lost) or the job never existed (404).
+ */
+function missOutcome(completion: Completion, job: LeaseState | undefined): CompletionOutcome {
+  const { jobId, leaseToken } = completion;
+  if (job?.lease_token === leaseToken && job.status === 'completed') return { jobId };
+  if (job?.lease_token === leaseToken && job.status === 'running') {
+    // both adapter names taken (the second holds the job's id): the job stays running
+    throw new Error(`job ${jobId}: its adapter's name and its job-suffixed form are both taken`);
+  }
+  return { jobId, error: job ? leaseLost(jobId) : jobNotFound(jobId) };
+}
+
+/**
+ * Completes the current attempts of the listed jobs, each fenced by its own lease token: each
+ * becomes `completed` with its result, its adapter and output model are registered, and the
+ * registry's ids are stored on it. Two statements whatever the count (a read to decide what each
+ * job registers, then one that does it all; a third only to explain completions that completed
+ * nothing). Answers each completion's outcome, in order; a job listed twice is completed once.
+ */
+export async function completeJobs(ctx: AppContext, completions: Completion[]): Promise<CompletionOutcome[]> {
+  const ids = [...new Set(completions.map((c) => c.jobId))];
+  const jobs = await runPrepared<OutputSourceRow>(ctx.knex, READ_FOR_COMPLETION, [ids]);
+  const byId = new Map<string, OutputSourceRow>(jobs.map((job) => [job.id, job]));
+  const inputs = new Map<string, ReturnType<typeof completionInput>>();
+  for (const c of completions) {
+    const job = byId.get(c.jobId);
+    if (job?.status !== 'running' || job.lease_token !== c.leaseToken || inputs.has(c.jobId)) continue;
+    inputs.set(c.jobId, completionInput(job, c));
+  }
+  const done = new Set<string>();
+  if (inputs.size > 0) {
+    const rows = await runPrepared<{ id: string }>(ctx.knex, COMPLETE_JOBS, [
+      JSON.stringify([...inputs.values()]),
+      pricePerSecond(ctx),
+    ]);
+    for (const row of rows) done.add(row.id);
+  }
+  // Sent but not completed: the lease moved on between the two statements; look again.
+  const raced = [...inputs.keys()].filter((id) => !done.has(id));
+  const now = raced.length > 0 ? await runPrepared<LeaseState>(ctx.knex, READ_LEASE_STATE, [raced]) : [];
+  const states = new Map<string, LeaseState>([...byId, ...now.map((row) => [row.id, row] as const)]);
+  return completions.map((c) =>
+    done.has(c.jobId) && inputs.get(c.jobId)?.lease_token === c.leaseToken
+      ? { jobId: c.jobId }
+      : missOutcome(c, states.get(c.jobId)),
+  );
+}
+
+/** Completes one job's current attempt (completeJobs); a fencing miss is thrown. */
+export async function completeJob(
+  ctx: AppContext,
+  jobId: string,
+  leaseToken: string,
+  result: Record<string, unknown>,
+): Promise<Pick<JobRow, 'id' | 'status' | 'run_at'>> {
+  const [outcome] = await completeJobs(ctx, [{ jobId, leaseToken, result }]);
+  if (outcome!.error) throw outcome!.error;
+  return { id: jobId, status: 'completed', run_at: new Date() };
 }

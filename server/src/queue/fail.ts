@@ -67,7 +67,7 @@ export async function failJob(
       FROM decision
       -- fencing: only the current attempt of a running job may fail it
       WHERE jobs.id = decision.id AND jobs.lease_token = :leaseToken AND jobs.status = 'running'
-      RETURNING jobs.*`,
+      RETURNING jobs.*, jobs.run_at <= now() AS runnable_now`,
       {
         jobId,
         leaseToken,
@@ -79,8 +79,9 @@ export async function failJob(
         pricePerSecond: pricePerSecond(ctx),
       },
     );
-    const job = updated.rows[0] as JobRow | undefined;
-    if (!job) return repeatOrFenceMiss(trx, jobId, leaseToken, ['pending', 'failed', 'cancelled']);
+    const row = updated.rows[0] as (JobRow & { runnable_now: boolean }) | undefined;
+    if (!row) return repeatOrFenceMiss(trx, jobId, leaseToken, ['pending', 'failed', 'cancelled']);
+    const { runnable_now: runnableNow, ...job } = row;
 
     const outcome = job.status === 'pending' ? 'retry' : job.status;
     await endAttempt(trx, job, outcome, input);
@@ -90,7 +91,8 @@ export async function failJob(
       retryable: input.retryable,
       ...(job.status === 'pending' ? { run_at: job.run_at } : {}),
     });
-    if (job.status === 'pending') notifyAfterCommit(ctx, trx);
+    // A retry waiting out its backoff would wake a claim for nothing: the claims' recheck finds it.
+    if (job.status === 'pending' && runnableNow) notifyAfterCommit(ctx, trx);
     return job;
   });
 }

@@ -19,7 +19,7 @@ import { leaseLost } from '../errors.js';
 import { newSecret } from '../ids.js';
 import { recordEvent } from './events.js';
 import { fenceMissError, START_ATTEMPT } from './lease.js';
-import { notifyAfterCommit, waitForJobSignal } from './notify.js';
+import { notifyGangAfterCommit, waitForGangStart } from './notify.js';
 import type { JobRow } from './types.js';
 
 /** Where a worker would host the group's rendezvous (torchrun's master) if it became rank 0. */
@@ -175,8 +175,8 @@ async function startGang(
     master_port: rank0.port,
     members: ranks,
   });
-  // wakes the members waiting in waitForGang
-  notifyAfterCommit(ctx, trx);
+  // wakes the members waiting in waitForGang (it makes no job runnable: claims sleep on)
+  notifyGangAfterCommit(ctx, trx);
 }
 
 interface MemberState extends MemberRow {
@@ -237,7 +237,7 @@ export async function waitForGang(
     }
     const left = deadline - Date.now();
     if (left <= 0 || ctx.shuttingDown.signal.aborted) return { state: 'forming', joined, world: m.num_nodes };
-    await waitForJobSignal(ctx, Math.min(left, RECHECK_MS));
+    await waitForGangStart(ctx, Math.min(left, RECHECK_MS));
   }
 }
 

@@ -4,21 +4,29 @@ import { type ApiError, leaseLost, notFound } from '../errors.js';
 
 export type Db = Knex | Knex.Transaction;
 
-/** The job a worker names does not exist at all: 404, not a fencing failure. */
 /**
- * The columns a job's new attempt sets: running, leased to `:workerId` with `:leaseToken` for
- * `:leaseSeconds`, billed from now. The one-statement claim and a gang's start share it.
+ * The columns a job's new attempt sets: running, leased to `workerId` with `leaseToken` for
+ * `leaseSeconds`, billed from now. Each argument is the SQL that gives the value (a knex binding
+ * such as `:workerId`, or a prepared statement's `$2`). The claim and a gang's start share it.
  */
-export const START_ATTEMPT = `
+export const startAttempt = (sql: { leaseToken: string; workerId: string; leaseSeconds: string }) => `
   status = 'running',
   attempt = attempt + 1,
-  lease_token = :leaseToken,
-  lease_owner = :workerId,
-  lease_expires_at = now() + make_interval(secs => :leaseSeconds),
+  lease_token = ${sql.leaseToken},
+  lease_owner = ${sql.workerId},
+  lease_expires_at = now() + make_interval(secs => ${sql.leaseSeconds}),
   started_at = COALESCE(started_at, now()),
   billed_until = now(),
   phase = CASE WHEN phase = 'queued' THEN 'initializing' ELSE phase END`;
 
+/** startAttempt with the knex bindings `:leaseToken`, `:workerId`, `:leaseSeconds`. */
+export const START_ATTEMPT = startAttempt({
+  leaseToken: ':leaseToken',
+  workerId: ':workerId',
+  leaseSeconds: ':leaseSeconds',
+});
+
+/** The job a worker names does not exist at all: 404, not a fencing failure. */
 export const jobNotFound = (jobId: string) => notFound('job', jobId, 'job_id', 'job_not_found');
 
 /**
@@ -39,8 +47,13 @@ export const pricePerSecond = (ctx: Pick<AppContext, 'config'>) => ctx.config.pr
  * exactly the time some worker held a live lease on it (a dead worker's silent tail is not billed).
  */
 // A gang (num_nodes > 1) holds that many workers for the same time.
-const WORKER_TIME_COST = `GREATEST(0, EXTRACT(EPOCH FROM now() - COALESCE(billed_until, now()))) * :pricePerSecond * jobs.num_nodes`;
-export const BILL_WORKER_TIME = `cost_accrued = cost_accrued + ${WORKER_TIME_COST}, billed_until = now()`;
+const workerTimeCost = (pricePerSecond: string) =>
+  `GREATEST(0, EXTRACT(EPOCH FROM now() - COALESCE(billed_until, now()))) * ${pricePerSecond} * jobs.num_nodes`;
+const WORKER_TIME_COST = workerTimeCost(':pricePerSecond');
+/** BILL_WORKER_TIME with the price given as SQL (a prepared statement's `$n`). */
+export const billWorkerTime = (pricePerSecond: string) =>
+  `cost_accrued = cost_accrued + ${workerTimeCost(pricePerSecond)}, billed_until = now()`;
+export const BILL_WORKER_TIME = billWorkerTime(':pricePerSecond');
 
 /**
  * SQL expression: the cost of the teacher tokens a progress report (`:progress`) adds to the job's

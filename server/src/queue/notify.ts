@@ -1,48 +1,75 @@
+import type { EventEmitter } from 'node:events';
 import type { Knex } from 'knex';
 import pg from 'pg';
 import type { AppContext } from '../context.js';
 
 const CHANNEL = 'tunery_jobs';
+/** The queue signal's events: jobs became runnable (argument: how many), a gang started (broadcast). */
+const JOBS_EVENT = 'job-available';
+const GANG_EVENT = 'gang-started';
+/** A NOTIFY payload that is not a count: a gang started. */
+const GANG_PAYLOAD = 'gang';
+
+type SignalContext = Pick<AppContext, 'knex' | 'dbKind' | 'queueSignal'>;
 
 /**
- * Wakes long-polling claims. On Postgres, NOTIFY reaches every server process sharing the database
- * (each LISTENs on one dedicated connection); on PGlite there is one process, so an in-process event
- * is enough.
+ * Tells long-polling claims that `count` jobs became runnable. On Postgres, NOTIFY reaches every
+ * server process sharing the database (each LISTENs on one dedicated connection), the count as its
+ * payload; on PGlite there is one process, so an in-process event is enough.
  */
-export async function notifyJobAvailable(
-  ctx: Pick<AppContext, 'knex' | 'dbKind' | 'queueSignal'>,
-): Promise<void> {
-  if (ctx.dbKind === 'postgres') await ctx.knex.raw(`NOTIFY ${CHANNEL}`);
-  else ctx.queueSignal.emit('job-available');
+export async function notifyJobsAvailable(ctx: SignalContext, count: number): Promise<void> {
+  if (ctx.dbKind === 'postgres') await ctx.knex.raw('SELECT pg_notify(?, ?)', [CHANNEL, String(count)]);
+  else ctx.queueSignal.emit(JOBS_EVENT, count);
 }
 
-/** Transactions that already have a notification waiting for their commit. */
-const notifyingTransactions = new WeakSet<Knex.Transaction>();
+async function notifyGangStarted(ctx: SignalContext): Promise<void> {
+  if (ctx.dbKind === 'postgres') await ctx.knex.raw('SELECT pg_notify(?, ?)', [CHANNEL, GANG_PAYLOAD]);
+  else ctx.queueSignal.emit(GANG_EVENT);
+}
+
+/** Jobs made runnable by transactions that have not committed yet, signalled once they do. */
+const pendingCounts = new WeakMap<Knex.Transaction, { count: number }>();
 
 /**
- * Notifies once `db`'s transaction has committed (at once when `db` is not a transaction), so a
- * woken claim can see the row. A rolled-back transaction notifies nobody, and a transaction that
- * makes many jobs claimable (a batch enqueue) notifies once: every waiter wakes on one signal.
+ * Signals `count` more runnable jobs once `db`'s transaction has committed (at once when `db` is not
+ * a transaction), so a woken claim can see the rows. A rolled-back transaction signals nothing, and a
+ * transaction that makes many jobs claimable (a batch enqueue) signals once, with their total: that
+ * many waiting claims wake, not every one.
  */
-export function notifyAfterCommit(
-  ctx: Pick<AppContext, 'knex' | 'dbKind' | 'queueSignal'>,
-  db: Knex | Knex.Transaction,
-): void {
-  if (db.isTransaction) {
-    const trx = db as Knex.Transaction;
-    if (notifyingTransactions.has(trx)) return;
-    notifyingTransactions.add(trx);
+export function notifyAfterCommit(ctx: SignalContext, db: Knex | Knex.Transaction, count = 1): void {
+  if (!db.isTransaction) {
+    notifyJobsAvailable(ctx, count).catch(() => {});
+    return;
   }
-  const committed = db.isTransaction ? (db as Knex.Transaction).executionPromise : Promise.resolve();
-  committed.then(
-    () => notifyJobAvailable(ctx).catch(() => {}),
+  const trx = db as Knex.Transaction;
+  const pending = pendingCounts.get(trx);
+  if (pending) {
+    pending.count += count;
+    return;
+  }
+  const total = { count };
+  pendingCounts.set(trx, total);
+  trx.executionPromise.then(
+    () => notifyJobsAvailable(ctx, total.count).catch(() => {}),
+    () => {},
+  );
+}
+
+/** Wakes the members of a gang waiting in waitForGang (all of them) once `trx` commits. */
+export function notifyGangAfterCommit(ctx: SignalContext, trx: Knex.Transaction): void {
+  trx.executionPromise.then(
+    () => notifyGangStarted(ctx).catch(() => {}),
     () => {},
   );
 }
 
 /** Starts the LISTEN connection of the job queue (Postgres only); returns a function that closes it. */
 export function listenForJobs(ctx: AppContext): Promise<() => Promise<void>> {
-  return listen(ctx, CHANNEL, 'queue listener', () => ctx.queueSignal.emit('job-available'));
+  return listen(ctx, CHANNEL, 'queue listener', (payload) => {
+    if (payload === GANG_PAYLOAD) ctx.queueSignal.emit(GANG_EVENT);
+    // an empty payload (a server before counts) is one job
+    else ctx.queueSignal.emit(JOBS_EVENT, Math.max(1, Number.parseInt(payload, 10) || 1));
+  });
 }
 
 /**
@@ -66,9 +93,105 @@ export async function listen(
   };
 }
 
-/** Resolves on the next 'job-available' signal, after `ms`, or on shutdown — whichever comes first. */
-export function waitForJobSignal(ctx: AppContext, ms: number): Promise<void> {
-  return waitForSignal(ctx, 'job-available', ms);
+/**
+ * A wake handed to one waiting claim. `hopsLeft`: how many more waiters it may be handed on to when
+ * the claim it woke finds nothing (at most the waiters there were when it was signalled, so a job no
+ * waiter can run does not keep a wake circling).
+ */
+export interface Wake {
+  hopsLeft: number;
+}
+
+interface Waiter {
+  deliver(wake: Wake | null): void;
+}
+
+/**
+ * The claims of one process waiting for runnable jobs, first come first woken: a signal for N jobs
+ * wakes at most N of them (no thundering herd). A woken claim that finds nothing hands its wake on
+ * (handOn), so a job only another kind of worker can run still reaches one.
+ */
+class JobWaiters {
+  private readonly queue: Waiter[] = [];
+
+  constructor(signal: EventEmitter) {
+    signal.on(JOBS_EVENT, (count?: number) => this.signal(count ?? 1));
+  }
+
+  get size(): number {
+    return this.queue.length;
+  }
+
+  signal(count: number): void {
+    const hops = this.queue.length - 1;
+    for (let i = 0; i < count && this.queue.length > 0; i++) this.queue.shift()!.deliver({ hopsLeft: hops });
+  }
+
+  handOn(wake: Wake): void {
+    if (wake.hopsLeft <= 0) return;
+    this.queue.shift()?.deliver({ hopsLeft: wake.hopsLeft - 1 });
+  }
+
+  /** Resolves with a wake, or null after `ms` or on `stop`. */
+  wait(ms: number, stop: AbortSignal): Promise<Wake | null> {
+    return new Promise((resolve) => {
+      const waiter: Waiter = {
+        deliver: (wake) => {
+          clearTimeout(timer);
+          stop.removeEventListener('abort', leave);
+          const at = this.queue.indexOf(waiter);
+          if (at !== -1) this.queue.splice(at, 1);
+          resolve(wake);
+        },
+      };
+      const leave = () => waiter.deliver(null);
+      const timer = setTimeout(leave, ms);
+      stop.addEventListener('abort', leave, { once: true });
+      this.queue.push(waiter);
+    });
+  }
+}
+
+/** One waiter queue per process (per queue signal: tests run several servers in one process). */
+const waitersBySignal = new WeakMap<EventEmitter, JobWaiters>();
+
+function waitersOf(ctx: Pick<AppContext, 'queueSignal'>): JobWaiters {
+  let waiters = waitersBySignal.get(ctx.queueSignal);
+  if (!waiters) {
+    waiters = new JobWaiters(ctx.queueSignal);
+    waitersBySignal.set(ctx.queueSignal, waiters);
+  }
+  return waiters;
+}
+
+/**
+ * Waits in line for runnable jobs: resolves with the wake that woke this claim, or null after `ms`
+ * (the recheck: jobs whose backoff ends wake nobody) or on shutdown.
+ */
+export function waitForJobs(
+  ctx: Pick<AppContext, 'queueSignal' | 'shuttingDown'>,
+  ms: number,
+): Promise<Wake | null> {
+  if (ctx.shuttingDown.signal.aborted) return Promise.resolve(null);
+  return waitersOf(ctx).wait(ms, ctx.shuttingDown.signal);
+}
+
+/** A woken claim that found nothing (or went away) passes its wake to the next claim in line. */
+export function handOnWake(ctx: Pick<AppContext, 'queueSignal'>, wake: Wake | null): void {
+  if (wake) waitersOf(ctx).handOn(wake);
+}
+
+/** How many claims of this process are waiting for jobs. */
+export function waitingClaims(ctx: Pick<AppContext, 'queueSignal'>): number {
+  return waitersOf(ctx).size;
+}
+
+/** Resolves when a gang starts (any gang: the member looks again), after `ms`, or on shutdown. */
+export function waitForGangStart(
+  ctx: Pick<AppContext, 'queueSignal' | 'shuttingDown'>,
+  ms: number,
+): Promise<void> {
+  return waitForSignal(ctx, GANG_EVENT, ms);
 }
 
 /** Resolves on the next `event` of the queue signal, after `ms`, or on shutdown — whichever comes first. */

@@ -84,7 +84,7 @@ export async function rescueExpiredLeases(ctx: AppContext, batchSize: number): P
       });
     }
     const retried = rescued.filter((r) => r.status === 'pending').length;
-    if (retried > 0) notifyAfterCommit(ctx, trx);
+    if (retried > 0) notifyAfterCommit(ctx, trx, retried);
     return {
       retried,
       cancelled: rescued.filter((r) => r.status === 'cancelled').length,

@@ -66,3 +66,47 @@ export interface ReportOutcome {
   accepted: number;
   cancel_requested: boolean;
 }
+
+/** The columns a claim returns: what the claim answer (services/job-spec.ts) and its route read. */
+export const CLAIMED_COLUMNS = [
+  'id',
+  'tenant_id',
+  'kind',
+  'type',
+  'status',
+  'num_nodes',
+  'attempt',
+  'lease_token',
+  'lease_expires_at',
+  'log_seq',
+  'config',
+  'secrets',
+  'dataset_id',
+  'parent_job_id',
+  'model_id',
+  'resume_checkpoint',
+] as const;
+
+/** A job as a claim returns it (CLAIMED_COLUMNS). */
+export type ClaimedJobRow = Pick<JobRow, (typeof CLAIMED_COLUMNS)[number]>;
+
+/** The columns a completion reads to decide what the job registers (services/registry.ts). */
+export const OUTPUT_SOURCE_COLUMNS = [
+  'id',
+  'tenant_id',
+  'type',
+  'method',
+  'status',
+  'lease_token',
+  'config',
+  'base_model',
+  'description',
+  'dataset_id',
+  'model_id',
+  'current_loss',
+  'current_step',
+  'total_steps',
+] as const;
+
+/** A job as a completion reads it (OUTPUT_SOURCE_COLUMNS). */
+export type OutputSourceRow = Pick<JobRow, (typeof OUTPUT_SOURCE_COLUMNS)[number]>;

@@ -4,7 +4,7 @@ import { badRequest, leaseLost } from '../errors.js';
 import { type BodyOf, pathParam, type Routes, type Schemas } from '../http.js';
 import { acknowledgeCancel } from '../queue/acknowledge-cancel.js';
 import { claimJobWithWait } from '../queue/claim.js';
-import { completeJob } from '../queue/complete.js';
+import { completeJob, completeJobs } from '../queue/complete.js';
 import { failJob } from '../queue/fail.js';
 import { heartbeatGangMember, waitForGang } from '../queue/gang.js';
 import { heartbeatJob } from '../queue/heartbeat.js';
@@ -12,7 +12,7 @@ import { releaseJob } from '../queue/release.js';
 import { reportEvents } from '../queue/report-events.js';
 import { reportLogs } from '../queue/report-logs.js';
 import { reportMetrics } from '../queue/report-metrics.js';
-import type { JobRow } from '../queue/types.js';
+import type { ClaimedJobRow, JobRow } from '../queue/types.js';
 import { parseContentRange, receiveUpload, type UploadTarget, uploadOffset } from '../queue/upload.js';
 import { fileForLease, sendStoredFile } from '../services/downloads.js';
 import { buildClaimedJob, MissingJobInput } from '../services/job-spec.js';
@@ -20,7 +20,7 @@ import { buildClaimedJob, MissingJobInput } from '../services/job-spec.js';
 /** Every worker route names its job in the path. */
 const jobIdOf = (req: Request) => pathParam(req, 'job_id');
 
-const transition = (job: JobRow): Schemas['TransitionResponse'] => ({
+const transition = (job: Pick<JobRow, 'id' | 'status' | 'run_at'>): Schemas['TransitionResponse'] => ({
   job_id: job.id,
   status: job.status,
   will_retry: job.status === 'pending',
@@ -73,6 +73,29 @@ const checkpointStep = (req: Request): number => {
   return step;
 };
 
+/**
+ * The claim answers of leased jobs, in order, built side by side (a batch's inputs are looked up at
+ * once). A job whose input is gone can never run: it ends failed for its owner to see, and is left out.
+ */
+async function claimAnswers(ctx: AppContext, jobs: ClaimedJobRow[]): Promise<Schemas['ClaimedJob'][]> {
+  const answers = await Promise.all(
+    jobs.map(async (job) => {
+      try {
+        return await buildClaimedJob(ctx, job);
+      } catch (err) {
+        if (!(err instanceof MissingJobInput)) throw err;
+        await failJob(ctx, job.id, job.lease_token!, {
+          code: 'invalid_config',
+          message: err.message,
+          retryable: false,
+        });
+        return null;
+      }
+    }),
+  );
+  return answers.filter((answer) => answer !== null);
+}
+
 export const workerRoutes: Routes = {
   async claimJob(req, res, ctx) {
     const body = req.body as BodyOf<'claimJob'>;
@@ -84,6 +107,7 @@ export const workerRoutes: Routes = {
         { workerId: body.worker_id, capabilities: body.capabilities, gang: body.gang },
         Math.max(0, (deadline - Date.now()) / 1000),
         gone,
+        body.max_jobs ?? 1,
       );
       if (!outcome) {
         res.status(204).end();
@@ -97,21 +121,12 @@ export const workerRoutes: Routes = {
         } satisfies Schemas['GangJoin']);
         return;
       }
-      const { job } = outcome;
-      let claimed: Schemas['ClaimedJob'];
-      try {
-        claimed = await buildClaimedJob(ctx, job);
-      } catch (err) {
-        if (!(err instanceof MissingJobInput)) throw err;
-        // The job can never run: it ends failed for its owner to see, and this worker gets the next one.
-        await failJob(ctx, job.id, job.lease_token!, {
-          code: 'invalid_config',
-          message: err.message,
-          retryable: false,
-        });
-        continue;
-      }
-      res.json({ job: claimed } satisfies Schemas['ClaimResponse']);
+      const claimed = await claimAnswers(ctx, outcome.jobs);
+      // every job it leased could not run (and was failed): this worker gets the next ones
+      if (claimed.length === 0) continue;
+      // `jobs` only for workers that asked for a batch: older workers read `job` alone
+      const batch = body.max_jobs === undefined ? {} : { jobs: claimed };
+      res.json({ job: claimed[0]!, ...batch } satisfies Schemas['ClaimResponse']);
       return;
     }
   },
@@ -223,6 +238,20 @@ export const workerRoutes: Routes = {
     const body = req.body as BodyOf<'completeJob'>;
     const job = await completeJob(ctx, jobIdOf(req), body.lease_token, body.result);
     res.json(transition(job) satisfies Schemas['TransitionResponse']);
+  },
+
+  async completeJobs(req, res, ctx) {
+    const body = req.body as BodyOf<'completeJobs'>;
+    const outcomes = await completeJobs(
+      ctx,
+      body.completions.map((c) => ({ jobId: c.job_id, leaseToken: c.lease_token, result: c.result })),
+    );
+    const results = outcomes.map(({ jobId, error }): Schemas['CompletionResult'] =>
+      error
+        ? { job_id: jobId, error: { code: error.code, message: error.message, param: error.param ?? null } }
+        : { job_id: jobId, status: 'completed' },
+    );
+    res.json({ results } satisfies Schemas['CompleteBatchResponse']);
   },
 
   async failJob(req, res, ctx) {

@@ -5,7 +5,7 @@
  */
 import type { AppContext } from '../context.js';
 import type { Schemas } from '../http.js';
-import type { JobRow } from '../queue/types.js';
+import type { ClaimedJobRow } from '../queue/types.js';
 import { SecretsUnreadable } from '../secrets.js';
 
 type JobInput = Schemas['ClaimedJob']['inputs'][number];
@@ -50,7 +50,7 @@ export async function loadableOutputs(ctx: Pick<AppContext, 'knex'>, jobId: stri
   return rows.filter((f) => !f.name.endsWith('.gguf'));
 }
 
-async function datasetInputs(ctx: AppContext, job: JobRow): Promise<JobInput[]> {
+async function datasetInputs(ctx: AppContext, job: ClaimedJobRow): Promise<JobInput[]> {
   if (!job.dataset_id || job.type === 'distill') return [];
   const dataset = await ctx
     .knex('datasets')
@@ -64,7 +64,7 @@ async function datasetInputs(ctx: AppContext, job: JobRow): Promise<JobInput[]> 
 }
 
 /** The dataset a job evaluates on instead of a held-out split (`config.eval_dataset_id`), if any. */
-async function evalDatasetInputs(ctx: AppContext, job: JobRow): Promise<JobInput[]> {
+async function evalDatasetInputs(ctx: AppContext, job: ClaimedJobRow): Promise<JobInput[]> {
   const id = job.config?.eval_dataset_id;
   if (typeof id !== 'string') return [];
   const dataset = await ctx.knex('datasets').where({ id, tenant_id: job.tenant_id }).first('file_id');
@@ -76,7 +76,7 @@ async function evalDatasetInputs(ctx: AppContext, job: JobRow): Promise<JobInput
 }
 
 /** Files the server wrote for this job alone; the file name says the role (`prompts.jsonl`). */
-async function preparedInputs(ctx: AppContext, job: JobRow): Promise<JobInput[]> {
+async function preparedInputs(ctx: AppContext, job: ClaimedJobRow): Promise<JobInput[]> {
   const rows = (await ctx
     .knex('files')
     .where({ owner_kind: JOB_INPUT, owner_id: job.id })
@@ -85,7 +85,7 @@ async function preparedInputs(ctx: AppContext, job: JobRow): Promise<JobInput[]>
 }
 
 /** A merge loads its parent's adapter; a job on one of the tenant's models loads that model's files. */
-async function modelInputs(ctx: AppContext, job: JobRow): Promise<JobInput[]> {
+async function modelInputs(ctx: AppContext, job: ClaimedJobRow): Promise<JobInput[]> {
   if (job.type === 'merge' && job.parent_job_id) {
     return (await loadableOutputs(ctx, job.parent_job_id)).map((f) => inputOf('adapter', f));
   }
@@ -99,7 +99,10 @@ async function modelInputs(ctx: AppContext, job: JobRow): Promise<JobInput[]> {
   return (await loadableOutputs(ctx, model.job_id)).map((f) => inputOf(role, f));
 }
 
-async function resumeFrom(ctx: AppContext, job: JobRow): Promise<Schemas['ClaimedJob']['resume_from']> {
+async function resumeFrom(
+  ctx: AppContext,
+  job: ClaimedJobRow,
+): Promise<Schemas['ClaimedJob']['resume_from']> {
   if (!job.resume_checkpoint) return null;
   const file = (await ctx
     .knex('files')
@@ -141,7 +144,7 @@ function distillSpec(
 }
 
 /** The job's secrets in clear, for the claim answer; a job they no longer open for cannot run. */
-function openSecrets(ctx: AppContext, job: JobRow): Record<string, unknown> {
+function openSecrets(ctx: AppContext, job: ClaimedJobRow): Record<string, unknown> {
   try {
     return ctx.secretBox.open(job.id, job.secrets);
   } catch (err) {
@@ -151,7 +154,7 @@ function openSecrets(ctx: AppContext, job: JobRow): Record<string, unknown> {
 }
 
 /** The spec for the job's type, with its secrets in clear. Training configs are stored in spec shape already. */
-function specOf(job: JobRow, secrets: Record<string, unknown>): Record<string, unknown> {
+function specOf(job: ClaimedJobRow, secrets: Record<string, unknown>): Record<string, unknown> {
   if (job.type === 'distill') return distillSpec(job.config, secrets);
   if (job.type === 'prompt_optimize') {
     const teacher = { ...(job.config.teacher as Record<string, unknown>) };
@@ -167,7 +170,7 @@ function specOf(job: JobRow, secrets: Record<string, unknown>): Record<string, u
  * Every file a job's worker may download: its inputs and its own checkpoints. A job whose input has
  * gone has none (its claim fails it anyway).
  */
-export async function filesOfJob(ctx: AppContext, job: JobRow): Promise<Set<string>> {
+export async function filesOfJob(ctx: AppContext, job: ClaimedJobRow): Promise<Set<string>> {
   let inputs: JobInput[];
   try {
     inputs = await inputsOf(ctx, job);
@@ -183,7 +186,7 @@ export async function filesOfJob(ctx: AppContext, job: JobRow): Promise<Set<stri
 }
 
 /** The files a job reads; `MissingJobInput` when one is gone. */
-async function inputsOf(ctx: AppContext, job: JobRow): Promise<JobInput[]> {
+async function inputsOf(ctx: AppContext, job: ClaimedJobRow): Promise<JobInput[]> {
   return [
     ...(await datasetInputs(ctx, job)),
     ...(await evalDatasetInputs(ctx, job)),
@@ -193,7 +196,7 @@ async function inputsOf(ctx: AppContext, job: JobRow): Promise<JobInput[]> {
 }
 
 /** The whole ClaimedJob for a job this worker just leased; `MissingJobInput` when an input is gone. */
-export async function buildClaimedJob(ctx: AppContext, job: JobRow): Promise<Schemas['ClaimedJob']> {
+export async function buildClaimedJob(ctx: AppContext, job: ClaimedJobRow): Promise<Schemas['ClaimedJob']> {
   const inputs = await inputsOf(ctx, job);
   return {
     job_id: job.id,

@@ -8,7 +8,7 @@ import type { Knex } from 'knex';
 import type { AppContext } from '../context.js';
 import type { Schemas } from '../http.js';
 import { newId } from '../ids.js';
-import type { JobRow } from '../queue/types.js';
+import type { JobRow, OutputSourceRow } from '../queue/types.js';
 
 type ModelKind = Schemas['Model']['kind'];
 
@@ -85,7 +85,7 @@ const num = (value: unknown): number | null =>
 const str = (value: unknown): string | null => (typeof value === 'string' && value ? value : null);
 
 /** Which model kind a completed job makes, and whether it also makes an adapter. */
-function outputsOf(job: JobRow): { adapter: boolean; model: ModelKind | null } {
+function outputsOf(job: OutputSourceRow): { adapter: boolean; model: ModelKind | null } {
   switch (job.type) {
     case 'distill':
       return { adapter: true, model: 'distilled' };
@@ -117,7 +117,7 @@ function slug(value: string | null): string {
 const shortId = (jobId: string) => jobId.replace(/^[a-z]+_/, '').slice(-8);
 
 /** The name the user asked for (`output_name`, top-level or in `hyperparams`), else what the worker reported. */
-function requestedName(job: JobRow, result: Record<string, unknown>): string | null {
+function requestedName(job: OutputSourceRow, result: Record<string, unknown>): string | null {
   const config = job.config ?? {};
   return (
     str(config.output_name) ??
@@ -128,7 +128,7 @@ function requestedName(job: JobRow, result: Record<string, unknown>): string | n
 }
 
 /** The LoRA and training settings an adapter was trained with, flat as seed 003 shows them. */
-function trainingConfigOf(job: JobRow): Record<string, unknown> {
+function trainingConfigOf(job: OutputSourceRow): Record<string, unknown> {
   const config = job.config ?? {};
   // The worker's spec says `alpha` / `dropout`; adapters show peft's `lora_alpha` / `lora_dropout`.
   const specLora = obj(config.lora);
@@ -144,7 +144,7 @@ function trainingConfigOf(job: JobRow): Record<string, unknown> {
   return { method: job.method, ...lora, ...training };
 }
 
-function metricsOf(job: JobRow, result: Record<string, unknown>): Record<string, unknown> {
+function metricsOf(job: OutputSourceRow, result: Record<string, unknown>): Record<string, unknown> {
   const seconds = num(result.train_seconds) ?? num(result.gpu_seconds);
   const metrics: Record<string, unknown> = {
     final_loss: num(result.loss_final) ?? num(result.final_loss) ?? num(job.current_loss),
@@ -232,6 +232,59 @@ export async function registerJobOutputs(
     params: num(result.params_after) ?? num(result.params_before) ?? null,
   });
   return { adapterName, modelId };
+}
+
+/**
+ * What completing `job` with `result` registers, decided before the completing statement runs
+ * (queue/complete.ts registers it in that same statement): the adapter's row under `name`, or under
+ * `fallbackName` when the tenant has an adapter of that name; the output model; a benchmark's scores.
+ * `job` is the row as it is before completion (its `current_step` is read as completion sets it).
+ */
+export interface OutputPlan {
+  adapter: { name: string; fallbackName: string; row: AdapterInsert } | null;
+  model: { id: string; kind: ModelKind; name: string; params: number | null } | null;
+  /** A benchmark's scores, stored on the job's model (`job.model_id`). */
+  benchmark: Record<string, unknown> | null;
+}
+
+export interface AdapterInsert {
+  model_name: string;
+  description: string | null;
+  training_config: Record<string, unknown>;
+  metrics: Record<string, unknown>;
+}
+
+export function planJobOutputs(job: OutputSourceRow, result: Record<string, unknown>): OutputPlan {
+  if (job.type === 'benchmark') {
+    const benchmark = job.model_id
+      ? {
+          scores: obj(result.scores) ?? {},
+          job_id: job.id,
+          dataset_id: job.dataset_id,
+          completed_at: new Date().toISOString(),
+        }
+      : null;
+    return { adapter: null, model: null, benchmark };
+  }
+  const outputs = outputsOf(job);
+  if (!outputs.model) return { adapter: null, model: null, benchmark: null };
+  const name = requestedName(job, result) ?? `${slug(job.base_model)}-${shortId(job.id)}`;
+  // completion moves the step counter to the planned total, as the metrics should show
+  const done = { ...job, current_step: Math.max(job.current_step, job.total_steps ?? 0) };
+  const adapter = outputs.adapter
+    ? {
+        name,
+        fallbackName: `${name.slice(0, 119)}-${shortId(job.id)}`,
+        row: {
+          model_name: job.base_model ?? 'unknown',
+          description: job.description,
+          training_config: trainingConfigOf(job),
+          metrics: metricsOf(done, result),
+        },
+      }
+    : null;
+  const params = num(result.params_after) ?? num(result.params_before) ?? null;
+  return { adapter, model: { id: newId('model'), kind: outputs.model, name, params }, benchmark: null };
 }
 
 // ------------------------------------------------------------------ reading outputs

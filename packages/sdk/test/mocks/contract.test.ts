@@ -381,6 +381,11 @@ describe('every mock response is valid against the spec', () => {
       result: { loss_final: 0.5, note: 'ok' },
     });
     expect((await tunery.training.jobs.result(job_id)).details).toEqual({ note: 'ok' });
+    // A batched completion with a lease that moved on fails that item alone.
+    const batch = await worker('POST', '/v1/workers/jobs/complete', {
+      completions: [{ job_id, lease_token: 'lease_stale', result: {} }],
+    });
+    expect(batch.body).toMatchObject({ results: [{ job_id, error: { code: 'lease_lost' } }] });
 
     // A retryable failure goes back to the queue; a final one fails the job.
     await tunery.training.jobs.create({ base_model: 'tiny-llama', train_texts: ['w'] });

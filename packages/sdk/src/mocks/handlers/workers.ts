@@ -239,6 +239,24 @@ export function workerHandlers({ router, state }: MockContext) {
     return response(200).json({ job_id: job.id, status: job.status });
   });
 
+  router.post('/v1/workers/jobs/complete', 'completeJobs', async ({ request, response }) => {
+    const body = await request.json().catch(badJson);
+    const results = body.completions.map((c): Schemas['CompletionResult'] => {
+      try {
+        const job = leasedJob(state, c.job_id, c.lease_token);
+        if ('job_id' in job) completeTrainingJob(state, job, reportedResult(c.result));
+        else advanceDistillationJob(state, job, 'completed');
+        return { job_id: job.id, status: 'completed' };
+      } catch (err) {
+        // each completion is fenced on its own: a stale lease fails only its item
+        if (!(err instanceof MockHttpError)) throw err;
+        const code = err.code as Schemas['ErrorCode'];
+        return { job_id: c.job_id, error: { code, message: err.message, param: err.param } };
+      }
+    });
+    return response(200).json({ results });
+  });
+
   router.post('/v1/workers/jobs/{job_id}/fail', 'failJob', async ({ params, request, response }) => {
     const body = await request.json().catch(badJson);
     const job = leasedJob(state, params.job_id, body.lease_token);

@@ -1,0 +1,216 @@
+/** Batched claims and completes over HTTP: many jobs per request, each with its own lease. */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { newId } from '../src/ids.js';
+import { type EnqueueInput, enqueueJob } from '../src/queue/enqueue.js';
+import type { ClaimedJob } from './fake-worker.js';
+import { DATABASES, startTestServer, type TestServer } from './harness.js';
+
+const CPU = { job_types: ['finetune'], device: 'cpu' };
+const GANG_ADDRESS = { addr: '127.0.0.1', port: 29500 };
+
+describe.each(DATABASES)('batched claims and completes on %s', (db) => {
+  let server: TestServer;
+  beforeAll(async () => {
+    server = await startTestServer(db);
+  });
+  afterAll(async () => {
+    await server?.stop();
+  });
+
+  const enqueue = async (overrides: Partial<EnqueueInput> = {}) =>
+    (
+      await enqueueJob(server.ctx, server.ctx.knex, {
+        id: newId('job'),
+        tenantId: 'default',
+        kind: 'training',
+        type: 'finetune',
+        method: 'lora',
+        config: {},
+        ...overrides,
+      })
+    ).id;
+
+  /** Ends earlier tests' live jobs, so each test claims only what it made. */
+  const drain = () =>
+    server.ctx.knex('jobs').whereIn('status', ['pending', 'running']).update({ status: 'cancelled' });
+
+  const claim = (body: Record<string, unknown>) =>
+    server.api('/v1/workers/claim', {
+      key: server.workerToken,
+      method: 'POST',
+      json: { worker_id: 'batcher', capabilities: CPU, wait_seconds: 0, ...body },
+    });
+
+  const claimBatch = async (maxJobs: number) => {
+    const res = await claim({ max_jobs: maxJobs });
+    if (res.status === 204) return [];
+    expect(res.status).toBe(200);
+    const answer = (await res.json()) as { job: ClaimedJob; jobs: ClaimedJob[] };
+    expect(answer.job).toEqual(answer.jobs[0]);
+    return answer.jobs;
+  };
+
+  it('leases up to max_jobs jobs in one claim, best first, each with its own lease, attempt and event', async () => {
+    await drain();
+    const low = await enqueue({ priority: 10 });
+    const high = await enqueue({ priority: 90 });
+    const mid = [await enqueue({ priority: 50 }), await enqueue({ priority: 50 })];
+    const lowest = await enqueue({ priority: 1 });
+
+    const first = await claimBatch(3);
+    expect(first.map((j) => j.job_id)).toEqual([high, ...mid]);
+    expect(new Set(first.map((j) => j.lease_token)).size).toBe(3);
+    const rest = await claimBatch(32);
+    expect(rest.map((j) => j.job_id)).toEqual([low, lowest]);
+    expect(await claimBatch(32)).toEqual([]);
+
+    const ids = [high, ...mid, low, lowest];
+    const rows = await server.ctx.knex('jobs').whereIn('id', ids).select('id', 'status', 'lease_token');
+    const tokens = new Map([...first, ...rest].map((j) => [j.job_id, j.lease_token]));
+    for (const row of rows)
+      expect(row).toEqual({ id: row.id, status: 'running', lease_token: tokens.get(row.id) });
+    const attempts = await server.ctx
+      .knex('job_attempts')
+      .whereIn('job_id', ids)
+      .select('job_id', 'lease_token');
+    expect(attempts).toHaveLength(5);
+    for (const a of attempts) expect(a.lease_token).toBe(tokens.get(a.job_id));
+    const claimedEvents = await server.ctx
+      .knex('job_events')
+      .whereIn('job_id', ids)
+      .where({ kind: 'claimed' });
+    expect(claimedEvents.map((e) => e.job_id).sort()).toEqual([...ids].sort());
+  });
+
+  it('answers a claim without max_jobs as before: one job, no jobs list', async () => {
+    await drain();
+    const [a] = [await enqueue(), await enqueue()];
+    const res = await claim({});
+    expect(res.status).toBe(200);
+    const answer = (await res.json()) as Record<string, unknown>;
+    expect(Object.keys(answer)).toEqual(['job']);
+    expect((answer.job as ClaimedJob).job_id).toBe(a);
+    expect(await server.ctx.knex('jobs').where({ status: 'running' }).pluck('id')).toEqual([a]);
+  });
+
+  it('refuses max_jobs outside 1..32', async () => {
+    for (const maxJobs of [0, 33, 1.5]) expect((await claim({ max_jobs: maxJobs })).status).toBe(400);
+  });
+
+  it('never batches gang jobs: a gang first answers 202, a gang further down ends the batch', async () => {
+    await drain();
+    const gangFirst = await enqueue({ priority: 90, numNodes: 2 });
+    const single = await enqueue({ priority: 50 });
+    const joined = await claim({ max_jobs: 8, gang: GANG_ADDRESS });
+    expect(joined.status).toBe(202);
+    expect(((await joined.json()) as { job_id: string }).job_id).toBe(gangFirst);
+    expect(await server.ctx.knex('jobs').where({ id: single }).first('status')).toEqual({
+      status: 'pending',
+    });
+
+    await drain();
+    const before = await enqueue({ priority: 90 });
+    const gangLater = await enqueue({ priority: 50, numNodes: 2 });
+    const after = await enqueue({ priority: 10 });
+    const res = await claim({ max_jobs: 8, gang: GANG_ADDRESS, worker_id: 'other' });
+    expect(res.status).toBe(200);
+    expect(((await res.json()) as { jobs: ClaimedJob[] }).jobs.map((j) => j.job_id)).toEqual([before]);
+    const statuses = await server.ctx.knex('jobs').whereIn('id', [gangLater, after]).select('id', 'status');
+    expect(statuses.every((s) => s.status === 'pending')).toBe(true);
+  });
+
+  const completeBatch = async (completions: { job_id: string; lease_token: string; result?: object }[]) => {
+    const res = await server.api('/v1/workers/jobs/complete', {
+      key: server.workerToken,
+      method: 'POST',
+      json: { completions: completions.map((c) => ({ result: { loss_final: 0.5 }, ...c })) },
+    });
+    expect(res.status).toBe(200);
+    return ((await res.json()) as { results: unknown[] }).results;
+  };
+
+  it('completes each job of a batch on its own lease: a stale one fails alone, a retried batch answers the same', async () => {
+    await drain();
+    const ids = [await enqueue(), await enqueue(), await enqueue()];
+    const [a, b, c] = await claimBatch(3);
+    // b's lease moves on: released, then leased again by another worker
+    const released = await server.api(`/v1/workers/jobs/${b!.job_id}/release`, {
+      key: server.workerToken,
+      method: 'POST',
+      json: { lease_token: b!.lease_token },
+    });
+    expect(released.status).toBe(200);
+    const again = await claim({ worker_id: 'other', max_jobs: 1 });
+    const bNow = ((await again.json()) as { job: ClaimedJob }).job;
+    expect(bNow).toMatchObject({ job_id: b!.job_id, attempt: 2 });
+
+    const batch = [
+      { job_id: a!.job_id, lease_token: a!.lease_token },
+      { job_id: b!.job_id, lease_token: b!.lease_token },
+      { job_id: 'job_never_existed', lease_token: 'lease_x' },
+      { job_id: c!.job_id, lease_token: c!.lease_token },
+    ];
+    const expected = [
+      { job_id: a!.job_id, status: 'completed' },
+      { job_id: b!.job_id, error: { code: 'lease_lost', message: expect.any(String), param: 'lease_token' } },
+      { job_id: 'job_never_existed', error: expect.objectContaining({ code: 'job_not_found' }) },
+      { job_id: c!.job_id, status: 'completed' },
+    ];
+    expect(await completeBatch(batch)).toEqual(expected);
+    // the first answer was lost: the same batch again changes nothing and answers the same
+    expect(await completeBatch(batch)).toEqual(expected);
+
+    const rows = await server.ctx
+      .knex('jobs')
+      .whereIn('id', ids)
+      .select('id', 'status', 'lease_token', 'adapter_name', 'output_model_id', 'results');
+    const byId = new Map(rows.map((r) => [r.id, r]));
+    for (const done of [a!, c!]) {
+      const row = byId.get(done.job_id)!;
+      expect(row).toMatchObject({ status: 'completed', results: { loss_final: 0.5 } });
+      const adapters = await server.ctx.knex('adapters').where({ job_id: done.job_id }).pluck('name');
+      expect(adapters).toEqual([row.adapter_name]);
+      const models = await server.ctx.knex('models').where({ job_id: done.job_id }).pluck('id');
+      expect(models).toEqual([row.output_model_id]);
+      const ended = await server.ctx.knex('job_attempts').where({ job_id: done.job_id }).pluck('outcome');
+      expect(ended).toEqual(['completed']);
+    }
+    expect(byId.get(b!.job_id)).toMatchObject({ status: 'running', lease_token: bNow.lease_token });
+    const completedEvents = await server.ctx
+      .knex('job_events')
+      .whereIn('job_id', ids)
+      .where({ kind: 'completed' })
+      .pluck('job_id');
+    expect(completedEvents.sort()).toEqual([a!.job_id, c!.job_id].sort());
+  });
+
+  it('registers each job of a batch under its own adapter name when two ask for the same one', async () => {
+    await drain();
+    await enqueue({ config: { output_name: 'twin' } });
+    await enqueue({ config: { output_name: 'twin' } });
+    const jobs = await claimBatch(2);
+    const results = await completeBatch(jobs.map((j) => ({ job_id: j.job_id, lease_token: j.lease_token })));
+    expect(results).toEqual(jobs.map((j) => ({ job_id: j.job_id, status: 'completed' })));
+    const names = await server.ctx
+      .knex('jobs')
+      .whereIn(
+        'id',
+        jobs.map((j) => j.job_id),
+      )
+      .pluck('adapter_name');
+    expect(new Set(names).size).toBe(2);
+    expect(names).toContain('twin');
+  });
+
+  it('refuses an empty batch and one of more than 32', async () => {
+    const one = { job_id: 'job_x', lease_token: 'lease_x', result: {} };
+    for (const completions of [[], Array.from({ length: 33 }, () => one)]) {
+      const res = await server.api('/v1/workers/jobs/complete', {
+        key: server.workerToken,
+        method: 'POST',
+        json: { completions },
+      });
+      expect(res.status).toBe(400);
+    }
+  });
+});
