@@ -5,6 +5,7 @@
  */
 import type { AppContext } from '../context.js';
 import type { Schemas } from '../http.js';
+import { type PreparedStatement, runPrepared } from '../prepared.js';
 import type { ClaimedJobRow } from '../queue/types.js';
 import { SecretsUnreadable } from '../secrets.js';
 
@@ -50,38 +51,48 @@ export async function loadableOutputs(ctx: Pick<AppContext, 'knex'>, jobId: stri
   return rows.filter((f) => !f.name.endsWith('.gguf'));
 }
 
-async function datasetInputs(ctx: AppContext, job: ClaimedJobRow): Promise<JobInput[]> {
-  if (!job.dataset_id || job.type === 'distill') return [];
-  const dataset = await ctx
-    .knex('datasets')
-    .where({ id: job.dataset_id, tenant_id: job.tenant_id })
-    .first('file_id');
-  const file = dataset
-    ? ((await ctx.knex('files').where({ id: dataset.file_id }).first()) as FileRow | undefined)
-    : undefined;
-  if (!file) throw new MissingJobInput(`Its dataset ${job.dataset_id} was deleted.`);
-  return [inputOf('dataset', file)];
-}
+/**
+ * In one round trip (a claim waits on it): the file of the job's dataset, of its eval dataset, and
+ * the files the server prepared for the job alone (a distillation's `prompts.jsonl`).
+ */
+const DATA_FILES: PreparedStatement = {
+  name: 'job_data_files',
+  text: `
+    SELECT 'dataset' AS source, f.id, f.name, f.size_bytes, f.sha256
+    FROM datasets d JOIN files f ON f.id = d.file_id WHERE d.id = $2 AND d.tenant_id = $4
+    UNION ALL
+    SELECT 'eval_dataset', f.id, f.name, f.size_bytes, f.sha256
+    FROM datasets d JOIN files f ON f.id = d.file_id WHERE d.id = $3 AND d.tenant_id = $4
+    UNION ALL
+    SELECT '${JOB_INPUT}', f.id, f.name, f.size_bytes, f.sha256
+    FROM files f WHERE f.owner_kind = '${JOB_INPUT}' AND f.owner_id = $1`,
+};
 
-/** The dataset a job evaluates on instead of a held-out split (`config.eval_dataset_id`), if any. */
-async function evalDatasetInputs(ctx: AppContext, job: ClaimedJobRow): Promise<JobInput[]> {
-  const id = job.config?.eval_dataset_id;
-  if (typeof id !== 'string') return [];
-  const dataset = await ctx.knex('datasets').where({ id, tenant_id: job.tenant_id }).first('file_id');
-  const file = dataset
-    ? ((await ctx.knex('files').where({ id: dataset.file_id }).first()) as FileRow | undefined)
-    : undefined;
-  if (!file) throw new MissingJobInput(`Its eval dataset ${id} was deleted.`);
-  return [inputOf('eval_dataset', file)];
-}
-
-/** Files the server wrote for this job alone; the file name says the role (`prompts.jsonl`). */
-async function preparedInputs(ctx: AppContext, job: ClaimedJobRow): Promise<JobInput[]> {
-  const rows = (await ctx
-    .knex('files')
-    .where({ owner_kind: JOB_INPUT, owner_id: job.id })
-    .orderBy('name')) as FileRow[];
-  return rows.map((file) => inputOf(file.name.replace(/\.[^.]*$/, '') as InputRole, file));
+/**
+ * The job's data inputs: its dataset (not a distillation's: it makes its own), the dataset it
+ * evaluates on (`config.eval_dataset_id`), and the files the server wrote for it alone (the file
+ * name says the role). `MissingJobInput` when a dataset named was deleted.
+ */
+async function dataInputs(ctx: AppContext, job: ClaimedJobRow): Promise<JobInput[]> {
+  const datasetId = job.dataset_id && job.type !== 'distill' ? job.dataset_id : null;
+  const evalId = typeof job.config?.eval_dataset_id === 'string' ? job.config.eval_dataset_id : null;
+  const rows = await runPrepared<FileRow & { source: string }>(ctx.knex, DATA_FILES, [
+    job.id,
+    datasetId,
+    evalId,
+    job.tenant_id,
+  ]);
+  const of = (source: string) => rows.filter((r) => r.source === source);
+  const [dataset] = of('dataset');
+  const [evalSet] = of('eval_dataset');
+  if (datasetId && !dataset) throw new MissingJobInput(`Its dataset ${datasetId} was deleted.`);
+  if (evalId && !evalSet) throw new MissingJobInput(`Its eval dataset ${evalId} was deleted.`);
+  const prepared = of(JOB_INPUT).sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  return [
+    ...(dataset ? [inputOf('dataset', dataset)] : []),
+    ...(evalSet ? [inputOf('eval_dataset', evalSet)] : []),
+    ...prepared.map((file) => inputOf(file.name.replace(/\.[^.]*$/, '') as InputRole, file)),
+  ];
 }
 
 /** A merge loads its parent's adapter; a job on one of the tenant's models loads that model's files. */
@@ -187,17 +198,13 @@ export async function filesOfJob(ctx: AppContext, job: ClaimedJobRow): Promise<S
 
 /** The files a job reads; `MissingJobInput` when one is gone. */
 async function inputsOf(ctx: AppContext, job: ClaimedJobRow): Promise<JobInput[]> {
-  return [
-    ...(await datasetInputs(ctx, job)),
-    ...(await evalDatasetInputs(ctx, job)),
-    ...(await preparedInputs(ctx, job)),
-    ...(await modelInputs(ctx, job)),
-  ];
+  const [data, models] = await Promise.all([dataInputs(ctx, job), modelInputs(ctx, job)]);
+  return [...data, ...models];
 }
 
 /** The whole ClaimedJob for a job this worker just leased; `MissingJobInput` when an input is gone. */
 export async function buildClaimedJob(ctx: AppContext, job: ClaimedJobRow): Promise<Schemas['ClaimedJob']> {
-  const inputs = await inputsOf(ctx, job);
+  const [inputs, resume] = await Promise.all([inputsOf(ctx, job), resumeFrom(ctx, job)]);
   return {
     job_id: job.id,
     kind: job.kind,
@@ -209,6 +216,6 @@ export async function buildClaimedJob(ctx: AppContext, job: ClaimedJobRow): Prom
     log_seq: job.log_seq,
     spec: specOf(job, openSecrets(ctx, job)),
     inputs,
-    resume_from: await resumeFrom(ctx, job),
+    resume_from: resume,
   };
 }
