@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import express, { type NextFunction, type Request, type Response } from 'express';
+import express, { type NextFunction, type Request, type RequestHandler, type Response } from 'express';
 import * as OpenApiValidator from 'express-openapi-validator';
 import { pinoHttp } from 'pino-http';
 import { authenticateRequest, authFailureOf } from './auth.js';
@@ -12,7 +12,7 @@ import { metricsRoute, timeOperation } from './metrics.js';
 import { allRoutes } from './routes/index.js';
 import { OPENAI_PREFIX, openAIErrorBody } from './routes/openai/errors.js';
 import { datasetUploadOptions, discardUnclaimedUploads } from './services/dataset-upload.js';
-import { specOperations, specPath } from './spec.js';
+import { operationsByPath, specOperations, specPath } from './spec.js';
 
 /** Builds the Express app: request ids and logs, body parsing, spec validation, routes, errors. */
 export function createApp(ctx: AppContext): express.Express {
@@ -39,7 +39,9 @@ export function createApp(ctx: AppContext): express.Express {
   app.get('/metrics', metricsRoute(ctx));
   app.use('/docs', express.static(ctx.config.docsDir, { index: 'index.html', fallthrough: true }));
   app.use(jsonBody(ctx.config.maxJsonBytes));
-  app.use(
+  mountRoutes(
+    app,
+    ctx,
     OpenApiValidator.middleware({
       apiSpec: specPath,
       // Path, query and header values are text and are always coerced to their schema's type; a
@@ -61,8 +63,6 @@ export function createApp(ctx: AppContext): express.Express {
       },
     }),
   );
-
-  mountRoutes(app, ctx);
 
   app.use((req: Request) => {
     throw new ApiError(404, 'not_found', `No route ${req.method} ${req.path}.`);
@@ -89,13 +89,23 @@ export function unhandledOperations(): string[] {
     .map((op) => op.operationId);
 }
 
-/** Mounts one handler per spec operation, at the spec's path and method. */
-function mountRoutes(app: express.Express, ctx: AppContext): void {
+/**
+ * Mounts each spec path once, with one handler per operation behind the spec's validator. The
+ * validator runs inside the route Express matched and takes the operation from it (`req.route`, see
+ * patches/express-openapi-validator@5.6.2.patch): no request's path is matched against the whole
+ * spec. Any other method on the path reaches the validator through `all`, which answers 405 with
+ * `Allow`. Paths go in routeOrder, so `/v1/datasets/build` is never taken for a dataset id.
+ */
+function mountRoutes(app: express.Express, ctx: AppContext, validator: RequestHandler[]): void {
   const handlers = allRoutes as Record<string, Handler>;
-  for (const op of specOperations()) {
-    const handler = handlers[op.operationId];
-    if (handler)
-      app[op.method](op.expressPath, timeOperation(ctx.metrics, op.operationId), wrap(handler, ctx));
+  for (const [expressPath, operations] of operationsByPath()) {
+    const route = app.route(expressPath);
+    for (const op of operations) {
+      const handler = handlers[op.operationId];
+      if (handler)
+        route[op.method](validator, timeOperation(ctx.metrics, op.operationId), wrap(handler, ctx));
+    }
+    route.all(validator);
   }
 }
 

@@ -3,6 +3,7 @@ import type { Request } from 'express';
 import type { Knex } from 'knex';
 import { ApiError, type ErrorCode } from './errors.js';
 import { newId, newSecret } from './ids.js';
+import { type PreparedStatement, runPrepared } from './prepared.js';
 
 /** Who is calling: a user key bound to a tenant, or a worker token. */
 export type Principal =
@@ -89,10 +90,16 @@ export function forgetCachedKey(keyId: string): void {
   for (const [hash, entry] of keyCache) if (entry.row.id === keyId) keyCache.delete(hash);
 }
 
+/** The key lookup of every authenticated request the cache misses: prepared, KeyRow's columns only. */
+const KEY_BY_HASH: PreparedStatement = {
+  name: 'api_key_by_hash',
+  text: 'SELECT id, kind, tenant_id, admin, hash, prefix, name, created_at, expires_at, revoked_at FROM api_keys WHERE hash = $1',
+};
+
 async function findKey(knex: Knex, hash: string): Promise<KeyRow | undefined> {
   const cached = keyCache.get(hash);
   if (cached && cached.until > Date.now()) return cached.row;
-  const row = (await knex('api_keys').where({ hash }).first()) as KeyRow | undefined;
+  const [row] = await runPrepared<KeyRow>(knex, KEY_BY_HASH, [hash]);
   if (!row) return undefined;
   // Revoked keys are looked up again each time (so the answer can say why), never cached.
   if (row.revoked_at) return row;

@@ -44,3 +44,22 @@ export function specOperations(): SpecOperation[] {
   }
   return operations;
 }
+
+/**
+ * The order routes are tried in, the spec validator's own: a static segment before a parameter at
+ * the same place (`/v1/datasets/build` before `/v1/datasets/:dataset_id`), a longer path before its prefix.
+ */
+export function routeOrder(a: string, b: string): number {
+  const left = a.replaceAll('/:', '/~');
+  const right = b.replaceAll('/:', '/~');
+  if (left.startsWith(right)) return -1;
+  if (right.startsWith(left)) return 1;
+  return left > right ? 1 : -1;
+}
+
+/** The spec's operations grouped by Express path, the paths in routeOrder. */
+export function operationsByPath(): [string, SpecOperation[]][] {
+  const byPath = new Map<string, SpecOperation[]>();
+  for (const op of specOperations()) byPath.set(op.expressPath, [...(byPath.get(op.expressPath) ?? []), op]);
+  return [...byPath].sort(([a], [b]) => routeOrder(a, b));
+}

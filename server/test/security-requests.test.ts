@@ -143,5 +143,10 @@ describe.each(DATABASES)('hostile requests on %s', (db) => {
     const patch = await server.api('/v1/training/jobs/job_0123456789abcdef01234567', { method: 'PATCH' });
     expect(patch.status).toBe(405);
     expect(patch.headers.get('allow')?.split(/,\s*/).sort()).toEqual(['DELETE', 'GET']);
+
+    // A static path is tried before a parameter in the same place: `build` is not a dataset id.
+    const build = await server.api('/v1/datasets/build');
+    expect(build.status).toBe(405);
+    expect(build.headers.get('allow')).toBe('POST');
   });
 });

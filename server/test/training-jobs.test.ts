@@ -2,6 +2,7 @@ import { mkdir, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { storeDataset } from '../src/services/datasets.js';
+import { serializeTrainingJob } from '../src/services/jobs.js';
 import { createFinetune, fakeWorker, sleep } from './fake-worker.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
 
@@ -606,6 +607,31 @@ describe.each(DATABASES)('training jobs on %s', (db) => {
       expect(none).toEqual({ jobs: [], total: 0, has_more: false, next_cursor: null });
       expect((await server.api('/v1/training/jobs?status=done')).status).toBe(400);
       expect((await server.api('/v1/training/jobs?limit=101')).status).toBe(400);
+    });
+
+    it('answers GET with the job exactly as its whole row shows it', async () => {
+      const id = await createFinetune(server);
+      // Every kind of column the view reads holds a value: JSON, numeric, floats, timestamps, text.
+      await server.ctx
+        .knex('jobs')
+        .where({ id })
+        .update({
+          status: 'failed',
+          metrics: { loss: [1.5, 1.25] },
+          current_step: 7,
+          current_loss: 1.25,
+          learning_rate: 0.0002,
+          cost_accrued: '0.123456',
+          adapter_name: 'held-out',
+          error_code: 'worker_error',
+          error_message: 'boom',
+          started_at: new Date('2026-01-02T03:04:05.678Z'),
+          finished_at: new Date('2026-01-02T04:04:05.678Z'),
+        });
+      const row = await server.ctx.knex('jobs').where({ id }).first();
+      const res = await server.api(`/v1/training/jobs/${id}`);
+      expect(res.status).toBe(200);
+      expect(await res.json()).toEqual(serializeTrainingJob(row, server.ctx.storage));
     });
 
     it("hides another tenant's job everywhere with 404 job_not_found", async () => {

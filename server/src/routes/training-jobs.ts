@@ -21,7 +21,13 @@ import { sendStoredFile } from '../services/downloads.js';
 import { idempotent } from '../services/idempotency.js';
 import { streamJob } from '../services/job-stream.js';
 import { checkpointList, logPage, metricPage } from '../services/job-telemetry.js';
-import { getJobRow, jobEvents, jobsOfKind, serializeTrainingJob } from '../services/jobs.js';
+import {
+  getJobRow,
+  getTrainingJobView,
+  jobEvents,
+  jobsOfKind,
+  serializeTrainingJob,
+} from '../services/jobs.js';
 import { listPage, newestFirst } from '../services/paging.js';
 import { finiteScores, jobOutputFiles, outputFileView, totalSizeMb } from '../services/registry.js';
 import { type DataPlan, mergeJobPlan, mergeParent, planTrainingJob } from '../services/training-request.js';
@@ -129,7 +135,8 @@ export const trainingJobRoutes: Routes = {
   },
 
   async getTrainingJob(req, res, ctx) {
-    res.json(serializeTrainingJob(await jobOf(req, ctx), ctx.storage) satisfies Schemas['TrainingJob']);
+    const job = await getTrainingJobView(ctx, tenantOf(req), pathParam(req, 'job_id'));
+    res.json(serializeTrainingJob(job, ctx.storage) satisfies Schemas['TrainingJob']);
   },
 
   async deleteTrainingJob(req, res, ctx) {

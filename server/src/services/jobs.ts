@@ -5,6 +5,7 @@
 import type { AppContext } from '../context.js';
 import { notFound } from '../errors.js';
 import { iso, isoRequired, type Schemas } from '../http.js';
+import { type PreparedStatement, runPrepared } from '../prepared.js';
 import { DISTILLATION_PHASES, TRAINING_PHASES } from '../queue/phases.js';
 import type { JobKind, JobRow } from '../queue/types.js';
 
@@ -35,13 +36,70 @@ export async function getJobRow(
   return row;
 }
 
+/** The columns a TrainingJob shows: serializeTrainingJob reads these and no others. */
+const TRAINING_VIEW_COLUMNS = [
+  'id',
+  'tenant_id',
+  'type',
+  'method',
+  'status',
+  'phase',
+  'name',
+  'priority',
+  'config',
+  'base_model',
+  'dataset_id',
+  'parent_job_id',
+  'metrics',
+  'current_step',
+  'total_steps',
+  'current_loss',
+  'learning_rate',
+  'attempt',
+  'retries',
+  'cancel_requested',
+  'last_checkpoint_step',
+  'output_model_id',
+  'adapter_name',
+  'cost_accrued',
+  'error_code',
+  'error_message',
+  'created_at',
+  'updated_at',
+  'started_at',
+  'finished_at',
+] as const satisfies readonly (keyof JobRow)[];
+
+/** What a TrainingJob is made from: a `jobs` row, or just its TRAINING_VIEW_COLUMNS. */
+export type TrainingJobView = Pick<JobRow, (typeof TRAINING_VIEW_COLUMNS)[number]>;
+
+/**
+ * The GET of one training job, the API's hottest read: prepared (planned once per connection), and
+ * only the columns the view shows (a `jobs` row has 46, some of them large JSON).
+ */
+const TRAINING_JOB_VIEW: PreparedStatement = {
+  name: 'training_job_view',
+  text: `SELECT ${TRAINING_VIEW_COLUMNS.join(', ')} FROM jobs WHERE id = $1 AND tenant_id = $2 AND kind = 'training'`,
+};
+
+/** The tenant's training job as the API shows it, or `404 job_not_found` (as getJobRow). */
+export async function getTrainingJobView(
+  ctx: Pick<AppContext, 'knex'>,
+  tenantId: string,
+  id: string,
+): Promise<TrainingJobView> {
+  const [row] = await runPrepared<TrainingJobView>(ctx.knex, TRAINING_JOB_VIEW, [id, tenantId]);
+  if (!row) throw notFound('job', id, 'job_id', 'job_not_found');
+  return row;
+}
+
 const money = (value: string | number) => Number(Number(value).toFixed(4));
 
-const jobError = (row: JobRow): Schemas['JobError'] =>
+const jobError = (row: Pick<JobRow, 'error_code' | 'error_message'>): Schemas['JobError'] =>
   row.error_code ? { code: row.error_code, message: row.error_message ?? '' } : null;
 
 /** Percent done, from the step counters; 100 once completed. */
-function percentDone(row: JobRow): number {
+function percentDone(row: Pick<JobRow, 'status' | 'current_step' | 'total_steps'>): number {
   if (row.status === 'completed') return 100;
   if (!row.total_steps || row.total_steps <= 0) return 0;
   return Math.min(100, Math.round((row.current_step / row.total_steps) * 1000) / 10);
@@ -58,7 +116,10 @@ const isMethod = (value: string | null): value is Schemas['TrainingMethod'] =>
   value !== null && (methods as readonly string[]).includes(value);
 
 /** Where a job's adapter files are on the server host, once it produced one. */
-function adapterPathOf(row: JobRow, storage?: Pick<AppContext['storage'], 'shownPath'>): string | null {
+function adapterPathOf(
+  row: Pick<JobRow, 'id' | 'adapter_name'>,
+  storage?: Pick<AppContext['storage'], 'shownPath'>,
+): string | null {
   if (!row.adapter_name || !storage) return null;
   return storage.shownPath(`jobs/${row.id}/outputs`);
 }
@@ -68,7 +129,7 @@ function adapterPathOf(row: JobRow, storage?: Pick<AppContext['storage'], 'shown
  * callers without it get null there.
  */
 export function serializeTrainingJob(
-  row: JobRow,
+  row: TrainingJobView,
   storage?: Pick<AppContext['storage'], 'shownPath'>,
 ): Schemas['TrainingJob'] {
   const config = row.config ?? {};
