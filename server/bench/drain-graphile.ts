@@ -15,6 +15,7 @@
 import { parseArgs } from 'node:util';
 import { Logger, makeWorkerUtils, type RunnerOptions, run } from 'graphile-worker';
 import pg from 'pg';
+import { stopWithParent } from './children.js';
 import { type ScratchDatabase, scratchDatabase } from './scratch-db.js';
 
 export interface GraphileResult {
@@ -129,12 +130,7 @@ const shutdown = (code: number) => {
   })();
   return stopping;
 };
-process.on('SIGTERM', () => shutdown(0));
-process.on('SIGINT', () => shutdown(0));
-process.stdin
-  .on('end', () => shutdown(0))
-  .on('close', () => shutdown(0))
-  .resume();
+stopWithParent(() => shutdown(0));
 
 try {
   scratch = await scratchDatabase('tunery_bench_graphile');

@@ -8,6 +8,7 @@ import { readFile } from 'node:fs/promises';
 import type { AddressInfo } from 'node:net';
 import { parseArgs } from 'node:util';
 import express from 'express';
+import { stopWithParent } from './children.js';
 
 export interface BareInfo {
   url: string;
@@ -32,6 +33,4 @@ const stop = () => {
   server.close(() => process.exit(0));
   server.closeAllConnections();
 };
-process.on('SIGTERM', stop);
-process.on('SIGINT', stop);
-process.stdin.on('end', stop).on('close', stop).resume();
+stopWithParent(stop);

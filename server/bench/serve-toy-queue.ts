@@ -17,6 +17,7 @@ import { createServer, type IncomingMessage, type ServerResponse } from 'node:ht
 import type { AddressInfo } from 'node:net';
 import { parseArgs } from 'node:util';
 import pg from 'pg';
+import { stopWithParent } from './children.js';
 import { CREATE_JOB_BODY } from './job-body.js';
 import { type ScratchDatabase, scratchDatabase } from './scratch-db.js';
 
@@ -146,12 +147,7 @@ const shutdown = (code: number) => {
   })();
   return stopping;
 };
-process.on('SIGTERM', () => shutdown(0));
-process.on('SIGINT', () => shutdown(0));
-process.stdin
-  .on('end', () => shutdown(0))
-  .on('close', () => shutdown(0))
-  .resume();
+stopWithParent(() => shutdown(0));
 
 try {
   scratch = await scratchDatabase('tunery_bench_toy');

@@ -22,6 +22,7 @@ import { newId } from '../src/ids.js';
 import { enqueueJob } from '../src/queue/enqueue.js';
 import type { JobRow } from '../src/queue/types.js';
 import { type RunningServer, startServer } from '../src/server.js';
+import { stopWithParent } from './children.js';
 import { CREATE_JOB_BODY } from './job-body.js';
 import { type ScratchDatabase, scratchDatabase } from './scratch-db.js';
 
@@ -67,15 +68,10 @@ const shutdown = (code: number) => {
   return stopping;
 };
 // From the start, so a stop during startup cleans up too.
-process.on('SIGTERM', () => shutdown(0));
+stopWithParent(() => shutdown(0));
 // Once the parent is gone, a stray log line (knex warns as connections close) must not crash the cleanup.
 process.stdout.on('error', () => {});
 process.stderr.on('error', () => {});
-process.on('SIGINT', () => shutdown(0));
-process.stdin
-  .on('end', () => shutdown(0))
-  .on('close', () => shutdown(0))
-  .resume();
 
 try {
   if (db === 'postgres') scratch = await scratchDatabase();

@@ -1,8 +1,19 @@
 import { newId } from '../src/ids.js';
-import { enqueueJob } from '../src/queue/enqueue.js';
+import { type EnqueueInput, enqueueJob } from '../src/queue/enqueue.js';
 import type { JobRow } from '../src/queue/types.js';
 import { registerJobOutputs } from '../src/services/registry.js';
 import type { TestServer } from './harness.js';
+
+/** A LoRA fine-tune of the default tenant as the queue takes it, with `overrides`; a fresh id each call. */
+export const finetuneInput = (overrides: Partial<EnqueueInput> = {}): EnqueueInput => ({
+  id: newId('job'),
+  tenantId: 'default',
+  kind: 'training',
+  type: 'finetune',
+  method: 'lora',
+  config: {},
+  ...overrides,
+});
 
 export interface CompletedJobOptions {
   tenantId?: string;

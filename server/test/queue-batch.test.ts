@@ -1,8 +1,8 @@
 /** Batched claims and completes over HTTP: many jobs per request, each with its own lease. */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { newId } from '../src/ids.js';
 import { type EnqueueInput, enqueueJob } from '../src/queue/enqueue.js';
 import type { ClaimedJob } from './fake-worker.js';
+import { finetuneInput } from './fixtures.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
 
 const CPU = { job_types: ['finetune'], device: 'cpu' };
@@ -18,17 +18,7 @@ describe.each(DATABASES)('batched claims and completes on %s', (db) => {
   });
 
   const enqueue = async (overrides: Partial<EnqueueInput> = {}) =>
-    (
-      await enqueueJob(server.ctx, server.ctx.knex, {
-        id: newId('job'),
-        tenantId: 'default',
-        kind: 'training',
-        type: 'finetune',
-        method: 'lora',
-        config: {},
-        ...overrides,
-      })
-    ).id;
+    (await enqueueJob(server.ctx, server.ctx.knex, finetuneInput(overrides))).id;
 
   /** Ends earlier tests' live jobs, so each test claims only what it made. */
   const drain = () =>

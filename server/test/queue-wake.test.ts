@@ -4,11 +4,11 @@
  * minute, so a claim that gets its job got it from a signal, never from the recheck.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { newId } from '../src/ids.js';
 import { type ClaimInput, type ClaimOutcome, claimJobWithWait } from '../src/queue/claim.js';
 import { type EnqueueInput, enqueueJob } from '../src/queue/enqueue.js';
 import { waitingClaims } from '../src/queue/notify.js';
 import { sleep } from './fake-worker.js';
+import { finetuneInput } from './fixtures.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
 
 const worker = (workerId: string, jobTypes = ['finetune']): ClaimInput => ({
@@ -25,15 +25,7 @@ describe.each(DATABASES)('wake-one claims on %s', (db) => {
     await server?.stop();
   });
 
-  const job = (overrides: Partial<EnqueueInput> = {}): EnqueueInput => ({
-    id: newId('job'),
-    tenantId: 'default',
-    kind: 'training',
-    type: 'finetune',
-    method: 'lora',
-    config: {},
-    ...overrides,
-  });
+  const job = finetuneInput;
   const enqueueInOne = (jobs: EnqueueInput[]) =>
     server.ctx.knex.transaction(async (trx) => {
       for (const input of jobs) await enqueueJob(server.ctx, trx, input);

@@ -9,6 +9,7 @@ import { heartbeatJob } from '../src/queue/heartbeat.js';
 import { createSweeper, validateSweeperConfig } from '../src/queue/sweeper.js';
 import type { JobRow } from '../src/queue/types.js';
 import { sleep } from './fake-worker.js';
+import { finetuneInput } from './fixtures.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
 
 const cpuWorker = (workerId: string): ClaimInput => ({
@@ -52,15 +53,7 @@ describe.each(DATABASES)('queue on %s', (db) => {
   });
 
   const enqueue = async (overrides: Partial<EnqueueInput> = {}) =>
-    enqueueJob(server.ctx, server.ctx.knex, {
-      id: newId('job'),
-      tenantId: 'default',
-      kind: 'training',
-      type: 'finetune',
-      method: 'lora',
-      config: {},
-      ...overrides,
-    });
+    enqueueJob(server.ctx, server.ctx.knex, finetuneInput(overrides));
 
   /** Ends earlier tests' live jobs, so no test claims or rescues another's leftovers. */
   const drain = async () => {

@@ -8,6 +8,7 @@ import { newId } from '../src/ids.js';
 import { enqueueJob } from '../src/queue/enqueue.js';
 import { LocalStorage } from '../src/storage.js';
 import { createFinetune, fakeWorker, sleep } from './fake-worker.js';
+import { finetuneInput } from './fixtures.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
 
 const sha256 = (data: Buffer) => createHash('sha256').update(data).digest('hex');
@@ -361,12 +362,7 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
     await clearQueue();
     const orphan = (extra: { modelId?: string; datasetId?: string }) =>
       enqueueJob(server.ctx, server.ctx.knex, {
-        id: newId('job'),
-        tenantId: 'default',
-        kind: 'training',
-        type: 'finetune',
-        method: 'lora',
-        config: {},
+        ...finetuneInput(),
         // ahead of the runnable job, so the claim meets them first
         priority: 90,
         ...extra,
