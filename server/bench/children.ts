@@ -120,13 +120,3 @@ export async function withServed<T, R>(
     await served.stop();
   }
 }
-
-/**
- * In a server child: runs `stop` on SIGTERM or SIGINT, and when stdin closes (the parent is gone,
- * however it ended), so no child outlives its run.
- */
-export function stopWithParent(stop: () => unknown): void {
-  process.on('SIGTERM', stop);
-  process.on('SIGINT', stop);
-  process.stdin.on('end', stop).on('close', stop).resume();
-}

@@ -15,8 +15,8 @@
 import { parseArgs } from 'node:util';
 import { Logger, makeWorkerUtils, type RunnerOptions, run } from 'graphile-worker';
 import pg from 'pg';
-import { stopWithParent } from './children.js';
 import { type ScratchDatabase, scratchDatabase } from './scratch-db.js';
+import { stopWithParent } from './stop-with-parent.js';
 
 export interface GraphileResult {
   variant: string;

@@ -8,7 +8,7 @@ import { readFile } from 'node:fs/promises';
 import type { AddressInfo } from 'node:net';
 import { parseArgs } from 'node:util';
 import express from 'express';
-import { stopWithParent } from './children.js';
+import { stopWithParent } from './stop-with-parent.js';
 
 export interface BareInfo {
   url: string;

@@ -17,9 +17,9 @@ import { createServer, type IncomingMessage, type ServerResponse } from 'node:ht
 import type { AddressInfo } from 'node:net';
 import { parseArgs } from 'node:util';
 import pg from 'pg';
-import { stopWithParent } from './children.js';
 import { CREATE_JOB_BODY } from './job-body.js';
 import { type ScratchDatabase, scratchDatabase } from './scratch-db.js';
+import { stopWithParent } from './stop-with-parent.js';
 
 export interface ToyInfo {
   url: string;

@@ -22,9 +22,9 @@ import { newId } from '../src/ids.js';
 import { enqueueJob } from '../src/queue/enqueue.js';
 import type { JobRow } from '../src/queue/types.js';
 import { type RunningServer, startServer } from '../src/server.js';
-import { stopWithParent } from './children.js';
 import { CREATE_JOB_BODY } from './job-body.js';
 import { type ScratchDatabase, scratchDatabase } from './scratch-db.js';
+import { stopWithParent } from './stop-with-parent.js';
 
 export interface TuneryInfo {
   url: string;
