@@ -28,7 +28,7 @@ export async function cancelJob(
         updated_at = now()
       -- only the owner's live (or paused) jobs; the state check makes a cancel racing a completion lose cleanly
       WHERE id = :jobId AND tenant_id = :tenantId AND kind = :kind
-        AND (status IN ('pending', 'running') OR paused_at IS NOT NULL)
+        AND (status IN ('pending', 'running') OR (status = 'cancelled' AND paused_at IS NOT NULL))
       RETURNING *`,
       { jobId, tenantId, kind, pause },
     );

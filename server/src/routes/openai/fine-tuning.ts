@@ -146,15 +146,18 @@ export const openAIFineTuningRoutes: Routes = {
 
   async pauseOpenAIFineTuningJob(req, res, ctx) {
     const job = await jobOf(req, ctx);
-    const paused = job.paused_at
-      ? job
-      : await cancelJob(ctx, tenantOf(req), 'training', job.id, { pause: true });
+    // pausing a paused job answers it unchanged; a finished one is refused by the cancel (409)
+    const paused =
+      statusOf(job) === 'paused'
+        ? job
+        : await cancelJob(ctx, tenantOf(req), 'training', job.id, { pause: true });
     res.json(fineTuningJobView(paused) satisfies Job);
   },
 
   async resumeOpenAIFineTuningJob(req, res, ctx) {
     const job = await jobOf(req, ctx);
-    if (!job.paused_at) throw conflict(`Job ${job.id} is not paused.`, 'job_not_resumable');
+    const status = statusOf(job);
+    if (status !== 'paused') throw conflict(`Job ${job.id} is ${status}, not paused.`, 'job_not_resumable');
     if (job.status !== 'cancelled') {
       throw conflict(
         `Job ${job.id} is still stopping for its pause; resume it once it is paused.`,
