@@ -1,5 +1,6 @@
 /** Batched claims and completes over HTTP: many jobs per request, each with its own lease. */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { completeJobs } from '../src/queue/complete.js';
 import { type EnqueueInput, enqueueJob } from '../src/queue/enqueue.js';
 import type { ClaimedJob } from './fake-worker.js';
 import { finetuneInput } from './fixtures.js';
@@ -39,6 +40,22 @@ describe.each(DATABASES)('batched claims and completes on %s', (db) => {
     expect(answer.job).toEqual(answer.jobs[0]);
     return answer.jobs;
   };
+
+  it('a result Postgres refuses fails only its own item; the rest complete', async () => {
+    await drain();
+    const ids = [await enqueue(), await enqueue()];
+    const [good, bad] = await claimBatch(2);
+    expect([good!.job_id, bad!.job_id].sort()).toEqual([...ids].sort());
+    const outcomes = await completeJobs(server.ctx, [
+      { jobId: good!.job_id, leaseToken: good!.lease_token, result: { steps: 1 } },
+      // a NUL in text: the jsonb cast fails (the HTTP routes refuse it before; the queue must not trip on it)
+      { jobId: bad!.job_id, leaseToken: bad!.lease_token, result: { note: 'nul \u0000 here' } },
+    ]);
+    expect(outcomes[0]).toEqual({ jobId: good!.job_id });
+    expect(outcomes[1]).toMatchObject({ jobId: bad!.job_id, error: { status: 500, code: 'internal_error' } });
+    const statuses = await server.ctx.knex('jobs').whereIn('id', ids).pluck('status');
+    expect(statuses.sort()).toEqual(['completed', 'running']);
+  });
 
   it('leases up to max_jobs jobs in one claim, best first, each with its own lease, attempt and event', async () => {
     await drain();

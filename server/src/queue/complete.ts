@@ -1,5 +1,5 @@
 import type { AppContext } from '../context.js';
-import { type ApiError, leaseLost } from '../errors.js';
+import { ApiError, conflict, leaseLost } from '../errors.js';
 import { type PreparedStatement, runPrepared } from '../prepared.js';
 import { planJobOutputs } from '../services/registry.js';
 import { billWorkerTime, type Db, fenceMissError, jobNotFound, pricePerSecond } from './lease.js';
@@ -205,7 +205,10 @@ function missOutcome(completion: Completion, job: LeaseState | undefined): Compl
   if (job?.lease_token === leaseToken && job.status === 'completed') return { jobId };
   if (job?.lease_token === leaseToken && job.status === 'running') {
     // both adapter names taken (the second holds the job's id): the job stays running
-    throw new Error(`job ${jobId}: its adapter's name and its job-suffixed form are both taken`);
+    const error = conflict(
+      `Job ${jobId}: its adapter's name and its job-suffixed form are both taken; it stays running.`,
+    );
+    return { jobId, error };
   }
   return { jobId, error: job ? leaseLost(jobId) : jobNotFound(jobId) };
 }
@@ -218,6 +221,32 @@ function missOutcome(completion: Completion, job: LeaseState | undefined): Compl
  * nothing). Answers each completion's outcome, in order; a job listed twice is completed once.
  */
 export async function completeJobs(ctx: AppContext, completions: Completion[]): Promise<CompletionOutcome[]> {
+  try {
+    return await completeTogether(ctx, completions);
+  } catch (err) {
+    if (completions.length === 1) throw err;
+    // A result Postgres refuses (a fraction where a count goes, a NUL in text) fails the one
+    // statement for every item: then each goes on its own, so only that one fails, and a resend
+    // answers the others `completed`.
+    const outcomes: CompletionOutcome[] = [];
+    for (const completion of completions) outcomes.push(await completeAlone(ctx, completion));
+    return outcomes;
+  }
+}
+
+/** One completion on its own: a failure of its statement is its own error answer (the job stays running). */
+async function completeAlone(ctx: AppContext, completion: Completion): Promise<CompletionOutcome> {
+  try {
+    const [outcome] = await completeTogether(ctx, [completion]);
+    return outcome!;
+  } catch (err) {
+    ctx.logger.error({ err, jobId: completion.jobId }, 'a batched completion failed');
+    const message = `Job ${completion.jobId} could not be completed (it stays running); its result was not stored.`;
+    return { jobId: completion.jobId, error: new ApiError(500, 'internal_error', message) };
+  }
+}
+
+async function completeTogether(ctx: AppContext, completions: Completion[]): Promise<CompletionOutcome[]> {
   const ids = [...new Set(completions.map((c) => c.jobId))];
   const jobs = await runPrepared<OutputSourceRow>(ctx.knex, READ_FOR_COMPLETION, [ids]);
   const byId = new Map<string, OutputSourceRow>(jobs.map((job) => [job.id, job]));
