@@ -75,7 +75,9 @@ const checkpointStep = (req: Request): number => {
 
 /**
  * The claim answers of leased jobs, in order, built side by side (a batch's inputs are looked up at
- * once). A job whose input is gone can never run: it ends failed for its owner to see, and is left out.
+ * once). A job whose input is gone can never run: it ends failed for its owner to see, and is left
+ * out. A job whose answer could not be built otherwise (the database failed) is handed back to the
+ * queue at once, so none stays leased unseen, and left out: the others of its batch still go out.
  */
 async function claimAnswers(ctx: AppContext, jobs: ClaimedJobRow[]): Promise<Schemas['ClaimedJob'][]> {
   const answers = await Promise.all(
@@ -83,12 +85,17 @@ async function claimAnswers(ctx: AppContext, jobs: ClaimedJobRow[]): Promise<Sch
       try {
         return await buildClaimedJob(ctx, job);
       } catch (err) {
-        if (!(err instanceof MissingJobInput)) throw err;
-        await failJob(ctx, job.id, job.lease_token!, {
-          code: 'invalid_config',
-          message: err.message,
-          retryable: false,
-        });
+        if (err instanceof MissingJobInput) {
+          await failJob(ctx, job.id, job.lease_token!, {
+            code: 'invalid_config',
+            message: err.message,
+            retryable: false,
+          });
+          return null;
+        }
+        await releaseJob(ctx, job.id, job.lease_token!).catch(() => {});
+        if (jobs.length === 1) throw err; // the claim's own error answer, logged there
+        ctx.logger.error({ err, jobId: job.id }, 'a claimed job could not be handed out; it is queued again');
         return null;
       }
     }),
