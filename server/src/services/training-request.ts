@@ -156,6 +156,11 @@ function settingsOf(source: {
   ];
 }
 
+/** A template's settings: its one flat field (`eval_split`), then hyperparams and nested objects. */
+function templateSettings(template: TemplateConfig): Setting[] {
+  return [...spelled(template, [['training.eval_split', 'eval_split']]), ...settingsOf(template)];
+}
+
 /** The request's settings: flat fields, then hyperparams and nested objects. */
 function requestSettings(body: TrainingJobCreate): Setting[] {
   return [...spelled(body, FLAT), ...settingsOf(body)];
@@ -185,8 +190,7 @@ function mergeSettings(template: TemplateConfig, body: TrainingJobCreate) {
   refuseConflictingSettings(fromRequest);
   const lora: Record<string, unknown> = { ...LORA_DEFAULTS };
   const training: Record<string, unknown> = { ...TRAINING_DEFAULTS };
-  if (template.eval_split !== undefined) training.eval_split = template.eval_split;
-  for (const { key, value } of [...settingsOf(template), ...fromRequest]) {
+  for (const { key, value } of [...templateSettings(template), ...fromRequest]) {
     const [group, name] = key.split('.') as ['lora' | 'training', string];
     (group === 'lora' ? lora : training)[name] = value;
   }
@@ -589,10 +593,7 @@ function refuseTemplatePresetsTypeIgnores(type: JobType, name: string, template:
  */
 export function checkTemplateConfig(config: TemplateConfig): void {
   try {
-    refuseConflictingSettings([
-      ...spelled(config, [['training.eval_split', 'eval_split']]),
-      ...settingsOf(config),
-    ]);
+    refuseConflictingSettings(templateSettings(config));
     refuseFieldsTypeIgnores(config.type ?? 'finetune', config as TrainingJobCreate);
   } catch (err) {
     if (!(err instanceof ApiError)) throw err;
