@@ -289,6 +289,17 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
     expect((await worker.heartbeat(id, job.lease_token)).status).toBe(409);
   });
 
+  it("records a worker's new capabilities at its next claim, however soon it comes", async () => {
+    await clearQueue();
+    const capabilitiesOf = async () =>
+      (await server.ctx.knex('workers').where({ id: 'worker-1' }).first('capabilities')).capabilities;
+    expect(await worker.claim({ job_types: ['finetune'], device: 'cpu' })).toBeNull();
+    expect(await capabilitiesOf()).toEqual({ job_types: ['finetune'], device: 'cpu' });
+    // the claims of a busy worker are not each written; a change of what it can do is
+    expect(await worker.claim({ job_types: ['finetune', 'merge'], methods: ['lora'], device: 'cpu' })).toBeNull();
+    expect(await capabilitiesOf()).toEqual({ job_types: ['finetune', 'merge'], methods: ['lora'], device: 'cpu' });
+  });
+
   it('counts a worker busy with a long job as online: its heartbeats are seen', async () => {
     await clearQueue();
     const id = await createFinetune(server);

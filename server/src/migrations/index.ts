@@ -8,6 +8,7 @@ import { runnableIndex } from './007_runnable_index.js';
 import { gangs } from './008_gangs.js';
 import { paused } from './009_paused.js';
 import { servingBackend } from './010_serving_backend.js';
+import { oneRunnableIndex } from './011_one_runnable_index.js';
 
 export interface Migration {
   name: string;
@@ -26,4 +27,5 @@ export const migrations: Migration[] = [
   gangs,
   paused,
   servingBackend,
+  oneRunnableIndex,
 ];

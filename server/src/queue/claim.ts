@@ -1,6 +1,7 @@
 import type { AppContext } from '../context.js';
 import { newSecret } from '../ids.js';
 import { type PreparedStatement, runPrepared } from '../prepared.js';
+import { dataFilesOf } from '../services/job-spec.js';
 import { type GangAddress, type GangJoin, joinGang } from './gang.js';
 import { startAttempt } from './lease.js';
 import { handOnWake, type Wake, waitForJobs } from './notify.js';
@@ -31,31 +32,54 @@ const RECHECK_MS = 1000;
 /** A worker counts as online when it claimed or heartbeat within this many seconds. */
 export const WORKER_ONLINE_SECONDS = 60;
 
+/**
+ * A worker's `last_seen_at` may lag its claims by this much: a claim within it of the last one this
+ * process recorded, with the same capabilities, writes nothing (a busy worker claims many times a
+ * second; "online" means seen within WORKER_ONLINE_SECONDS).
+ */
+const WORKER_SEEN_REFRESH_MS = 5_000;
+const WORKERS_SEEN_MAX = 10_000;
+
+/** Per database: when this process last recorded each worker, and with which capabilities. */
+const workersSeen = new WeakMap<AppContext['knex'], Map<string, { capabilities: string; at: number }>>();
+
 /** Records the worker and what it can do, for the status pages. */
 async function touchWorker(ctx: AppContext, input: ClaimInput): Promise<void> {
+  const capabilities = JSON.stringify(input.capabilities);
+  const seen = workersSeen.get(ctx.knex) ?? new Map();
+  workersSeen.set(ctx.knex, seen);
+  const last = seen.get(input.workerId);
+  if (last && last.capabilities === capabilities && Date.now() - last.at < WORKER_SEEN_REFRESH_MS) return;
   await ctx.knex.raw(
     `
     INSERT INTO workers (id, capabilities, last_seen_at)
     VALUES (:workerId, :capabilities::jsonb, now())
     ON CONFLICT (id) DO UPDATE
       SET capabilities = EXCLUDED.capabilities, last_seen_at = EXCLUDED.last_seen_at`,
-    { workerId: input.workerId, capabilities: JSON.stringify(input.capabilities) },
+    { workerId: input.workerId, capabilities },
   );
+  if (seen.size >= WORKERS_SEEN_MAX) seen.clear();
+  seen.set(input.workerId, { capabilities, at: Date.now() });
 }
 
 /** The most jobs one claim may lease (the spec's `max_jobs` maximum). */
 export const MAX_CLAIM_BATCH = 32;
 
 /**
- * Up to `$9` runnable jobs this worker can run, best first, leased in one statement: each gets its
+ * Up to `max` runnable jobs this worker can run, best first, leased in one statement: each gets its
  * attempt (lease token `$7[n]` for the n-th best), its attempt row and its `claimed` event; `event_seq`
- * moves in the same update, so the event's seq needs no second lock. Gang jobs (num_nodes > 1, offered
+ * moves in the same update, so the event's seq needs no second lock; each comes back with the data
+ * files it reads (`data_files`), so the claim answer needs no second round trip. Gang jobs (num_nodes > 1, offered
  * only to workers that can join gangs) are never leased here: when the best job is one, the statement
  * leases nothing and returns that job's row as it is (`pending`) for the caller to join its gang; a
  * gang job further down ends the batch before it, so no job jumps ahead of it.
+ *
+ * `max` is written into the text, one named statement per batch size: with `LIMIT $n` Postgres
+ * plans the statement anew on every call (about 1 ms, more than running it), since a plan for an
+ * unknown limit looks dear; with a constant one it settles on one plan per connection.
  */
-const CLAIM_JOBS: PreparedStatement = {
-  name: 'tunery_claim_jobs',
+const claimStatement = (max: number): PreparedStatement => ({
+  name: `tunery_claim_jobs_${max}`,
   text: `
     WITH next AS (
       SELECT id, num_nodes, priority, run_at, created_at FROM jobs
@@ -74,7 +98,7 @@ const CLAIM_JOBS: PreparedStatement = {
       ORDER BY priority DESC, run_at, created_at
       -- concurrent claimers skip rows another claim is taking instead of queueing behind it
       FOR UPDATE SKIP LOCKED
-      LIMIT $9::int
+      LIMIT ${max}
     ),
     ranked AS (
       SELECT id, num_nodes, row_number() OVER (ORDER BY priority DESC, run_at, created_at) AS rank FROM next
@@ -103,14 +127,19 @@ const CLAIM_JOBS: PreparedStatement = {
              jsonb_build_object('attempt', attempt, 'worker_id', $6::text, 'resume_checkpoint', resume_checkpoint)
       FROM claimed
     )
-    SELECT ${CLAIMED_COLUMNS.join(', ')} FROM (
-      SELECT rank, ${CLAIMED_COLUMNS.join(', ')} FROM claimed
+    SELECT ${CLAIMED_COLUMNS.join(', ')}, data_files FROM (
+      SELECT rank, ${CLAIMED_COLUMNS.join(', ')},
+        (SELECT COALESCE(jsonb_agg(files), '[]') FROM (${dataFilesOf('claimed')}) AS files) AS data_files
+      FROM claimed
       UNION ALL
-      SELECT 0, ${CLAIMED_COLUMNS.map((c) => `jobs.${c}`).join(', ')}
+      SELECT 0, ${CLAIMED_COLUMNS.map((c) => `jobs.${c}`).join(', ')}, NULL
       FROM jobs JOIN ranked ON jobs.id = ranked.id WHERE ranked.rank = 1 AND ranked.num_nodes > 1
     ) AS answer
     ORDER BY rank`,
-};
+});
+
+/** The claim statement of each batch size (1 to MAX_CLAIM_BATCH), built once. */
+export const CLAIM_STATEMENTS = Array.from({ length: MAX_CLAIM_BATCH }, (_, i) => claimStatement(i + 1));
 
 /**
  * Leases up to `max` of the best runnable jobs this worker can run, best first (none: empty). When
@@ -119,7 +148,9 @@ const CLAIM_JOBS: PreparedStatement = {
  */
 export async function claimJobs(ctx: AppContext, input: ClaimInput, max: number): Promise<ClaimedJobRow[]> {
   const { capabilities } = input;
-  const rows = await runPrepared<ClaimedJobRow>(ctx.knex, CLAIM_JOBS, [
+  const statement = CLAIM_STATEMENTS[max - 1];
+  if (!statement) throw new RangeError(`A claim takes 1 to ${MAX_CLAIM_BATCH} jobs, not ${max}.`);
+  const rows = await runPrepared<ClaimedJobRow>(ctx.knex, statement, [
     capabilities.job_types,
     capabilities.methods === undefined,
     capabilities.methods ?? [],
@@ -128,7 +159,6 @@ export async function claimJobs(ctx: AppContext, input: ClaimInput, max: number)
     input.workerId,
     Array.from({ length: max }, () => newSecret('lease')),
     ctx.config.leaseSeconds,
-    max,
   ]);
   ctx.metrics.claimAttempts.inc({ outcome: rows.length > 0 ? 'claimed' : 'empty' });
   return rows;

@@ -1,6 +1,7 @@
 import type { AppContext } from '../context.js';
 import { repeatEvery } from '../periodic.js';
 import { type RescueCounts, rescueExpiredLeases } from './rescue.js';
+import { ANALYZE_INTERVAL_MS, analyzeJobs } from './statistics.js';
 
 export interface SweeperConfig {
   /** Time between passes, ms. */
@@ -61,17 +62,12 @@ export function createSweeper(ctx: AppContext, partial: Partial<SweeperConfig> =
   return { runOnce, stop: loop.stop };
 }
 
-/** How often the queue's tables get fresh planner statistics (autovacuum may lag a burst of jobs). */
-const ANALYZE_INTERVAL_MS = 5 * 60 * 1000;
-
 /** Starts the lease sweeper with the server's interval, and the queue's ANALYZE; returns a function that stops both. */
 export function startSweeper(ctx: AppContext): () => Promise<void> {
   const sweeper = createSweeper(ctx, { intervalMs: ctx.config.sweepIntervalMs });
   const analyze = repeatEvery(
     ANALYZE_INTERVAL_MS,
-    async () => {
-      await ctx.knex.raw('ANALYZE jobs');
-    },
+    () => analyzeJobs(ctx),
     (err) => ctx.logger.warn({ err, task: 'analyze jobs' }, 'ANALYZE failed; will retry'),
   );
   return async () => {

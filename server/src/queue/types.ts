@@ -87,8 +87,22 @@ export const CLAIMED_COLUMNS = [
   'resume_checkpoint',
 ] as const;
 
-/** A job as a claim returns it (CLAIMED_COLUMNS). */
-export type ClaimedJobRow = Pick<JobRow, (typeof CLAIMED_COLUMNS)[number]>;
+/** A file a job reads as data: its dataset's, its eval dataset's, or one the server prepared for it. */
+export interface DataFileRow {
+  source: 'dataset' | 'eval_dataset' | 'job_input';
+  id: string;
+  name: string;
+  size_bytes: number | string;
+  sha256: string;
+}
+
+/**
+ * A job as a claim returns it (CLAIMED_COLUMNS), with the data files it reads when the claim
+ * statement looked them up too (services/job-spec.ts dataFilesOf); absent, they are looked up.
+ */
+export type ClaimedJobRow = Pick<JobRow, (typeof CLAIMED_COLUMNS)[number]> & {
+  data_files?: DataFileRow[] | null;
+};
 
 /** The columns a completion reads to decide what the job registers (services/registry.ts). */
 export const OUTPUT_SOURCE_COLUMNS = [
