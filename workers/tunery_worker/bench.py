@@ -32,7 +32,9 @@ the step, and the loss (the same to float rounding).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
 import resource
 import statistics
@@ -40,11 +42,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunery_worker.context import LocalJobContext
+from tunery_worker.jobs.model_source import MODEL_ROOTS_ENV
 
 LORA: dict[str, Any] = {
     "r": 16,
@@ -417,6 +421,24 @@ class BenchContext(LocalJobContext):
         return super().should_stop()
 
 
+@contextlib.contextmanager
+def allowed_model_root(folder: Path) -> Iterator[None]:
+    """Lets the worker load models from `folder` while the block runs.
+
+    The worker loads local models only from the operator's model folders (TUNERY_MODEL_ROOTS); the
+    bench writes its model to a temp folder of its own, so it adds that folder to them.
+    """
+    before = os.environ.get(MODEL_ROOTS_ENV)
+    os.environ[MODEL_ROOTS_ENV] = ":".join(filter(None, [os.path.realpath(folder), before]))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(MODEL_ROOTS_ENV, None)
+        else:
+            os.environ[MODEL_ROOTS_ENV] = before
+
+
 def run_tunery(
     model_dir: Path, data: Path, device: str, shape: Shape, peer: PeerLoop | None = None
 ) -> dict[str, Any]:
@@ -440,7 +462,7 @@ def run_tunery(
         "dataset_format": "text",
         "output_name": "bench",
     }
-    with tempfile.TemporaryDirectory(prefix="tunery-bench-job-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="tunery-bench-job-") as workdir, allowed_model_root(model_dir):
         ctx = BenchContext(
             job_id="job_bench",
             job_type="finetune",
