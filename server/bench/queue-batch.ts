@@ -14,7 +14,7 @@
 import { Agent } from 'node:http';
 import type { TuneryInfo } from './serve-tunery.js';
 import type { Measured, Row } from './table.js';
-import { post as postOverAgent, WARMUP_JOBS } from './worker-protocol.js';
+import { post as postOverAgent } from './worker-protocol.js';
 
 export interface BatchOptions {
   pollers: number;
@@ -160,8 +160,8 @@ export async function measureBatchedClaims(
     return true;
   };
 
-  // Warm-up, not timed (in the exactly-once check): a batch of a few jobs builds the server's caches.
-  await cycle(0, WARMUP_JOBS);
+  // Warm-up, not timed (in the exactly-once check): one batch builds the server's caches.
+  await cycle(0, opts.batch);
   const warmedUp = completed;
   const deadline = performance.now() + opts.maxSeconds * 1000;
   const started = performance.now();

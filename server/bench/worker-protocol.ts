@@ -154,7 +154,6 @@ async function drain(queue: HttpQueue, opts: QueueOptions): Promise<Drained> {
   let timedOut = false;
   // The first poller to fail stops the others at their next claim; its error fails the measurement.
   let failure: unknown;
-  const deadline = performance.now() + opts.maxSeconds * 1000;
   // One kept-alive socket per poller, as each worker would hold its own.
   const agent = new Agent({ keepAlive: true, maxSockets: opts.pollers });
 
@@ -200,6 +199,7 @@ async function drain(queue: HttpQueue, opts: QueueOptions): Promise<Drained> {
   for (let i = 0; i < WARMUP_JOBS; i++) await cycle(i);
   const warmedUp = completed;
   claimMs.length = 0;
+  const deadline = performance.now() + opts.maxSeconds * 1000;
 
   const guarded = (i: number) =>
     poller(i).catch((err) => {

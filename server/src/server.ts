@@ -16,6 +16,7 @@ import { createMetrics } from './metrics.js';
 import { createPartSweeper, partSweeperConfig } from './part-sweeper.js';
 import { listenForJobs } from './queue/notify.js';
 import { extendLeasesAfterStart } from './queue/restart.js';
+import { analyzing } from './queue/statistics.js';
 import { startSweeper } from './queue/sweeper.js';
 import { checkSecretsKey, loadSecretsKey, SecretBox, sealPlaintextSecrets } from './secrets.js';
 import { seedCatalog } from './services/catalog.js';
@@ -127,6 +128,7 @@ async function serveOn(
       });
       await stopListening();
       await releaseAddress();
+      await analyzing(ctx).catch(() => {}); // a statistics refresh still running (it only logs)
       await db.close();
     })();
     return closing;

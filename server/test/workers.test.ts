@@ -296,8 +296,14 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
     expect(await worker.claim({ job_types: ['finetune'], device: 'cpu' })).toBeNull();
     expect(await capabilitiesOf()).toEqual({ job_types: ['finetune'], device: 'cpu' });
     // the claims of a busy worker are not each written; a change of what it can do is
-    expect(await worker.claim({ job_types: ['finetune', 'merge'], methods: ['lora'], device: 'cpu' })).toBeNull();
-    expect(await capabilitiesOf()).toEqual({ job_types: ['finetune', 'merge'], methods: ['lora'], device: 'cpu' });
+    expect(
+      await worker.claim({ job_types: ['finetune', 'merge'], methods: ['lora'], device: 'cpu' }),
+    ).toBeNull();
+    expect(await capabilitiesOf()).toEqual({
+      job_types: ['finetune', 'merge'],
+      methods: ['lora'],
+      device: 'cpu',
+    });
   });
 
   it('counts a worker busy with a long job as online: its heartbeats are seen', async () => {

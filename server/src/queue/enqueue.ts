@@ -59,7 +59,7 @@ const initialPhase = (kind: JobKind) => (kind === 'distillation' ? 'initializing
  * tenant's budget, in the same transaction as its row.
  */
 export async function enqueueJob(
-  ctx: Pick<AppContext, 'knex' | 'dbKind' | 'queueSignal' | 'secretBox' | 'logger'>,
+  ctx: Pick<AppContext, 'knex' | 'dbKind' | 'queueSignal' | 'secretBox' | 'logger' | 'shuttingDown'>,
   db: Knex | Knex.Transaction,
   input: EnqueueInput,
 ): Promise<JobRow> {

@@ -2,7 +2,7 @@ import type { EventEmitter } from 'node:events';
 import type { Knex } from 'knex';
 import pg from 'pg';
 import type { AppContext } from '../context.js';
-import { analyzeAfterBurst } from './statistics.js';
+import { countRunnableJobs } from './statistics.js';
 
 const CHANNEL = 'tunery_jobs';
 /** The queue signal's events: jobs became runnable (argument: how many), a gang started (broadcast). */
@@ -11,7 +11,7 @@ const GANG_EVENT = 'gang-started';
 /** A NOTIFY payload that is not a count: a gang started. */
 const GANG_PAYLOAD = 'gang';
 
-type SignalContext = Pick<AppContext, 'knex' | 'dbKind' | 'queueSignal' | 'logger'>;
+type SignalContext = Pick<AppContext, 'knex' | 'dbKind' | 'queueSignal' | 'logger' | 'shuttingDown'>;
 
 /**
  * Tells long-polling claims that `count` jobs became runnable. On Postgres, NOTIFY reaches every
@@ -35,11 +35,13 @@ const pendingCounts = new WeakMap<Knex.Transaction, { count: number }>();
  * Signals `count` more runnable jobs once `db`'s transaction has committed (at once when `db` is not
  * a transaction), so a woken claim can see the rows. A rolled-back transaction signals nothing, and a
  * transaction that makes many jobs claimable (a batch enqueue) signals once, with their total: that
- * many waiting claims wake, not every one; a burst of them also refreshes the claim's statistics.
+ * many waiting claims wake, not every one. They count towards the next refresh of the claim's
+ * statistics (queue/statistics.ts).
  */
 export function notifyAfterCommit(ctx: SignalContext, db: Knex | Knex.Transaction, count = 1): void {
   if (!db.isTransaction) {
     notifyJobsAvailable(ctx, count).catch(() => {});
+    countRunnableJobs(ctx, count);
     return;
   }
   const trx = db as Knex.Transaction;
@@ -53,7 +55,7 @@ export function notifyAfterCommit(ctx: SignalContext, db: Knex | Knex.Transactio
   trx.executionPromise.then(
     () => {
       notifyJobsAvailable(ctx, total.count).catch(() => {});
-      analyzeAfterBurst(ctx, total.count);
+      countRunnableJobs(ctx, total.count);
     },
     () => {},
   );
