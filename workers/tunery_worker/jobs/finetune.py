@@ -433,12 +433,16 @@ class Finetune:
         fuse_lora_adds(self.model)
 
     def _speed_ups(self) -> None:
-        """Fused kernels (CUDA, when liger-kernel is installed) and torch.compile (see compile_enabled)."""
+        """torch.compile when asked for (see compile_enabled), else liger-kernel's fused kernels (CUDA,
+        when it is installed): one or the other. Compiling fuses RMSNorm and SwiGLU itself, and dynamo
+        cannot trace liger's autograd Functions (an AssertionError in its RMSNorm on an H200, torch
+        2.11 with liger-kernel 0.8.5)."""
+        if compile_enabled() and compile_backbone(self.model):
+            self.ctx.log("torch.compile: the first steps include compiling the model")
+            return
         applied = apply_fused_kernels(self.model, self.cfg.device)
         if applied:
             self.ctx.log(applied)
-        if compile_enabled() and compile_backbone(self.model):
-            self.ctx.log("torch.compile: the first steps include compiling the model")
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         # Decay matrices only: decaying biases and norm gains just pulls them towards zero for no gain.
