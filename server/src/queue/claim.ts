@@ -69,10 +69,10 @@ export const MAX_CLAIM_BATCH = 32;
  * Up to `max` runnable jobs this worker can run, best first, leased in one statement: each gets its
  * attempt (lease token `$7[n]` for the n-th best), its attempt row and its `claimed` event; `event_seq`
  * moves in the same update, so the event's seq needs no second lock; each comes back with the data
- * files it reads (`data_files`), so the claim answer needs no second round trip. Gang jobs (num_nodes > 1, offered
- * only to workers that can join gangs) are never leased here: when the best job is one, the statement
- * leases nothing and returns that job's row as it is (`pending`) for the caller to join its gang; a
- * gang job further down ends the batch before it, so no job jumps ahead of it.
+ * files it reads (`data_files`), so the claim answer needs no second round trip. Gang jobs
+ * (num_nodes > 1, offered only to workers that can join gangs) are never leased here: when the best
+ * job is one, the statement leases nothing and returns that job's row as it is (`pending`) for the
+ * caller to join its gang; a gang job further down ends the batch before it, so no job jumps ahead.
  *
  * `max` is written into the text, one named statement per batch size: with `LIMIT $n` Postgres
  * plans the statement anew on every call (about 1 ms, more than running it), since a plan for an
