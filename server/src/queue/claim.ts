@@ -46,8 +46,11 @@ const workersSeen = new WeakMap<AppContext['knex'], Map<string, { capabilities: 
 /** Records the worker and what it can do, for the status pages. */
 async function touchWorker(ctx: AppContext, input: ClaimInput): Promise<void> {
   const capabilities = JSON.stringify(input.capabilities);
-  const seen = workersSeen.get(ctx.knex) ?? new Map();
-  workersSeen.set(ctx.knex, seen);
+  let seen = workersSeen.get(ctx.knex);
+  if (!seen) {
+    seen = new Map();
+    workersSeen.set(ctx.knex, seen);
+  }
   const last = seen.get(input.workerId);
   if (last && last.capabilities === capabilities && Date.now() - last.at < WORKER_SEEN_REFRESH_MS) return;
   await ctx.knex.raw(

@@ -16,9 +16,11 @@ type SignalContext = Pick<AppContext, 'knex' | 'dbKind' | 'queueSignal' | 'logge
 /**
  * Tells long-polling claims that `count` jobs became runnable. On Postgres, NOTIFY reaches every
  * server process sharing the database (each LISTENs on one dedicated connection), the count as its
- * payload; on PGlite there is one process, so an in-process event is enough.
+ * payload; on PGlite there is one process, so an in-process event is enough. They also count
+ * towards the next refresh of the claim's statistics (queue/statistics.ts).
  */
 export async function notifyJobsAvailable(ctx: SignalContext, count: number): Promise<void> {
+  countRunnableJobs(ctx, count);
   if (ctx.dbKind === 'postgres') await ctx.knex.raw('SELECT pg_notify(?, ?)', [CHANNEL, String(count)]);
   else ctx.queueSignal.emit(JOBS_EVENT, count);
 }
@@ -35,13 +37,11 @@ const pendingCounts = new WeakMap<Knex.Transaction, { count: number }>();
  * Signals `count` more runnable jobs once `db`'s transaction has committed (at once when `db` is not
  * a transaction), so a woken claim can see the rows. A rolled-back transaction signals nothing, and a
  * transaction that makes many jobs claimable (a batch enqueue) signals once, with their total: that
- * many waiting claims wake, not every one. They count towards the next refresh of the claim's
- * statistics (queue/statistics.ts).
+ * many waiting claims wake, not every one.
  */
 export function notifyAfterCommit(ctx: SignalContext, db: Knex | Knex.Transaction, count = 1): void {
   if (!db.isTransaction) {
     notifyJobsAvailable(ctx, count).catch(() => {});
-    countRunnableJobs(ctx, count);
     return;
   }
   const trx = db as Knex.Transaction;
@@ -53,10 +53,7 @@ export function notifyAfterCommit(ctx: SignalContext, db: Knex | Knex.Transactio
   const total = { count };
   pendingCounts.set(trx, total);
   trx.executionPromise.then(
-    () => {
-      notifyJobsAvailable(ctx, total.count).catch(() => {});
-      countRunnableJobs(ctx, total.count);
-    },
+    () => notifyJobsAvailable(ctx, total.count).catch(() => {}),
     () => {},
   );
 }

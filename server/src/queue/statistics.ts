@@ -61,8 +61,11 @@ export function analyzing(ctx: StatsContext): Promise<void> {
  * burst ANALYZE (and BURST_ANALYZE_GAP_MS have passed), fresh statistics now, in the background.
  */
 export function countRunnableJobs(ctx: StatsContext, runnable: number): void {
-  const since = sinceAnalyze.get(ctx.knex) ?? { runnable: 0, at: Number.NEGATIVE_INFINITY };
-  sinceAnalyze.set(ctx.knex, since);
+  let since = sinceAnalyze.get(ctx.knex);
+  if (!since) {
+    since = { runnable: 0, at: Number.NEGATIVE_INFINITY };
+    sinceAnalyze.set(ctx.knex, since);
+  }
   since.runnable += runnable;
   if (since.runnable < BURST_JOBS || Date.now() - since.at < BURST_ANALYZE_GAP_MS) return;
   since.runnable = 0;
