@@ -75,6 +75,9 @@ export async function hasAnyKey(knex: Knex): Promise<boolean> {
 const unauthorized = (message: string, code: ErrorCode = 'unauthorized') =>
   new ApiError(401, code, message, null, { 'WWW-Authenticate': 'Bearer' });
 
+/** A request without `Authorization: Bearer …` (the spec validator refuses it before any handler runs). */
+export const missingKey = () => unauthorized('Missing API key: send "Authorization: Bearer <key>".');
+
 /**
  * Recently seen keys, so an authenticated request costs one database round trip instead of two.
  * Entries live KEY_CACHE_MS: a key revoked through this process's API is evicted at once (see
@@ -115,7 +118,7 @@ export async function authenticate(
   want: 'user' | 'worker',
 ): Promise<Principal> {
   const match = /^Bearer\s+(\S+)$/i.exec(header ?? '');
-  if (!match) throw unauthorized('Missing API key: send "Authorization: Bearer <key>".');
+  if (!match) throw missingKey();
   const row = await findKey(knex, hashSecret(match[1]!));
   if (!row) throw unauthorized('Invalid API key.');
   if (row.revoked_at) throw unauthorized('This API key was revoked.', 'api_key_revoked');

@@ -1,0 +1,287 @@
+/**
+ * The hot operations are validated by bound-validator.ts, the rest by express-openapi-validator:
+ * the same bad requests must get the same answers from both. Each case goes to the server and to a
+ * second app on the same context with no bound operations (express-openapi-validator for all).
+ */
+import type { Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import express, { type NextFunction, type Request, type Response } from 'express';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createApp } from '../src/app.js';
+import { BOUND_OPERATIONS, boundValidator } from '../src/bound-validator.js';
+import { specOperations } from '../src/spec.js';
+import { createFinetune } from './fake-worker.js';
+import { startTestServer, type TestServer } from './harness.js';
+
+interface Case {
+  name: string;
+  method?: 'GET' | 'POST';
+  path: string;
+  /** Sent as is; `contentType` defaults to JSON when there is a body. */
+  body?: string;
+  contentType?: string | null;
+  key?: 'user' | 'worker' | 'wrong' | null;
+}
+
+const json = (value: unknown) => JSON.stringify(value);
+// Merges only: the finetune job stays pending, so a valid claim answers 204 from both.
+const capabilities = { job_types: ['merge'], device: 'cpu' };
+const claim = (fields: Record<string, unknown>) =>
+  json({ worker_id: 'w', capabilities, wait_seconds: 0, ...fields });
+
+/** Bad (and a few good) requests to each bound operation; `JOB` is replaced by a real job id. */
+const CASES: Case[] = [
+  { name: 'get: the job', path: '/v1/training/jobs/JOB' },
+  { name: 'get: no key', path: '/v1/training/jobs/JOB', key: null },
+  { name: 'get: wrong key', path: '/v1/training/jobs/JOB', key: 'wrong' },
+  { name: 'get: worker token', path: '/v1/training/jobs/JOB', key: 'worker' },
+  { name: 'get: unknown query parameter', path: '/v1/training/jobs/JOB?verbose=1' },
+  { name: 'get: id off the pattern', path: '/v1/training/jobs/job%20one' },
+  { name: 'get: id too long', path: `/v1/training/jobs/${'j'.repeat(65)}` },
+  { name: 'get: no such job', path: '/v1/training/jobs/job_missing' },
+  { name: 'claim: none waiting', method: 'POST', path: '/v1/workers/claim', body: claim({}), key: 'worker' },
+  { name: 'claim: user key', method: 'POST', path: '/v1/workers/claim', body: claim({}), key: 'user' },
+  { name: 'claim: no key', method: 'POST', path: '/v1/workers/claim', body: claim({}), key: null },
+  {
+    name: 'claim: no content type',
+    method: 'POST',
+    path: '/v1/workers/claim',
+    body: claim({}),
+    contentType: null,
+    key: 'worker',
+  },
+  {
+    name: 'claim: text body',
+    method: 'POST',
+    path: '/v1/workers/claim',
+    body: claim({}),
+    contentType: 'text/plain',
+    key: 'worker',
+  },
+  {
+    name: 'claim: JSON with a charset',
+    method: 'POST',
+    path: '/v1/workers/claim',
+    body: claim({}),
+    contentType: 'application/json; charset=utf-8',
+    key: 'worker',
+  },
+  {
+    name: 'claim: no body',
+    method: 'POST',
+    path: '/v1/workers/claim',
+    key: 'worker',
+    contentType: 'application/json',
+  },
+  { name: 'claim: array body', method: 'POST', path: '/v1/workers/claim', body: '[]', key: 'worker' },
+  { name: 'claim: missing fields', method: 'POST', path: '/v1/workers/claim', body: '{}', key: 'worker' },
+  {
+    name: 'claim: unknown field',
+    method: 'POST',
+    path: '/v1/workers/claim',
+    body: claim({ x: 1 }),
+    key: 'worker',
+  },
+  {
+    name: 'claim: string number',
+    method: 'POST',
+    path: '/v1/workers/claim',
+    body: claim({ max_jobs: '5' }),
+    key: 'worker',
+  },
+  {
+    name: 'claim: max_jobs 33',
+    method: 'POST',
+    path: '/v1/workers/claim',
+    body: claim({ max_jobs: 33 }),
+    key: 'worker',
+  },
+  {
+    name: 'claim: null wait',
+    method: 'POST',
+    path: '/v1/workers/claim',
+    body: claim({ wait_seconds: null }),
+    key: 'worker',
+  },
+  {
+    name: 'claim: unknown device',
+    method: 'POST',
+    path: '/v1/workers/claim',
+    body: claim({ capabilities: { job_types: ['finetune'], device: 'tpu' } }),
+    key: 'worker',
+  },
+  {
+    name: 'claim: query parameter',
+    method: 'POST',
+    path: '/v1/workers/claim?x=1',
+    body: claim({}),
+    key: 'worker',
+  },
+  {
+    name: 'heartbeat: no lease token',
+    method: 'POST',
+    path: '/v1/workers/jobs/JOB/heartbeat',
+    body: '{}',
+    key: 'worker',
+  },
+  {
+    name: 'heartbeat: empty lease token',
+    method: 'POST',
+    path: '/v1/workers/jobs/JOB/heartbeat',
+    body: json({ lease_token: '' }),
+    key: 'worker',
+  },
+  {
+    name: 'heartbeat: bad progress',
+    method: 'POST',
+    path: '/v1/workers/jobs/JOB/heartbeat',
+    body: json({ lease_token: 'lt', progress: { current_step: 'one' } }),
+    key: 'worker',
+  },
+  {
+    name: 'heartbeat: id off the pattern',
+    method: 'POST',
+    path: '/v1/workers/jobs/a.b/heartbeat',
+    body: json({ lease_token: 'lt' }),
+    key: 'worker',
+  },
+  {
+    name: 'heartbeat: not leased',
+    method: 'POST',
+    path: '/v1/workers/jobs/JOB/heartbeat',
+    body: json({ lease_token: 'lt' }),
+    key: 'worker',
+  },
+  {
+    name: 'complete: result not an object',
+    method: 'POST',
+    path: '/v1/workers/jobs/JOB/complete',
+    body: json({ lease_token: 'lt', result: [] }),
+    key: 'worker',
+  },
+  {
+    name: 'complete: no result',
+    method: 'POST',
+    path: '/v1/workers/jobs/JOB/complete',
+    body: json({ lease_token: 'lt' }),
+    key: 'worker',
+  },
+  {
+    name: 'complete: not leased',
+    method: 'POST',
+    path: '/v1/workers/jobs/JOB/complete',
+    body: json({ lease_token: 'lt', result: {} }),
+    key: 'worker',
+  },
+  {
+    name: 'complete batch: empty',
+    method: 'POST',
+    path: '/v1/workers/jobs/complete',
+    body: json({ completions: [] }),
+    key: 'worker',
+  },
+  {
+    name: 'complete batch: item without a job',
+    method: 'POST',
+    path: '/v1/workers/jobs/complete',
+    body: json({ completions: [{ lease_token: 'lt', result: {} }] }),
+    key: 'worker',
+  },
+  {
+    name: 'complete batch: one not leased',
+    method: 'POST',
+    path: '/v1/workers/jobs/complete',
+    body: json({ completions: [{ job_id: 'JOB', lease_token: 'lt', result: {} }] }),
+    key: 'worker',
+  },
+];
+
+// Validation does not touch the database beyond the key lookup: PGlite is enough here.
+describe('bound validation answers as express-openapi-validator does', () => {
+  let server: TestServer;
+  let reference: Server;
+  let referenceUrl: string;
+  let jobId: string;
+
+  beforeAll(async () => {
+    server = await startTestServer('pglite');
+    reference = createApp(server.ctx, { boundOperations: new Set() }).listen(0, '127.0.0.1');
+    await new Promise((resolve) => reference.once('listening', resolve));
+    referenceUrl = `http://127.0.0.1:${(reference.address() as AddressInfo).port}`;
+    jobId = await createFinetune(server);
+  });
+  afterAll(async () => {
+    await new Promise((resolve) => reference.close(resolve));
+    await server?.stop();
+  });
+
+  const send = async (base: string, c: Case) => {
+    const headers: Record<string, string> = {};
+    const key = { user: server.key, worker: server.workerToken, wrong: 'tk_wrong', null: null }[
+      String(c.key === undefined ? 'user' : c.key)
+    ];
+    if (key) headers.authorization = `Bearer ${key}`;
+    const contentType = c.contentType === undefined ? (c.body ? 'application/json' : null) : c.contentType;
+    if (contentType) headers['content-type'] = contentType;
+    const res = await fetch(`${base}${c.path.replace('JOB', jobId)}`, {
+      method: c.method ?? 'GET',
+      headers,
+      body: c.body,
+    });
+    return {
+      status: res.status,
+      allow: res.headers.get('allow'),
+      authenticate: res.headers.get('www-authenticate'),
+      body: await res.json().catch(() => null),
+    };
+  };
+
+  it('covers every bound operation', () => {
+    const covered = new Set(CASES.map((c) => c.path.replace(/\?.*/, '').split('/').slice(-1)[0]));
+    expect(BOUND_OPERATIONS.size).toBe(5);
+    for (const tail of ['JOB', 'claim', 'heartbeat', 'complete']) expect(covered).toContain(tail);
+  });
+
+  it.each(CASES)('$name', async (c) => {
+    const bound = await send(server.url, c);
+    const expected = await send(referenceUrl, c);
+    expect(bound).toEqual(expected);
+  });
+});
+
+describe('bound validation of responses', () => {
+  let server: TestServer;
+  beforeAll(async () => {
+    server = await startTestServer('pglite');
+  });
+  afterAll(async () => server?.stop());
+
+  it('fails a response its status does not allow, and one the spec does not list', async () => {
+    const op = specOperations().find((o) => o.operationId === 'getTrainingJob')!;
+    const app = express();
+    const answers: Record<string, [number, unknown]> = {
+      job_wrong_shape: [200, { id: 42 }],
+      job_unlisted_status: [418, { error: { code: 'not_found', message: 'x', param: null } }],
+      job_listed_error: [404, { error: { code: 'not_found', message: 'x', param: null } }],
+    };
+    app.get(op.expressPath, boundValidator(server.ctx, op), (req, res) => {
+      const [status, body] = answers[req.params.job_id as string]!;
+      res.status(status).json(body);
+    });
+    app.use((err: { status?: number }, _req: Request, res: Response, _next: NextFunction) => {
+      res.status(err.status ?? 500).json({ failed: true });
+    });
+    const listening = app.listen(0, '127.0.0.1');
+    await new Promise((resolve) => listening.once('listening', resolve));
+    const base = `http://127.0.0.1:${(listening.address() as AddressInfo).port}${op.path.replace('{job_id}', '')}`;
+    const statusOf = async (id: string) =>
+      (await fetch(`${base}${id}`, { headers: { authorization: `Bearer ${server.key}` } })).status;
+    try {
+      expect(await statusOf('job_wrong_shape')).toBe(500);
+      expect(await statusOf('job_unlisted_status')).toBe(500);
+      expect(await statusOf('job_listed_error')).toBe(404);
+    } finally {
+      await new Promise((resolve) => listening.close(resolve));
+    }
+  });
+});
