@@ -1,7 +1,7 @@
 /**
  * Request and response validation compiled per operation when the routes are mounted, for the
- * operations on the hot paths: a worker's claim, completion and heartbeat, and reading a training
- * job. express-openapi-validator (every other operation) runs a chain of six middlewares per request
+ * operations on the hot paths: the worker protocol (claims, heartbeats, reports, completions) and
+ * reading a training job. express-openapi-validator (every other operation) runs a chain of six middlewares per request
  * and builds its checks on the first request; here one middleware authenticates and runs the
  * operation's compiled schemas, and a response is checked by its status's compiled schema.
  *
@@ -21,13 +21,27 @@ import type { AppContext } from './context.js';
 import { keepSentBody } from './http.js';
 import { loadSpec, type SpecOperation } from './spec.js';
 
-/** The operations validated here; every other one goes through express-openapi-validator. */
+/**
+ * The operations validated here: the worker protocol's JSON operations (every claim, heartbeat,
+ * report and transition of a job or an inference request) and reading a training job. Every other
+ * operation goes through express-openapi-validator.
+ */
 export const BOUND_OPERATIONS: ReadonlySet<string> = new Set([
   'getTrainingJob',
   'claimJob',
+  'claimInference',
+  'reportInference',
   'heartbeatJob',
+  'waitGang',
+  'heartbeatGangMember',
+  'reportJobLogs',
+  'reportJobMetrics',
+  'reportJobEvents',
   'completeJob',
   'completeJobs',
+  'failJob',
+  'acknowledgeCancel',
+  'releaseJob',
 ]);
 
 /** A validation failure in express-openapi-validator's shape, which app.ts's error handler maps. */
