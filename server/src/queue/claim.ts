@@ -5,6 +5,7 @@ import { dataFilesOf } from '../services/job-spec.js';
 import { type GangAddress, type GangJoin, joinGang } from './gang.js';
 import { startAttempt } from './lease.js';
 import { handOnWake, type Wake, waitForJobs } from './notify.js';
+import { SeenWorkers } from './seen-workers.js';
 import { CLAIMED_COLUMNS, type ClaimedJobRow } from './types.js';
 
 export interface WorkerCapabilities {
@@ -32,27 +33,13 @@ const RECHECK_MS = 1000;
 /** A worker counts as online when it claimed or heartbeat within this many seconds. */
 export const WORKER_ONLINE_SECONDS = 60;
 
-/**
- * A worker's `last_seen_at` may lag its claims by this much: a claim within it of the last one this
- * process recorded, with the same capabilities, writes nothing (a busy worker claims many times a
- * second; "online" means seen within WORKER_ONLINE_SECONDS).
- */
-const WORKER_SEEN_REFRESH_MS = 5_000;
-const WORKERS_SEEN_MAX = 10_000;
-
-/** Per database: when this process last recorded each worker, and with which capabilities. */
-const workersSeen = new WeakMap<AppContext['knex'], Map<string, { capabilities: string; at: number }>>();
+/** Workers recorded by this process's claims (a busy worker's claims write at most every few seconds). */
+const workersSeen = new SeenWorkers();
 
 /** Records the worker and what it can do, for the status pages. */
 async function touchWorker(ctx: AppContext, input: ClaimInput): Promise<void> {
   const capabilities = JSON.stringify(input.capabilities);
-  let seen = workersSeen.get(ctx.knex);
-  if (!seen) {
-    seen = new Map();
-    workersSeen.set(ctx.knex, seen);
-  }
-  const last = seen.get(input.workerId);
-  if (last && last.capabilities === capabilities && Date.now() - last.at < WORKER_SEEN_REFRESH_MS) return;
+  if (!workersSeen.due(ctx.knex, input.workerId, capabilities)) return;
   await ctx.knex.raw(
     `
     INSERT INTO workers (id, capabilities, last_seen_at)
@@ -61,8 +48,7 @@ async function touchWorker(ctx: AppContext, input: ClaimInput): Promise<void> {
       SET capabilities = EXCLUDED.capabilities, last_seen_at = EXCLUDED.last_seen_at`,
     { workerId: input.workerId, capabilities },
   );
-  if (seen.size >= WORKERS_SEEN_MAX) seen.clear();
-  seen.set(input.workerId, { capabilities, at: Date.now() });
+  workersSeen.recorded(ctx.knex, input.workerId, capabilities);
 }
 
 /** The most jobs one claim may lease (the spec's `max_jobs` maximum). */

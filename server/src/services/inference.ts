@@ -9,7 +9,9 @@ import { randomBytes } from 'node:crypto';
 import type { AppContext } from '../context.js';
 import { ApiError, knownErrorCode, notFound } from '../errors.js';
 import { newId } from '../ids.js';
+import { type PreparedStatement, runPrepared } from '../prepared.js';
 import { listen, waitForSignal } from '../queue/notify.js';
+import { SeenWorkers } from '../queue/seen-workers.js';
 import { resolveBaseModel } from './catalog.js';
 import { loadableOutputs } from './job-spec.js';
 
@@ -120,10 +122,23 @@ export async function resolveInferenceTarget(
 
 // ---------------------------------------------------------------- the caller's side
 
-/** Whether a worker serves: one claimed or reported lately. */
-async function anyServingWorker(ctx: AppContext): Promise<boolean> {
-  return Boolean(await servingWorkersSeen(ctx).first('worker_id'));
-}
+/**
+ * Queues a request (`$1`…`$5`: id, tenant, token, payload, the one worker that may take it) only
+ * while a worker serves (one claimed or reported within `$6` seconds), and on Postgres signals the
+ * serving workers (`$7`; `$8`, `$9`: channel and message) in the same statement: one round trip
+ * before the request waits. No row back: nobody serves.
+ */
+const ENQUEUE_INFERENCE: PreparedStatement = {
+  name: 'tunery_inference_enqueue',
+  text: `
+    WITH queued AS (
+      INSERT INTO inference_requests (id, tenant_id, token, payload, for_worker)
+      SELECT $1, $2, $3, $4::jsonb, $5
+      WHERE EXISTS (SELECT 1 FROM serving_workers WHERE last_seen_at > now() - make_interval(secs => $6))
+      RETURNING id
+    )
+    SELECT id, CASE WHEN $7::boolean THEN pg_notify($8, $9) END AS signalled FROM queued`,
+};
 
 /** The serving workers that claimed or reported within SERVING_WORKER_SEEN_SECONDS. */
 const servingWorkersSeen = (ctx: Pick<AppContext, 'knex'>) =>
@@ -149,24 +164,28 @@ export async function* runInference(
   /** Only this worker may take the request. */
   forWorker: string | null = null,
 ): AsyncGenerator<InferenceChunk, void, undefined> {
-  if (!(await anyServingWorker(ctx))) {
-    throw new ApiError(
-      503,
-      'no_serving_worker',
-      'No worker serves models: start one with `tunery-worker run --serve`.',
-    );
-  }
   const id = newId('inf');
   const inbox = subscribe(ctx, id);
   try {
-    await ctx.knex('inference_requests').insert({
+    const queued = await runPrepared(ctx.knex, ENQUEUE_INFERENCE, [
       id,
-      tenant_id: tenantId,
-      token: `infreq_${randomBytes(24).toString('base64url')}`,
-      payload: JSON.stringify({ target, input, params }),
-      for_worker: forWorker,
-    });
-    await notify(ctx, { queued: true });
+      tenantId,
+      `infreq_${randomBytes(24).toString('base64url')}`,
+      JSON.stringify({ target, input, params }),
+      forWorker,
+      SERVING_WORKER_SEEN_SECONDS,
+      ctx.dbKind === 'postgres',
+      CHANNEL,
+      JSON.stringify({ queued: true } satisfies Relayed),
+    ]);
+    if (queued.length === 0) {
+      throw new ApiError(
+        503,
+        'no_serving_worker',
+        'No worker serves models: start one with `tunery-worker run --serve`.',
+      );
+    }
+    if (ctx.dbKind !== 'postgres') deliver(ctx, { queued: true });
     let started = false;
     for (;;) {
       const chunk = await inbox.next(started ? NEXT_CHUNK_TIMEOUT_MS : FIRST_CHUNK_TIMEOUT_MS);
@@ -216,6 +235,13 @@ function subscribe(ctx: AppContext, id: string) {
 
 // ---------------------------------------------------------------- the worker's side
 
+/** Request `$1`'s token; when it is `$2`, on Postgres (`$3`), `$5` is signalled on channel `$4` too. */
+const RELAY_IF_TOKEN: PreparedStatement = {
+  name: 'tunery_inference_relay',
+  text: `SELECT token, CASE WHEN $3::boolean AND token = $2 THEN pg_notify($4, $5) END AS relayed
+         FROM inference_requests WHERE id = $1`,
+};
+
 export interface ClaimedInference {
   request_id: string;
   request_token: string;
@@ -224,14 +250,19 @@ export interface ClaimedInference {
   params: InferenceParams;
 }
 
+/** Serving workers recorded by this process (a busy worker's claims and reports write at most every few seconds). */
+const servingSeen = new SeenWorkers();
+
 /** Records a serving worker as seen now, with its backend when it said (claims do; reports do not). */
 async function markServing(ctx: AppContext, workerId: string, backend: string | null = null): Promise<void> {
+  if (!servingSeen.due(ctx.knex, workerId, backend)) return;
   await ctx.knex.raw(
     `INSERT INTO serving_workers (worker_id, last_seen_at, backend) VALUES (?, now(), ?)
      ON CONFLICT (worker_id) DO UPDATE
        SET last_seen_at = now(), backend = COALESCE(EXCLUDED.backend, serving_workers.backend)`,
     [workerId, backend],
   );
+  servingSeen.recorded(ctx.knex, workerId, backend);
 }
 
 /** The serving workers seen within the last minute, for the status page. */
@@ -282,16 +313,41 @@ export async function reportInference(
   chunk: InferenceChunk,
 ): Promise<{ cancelled: boolean }> {
   await markServing(ctx, workerId);
-  const row = await ctx.knex('inference_requests').where('id', requestId).first('token');
-  if (!row) return { cancelled: true };
-  if (row.token !== token) {
-    throw new ApiError(409, 'lease_lost', 'This request token is not the request’s.', 'request_token');
-  }
   // Long text goes in several notifications; the last carries the rest of the report.
   const pieces = (chunk.text ?? '').match(/[\s\S]{1,2000}/gu) ?? [''];
-  for (const piece of pieces.slice(0, -1)) await notify(ctx, { id: requestId, chunk: { text: piece } });
-  await notify(ctx, { id: requestId, chunk: { ...chunk, text: pieces.at(-1), worker_id: workerId } });
+  const messages: Relayed[] = [
+    ...pieces.slice(0, -1).map((text) => ({ id: requestId, chunk: { text } })),
+    { id: requestId, chunk: { ...chunk, text: pieces.at(-1), worker_id: workerId } },
+  ];
+  const requestToken = await relayIfToken(ctx, requestId, token, messages[0]!);
+  if (requestToken === undefined) return { cancelled: true };
+  if (requestToken !== token) {
+    throw new ApiError(409, 'lease_lost', 'This request token is not the request’s.', 'request_token');
+  }
+  for (const message of messages.slice(1)) await notify(ctx, message);
   return { cancelled: false };
+}
+
+/**
+ * Relays `message` when `token` is request `requestId`'s, in the statement that reads it (Postgres:
+ * one round trip for a report); answers the request's token, undefined when the request is gone.
+ */
+async function relayIfToken(
+  ctx: AppContext,
+  requestId: string,
+  token: string,
+  message: Relayed,
+): Promise<string | undefined> {
+  const postgres = ctx.dbKind === 'postgres';
+  const [row] = await runPrepared<{ token: string }>(ctx.knex, RELAY_IF_TOKEN, [
+    requestId,
+    token,
+    postgres,
+    CHANNEL,
+    JSON.stringify(message),
+  ]);
+  if (row?.token === token && !postgres) deliver(ctx, message);
+  return row?.token;
 }
 
 /** Whether the worker holding `token` may download file `fileId` (one of its request's model files). */
