@@ -198,6 +198,22 @@ describe.each(DATABASES)('inference on %s', (db) => {
     expect((await missing.json()).error).toMatchObject({ code: 'model_not_found', param: 'model' });
   });
 
+  it('refuses a report with another request token and relays nothing of it', async () => {
+    expect(await claim(0)).toBeNull(); // the worker is seen serving
+    const res = chat({ model: 'smollm2-135m-instruct', messages: [{ role: 'user', content: 'x' }] });
+    const claimed = (await claim())!;
+    const forged = await asWorker(`/v1/workers/inference/${claimed.request_id}/report`, {
+      request_token: 'infreq_not-this-one',
+      worker_id: 'server-1',
+      text: 'forged ',
+    });
+    expect(forged.status).toBe(409);
+    expect((await forged.json()).error).toMatchObject({ code: 'lease_lost', param: 'request_token' });
+    await report(claimed, { text: 'real', done: true, finish_reason: 'stop' });
+    const answer = await (await res).json();
+    expect(answer.choices[0].message.content).toBe('real');
+  });
+
   it('tells the worker to stop when the caller leaves, and passes a worker’s error on', async () => {
     const res = chat({
       model: 'smollm2-135m-instruct',
