@@ -3,10 +3,10 @@ import express, { type NextFunction, type Request, type RequestHandler, type Res
 import * as OpenApiValidator from 'express-openapi-validator';
 import { pinoHttp } from 'pino-http';
 import { authenticateRequest, authFailureOf, missingKey } from './auth.js';
-import { BOUND_OPERATIONS, boundValidator, type ValidatorError } from './bound-validator.js';
+import { BOUND_OPERATIONS, boundValidator } from './bound-validator.js';
 import type { AppContext } from './context.js';
 import { cors } from './cors.js';
-import { ApiError } from './errors.js';
+import { ApiError, type ValidatorError } from './errors.js';
 import { type Handler, keepSentBody, wrap } from './http.js';
 import { jsonBody } from './json-body.js';
 import { metricsRoute, timeOperation } from './metrics.js';
@@ -100,11 +100,12 @@ export function unhandledOperations(): string[] {
 
 /**
  * Mounts each spec path once, with one handler per operation behind the spec's validator (the hot
- * operations behind their own, compiled now: bound-validator.ts). The
- * validator runs inside the route Express matched and takes the operation from it (`req.route`, see
+ * operations behind their own, compiled now: bound-validator.ts). The validator runs inside the
+ * route Express matched and takes the operation from it (`req.route`, see
  * patches/express-openapi-validator@5.6.2.patch): no request's path is matched against the whole
  * spec. Any other method on the path reaches the validator through `all`, which answers 405 with
- * `Allow`. Paths go in routeOrder, so `/v1/datasets/build` is never taken for a dataset id.
+ * `Allow`; so does HEAD, which the spec does not have (Express would run a GET's handler for it).
+ * Paths go in routeOrder, so `/v1/datasets/build` is never taken for a dataset id.
  */
 function mountRoutes(
   app: express.Express,
@@ -114,7 +115,7 @@ function mountRoutes(
 ): void {
   const handlers = allRoutes as Record<string, Handler>;
   for (const [expressPath, operations] of operationsByPath()) {
-    const route = app.route(expressPath);
+    const route = app.route(expressPath).head(validator);
     for (const op of operations) {
       const handler = handlers[op.operationId];
       if (!handler) continue;
@@ -175,8 +176,12 @@ function toApiError(err: unknown, req: Request): ApiError {
   }
   if (e.type === 'entity.parse.failed')
     return new ApiError(400, 'invalid_request', 'Malformed JSON in request body.');
-  // The validator refuses a request without the header before calling a security handler.
-  if (status === 401) return authFailureOf(req) ?? missingKey();
+  // Why authentication failed (a database error stays a 500); without the header the validator
+  // refuses before calling a security handler.
+  if (status === 401) {
+    const failure = authFailureOf(req);
+    return failure === undefined ? missingKey() : toApiError(failure, req);
+  }
   if (status === 404) return new ApiError(404, 'not_found', 'No such route.');
   // RFC 9110: a 405 lists the methods the path has (the validator computes them from the spec).
   if (status === 405)

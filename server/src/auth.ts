@@ -75,7 +75,7 @@ export async function hasAnyKey(knex: Knex): Promise<boolean> {
 const unauthorized = (message: string, code: ErrorCode = 'unauthorized') =>
   new ApiError(401, code, message, null, { 'WWW-Authenticate': 'Bearer' });
 
-/** A request without `Authorization: Bearer …` (the spec validator refuses it before any handler runs). */
+/** A request without a well-formed `Authorization: Bearer …`. */
 export const missingKey = () => unauthorized('Missing API key: send "Authorization: Bearer <key>".');
 
 /**
@@ -142,9 +142,9 @@ export async function authenticate(
  * Why authentication refused a request. The spec validator rewraps a security handler's error as
  * a bare 401, losing its code (`api_key_expired`…) and headers; the error handler answers this.
  */
-const authFailures = new WeakMap<Request, ApiError>();
+const authFailures = new WeakMap<Request, unknown>();
 
-export const authFailureOf = (req: Request): ApiError | undefined => authFailures.get(req);
+export const authFailureOf = (req: Request): unknown => authFailures.get(req);
 
 /** The validator's security handler: sets `req.principal`, or records why not and throws. */
 export async function authenticateRequest(knex: Knex, req: Request, want: 'user' | 'worker'): Promise<true> {
@@ -152,7 +152,7 @@ export async function authenticateRequest(knex: Knex, req: Request, want: 'user'
     req.principal = await authenticate(knex, req.headers.authorization, want);
     return true;
   } catch (err) {
-    if (err instanceof ApiError) authFailures.set(req, err);
+    authFailures.set(req, err);
     throw err;
   }
 }

@@ -1,9 +1,10 @@
 /**
  * Request and response validation compiled per operation when the routes are mounted, for the
  * operations on the hot paths: the worker protocol (claims, heartbeats, reports, completions) and
- * reading a training job. express-openapi-validator (every other operation) runs a chain of six middlewares per request
- * and builds its checks on the first request; here one middleware authenticates and runs the
- * operation's compiled schemas, and a response is checked by its status's compiled schema.
+ * reading a training job. express-openapi-validator (every other operation) runs a chain of six
+ * middlewares per request and builds its checks on the first request; here one middleware
+ * authenticates and runs the operation's compiled schemas, and a response is checked by its
+ * status's compiled schema.
  *
  * The two must answer alike: the Ajv options are the validator's own (OpenAPI 3.1 → JSON Schema
  * 2020-12, its formats, defaults filled into bodies, first error only) and failures are thrown in the
@@ -18,6 +19,7 @@ import ajvFormats from 'ajv-formats';
 import type { NextFunction, Request, Response } from 'express';
 import { authenticateRequest } from './auth.js';
 import type { AppContext } from './context.js';
+import type { ValidatorError } from './errors.js';
 import { keepSentBody } from './http.js';
 import { loadSpec, type SpecOperation } from './spec.js';
 
@@ -43,19 +45,6 @@ export const BOUND_OPERATIONS: ReadonlySet<string> = new Set([
   'acknowledgeCancel',
   'releaseJob',
 ]);
-
-/** A validation failure in express-openapi-validator's shape, which app.ts's error handler maps. */
-export interface ValidatorError {
-  status?: number;
-  statusCode?: number;
-  type?: string;
-  message?: string;
-  /** Postgres SQLSTATE, on database errors. */
-  code?: string;
-  errors?: { path?: string; message?: string; errorCode?: string }[];
-  /** Headers the validator wants on its answer (`Allow` on a 405). */
-  headers?: Record<string, string>;
-}
 
 const SPEC_ID = 'tunery-openapi';
 /** Keywords express-openapi-validator gives a meaning beyond JSON Schema; refused here. */
@@ -99,7 +88,7 @@ function assertSupported(schema: unknown, where: string, seen = new Set<unknown>
 }
 
 let shared: { request: Ajv2020; response: Ajv2020 } | undefined;
-/** The validator's Ajv settings, the spec loaded once into each instance for `$ref`s. */
+/** The validator's Ajv settings (requests fill defaults), the spec loaded once into each for `$ref`s. */
 function ajvs() {
   const make = (useDefaults: boolean) => {
     const ajv = new Ajv2020({
@@ -124,24 +113,28 @@ function ajvs() {
 
 const specRef = (...parts: string[]) => ({ $ref: `${SPEC_ID}#/${pointer(...parts)}` });
 
+/** A refusal in the validator's shape, as an Error so that a logged 500 has its stack. */
+const failure = (
+  status: number,
+  message: string,
+  errors?: ValidatorError['errors'],
+): Error & ValidatorError => Object.assign(new Error(message), { status, errors });
+
 /** express-openapi-validator's error items: the failing value's path, the message (enums listed). */
-function validatorErrors(status: number, errors: ErrorObject[]): ValidatorError {
-  return {
-    status,
-    errors: errors.map((e) => {
-      const property =
-        e.params.missingProperty ?? e.params.additionalProperty ?? e.params.unevaluatedProperty;
-      const message =
-        e.keyword === 'enum' && e.params.allowedValues
-          ? `${e.message}: ${(e.params.allowedValues as unknown[]).join(', ')}`
-          : e.message;
-      return {
-        path: property ? `${e.instancePath}/${property}` : e.instancePath,
-        message,
-        errorCode: `${e.keyword}.openapi.validation`,
-      };
-    }),
-  };
+function validatorErrors(status: number, errors: ErrorObject[]): Error & ValidatorError {
+  const items = errors.map((e) => {
+    const property = e.params.missingProperty ?? e.params.additionalProperty ?? e.params.unevaluatedProperty;
+    const message =
+      e.keyword === 'enum' && e.params.allowedValues
+        ? `${e.message}: ${(e.params.allowedValues as unknown[]).join(', ')}`
+        : e.message;
+    return {
+      path: property ? `${e.instancePath}/${property}` : e.instancePath,
+      message,
+      errorCode: `${e.keyword}.openapi.validation`,
+    };
+  });
+  return failure(status, items.map((i) => `${i.path} ${i.message}`).join(', '), items);
 }
 
 /** Compiles the request side: path parameters and the JSON body, wrapped as the validator does. */
@@ -191,6 +184,8 @@ function compileResponses(op: SpecOperation, spec: Operation) {
   const { response } = ajvs();
   const byStatus = new Map<number, ValidateFunction | null>();
   for (const [status, value] of Object.entries(spec.responses)) {
+    if (!/^\d{3}$/.test(status))
+      throw new Error(`${op.operationId}: bound validation takes numeric response statuses only`);
     const content = (value.$ref ? resolve<typeof value>(value.$ref) : value).content;
     if (content && Object.keys(content).join() !== 'application/json')
       throw new Error(`${op.operationId}: bound validation takes JSON responses only`);
@@ -206,7 +201,9 @@ function compileResponses(op: SpecOperation, spec: Operation) {
 function schemeOf(op: SpecOperation, spec: Operation): 'user' | 'worker' | null {
   const requirements = spec.security ?? (loadSpec() as unknown as Operation).security ?? [];
   const schemes = requirements.flatMap((r) => Object.keys(r));
-  if (schemes.length === 0) return null;
+  if (requirements.length === 0) return null;
+  if (requirements.some((r) => Object.keys(r).length === 0))
+    throw new Error(`${op.operationId}: bound validation does not take optional security`);
   if (schemes.length === 1 && schemes[0] === 'apiKey') return 'user';
   if (schemes.length === 1 && schemes[0] === 'workerToken') return 'worker';
   throw new Error(`${op.operationId}: bound validation takes one security scheme`);
@@ -214,44 +211,67 @@ function schemeOf(op: SpecOperation, spec: Operation): 'user' | 'worker' | null 
 
 const mediaType = (req: Request) => req.headers['content-type']?.split(';')[0]?.trim().toLowerCase();
 
+/** The compiled checks of one operation: compiled once per process, whatever the number of apps. */
+interface Checks {
+  scheme: 'user' | 'worker' | null;
+  request: ReturnType<typeof compileRequest>;
+  responses: Map<number, ValidateFunction | null>;
+}
+const compiled = new Map<string, Checks>();
+
+function checksOf(op: SpecOperation): Checks {
+  let checks = compiled.get(op.operationId);
+  if (!checks) {
+    const pathItem = loadSpec().paths[op.path] as { parameters?: Parameter[] } & Record<string, Operation>;
+    const spec = pathItem[op.method] as Operation;
+    assertSupported(spec, op.operationId);
+    assertSupported(pathItem.parameters, op.operationId);
+    checks = {
+      scheme: schemeOf(op, spec),
+      request: compileRequest(op, spec, pathItem.parameters ?? []),
+      responses: compileResponses(op, spec),
+    };
+    compiled.set(op.operationId, checks);
+  }
+  return checks;
+}
+
 /**
- * The operation's validator, compiled now: authenticates (before anything else, as the validator's
- * security step does), checks the path parameters, refuses query parameters (the bound operations
- * have none), checks the content type and body (filling defaults), and validates what the handler
- * answers with `res.json`.
+ * The operation's validator, compiled now. In the validator's order: authenticates, checks the
+ * content type, refuses query parameters (the bound operations have none), checks the path
+ * parameters and the body (filling defaults); then validates what the handler answers with
+ * `res.json` (not a 5xx, which the validator leaves alone too).
  */
 export function boundValidator(ctx: AppContext, op: SpecOperation) {
-  const pathItem = loadSpec().paths[op.path] as { parameters?: Parameter[] } & Record<string, Operation>;
-  const spec = pathItem[op.method] as Operation;
-  assertSupported(spec, op.operationId);
-  assertSupported(pathItem.parameters, op.operationId);
-  const scheme = schemeOf(op, spec);
-  const request = compileRequest(op, spec, pathItem.parameters ?? []);
-  const responses = compileResponses(op, spec);
+  const { scheme, request, responses } = checksOf(op);
 
   const checkResponse = (status: number, body: unknown) => {
+    if (status >= 500) return;
     const validate = responses.get(status);
     if (validate === undefined)
-      throw { status: 500, message: `no schema defined for status code '${status}' in the openapi spec` };
+      throw failure(500, `no schema defined for status code '${status}' in the openapi spec`);
     if (validate === null) {
-      if (body !== undefined) throw { status: 500, message: 'response should NOT have a body' };
+      if (body !== undefined) throw failure(500, 'response should NOT have a body');
       return;
     }
+    if (body === undefined || body === null) throw failure(500, 'response body required.');
     if (!validate({ response: body })) throw validatorErrors(500, validate.errors ?? []);
   };
 
   const checkRequest = (req: Request) => {
-    for (const name of Object.keys(req.query))
-      throw {
-        status: 400,
-        errors: [{ path: `/query/${name}`, message: `Unknown query parameter '${name}'` }],
-      };
+    if (request.body) {
+      const type = mediaType(req);
+      if (type !== 'application/json')
+        throw failure(415, type ? `unsupported media type ${type}` : 'media type not specified');
+    }
+    const [unknown] = Object.keys(req.query);
+    if (unknown !== undefined)
+      throw failure(400, `Unknown query parameter '${unknown}'`, [
+        { path: `/query/${unknown}`, message: `Unknown query parameter '${unknown}'` },
+      ]);
     if (!request.params({ params: req.params })) throw validatorErrors(400, request.params.errors ?? []);
-    if (!request.body) return;
-    const type = mediaType(req);
-    if (type !== 'application/json')
-      throw { status: 415, message: type ? `unsupported media type ${type}` : 'media type not specified' };
-    if (!request.body({ body: req.body })) throw validatorErrors(400, request.body.errors ?? []);
+    if (request.body && !request.body({ body: req.body }))
+      throw validatorErrors(400, request.body.errors ?? []);
   };
 
   return async (req: Request, res: Response, next: NextFunction) => {

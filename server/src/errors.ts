@@ -20,6 +20,19 @@ export class ApiError extends Error {
   }
 }
 
+/** An error in express-openapi-validator's shape (or a database's), which app.ts's error handler maps. */
+export interface ValidatorError {
+  status?: number;
+  statusCode?: number;
+  type?: string;
+  message?: string;
+  /** Postgres SQLSTATE, on database errors. */
+  code?: string;
+  errors?: { path?: string; message?: string; errorCode?: string }[];
+  /** Headers the validator wants on its answer (`Allow` on a 405). */
+  headers?: Record<string, string>;
+}
+
 export const badRequest = (
   message: string,
   param: string | null = null,

@@ -6,7 +6,7 @@
 import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import express, { type NextFunction, type Request, type Response } from 'express';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createApp } from '../src/app.js';
 import { BOUND_OPERATIONS, boundValidator } from '../src/bound-validator.js';
 import { specOperations } from '../src/spec.js';
@@ -15,12 +15,15 @@ import { startTestServer, type TestServer } from './harness.js';
 
 interface Case {
   name: string;
-  method?: 'GET' | 'POST';
+  method?: 'GET' | 'POST' | 'HEAD';
   path: string;
   /** Sent as is; `contentType` defaults to JSON when there is a body. */
   body?: string;
   contentType?: string | null;
-  key?: 'user' | 'worker' | 'wrong' | null;
+  /** `unknown`: a key never seen, so its lookup reaches the database. */
+  key?: 'user' | 'worker' | 'wrong' | 'unknown' | null;
+  /** Every database connection fails while the request runs. */
+  databaseDown?: boolean;
 }
 
 const json = (value: unknown) => JSON.stringify(value);
@@ -32,6 +35,24 @@ const claim = (fields: Record<string, unknown>) =>
 /** Bad (and a few good) requests to each bound operation; `JOB` is replaced by a real job id. */
 const CASES: Case[] = [
   { name: 'get: the job', path: '/v1/training/jobs/JOB' },
+  { name: 'get: HEAD (not in the spec)', method: 'HEAD', path: '/v1/training/jobs/JOB' },
+  { name: 'get: database down', path: '/v1/training/jobs/JOB', key: 'unknown', databaseDown: true },
+  {
+    name: 'heartbeat: text body and an id off the pattern',
+    method: 'POST',
+    path: '/v1/workers/jobs/a.b/heartbeat',
+    body: '{}',
+    contentType: 'text/plain',
+    key: 'worker',
+  },
+  {
+    name: 'claim: text body and a query parameter',
+    method: 'POST',
+    path: '/v1/workers/claim?x=1',
+    body: '{}',
+    contentType: 'text/plain',
+    key: 'worker',
+  },
   { name: 'get: no key', path: '/v1/training/jobs/JOB', key: null },
   { name: 'get: wrong key', path: '/v1/training/jobs/JOB', key: 'wrong' },
   { name: 'get: worker token', path: '/v1/training/jobs/JOB', key: 'worker' },
@@ -240,9 +261,13 @@ describe('bound validation answers as express-openapi-validator does', () => {
 
   const send = async (base: string, c: Case) => {
     const headers: Record<string, string> = {};
-    const key = { user: server.key, worker: server.workerToken, wrong: 'tk_wrong', null: null }[
-      String(c.key === undefined ? 'user' : c.key)
-    ];
+    const key = {
+      user: server.key,
+      worker: server.workerToken,
+      wrong: 'tk_wrong',
+      unknown: `tk_unknown_${Math.random()}`,
+      null: null,
+    }[String(c.key === undefined ? 'user' : c.key)];
     if (key) headers.authorization = `Bearer ${key}`;
     const contentType = c.contentType === undefined ? (c.body ? 'application/json' : null) : c.contentType;
     if (contentType) headers['content-type'] = contentType;
@@ -260,9 +285,19 @@ describe('bound validation answers as express-openapi-validator does', () => {
   };
 
   it.each([...CASES, ...GENERIC_CASES])('$name', async (c) => {
-    const bound = await send(server.url, c);
-    const expected = await send(referenceUrl, c);
-    expect(bound).toEqual(expected);
+    const down = c.databaseDown
+      ? vi
+          .spyOn(server.ctx.knex.client, 'acquireConnection')
+          .mockRejectedValue(new Error('connection refused'))
+      : undefined;
+    try {
+      const bound = await send(server.url, c);
+      const expected = await send(referenceUrl, c);
+      expect(bound).toEqual(expected);
+      if (c.databaseDown) expect(bound.status).toBe(500);
+    } finally {
+      down?.mockRestore();
+    }
   });
 });
 
@@ -273,13 +308,16 @@ describe('bound validation of responses', () => {
   });
   afterAll(async () => server?.stop());
 
-  it('fails a response its status does not allow, and one the spec does not list', async () => {
+  it('fails a response its status does not allow, one the spec does not list, and a missing body', async () => {
     const op = specOperations().find((o) => o.operationId === 'getTrainingJob')!;
     const app = express();
     const answers: Record<string, [number, unknown]> = {
       job_wrong_shape: [200, { id: 42 }],
       job_unlisted_status: [418, { error: { code: 'not_found', message: 'x', param: null } }],
       job_listed_error: [404, { error: { code: 'not_found', message: 'x', param: null } }],
+      job_no_body: [200, undefined],
+      // a 5xx is not validated (nor by express-openapi-validator): the error handler's own shape
+      job_unavailable: [503, { unlisted: true }],
     };
     app.get(op.expressPath, boundValidator(server.ctx, op), (req, res) => {
       const [status, body] = answers[req.params.job_id as string]!;
@@ -297,6 +335,8 @@ describe('bound validation of responses', () => {
       expect(await statusOf('job_wrong_shape')).toBe(500);
       expect(await statusOf('job_unlisted_status')).toBe(500);
       expect(await statusOf('job_listed_error')).toBe(404);
+      expect(await statusOf('job_no_body')).toBe(500);
+      expect(await statusOf('job_unavailable')).toBe(503);
     } finally {
       await new Promise((resolve) => listening.close(resolve));
     }

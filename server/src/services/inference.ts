@@ -235,13 +235,6 @@ function subscribe(ctx: AppContext, id: string) {
 
 // ---------------------------------------------------------------- the worker's side
 
-/** Request `$1`'s token; when it is `$2`, on Postgres (`$3`), `$5` is signalled on channel `$4` too. */
-const RELAY_IF_TOKEN: PreparedStatement = {
-  name: 'tunery_inference_relay',
-  text: `SELECT token, CASE WHEN $3::boolean AND token = $2 THEN pg_notify($4, $5) END AS relayed
-         FROM inference_requests WHERE id = $1`,
-};
-
 export interface ClaimedInference {
   request_id: string;
   request_token: string;
@@ -327,6 +320,13 @@ export async function reportInference(
   for (const message of messages.slice(1)) await notify(ctx, message);
   return { cancelled: false };
 }
+
+/** Request `$1`'s token; when it is `$2`, on Postgres (`$3`), `$5` is signalled on channel `$4` too. */
+const RELAY_IF_TOKEN: PreparedStatement = {
+  name: 'tunery_inference_relay',
+  text: `SELECT token, CASE WHEN $3::boolean AND token = $2 THEN pg_notify($4, $5) END AS relayed
+         FROM inference_requests WHERE id = $1`,
+};
 
 /**
  * Relays `message` when `token` is request `requestId`'s, in the statement that reads it (Postgres:
