@@ -176,11 +176,14 @@ function toApiError(err: unknown, req: Request): ApiError {
   }
   if (e.type === 'entity.parse.failed')
     return new ApiError(400, 'invalid_request', 'Malformed JSON in request body.');
-  // Why authentication failed (a database error stays a 500); without the header the validator
-  // refuses before calling a security handler.
+  // Why authentication failed; anything but a refusal (the database failed) is a 500. Without the
+  // header the validator refuses before calling a security handler.
   if (status === 401) {
     const failure = authFailureOf(req);
-    return failure === undefined ? missingKey() : toApiError(failure, req);
+    if (failure === undefined) return missingKey();
+    return failure instanceof ApiError
+      ? failure
+      : new ApiError(500, 'internal_error', 'Internal server error.');
   }
   if (status === 404) return new ApiError(404, 'not_found', 'No such route.');
   // RFC 9110: a 405 lists the methods the path has (the validator computes them from the spec).
@@ -207,7 +210,9 @@ const tuneryErrorBody = (e: ApiError): string =>
 function errorHandler(ctx: AppContext, body: (e: ApiError) => string = tuneryErrorBody) {
   return async (err: unknown, req: Request, res: Response, _next: NextFunction) => {
     const apiError = toApiError(err, req);
-    if (apiError.status >= 500) ctx.logger.error({ err, reqId: req.id }, 'request failed');
+    // A 500 from authentication logs its cause (the validator passes on only a bare 401).
+    if (apiError.status >= 500)
+      ctx.logger.error({ err: authFailureOf(req) ?? err, reqId: req.id }, 'request failed');
     if (res.headersSent) {
       res.destroy();
       return;
