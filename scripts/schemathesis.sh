@@ -173,7 +173,7 @@ hooks = "$root/scripts/schemathesis_hooks.py"
 [generation]
 database = "none"
 
-# Every check runs (`--checks all`). Schema-valid data may still be refused by rules no schema can
+# Every check runs ("--checks all"). Schema-valid data may still be refused by rules no schema can
 # state: an unknown model or dataset, "one of train_texts, records or jsonl", text with NUL (which
 # Postgres cannot store), an integer past its column's range (400), a budget already spent (402).
 # Those refusals are 4xx in the error shape; any other answer to valid data (5xx, 422, …) fails.
