@@ -2,6 +2,7 @@ import type { EventEmitter } from 'node:events';
 import type { Knex } from 'knex';
 import pg from 'pg';
 import type { AppContext } from '../context.js';
+import { getOrCreate } from '../get-or-create.js';
 import { countRunnableJobs } from './statistics.js';
 
 const CHANNEL = 'tunery_jobs';
@@ -158,14 +159,8 @@ class JobWaiters {
 /** One waiter queue per process (per queue signal: tests run several servers in one process). */
 const waitersBySignal = new WeakMap<EventEmitter, JobWaiters>();
 
-function waitersOf(ctx: Pick<AppContext, 'queueSignal'>): JobWaiters {
-  let waiters = waitersBySignal.get(ctx.queueSignal);
-  if (!waiters) {
-    waiters = new JobWaiters(ctx.queueSignal);
-    waitersBySignal.set(ctx.queueSignal, waiters);
-  }
-  return waiters;
-}
+const waitersOf = (ctx: Pick<AppContext, 'queueSignal'>): JobWaiters =>
+  getOrCreate(waitersBySignal, ctx.queueSignal, () => new JobWaiters(ctx.queueSignal));
 
 /**
  * Waits in line for runnable jobs: resolves with the wake that woke this claim, or null after `ms`

@@ -1,4 +1,5 @@
 import type { Knex } from 'knex';
+import { getOrCreate } from '../get-or-create.js';
 
 /**
  * When this process last recorded each worker as seen (a `last_seen_at` row), per database: a busy
@@ -12,12 +13,7 @@ export class SeenWorkers {
   private readonly byDatabase = new WeakMap<Knex, Map<string, { what: string | null; at: number }>>();
 
   private of(knex: Knex) {
-    let seen = this.byDatabase.get(knex);
-    if (!seen) {
-      seen = new Map();
-      this.byDatabase.set(knex, seen);
-    }
-    return seen;
+    return getOrCreate(this.byDatabase, knex, () => new Map());
   }
 
   /** Whether worker `id`, saying `what`, needs writing now. */

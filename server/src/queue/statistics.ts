@@ -1,4 +1,5 @@
 import type { AppContext } from '../context.js';
+import { getOrCreate } from '../get-or-create.js';
 
 /**
  * This many jobs made runnable since the last ANALYZE (one batch, or one POST at a time) and the
@@ -61,11 +62,7 @@ export function analyzing(ctx: StatsContext): Promise<void> {
  * burst ANALYZE (and BURST_ANALYZE_GAP_MS have passed), fresh statistics now, in the background.
  */
 export function countRunnableJobs(ctx: StatsContext, runnable: number): void {
-  let since = sinceAnalyze.get(ctx.knex);
-  if (!since) {
-    since = { runnable: 0, at: Number.NEGATIVE_INFINITY };
-    sinceAnalyze.set(ctx.knex, since);
-  }
+  const since = getOrCreate(sinceAnalyze, ctx.knex, () => ({ runnable: 0, at: Number.NEGATIVE_INFINITY }));
   since.runnable += runnable;
   if (since.runnable < BURST_JOBS || Date.now() - since.at < BURST_ANALYZE_GAP_MS) return;
   since.runnable = 0;
