@@ -320,6 +320,18 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
     await worker.complete(id, job.lease_token);
   });
 
+  it("takes what a result leaves out of an adapter's metrics from the job's progress at completion", async () => {
+    await clearQueue();
+    const id = await createFinetune(server, { output_name: 'progress-metrics', max_steps: 4 });
+    const job = (await worker.claim())!;
+    const progress = { current_step: 2, total_steps: 4, current_loss: 1.25 };
+    expect((await worker.events(id, job.lease_token, { phase: 'training', progress })).status).toBe(200);
+    expect((await worker.complete(id, job.lease_token, { train_seconds: 90 })).status).toBe(200);
+    const adapter = await (await server.api('/v1/adapters/progress-metrics')).json();
+    // completion moves the step counter to the planned total, and the metrics show it
+    expect(adapter.metrics).toEqual({ final_loss: 1.25, training_steps: 4, training_time_minutes: 1.5 });
+  });
+
   it('puts a retryable failure back with backoff and ends a final one failed', async () => {
     await clearQueue();
     const id = await createFinetune(server);

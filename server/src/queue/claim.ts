@@ -2,6 +2,7 @@ import type { AppContext } from '../context.js';
 import { newSecret } from '../ids.js';
 import { type PreparedStatement, runPrepared } from '../prepared.js';
 import { dataFilesOf } from '../services/job-spec.js';
+import { rememberLeasedJobs } from './complete.js';
 import { type GangAddress, type GangJoin, joinGang } from './gang.js';
 import { startAttempt } from './lease.js';
 import { handOnWake, type Wake, waitForJobs } from './notify.js';
@@ -150,6 +151,11 @@ export async function claimJobs(ctx: AppContext, input: ClaimInput, max: number)
     ctx.config.leaseSeconds,
   ]);
   ctx.metrics.claimAttempts.inc({ outcome: rows.length > 0 ? 'claimed' : 'empty' });
+  // a gang job comes back pending, not leased
+  rememberLeasedJobs(
+    ctx.knex,
+    rows.filter((row) => row.status === 'running'),
+  );
   return rows;
 }
 

@@ -1,5 +1,7 @@
+import type { Knex } from 'knex';
 import type { AppContext } from '../context.js';
 import { ApiError, conflict, leaseLost } from '../errors.js';
+import { getOrCreate } from '../get-or-create.js';
 import { type PreparedStatement, runPrepared } from '../prepared.js';
 import { planJobOutputs } from '../services/registry.js';
 import { billWorkerTime, type Db, fenceMissError, jobNotFound, pricePerSecond } from './lease.js';
@@ -52,6 +54,41 @@ export interface Completion {
 /** How one completion went: done (now, or by an earlier send of the same request), or why not. */
 export type CompletionOutcome = { jobId: string; error?: never } | { jobId: string; error: ApiError };
 
+/**
+ * The jobs this process leased, as their completion's plan reads them (OUTPUT_SOURCE_COLUMNS, none of
+ * which change while a job runs), per database: the usual completion, by the server that leased the
+ * job, then needs no read before its statement. Entries go when the job completes; past MAX the
+ * oldest go. A completion that finds none for its lease (another server process leased the job, this
+ * one restarted, or the entry went) reads the job instead.
+ */
+class LeasedJobs {
+  static readonly MAX = 10_000;
+  private readonly byDatabase = new WeakMap<Knex, Map<string, OutputSourceRow>>();
+
+  of(knex: Knex): Map<string, OutputSourceRow> {
+    return getOrCreate(this.byDatabase, knex, () => new Map());
+  }
+
+  remember(knex: Knex, jobs: OutputSourceRow[]): void {
+    const leased = this.of(knex);
+    for (const job of jobs) {
+      leased.delete(job.id); // a new lease goes to the back of the line
+      if (leased.size >= LeasedJobs.MAX) leased.delete(leased.keys().next().value!);
+      leased.set(job.id, pickOutputSource(job));
+    }
+  }
+}
+
+const leasedJobs = new LeasedJobs();
+
+/** Only the columns the plan reads: a claim's row also holds the job's sealed secrets. */
+const pickOutputSource = (job: OutputSourceRow): OutputSourceRow =>
+  Object.fromEntries(OUTPUT_SOURCE_COLUMNS.map((column) => [column, job[column]])) as OutputSourceRow;
+
+/** Keeps what the completion of these just-leased jobs will read (claim.ts). */
+export const rememberLeasedJobs = (knex: Knex, jobs: OutputSourceRow[]): void =>
+  leasedJobs.remember(knex, jobs);
+
 /** The jobs being completed, as the decision of what they register needs them. */
 const READ_FOR_COMPLETION: PreparedStatement = {
   name: 'tunery_complete_read',
@@ -77,7 +114,9 @@ const COMPLETE_JOBS: PreparedStatement = {
         new_model_id text, model_kind text, model_name text, model_params bigint, benchmark jsonb)
     ),
     fenced AS (
-      SELECT jobs.id, jobs.tenant_id, jobs.base_model, jobs.model_id AS source_model_id, input.*
+      SELECT jobs.id, jobs.tenant_id, jobs.base_model, jobs.model_id AS source_model_id,
+             jobs.current_loss, GREATEST(jobs.current_step, COALESCE(jobs.total_steps, 0)) AS steps_done,
+             input.*
       FROM jobs JOIN input ON jobs.id = input.job_id
       -- fencing: only the current attempt of a running job may complete it
       WHERE jobs.lease_token = input.lease_token AND jobs.status = 'running'
@@ -87,22 +126,28 @@ const COMPLETE_JOBS: PreparedStatement = {
     old_adapter AS (
       SELECT a.job_id, a.name FROM adapters a JOIN fenced f ON a.tenant_id = f.tenant_id AND a.job_id = f.id
     ),
+    -- what the result does not say of the run, its progress does (registry.ts reportedMetrics)
+    measured AS (
+      SELECT f.*, adapter_metrics || jsonb_build_object(
+        'final_loss', COALESCE(adapter_metrics->'final_loss', to_jsonb(current_loss)),
+        'training_steps', COALESCE(adapter_metrics->'training_steps', to_jsonb(steps_done))) AS metrics
+      FROM fenced f WHERE adapter_name IS NOT NULL
+    ),
     -- the requested name, unless the tenant has an adapter of that name (ON CONFLICT: also one that a
     -- concurrent completion is inserting, whose commit this waits for)
     adapter_named AS (
       INSERT INTO adapters (tenant_id, name, job_id, model_name, description, training_config, metrics)
-      SELECT tenant_id, adapter_name, id, adapter_model, adapter_description, adapter_training_config, adapter_metrics
-      FROM fenced f
-      WHERE adapter_name IS NOT NULL AND NOT EXISTS (SELECT 1 FROM old_adapter o WHERE o.job_id = f.id)
+      SELECT tenant_id, adapter_name, id, adapter_model, adapter_description, adapter_training_config, metrics
+      FROM measured f
+      WHERE NOT EXISTS (SELECT 1 FROM old_adapter o WHERE o.job_id = f.id)
       ON CONFLICT (tenant_id, name) DO NOTHING
       RETURNING job_id, name
     ),
     adapter_fallback AS (
       INSERT INTO adapters (tenant_id, name, job_id, model_name, description, training_config, metrics)
-      SELECT tenant_id, adapter_fallback, id, adapter_model, adapter_description, adapter_training_config, adapter_metrics
-      FROM fenced f
-      WHERE adapter_name IS NOT NULL
-        AND NOT EXISTS (SELECT 1 FROM old_adapter o WHERE o.job_id = f.id)
+      SELECT tenant_id, adapter_fallback, id, adapter_model, adapter_description, adapter_training_config, metrics
+      FROM measured f
+      WHERE NOT EXISTS (SELECT 1 FROM old_adapter o WHERE o.job_id = f.id)
         AND NOT EXISTS (SELECT 1 FROM adapter_named n WHERE n.job_id = f.id)
       ON CONFLICT (tenant_id, name) DO NOTHING
       RETURNING job_id, name
@@ -216,9 +261,10 @@ function missOutcome(completion: Completion, job: LeaseState | undefined): Compl
 /**
  * Completes the current attempts of the listed jobs, each fenced by its own lease token: each
  * becomes `completed` with its result, its adapter and output model are registered, and the
- * registry's ids are stored on it. Two statements whatever the count (a read to decide what each
- * job registers, then one that does it all; a third only to explain completions that completed
- * nothing). Answers each completion's outcome, in order; a job listed twice is completed once.
+ * registry's ids are stored on it. One statement whatever the count when this process leased the
+ * jobs; else a read first, to decide what each job registers; another only to explain completions
+ * that completed nothing. Answers each completion's outcome, in order; a job listed twice is
+ * completed once.
  */
 export async function completeJobs(ctx: AppContext, completions: Completion[]): Promise<CompletionOutcome[]> {
   try {
@@ -247,9 +293,7 @@ async function completeAlone(ctx: AppContext, completion: Completion): Promise<C
 }
 
 async function completeTogether(ctx: AppContext, completions: Completion[]): Promise<CompletionOutcome[]> {
-  const ids = [...new Set(completions.map((c) => c.jobId))];
-  const jobs = await runPrepared<OutputSourceRow>(ctx.knex, READ_FOR_COMPLETION, [ids]);
-  const byId = new Map<string, OutputSourceRow>(jobs.map((job) => [job.id, job]));
+  const byId = await outputSources(ctx, completions);
   const inputs = new Map<string, ReturnType<typeof completionInput>>();
   for (const c of completions) {
     const job = byId.get(c.jobId);
@@ -262,9 +306,13 @@ async function completeTogether(ctx: AppContext, completions: Completion[]): Pro
       JSON.stringify([...inputs.values()]),
       pricePerSecond(ctx),
     ]);
-    for (const row of rows) done.add(row.id);
+    const leased = leasedJobs.of(ctx.knex);
+    for (const row of rows) {
+      done.add(row.id);
+      leased.delete(row.id);
+    }
   }
-  // Sent but not completed: the lease moved on between the two statements; look again.
+  // Sent but not completed: the lease moved on (or the job was never this one's); look again.
   const raced = [...inputs.keys()].filter((id) => !done.has(id));
   const now = raced.length > 0 ? await runPrepared<LeaseState>(ctx.knex, READ_LEASE_STATE, [raced]) : [];
   const states = new Map<string, LeaseState>([...byId, ...now.map((row) => [row.id, row] as const)]);
@@ -273,6 +321,27 @@ async function completeTogether(ctx: AppContext, completions: Completion[]): Pro
       ? { jobId: c.jobId }
       : missOutcome(c, states.get(c.jobId)),
   );
+}
+
+/**
+ * The completed jobs as their plan reads them: kept from this process's claim when it holds the
+ * lease being completed, else read (one statement for the rest).
+ */
+async function outputSources(
+  ctx: AppContext,
+  completions: Completion[],
+): Promise<Map<string, OutputSourceRow>> {
+  const leased = leasedJobs.of(ctx.knex);
+  const byId = new Map<string, OutputSourceRow>();
+  for (const c of completions) {
+    const job = leased.get(c.jobId);
+    if (job?.lease_token === c.leaseToken) byId.set(c.jobId, job);
+  }
+  const unknown = [...new Set(completions.map((c) => c.jobId))].filter((id) => !byId.has(id));
+  if (unknown.length === 0) return byId;
+  const read = await runPrepared<OutputSourceRow>(ctx.knex, READ_FOR_COMPLETION, [unknown]);
+  for (const job of read) byId.set(job.id, job);
+  return byId;
 }
 
 /** Completes one job's current attempt (completeJobs); a fencing miss is thrown. */

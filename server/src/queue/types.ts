@@ -67,12 +67,16 @@ export interface ReportOutcome {
   cancel_requested: boolean;
 }
 
-/** The columns a claim returns: what the claim answer (services/job-spec.ts) and its route read. */
+/**
+ * The columns a claim returns: what the claim answer (services/job-spec.ts) and its route read, and
+ * what its completion's plan reads (OUTPUT_SOURCE_COLUMNS, kept by queue/complete.ts).
+ */
 export const CLAIMED_COLUMNS = [
   'id',
   'tenant_id',
   'kind',
   'type',
+  'method',
   'status',
   'num_nodes',
   'attempt',
@@ -81,6 +85,8 @@ export const CLAIMED_COLUMNS = [
   'log_seq',
   'config',
   'secrets',
+  'base_model',
+  'description',
   'dataset_id',
   'parent_job_id',
   'model_id',
@@ -117,10 +123,7 @@ export const OUTPUT_SOURCE_COLUMNS = [
   'description',
   'dataset_id',
   'model_id',
-  'current_loss',
-  'current_step',
-  'total_steps',
 ] as const;
 
-/** A job as a completion reads it (OUTPUT_SOURCE_COLUMNS). */
+/** A job as a completion reads it (OUTPUT_SOURCE_COLUMNS), or as its claim read it (CLAIMED_COLUMNS). */
 export type OutputSourceRow = Pick<JobRow, (typeof OUTPUT_SOURCE_COLUMNS)[number]>;

@@ -144,16 +144,27 @@ function trainingConfigOf(job: OutputSourceRow): Record<string, unknown> {
   return { method: job.method, ...lora, ...training };
 }
 
-function metricsOf(job: OutputSourceRow, result: Record<string, unknown>): Record<string, unknown> {
+/**
+ * An adapter's metrics as the worker's result reports them. `final_loss` and `training_steps` are
+ * left out when it does not say: the completing statement then takes them from the job's progress
+ * (queue/complete.ts), which only the database holds as it is at completion.
+ */
+function reportedMetrics(result: Record<string, unknown>): Record<string, unknown> {
   const seconds = num(result.train_seconds) ?? num(result.gpu_seconds);
-  const metrics: Record<string, unknown> = {
-    final_loss: num(result.loss_final) ?? num(result.final_loss) ?? num(job.current_loss),
-    training_steps: num(result.steps) ?? num(result.training_steps) ?? job.current_step,
-    training_time_minutes: seconds == null ? null : Number((seconds / 60).toFixed(2)),
-  };
+  const finalLoss = num(result.loss_final) ?? num(result.final_loss);
+  const steps = num(result.steps) ?? num(result.training_steps);
   const evalLoss = num(result.eval_loss_final);
-  if (evalLoss != null) metrics.eval_loss = evalLoss;
-  return metrics;
+  return {
+    ...(finalLoss != null && { final_loss: finalLoss }),
+    ...(steps != null && { training_steps: steps }),
+    training_time_minutes: seconds == null ? null : Number((seconds / 60).toFixed(2)),
+    ...(evalLoss != null && { eval_loss: evalLoss }),
+  };
+}
+
+/** An adapter's metrics: as reported, else from the job's progress. */
+function metricsOf(job: JobRow, result: Record<string, unknown>): Record<string, unknown> {
+  return { final_loss: num(job.current_loss), training_steps: job.current_step, ...reportedMetrics(result) };
 }
 
 /** `base` if the tenant has no adapter of that name yet, else `base-<job short id>`. */
@@ -238,7 +249,8 @@ export async function registerJobOutputs(
  * What completing `job` with `result` registers, decided before the completing statement runs
  * (queue/complete.ts registers it in that same statement): the adapter's row under `name`, or under
  * `fallbackName` when the tenant has an adapter of that name; the output model; a benchmark's scores.
- * `job` is the row as it is before completion (its `current_step` is read as completion sets it).
+ * `job` holds only columns that stay as they are while it runs (OUTPUT_SOURCE_COLUMNS), so its
+ * claim's row serves; what depends on its progress the statement adds (reportedMetrics).
  */
 export interface OutputPlan {
   adapter: { name: string; fallbackName: string; row: AdapterInsert } | null;
@@ -269,8 +281,6 @@ export function planJobOutputs(job: OutputSourceRow, result: Record<string, unkn
   const outputs = outputsOf(job);
   if (!outputs.model) return { adapter: null, model: null, benchmark: null };
   const name = requestedName(job, result) ?? `${slug(job.base_model)}-${shortId(job.id)}`;
-  // completion moves the step counter to the planned total, as the metrics should show
-  const done = { ...job, current_step: Math.max(job.current_step, job.total_steps ?? 0) };
   const adapter = outputs.adapter
     ? {
         name,
@@ -279,7 +289,7 @@ export function planJobOutputs(job: OutputSourceRow, result: Record<string, unkn
           model_name: job.base_model ?? 'unknown',
           description: job.description,
           training_config: trainingConfigOf(job),
-          metrics: metricsOf(done, result),
+          metrics: reportedMetrics(result),
         },
       }
     : null;
