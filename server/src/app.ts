@@ -2,12 +2,18 @@ import { randomUUID } from 'node:crypto';
 import express, { type NextFunction, type Request, type RequestHandler, type Response } from 'express';
 import * as OpenApiValidator from 'express-openapi-validator';
 import { pinoHttp } from 'pino-http';
-import { authenticateRequest, authFailureOf, missingKey } from './auth.js';
+import {
+  authenticateRequest,
+  authFailureOf,
+  missingKey,
+  SCHEME_PRINCIPALS,
+  type SecurityScheme,
+} from './auth.js';
 import { BOUND_OPERATIONS, boundValidator } from './bound-validator.js';
 import type { AppContext } from './context.js';
 import { cors } from './cors.js';
 import { ApiError, type ValidatorError } from './errors.js';
-import { type Handler, keepSentBody, wrap } from './http.js';
+import { type Handler, wrap } from './http.js';
 import { jsonBody } from './json-body.js';
 import { metricsRoute, timeOperation } from './metrics.js';
 import { allRoutes } from './routes/index.js';
@@ -61,14 +67,12 @@ export function createApp(
       // Multipart files stream to disk after authentication (services/dataset-upload.ts).
       fileUploader: datasetUploadOptions(ctx),
       validateSecurity: {
-        handlers: {
-          apiKey: async (req) => {
-            await authenticateRequest(ctx.knex, req, 'user');
-            keepSentBody(req);
-            return true;
-          },
-          workerToken: (req) => authenticateRequest(ctx.knex, req, 'worker'),
-        },
+        handlers: Object.fromEntries(
+          Object.keys(SCHEME_PRINCIPALS).map((scheme) => [
+            scheme,
+            (req: Request) => authenticateRequest(ctx.knex, req, scheme as SecurityScheme),
+          ]),
+        ),
       },
     }),
   );

@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto';
 import type { Request } from 'express';
 import type { Knex } from 'knex';
 import { ApiError, type ErrorCode } from './errors.js';
+import { keepSentBody } from './http.js';
 import { newId, newSecret } from './ids.js';
 import { type PreparedStatement, runPrepared } from './prepared.js';
 
@@ -146,13 +147,28 @@ const authFailures = new WeakMap<Request, unknown>();
 
 export const authFailureOf = (req: Request): unknown => authFailures.get(req);
 
-/** The validator's security handler: sets `req.principal`, or records why not and throws. */
-export async function authenticateRequest(knex: Knex, req: Request, want: 'user' | 'worker'): Promise<true> {
+/** The spec's security schemes (openapi.yaml `securitySchemes`) and the principal each admits. */
+export const SCHEME_PRINCIPALS = { apiKey: 'user', workerToken: 'worker' } as const satisfies Record<
+  string,
+  Principal['kind']
+>;
+export type SecurityScheme = keyof typeof SCHEME_PRINCIPALS;
+
+export const isSecurityScheme = (name: string): name is SecurityScheme =>
+  Object.hasOwn(SCHEME_PRINCIPALS, name);
+
+/**
+ * The security handler of both validators (app.ts, bound-validator.ts): sets `req.principal`, or
+ * records why not and throws. A user's body is then copied as sent (keepSentBody): only once the
+ * caller is known, so an anonymous one never makes the server copy anything.
+ */
+export async function authenticateRequest(knex: Knex, req: Request, scheme: SecurityScheme): Promise<true> {
   try {
-    req.principal = await authenticate(knex, req.headers.authorization, want);
-    return true;
+    req.principal = await authenticate(knex, req.headers.authorization, SCHEME_PRINCIPALS[scheme]);
   } catch (err) {
     authFailures.set(req, err);
     throw err;
   }
+  if (req.principal.kind === 'user') keepSentBody(req);
+  return true;
 }

@@ -79,7 +79,7 @@ export function page(req: Request): { limit: number; offset: number; after?: str
  * Keeps a copy of the JSON body as the caller sent it, before the validator fills in schema
  * defaults: handlers that layer settings (template < flat fields < nested objects) must see what
  * the caller chose, or a default would override a choice. Called by the security handler, after
- * authentication: an anonymous caller never makes the server copy anything.
+ * authentication (auth.ts authenticateRequest).
  */
 export function keepSentBody(req: Request): void {
   if (req.res && req.body && typeof req.body === 'object')
