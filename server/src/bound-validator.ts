@@ -17,10 +17,9 @@
 import { Ajv2020, type ErrorObject, type ValidateFunction } from 'ajv/dist/2020.js';
 import ajvFormats from 'ajv-formats';
 import type { NextFunction, Request, Response } from 'express';
-import { authenticateRequest } from './auth.js';
+import { authenticateRequest, isSecurityScheme, type SecurityScheme } from './auth.js';
 import type { AppContext } from './context.js';
 import type { ValidatorError } from './errors.js';
-import { keepSentBody } from './http.js';
 import { loadSpec, type SpecOperation } from './spec.js';
 
 /**
@@ -53,7 +52,6 @@ const UNSUPPORTED_KEYWORDS = ['readOnly', 'writeOnly', 'discriminator', 'nullabl
 interface Parameter {
   name: string;
   in: string;
-  required?: boolean;
   schema?: { type?: string; $ref?: string };
   $ref?: string;
 }
@@ -75,14 +73,26 @@ function resolve<T>(ref: string): T {
   return node as T;
 }
 
-/** Throws when `schema`, or a schema it references, uses a keyword this file does not implement. */
-function assertSupported(schema: unknown, where: string, seen = new Set<unknown>()): void {
+/** Keywords whose value maps names, not keywords, to schemas. */
+const SCHEMA_MAPS = new Set(['properties', 'patternProperties', '$defs', 'dependentSchemas']);
+/** Keywords whose value is data, not a schema. */
+const DATA_KEYWORDS = new Set(['default', 'const', 'enum', 'example', 'examples']);
+
+/**
+ * Throws when `schema` (or an operation, or a list of parameters), or a schema it references, uses
+ * a keyword this file does not implement. A property named like such a keyword, or such a key in
+ * an example, is not one.
+ */
+export function assertSupported(schema: unknown, where: string, seen = new Set<unknown>()): void {
   if (!schema || typeof schema !== 'object' || seen.has(schema)) return;
   seen.add(schema);
   for (const [key, value] of Object.entries(schema)) {
+    if (DATA_KEYWORDS.has(key)) continue;
     if (UNSUPPORTED_KEYWORDS.includes(key) || key.startsWith('x-eov'))
       throw new Error(`${where}: bound validation does not implement '${key}'`);
     if (key === '$ref' && typeof value === 'string') assertSupported(resolve(value), where, seen);
+    else if (SCHEMA_MAPS.has(key) && value && typeof value === 'object')
+      for (const property of Object.values(value)) assertSupported(property, where, seen);
     else assertSupported(value, where, seen);
   }
 }
@@ -198,14 +208,13 @@ function compileResponses(op: SpecOperation, spec: Operation) {
 }
 
 /** The operation's security scheme (one, or none for a public operation). */
-function schemeOf(op: SpecOperation, spec: Operation): 'user' | 'worker' | null {
+function schemeOf(op: SpecOperation, spec: Operation): SecurityScheme | null {
   const requirements = spec.security ?? (loadSpec() as unknown as Operation).security ?? [];
-  const schemes = requirements.flatMap((r) => Object.keys(r));
   if (requirements.length === 0) return null;
   if (requirements.some((r) => Object.keys(r).length === 0))
     throw new Error(`${op.operationId}: bound validation does not take optional security`);
-  if (schemes.length === 1 && schemes[0] === 'apiKey') return 'user';
-  if (schemes.length === 1 && schemes[0] === 'workerToken') return 'worker';
+  const schemes = requirements.flatMap((r) => Object.keys(r));
+  if (schemes.length === 1 && isSecurityScheme(schemes[0]!)) return schemes[0];
   throw new Error(`${op.operationId}: bound validation takes one security scheme`);
 }
 
@@ -213,7 +222,7 @@ const mediaType = (req: Request) => req.headers['content-type']?.split(';')[0]?.
 
 /** The compiled checks of one operation: compiled once per process, whatever the number of apps. */
 interface Checks {
-  scheme: 'user' | 'worker' | null;
+  scheme: SecurityScheme | null;
   request: ReturnType<typeof compileRequest>;
   responses: Map<number, ValidateFunction | null>;
 }
@@ -276,10 +285,7 @@ export function boundValidator(ctx: AppContext, op: SpecOperation) {
 
   return async (req: Request, res: Response, next: NextFunction) => {
     try {
-      if (scheme) {
-        await authenticateRequest(ctx.knex, req, scheme);
-        if (scheme === 'user') keepSentBody(req);
-      }
+      if (scheme) await authenticateRequest(ctx.knex, req, scheme);
       checkRequest(req);
       const json = res.json.bind(res);
       res.json = (body: unknown) => {

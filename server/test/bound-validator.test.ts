@@ -8,7 +8,7 @@ import type { AddressInfo } from 'node:net';
 import express, { type NextFunction, type Request, type Response } from 'express';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createApp } from '../src/app.js';
-import { BOUND_OPERATIONS, boundValidator } from '../src/bound-validator.js';
+import { assertSupported, BOUND_OPERATIONS, boundValidator } from '../src/bound-validator.js';
 import { specOperations } from '../src/spec.js';
 import { createFinetune } from './fake-worker.js';
 import { startTestServer, type TestServer } from './harness.js';
@@ -340,5 +340,32 @@ describe('bound validation of responses', () => {
     } finally {
       await new Promise((resolve) => listening.close(resolve));
     }
+  });
+});
+
+describe('the mount-time guard of bound validation', () => {
+  it("refuses a keyword it does not implement, wherever it sits, but not a property or an example's key of that name", () => {
+    const refused = /bound validation does not implement 'nullable'/;
+    expect(() => assertSupported({ type: 'string', nullable: true }, 'op')).toThrow(refused);
+    expect(() =>
+      assertSupported(
+        { type: 'object', properties: { a: { type: 'array', items: { nullable: true } } } },
+        'op',
+      ),
+    ).toThrow(refused);
+    expect(() =>
+      assertSupported({ type: 'object', properties: { b: { anyOf: [{ nullable: true }] } } }, 'op'),
+    ).toThrow(refused);
+    expect(() =>
+      assertSupported(
+        {
+          type: 'object',
+          properties: { nullable: { type: 'boolean' }, readOnly: { type: 'string' } },
+          example: { nullable: true },
+          default: { readOnly: 'x' },
+        },
+        'op',
+      ),
+    ).not.toThrow();
   });
 });
