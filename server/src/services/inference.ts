@@ -166,8 +166,10 @@ export async function* runInference(
 ): AsyncGenerator<InferenceChunk, void, undefined> {
   const id = newId('inf');
   const inbox = subscribe(ctx, id);
+  // Whether the request is surely not queued (no worker serves), so there is no row to remove.
+  let notQueued = false;
   try {
-    const queued = await runPrepared(ctx.knex, ENQUEUE_INFERENCE, [
+    const rows = await runPrepared(ctx.knex, ENQUEUE_INFERENCE, [
       id,
       tenantId,
       `infreq_${randomBytes(24).toString('base64url')}`,
@@ -178,7 +180,8 @@ export async function* runInference(
       CHANNEL,
       JSON.stringify({ queued: true } satisfies Relayed),
     ]);
-    if (queued.length === 0) {
+    notQueued = rows.length === 0;
+    if (notQueued) {
       throw new ApiError(
         503,
         'no_serving_worker',
@@ -201,7 +204,7 @@ export async function* runInference(
     }
   } finally {
     inbox.close();
-    await ctx.knex('inference_requests').where('id', id).delete();
+    if (!notQueued) await ctx.knex('inference_requests').where('id', id).delete();
   }
 }
 
