@@ -625,7 +625,8 @@ describe.each(DATABASES)('training jobs on %s', (db) => {
           adapter_name: 'held-out',
           error_code: 'worker_error',
           error_message: 'boom',
-          started_at: new Date('2026-01-02T03:04:05.678Z'),
+          // microseconds, which the view's JSON and a row's Date both cut to milliseconds
+          started_at: server.ctx.knex.raw(`'2026-01-02 03:04:05.678999+00'::timestamptz`),
           finished_at: new Date('2026-01-02T04:04:05.678Z'),
         });
       const row = await server.ctx.knex('jobs').where({ id }).first();
