@@ -3,11 +3,12 @@ import { createKey } from '../src/auth.js';
 import { teacherPricesEnv } from '../src/config.js';
 import { newId } from '../src/ids.js';
 import { enqueueJob } from '../src/queue/enqueue.js';
-import { reservableUsd, reserveBudget } from '../src/services/budget.js';
+import { MIN_RESERVATION_USD, reservableUsd, reserveBudget } from '../src/services/budget.js';
 import { DEFAULT_PARAMS, estimateJobCostUsd, teacherUsdPerMillionTokens } from '../src/services/estimate.js';
 import type { TrainingJobCreate } from '../src/services/training-request.js';
 import { planTrainingJob } from '../src/services/training-request.js';
 import { fakeWorker } from './fake-worker.js';
+import { completedJob } from './fixtures.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
 
 describe('job cost estimates', () => {
@@ -199,6 +200,27 @@ describe.each(DATABASES)('budget reservations on %s', (db) => {
     expect((await budgetOf(key)).remaining_usd).toBeCloseTo(limit - 2 * each, 4);
     expect((await create(key)).status).toBe(201);
     expect((await create(key)).status).toBe(402);
+  });
+
+  it('a job estimated at nothing (a merge) still needs something left: refused 402 once the budget is spent', async () => {
+    const { tenantId, key } = await tenantWithLimit(5);
+    const { jobId } = await completedJob(server, { tenantId });
+    await server.ctx.knex('jobs').where({ id: jobId }).update({ cost_accrued: 5 });
+    const merge = () =>
+      server.api('/v1/training/jobs', { method: 'POST', json: { type: 'merge', parent_job_id: jobId }, key });
+    const refused = await merge();
+    expect(refused.status).toBe(402);
+    expect((await refused.json()).error.code).toBe('insufficient_credits');
+    expect(await server.ctx.knex('jobs').where({ tenant_id: tenantId, type: 'merge' })).toEqual([]);
+
+    await server.ctx.knex('tenants').where({ id: tenantId }).update({ budget_limit_usd: 6 });
+    const created = await merge();
+    expect(created.status).toBe(201);
+    const row = await server.ctx
+      .knex('jobs')
+      .where({ id: (await created.json()).id })
+      .first('cost_reserved');
+    expect(Number(row.cost_reserved)).toBe(MIN_RESERVATION_USD);
   });
 
   it('a finished job keeps only what it accrued: the rest of its estimate is released', async () => {

@@ -55,8 +55,8 @@ const initialPhase = (kind: JobKind) => (kind === 'distillation' ? 'initializing
 /**
  * Puts a new job in the queue as `pending`, runnable now, and records its `created` event.
  * `db` may be a transaction: waiting claims are woken only once it commits, so they never look
- * for a row they cannot see yet. A job with an estimated cost first reserves it against the
- * tenant's budget, in the same transaction as its row.
+ * for a row they cannot see yet. The job first reserves its estimated cost (services/budget.ts
+ * reservableUsd) against the tenant's budget, in the same transaction as its row.
  */
 export async function enqueueJob(
   ctx: Pick<AppContext, 'knex' | 'dbKind' | 'queueSignal' | 'secretBox' | 'logger' | 'shuttingDown'>,
@@ -64,11 +64,9 @@ export async function enqueueJob(
   input: EnqueueInput,
 ): Promise<JobRow> {
   const reservedUsd = reservableUsd(input.estimatedUsd ?? 0);
-  if (reservedUsd > 0) {
-    // The budget's row lock must last until the job row commits: without a transaction it would not.
-    if (!db.isTransaction) return ctx.knex.transaction((trx) => enqueueJob(ctx, trx, input));
-    await reserveBudget(db as Knex.Transaction, input.tenantId, reservedUsd);
-  }
+  // The budget's row lock must last until the job row commits: without a transaction it would not.
+  if (!db.isTransaction) return ctx.knex.transaction((trx) => enqueueJob(ctx, trx, input));
+  await reserveBudget(db as Knex.Transaction, input.tenantId, reservedUsd);
   const result = await db.raw(
     `
     INSERT INTO jobs (

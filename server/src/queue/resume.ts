@@ -6,9 +6,6 @@ import { recordEvent } from './events.js';
 import { notifyAfterCommit } from './notify.js';
 import type { JobKind, JobRow } from './types.js';
 
-/** The least a resumed job must find left in its tenant's budget. */
-const MIN_RESERVATION_USD = 0.0001;
-
 /** The checkpoint a resume starts from: the named one, else the latest. */
 async function pickCheckpoint(
   db: AppContext['knex'],
@@ -46,10 +43,9 @@ export async function resumeJob(
     if (!checkpoint && !job.paused_at) {
       throw conflict(`Job ${jobId} has no checkpoint to resume from.`, 'job_not_resumable');
     }
-    // Pending again, it holds what is left of its estimate (at least a cent's hundredth: a job whose
-    // tenant has nothing left would only be stopped at its first heartbeat): 402 when that does not fit.
+    // Pending again, it holds what is left of its estimate: 402 when that does not fit.
     const unspent = Number(job.cost_reserved) - Number(job.cost_accrued);
-    await reserveBudget(trx, tenantId, Math.max(reservableUsd(unspent), MIN_RESERVATION_USD));
+    await reserveBudget(trx, tenantId, reservableUsd(unspent));
 
     const updated = await trx.raw(
       `

@@ -1,9 +1,9 @@
 /**
  * Budgets. A tenant's limit covers what its jobs have accrued plus what its live jobs (pending or
- * running) may still cost: each job reserves its estimate when it is created, and the reservation
- * stops counting once the job ends (only what it accrued stays spent). Reservations are taken under
- * a lock on the tenant's row, so concurrent creates see each other's. Running jobs whose tenant went
- * over the limit are stopped by the heartbeat (`queue/heartbeat.ts`).
+ * running) may still cost: each job reserves its estimate (at least MIN_RESERVATION_USD) when it is
+ * created, and the reservation stops counting once the job ends (only what it accrued stays spent).
+ * Reservations are taken under a lock on the tenant's row, so concurrent creates see each other's.
+ * Running jobs whose tenant went over the limit are stopped by the heartbeat (`queue/heartbeat.ts`).
  */
 import type { Knex } from 'knex';
 import type { AppContext } from '../context.js';
@@ -14,8 +14,18 @@ import type { Schemas } from '../http.js';
 const usd = (value: number) => `$${value.toFixed(value > 0 && value < 0.01 ? 4 : 2)}`;
 /** Money is kept to 4 decimals (the columns' scale); answers round to the same. */
 const money = (value: number) => Number(value.toFixed(4));
-/** An estimate as it is reserved: rounded up to the columns' scale, so the check and the hold agree. */
-export const reservableUsd = (estimate: number) => Math.ceil(Number((estimate * 1e4).toFixed(6))) / 1e4;
+/**
+ * The least a live job holds: one estimated at nothing (a merge reads no data) still bills its
+ * worker's time, and a tenant with nothing left would only have it stopped at its first heartbeat.
+ */
+export const MIN_RESERVATION_USD = 0.0001;
+
+/**
+ * An estimate as it is reserved: rounded up to the columns' scale, so the check and the hold agree,
+ * and at least MIN_RESERVATION_USD.
+ */
+export const reservableUsd = (estimate: number) =>
+  Math.max(MIN_RESERVATION_USD, Math.ceil(Number((estimate * 1e4).toFixed(6))) / 1e4);
 
 /** Job states whose unspent estimate is held against the budget. */
 const LIVE = `status IN ('pending', 'running')`;
