@@ -191,6 +191,31 @@ describe.each(DATABASES)('batched claims and completes on %s', (db) => {
     expect(completedEvents.sort()).toEqual([a!.job_id, c!.job_id].sort());
   });
 
+  it.each([
+    ['the stale one first', true],
+    ['the current one first', false],
+  ])(
+    'completes the current lease of a job a batch names twice (%s), however stale what this server kept of it',
+    async (_, staleFirst) => {
+      await drain();
+      const id = await enqueue();
+      const [stale] = await claimBatch(1);
+      // its lease lapsed and another server leased it again: this server never heard of that lease
+      const current = 'lease_from_another_server';
+      await server.ctx.knex('jobs').where({ id }).update({ lease_token: current });
+      await server.ctx.knex('job_attempts').where({ job_id: id }).update({ lease_token: current });
+      const tokens = staleFirst ? [stale!.lease_token, current] : [current, stale!.lease_token];
+      const outcomes = await completeJobs(
+        server.ctx,
+        tokens.map((leaseToken) => ({ jobId: id, leaseToken, result: { steps: 1 } })),
+      );
+      const byToken = new Map(tokens.map((token, i) => [token, outcomes[i]]));
+      expect(byToken.get(current)).toEqual({ jobId: id });
+      expect(byToken.get(stale!.lease_token)).toMatchObject({ error: { code: 'lease_lost' } });
+      expect(await server.ctx.knex('jobs').where({ id }).first('status')).toEqual({ status: 'completed' });
+    },
+  );
+
   it('registers each job of a batch under its own adapter name when two ask for the same one', async () => {
     await drain();
     await enqueue({ config: { output_name: 'twin' } });

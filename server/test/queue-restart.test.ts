@@ -113,7 +113,7 @@ describe.each(DATABASES)('server restart mid-job on %s', (db) => {
 
       const done = await (await server.api(`/v1/training/jobs/${id}`)).json();
       expect(done).toMatchObject({ status: 'completed', retries: 0, attempt: 1, last_checkpoint_step: 4 });
-      // this server never saw the claim: the completion read the job to register its adapter
+      // this server never saw the claim: its completion plans from the job it reads
       const adapter = await (await server.api(`/v1/adapters/${done.adapter_name}`)).json();
       expect(adapter).toMatchObject({ job_id: id, metrics: { final_loss: 0.3, training_steps: 8 } });
       const logs = await (await server.api(`/v1/training/jobs/${id}/logs`)).json();

@@ -3,6 +3,7 @@ import { conflict } from '../errors.js';
 import { endAttempt, repeatOrFenceMiss } from './complete.js';
 import { recordEvent } from './events.js';
 import { BILL_WORKER_TIME, pricePerSecond } from './lease.js';
+import { leasedJobs } from './leased-jobs.js';
 import type { JobRow } from './types.js';
 
 /**
@@ -10,6 +11,7 @@ import type { JobRow } from './types.js';
  * `cancelled`. Outputs uploaded before this call are kept.
  */
 export async function acknowledgeCancel(ctx: AppContext, jobId: string, leaseToken: string): Promise<JobRow> {
+  leasedJobs.forget(ctx.knex, jobId, leaseToken); // this lease completes nothing now
   return ctx.knex.transaction(async (trx) => {
     const updated = await trx.raw(
       `

@@ -2,9 +2,9 @@ import type { AppContext } from '../context.js';
 import { newSecret } from '../ids.js';
 import { type PreparedStatement, runPrepared } from '../prepared.js';
 import { dataFilesOf } from '../services/job-spec.js';
-import { rememberLeasedJobs } from './complete.js';
 import { type GangAddress, type GangJoin, joinGang } from './gang.js';
 import { startAttempt } from './lease.js';
+import { leasedJobs } from './leased-jobs.js';
 import { handOnWake, type Wake, waitForJobs } from './notify.js';
 import { SeenWorkers } from './seen-workers.js';
 import { CLAIMED_COLUMNS, type ClaimedJobRow } from './types.js';
@@ -152,7 +152,7 @@ export async function claimJobs(ctx: AppContext, input: ClaimInput, max: number)
   ]);
   ctx.metrics.claimAttempts.inc({ outcome: rows.length > 0 ? 'claimed' : 'empty' });
   // a gang job comes back pending, not leased
-  rememberLeasedJobs(
+  leasedJobs.remember(
     ctx.knex,
     rows.filter((row) => row.status === 'running'),
   );

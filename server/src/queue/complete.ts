@@ -1,10 +1,9 @@
-import type { Knex } from 'knex';
 import type { AppContext } from '../context.js';
 import { ApiError, conflict, leaseLost } from '../errors.js';
-import { getOrCreate } from '../get-or-create.js';
 import { type PreparedStatement, runPrepared } from '../prepared.js';
 import { planJobOutputs } from '../services/registry.js';
 import { billWorkerTime, type Db, fenceMissError, jobNotFound, pricePerSecond } from './lease.js';
+import { leasedJobs } from './leased-jobs.js';
 import { type JobRow, OUTPUT_SOURCE_COLUMNS, type OutputSourceRow } from './types.js';
 
 /**
@@ -53,41 +52,6 @@ export interface Completion {
 
 /** How one completion went: done (now, or by an earlier send of the same request), or why not. */
 export type CompletionOutcome = { jobId: string; error?: never } | { jobId: string; error: ApiError };
-
-/**
- * The jobs this process leased, as their completion's plan reads them (OUTPUT_SOURCE_COLUMNS, none of
- * which change while a job runs), per database: the usual completion, by the server that leased the
- * job, then needs no read before its statement. Entries go when the job completes; past MAX the
- * oldest go. A completion that finds none for its lease (another server process leased the job, this
- * one restarted, or the entry went) reads the job instead.
- */
-class LeasedJobs {
-  static readonly MAX = 10_000;
-  private readonly byDatabase = new WeakMap<Knex, Map<string, OutputSourceRow>>();
-
-  of(knex: Knex): Map<string, OutputSourceRow> {
-    return getOrCreate(this.byDatabase, knex, () => new Map());
-  }
-
-  remember(knex: Knex, jobs: OutputSourceRow[]): void {
-    const leased = this.of(knex);
-    for (const job of jobs) {
-      leased.delete(job.id); // a new lease goes to the back of the line
-      if (leased.size >= LeasedJobs.MAX) leased.delete(leased.keys().next().value!);
-      leased.set(job.id, pickOutputSource(job));
-    }
-  }
-}
-
-const leasedJobs = new LeasedJobs();
-
-/** Only the columns the plan reads: a claim's row also holds the job's sealed secrets. */
-const pickOutputSource = (job: OutputSourceRow): OutputSourceRow =>
-  Object.fromEntries(OUTPUT_SOURCE_COLUMNS.map((column) => [column, job[column]])) as OutputSourceRow;
-
-/** Keeps what the completion of these just-leased jobs will read (claim.ts). */
-export const rememberLeasedJobs = (knex: Knex, jobs: OutputSourceRow[]): void =>
-  leasedJobs.remember(knex, jobs);
 
 /** The jobs being completed, as the decision of what they register needs them. */
 const READ_FOR_COMPLETION: PreparedStatement = {
@@ -183,7 +147,7 @@ const COMPLETE_JOBS: PreparedStatement = {
         phase = 'done',
         results = r.result,
         ${billWorkerTime('$2::float8')},
-        current_step = GREATEST(current_step, COALESCE(total_steps, 0)),
+        current_step = r.steps_done,
         lease_expires_at = NULL,
         -- a completed run's earlier failures are history (kept on the attempts)
         error_code = NULL,
@@ -306,10 +270,9 @@ async function completeTogether(ctx: AppContext, completions: Completion[]): Pro
       JSON.stringify([...inputs.values()]),
       pricePerSecond(ctx),
     ]);
-    const leased = leasedJobs.of(ctx.knex);
     for (const row of rows) {
       done.add(row.id);
-      leased.delete(row.id);
+      leasedJobs.forget(ctx.knex, row.id);
     }
   }
   // Sent but not completed: the lease moved on (or the job was never this one's); look again.
@@ -325,21 +288,22 @@ async function completeTogether(ctx: AppContext, completions: Completion[]): Pro
 
 /**
  * The completed jobs as their plan reads them: kept from this process's claim when it holds the
- * lease being completed, else read (one statement for the rest).
+ * lease being completed, else read (one statement for the rest). A job listed with two different
+ * tokens is read: which of them is current, only the database knows.
  */
 async function outputSources(
   ctx: AppContext,
   completions: Completion[],
 ): Promise<Map<string, OutputSourceRow>> {
-  const leased = leasedJobs.of(ctx.knex);
   const byId = new Map<string, OutputSourceRow>();
+  const unknown = new Set<string>();
   for (const c of completions) {
-    const job = leased.get(c.jobId);
-    if (job?.lease_token === c.leaseToken) byId.set(c.jobId, job);
+    const job = leasedJobs.get(ctx.knex, c.jobId, c.leaseToken);
+    if (job) byId.set(c.jobId, job);
+    else unknown.add(c.jobId);
   }
-  const unknown = [...new Set(completions.map((c) => c.jobId))].filter((id) => !byId.has(id));
-  if (unknown.length === 0) return byId;
-  const read = await runPrepared<OutputSourceRow>(ctx.knex, READ_FOR_COMPLETION, [unknown]);
+  if (unknown.size === 0) return byId;
+  const read = await runPrepared<OutputSourceRow>(ctx.knex, READ_FOR_COMPLETION, [[...unknown]]);
   for (const job of read) byId.set(job.id, job);
   return byId;
 }

@@ -2,6 +2,7 @@ import type { AppContext } from '../context.js';
 import { endAttempt, repeatOrFenceMiss } from './complete.js';
 import { recordEvent } from './events.js';
 import { BILL_WORKER_TIME, pricePerSecond } from './lease.js';
+import { leasedJobs } from './leased-jobs.js';
 import { notifyAfterCommit } from './notify.js';
 import type { JobRow } from './types.js';
 
@@ -26,6 +27,7 @@ export async function failJob(
   leaseToken: string,
   input: FailInput,
 ): Promise<JobRow> {
+  leasedJobs.forget(ctx.knex, jobId, leaseToken); // this lease completes nothing now
   return ctx.knex.transaction(async (trx) => {
     const updated = await trx.raw(
       `

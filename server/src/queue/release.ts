@@ -2,6 +2,7 @@ import type { AppContext } from '../context.js';
 import { endAttempt, repeatOrFenceMiss } from './complete.js';
 import { recordEvent } from './events.js';
 import { BILL_WORKER_TIME, pricePerSecond } from './lease.js';
+import { leasedJobs } from './leased-jobs.js';
 import { notifyAfterCommit } from './notify.js';
 import type { JobRow } from './types.js';
 
@@ -11,6 +12,7 @@ import type { JobRow } from './types.js';
  * never use up the job's retries. A job whose owner asked to cancel it ends `cancelled`.
  */
 export async function releaseJob(ctx: AppContext, jobId: string, leaseToken: string): Promise<JobRow> {
+  leasedJobs.forget(ctx.knex, jobId, leaseToken); // this lease completes nothing now
   return ctx.knex.transaction(async (trx) => {
     const updated = await trx.raw(
       `

@@ -162,9 +162,10 @@ function reportedMetrics(result: Record<string, unknown>): Record<string, unknow
   };
 }
 
-/** An adapter's metrics: as reported, else from the job's progress. */
+/** An adapter's metrics: as reported, else from the job's progress (as queue/complete.ts's `measured`). */
 function metricsOf(job: JobRow, result: Record<string, unknown>): Record<string, unknown> {
-  return { final_loss: num(job.current_loss), training_steps: job.current_step, ...reportedMetrics(result) };
+  const stepsDone = Math.max(job.current_step, job.total_steps ?? 0);
+  return { final_loss: num(job.current_loss), training_steps: stepsDone, ...reportedMetrics(result) };
 }
 
 /** `base` if the tenant has no adapter of that name yet, else `base-<job short id>`. */
