@@ -178,7 +178,7 @@ export const trainingJobRoutes: Routes = {
       'job',
       async (id) => {
         const parent = await mergeParent(ctx, tenantId, parentId);
-        // merging reads and writes the weights once: no training tokens to reserve in the budget
+        // merging reads and writes the weights once: no training tokens, so it holds the budget's least
         await enqueueJob(ctx, ctx.knex, { ...mergeJobPlan(parent, body), id, tenantId });
       },
       body,
