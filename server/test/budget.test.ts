@@ -211,6 +211,12 @@ describe.each(DATABASES)('budget reservations on %s', (db) => {
     const refused = await merge();
     expect(refused.status).toBe(402);
     expect((await refused.json()).error.code).toBe('insufficient_credits');
+    const mergeRoute = await server.api(`/v1/training/jobs/${jobId}/merge`, {
+      method: 'POST',
+      json: {},
+      key,
+    });
+    expect(mergeRoute.status).toBe(402);
     expect(await server.ctx.knex('jobs').where({ tenant_id: tenantId, type: 'merge' })).toEqual([]);
 
     await server.ctx.knex('tenants').where({ id: tenantId }).update({ budget_limit_usd: 6 });

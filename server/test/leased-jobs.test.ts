@@ -1,6 +1,6 @@
 import type { Knex } from 'knex';
 import { describe, expect, it } from 'vitest';
-import { leasedJobs } from '../src/queue/leased-jobs.js';
+import { LeasedJobs, leasedJobs } from '../src/queue/leased-jobs.js';
 import type { OutputSourceRow } from '../src/queue/types.js';
 
 const job = (id: string, leaseToken: string) =>
@@ -42,16 +42,19 @@ describe('the leases a server keeps for their completion', () => {
 
   it('holds at most MAX jobs: the least recently leased go first', () => {
     const knex = {} as Knex;
-    const max = 10_000;
     leasedJobs.remember(
       knex,
-      Array.from({ length: max }, (_, i) => job(`job_${i}`, 'lease_1')),
+      Array.from({ length: LeasedJobs.MAX }, (_, i) => job(`job_${i}`, 'lease_1')),
     );
-    leasedJobs.remember(knex, [job('job_0', 'lease_2')]); // leased again: now the newest
-    leasedJobs.remember(knex, [job('job_new', 'lease_1')]);
-    expect(leasedJobs.get(knex, 'job_1', 'lease_1')).toBeUndefined();
-    expect(leasedJobs.get(knex, 'job_0', 'lease_2')).toBeDefined();
-    expect(leasedJobs.get(knex, 'job_2', 'lease_1')).toBeDefined();
-    expect(leasedJobs.get(knex, 'job_new', 'lease_1')).toBeDefined();
+    leasedJobs.remember(knex, [job('job_5', 'lease_2')]); // leased again: now the newest
+    leasedJobs.remember(
+      knex,
+      Array.from({ length: 6 }, (_, i) => job(`job_new_${i}`, 'lease_1')),
+    );
+    for (const gone of [0, 1, 2, 3, 4, 6])
+      expect(leasedJobs.get(knex, `job_${gone}`, 'lease_1')).toBeUndefined();
+    expect(leasedJobs.get(knex, 'job_5', 'lease_2')).toBeDefined();
+    expect(leasedJobs.get(knex, 'job_7', 'lease_1')).toBeDefined();
+    expect(leasedJobs.get(knex, 'job_new_5', 'lease_1')).toBeDefined();
   });
 });

@@ -200,6 +200,7 @@ describe.each(DATABASES)('batched claims and completes on %s', (db) => {
       await drain();
       const id = await enqueue();
       const [stale] = await claimBatch(1);
+      expect(stale!.job_id).toBe(id);
       // its lease lapsed and another server leased it again: this server never heard of that lease
       const current = 'lease_from_another_server';
       await server.ctx.knex('jobs').where({ id }).update({ lease_token: current });

@@ -6,6 +6,7 @@ import { Readable } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { newId } from '../src/ids.js';
 import { enqueueJob } from '../src/queue/enqueue.js';
+import { leasedJobs } from '../src/queue/leased-jobs.js';
 import { LocalStorage } from '../src/storage.js';
 import { createFinetune, fakeWorker, sleep } from './fake-worker.js';
 import { finetuneInput } from './fixtures.js';
@@ -330,6 +331,37 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
     const adapter = await (await server.api('/v1/adapters/progress-metrics')).json();
     // completion moves the step counter to the planned total, and the metrics show it
     expect(adapter.metrics).toEqual({ final_loss: 1.25, training_steps: 4, training_time_minutes: 1.5 });
+  });
+
+  it('forgets what it kept of a lease for its completion once the lease ends otherwise', async () => {
+    await clearQueue();
+    const id = await createFinetune(server);
+    const kept = (token: string) => leasedJobs.get(server.ctx.knex, id, token);
+    const claimed = async () => {
+      const job = (await worker.claim())!;
+      expect(kept(job.lease_token)).toMatchObject({ id });
+      return job.lease_token;
+    };
+    const post = (path: string, token: string) =>
+      server.api(`/v1/workers/jobs/${id}/${path}`, {
+        key: server.workerToken,
+        method: 'POST',
+        json: { lease_token: token },
+      });
+    const released = await claimed();
+    expect((await post('release', released)).status).toBe(200);
+    expect(kept(released)).toBeUndefined();
+    const failed = await claimed();
+    expect((await worker.fail(id, failed, { code: 'oom', message: 'OOM' }, true)).status).toBe(200);
+    expect(kept(failed)).toBeUndefined();
+    await server.ctx
+      .knex('jobs')
+      .where({ id })
+      .update({ run_at: server.ctx.knex.raw('now()') });
+    const cancelled = await claimed();
+    expect((await server.api(`/v1/training/jobs/${id}/cancel`, { method: 'POST' })).status).toBe(200);
+    expect((await worker.cancelled(id, cancelled)).status).toBe(200);
+    expect(kept(cancelled)).toBeUndefined();
   });
 
   it('puts a retryable failure back with backoff and ends a final one failed', async () => {

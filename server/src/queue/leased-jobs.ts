@@ -11,7 +11,7 @@ import { OUTPUT_SOURCE_COLUMNS, type OutputSourceRow } from './types.js';
  * ended otherwise (expired, another server) stays until MAX newer ones push it out. A completion
  * that finds none for its lease reads the job instead.
  */
-class LeasedJobs {
+export class LeasedJobs {
   static readonly MAX = 10_000;
   private readonly byDatabase = new WeakMap<Knex, Map<string, OutputSourceRow>>();
 

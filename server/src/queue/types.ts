@@ -69,7 +69,7 @@ export interface ReportOutcome {
 
 /**
  * The columns a claim returns: what the claim answer (services/job-spec.ts) and its route read, and
- * what its completion's plan reads (OUTPUT_SOURCE_COLUMNS, kept by queue/complete.ts).
+ * what its completion's plan reads (OUTPUT_SOURCE_COLUMNS, kept by queue/leased-jobs.ts).
  */
 export const CLAIMED_COLUMNS = [
   'id',

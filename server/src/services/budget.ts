@@ -15,8 +15,10 @@ const usd = (value: number) => `$${value.toFixed(value > 0 && value < 0.01 ? 4 :
 /** Money is kept to 4 decimals (the columns' scale); answers round to the same. */
 const money = (value: number) => Number(value.toFixed(4));
 /**
- * The least a live job holds: one estimated at nothing (a merge reads no data) still bills its
- * worker's time, and a tenant with nothing left would only have it stopped at its first heartbeat.
+ * The least a job must find left in its tenant's budget to be created (then held until it ends or
+ * accrues as much) or resumed: one estimated at nothing (a merge, a native prompt optimization)
+ * still bills its worker's time, and a tenant with nothing left would only have it stopped at its
+ * first heartbeat.
  */
 export const MIN_RESERVATION_USD = 0.0001;
 
