@@ -8815,7 +8815,7 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIChatCompletion"];
                     "text/event-stream": {
                         /** @description A chunk as JSON (an `{"error"}` object if the worker failed midway), or `[DONE]` last. */
-                        data: string;
+                        data: string | "[DONE]";
                     };
                 };
             };
