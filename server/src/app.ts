@@ -16,6 +16,7 @@ import { ApiError, type ValidatorError } from './errors.js';
 import { type Handler, wrap } from './http.js';
 import { jsonBody } from './json-body.js';
 import { metricsRoute, timeOperation } from './metrics.js';
+import { routeTable, type TablePath } from './route-table.js';
 import { allRoutes } from './routes/index.js';
 import { OPENAI_PREFIX, openAIErrorBody } from './routes/openai/errors.js';
 import { datasetUploadOptions, discardUnclaimedUploads } from './services/dataset-upload.js';
@@ -110,6 +111,9 @@ export function unhandledOperations(): string[] {
  * spec. Any other method on the path reaches the validator through `all`, which answers 405 with
  * `Allow`; so does HEAD, which the spec does not have (Express would run a GET's handler for it).
  * Paths go in routeOrder, so `/v1/datasets/build` is never taken for a dataset id.
+ *
+ * The bound operations' handlers are also reachable through a route table mounted first
+ * (route-table.ts), which finds their route without walking Express's.
  */
 function mountRoutes(
   app: express.Express,
@@ -118,16 +122,27 @@ function mountRoutes(
   validator: RequestHandler[],
 ): void {
   const handlers = allRoutes as Record<string, Handler>;
+  const table: TablePath[] = [];
+  const routes = express.Router();
   for (const [expressPath, operations] of operationsByPath()) {
-    const route = app.route(expressPath).head(validator);
+    const route = routes.route(expressPath).head(validator);
+    const tableHandlers = new Map<string, RequestHandler[]>();
     for (const op of operations) {
       const handler = handlers[op.operationId];
       if (!handler) continue;
-      const validate = boundOperations.has(op.operationId) ? boundValidator(ctx, op) : validator;
-      route[op.method](validate, timeOperation(ctx.metrics, op.operationId), wrap(handler, ctx));
+      const bound = boundOperations.has(op.operationId);
+      const chain = [
+        bound ? boundValidator(ctx, op) : validator,
+        timeOperation(ctx.metrics, op.operationId),
+        wrap(handler, ctx),
+      ].flat();
+      route[op.method](chain);
+      if (bound) tableHandlers.set(op.method.toUpperCase(), chain);
     }
     route.all(validator);
+    table.push({ expressPath, handlers: tableHandlers });
   }
+  app.use(routeTable(table), routes);
 }
 
 /**
