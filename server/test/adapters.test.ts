@@ -2,9 +2,8 @@ import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { newId } from '../src/ids.js';
+import { completeJobs } from '../src/queue/complete.js';
 import { enqueueJob } from '../src/queue/enqueue.js';
-import type { JobRow } from '../src/queue/types.js';
-import { registerJobOutputs } from '../src/services/registry.js';
 import { fakeServingWorker } from './fake-worker.js';
 import { completedJob } from './fixtures.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
@@ -82,12 +81,13 @@ describe.each(DATABASES)('adapters on %s', (db) => {
     const unnamed = await completedJob(server, { baseModel: 'Qwen/Qwen2.5-0.5B-Instruct' });
     expect(unnamed.adapterName).toBe(`qwen2.5-0.5b-instruct-${unnamed.jobId.slice(-8)}`);
 
-    const again = await server.ctx.knex.transaction(async (trx) => {
-      const job = (await trx('jobs').where({ id: first.jobId }).first()) as JobRow;
-      return registerJobOutputs(server.ctx, trx, job, {});
-    });
-    expect(again).toEqual({ adapterName: first.adapterName, modelId: first.modelId });
+    // The same completion sent again (a worker's retry) registers nothing more.
+    const again = await completeJobs(server.ctx, [
+      { jobId: first.jobId, leaseToken: first.leaseToken, result: {} },
+    ]);
+    expect(again).toEqual([{ jobId: first.jobId }]);
     expect(await server.ctx.knex('models').where({ job_id: first.jobId })).toHaveLength(1);
+    expect(await server.ctx.knex('adapters').where({ job_id: first.jobId })).toHaveLength(1);
   });
 
   it('gives two jobs completing at once with one output_name distinct adapter names', async () => {

@@ -1,7 +1,8 @@
-import { newId } from '../src/ids.js';
+import { newId, newSecret } from '../src/ids.js';
+import { completeJobs } from '../src/queue/complete.js';
 import { type EnqueueInput, enqueueJob } from '../src/queue/enqueue.js';
+import { START_ATTEMPT } from '../src/queue/lease.js';
 import type { JobRow } from '../src/queue/types.js';
-import { registerJobOutputs } from '../src/services/registry.js';
 import type { TestServer } from './harness.js';
 
 /** A LoRA fine-tune of the default tenant as the queue takes it, with `overrides`; a fresh id each call. */
@@ -31,8 +32,9 @@ export interface CompletedJobOptions {
 }
 
 /**
- * A job that completed with these output files, registered as a worker's completion would
- * (src/queue/complete.ts): its outputs become an adapter and / or a model, and the job points at them.
+ * A job that completed with these output files: leased, then completed with `opts.result` as a
+ * worker's completion is (src/queue/complete.ts). Its outputs become an adapter and / or a model,
+ * and the job points at them.
  */
 export async function completedJob(server: TestServer, opts: CompletedJobOptions = {}) {
   const { knex } = server.ctx;
@@ -62,17 +64,30 @@ export async function completedJob(server: TestServer, opts: CompletedJobOptions
       sha256: stored.sha256,
     });
   }
-  return knex.transaction(async (trx) => {
-    const [job] = (await trx('jobs')
-      .where({ id })
-      .update({ status: 'completed', phase: 'done' })
-      .returning('*')) as JobRow[];
-    const registered = await registerJobOutputs(server.ctx, trx, job!, opts.result ?? {});
-    await trx('jobs')
-      .where({ id })
-      .update({ output_model_id: registered.modelId, adapter_name: registered.adapterName });
-    return { jobId: id, ...registered };
+  const leaseToken = await leaseJob(server, id);
+  const [outcome] = await completeJobs(server.ctx, [{ jobId: id, leaseToken, result: opts.result ?? {} }]);
+  if (outcome?.error) throw outcome.error;
+  const job = (await knex('jobs').where({ id }).first()) as JobRow;
+  return { jobId: id, leaseToken, adapterName: job.adapter_name, modelId: job.output_model_id };
+}
+
+/** Leases a job to a test worker as a claim does (queue/claim.ts), its attempt row too; answers its lease token. */
+export async function leaseJob(server: TestServer, jobId: string): Promise<string> {
+  const leaseToken = newSecret('lease');
+  await server.ctx.knex.transaction(async (trx) => {
+    await trx.raw(`UPDATE jobs SET ${START_ATTEMPT} WHERE id = :jobId`, {
+      jobId,
+      leaseToken,
+      workerId: 'fixture-worker',
+      leaseSeconds: 600,
+    });
+    await trx.raw(
+      `INSERT INTO job_attempts (job_id, attempt, worker_id, lease_token)
+       SELECT id, attempt, lease_owner, lease_token FROM jobs WHERE id = ?`,
+      [jobId],
+    );
   });
+  return leaseToken;
 }
 
 /** One recorded chat trajectory of the default tenant with two LLM calls (two support tickets). */

@@ -2,9 +2,9 @@ import { createHash } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { completeJobs } from '../src/queue/complete.js';
 import type { JobRow } from '../src/queue/types.js';
-import { registerJobOutputs } from '../src/services/registry.js';
-import { type CompletedJobOptions, completedJob } from './fixtures.js';
+import { type CompletedJobOptions, completedJob, leaseJob } from './fixtures.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
 
 /** This file's jobs: from llama-3.2-1b, with no method and one whole-model file unless given. */
@@ -276,13 +276,10 @@ describe.each(DATABASES)('models on %s', (db) => {
     expect((await conflict.json()).error.code).toBe('idempotency_conflict');
 
     const scores = { perplexity: 4.2, coherence: 0.87, consistency: 0.91, helpfulness: 0.84 };
-    await server.ctx.knex.transaction(async (trx) => {
-      const [done] = (await trx('jobs')
-        .where({ id: job.id })
-        .update({ status: 'completed', results: JSON.stringify({ scores }), finished_at: trx.fn.now() })
-        .returning('*')) as JobRow[];
-      await registerJobOutputs(server.ctx, trx, done!, { scores });
-    });
+    const leaseToken = await leaseJob(server, job.id);
+    expect(await completeJobs(server.ctx, [{ jobId: job.id, leaseToken, result: { scores } }])).toEqual([
+      { jobId: job.id },
+    ]);
     const model = await (await server.api(`/v1/models/${modelId}`)).json();
     expect(model.benchmark).toMatchObject({ scores, job_id: job.id, dataset_id: ds.id });
     const finished = await (

@@ -8,7 +8,7 @@ import type { Knex } from 'knex';
 import type { AppContext } from '../context.js';
 import type { Schemas } from '../http.js';
 import { newId } from '../ids.js';
-import type { JobRow, OutputSourceRow } from '../queue/types.js';
+import type { OutputSourceRow } from '../queue/types.js';
 
 type ModelKind = Schemas['Model']['kind'];
 
@@ -160,90 +160,6 @@ function reportedMetrics(result: Record<string, unknown>): Record<string, unknow
     training_time_minutes: seconds == null ? null : Number((seconds / 60).toFixed(2)),
     ...(evalLoss != null && { eval_loss: evalLoss }),
   };
-}
-
-/** An adapter's metrics: as reported, else from the job's progress (as queue/complete.ts's `measured`). */
-function metricsOf(job: JobRow, result: Record<string, unknown>): Record<string, unknown> {
-  const stepsDone = Math.max(job.current_step, job.total_steps ?? 0);
-  return { final_loss: num(job.current_loss), training_steps: stepsDone, ...reportedMetrics(result) };
-}
-
-/** `base` if the tenant has no adapter of that name yet, else `base-<job short id>`. */
-/**
- * Inserts the job's adapter under `base`, or under `base-<job id>` when another adapter has that
- * name. ON CONFLICT makes the choice safe when two jobs with the same output_name complete at once
- * (the second waits for the first's row, then takes the suffixed name).
- */
-async function insertAdapter(trx: Knex.Transaction, job: JobRow, base: string, row: Record<string, unknown>) {
-  for (const name of [base, `${base.slice(0, 119)}-${shortId(job.id)}`]) {
-    const inserted = await trx('adapters')
-      .insert({ ...row, tenant_id: job.tenant_id, name, job_id: job.id })
-      .onConflict(['tenant_id', 'name'])
-      .ignore()
-      .returning('name');
-    if (inserted.length > 0) return name;
-  }
-  throw new Error(`adapter names ${base} and its job-suffixed form are both taken`);
-}
-
-/**
- * Registers what a completed job produced, inside the completing transaction. LoRA/QLoRA fine-tunes
- * and distillations create an adapter and a model of kind `adapter` / `distilled`; merge, full,
- * train and contract jobs create a `merged` / `full` / `grown` / `contracted` model; a benchmark
- * stores `result.scores` on its model and creates nothing. Safe to call twice for one job.
- */
-export async function registerJobOutputs(
-  _ctx: Pick<AppContext, 'knex'>,
-  trx: Knex.Transaction,
-  job: JobRow,
-  result: Record<string, unknown>,
-): Promise<{ adapterName: string | null; modelId: string | null }> {
-  if (job.type === 'benchmark') {
-    if (job.model_id) {
-      const scores = obj(result.scores) ?? {};
-      const benchmark = {
-        scores,
-        job_id: job.id,
-        dataset_id: job.dataset_id,
-        completed_at: new Date().toISOString(),
-      };
-      await trx('models')
-        .where({ tenant_id: job.tenant_id, id: job.model_id })
-        .update({ benchmark: JSON.stringify(benchmark) });
-    }
-    return { adapterName: null, modelId: null };
-  }
-
-  const plan = outputsOf(job);
-  if (!plan.model) return { adapterName: null, modelId: null };
-  const name = requestedName(job, result) ?? `${slug(job.base_model)}-${shortId(job.id)}`;
-
-  let adapterName: string | null = null;
-  if (plan.adapter) {
-    const existing = await trx('adapters').where({ tenant_id: job.tenant_id, job_id: job.id }).first('name');
-    adapterName =
-      existing?.name ??
-      (await insertAdapter(trx, job, name, {
-        model_name: job.base_model ?? 'unknown',
-        description: job.description,
-        training_config: JSON.stringify(trainingConfigOf(job)),
-        metrics: JSON.stringify(metricsOf(job, result)),
-      }));
-  }
-
-  const existingModel = await trx('models').where({ tenant_id: job.tenant_id, job_id: job.id }).first('id');
-  if (existingModel) return { adapterName, modelId: existingModel.id as string };
-  const modelId = newId('model');
-  await trx('models').insert({
-    id: modelId,
-    tenant_id: job.tenant_id,
-    job_id: job.id,
-    name: adapterName ?? name,
-    kind: plan.model,
-    base_model: job.base_model,
-    params: num(result.params_after) ?? num(result.params_before) ?? null,
-  });
-  return { adapterName, modelId };
 }
 
 /**
