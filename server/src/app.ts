@@ -5,9 +5,9 @@ import { pinoHttp } from 'pino-http';
 import {
   authenticateRequest,
   authFailureOf,
+  isSecurityScheme,
   missingKey,
   SCHEME_PRINCIPALS,
-  type SecurityScheme,
 } from './auth.js';
 import { BOUND_OPERATIONS, boundValidator } from './bound-validator.js';
 import type { AppContext } from './context.js';
@@ -69,10 +69,9 @@ export function createApp(
       fileUploader: datasetUploadOptions(ctx),
       validateSecurity: {
         handlers: Object.fromEntries(
-          Object.keys(SCHEME_PRINCIPALS).map((scheme) => [
-            scheme,
-            (req: Request) => authenticateRequest(ctx.knex, req, scheme as SecurityScheme),
-          ]),
+          Object.keys(SCHEME_PRINCIPALS)
+            .filter(isSecurityScheme)
+            .map((scheme) => [scheme, (req: Request) => authenticateRequest(ctx.knex, req, scheme)]),
         ),
       },
     }),
