@@ -33,6 +33,9 @@ export function createApp(
 ): express.Express {
   const app = express();
   app.disable('x-powered-by');
+  // JSON answers carry no ETag: no client revalidates them, and each would cost a hash of the body.
+  // File downloads set their own (the file's SHA-256), as the spec says.
+  app.set('etag', false);
   app.set('query parser', 'extended');
 
   app.use(requestId);
@@ -136,7 +139,7 @@ function mountRoutes(
         wrap(handler, ctx),
       ].flat();
       route[op.method](chain);
-      if (bound) tableHandlers.set(op.method.toUpperCase(), chain);
+      if (bound) tableHandlers.set(op.method, chain);
     }
     route.all(validator);
     table.push({ expressPath, handlers: tableHandlers });

@@ -246,11 +246,15 @@ function checksOf(op: SpecOperation): Checks {
 }
 
 /**
- * Writes a JSON answer in one step. Express's `res.json` would also hash the body for a weak ETag
- * and test the request's freshness against it: no client of these operations sends
- * `If-None-Match`, and the spec documents ETags only for file downloads.
+ * Writes a JSON answer in one step, as Express's `res.json` would less what it does for requests
+ * these operations never get: HEAD, and revalidation against an ETag (app.ts sets none). A status
+ * without a body (checkResponse allows none for it) is sent empty.
  */
 function sendJson(res: Response, body: unknown): Response {
+  if (body === undefined) {
+    res.end();
+    return res;
+  }
   const text = JSON.stringify(body);
   res.setHeader('Content-Type', 'application/json; charset=utf-8');
   res.setHeader('Content-Length', Buffer.byteLength(text));

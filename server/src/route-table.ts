@@ -12,7 +12,7 @@
  */
 import type { NextFunction, Request, RequestHandler, Response } from 'express';
 
-/** One spec path (Express syntax, `/v1/jobs/:job_id`) and the handlers the table runs, by method. */
+/** One spec path (Express syntax, `/v1/jobs/:job_id`) and the handlers the table runs, by method (any case). */
 export interface TablePath {
   expressPath: string;
   handlers: ReadonlyMap<string, readonly RequestHandler[]>;
@@ -29,14 +29,20 @@ const segmentCount = (path: string) => path.replace(/(.)\/$/, '$1').split('/').l
 
 const escapeRegExp = (text: string) => text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 
+/** A segment the table matches as Express does: a whole parameter, or text with no path-to-regexp syntax. */
+const PLAIN_SEGMENT = /^(:\w+|[^:{}()[\]*?+!\\]*)$/;
+
 function compilePath({ expressPath, handlers }: TablePath): CompiledPath {
   const params: string[] = [];
   const segments = expressPath.split('/').map((segment) => {
+    if (!PLAIN_SEGMENT.test(segment))
+      throw new Error(`route table: ${expressPath} has a segment it cannot match as Express would`);
     if (!segment.startsWith(':')) return escapeRegExp(segment);
     params.push(segment.slice(1));
     return '([^/]+)';
   });
-  return { pattern: new RegExp(`^${segments.join('/')}/?$`, 'i'), params, handlers };
+  const byMethod = new Map([...handlers].map(([method, chain]) => [method.toUpperCase(), chain]));
+  return { pattern: new RegExp(`^${segments.join('/')}/?$`, 'i'), params, handlers: byMethod };
 }
 
 /** Decoded path parameters, or undefined when one is not valid percent-encoding. */
@@ -52,18 +58,21 @@ function decodeParams(names: string[], match: RegExpExecArray): Record<string, s
 
 /**
  * Runs a route's handlers in turn as Express 5 does: each calls `next()` to go on or `next(err)` to
- * fail; a throw or a rejected promise fails too. The last one answers, so none is left to call.
+ * fail; a throw or a rejected promise fails too. The last one answers, so none is left to call, and
+ * none skips to another route (`next('route')`): the next route would be this one, in Express's router.
  */
 function runHandlers(handlers: readonly RequestHandler[], req: Request, res: Response, fail: NextFunction) {
   let at = 0;
   const next = (err?: unknown) => {
-    if (err !== undefined && err !== null) return fail(err);
+    if (err === 'route' || err === 'router')
+      return fail(new Error(`${req.method} ${req.path}: next('${err}') is not supported on a table route`));
+    if (err) return fail(err);
     const handler = handlers[at++];
     if (!handler) return fail(new Error(`${req.method} ${req.path}: the route's last handler called next()`));
     try {
       const result: unknown = handler(req, res, next);
       if (result instanceof Promise)
-        result.catch((rejected: unknown) => fail(rejected ?? new Error('Rejected promise')));
+        result.catch((rejected: unknown) => fail(rejected || new Error('Rejected promise')));
     } catch (thrown) {
       fail(thrown);
     }

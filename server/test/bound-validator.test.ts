@@ -288,6 +288,8 @@ describe('bound validation answers as express-openapi-validator does', () => {
       status: res.status,
       allow: res.headers.get('allow'),
       authenticate: res.headers.get('www-authenticate'),
+      contentType: res.headers.get('content-type'),
+      etag: res.headers.get('etag'),
       body: await res.json().catch(() => null),
     };
   };

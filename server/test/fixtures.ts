@@ -75,12 +75,16 @@ export async function completedJob(server: TestServer, opts: CompletedJobOptions
 export async function leaseJob(server: TestServer, jobId: string): Promise<string> {
   const leaseToken = newSecret('lease');
   await server.ctx.knex.transaction(async (trx) => {
-    await trx.raw(`UPDATE jobs SET ${START_ATTEMPT} WHERE id = :jobId`, {
-      jobId,
-      leaseToken,
-      workerId: 'fixture-worker',
-      leaseSeconds: 600,
-    });
+    const leased = await trx.raw(
+      `UPDATE jobs SET ${START_ATTEMPT} WHERE id = :jobId AND status = 'pending' RETURNING id`,
+      {
+        jobId,
+        leaseToken,
+        workerId: 'fixture-worker',
+        leaseSeconds: 600,
+      },
+    );
+    if (leased.rows.length !== 1) throw new Error(`leaseJob: ${jobId} is not a pending job`);
     await trx.raw(
       `INSERT INTO job_attempts (job_id, attempt, worker_id, lease_token)
        SELECT id, attempt, lease_owner, lease_token FROM jobs WHERE id = ?`,

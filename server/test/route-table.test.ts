@@ -8,6 +8,7 @@ import type { AddressInfo } from 'node:net';
 import express, { type NextFunction, type Request, type RequestHandler, type Response } from 'express';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { routeTable } from '../src/route-table.js';
+import { operationsByPath } from '../src/spec.js';
 
 const answer =
   (name: string): RequestHandler =>
@@ -26,7 +27,7 @@ beforeAll(async () => {
       // Listed without handlers: it still shadows `/jobs/:id` for `/jobs/batch`, as in Express.
       { expressPath: '/jobs/batch', handlers: new Map() },
       { expressPath: '/jobs/:id', handlers: new Map([['GET', [proceed, answer('job')]]]) },
-      { expressPath: '/jobs/:id/logs/:line', handlers: new Map([['GET', [answer('line')]]]) },
+      { expressPath: '/jobs/:id/logs/:line', handlers: new Map([['get', [answer('line')]]]) },
       {
         expressPath: '/fail/:how',
         handlers: new Map<string, RequestHandler[]>([
@@ -41,6 +42,7 @@ beforeAll(async () => {
           ],
           ['PUT', [async () => Promise.reject(new Error('rejected'))]],
           ['PATCH', [proceed]],
+          ['DELETE', [(_req, _res, next) => next('route')]],
         ]),
       },
     ]),
@@ -87,5 +89,94 @@ describe('routeTable', () => {
     expect(await call('/fail/last', 'PATCH')).toEqual({
       error: "PATCH /fail/last: the route's last handler called next()",
     });
+    expect(await call('/fail/skip', 'DELETE')).toEqual({
+      error: "DELETE /fail/skip: next('route') is not supported on a table route",
+    });
+  });
+
+  it('refuses a path whose segments it cannot match as Express would', () => {
+    for (const expressPath of ['/files/{name}', '/files/:name.json', '/v1/*rest'])
+      expect(() => routeTable([{ expressPath, handlers: new Map() }])).toThrow(/cannot match/);
+  });
+});
+
+/**
+ * Every spec path, mounted as app.ts mounts it (an Express route per path, in routeOrder, `all` for
+ * other methods) and in a table holding every operation: for each request, the table must answer
+ * exactly as Express's router does, or leave it to Express.
+ */
+describe('routeTable on the spec’s paths', () => {
+  const paths = operationsByPath();
+  const answerAs =
+    (operation: string): RequestHandler =>
+    (req, res) => {
+      res.json({ operation, params: req.params });
+    };
+  const expressApp = express();
+  const router = express.Router();
+  for (const [expressPath, operations] of paths) {
+    const route = router.route(expressPath);
+    for (const op of operations) route[op.method](answerAs(op.operationId));
+    route.all(answerAs('method not allowed'));
+  }
+  expressApp.use(router);
+  const tableApp = express();
+  tableApp.use(
+    routeTable(
+      paths.map(([expressPath, operations]) => ({
+        expressPath,
+        handlers: new Map(operations.map((op) => [op.method, [answerAs(op.operationId)]])),
+      })),
+    ),
+  );
+  tableApp.use((_req: Request, res: Response) => {
+    res.json({ left: true });
+  });
+  const servers: Server[] = [];
+  const urls: string[] = [];
+
+  beforeAll(async () => {
+    for (const app of [expressApp, tableApp]) {
+      const server = app.listen(0, '127.0.0.1');
+      await new Promise((resolve) => server.once('listening', resolve));
+      servers.push(server);
+      urls.push(`http://127.0.0.1:${(server.address() as AddressInfo).port}`);
+    }
+  });
+  afterAll(() => Promise.all(servers.map((server) => new Promise((resolve) => server.close(resolve)))));
+
+  /** Each spec path with its parameters filled in, in the forms a client might send it. */
+  const requests = paths.flatMap(([expressPath]) => {
+    const filled = expressPath.replace(/:\w+/g, 'x_1');
+    return [
+      filled,
+      `${filled}/`,
+      filled.toUpperCase(),
+      expressPath.replace(/:\w+/g, 'a%2Fb'),
+      expressPath.replace(/:\w+/g, 'complete'),
+      expressPath.replace(/:\w+/g, 'build'),
+      expressPath.replace(/:\w+/g, '%E0%A4%A'),
+      `${filled}//`,
+      filled.replace('/v1/', '/v1//'),
+    ];
+  });
+
+  it('answers as Express would, or leaves the request to it', async () => {
+    let answered = 0;
+    for (const path of requests) {
+      for (const method of ['GET', 'POST', 'PUT', 'DELETE']) {
+        const [byExpress, byTable] = await Promise.all(
+          urls.map(async (url) => {
+            const res = await fetch(`${url}${path}`, { method });
+            return { status: res.status, body: await res.text() };
+          }),
+        );
+        if (byTable!.body === '{"left":true}') continue;
+        answered++;
+        expect({ method, path, ...byTable }).toEqual({ method, path, ...byExpress });
+      }
+    }
+    // It answers most of them: every path in its usual forms, with the methods it has.
+    expect(answered).toBeGreaterThan(paths.length * 4);
   });
 });
