@@ -9,7 +9,7 @@
  *
  * Same paths, bearer token and body shapes as Tunery's worker protocol, so one client loop drives
  * both; no validation, no logging, no ORM. Enqueues `--jobs N` jobs (one INSERT) before it prints
- * `READY {url, token, pending: [ids]}`, answers `GET /counts` (jobs by status) for the exactly-once
+ * `READY {url, token, pending: [ids], pid}`, answers `GET /counts` (jobs by status) for the exactly-once
  * check, and serves until SIGTERM, SIGINT or the end of its stdin; its database is then dropped.
  */
 import { randomUUID } from 'node:crypto';
@@ -25,6 +25,8 @@ export interface ToyInfo {
   url: string;
   token: string;
   pending: string[];
+  /** This process, whose CPU the benchmark reads. */
+  pid: number;
 }
 
 const SCHEMA = `
@@ -156,7 +158,7 @@ try {
   const pending = await enqueue(pool, jobCount);
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   const { port } = server.address() as AddressInfo;
-  const info: ToyInfo = { url: `http://127.0.0.1:${port}`, token, pending };
+  const info: ToyInfo = { url: `http://127.0.0.1:${port}`, token, pending, pid: process.pid };
   process.stdout.write(`READY ${JSON.stringify(info)}\n`);
 } catch (err) {
   process.stderr.write(`${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);

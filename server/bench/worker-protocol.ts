@@ -2,8 +2,8 @@
  * 2 · Worker protocol: claims+completes per second over HTTP. 16 pollers drain a pre-enqueued
  * batch, each looping `POST /v1/workers/claim` (wait_seconds 0) → `POST …/jobs/{id}/complete` with
  * the lease token, until a claim answers 204, after WARMUP_JOBS untimed jobs one at a time (a
- * server's first answers build its caches). Reports the rate, claim latency p50/p99, the load
- * generator's own CPU per job, and checks that every job was claimed exactly once (client side) and
+ * server's first answers build its caches). Reports the rate, claim latency p50/p99, the CPU per
+ * job of the load generator, the server and Postgres (process-cpu.ts), and checks that every job was claimed exactly once (client side) and
  * ended `completed` (server side).
  *
  * On Postgres the same run adds its peers, each on its own scratch database on the same server and
@@ -16,6 +16,7 @@
 import { Agent, request } from 'node:http';
 import { withServed } from './children.js';
 import type { GraphileResult } from './drain-graphile.js';
+import { cpuPer, postgresCpuMicros, processCpuMicros } from './process-cpu.js';
 import type { ToyInfo } from './serve-toy-queue.js';
 import type { TuneryInfo } from './serve-tunery.js';
 import { percentile, ratio } from './stats.js';
@@ -43,6 +44,10 @@ interface HttpQueue {
   pending: string[];
   /** How many jobs the server holds in `status` (for the exactly-once check). */
   count(status: 'pending' | 'running' | 'completed'): Promise<number>;
+  /** The server's process, whose CPU per job the drain reports. */
+  pid: number;
+  /** Whether its database is the Postgres server (also reported), not one inside its own process. */
+  onPostgres: boolean;
 }
 
 /** What a finetune worker reports on completion (docs/worker-protocol.md). */
@@ -108,6 +113,8 @@ function tuneryQueue(info: TuneryInfo): HttpQueue {
     url: info.url,
     token: info.workerToken,
     pending: info.pending,
+    pid: info.pid,
+    onPostgres: info.db === 'postgres',
     async count(status) {
       const res = await fetch(`${info.url}/v1/training/jobs?status=${status}&limit=1`, {
         headers: { authorization: `Bearer ${info.apiKey}` },
@@ -123,6 +130,8 @@ function toyQueue(info: ToyInfo): HttpQueue {
     url: info.url,
     token: info.token,
     pending: info.pending,
+    pid: info.pid,
+    onPostgres: true,
     async count(status) {
       const res = await fetch(`${info.url}/counts`, { headers: { authorization: `Bearer ${info.token}` } });
       if (!res.ok) throw new Error(`toy GET /counts answered ${res.status}`);
@@ -140,6 +149,9 @@ interface Drained {
   clientCpuMicrosPerJob: number;
   /** The same CPU as a share of one core over the drain: near 1, the client is the bottleneck. */
   clientCoreShare: number;
+  /** The server's process and (when it uses one) the Postgres server's: CPU per job; unread without /proc. */
+  serverCpuMicrosPerJob?: number;
+  postgresCpuMicrosPerJob?: number;
   /** One phrase: the exactly-once check's outcome. */
   check: string;
   ok: boolean;
@@ -206,10 +218,15 @@ async function drain(queue: HttpQueue, opts: QueueOptions): Promise<Drained> {
       failure ??= err;
     });
   const cpuBefore = process.cpuUsage();
+  const serverCpu = cpuPer(() => processCpuMicros(queue.pid));
+  const postgresCpu = cpuPer(postgresCpuMicros);
   const started = performance.now();
   await Promise.all(Array.from({ length: opts.pollers }, (_, i) => guarded(i)));
   const seconds = (performance.now() - started) / 1000;
   const cpu = process.cpuUsage(cpuBefore);
+  const timed = completed - warmedUp;
+  const serverCpuMicrosPerJob = serverCpu(timed);
+  const postgresCpuMicrosPerJob = queue.onPostgres ? postgresCpu(timed) : undefined;
   agent.destroy();
   if (failure) throw failure;
 
@@ -228,7 +245,6 @@ async function drain(queue: HttpQueue, opts: QueueOptions): Promise<Drained> {
       ? `TIME CAP: ${completed}/${expected.size} jobs done in ${opts.maxSeconds} s, each claimed once`
       : `CHECK FAILED: ${exactlyOnce}/${expected.size} claimed once, ${twice} twice, ${missing} never, ` +
         `${unexpected} unexpected; server: ${serverCompleted} completed, ${leftOver} pending/running`;
-  const timed = completed - warmedUp;
   const clientCpuMicrosPerJob = (cpu.user + cpu.system) / Math.max(1, timed);
   const clientCoreShare = (cpu.user + cpu.system) / 1e6 / seconds;
   const claimP50 = percentile(claimMs, 50);
@@ -239,6 +255,8 @@ async function drain(queue: HttpQueue, opts: QueueOptions): Promise<Drained> {
     claimP99,
     clientCpuMicrosPerJob,
     clientCoreShare,
+    serverCpuMicrosPerJob,
+    postgresCpuMicrosPerJob,
     check,
     ok,
     data: {
@@ -250,6 +268,8 @@ async function drain(queue: HttpQueue, opts: QueueOptions): Promise<Drained> {
       claim_p99_ms: claimP99,
       client_cpu_us_per_job: clientCpuMicrosPerJob,
       client_core_share: clientCoreShare,
+      server_cpu_us_per_job: serverCpuMicrosPerJob ?? null,
+      postgres_cpu_us_per_job: postgresCpuMicrosPerJob ?? null,
       exactly_once: exactlyOnce,
       claimed_twice: twice,
       missing,
@@ -289,6 +309,8 @@ function meanOf(runs: Peer<Drained>[]): Peer<Drained> & { rates?: number[] } {
       claimP99: mean((d) => d.claimP99),
       clientCpuMicrosPerJob: mean((d) => d.clientCpuMicrosPerJob),
       clientCoreShare: mean((d) => d.clientCoreShare),
+      serverCpuMicrosPerJob: meanOfKnown(drains.map((d) => d.serverCpuMicrosPerJob)),
+      postgresCpuMicrosPerJob: meanOfKnown(drains.map((d) => d.postgresCpuMicrosPerJob)),
       check: notOk?.check ?? drains[0]!.check,
       ok: !notOk,
       data: {},
@@ -296,8 +318,21 @@ function meanOf(runs: Peer<Drained>[]): Peer<Drained> & { rates?: number[] } {
   };
 }
 
+/** The mean of figures every drain has; undefined if one lacks it. */
+function meanOfKnown(values: (number | undefined)[]): number | undefined {
+  if (values.some((v) => v === undefined)) return undefined;
+  return (values as number[]).reduce((sum, v) => sum + v, 0) / values.length;
+}
+
+/** CPU per job of each party: the load generator, and where read, the server and Postgres. */
 const cpuNote = (d: Drained) =>
-  `client ${Math.round(d.clientCpuMicrosPerJob)} µs CPU/job (${Math.round(d.clientCoreShare * 100)}% of a core)`;
+  [
+    `client ${Math.round(d.clientCpuMicrosPerJob)} µs CPU/job (${Math.round(d.clientCoreShare * 100)}% of a core)`,
+    ...(d.serverCpuMicrosPerJob === undefined ? [] : [`server ${Math.round(d.serverCpuMicrosPerJob)} µs`]),
+    ...(d.postgresCpuMicrosPerJob === undefined
+      ? []
+      : [`Postgres ${Math.round(d.postgresCpuMicrosPerJob)} µs`]),
+  ].join(', ');
 
 function graphileOk(g: GraphileResult): boolean {
   return g.completed === g.jobs && g.ranTwice === 0 && g.neverRan === 0 && g.leftInQueue === 0;
