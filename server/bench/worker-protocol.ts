@@ -3,8 +3,8 @@
  * batch, each looping `POST /v1/workers/claim` (wait_seconds 0) → `POST …/jobs/{id}/complete` with
  * the lease token, until a claim answers 204, after WARMUP_JOBS untimed jobs one at a time (a
  * server's first answers build its caches). Reports the rate, claim latency p50/p99, the CPU per
- * job of the load generator, the server and Postgres (process-cpu.ts), and checks that every job was claimed exactly once (client side) and
- * ended `completed` (server side).
+ * job of the load generator, the server and Postgres (process-cpu.ts), and checks that every job
+ * was claimed exactly once (client side) and ended `completed` (server side).
  *
  * On Postgres the same run adds its peers, each on its own scratch database on the same server and
  * each alone while it runs: the HTTP claim toy (serve-toy-queue.ts: node:http + pg, 2 prepared
