@@ -16,7 +16,7 @@ import { ApiError, type ValidatorError } from './errors.js';
 import { type Handler, wrap } from './http.js';
 import { jsonBody } from './json-body.js';
 import { metricsRoute, timeOperation } from './metrics.js';
-import { routeTable, type TablePath } from './route-table.js';
+import { serveTableFirst, type TablePath } from './route-table.js';
 import { allRoutes } from './routes/index.js';
 import { OPENAI_PREFIX, openAIErrorBody } from './routes/openai/errors.js';
 import { datasetUploadOptions, discardUnclaimedUploads } from './services/dataset-upload.js';
@@ -38,26 +38,15 @@ export function createApp(
   app.set('etag', false);
   app.set('query parser', 'extended');
 
-  app.use(requestId);
-  // Access logs: one line per request (request id, status, time). When the level leaves them out,
-  // pino-http is not mounted at all, so a quiet server pays nothing for them.
-  if (ctx.logger.isLevelEnabled('warn')) {
-    app.use(
-      pinoHttp({
-        logger: ctx.logger,
-        genReqId: (req) => req.id as string,
-        customLogLevel: (_req, res, err) =>
-          err || res.statusCode >= 500 ? 'error' : res.statusCode >= 400 ? 'warn' : 'info',
-        autoLogging: { ignore: (req) => req.url === '/v1/health' },
-      }),
-    );
-  }
-  app.use(cors(ctx.config.corsOrigins));
+  // What every request goes through first, here and on the route table's shortcut (route-table.ts).
+  const everyRequest = [requestId, ...accessLog(ctx), cors(ctx.config.corsOrigins)];
+  const body = jsonBody(ctx.config.maxJsonBytes);
+  app.use(everyRequest);
   // Operators' metrics and the generated docs (pnpm run docs) are outside the API and its validator.
   app.get('/metrics', metricsRoute(ctx));
   app.use('/docs', express.static(ctx.config.docsDir, { index: 'index.html', fallthrough: true }));
-  app.use(jsonBody(ctx.config.maxJsonBytes));
-  mountRoutes(
+  app.use(body);
+  const table = mountRoutes(
     app,
     ctx,
     boundOperations,
@@ -85,8 +74,27 @@ export function createApp(
   });
   // The OpenAI-compatible routes answer errors in OpenAI's shape, so its clients' typed errors fire.
   app.use(OPENAI_PREFIX, errorHandler(ctx, openAIErrorBody));
-  app.use(errorHandler(ctx));
+  const tuneryErrors = errorHandler(ctx);
+  app.use(tuneryErrors);
+  serveTableFirst(app, table, [...everyRequest, ...body], tuneryErrors);
   return app;
+}
+
+/**
+ * Access logs: one line per request (request id, status, time). When the level leaves them out,
+ * pino-http is not mounted at all, so a quiet server pays nothing for them.
+ */
+function accessLog(ctx: AppContext): RequestHandler[] {
+  if (!ctx.logger.isLevelEnabled('warn')) return [];
+  return [
+    pinoHttp({
+      logger: ctx.logger,
+      genReqId: (req) => req.id as string,
+      customLogLevel: (_req, res, err) =>
+        err || res.statusCode >= 500 ? 'error' : res.statusCode >= 400 ? 'warn' : 'info',
+      autoLogging: { ignore: (req) => req.url === '/v1/health' },
+    }),
+  ];
 }
 
 /** The caller's `x-request-id`, or a new one, on the request (`req.id`) and its answer. */
@@ -114,15 +122,17 @@ export function unhandledOperations(): string[] {
  * `Allow`; so does HEAD, which the spec does not have (Express would run a GET's handler for it).
  * Paths go in routeOrder, so `/v1/datasets/build` is never taken for a dataset id.
  *
- * The bound operations' handlers are also reachable through a route table mounted first
- * (route-table.ts), which finds their route without walking Express's.
+ * Answers the route table (route-table.ts): every path in the same order, with the bound operations'
+ * handler chains, which the table runs without walking Express's router (the same chain objects as
+ * Express's routes hold). The table's failures get Tunery's error shape, so no bound operation may
+ * be on the OpenAI-compatible surface, whose errors are OpenAI's.
  */
 function mountRoutes(
   app: express.Express,
   ctx: AppContext,
   boundOperations: ReadonlySet<string>,
   validator: RequestHandler[],
-): void {
+): TablePath[] {
   const handlers = allRoutes as Record<string, Handler>;
   const table: TablePath[] = [];
   const routes = express.Router();
@@ -139,12 +149,15 @@ function mountRoutes(
         wrap(handler, ctx),
       ].flat();
       route[op.method](chain);
+      if (bound && expressPath.toLowerCase().startsWith(`${OPENAI_PREFIX}/`))
+        throw new Error(`${op.operationId}: a bound operation must not be under ${OPENAI_PREFIX}`);
       if (bound) tableHandlers.set(op.method, chain);
     }
     route.all(validator);
     table.push({ expressPath, handlers: tableHandlers });
   }
-  app.use(routeTable(table), routes);
+  app.use(routes);
+  return table;
 }
 
 /**

@@ -1,16 +1,17 @@
 /**
- * A shortcut past Express's router for the hot operations. Express tries the spec's paths one
- * route layer at a time, in routeOrder: a worker's claim or a job's GET walked dozens of layers
- * before its own. The table keeps the same paths, in the same order, grouped by how many segments
+ * A shortcut past Express's router for the hot operations. Express tries its middleware and then
+ * the spec's paths one layer at a time, in routeOrder: a worker's claim or a job's GET walked
+ * dozens of layers before its own, each a few function calls. The table keeps the same paths, in the same order, grouped by how many segments
  * they have, and matches them by Express's rules (case-insensitive, one optional trailing slash,
  * each parameter a whole non-empty segment, percent-decoded). So the route it finds is the one
  * Express would have taken, found among the few paths as long as the request's.
  *
- * It answers only where it was given handlers for the path and method. Everything else — another
- * operation, a method the path lacks (405), a parameter that does not decode (400) — goes on to
- * Express's routes, which hold every operation, the shortcut's ones included.
+ * It sits in front of the app (serveTableFirst) and answers only where it was given handlers for
+ * the path and method. Everything else — another operation, a method the path lacks (405), a
+ * parameter that does not decode (400) — is the app's, whose routes hold every operation, the
+ * shortcut's ones included.
  */
-import type { NextFunction, Request, RequestHandler, Response } from 'express';
+import type { ErrorRequestHandler, Express, NextFunction, Request, RequestHandler, Response } from 'express';
 
 /** One spec path (Express syntax, `/v1/jobs/:job_id`) and the handlers the table runs, by method (any case). */
 export interface TablePath {
@@ -80,27 +81,92 @@ function runHandlers(handlers: readonly RequestHandler[], req: Request, res: Res
   next();
 }
 
+/** What the table does with one request: the route's handlers and its decoded path parameters. */
+export interface Found {
+  handlers: readonly RequestHandler[];
+  params: Record<string, string>;
+}
+
 /**
- * The shortcut, as middleware. `paths` must be every path Express mounts, in the order it mounts
- * them (routeOrder): a path without handlers here still shadows the ones after it, as in Express.
+ * The table's lookup. `paths` must be every path Express mounts, in the order it mounts them
+ * (routeOrder): a path without handlers here still shadows the ones after it, as in Express.
+ * Answers undefined where Express must decide (see the module's comment).
  */
-export function routeTable(paths: readonly TablePath[]): RequestHandler {
+export function compileRouteTable(
+  paths: readonly TablePath[],
+): (method: string, path: string) => Found | undefined {
   const bySegments = new Map<number, CompiledPath[]>();
   for (const path of paths) {
     const count = segmentCount(path.expressPath);
     bySegments.set(count, [...(bySegments.get(count) ?? []), compilePath(path)]);
   }
-  return (req, res, next) => {
-    const path = req.path;
+  return (method, path) => {
     for (const candidate of bySegments.get(segmentCount(path)) ?? []) {
       const match = candidate.pattern.exec(path);
       if (!match) continue;
-      const handlers = candidate.handlers.get(req.method);
+      const handlers = candidate.handlers.get(method);
       const params = handlers && decodeParams(candidate.params, match);
-      if (!handlers || !params) return next();
-      req.params = params;
-      return runHandlers(handlers, req, res, next);
+      return handlers && params && { handlers, params };
     }
-    next();
+    return undefined;
+  };
+}
+
+/**
+ * Characters after which Node's URL parser, not a split at `?`, finds Express's path (parseurl's
+ * fast path gives up on them); such requests, and any URL not starting with `/`, go to Express.
+ */
+const UNSIMPLE_URL = /[\t\n\f\r #\u00a0\ufeff]/;
+
+/** The path of a request URL as Express reads it (`req.path`); undefined when Express must read it. */
+function simplePath(url: string): string | undefined {
+  if (url.charCodeAt(0) !== 0x2f || UNSIMPLE_URL.test(url)) return undefined;
+  const query = url.indexOf('?');
+  return query < 0 ? url : url.slice(0, query);
+}
+
+/**
+ * Puts the table in front of an Express app. A request for one of its routes runs `before` (the
+ * middleware the app runs for every request: request id, access log, CORS, body parsing) and then
+ * the route's handlers, as Express would run them but without its router, which tries one layer at
+ * a time; a failure goes to `onError`, the app's error handler for these paths. Every other request
+ * is the app's, as before: Express's own routes still hold every operation.
+ */
+export function serveTableFirst(
+  app: Express,
+  paths: readonly TablePath[],
+  before: readonly RequestHandler[],
+  onError: ErrorRequestHandler,
+): void {
+  const find = compileRouteTable(
+    paths.map(({ expressPath, handlers }) => ({
+      expressPath,
+      handlers: new Map([...handlers].map(([method, chain]) => [method, [...before, ...chain]])),
+    })),
+  );
+  // Express's app is a function that passes each request to `app.handle` (express/lib/express.js),
+  // a method its types leave out.
+  const entry = app as unknown as { handle(req: Request, res: Response, callback?: NextFunction): void };
+  const viaExpress = entry.handle.bind(app);
+  entry.handle = (req, res, callback) => {
+    const path = simplePath(req.url);
+    const found = path === undefined ? undefined : find(req.method, path);
+    if (!found) return viaExpress(req, res, callback);
+    // What Express's app and router set up for every request (express/lib/application.js handle).
+    if (app.enabled('x-powered-by')) res.setHeader('X-Powered-By', 'Express');
+    req.res = res;
+    res.req = req;
+    Object.setPrototypeOf(req, app.request);
+    Object.setPrototypeOf(res, app.response);
+    res.locals ??= Object.create(null);
+    req.originalUrl ??= req.url;
+    req.baseUrl = '';
+    req.params = found.params;
+    runHandlers(found.handlers, req, res, (err: unknown) => {
+      // As Express does when its last error handler fails too: the connection is dropped.
+      const drop = () => res.destroy();
+      const answered: unknown = onError(err, req, res, drop);
+      if (answered instanceof Promise) answered.catch(drop);
+    });
   };
 }

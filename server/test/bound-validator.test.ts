@@ -24,9 +24,14 @@ interface Case {
   key?: 'user' | 'worker' | 'wrong' | 'unknown' | null;
   /** Every database connection fails while the request runs. */
   databaseDown?: boolean;
+  /** Sent besides the key and content type (a request id, an origin). */
+  headers?: Record<string, string>;
 }
 
 const json = (value: unknown) => JSON.stringify(value);
+/** The test server's CORS origin and JSON size limit, so both are exercised. */
+const ALLOWED_ORIGIN = 'https://app.example';
+const MAX_JSON_BYTES = 64 * 1024;
 // Merges only: the finetune job stays pending, so a valid claim answers 204 from both.
 const capabilities = { job_types: ['merge'], device: 'cpu' };
 const claim = (fields: Record<string, unknown>) =>
@@ -68,6 +73,56 @@ const CASES: Case[] = [
   { name: 'get: empty segment', path: '/v1/training//jobs/JOB' },
   { name: 'get: two trailing slashes', path: '/v1/training/jobs/JOB//' },
   { name: 'complete batch: GET', path: '/v1/workers/jobs/complete', key: 'worker' },
+  // What runs before the route (app.ts everyRequest, the JSON body parser) must run on the table's too.
+  {
+    name: 'get: request id and an allowed origin',
+    path: '/v1/training/jobs/JOB',
+    headers: { 'x-request-id': 'req_given', origin: ALLOWED_ORIGIN },
+  },
+  {
+    name: 'claim: an origin not allowed',
+    method: 'POST',
+    path: '/v1/workers/claim',
+    body: claim({}),
+    key: 'worker',
+    headers: { origin: 'https://elsewhere.example' },
+  },
+  {
+    name: 'claim: malformed JSON',
+    method: 'POST',
+    path: '/v1/workers/claim',
+    body: '{"worker_id":',
+    key: 'worker',
+  },
+  {
+    name: 'claim: body over the size limit',
+    method: 'POST',
+    path: '/v1/workers/claim',
+    body: claim({ worker_id: 'w'.repeat(MAX_JSON_BYTES) }),
+    key: 'worker',
+  },
+  {
+    name: 'claim: nested too deep',
+    method: 'POST',
+    path: '/v1/workers/claim',
+    body: `${'['.repeat(65)}${']'.repeat(65)}`,
+    key: 'worker',
+  },
+  {
+    name: 'claim: a lone surrogate',
+    method: 'POST',
+    path: '/v1/workers/claim',
+    body: claim({ worker_id: '\ud800' }),
+    key: 'worker',
+  },
+  {
+    name: 'claim: a charset JSON does not use',
+    method: 'POST',
+    path: '/v1/workers/claim',
+    body: claim({}),
+    contentType: 'application/json; charset=utf-16',
+    key: 'worker',
+  },
   { name: 'claim: none waiting', method: 'POST', path: '/v1/workers/claim', body: claim({}), key: 'worker' },
   { name: 'claim: user key', method: 'POST', path: '/v1/workers/claim', body: claim({}), key: 'user' },
   { name: 'claim: no key', method: 'POST', path: '/v1/workers/claim', body: claim({}), key: null },
@@ -256,7 +311,7 @@ describe('bound validation answers as express-openapi-validator does', () => {
   let jobId: string;
 
   beforeAll(async () => {
-    server = await startTestServer('pglite');
+    server = await startTestServer('pglite', { corsOrigins: [ALLOWED_ORIGIN], maxJsonBytes: MAX_JSON_BYTES });
     reference = createApp(server.ctx, { boundOperations: new Set() }).listen(0, '127.0.0.1');
     await new Promise((resolve) => reference.once('listening', resolve));
     referenceUrl = `http://127.0.0.1:${(reference.address() as AddressInfo).port}`;
@@ -268,7 +323,7 @@ describe('bound validation answers as express-openapi-validator does', () => {
   });
 
   const send = async (base: string, c: Case) => {
-    const headers: Record<string, string> = {};
+    const headers: Record<string, string> = { ...c.headers };
     const key = {
       user: server.key,
       worker: server.workerToken,
@@ -290,6 +345,10 @@ describe('bound validation answers as express-openapi-validator does', () => {
       authenticate: res.headers.get('www-authenticate'),
       contentType: res.headers.get('content-type'),
       etag: res.headers.get('etag'),
+      vary: res.headers.get('vary'),
+      allowOrigin: res.headers.get('access-control-allow-origin'),
+      // a request id the caller gave comes back; a new one differs between the two answers
+      requestId: c.headers?.['x-request-id'] ? res.headers.get('x-request-id') : null,
       body: await res.json().catch(() => null),
     };
   };

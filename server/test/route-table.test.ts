@@ -1,13 +1,14 @@
 /**
- * The route table finds a request's route by Express's rules and runs its handlers as Express
- * would; anything it does not take goes on (here, to a fallback that says so). That it agrees with
- * the real app's Express routes is checked on the spec's own paths in bound-validator.test.ts.
+ * The route table, in front of an Express app, finds a request's route by Express's rules and runs
+ * the middleware it is given and the route's handlers as Express would; anything it does not take
+ * is the app's (here, a fallback that says so). That the real app answers alike either way is
+ * checked on the spec's own paths in bound-validator.test.ts.
  */
 import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import express, { type NextFunction, type Request, type RequestHandler, type Response } from 'express';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { routeTable } from '../src/route-table.js';
+import { compileRouteTable, serveTableFirst, type TablePath } from '../src/route-table.js';
 import { operationsByPath } from '../src/spec.js';
 
 const answer =
@@ -20,10 +21,23 @@ const proceed: RequestHandler = (_req, _res, next) => next();
 let server: Server;
 let base: string;
 
+/** Marks the request, as the app's own middleware would: the table runs it first. */
+const before: RequestHandler = (req, res, next) => {
+  res.setHeader('x-before', req.url);
+  next();
+};
+
 beforeAll(async () => {
   const app = express();
-  app.use(
-    routeTable([
+  app.use((req: Request, res: Response) => {
+    res.json({ name: 'fallback', path: req.path });
+  });
+  const onError = (err: Error, _req: Request, res: Response, _next: NextFunction) => {
+    res.status(500).json({ error: err.message });
+  };
+  serveTableFirst(
+    app,
+    [
       // Listed without handlers: it still shadows `/jobs/:id` for `/jobs/batch`, as in Express.
       { expressPath: '/jobs/batch', handlers: new Map() },
       { expressPath: '/jobs/:id', handlers: new Map([['GET', [proceed, answer('job')]]]) },
@@ -45,14 +59,10 @@ beforeAll(async () => {
           ['DELETE', [(_req, _res, next) => next('route')]],
         ]),
       },
-    ]),
+    ],
+    [before],
+    onError,
   );
-  app.use((req: Request, res: Response) => {
-    res.json({ name: 'fallback', path: req.path });
-  });
-  app.use((err: Error, _req: Request, res: Response, _next: NextFunction) => {
-    res.status(500).json({ error: err.message });
-  });
   server = app.listen(0, '127.0.0.1');
   await new Promise((resolve) => server.once('listening', resolve));
   base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
@@ -62,7 +72,13 @@ afterAll(() => new Promise((resolve) => server.close(resolve)));
 
 const call = async (path: string, method = 'GET') => (await fetch(`${base}${path}`, { method })).json();
 
-describe('routeTable', () => {
+describe('serveTableFirst', () => {
+  it("runs the middleware it is given before a route's handlers, and not for the app's requests", async () => {
+    const ran = async (path: string) => (await fetch(`${base}${path}`)).headers.get('x-before');
+    expect(await ran('/jobs/j?x=1')).toBe('/jobs/j?x=1');
+    expect(await ran('/jobs/batch')).toBeNull();
+  });
+
   it('runs the handlers of the route found, with its decoded path parameters', async () => {
     expect(await call('/jobs/job_1')).toEqual({ name: 'job', params: { id: 'job_1' } });
     expect(await call('/jobs/a%2Fb')).toEqual({ name: 'job', params: { id: 'a/b' } });
@@ -96,7 +112,7 @@ describe('routeTable', () => {
 
   it('refuses a path whose segments it cannot match as Express would', () => {
     for (const expressPath of ['/files/{name}', '/files/:name.json', '/v1/*rest'])
-      expect(() => routeTable([{ expressPath, handlers: new Map() }])).toThrow(/cannot match/);
+      expect(() => compileRouteTable([{ expressPath, handlers: new Map() }])).toThrow(/cannot match/);
   });
 });
 
@@ -105,7 +121,7 @@ describe('routeTable', () => {
  * other methods) and in a table holding every operation: for each request, the table must answer
  * exactly as Express's router does, or leave it to Express.
  */
-describe('routeTable on the spec’s paths', () => {
+describe('the route table on the spec’s paths', () => {
   const paths = operationsByPath();
   const answerAs =
     (operation: string): RequestHandler =>
@@ -121,16 +137,15 @@ describe('routeTable on the spec’s paths', () => {
   }
   expressApp.use(router);
   const tableApp = express();
-  tableApp.use(
-    routeTable(
-      paths.map(([expressPath, operations]) => ({
-        expressPath,
-        handlers: new Map(operations.map((op) => [op.method, [answerAs(op.operationId)]])),
-      })),
-    ),
-  );
   tableApp.use((_req: Request, res: Response) => {
     res.json({ left: true });
+  });
+  const table: TablePath[] = paths.map(([expressPath, operations]) => ({
+    expressPath,
+    handlers: new Map(operations.map((op) => [op.method, [answerAs(op.operationId)]])),
+  }));
+  serveTableFirst(tableApp, table, [], (err: Error, _req: Request, res: Response) => {
+    res.status(500).json({ error: err.message });
   });
   const servers: Server[] = [];
   const urls: string[] = [];
@@ -150,6 +165,7 @@ describe('routeTable on the spec’s paths', () => {
     const filled = expressPath.replace(/:\w+/g, 'x_1');
     return [
       filled,
+      `${filled}?x=1`,
       `${filled}/`,
       filled.toUpperCase(),
       expressPath.replace(/:\w+/g, 'a%2Fb'),
