@@ -45,7 +45,7 @@ const quick = flags.quick;
 /** `--only 2,4`: just those measurements. */
 const wanted = new Set((flags.only ?? '1,2,3,4,5,6').split(',').map(Number));
 const LOAD = { connections: 16, seconds: quick ? 1 : 5, warmupSeconds: 1, repeats: quick ? 1 : 3 };
-const QUEUE = { jobs: quick ? 200 : 2000, pollers: 16, maxSeconds: 60 };
+const QUEUE = { jobs: quick ? 200 : 2000, warmupJobs: quick ? 50 : 1000, pollers: 16, maxSeconds: 60 };
 const BATCHED = { pollers: 16, batch: 32, maxSeconds: 60 };
 const SDK = quick ? { calls: 200, rounds: 4, warmup: 50 } : { calls: 2000, rounds: 20, warmup: 200 };
 const TRAINING = { steps: quick ? 8 : 32, timeoutSeconds: 240 };

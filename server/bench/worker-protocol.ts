@@ -1,8 +1,9 @@
 /**
  * 2 · Worker protocol: claims+completes per second over HTTP. 16 pollers drain a pre-enqueued
  * batch, each looping `POST /v1/workers/claim` (wait_seconds 0) → `POST …/jobs/{id}/complete` with
- * the lease token, until a claim answers 204, after WARMUP_JOBS untimed jobs one at a time (a
- * server's first answers build its caches). Reports the rate, claim latency p50/p99, the CPU per
+ * the lease token, until a claim answers 204, after `warmupJobs` untimed jobs drained the same way
+ * (a server's first thousand answers build its caches and compile its hot code: the rate is its
+ * steady state's, and the warm-up's own rate is printed beside it). Reports the rate, claim latency p50/p99, the CPU per
  * job of the load generator, the server and Postgres (process-cpu.ts), and checks that every job
  * was claimed exactly once (client side) and ended `completed` (server side).
  *
@@ -23,15 +24,14 @@ import { percentile, ratio } from './stats.js';
 import { formatNumber, type Measured, type Row } from './table.js';
 
 export interface QueueOptions {
-  /** How many jobs each queue holds before its pollers start. */
+  /** How many jobs each queue holds for the timed part (the warm-up's come on top). */
   jobs: number;
+  /** Jobs drained first, untimed, by the same pollers (each server's first answers compile its code). */
+  warmupJobs: number;
   pollers: number;
   /** Stop the pollers after this long even if the queue is not drained. */
   maxSeconds: number;
 }
-
-/** Jobs each drain runs one at a time before its timed part (see drain). */
-export const WARMUP_JOBS = 16;
 
 /** Issue 12's bar for Tunery against the toy (jobs/s) and for its claim p99. */
 const TARGET = { toyRatio: 0.8, claimP99Ms: 50 };
@@ -143,6 +143,8 @@ function toyQueue(info: ToyInfo): HttpQueue {
 /** One drain of one queue by the pollers, with its checks. */
 interface Drained {
   jobsPerSecond: number;
+  /** The untimed warm-up's rate, for the record: how far the first answers are from the steady state. */
+  warmupJobsPerSecond: number;
   claimP50: number;
   claimP99: number;
   /** The bench process's CPU (user + system) during the drain, per completed job. */
@@ -196,32 +198,36 @@ async function drain(queue: HttpQueue, opts: QueueOptions): Promise<Drained> {
     return true;
   };
 
-  const poller = async (i: number) => {
-    while (failure === undefined) {
-      if (performance.now() >= deadline) {
-        timedOut = true;
-        return;
-      }
-      if (!(await cycle(i))) return; // drained
-    }
-  };
+  /** Every poller loops claim → complete until `enough()` or a claim answers 204; the first error stops all. */
+  const runPollers = (enough: () => boolean) =>
+    Promise.all(
+      Array.from({ length: opts.pollers }, async (_, i) => {
+        try {
+          while (failure === undefined && !enough()) if (!(await cycle(i))) return; // drained
+        } catch (err) {
+          failure ??= err;
+        }
+      }),
+    );
 
   // Warm-up, not timed (its jobs are in the exactly-once check): each server's first answers build
-  // what it caches (Tunery's validators compile on their first use, ~0.2 s), which is not its rate.
-  for (let i = 0; i < WARMUP_JOBS; i++) await cycle(i);
+  // what it caches and compile its hot code, which is not its rate.
+  const warmupStarted = performance.now();
+  await runPollers(() => completed >= opts.warmupJobs);
+  const warmupJobsPerSecond = completed / ((performance.now() - warmupStarted) / 1000);
   const warmedUp = completed;
   claimMs.length = 0;
   const deadline = performance.now() + opts.maxSeconds * 1000;
+  const pastDeadline = () => {
+    timedOut ||= performance.now() >= deadline;
+    return timedOut;
+  };
 
-  const guarded = (i: number) =>
-    poller(i).catch((err) => {
-      failure ??= err;
-    });
   const cpuBefore = process.cpuUsage();
   const serverCpu = cpuPer(() => processCpuMicros(queue.pid));
   const postgresCpu = cpuPer(postgresCpuMicros);
   const started = performance.now();
-  await Promise.all(Array.from({ length: opts.pollers }, (_, i) => guarded(i)));
+  await runPollers(pastDeadline);
   const seconds = (performance.now() - started) / 1000;
   const cpu = process.cpuUsage(cpuBefore);
   const timed = completed - warmedUp;
@@ -251,6 +257,7 @@ async function drain(queue: HttpQueue, opts: QueueOptions): Promise<Drained> {
   const claimP99 = percentile(claimMs, 99);
   return {
     jobsPerSecond: timed / seconds,
+    warmupJobsPerSecond,
     claimP50,
     claimP99,
     clientCpuMicrosPerJob,
@@ -263,6 +270,8 @@ async function drain(queue: HttpQueue, opts: QueueOptions): Promise<Drained> {
       jobs: expected.size,
       completed,
       seconds,
+      warmup_jobs: warmedUp,
+      warmup_jobs_per_second: warmupJobsPerSecond,
       timed_out: timedOut,
       claim_p50_ms: claimP50,
       claim_p99_ms: claimP99,
@@ -305,6 +314,7 @@ function meanOf(runs: Peer<Drained>[]): Peer<Drained> & { rates?: number[] } {
     rates: drains.map((d) => d.jobsPerSecond),
     result: {
       jobsPerSecond: mean((d) => d.jobsPerSecond),
+      warmupJobsPerSecond: mean((d) => d.warmupJobsPerSecond),
       claimP50: mean((d) => d.claimP50),
       claimP99: mean((d) => d.claimP99),
       clientCpuMicrosPerJob: mean((d) => d.clientCpuMicrosPerJob),
@@ -333,6 +343,11 @@ const cpuNote = (d: Drained) =>
       ? []
       : [`Postgres ${Math.round(d.postgresCpuMicrosPerJob)} µs`]),
   ].join(', ');
+
+/** The warm-up's rates, which a steady-state rate leaves out. */
+const warmupNote = (tunery: Drained, toy?: Drained) =>
+  `warm-up at ${formatNumber(tunery.warmupJobsPerSecond)} jobs/s` +
+  (toy ? `, the toy's at ${formatNumber(toy.warmupJobsPerSecond)}` : '');
 
 function graphileOk(g: GraphileResult): boolean {
   return g.completed === g.jobs && g.ranTwice === 0 && g.neverRan === 0 && g.leftInQueue === 0;
@@ -407,7 +422,8 @@ function rowsFor(
     line(
       'jobs/s',
       (d) => d.jobsPerSecond,
-      `${opts.pollers} pollers; ${tunery.check}, ${cpuNote(tunery)}${toyNote}${rateTarget}`,
+      `${opts.pollers} pollers, ${opts.jobs} jobs timed after ${opts.warmupJobs} untimed (${warmupNote(tunery, peer)}); ` +
+        `${tunery.check}, ${cpuNote(tunery)}${toyNote}${rateTarget}`,
     ),
     line('claim p50 ms', (d) => d.claimP50, ''),
     line('claim p99 ms', (d) => d.claimP99, p99Target),
@@ -424,7 +440,7 @@ export async function measureWorkerProtocol(
   label: string,
   opts: QueueOptions,
 ): Promise<Measured> {
-  const jobs = String(opts.jobs);
+  const jobs = String(opts.jobs + opts.warmupJobs);
   const postgres = db === 'postgres';
   const drainToy = () =>
     attempt(() =>
