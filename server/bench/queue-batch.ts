@@ -7,7 +7,7 @@
  *     side) and ended `completed` (server side).
  *   - herd: 16 workers long-poll (wait_seconds 20) on an empty queue; then the server enqueues the
  *     whole batch in one transaction (SIGUSR2, serve-tunery.ts `--enqueue-on-signal`), and the workers
- *     claim → complete one job at a time until it is drained. Reports the server's claim statements
+ *     claim → complete one job at a time until it is drained. Reports the server's claim attempts
  *     (`tunery_claim_attempts_total` at /metrics, from the signal to the end) per job: 1 means every
  *     wake found a job; a broadcast wake-up would show up as many empty claims per signal.
  */
@@ -64,7 +64,7 @@ async function countByStatus(info: TuneryInfo, status: string): Promise<number> 
   return ((await res.json()) as { total: number }).total;
 }
 
-/** The server's claim statements so far, by outcome, from /metrics. */
+/** The server's claim attempts so far, by outcome, from /metrics. */
 async function claimAttempts(info: TuneryInfo): Promise<{ claimed: number; empty: number }> {
   const text = await (await fetch(`${info.url}/metrics`)).text();
   const of = (outcome: string) => {
@@ -194,7 +194,7 @@ export async function measureBatchedClaims(
 
 /**
  * The herd: long-polling workers idle, then the batch arrives in one transaction. Counts the server's
- * claim statements from just before the signal until the batch is drained.
+ * claim attempts from just before the signal until the batch is drained.
  */
 export async function measureHerd(info: TuneryInfo, dbLabel: string, opts: BatchOptions): Promise<Measured> {
   const claims = new Map<string, number>();
@@ -252,11 +252,11 @@ export async function measureHerd(info: TuneryInfo, dbLabel: string, opts: Batch
   const ok = check.ok && !timedOut && perJob <= 1.2;
   const notes =
     `${opts.pollers} long-polls idle, ${total} jobs in one transaction: ${claimed} claimed + ${empty} empty ` +
-    `claim statements (target ≤ 1.2 per job); ${completed} jobs in ${seconds.toFixed(1)} s; ` +
+    `claim attempts (target ≤ 1.2 per job); ${completed} jobs in ${seconds.toFixed(1)} s; ` +
     `${timedOut ? `TIME CAP ${opts.maxSeconds} s; ` : ''}${check.check}`;
   return {
     ok,
-    rows: [row(`herd wake-up, ${dbLabel} · claim statements per job`, perJob, notes)],
+    rows: [row(`herd wake-up, ${dbLabel} · claim attempts per job`, perJob, notes)],
     data: { ...opts, jobs: total, completed, seconds, claimed, empty, per_job: perJob, ...check },
   };
 }

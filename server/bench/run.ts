@@ -7,7 +7,7 @@
  *      load generator's CPU per job; on Postgres beside a minimal HTTP claim toy (same client
  *      loop) and graphile-worker 0.17 (no HTTP, a reference); the same batched (max_jobs 32,
  *      batched completes); and the herd: 16 idle long-polls, then the whole batch enqueued in one
- *      transaction, claim statements per job from the server's /metrics;
+ *      transaction, claim attempts per job from the server's /metrics;
  *   3. SDK: tunery.training.jobs.retrieve vs raw fetch, per call;
  *   4. CPU training: the worker's LoRA loop vs a plain transformers+peft loop (Python);
  *   5. inference relay: a chat completion through a serving worker vs a plain request;

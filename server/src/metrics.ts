@@ -36,7 +36,7 @@ export function createMetrics(ctx: Pick<AppContext, 'knex' | 'storage'>): Metric
   });
   const claimAttempts = new Counter({
     name: 'tunery_claim_attempts_total',
-    help: 'Claim statements run (each long-poll wake runs one), by whether they leased a job: claimed attempts per job near 1 means no thundering herd.',
+    help: 'Claim attempts (each long-poll wake makes one; claims that arrive together share a statement), by whether they leased a job: attempts per job near 1 means no thundering herd.',
     labelNames: ['outcome'] as const,
     registers: [registry],
   });

@@ -1,12 +1,16 @@
-/** Batched claims and completes over HTTP: many jobs per request, each with its own lease. */
+/**
+ * Batched claims and completes over HTTP: many jobs per request, each with its own lease; and
+ * single claims and completions that arrive together sharing one statement (queue/coalesce.ts).
+ */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { completeJobs } from '../src/queue/complete.js';
+import { claimJobs } from '../src/queue/claim.js';
+import { completeJob, completeJobs } from '../src/queue/complete.js';
 import { type EnqueueInput, enqueueJob } from '../src/queue/enqueue.js';
 import type { ClaimedJob } from './fake-worker.js';
 import { finetuneInput } from './fixtures.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
 
-const CPU = { job_types: ['finetune'], device: 'cpu' };
+const CPU = { job_types: ['finetune'], device: 'cpu' as const };
 const GANG_ADDRESS = { addr: '127.0.0.1', port: 29500 };
 
 describe.each(DATABASES)('batched claims and completes on %s', (db) => {
@@ -245,5 +249,70 @@ describe.each(DATABASES)('batched claims and completes on %s', (db) => {
       });
       expect(res.status).toBe(400);
     }
+  });
+
+  it('claims that arrive while one is in flight share the next statement, each leased to its own worker', async () => {
+    await drain();
+    const ids: string[] = [];
+    for (let i = 0; i < 6; i++) ids.push(await enqueue({ priority: 60 - i }));
+    // Started in one tick: the first claim's statement is in flight when the others arrive.
+    const workers = ['w0', 'w1', 'w2', 'w3', 'w3', 'w5', 'w6'];
+    const claims = await Promise.all(
+      workers.map((workerId) => claimJobs(server.ctx, { workerId, capabilities: CPU }, 1)),
+    );
+    // Best first, in order of arrival; the seventh finds none left.
+    expect(claims.map((rows) => rows.map((row) => row.id))).toEqual([...ids.map((id) => [id]), []]);
+    const rows = await server.ctx
+      .knex('jobs')
+      .whereIn('id', ids)
+      .orderBy('priority', 'desc')
+      .select('lease_owner', 'lease_token', 'started_at');
+    expect(rows.map((row) => row.lease_owner)).toEqual(workers.slice(0, 6));
+    expect(rows.map((row) => row.lease_token)).toEqual(claims.slice(0, 6).map((c) => c[0]!.lease_token));
+    // One statement, one transaction: one now(). The first claim went alone, the rest together.
+    const starts = rows.map((row) => new Date(row.started_at).getTime());
+    expect(new Set(starts).size).toBe(2);
+    expect(new Set(starts.slice(1)).size).toBe(1);
+    const attempts = await server.ctx.knex('job_attempts').whereIn('job_id', ids).orderBy('job_id');
+    const events = await server.ctx.knex('job_events').whereIn('job_id', ids).where({ kind: 'claimed' });
+    const ownerOf = new Map(rows.map((row, i) => [ids[i], row.lease_owner]));
+    for (const attempt of attempts) expect(attempt.worker_id).toBe(ownerOf.get(attempt.job_id));
+    for (const event of events) expect(event.payload.worker_id).toBe(ownerOf.get(event.job_id));
+    expect(attempts).toHaveLength(6);
+    expect(events).toHaveLength(6);
+  });
+
+  it('claims of other capabilities do not share a statement', async () => {
+    await drain();
+    const finetunes = [await enqueue({ priority: 90 }), await enqueue({ priority: 80 }), await enqueue()];
+    // The merger's claim joins no finetune claim's statement: were it added to one, it would get a finetune.
+    const [first, second, merger] = await Promise.all([
+      claimJobs(server.ctx, { workerId: 'w1', capabilities: CPU }, 1),
+      claimJobs(server.ctx, { workerId: 'w2', capabilities: CPU }, 1),
+      claimJobs(server.ctx, { workerId: 'merger', capabilities: { job_types: ['merge'], device: 'cpu' as const } }, 1),
+    ]);
+    expect([...first!, ...second!].map((row) => row.id)).toEqual(finetunes.slice(0, 2));
+    expect(merger).toEqual([]);
+  });
+
+  it('completions that arrive together share a statement, and each gets its own answer', async () => {
+    await drain();
+    const ids = [await enqueue(), await enqueue(), await enqueue()];
+    const leased = await claimBatch(3);
+    const result = { steps: 1 };
+    const answers = await Promise.allSettled([
+      completeJob(server.ctx, leased[0]!.job_id, leased[0]!.lease_token, result),
+      completeJob(server.ctx, leased[1]!.job_id, leased[1]!.lease_token, result),
+      completeJob(server.ctx, leased[2]!.job_id, 'lease_stale', result),
+      completeJob(server.ctx, leased[1]!.job_id, leased[1]!.lease_token, result), // a resend
+    ]);
+    expect(answers.map((a) => a.status)).toEqual(['fulfilled', 'fulfilled', 'rejected', 'fulfilled']);
+    expect((answers[2] as PromiseRejectedResult).reason).toMatchObject({ status: 409, code: 'lease_lost' });
+    const rows = await server.ctx.knex('jobs').whereIn('id', ids).select('id', 'status', 'finished_at');
+    const byId = new Map(rows.map((row) => [row.id, row]));
+    expect(leased.map((job) => byId.get(job.job_id)!.status)).toEqual(['completed', 'completed', 'running']);
+    // the second and third went in one statement (the first was alone): one now()
+    const [first, second] = leased.slice(0, 2).map((job) => byId.get(job.job_id)!.finished_at.getTime());
+    expect(first).not.toBe(second);
   });
 });

@@ -41,7 +41,7 @@ describe.each(DATABASES)('queue statistics on %s', (db) => {
     await knex.raw(`PREPARE claim_plan AS ${CLAIM_STATEMENTS[0]!.text}`);
     try {
       const result = await knex.raw(
-        `EXPLAIN (FORMAT JSON) EXECUTE claim_plan('{finetune}', true, '{}', 'cpu', false, 'w1', '{lease_x}', 60)`,
+        `EXPLAIN (FORMAT JSON) EXECUTE claim_plan('{finetune}', true, '{}', 'cpu', false, '{w1}', '{lease_x}', 60)`,
       );
       const [{ Plan: plan }] = result.rows[0]['QUERY PLAN'] as [{ Plan: PlanNode }];
       const next = flatten(plan).find((node) => node['Subplan Name'] === 'CTE next');

@@ -1,7 +1,9 @@
 import type { AppContext } from '../context.js';
+import { getOrCreate } from '../get-or-create.js';
 import { newSecret } from '../ids.js';
 import { type PreparedStatement, runPrepared } from '../prepared.js';
 import { dataFilesOf } from '../services/job-spec.js';
+import { Coalescer } from './coalesce.js';
 import { type GangAddress, type GangJoin, joinGang } from './gang.js';
 import { startAttempt } from './lease.js';
 import { leasedJobs } from './leased-jobs.js';
@@ -56,8 +58,9 @@ async function touchWorker(ctx: AppContext, input: ClaimInput): Promise<void> {
 export const MAX_CLAIM_BATCH = 32;
 
 /**
- * Up to `max` runnable jobs this worker can run, best first, leased in one statement: each gets its
- * attempt (lease token `$7[n]` for the n-th best), its attempt row and its `claimed` event; `event_seq`
+ * Up to `max` runnable jobs these capabilities can run, best first, leased in one statement: each
+ * gets its attempt (worker `$6[n]` and lease token `$7[n]` for the n-th best: one worker's batch, or
+ * the claims of several that share the statement), its attempt row and its `claimed` event; `event_seq`
  * moves in the same update, so the event's seq needs no second lock; each comes back with the data
  * files it reads (`data_files`), so the claim answer needs no second round trip. Gang jobs
  * (num_nodes > 1, offered only to workers that can join gangs) are never leased here: when the best
@@ -83,7 +86,8 @@ const claimStatement = (max: number): PreparedStatement => ({
         -- gangs: only for workers that can join one, and not one this worker is waiting in already
         AND (num_nodes = 1 OR ($5::boolean AND NOT EXISTS (
           SELECT 1 FROM job_gang_members m
-          WHERE m.job_id = jobs.id AND m.worker_id = $6::text AND m.rank IS NULL)))
+          -- (a worker that can join gangs claims alone: no other claim shares its statement)
+          WHERE m.job_id = jobs.id AND m.worker_id = ($6::text[])[1] AND m.rank IS NULL)))
       -- the order of the partial index jobs_runnable: read in order, no sort of every pending row
       ORDER BY priority DESC, run_at, created_at
       -- concurrent claimers skip rows another claim is taking instead of queueing behind it
@@ -100,21 +104,21 @@ const claimStatement = (max: number): PreparedStatement => ({
     ),
     claimed AS (
       UPDATE jobs SET
-        ${startAttempt({ leaseToken: '($7::text[])[leasable.rank]', workerId: '$6::text', leaseSeconds: '$8::float8' })},
+        ${startAttempt({ leaseToken: '($7::text[])[leasable.rank]', workerId: '($6::text[])[leasable.rank]', leaseSeconds: '$8::float8' })},
         event_seq = event_seq + 1,
         updated_at = now()
       FROM leasable
       WHERE jobs.id = leasable.id
-      RETURNING leasable.rank, jobs.event_seq, ${CLAIMED_COLUMNS.map((c) => `jobs.${c}`).join(', ')}
+      RETURNING leasable.rank, jobs.event_seq, jobs.lease_owner, ${CLAIMED_COLUMNS.map((c) => `jobs.${c}`).join(', ')}
     ),
     attempt AS (
       INSERT INTO job_attempts (job_id, attempt, worker_id, lease_token)
-      SELECT id, attempt, $6::text, lease_token FROM claimed
+      SELECT id, attempt, lease_owner, lease_token FROM claimed
     ),
     event AS (
       INSERT INTO job_events (job_id, seq, ts, kind, payload)
       SELECT id, event_seq, now(), 'claimed',
-             jsonb_build_object('attempt', attempt, 'worker_id', $6::text, 'resume_checkpoint', resume_checkpoint)
+             jsonb_build_object('attempt', attempt, 'worker_id', lease_owner, 'resume_checkpoint', resume_checkpoint)
       FROM claimed
     )
     SELECT ${CLAIMED_COLUMNS.join(', ')}, data_files FROM (
@@ -134,23 +138,45 @@ export const CLAIM_STATEMENTS = Array.from({ length: MAX_CLAIM_BATCH }, (_, i) =
 /**
  * Leases up to `max` of the best runnable jobs this worker can run, best first (none: empty). When
  * the best job is a gang job the answer is that one job, not leased (`pending`): the caller joins its
- * gang. One statement: one round trip, its own transaction.
+ * gang. One statement, its own transaction; a claim of one job by a worker outside gangs may share
+ * its statement with other workers' claims of the same capabilities (claimCoalescer).
  */
 export async function claimJobs(ctx: AppContext, input: ClaimInput, max: number): Promise<ClaimedJobRow[]> {
+  if (!CLAIM_STATEMENTS[max - 1])
+    throw new RangeError(`A claim takes 1 to ${MAX_CLAIM_BATCH} jobs, not ${max}.`);
+  const alone = () => {
+    const workerIds = Array.from({ length: max }, () => input.workerId);
+    return leaseJobs(ctx, input, workerIds, newLeaseTokens(max));
+  };
+  const rows =
+    max === 1 && input.gang === undefined ? await claimCoalescer(ctx).submit(input) : await alone();
+  ctx.metrics.claimAttempts.inc({ outcome: rows.length > 0 ? 'claimed' : 'empty' });
+  return rows;
+}
+
+const newLeaseTokens = (count: number) => Array.from({ length: count }, () => newSecret('lease'));
+
+/**
+ * One claim statement for up to `workerIds.length` jobs with `input`'s capabilities (and gang, for
+ * one worker's claim), the n-th best leased to the n-th worker with the n-th token. Answers the rows.
+ */
+async function leaseJobs(
+  ctx: AppContext,
+  input: ClaimInput,
+  workerIds: string[],
+  leaseTokens: string[],
+): Promise<ClaimedJobRow[]> {
   const { capabilities } = input;
-  const statement = CLAIM_STATEMENTS[max - 1];
-  if (!statement) throw new RangeError(`A claim takes 1 to ${MAX_CLAIM_BATCH} jobs, not ${max}.`);
-  const rows = await runPrepared<ClaimedJobRow>(ctx.knex, statement, [
+  const rows = await runPrepared<ClaimedJobRow>(ctx.knex, CLAIM_STATEMENTS[workerIds.length - 1]!, [
     capabilities.job_types,
     capabilities.methods === undefined,
     capabilities.methods ?? [],
     capabilities.device,
     input.gang !== undefined,
-    input.workerId,
-    Array.from({ length: max }, () => newSecret('lease')),
+    workerIds,
+    leaseTokens,
     ctx.config.leaseSeconds,
   ]);
-  ctx.metrics.claimAttempts.inc({ outcome: rows.length > 0 ? 'claimed' : 'empty' });
   // a gang job comes back pending, not leased
   leasedJobs.remember(
     ctx.knex,
@@ -158,6 +184,29 @@ export async function claimJobs(ctx: AppContext, input: ClaimInput, max: number)
   );
   return rows;
 }
+
+/**
+ * Claims of one job by workers outside gangs, of the same capabilities, share statements under load
+ * (coalesce.ts): one statement leases the best jobs to the claims in order of arrival, each its own
+ * token; a claim whose token leased nothing gets nothing.
+ */
+const claimCoalescers = new WeakMap<AppContext['knex'], Coalescer<ClaimInput, ClaimedJobRow[]>>();
+const claimCoalescer = (ctx: AppContext) =>
+  getOrCreate(
+    claimCoalescers,
+    ctx.knex,
+    () =>
+      new Coalescer<ClaimInput, ClaimedJobRow[]>({
+        run: async (inputs) => {
+          const tokens = newLeaseTokens(inputs.length);
+          const workerIds = inputs.map((input) => input.workerId);
+          const rows = await leaseJobs(ctx, inputs[0]!, workerIds, tokens);
+          return tokens.map((token) => rows.filter((row) => row.lease_token === token));
+        },
+        key: ({ capabilities: c }) => JSON.stringify([c.job_types, c.methods ?? null, c.device]),
+        maxBatch: MAX_CLAIM_BATCH,
+      }),
+  );
 
 /** The best runnable job for this worker, leased (or a gang job's row, not leased); null when none. */
 export async function claimNextJob(ctx: AppContext, input: ClaimInput): Promise<ClaimedJobRow | null> {

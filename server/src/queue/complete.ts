@@ -1,7 +1,9 @@
 import type { AppContext } from '../context.js';
 import { ApiError, conflict, leaseLost } from '../errors.js';
+import { getOrCreate } from '../get-or-create.js';
 import { type PreparedStatement, runPrepared } from '../prepared.js';
 import { planJobOutputs } from '../services/registry.js';
+import { Coalescer } from './coalesce.js';
 import { billWorkerTime, type Db, fenceMissError, jobNotFound, pricePerSecond } from './lease.js';
 import { leasedJobs } from './leased-jobs.js';
 import { type JobRow, OUTPUT_SOURCE_COLUMNS, type OutputSourceRow } from './types.js';
@@ -308,14 +310,34 @@ async function outputSources(
   return byId;
 }
 
-/** Completes one job's current attempt (completeJobs); a fencing miss is thrown. */
+/** The most completions one statement takes: the spec's limit for a batch (`completeJobs`). */
+const MAX_COMPLETION_BATCH = 32;
+
+/**
+ * Completions of one job each share statements under load (coalesce.ts): completeJobs answers each
+ * its own outcome, and a statement one of them fails is retried for each alone.
+ */
+const completionCoalescers = new WeakMap<AppContext['knex'], Coalescer<Completion, CompletionOutcome>>();
+const completionCoalescer = (ctx: AppContext) =>
+  getOrCreate(
+    completionCoalescers,
+    ctx.knex,
+    () =>
+      new Coalescer<Completion, CompletionOutcome>({
+        run: (completions) => completeJobs(ctx, completions),
+        key: () => 'any',
+        maxBatch: MAX_COMPLETION_BATCH,
+      }),
+  );
+
+/** Completes one job's current attempt (completeJobs, maybe with others'); a fencing miss is thrown. */
 export async function completeJob(
   ctx: AppContext,
   jobId: string,
   leaseToken: string,
   result: Record<string, unknown>,
 ): Promise<Pick<JobRow, 'id' | 'status' | 'run_at'>> {
-  const [outcome] = await completeJobs(ctx, [{ jobId, leaseToken, result }]);
-  if (outcome!.error) throw outcome!.error;
+  const outcome = await completionCoalescer(ctx).submit({ jobId, leaseToken, result });
+  if (outcome.error) throw outcome.error;
   return { id: jobId, status: 'completed', run_at: new Date() };
 }

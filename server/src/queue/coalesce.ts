@@ -1,0 +1,79 @@
+/**
+ * Group commit for the queue's hot statements. Under load many workers claim, or complete, at the
+ * same moment, and each statement costs Postgres the same commit, plan start-up and round trip
+ * whatever it carries. A coalescer runs one statement per key at a time: requests of a key that
+ * arrive while its run is in flight wait for it to end, and the next run takes them together (up to
+ * `maxBatch`, in order of arrival). A request whose key has no run in flight never waits: it runs at
+ * once, alone. Runs of different keys (workers of other capabilities) go side by side.
+ */
+export interface CoalescerOptions<In, Out> {
+  /** One output per input, in order. A failure fails every request of the run. */
+  run: (inputs: In[]) => Promise<Out[]>;
+  /** Requests of one key can share a run (a claim's capabilities, say). */
+  key: (input: In) => string;
+  maxBatch: number;
+}
+
+interface Waiting<In, Out> {
+  input: In;
+  key: string;
+  resolve: (output: Out) => void;
+  reject: (reason: unknown) => void;
+}
+
+export class Coalescer<In, Out> {
+  /** Keys with a run in flight. */
+  private readonly running = new Set<string>();
+  private readonly waiting: Waiting<In, Out>[] = [];
+
+  constructor(private readonly options: CoalescerOptions<In, Out>) {}
+
+  submit(input: In): Promise<Out> {
+    return new Promise<Out>((resolve, reject) => {
+      this.waiting.push({ input, key: this.options.key(input), resolve, reject });
+      this.startRuns();
+    });
+  }
+
+  /** Starts a run for every key that has requests waiting and none in flight. */
+  private startRuns(): void {
+    for (;;) {
+      const next = this.waiting.find((request) => !this.running.has(request.key));
+      if (!next) return;
+      this.start(next.key);
+    }
+  }
+
+  private start(key: string): void {
+    const batch = this.takeBatch(key);
+    this.running.add(key);
+    this.runBatch(batch.map((request) => request.input))
+      .then((outputs) => {
+        if (outputs.length !== batch.length)
+          throw new Error(`a coalesced run answered ${outputs.length} outputs for ${batch.length} inputs`);
+        for (const [i, request] of batch.entries()) request.resolve(outputs[i]!);
+      })
+      .catch((err: unknown) => {
+        for (const request of batch) request.reject(err);
+      })
+      .finally(() => {
+        this.running.delete(key);
+        this.startRuns();
+      });
+  }
+
+  /** `run`, with a synchronous throw as a rejection. */
+  private async runBatch(inputs: In[]): Promise<Out[]> {
+    return this.options.run(inputs);
+  }
+
+  /** The waiting requests of `key`, up to maxBatch, in order of arrival, out of the line. */
+  private takeBatch(key: string): Waiting<In, Out>[] {
+    const batch: Waiting<In, Out>[] = [];
+    for (let i = 0; i < this.waiting.length && batch.length < this.options.maxBatch; ) {
+      if (this.waiting[i]!.key === key) batch.push(...this.waiting.splice(i, 1));
+      else i++;
+    }
+    return batch;
+  }
+}
