@@ -124,8 +124,8 @@ export function unhandledOperations(): string[] {
  *
  * Answers the route table (route-table.ts): every path in the same order, with the bound operations'
  * handler chains, which the table runs without walking Express's router (the same chain objects as
- * Express's routes hold). The table's failures get Tunery's error shape, so no bound operation may
- * be on the OpenAI-compatible surface, whose errors are OpenAI's.
+ * Express's routes hold). Bound operations stay under /v1/: the table's requests skip `/metrics` and
+ * `/docs`, and its failures get Tunery's error shape, not the OpenAI surface's (`/openai/v1`).
  */
 function mountRoutes(
   app: express.Express,
@@ -149,8 +149,8 @@ function mountRoutes(
         wrap(handler, ctx),
       ].flat();
       route[op.method](chain);
-      if (bound && expressPath.toLowerCase().startsWith(`${OPENAI_PREFIX}/`))
-        throw new Error(`${op.operationId}: a bound operation must not be under ${OPENAI_PREFIX}`);
+      if (bound && !expressPath.startsWith('/v1/'))
+        throw new Error(`${op.operationId}: a bound operation must be under /v1/ (see mountRoutes)`);
       if (bound) tableHandlers.set(op.method, chain);
     }
     route.all(validator);

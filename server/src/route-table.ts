@@ -58,16 +58,25 @@ function decodeParams(names: string[], match: RegExpExecArray): Record<string, s
 }
 
 /**
- * Runs a route's handlers in turn as Express 5 does: each calls `next()` to go on or `next(err)` to
- * fail; a throw or a rejected promise fails too. The last one answers, so none is left to call, and
- * none skips to another route (`next('route')`): the next route would be this one, in Express's router.
+ * Runs handlers in turn as Express 5 does: each calls `next()` to go on or `next(err)` to fail; a
+ * throw or a rejected promise fails too (a falsy throw goes on, as in Express). The route's own
+ * handlers start at `route.start`, with its parameters (before them, `req.params` is empty, as
+ * Express gives middleware). The last one answers, so none is left to call, and none skips to
+ * another route (`next('route')`): the next route would be this one, in Express's router.
  */
-function runHandlers(handlers: readonly RequestHandler[], req: Request, res: Response, fail: NextFunction) {
+function runHandlers(
+  handlers: readonly RequestHandler[],
+  route: { start: number; params: Record<string, string> },
+  req: Request,
+  res: Response,
+  fail: (err: unknown) => void,
+) {
   let at = 0;
   const next = (err?: unknown) => {
     if (err === 'route' || err === 'router')
       return fail(new Error(`${req.method} ${req.path}: next('${err}') is not supported on a table route`));
     if (err) return fail(err);
+    if (at === route.start) req.params = route.params;
     const handler = handlers[at++];
     if (!handler) return fail(new Error(`${req.method} ${req.path}: the route's last handler called next()`));
     try {
@@ -75,7 +84,7 @@ function runHandlers(handlers: readonly RequestHandler[], req: Request, res: Res
       if (result instanceof Promise)
         result.catch((rejected: unknown) => fail(rejected || new Error('Rejected promise')));
     } catch (thrown) {
-      fail(thrown);
+      next(thrown);
     }
   };
   next();
@@ -152,7 +161,8 @@ export function serveTableFirst(
     const path = simplePath(req.url);
     const found = path === undefined ? undefined : find(req.method, path);
     if (!found) return viaExpress(req, res, callback);
-    // What Express's app and router set up for every request (express/lib/application.js handle).
+    // What Express's app and router set up for every request that its handlers use
+    // (express/lib/application.js handle); not `req.route`, `req.next`, nor the router's tracing.
     if (app.enabled('x-powered-by')) res.setHeader('X-Powered-By', 'Express');
     req.res = res;
     res.req = req;
@@ -161,12 +171,26 @@ export function serveTableFirst(
     res.locals ??= Object.create(null);
     req.originalUrl ??= req.url;
     req.baseUrl = '';
-    req.params = found.params;
-    runHandlers(found.handlers, req, res, (err: unknown) => {
-      // As Express does when its last error handler fails too: the connection is dropped.
-      const drop = () => res.destroy();
-      const answered: unknown = onError(err, req, res, drop);
-      if (answered instanceof Promise) answered.catch(drop);
-    });
+    req.params = {};
+    const route = { start: before.length, params: found.params };
+    runHandlers(found.handlers, route, req, res, (err) => answerError(onError, err, req, res));
   };
+}
+
+/**
+ * `onError` answers a failure. Should it fail too, the answer is a bare 500 (Express's last resort
+ * would send an HTML page, with the stack outside production), or, once headers went out, the
+ * connection is dropped.
+ */
+function answerError(onError: ErrorRequestHandler, err: unknown, req: Request, res: Response): void {
+  const lastResort = () => {
+    if (res.headersSent) res.destroy();
+    else res.status(500).end();
+  };
+  try {
+    const answered: unknown = onError(err, req, res, lastResort);
+    if (answered instanceof Promise) answered.catch(lastResort);
+  } catch {
+    lastResort();
+  }
 }

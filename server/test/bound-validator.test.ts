@@ -353,6 +353,24 @@ describe('bound validation answers as express-openapi-validator does', () => {
     };
   };
 
+  it("takes the bound operations' requests past Express's router, and leaves it the rest", async () => {
+    const app = createApp(server.ctx);
+    // Express's router dispatches each request it gets through `handle` (not in its types).
+    const router = app.router as unknown as { handle(...args: unknown[]): void };
+    const viaRouter = vi.spyOn(router, 'handle');
+    const listening = app.listen(0, '127.0.0.1');
+    await new Promise((resolve) => listening.once('listening', resolve));
+    const url = `http://127.0.0.1:${(listening.address() as AddressInfo).port}`;
+    try {
+      expect((await send(url, { name: 'bound', path: '/v1/training/jobs/JOB' })).status).toBe(200);
+      expect(viaRouter).not.toHaveBeenCalled();
+      expect((await send(url, { name: 'not bound', path: '/v1/training/jobs' })).status).toBe(200);
+      expect(viaRouter).toHaveBeenCalledTimes(1);
+    } finally {
+      await new Promise((resolve) => listening.close(resolve));
+    }
+  });
+
   it.each([...CASES, ...GENERIC_CASES])('$name', async (c) => {
     const down = c.databaseDown
       ? vi

@@ -21,9 +21,10 @@ const proceed: RequestHandler = (_req, _res, next) => next();
 let server: Server;
 let base: string;
 
-/** Marks the request, as the app's own middleware would: the table runs it first. */
+/** Marks the request, as the app's own middleware would: the table runs it first, as middleware. */
 const before: RequestHandler = (req, res, next) => {
   res.setHeader('x-before', req.url);
+  res.setHeader('x-before-params', JSON.stringify(req.params));
   next();
 };
 
@@ -33,6 +34,7 @@ beforeAll(async () => {
     res.json({ name: 'fallback', path: req.path });
   });
   const onError = (err: Error, _req: Request, res: Response, _next: NextFunction) => {
+    if (err.message === 'unanswerable') throw new Error('the error handler fails too');
     res.status(500).json({ error: err.message });
   };
   serveTableFirst(
@@ -59,6 +61,28 @@ beforeAll(async () => {
           ['DELETE', [(_req, _res, next) => next('route')]],
         ]),
       },
+      {
+        expressPath: '/odd/:how',
+        handlers: new Map<string, RequestHandler[]>([
+          [
+            'GET',
+            [
+              () => {
+                throw new Error('unanswerable');
+              },
+            ],
+          ],
+          [
+            'POST',
+            [
+              () => {
+                throw undefined; // Express takes a falsy throw as next()
+              },
+              answer('after a falsy throw'),
+            ],
+          ],
+        ]),
+      },
     ],
     [before],
     onError,
@@ -77,6 +101,22 @@ describe('serveTableFirst', () => {
     const ran = async (path: string) => (await fetch(`${base}${path}`)).headers.get('x-before');
     expect(await ran('/jobs/j?x=1')).toBe('/jobs/j?x=1');
     expect(await ran('/jobs/batch')).toBeNull();
+  });
+
+  it('gives the middleware no path parameters, as Express does, and the route its own', async () => {
+    const res = await fetch(`${base}/jobs/j`);
+    expect(res.headers.get('x-before-params')).toBe('{}');
+    expect(await res.json()).toEqual({ name: 'job', params: { id: 'j' } });
+  });
+
+  it('answers a bare 500 when the error handler fails too, and goes on after a falsy throw', async () => {
+    const res = await fetch(`${base}/odd/error`);
+    expect(res.status).toBe(500);
+    expect(await res.text()).toBe('');
+    expect(await call('/odd/falsy', 'POST')).toEqual({
+      name: 'after a falsy throw',
+      params: { how: 'falsy' },
+    });
   });
 
   it('runs the handlers of the route found, with its decoded path parameters', async () => {
