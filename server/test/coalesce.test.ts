@@ -25,8 +25,10 @@ function harness(maxBatch = 32) {
       }),
     key: (request) => request.key,
     maxBatch,
+    gone: -1,
   });
-  const submit = (key: string, value: number) => coalescer.submit({ key, value });
+  const submit = (key: string, value: number, signal?: AbortSignal) =>
+    coalescer.submit({ key, value }, signal);
   const values = (run: number) => runs[run]!.inputs.map((input) => input.value);
   return { runs, submit, values };
 }
@@ -72,6 +74,18 @@ describe('Coalescer', () => {
     runs[2]!.settle();
     runs[3]!.settle();
     expect(await Promise.all(answers)).toEqual([10, 20, 30, 40]);
+  });
+
+  it('leaves out of its run a request whose caller went away while it waited, and answers it `gone`', async () => {
+    const { runs, submit, values } = harness();
+    const hungUp = new AbortController();
+    const answers = [submit('a', 1), submit('a', 2, hungUp.signal), submit('a', 3)];
+    hungUp.abort();
+    runs[0]!.settle();
+    await settled();
+    expect(values(1)).toEqual([3]);
+    runs[1]!.settle();
+    expect(await Promise.all(answers)).toEqual([10, -1, 30]);
   });
 
   it("fails a failed run's requests only; the next run goes on", async () => {

@@ -266,13 +266,13 @@ describe.each(DATABASES)('batched claims and completes on %s', (db) => {
       .knex('jobs')
       .whereIn('id', ids)
       .orderBy('priority', 'desc')
-      .select('lease_owner', 'lease_token', 'started_at');
+      .select('lease_owner', 'lease_token', server.ctx.knex.raw('xmin::text AS xid'));
     expect(rows.map((row) => row.lease_owner)).toEqual(workers.slice(0, 6));
     expect(rows.map((row) => row.lease_token)).toEqual(claims.slice(0, 6).map((c) => c[0]!.lease_token));
-    // One statement, one transaction: one now(). The first claim went alone, the rest together.
-    const starts = rows.map((row) => new Date(row.started_at).getTime());
-    expect(new Set(starts).size).toBe(2);
-    expect(new Set(starts.slice(1)).size).toBe(1);
+    // One statement, one transaction (the rows' xmin): the first claim went alone, the rest together.
+    const transactions = rows.map((row) => row.xid);
+    expect(new Set(transactions).size).toBe(2);
+    expect(new Set(transactions.slice(1)).size).toBe(1);
     const attempts = await server.ctx.knex('job_attempts').whereIn('job_id', ids).orderBy('job_id');
     const events = await server.ctx.knex('job_events').whereIn('job_id', ids).where({ kind: 'claimed' });
     const ownerOf = new Map(rows.map((row, i) => [ids[i], row.lease_owner]));
@@ -289,30 +289,79 @@ describe.each(DATABASES)('batched claims and completes on %s', (db) => {
     const [first, second, merger] = await Promise.all([
       claimJobs(server.ctx, { workerId: 'w1', capabilities: CPU }, 1),
       claimJobs(server.ctx, { workerId: 'w2', capabilities: CPU }, 1),
-      claimJobs(server.ctx, { workerId: 'merger', capabilities: { job_types: ['merge'], device: 'cpu' as const } }, 1),
+      claimJobs(
+        server.ctx,
+        { workerId: 'merger', capabilities: { job_types: ['merge'], device: 'cpu' as const } },
+        1,
+      ),
     ]);
     expect([...first!, ...second!].map((row) => row.id)).toEqual(finetunes.slice(0, 2));
     expect(merger).toEqual([]);
   });
 
+  it('claims whose worker hung up while they waited lease nothing', async () => {
+    await drain();
+    const ids = [await enqueue({ priority: 90 }), await enqueue()];
+    const hungUp = new AbortController();
+    const waiting = [
+      claimJobs(server.ctx, { workerId: 'w1', capabilities: CPU }, 1),
+      claimJobs(server.ctx, { workerId: 'gone', capabilities: CPU }, 1, hungUp.signal),
+    ];
+    hungUp.abort(); // while the first claim's statement runs
+    const [first, gone] = await Promise.all(waiting);
+    expect(first!.map((row) => row.id)).toEqual([ids[0]]);
+    expect(gone).toEqual([]);
+    expect(await server.ctx.knex('jobs').where({ id: ids[1] }).first('status')).toEqual({
+      status: 'pending',
+    });
+  });
+
   it('completions that arrive together share a statement, and each gets its own answer', async () => {
     await drain();
     const ids = [await enqueue(), await enqueue(), await enqueue()];
-    const leased = await claimBatch(3);
+    const [a, b, c] = await claimBatch(3);
     const result = { steps: 1 };
+    // a goes alone; the rest wait for it and go together
     const answers = await Promise.allSettled([
-      completeJob(server.ctx, leased[0]!.job_id, leased[0]!.lease_token, result),
-      completeJob(server.ctx, leased[1]!.job_id, leased[1]!.lease_token, result),
-      completeJob(server.ctx, leased[2]!.job_id, 'lease_stale', result),
-      completeJob(server.ctx, leased[1]!.job_id, leased[1]!.lease_token, result), // a resend
+      completeJob(server.ctx, a!.job_id, a!.lease_token, result),
+      completeJob(server.ctx, b!.job_id, b!.lease_token, result),
+      completeJob(server.ctx, c!.job_id, c!.lease_token, result),
+      completeJob(server.ctx, b!.job_id, 'lease_stale', result),
+      completeJob(server.ctx, c!.job_id, c!.lease_token, result), // a resend
     ]);
-    expect(answers.map((a) => a.status)).toEqual(['fulfilled', 'fulfilled', 'rejected', 'fulfilled']);
-    expect((answers[2] as PromiseRejectedResult).reason).toMatchObject({ status: 409, code: 'lease_lost' });
-    const rows = await server.ctx.knex('jobs').whereIn('id', ids).select('id', 'status', 'finished_at');
+    expect(answers.map((answer) => answer.status)).toEqual([
+      'fulfilled',
+      'fulfilled',
+      'fulfilled',
+      'rejected',
+      'fulfilled',
+    ]);
+    expect((answers[3] as PromiseRejectedResult).reason).toMatchObject({ status: 409, code: 'lease_lost' });
+    const rows = await server.ctx
+      .knex('jobs')
+      .whereIn('id', ids)
+      .select('id', 'status', server.ctx.knex.raw('xmin::text AS xid'));
     const byId = new Map(rows.map((row) => [row.id, row]));
-    expect(leased.map((job) => byId.get(job.job_id)!.status)).toEqual(['completed', 'completed', 'running']);
-    // the second and third went in one statement (the first was alone): one now()
-    const [first, second] = leased.slice(0, 2).map((job) => byId.get(job.job_id)!.finished_at.getTime());
-    expect(first).not.toBe(second);
+    const [first, second, third] = [a, b, c].map((job) => byId.get(job!.job_id)!);
+    expect([first, second, third].map((row) => row!.status)).toEqual(['completed', 'completed', 'completed']);
+    expect(second!.xid).toBe(third!.xid);
+    expect(first!.xid).not.toBe(second!.xid);
+  });
+
+  it('a completion Postgres refuses in a shared statement fails as it would alone; the others complete', async () => {
+    await drain();
+    const ids = [await enqueue(), await enqueue(), await enqueue()];
+    const [a, b, c] = await claimBatch(3);
+    const answers = await Promise.allSettled([
+      completeJob(server.ctx, a!.job_id, a!.lease_token, { steps: 1 }),
+      completeJob(server.ctx, b!.job_id, b!.lease_token, { steps: 1 }),
+      // a fraction where the model's parameter count (bigint) goes: the shared statement fails
+      completeJob(server.ctx, c!.job_id, c!.lease_token, { params_after: 1.5 }),
+    ]);
+    expect(answers.map((answer) => answer.status)).toEqual(['fulfilled', 'fulfilled', 'rejected']);
+    // Postgres's own error, which app.ts answers with 400 (not a 500 the worker would retry)
+    expect((answers[2] as PromiseRejectedResult).reason).toMatchObject({ code: '22P02' });
+    const statuses = await server.ctx.knex('jobs').whereIn('id', ids).orderBy('id').pluck('status');
+    expect(statuses.sort()).toEqual(['completed', 'completed', 'running']);
   });
 });

@@ -60,7 +60,7 @@ describe.each(DATABASES)('wake-one claims on %s', (db) => {
     const woken = await Promise.all(claims.slice(0, 2));
     expect(woken.map(claimedId).sort()).toEqual(first.map((j) => j.id).sort());
     expect(waitingClaims(server.ctx)).toBe(2);
-    // the two woken claims ran one statement each; the other two never woke
+    // the two woken claims made one claim attempt each; the other two never woke
     expect(await attempts()).toEqual({ claimed: before.claimed + 2, empty: before.empty });
 
     const second = [job(), job()];

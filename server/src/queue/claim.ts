@@ -141,7 +141,12 @@ export const CLAIM_STATEMENTS = Array.from({ length: MAX_CLAIM_BATCH }, (_, i) =
  * gang. One statement, its own transaction; a claim of one job by a worker outside gangs may share
  * its statement with other workers' claims of the same capabilities (claimCoalescer).
  */
-export async function claimJobs(ctx: AppContext, input: ClaimInput, max: number): Promise<ClaimedJobRow[]> {
+export async function claimJobs(
+  ctx: AppContext,
+  input: ClaimInput,
+  max: number,
+  callerGone?: AbortSignal,
+): Promise<ClaimedJobRow[]> {
   if (!CLAIM_STATEMENTS[max - 1])
     throw new RangeError(`A claim takes 1 to ${MAX_CLAIM_BATCH} jobs, not ${max}.`);
   const alone = () => {
@@ -149,7 +154,9 @@ export async function claimJobs(ctx: AppContext, input: ClaimInput, max: number)
     return leaseJobs(ctx, input, workerIds, newLeaseTokens(max));
   };
   const rows =
-    max === 1 && input.gang === undefined ? await claimCoalescer(ctx).submit(input) : await alone();
+    max === 1 && input.gang === undefined
+      ? await claimCoalescer(ctx).submit(input, callerGone)
+      : await alone();
   ctx.metrics.claimAttempts.inc({ outcome: rows.length > 0 ? 'claimed' : 'empty' });
   return rows;
 }
@@ -186,9 +193,10 @@ async function leaseJobs(
 }
 
 /**
- * Claims of one job by workers outside gangs, of the same capabilities, share statements under load
- * (coalesce.ts): one statement leases the best jobs to the claims in order of arrival, each its own
- * token; a claim whose token leased nothing gets nothing.
+ * Claims of one job by workers outside gangs, of the same job types, methods and device, share
+ * statements under load (coalesce.ts): one statement leases the best jobs to the claims in order of
+ * arrival, each its own token; a claim whose token leased nothing gets nothing. The coalescer is
+ * kept per database handle, with the first context it served (one per server).
  */
 const claimCoalescers = new WeakMap<AppContext['knex'], Coalescer<ClaimInput, ClaimedJobRow[]>>();
 const claimCoalescer = (ctx: AppContext) =>
@@ -203,8 +211,17 @@ const claimCoalescer = (ctx: AppContext) =>
           const rows = await leaseJobs(ctx, inputs[0]!, workerIds, tokens);
           return tokens.map((token) => rows.filter((row) => row.lease_token === token));
         },
-        key: ({ capabilities: c }) => JSON.stringify([c.job_types, c.methods ?? null, c.device]),
+        // what the statement filters on, as it reads it
+        key: ({ capabilities: c }) =>
+          JSON.stringify([
+            [...c.job_types].sort(),
+            c.methods === undefined,
+            [...(c.methods ?? [])].sort(),
+            c.device,
+          ]),
         maxBatch: MAX_CLAIM_BATCH,
+        // a worker that hung up while its claim waited is leased nothing
+        gone: [],
       }),
   );
 
@@ -237,7 +254,7 @@ export async function claimJobWithWait(
       handOnWake(ctx, wake);
       return null;
     }
-    const jobs = await claimJobs(ctx, input, max);
+    const jobs = await claimJobs(ctx, input, max, callerGone);
     const best = jobs[0];
     if (best && best.num_nodes === 1) return { jobs };
     if (best && input.gang) {

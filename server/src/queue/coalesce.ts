@@ -1,10 +1,10 @@
 /**
  * Group commit for the queue's hot statements. Under load many workers claim, or complete, at the
  * same moment, and each statement costs Postgres the same commit, plan start-up and round trip
- * whatever it carries. A coalescer runs one statement per key at a time: requests of a key that
+ * whatever it carries. A coalescer has one run per key in flight at a time: requests of a key that
  * arrive while its run is in flight wait for it to end, and the next run takes them together (up to
  * `maxBatch`, in order of arrival). A request whose key has no run in flight never waits: it runs at
- * once, alone. Runs of different keys (workers of other capabilities) go side by side.
+ * once, alone. Runs of different keys (claims of other job types, say) go side by side.
  */
 export interface CoalescerOptions<In, Out> {
   /** One output per input, in order. A failure fails every request of the run. */
@@ -12,11 +12,17 @@ export interface CoalescerOptions<In, Out> {
   /** Requests of one key can share a run (a claim's capabilities, say). */
   key: (input: In) => string;
   maxBatch: number;
+  /**
+   * The output of a request whose signal aborted while it waited: it is left out of its run. Without
+   * it, signals are not heeded.
+   */
+  gone?: Out;
 }
 
 interface Waiting<In, Out> {
   input: In;
   key: string;
+  signal?: AbortSignal;
   resolve: (output: Out) => void;
   reject: (reason: unknown) => void;
 }
@@ -26,11 +32,15 @@ export class Coalescer<In, Out> {
   private readonly running = new Set<string>();
   private readonly waiting: Waiting<In, Out>[] = [];
 
-  constructor(private readonly options: CoalescerOptions<In, Out>) {}
+  constructor(private readonly options: CoalescerOptions<In, Out>) {
+    if (!(options.maxBatch >= 1))
+      throw new RangeError(`maxBatch must be at least 1, not ${options.maxBatch}`);
+  }
 
-  submit(input: In): Promise<Out> {
+  /** `signal`: the caller went away; once aborted, a request still waiting gets `gone`, not a run. */
+  submit(input: In, signal?: AbortSignal): Promise<Out> {
     return new Promise<Out>((resolve, reject) => {
-      this.waiting.push({ input, key: this.options.key(input), resolve, reject });
+      this.waiting.push({ input, key: this.options.key(input), signal, resolve, reject });
       this.startRuns();
     });
   }
@@ -46,6 +56,7 @@ export class Coalescer<In, Out> {
 
   private start(key: string): void {
     const batch = this.takeBatch(key);
+    if (batch.length === 0) return; // every one of them went away
     this.running.add(key);
     this.runBatch(batch.map((request) => request.input))
       .then((outputs) => {
@@ -67,12 +78,22 @@ export class Coalescer<In, Out> {
     return this.options.run(inputs);
   }
 
-  /** The waiting requests of `key`, up to maxBatch, in order of arrival, out of the line. */
+  /**
+   * The waiting requests of `key`, up to maxBatch, in order of arrival, out of the line; those whose
+   * caller went away leave it too, answered `gone`.
+   */
   private takeBatch(key: string): Waiting<In, Out>[] {
     const batch: Waiting<In, Out>[] = [];
     for (let i = 0; i < this.waiting.length && batch.length < this.options.maxBatch; ) {
-      if (this.waiting[i]!.key === key) batch.push(...this.waiting.splice(i, 1));
-      else i++;
+      const request = this.waiting[i]!;
+      if (request.key !== key) {
+        i++;
+        continue;
+      }
+      this.waiting.splice(i, 1);
+      const { gone } = this.options;
+      if (request.signal?.aborted && gone !== undefined) request.resolve(gone);
+      else batch.push(request);
     }
     return batch;
   }

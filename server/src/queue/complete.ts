@@ -314,18 +314,31 @@ async function outputSources(
 const MAX_COMPLETION_BATCH = 32;
 
 /**
- * Completions of one job each share statements under load (coalesce.ts): completeJobs answers each
- * its own outcome, and a statement one of them fails is retried for each alone.
+ * Completions of one job each share statements under load (coalesce.ts). Each gets what it would
+ * have got alone: when the shared statement fails (a result Postgres refuses), each goes again on
+ * its own, side by side, and one that fails then fails with its own error (app.ts answers a value
+ * Postgres refuses with 400, as for a completion that ran alone).
  */
-const completionCoalescers = new WeakMap<AppContext['knex'], Coalescer<Completion, CompletionOutcome>>();
+const completionCoalescers = new WeakMap<
+  AppContext['knex'],
+  Coalescer<Completion, PromiseSettledResult<CompletionOutcome>>
+>();
 const completionCoalescer = (ctx: AppContext) =>
   getOrCreate(
     completionCoalescers,
     ctx.knex,
     () =>
-      new Coalescer<Completion, CompletionOutcome>({
-        run: (completions) => completeJobs(ctx, completions),
-        key: () => 'any',
+      new Coalescer<Completion, PromiseSettledResult<CompletionOutcome>>({
+        run: async (completions) => {
+          try {
+            const outcomes = await completeTogether(ctx, completions);
+            return outcomes.map((value) => ({ status: 'fulfilled', value }));
+          } catch (err) {
+            if (completions.length === 1) return [{ status: 'rejected', reason: err }];
+            return Promise.allSettled(completions.map(async (c) => (await completeTogether(ctx, [c]))[0]!));
+          }
+        },
+        key: () => 'completion',
         maxBatch: MAX_COMPLETION_BATCH,
       }),
   );
@@ -337,7 +350,8 @@ export async function completeJob(
   leaseToken: string,
   result: Record<string, unknown>,
 ): Promise<Pick<JobRow, 'id' | 'status' | 'run_at'>> {
-  const outcome = await completionCoalescer(ctx).submit({ jobId, leaseToken, result });
-  if (outcome.error) throw outcome.error;
+  const settled = await completionCoalescer(ctx).submit({ jobId, leaseToken, result });
+  if (settled.status === 'rejected') throw settled.reason;
+  if (settled.value.error) throw settled.value.error;
   return { id: jobId, status: 'completed', run_at: new Date() };
 }
