@@ -3,9 +3,9 @@
  * batch, each looping `POST /v1/workers/claim` (wait_seconds 0) → `POST …/jobs/{id}/complete` with
  * the lease token, until a claim answers 204, after `warmupJobs` untimed jobs drained the same way
  * (a server's first thousand answers build its caches and compile its hot code: the rate is its
- * steady state's, and the warm-up's own rate is printed beside it). Reports the rate, claim latency p50/p99, the CPU per
- * job of the load generator, the server and Postgres (process-cpu.ts), and checks that every job
- * was claimed exactly once (client side) and ended `completed` (server side).
+ * steady state's, and the warm-up's own rate is printed beside it). Reports the rate, claim latency
+ * p50/p99, the CPU per job of the load generator, the server and Postgres (process-cpu.ts), and
+ * checks that every job was claimed exactly once (client side) and ended `completed` (server side).
  *
  * On Postgres the same run adds its peers, each on its own scratch database on the same server and
  * each alone while it runs: the HTTP claim toy (serve-toy-queue.ts: node:http + pg, 2 prepared
@@ -198,7 +198,7 @@ async function drain(queue: HttpQueue, opts: QueueOptions): Promise<Drained> {
     return true;
   };
 
-  /** Every poller loops claim → complete until `enough()` or a claim answers 204; the first error stops all. */
+  /** Each poller loops claim → complete until `enough()` or a claim answers 204; an error stops all. */
   const runPollers = (enough: () => boolean) =>
     Promise.all(
       Array.from({ length: opts.pollers }, async (_, i) => {

@@ -1,10 +1,11 @@
 /**
  * A shortcut past Express's router for the hot operations. Express tries its middleware and then
  * the spec's paths one layer at a time, in routeOrder: a worker's claim or a job's GET walked
- * dozens of layers before its own, each a few function calls. The table keeps the same paths, in the same order, grouped by how many segments
- * they have, and matches them by Express's rules (case-insensitive, one optional trailing slash,
- * each parameter a whole non-empty segment, percent-decoded). So the route it finds is the one
- * Express would have taken, found among the few paths as long as the request's.
+ * dozens of layers before its own, each a few function calls. The table keeps the same paths, in
+ * the same order, grouped by how many segments they have, and matches them by Express's rules
+ * (case-insensitive, one optional trailing slash, each parameter a whole non-empty segment,
+ * percent-decoded). So the route it finds is the one Express would have taken, found among the few
+ * paths as long as the request's.
  *
  * It sits in front of the app (serveTableFirst) and answers only where it was given handlers for
  * the path and method. Everything else — another operation, a method the path lacks (405), a
@@ -13,7 +14,7 @@
  */
 import type { ErrorRequestHandler, Express, NextFunction, Request, RequestHandler, Response } from 'express';
 
-/** One spec path (Express syntax, `/v1/jobs/:job_id`) and the handlers the table runs, by method (any case). */
+/** A spec path (Express syntax, `/v1/jobs/:job_id`) and the handlers the table runs, by method (any case). */
 export interface TablePath {
   expressPath: string;
   handlers: ReadonlyMap<string, readonly RequestHandler[]>;
