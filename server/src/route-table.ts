@@ -12,6 +12,7 @@
  * parameter that does not decode (400) — is the app's, whose routes hold every operation, the
  * shortcut's ones included.
  */
+import { IncomingMessage, ServerResponse } from 'node:http';
 import type { ErrorRequestHandler, Express, NextFunction, Request, RequestHandler, Response } from 'express';
 
 /** A spec path (Express syntax, `/v1/jobs/:job_id`) and the handlers the table runs, by method (any case). */
@@ -167,8 +168,9 @@ export function serveTableFirst(
     if (app.enabled('x-powered-by')) res.setHeader('X-Powered-By', 'Express');
     req.res = res;
     res.req = req;
-    Object.setPrototypeOf(req, app.request);
-    Object.setPrototypeOf(res, app.response);
+    // Born with them on a server made with expressHttpClasses; else given them, as Express does.
+    if (!Object.prototype.isPrototypeOf.call(app.request, req)) Object.setPrototypeOf(req, app.request);
+    if (!Object.prototype.isPrototypeOf.call(app.response, res)) Object.setPrototypeOf(res, app.response);
     res.locals ??= Object.create(null);
     req.originalUrl ??= req.url;
     req.baseUrl = '';
@@ -194,4 +196,23 @@ function answerError(onError: ErrorRequestHandler, err: unknown, req: Request, r
   } catch {
     lastResort();
   }
+}
+
+/**
+ * Node's request and response classes for a server of `app` (`http.createServer(classes, app)`):
+ * each request and response is born with the app's prototypes (`app.request`, `app.response`) in
+ * its chain, so the table need not change its prototype as Express does. An object whose prototype
+ * changes once it is built takes a shape of its own, and the HTTP code that touches it afterwards
+ * (node's, Express's) runs slower: about 30 µs of CPU per request on the bench machine.
+ */
+export function expressHttpClasses(app: Express): {
+  IncomingMessage: typeof IncomingMessage;
+  ServerResponse: typeof ServerResponse;
+} {
+  class ExpressRequest extends IncomingMessage {}
+  class ExpressResponse extends ServerResponse {}
+  Object.setPrototypeOf(ExpressRequest.prototype, app.request);
+  Object.setPrototypeOf(ExpressResponse.prototype, app.response);
+  // (node's types declare ServerResponse's constructor generic over the request type)
+  return { IncomingMessage: ExpressRequest, ServerResponse: ExpressResponse as typeof ServerResponse };
 }

@@ -1,6 +1,6 @@
 import { EventEmitter } from 'node:events';
 import { chmod, readFile, rm, writeFile } from 'node:fs/promises';
-import type { IncomingMessage, Server, ServerResponse } from 'node:http';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
@@ -18,6 +18,7 @@ import { listenForJobs } from './queue/notify.js';
 import { extendLeasesAfterStart } from './queue/restart.js';
 import { analyzing } from './queue/statistics.js';
 import { startSweeper } from './queue/sweeper.js';
+import { expressHttpClasses } from './route-table.js';
 import { checkSecretsKey, loadSecretsKey, SecretBox, sealPlaintextSecrets } from './secrets.js';
 import { seedCatalog } from './services/catalog.js';
 import { listenForInference } from './services/inference.js';
@@ -98,7 +99,9 @@ async function serveOn(
   let server: Server;
   try {
     server = await new Promise((resolve, reject) => {
-      const s = app.listen(config.port, config.host, (err?: Error) => (err ? reject(err) : resolve(s)));
+      const s = createServer(expressHttpClasses(app), app);
+      s.once('error', reject);
+      s.listen(config.port, config.host, () => resolve(s));
     });
   } catch (err) {
     // the port is taken (or the host wrong): stop what started, so the caller can close the database

@@ -3,7 +3,7 @@
  * the same bad requests must get the same answers from both. Each case goes to the server and to a
  * second app on the same context with no bound operations (express-openapi-validator for all).
  */
-import type { Server } from 'node:http';
+import { IncomingMessage, type Server, ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import express, { type NextFunction, type Request, type Response } from 'express';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
@@ -368,6 +368,19 @@ describe('bound validation answers as express-openapi-validator does', () => {
       expect(viaRouter).toHaveBeenCalledTimes(1);
     } finally {
       await new Promise((resolve) => listening.close(resolve));
+    }
+  });
+
+  it("gives the server's requests Express's prototypes from birth: the table changes none", async () => {
+    const changed = vi.spyOn(Object, 'setPrototypeOf');
+    try {
+      expect((await send(server.url, { name: 'bound', path: '/v1/training/jobs/JOB' })).status).toBe(200);
+      const httpObjects = changed.mock.calls.filter(
+        ([target]) => target instanceof IncomingMessage || target instanceof ServerResponse,
+      );
+      expect(httpObjects).toEqual([]);
+    } finally {
+      changed.mockRestore();
     }
   });
 
