@@ -9,6 +9,7 @@ import { gangs } from './008_gangs.js';
 import { paused } from './009_paused.js';
 import { servingBackend } from './010_serving_backend.js';
 import { oneRunnableIndex } from './011_one_runnable_index.js';
+import { leanJobIndexes } from './012_lean_job_indexes.js';
 
 export interface Migration {
   name: string;
@@ -28,4 +29,5 @@ export const migrations: Migration[] = [
   paused,
   servingBackend,
   oneRunnableIndex,
+  leanJobIndexes,
 ];

@@ -80,8 +80,8 @@ export async function reportEvents(
              lease.attempt || ':' || e.key
       FROM lease, jsonb_to_recordset(:events::jsonb)
         AS e(kind text, ts timestamptz, payload jsonb, key text, ord int)
-      -- the same event re-sent by the same attempt is stored once
-      ON CONFLICT (job_id, dedupe_key) DO NOTHING
+      -- the same event re-sent by the same attempt is stored once (migration 012's partial index)
+      ON CONFLICT (job_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
       RETURNING 1
     )
     SELECT (SELECT count(*) FROM lease)::int AS leased, (SELECT count(*) FROM inserted)::int AS accepted,
