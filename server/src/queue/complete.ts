@@ -230,31 +230,37 @@ function missOutcome(completion: Completion, job: LeaseState | undefined): Compl
  * registry's ids are stored on it. One statement whatever the count when this process leased the
  * jobs; else a read first, to decide what each job registers; another only to explain completions
  * that completed nothing. Answers each completion's outcome, in order; a job listed twice is
- * completed once.
+ * completed once. One that fails on its own (completeEach) is answered as a 500 in the list, and
+ * stays running; a list of one throws its failure instead.
  */
 export async function completeJobs(ctx: AppContext, completions: Completion[]): Promise<CompletionOutcome[]> {
-  try {
-    return await completeTogether(ctx, completions);
-  } catch (err) {
-    if (completions.length === 1) throw err;
-    // A result Postgres refuses (a fraction where a count goes, a NUL in text) fails the one
-    // statement for every item: then each goes on its own, so only that one fails, and a resend
-    // answers the others `completed`.
-    const outcomes: CompletionOutcome[] = [];
-    for (const completion of completions) outcomes.push(await completeAlone(ctx, completion));
-    return outcomes;
-  }
+  const settled = await completeEach(ctx, completions);
+  if (completions.length === 1 && settled[0]?.status === 'rejected') throw settled[0].reason;
+  return settled.map((outcome, i) => {
+    if (outcome.status === 'fulfilled') return outcome.value;
+    const { jobId } = completions[i]!;
+    ctx.logger.error({ err: outcome.reason, jobId }, 'a batched completion failed');
+    const message = `Job ${jobId} could not be completed (it stays running); its result was not stored.`;
+    return { jobId, error: new ApiError(500, 'internal_error', message) };
+  });
 }
 
-/** One completion on its own: a failure of its statement is its own error answer (the job stays running). */
-async function completeAlone(ctx: AppContext, completion: Completion): Promise<CompletionOutcome> {
+/**
+ * completeTogether, with each completion's outcome settled on its own: a result Postgres refuses (a
+ * fraction where a count goes, a NUL in text) fails the shared statement for every completion, so
+ * then each goes again alone, side by side, and only that one fails, with its own error; a resend
+ * of the others is answered `completed`.
+ */
+async function completeEach(
+  ctx: AppContext,
+  completions: Completion[],
+): Promise<PromiseSettledResult<CompletionOutcome>[]> {
   try {
-    const [outcome] = await completeTogether(ctx, [completion]);
-    return outcome!;
+    const outcomes = await completeTogether(ctx, completions);
+    return outcomes.map((value) => ({ status: 'fulfilled', value }));
   } catch (err) {
-    ctx.logger.error({ err, jobId: completion.jobId }, 'a batched completion failed');
-    const message = `Job ${completion.jobId} could not be completed (it stays running); its result was not stored.`;
-    return { jobId: completion.jobId, error: new ApiError(500, 'internal_error', message) };
+    if (completions.length === 1) return [{ status: 'rejected', reason: err }];
+    return Promise.allSettled(completions.map(async (c) => (await completeTogether(ctx, [c]))[0]!));
   }
 }
 
@@ -315,8 +321,7 @@ const MAX_COMPLETION_BATCH = 32;
 
 /**
  * Completions of one job each share statements under load (coalesce.ts). Each gets what it would
- * have got alone: when the shared statement fails (a result Postgres refuses), each goes again on
- * its own, side by side, and one that fails then fails with its own error (app.ts answers a value
+ * have got alone (completeEach): one that fails fails with its own error (app.ts answers a value
  * Postgres refuses with 400, as for a completion that ran alone).
  */
 const completionCoalescers = new WeakMap<
@@ -329,15 +334,7 @@ const completionCoalescer = (ctx: AppContext) =>
     ctx.knex,
     () =>
       new Coalescer<Completion, PromiseSettledResult<CompletionOutcome>>({
-        run: async (completions) => {
-          try {
-            const outcomes = await completeTogether(ctx, completions);
-            return outcomes.map((value) => ({ status: 'fulfilled', value }));
-          } catch (err) {
-            if (completions.length === 1) return [{ status: 'rejected', reason: err }];
-            return Promise.allSettled(completions.map(async (c) => (await completeTogether(ctx, [c]))[0]!));
-          }
-        },
+        run: (completions) => completeEach(ctx, completions),
         key: () => 'completion',
         maxBatch: MAX_COMPLETION_BATCH,
       }),
