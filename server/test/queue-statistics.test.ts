@@ -38,10 +38,10 @@ describe.each(DATABASES)('queue statistics on %s', (db) => {
   /** The plan of the part of a one-job claim that picks the job (the `next` CTE). */
   async function pickPlan(): Promise<PlanNode[]> {
     const knex = server.ctx.knex;
-    await knex.raw(`PREPARE claim_plan AS ${CLAIM_STATEMENTS[0]!.text}`);
+    await knex.raw(`PREPARE claim_plan AS ${CLAIM_STATEMENTS.solo[0]!.text}`);
     try {
       const result = await knex.raw(
-        `EXPLAIN (FORMAT JSON) EXECUTE claim_plan('{finetune}', true, '{}', 'cpu', false, '{w1}', '{lease_x}', 60)`,
+        `EXPLAIN (FORMAT JSON) EXECUTE claim_plan('{finetune}', true, '{}', 'cpu', '{w1}', '{lease_x}', 60)`,
       );
       const [{ Plan: plan }] = result.rows[0]['QUERY PLAN'] as [{ Plan: PlanNode }];
       const next = flatten(plan).find((node) => node['Subplan Name'] === 'CTE next');
@@ -75,5 +75,33 @@ describe.each(DATABASES)('queue statistics on %s', (db) => {
     expect(nodes.find((node) => node['Node Type'] === 'Index Scan')?.['Index Name']).toBe('jobs_runnable');
     expect(types).not.toContain('Sort');
     expect(types).not.toContain('Bitmap Heap Scan');
+  });
+
+  it('settles on one plan per connection for every batch size, for workers in gangs or not', async () => {
+    await enqueueInOne(Array.from({ length: 4 * BURST_JOBS }, () => finetuneInput()));
+    await jobsInStatistics();
+    // One connection; each claim rolled back, so every run finds the same queue. Postgres plans a
+    // prepared statement for its values five times, then keeps the generic plan unless that looks
+    // dearer: a claim planned anew each time costs more than it takes to run.
+    await server.ctx.knex.transaction(async (trx) => {
+      for (const [family, statements] of Object.entries(CLAIM_STATEMENTS)) {
+        const size = 16;
+        const workers = `'{${Array.from({ length: size }, (_, i) => `w${i}`).join(',')}}'`;
+        const tokens = `'{${Array.from({ length: size }, (_, i) => `lease_${i}`).join(',')}}'`;
+        await trx.raw(`PREPARE claim_plan AS ${statements[size - 1]!.text}`);
+        for (let run = 0; run < 8; run++) {
+          await trx.raw('SAVEPOINT claim');
+          await trx.raw(
+            `EXECUTE claim_plan('{finetune}', false, '{lora}', 'cpu', ${workers}, ${tokens}, 60)`,
+          );
+          await trx.raw('ROLLBACK TO SAVEPOINT claim');
+        }
+        const { rows } = await trx.raw(
+          `SELECT generic_plans::int AS generic FROM pg_prepared_statements WHERE name = 'claim_plan'`,
+        );
+        expect(rows[0].generic, `${family} claims of ${size} jobs`).toBeGreaterThan(0);
+        await trx.raw('DEALLOCATE claim_plan');
+      }
+    });
   });
 });

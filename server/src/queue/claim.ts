@@ -59,20 +59,24 @@ export const MAX_CLAIM_BATCH = 32;
 
 /**
  * Up to `max` runnable jobs these capabilities can run, best first, leased in one statement: each
- * gets its attempt (worker `$6[n]` and lease token `$7[n]` for the n-th best: one worker's batch, or
+ * gets its attempt (worker `$5[n]` and lease token `$6[n]` for the n-th best: one worker's batch, or
  * the claims of several that share the statement), its attempt row and its `claimed` event; `event_seq`
  * moves in the same update, so the event's seq needs no second lock; each comes back with the data
  * files it reads (`data_files`), so the claim answer needs no second round trip. Gang jobs
- * (num_nodes > 1, offered only to workers that can join gangs) are never leased here: when the best
- * job is one, the statement leases nothing and returns that job's row as it is (`pending`) for the
- * caller to join its gang; a gang job further down ends the batch before it, so no job jumps ahead.
+ * (num_nodes > 1) are offered only by the statement for workers that can join gangs (`gang`), and
+ * never leased here: when the best job is one, the statement leases nothing and returns that job's
+ * row as it is (`pending`) for the caller to join its gang; a gang job further down ends the batch
+ * before it, so no job jumps ahead.
  *
  * `max` is written into the text, one named statement per batch size: with `LIMIT $n` Postgres
  * plans the statement anew on every call (about 1 ms, more than running it), since a plan for an
- * unknown limit looks dear; with a constant one it settles on one plan per connection.
+ * unknown limit looks dear; with a constant one it settles on one plan per connection. Whether the
+ * worker joins gangs is written in too, for the same reason: with it as a parameter, the generic
+ * plan could not leave the gang test out and looked dearer than a plan made for the values, so
+ * Postgres planned most claims anew (63% of them in a bench drain).
  */
-const claimStatement = (max: number): PreparedStatement => ({
-  name: `tunery_claim_jobs_${max}`,
+const claimStatement = (max: number, gang: boolean): PreparedStatement => ({
+  name: gang ? `tunery_claim_gang_jobs_${max}` : `tunery_claim_jobs_${max}`,
   text: `
     WITH next AS (
       SELECT id, num_nodes, priority, run_at, created_at FROM jobs
@@ -83,11 +87,15 @@ const claimStatement = (max: number): PreparedStatement => ({
         -- a worker that lists no methods runs any; jobs without a method suit every worker
         AND (method IS NULL OR $2::boolean OR method = ANY($3::text[]))
         AND (required_device IS NULL OR required_device = $4::text)
-        -- gangs: only for workers that can join one, and not one this worker is waiting in already
-        AND (num_nodes = 1 OR ($5::boolean AND NOT EXISTS (
+        ${
+          gang
+            ? `-- a gang this worker is waiting in already is not offered again (a worker that can
+        -- join gangs claims alone: no other claim shares its statement)
+        AND (num_nodes = 1 OR NOT EXISTS (
           SELECT 1 FROM job_gang_members m
-          -- (a worker that can join gangs claims alone: no other claim shares its statement)
-          WHERE m.job_id = jobs.id AND m.worker_id = ($6::text[])[1] AND m.rank IS NULL)))
+          WHERE m.job_id = jobs.id AND m.worker_id = ($5::text[])[1] AND m.rank IS NULL))`
+            : 'AND num_nodes = 1'
+        }
       -- the order of the partial index jobs_runnable: read in order, no sort of every pending row
       ORDER BY priority DESC, run_at, created_at
       -- concurrent claimers skip rows another claim is taking instead of queueing behind it
@@ -104,7 +112,7 @@ const claimStatement = (max: number): PreparedStatement => ({
     ),
     claimed AS (
       UPDATE jobs SET
-        ${startAttempt({ leaseToken: '($7::text[])[leasable.rank]', workerId: '($6::text[])[leasable.rank]', leaseSeconds: '$8::float8' })},
+        ${startAttempt({ leaseToken: '($6::text[])[leasable.rank]', workerId: '($5::text[])[leasable.rank]', leaseSeconds: '$7::float8' })},
         event_seq = event_seq + 1,
         updated_at = now()
       FROM leasable
@@ -132,8 +140,11 @@ const claimStatement = (max: number): PreparedStatement => ({
     ORDER BY rank`,
 });
 
-/** The claim statement of each batch size (1 to MAX_CLAIM_BATCH), built once. */
-export const CLAIM_STATEMENTS = Array.from({ length: MAX_CLAIM_BATCH }, (_, i) => claimStatement(i + 1));
+const statementsOfEachSize = (gang: boolean) =>
+  Array.from({ length: MAX_CLAIM_BATCH }, (_, i) => claimStatement(i + 1, gang));
+
+/** The claim statements of each batch size (1 to MAX_CLAIM_BATCH), built once: for workers outside gangs, and for those that can join them. */
+export const CLAIM_STATEMENTS = { solo: statementsOfEachSize(false), gang: statementsOfEachSize(true) };
 
 /**
  * Leases up to `max` of the best runnable jobs this worker can run, best first (none: empty). When
@@ -147,7 +158,7 @@ export async function claimJobs(
   max: number,
   callerGone?: AbortSignal,
 ): Promise<ClaimedJobRow[]> {
-  if (!CLAIM_STATEMENTS[max - 1])
+  if (!CLAIM_STATEMENTS.solo[max - 1])
     throw new RangeError(`A claim takes 1 to ${MAX_CLAIM_BATCH} jobs, not ${max}.`);
   const alone = () => {
     const workerIds = Array.from({ length: max }, () => input.workerId);
@@ -174,12 +185,12 @@ async function leaseJobs(
   leaseTokens: string[],
 ): Promise<ClaimedJobRow[]> {
   const { capabilities } = input;
-  const rows = await runPrepared<ClaimedJobRow>(ctx.knex, CLAIM_STATEMENTS[workerIds.length - 1]!, [
+  const statements = input.gang === undefined ? CLAIM_STATEMENTS.solo : CLAIM_STATEMENTS.gang;
+  const rows = await runPrepared<ClaimedJobRow>(ctx.knex, statements[workerIds.length - 1]!, [
     capabilities.job_types,
     capabilities.methods === undefined,
     capabilities.methods ?? [],
     capabilities.device,
-    input.gang !== undefined,
     workerIds,
     leaseTokens,
     ctx.config.leaseSeconds,
