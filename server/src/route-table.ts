@@ -203,7 +203,8 @@ function answerError(onError: ErrorRequestHandler, err: unknown, req: Request, r
  * each request and response is born with the app's prototypes (`app.request`, `app.response`) in
  * its chain, so the table need not change its prototype as Express does. An object whose prototype
  * changes once it is built takes a shape of its own, and the HTTP code that touches it afterwards
- * (node's, Express's) runs slower: about 30 µs of CPU per request on the bench machine.
+ * (node's, Express's) runs slower: on a bare node server on the bench machine, requests cost 68 µs
+ * of CPU, 114 µs with Express's prototypes given as Express does, 82 µs with them from birth.
  */
 export function expressHttpClasses(app: Express): {
   IncomingMessage: typeof IncomingMessage;

@@ -101,7 +101,12 @@ async function serveOn(
     server = await new Promise((resolve, reject) => {
       const s = createServer(expressHttpClasses(app), app);
       s.once('error', reject);
-      s.listen(config.port, config.host, () => resolve(s));
+      s.listen(config.port, config.host, () => {
+        s.off('error', reject);
+        // Once listening, a server error (accepting a connection failed) is logged, not fatal.
+        s.on('error', (err) => logger.error({ err }, 'the HTTP server failed'));
+        resolve(s);
+      });
     });
   } catch (err) {
     // the port is taken (or the host wrong): stop what started, so the caller can close the database

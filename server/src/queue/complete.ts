@@ -66,8 +66,10 @@ const READ_FOR_COMPLETION: PreparedStatement = {
  * job, from completionInput), in one statement: registers its adapter (under its fallback name when
  * another adapter has the name) and its output model, or stores a benchmark's scores; then one
  * update of the job's row (completed, result, billing, registry ids, the event's seq), its attempt
- * closed and its `completed` event. Rows are locked in id order, so concurrent batches cannot
- * deadlock. Answers the ids it completed; a job whose lease moved on is left as it is.
+ * closed and its `completed` event. Job rows are locked in id order, so two batches never deadlock
+ * over jobs. (Over an adapter name that both register they can: Postgres then fails one statement,
+ * and its completions go again alone, completeEach.) Answers the ids it completed; a job whose lease
+ * moved on is left as it is.
  */
 const COMPLETE_JOBS: PreparedStatement = {
   name: 'tunery_complete_jobs',
