@@ -143,7 +143,10 @@ const claimStatement = (max: number, gang: boolean): PreparedStatement => ({
 const statementsOfEachSize = (gang: boolean) =>
   Array.from({ length: MAX_CLAIM_BATCH }, (_, i) => claimStatement(i + 1, gang));
 
-/** The claim statements of each batch size (1 to MAX_CLAIM_BATCH), built once: for workers outside gangs, and for those that can join them. */
+/**
+ * The claim statements of each batch size (1 to MAX_CLAIM_BATCH), built once: for workers outside
+ * gangs, and for workers that can join them.
+ */
 export const CLAIM_STATEMENTS = { solo: statementsOfEachSize(false), gang: statementsOfEachSize(true) };
 
 /**
