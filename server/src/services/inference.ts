@@ -5,10 +5,9 @@
  * process holding the caller's connection through Postgres NOTIFY (every process LISTENs), or an
  * in-process event on PGlite, so workers only ever dial out, as they do for training.
  */
-import { randomBytes } from 'node:crypto';
 import type { AppContext } from '../context.js';
 import { ApiError, knownErrorCode, notFound } from '../errors.js';
-import { newId } from '../ids.js';
+import { newId, newSecret } from '../ids.js';
 import { type PreparedStatement, runPrepared } from '../prepared.js';
 import { listen, waitForSignal } from '../queue/notify.js';
 import { SeenWorkers } from '../queue/seen-workers.js';
@@ -172,7 +171,7 @@ export async function* runInference(
     const rows = await runPrepared(ctx.knex, ENQUEUE_INFERENCE, [
       id,
       tenantId,
-      `infreq_${randomBytes(24).toString('base64url')}`,
+      newSecret('infreq'),
       JSON.stringify({ target, input, params }),
       forWorker,
       SERVING_WORKER_SEEN_SECONDS,
