@@ -2,7 +2,7 @@ import { EventEmitter } from 'node:events';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { newId } from '../src/ids.js';
 import { cancelJob } from '../src/queue/cancel.js';
-import { type ClaimInput, claimNextJob } from '../src/queue/claim.js';
+import { type ClaimInput, claimJobWithWait, claimNextJob } from '../src/queue/claim.js';
 import { type EnqueueInput, enqueueJob } from '../src/queue/enqueue.js';
 import { failJob, retryDelaySeconds } from '../src/queue/fail.js';
 import { heartbeatJob } from '../src/queue/heartbeat.js';
@@ -214,6 +214,35 @@ describe.each(DATABASES)('queue on %s', (db) => {
     while ((await waiting()).rows.length === 0) await sleep(10);
     await cancel.commit();
     expect(await failing).toMatchObject({ status: 'cancelled', cancel_requested: true });
+  });
+
+  // The hang-up must come while the statement runs: a second connection holds it back (not on PGlite).
+  it.skipIf(db !== 'postgres')('releases what a claim leased when its caller hung up meanwhile', async () => {
+    await drain();
+    const job = await enqueue();
+    const blocker = await server.ctx.knex.transaction();
+    await blocker.raw('LOCK TABLE job_events IN EXCLUSIVE MODE');
+    const caller = new AbortController();
+    const claiming = claimJobWithWait(server.ctx, cpuWorker('gone'), 0, caller.signal);
+    const waiting = () =>
+      server.ctx.knex.raw(
+        `SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`,
+      );
+    while ((await waiting()).rows.length === 0) await sleep(10);
+    caller.abort();
+    await blocker.commit();
+    expect(await claiming).toBeNull();
+    expect(await server.ctx.knex('jobs').where({ id: job.id }).first()).toMatchObject({
+      status: 'pending',
+      attempt: 1,
+      max_attempts: job.max_attempts + 1,
+    });
+    const attempts = await server.ctx.knex('job_attempts').where({ job_id: job.id }).select('outcome');
+    expect(attempts).toEqual([{ outcome: 'released' }]);
+    const events = await server.ctx.knex('job_events').where({ job_id: job.id }).orderBy('seq').pluck('kind');
+    expect(events.slice(-2)).toEqual(['claimed', 'released']);
+    // the next worker gets it at once
+    expect((await claimNextJob(server.ctx, cpuWorker('w')))?.id).toBe(job.id);
   });
 
   it('rescues expired leases in runOnce: back to pending with retries + 1, or cancelled when asked', async () => {

@@ -7,6 +7,7 @@ import { Coalescer } from './coalesce.js';
 import { type GangAddress, type GangJoin, joinGang } from './gang.js';
 import { startAttempt } from './lease.js';
 import { leasedJobs } from './leased-jobs.js';
+import { releaseJob } from './release.js';
 import { handOnWake, type Wake, waitForJobs } from './notify.js';
 import { SeenWorkers } from './seen-workers.js';
 import { CLAIMED_COLUMNS, type ClaimedJobRow } from './types.js';
@@ -245,11 +246,27 @@ export async function claimNextJob(ctx: AppContext, input: ClaimInput): Promise<
 }
 
 /**
+ * Releases jobs leased to a worker that will never hear of them (releaseJob: pending again at once,
+ * the attempt given back). One that cannot be released is left to its lease's expiry, and logged.
+ */
+async function handBack(ctx: AppContext, jobs: ClaimedJobRow[]): Promise<void> {
+  const leased = jobs.filter((job) => job.status === 'running');
+  await Promise.all(
+    leased.map((job) =>
+      releaseJob(ctx, job.id, job.lease_token!).catch((err: unknown) =>
+        ctx.logger.error({ err, jobId: job.id }, 'a job leased to a worker that hung up could not be released'),
+      ),
+    ),
+  );
+}
+
+/**
  * Long-poll: claims (up to `max` jobs) at once if it can, else waits in line until a signal wakes it
  * (or a recheck is due) and tries again, until `waitSeconds` have passed, the caller went away, or
  * the server stops. A woken claim that gets nothing hands its wake on to the next claim in line (it
  * may be a worker that can run the job). A gang job the claim offers is joined (queue/gang.ts); one
- * that is no longer joinable is skipped.
+ * that is no longer joinable is skipped. Jobs leased to a caller that went away while its claim ran
+ * are released at once.
  */
 export async function claimJobWithWait(
   ctx: AppContext,
@@ -269,6 +286,12 @@ export async function claimJobWithWait(
       return null;
     }
     const jobs = await claimJobs(ctx, input, max, callerGone);
+    // It hung up while its claim ran: what it leased goes back to the queue now, not at lease expiry.
+    if (callerGone.aborted) {
+      await handBack(ctx, jobs);
+      handOnWake(ctx, wake);
+      return null;
+    }
     const best = jobs[0];
     if (best && best.num_nodes === 1) return { jobs };
     if (best && input.gang) {
