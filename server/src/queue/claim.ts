@@ -7,8 +7,8 @@ import { Coalescer } from './coalesce.js';
 import { type GangAddress, type GangJoin, joinGang } from './gang.js';
 import { startAttempt } from './lease.js';
 import { leasedJobs } from './leased-jobs.js';
-import { releaseJob } from './release.js';
 import { handOnWake, type Wake, waitForJobs } from './notify.js';
+import { releaseJob } from './release.js';
 import { SeenWorkers } from './seen-workers.js';
 import { CLAIMED_COLUMNS, type ClaimedJobRow } from './types.js';
 
@@ -254,7 +254,10 @@ async function handBack(ctx: AppContext, jobs: ClaimedJobRow[]): Promise<void> {
   await Promise.all(
     leased.map((job) =>
       releaseJob(ctx, job.id, job.lease_token!).catch((err: unknown) =>
-        ctx.logger.error({ err, jobId: job.id }, 'a job leased to a worker that hung up could not be released'),
+        ctx.logger.error(
+          { err, jobId: job.id },
+          'a job leased to a worker that hung up could not be released',
+        ),
       ),
     ),
   );
