@@ -172,7 +172,10 @@ describe.each(DATABASES)('budget reservations on %s', (db) => {
   const create = (key: string) => server.api('/v1/training/jobs', { method: 'POST', json: body, key });
   const budgetOf = async (key: string) => (await server.api('/v1/budget', { key })).json();
   const estimateFor = async (tenantId: string) =>
-    reservableUsd((await planTrainingJob(server.ctx, tenantId, body as TrainingJobCreate)).estimatedUsd);
+    reservableUsd(
+      (await planTrainingJob(server.ctx, tenantId, body as TrainingJobCreate)).estimatedUsd,
+      server.ctx.config.pricePerGpuHour,
+    );
 
   it('concurrent creates that together exceed the limit: only those that fit pass', async () => {
     const probe = await tenantWithLimit(null);
@@ -227,6 +230,30 @@ describe.each(DATABASES)('budget reservations on %s', (db) => {
       .where({ id: (await created.json()).id })
       .first('cost_reserved');
     expect(Number(row.cost_reserved)).toBe(MIN_RESERVATION_USD);
+  });
+
+  it('where worker time is free (0 per GPU-hour), a job estimated at nothing holds nothing', async () => {
+    const { tenantId, key } = await tenantWithLimit(5);
+    const { jobId } = await completedJob(server, { tenantId });
+    await server.ctx.knex('jobs').where({ id: jobId }).update({ cost_accrued: 5 });
+    const { config } = server.ctx;
+    const price = config.pricePerGpuHour;
+    config.pricePerGpuHour = 0;
+    try {
+      const created = await server.api('/v1/training/jobs', {
+        method: 'POST',
+        json: { type: 'merge', parent_job_id: jobId },
+        key,
+      });
+      expect(created.status).toBe(201);
+      const row = await server.ctx
+        .knex('jobs')
+        .where({ id: (await created.json()).id })
+        .first('cost_reserved');
+      expect(Number(row.cost_reserved)).toBe(0);
+    } finally {
+      config.pricePerGpuHour = price;
+    }
   });
 
   it('a finished job keeps only what it accrued: the rest of its estimate is released', async () => {

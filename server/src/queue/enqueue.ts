@@ -59,11 +59,14 @@ const initialPhase = (kind: JobKind) => (kind === 'distillation' ? 'initializing
  * reservableUsd) against the tenant's budget, in the same transaction as its row.
  */
 export async function enqueueJob(
-  ctx: Pick<AppContext, 'knex' | 'dbKind' | 'queueSignal' | 'secretBox' | 'logger' | 'shuttingDown'>,
+  ctx: Pick<
+    AppContext,
+    'knex' | 'dbKind' | 'queueSignal' | 'secretBox' | 'logger' | 'shuttingDown' | 'config'
+  >,
   db: Knex | Knex.Transaction,
   input: EnqueueInput,
 ): Promise<JobRow> {
-  const reservedUsd = reservableUsd(input.estimatedUsd ?? 0);
+  const reservedUsd = reservableUsd(input.estimatedUsd ?? 0, ctx.config.pricePerGpuHour);
   // The budget's row lock must last until the job row commits: without a transaction it would not.
   if (!db.isTransaction) return ctx.knex.transaction((trx) => enqueueJob(ctx, trx, input));
   await reserveBudget(db as Knex.Transaction, input.tenantId, reservedUsd);

@@ -45,7 +45,7 @@ export async function resumeJob(
     }
     // Pending again, it holds what is left of its estimate: 402 when that does not fit.
     const unspent = Number(job.cost_reserved) - Number(job.cost_accrued);
-    await reserveBudget(trx, tenantId, reservableUsd(unspent));
+    await reserveBudget(trx, tenantId, reservableUsd(unspent, ctx.config.pricePerGpuHour));
 
     const updated = await trx.raw(
       `

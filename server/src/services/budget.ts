@@ -1,7 +1,7 @@
 /**
  * Budgets. A tenant's limit covers what its jobs have accrued plus what its live jobs (pending or
- * running) may still cost: each job reserves its estimate (at least MIN_RESERVATION_USD) when it is
- * created, and the reservation stops counting once the job ends (only what it accrued stays spent).
+ * running) may still cost: each job reserves its estimate (at least MIN_RESERVATION_USD where worker
+ * time is billed) when it is created, and the reservation stops counting once the job ends (only what it accrued stays spent).
  * Reservations are taken under a lock on the tenant's row, so concurrent creates see each other's.
  * Running jobs whose tenant went over the limit are stopped by the heartbeat (`queue/heartbeat.ts`).
  */
@@ -16,18 +16,22 @@ const usd = (value: number) => `$${value.toFixed(value > 0 && value < 0.01 ? 4 :
 const money = (value: number) => Number(value.toFixed(4));
 /**
  * The least a job must find left in its tenant's budget to be created (then held until it ends or
- * accrues as much) or resumed: one estimated at nothing (a merge, a native prompt optimization)
- * still bills its worker's time, and a tenant with nothing left would only have it stopped at its
- * first heartbeat.
+ * accrues as much) or resumed, where worker time is billed (TUNERY_PRICE_PER_GPU_HOUR above 0): one
+ * estimated at nothing (a merge, a native prompt optimization) still bills its worker's time, and a
+ * tenant with nothing left would only have it stopped at its first heartbeat. Where worker time is
+ * free, such a job costs nothing and holds nothing.
  */
 export const MIN_RESERVATION_USD = 0.0001;
 
 /**
  * An estimate as it is reserved: rounded up to the columns' scale, so the check and the hold agree,
- * and at least MIN_RESERVATION_USD.
+ * and at least MIN_RESERVATION_USD where worker time costs something (`pricePerGpuHour` above 0).
  */
-export const reservableUsd = (estimate: number) =>
-  Math.max(MIN_RESERVATION_USD, Math.ceil(Number((estimate * 1e4).toFixed(6))) / 1e4);
+export const reservableUsd = (estimate: number, pricePerGpuHour: number) =>
+  Math.max(
+    pricePerGpuHour > 0 ? MIN_RESERVATION_USD : 0,
+    Math.ceil(Number((estimate * 1e4).toFixed(6))) / 1e4,
+  );
 
 /** Job states whose unspent estimate is held against the budget. */
 const LIVE = `status IN ('pending', 'running')`;

@@ -5296,7 +5296,7 @@ export interface components {
                 "application/json": components["schemas"]["Error"];
             };
         };
-        /** @description The job's estimated cost (at least $0.0001, so even a job estimated at nothing needs something left) exceeds the tenant's remaining budget (`insufficient_credits`); each pending or running job holds its estimate until it ends. */
+        /** @description The job's estimated cost (at least $0.0001 where worker time is billed, so even a job estimated at nothing needs something left) exceeds the tenant's remaining budget (`insufficient_credits`); each pending or running job holds its estimate until it ends. */
         PaymentRequired: {
             headers: {
                 [name: string]: unknown;
