@@ -79,7 +79,8 @@ function listEnv(name: string): string[] {
     .filter(Boolean);
 }
 
-function intEnv(name: string, fallback: number): number {
+/** A non-negative number from the environment (fractions too: a price), or `fallback` when unset. */
+function numberEnv(name: string, fallback: number): number {
   const raw = process.env[name];
   if (raw === undefined || raw === '') return fallback;
   const value = Number(raw);
@@ -117,23 +118,23 @@ function modelRootsEnv(): string[] {
 
 export function loadConfig(overrides: Partial<Config> = {}): Config {
   return {
-    port: intEnv('PORT', 8000),
+    port: numberEnv('PORT', 8000),
     host: process.env.HOST ?? '127.0.0.1',
     dataDir: resolve(process.env.TUNERY_DATA_DIR ?? './data'),
     databaseUrl: process.env.DATABASE_URL || undefined,
-    leaseSeconds: intEnv('TUNERY_LEASE_SECONDS', 60),
-    sweepIntervalMs: intEnv('TUNERY_SWEEP_INTERVAL_MS', 5000),
-    gangWindowSeconds: intEnv('TUNERY_GANG_WINDOW_SECONDS', 30),
-    retryBaseSeconds: intEnv('TUNERY_RETRY_BASE_SECONDS', 10),
-    retryMaxSeconds: intEnv('TUNERY_RETRY_MAX_SECONDS', 600),
-    maxJsonBytes: intEnv('TUNERY_MAX_JSON_BYTES', 10 * 1024 * 1024),
-    maxUploadBytes: intEnv('TUNERY_MAX_UPLOAD_BYTES', 20 * 1024 * 1024 * 1024),
-    storageQuotaBytes: intEnv('TUNERY_STORAGE_QUOTA_BYTES', 0) || Number.POSITIVE_INFINITY,
-    requestTimeoutSeconds: intEnv('TUNERY_REQUEST_TIMEOUT_SECONDS', 300),
-    uploadIdleTimeoutSeconds: intEnv('TUNERY_UPLOAD_IDLE_TIMEOUT_SECONDS', 120),
-    uploadPartMaxAgeSeconds: intEnv('TUNERY_UPLOAD_PART_MAX_AGE_SECONDS', 24 * 3600),
-    idempotencyStaleSeconds: intEnv('TUNERY_IDEMPOTENCY_STALE_SECONDS', 60),
-    pricePerGpuHour: intEnv('TUNERY_PRICE_PER_GPU_HOUR', 2),
+    leaseSeconds: numberEnv('TUNERY_LEASE_SECONDS', 60),
+    sweepIntervalMs: numberEnv('TUNERY_SWEEP_INTERVAL_MS', 5000),
+    gangWindowSeconds: numberEnv('TUNERY_GANG_WINDOW_SECONDS', 30),
+    retryBaseSeconds: numberEnv('TUNERY_RETRY_BASE_SECONDS', 10),
+    retryMaxSeconds: numberEnv('TUNERY_RETRY_MAX_SECONDS', 600),
+    maxJsonBytes: numberEnv('TUNERY_MAX_JSON_BYTES', 10 * 1024 * 1024),
+    maxUploadBytes: numberEnv('TUNERY_MAX_UPLOAD_BYTES', 20 * 1024 * 1024 * 1024),
+    storageQuotaBytes: numberEnv('TUNERY_STORAGE_QUOTA_BYTES', 0) || Number.POSITIVE_INFINITY,
+    requestTimeoutSeconds: numberEnv('TUNERY_REQUEST_TIMEOUT_SECONDS', 300),
+    uploadIdleTimeoutSeconds: numberEnv('TUNERY_UPLOAD_IDLE_TIMEOUT_SECONDS', 120),
+    uploadPartMaxAgeSeconds: numberEnv('TUNERY_UPLOAD_PART_MAX_AGE_SECONDS', 24 * 3600),
+    idempotencyStaleSeconds: numberEnv('TUNERY_IDEMPOTENCY_STALE_SECONDS', 60),
+    pricePerGpuHour: numberEnv('TUNERY_PRICE_PER_GPU_HOUR', 2),
     teacherPrices: teacherPricesEnv(),
     logLevel: process.env.LOG_LEVEL ?? 'info',
     docsDir: resolve(
@@ -144,8 +145,8 @@ export function loadConfig(overrides: Partial<Config> = {}): Config {
     secretsKeyRotate: ['1', 'true'].includes(process.env.TUNERY_SECRETS_KEY_ROTATE ?? ''),
     adminKey: process.env.TUNERY_ADMIN_KEY || undefined,
     webhookAllowHosts: listEnv('TUNERY_WEBHOOK_ALLOW_HOSTS').map((host) => host.toLowerCase()),
-    webhookIntervalMs: intEnv('TUNERY_WEBHOOK_INTERVAL_MS', 1000),
-    webhookRetryBaseSeconds: intEnv('TUNERY_WEBHOOK_RETRY_BASE_SECONDS', 10),
+    webhookIntervalMs: numberEnv('TUNERY_WEBHOOK_INTERVAL_MS', 1000),
+    webhookRetryBaseSeconds: numberEnv('TUNERY_WEBHOOK_RETRY_BASE_SECONDS', 10),
     metricsToken: process.env.TUNERY_METRICS_TOKEN || undefined,
     corsOrigins: listEnv('TUNERY_CORS_ORIGINS'),
     ...overrides,
