@@ -1,6 +1,6 @@
 /**
  * Starting the HTTP server (server.ts): a port another server holds fails the start with the
- * system's error, after the server's background work (sweeper, webhooks, queue listeners) stopped.
+ * system's error, and leaves the server holding it untouched.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestServer, type TestServer } from './harness.js';
