@@ -3,7 +3,7 @@ import { getOrCreate } from '../get-or-create.js';
 import { newSecret } from '../ids.js';
 import { type PreparedStatement, runPrepared } from '../prepared.js';
 import { dataFilesOf } from '../services/job-spec.js';
-import { Coalescer } from './coalesce.js';
+import { type CallerGone, Coalescer } from './coalesce.js';
 import { type GangAddress, type GangJoin, joinGang } from './gang.js';
 import { startAttempt } from './lease.js';
 import { leasedJobs } from './leased-jobs.js';
@@ -160,7 +160,7 @@ export async function claimJobs(
   ctx: AppContext,
   input: ClaimInput,
   max: number,
-  callerGone?: AbortSignal,
+  callerGone?: CallerGone,
 ): Promise<ClaimedJobRow[]> {
   if (!CLAIM_STATEMENTS.solo[max - 1])
     throw new RangeError(`A claim takes 1 to ${MAX_CLAIM_BATCH} jobs, not ${max}.`);
@@ -275,7 +275,7 @@ export async function claimJobWithWait(
   ctx: AppContext,
   input: ClaimInput,
   waitSeconds: number,
-  callerGone: AbortSignal,
+  callerGone: CallerGone,
   max = 1,
   recheckMs = RECHECK_MS,
 ): Promise<ClaimOutcome | null> {

@@ -6,6 +6,14 @@
  * `maxBatch`, in order of arrival). A request whose key has no run in flight never waits: it runs at
  * once, alone. Runs of different keys (claims of other job types, say) go side by side.
  */
+/**
+ * Whether the caller of a request went away (hung up before its answer): read, never listened to.
+ * An AbortSignal is one; so is a plain flag (routes/workers.ts), which costs far less to make.
+ */
+export interface CallerGone {
+  readonly aborted: boolean;
+}
+
 export interface CoalescerOptions<In, Out> {
   /** One output per input, in order. A failure fails every request of the run. */
   run: (inputs: In[]) => Promise<Out[]>;
@@ -22,7 +30,7 @@ export interface CoalescerOptions<In, Out> {
 interface Waiting<In, Out> {
   input: In;
   key: string;
-  signal?: AbortSignal;
+  signal?: CallerGone;
   resolve: (output: Out) => void;
   reject: (reason: unknown) => void;
 }
@@ -38,7 +46,7 @@ export class Coalescer<In, Out> {
   }
 
   /** `signal`: the caller went away; once aborted, a request still waiting gets `gone`, not a run. */
-  submit(input: In, signal?: AbortSignal): Promise<Out> {
+  submit(input: In, signal?: CallerGone): Promise<Out> {
     return new Promise<Out>((resolve, reject) => {
       this.waiting.push({ input, key: this.options.key(input), signal, resolve, reject });
       this.startRuns();

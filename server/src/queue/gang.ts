@@ -17,6 +17,7 @@ import type { Knex } from 'knex';
 import type { AppContext } from '../context.js';
 import { leaseLost } from '../errors.js';
 import { newSecret } from '../ids.js';
+import type { CallerGone } from './coalesce.js';
 import { recordEvent } from './events.js';
 import { fenceMissError, START_ATTEMPT } from './lease.js';
 import { notifyGangAfterCommit, waitForGangStart } from './notify.js';
@@ -211,7 +212,7 @@ export async function waitForGang(
   jobId: string,
   memberToken: string,
   waitSeconds: number,
-  callerGone: AbortSignal,
+  callerGone: CallerGone,
 ): Promise<GangWaitOutcome> {
   const deadline = Date.now() + waitSeconds * 1000;
   for (;;) {
