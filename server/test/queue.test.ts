@@ -221,16 +221,19 @@ describe.each(DATABASES)('queue on %s', (db) => {
     await drain();
     const job = await enqueue();
     const blocker = await server.ctx.knex.transaction();
-    await blocker.raw('LOCK TABLE job_events IN EXCLUSIVE MODE');
     const caller = new AbortController();
-    const claiming = claimJobWithWait(server.ctx, cpuWorker('gone'), 0, caller.signal);
-    const waiting = () =>
-      server.ctx.knex.raw(
-        `SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`,
-      );
-    while ((await waiting()).rows.length === 0) await sleep(10);
-    caller.abort();
-    await blocker.commit();
+    let claiming: Promise<unknown> | undefined;
+    try {
+      await blocker.raw('LOCK TABLE job_events IN EXCLUSIVE MODE');
+      claiming = claimJobWithWait(server.ctx, cpuWorker('gone'), 0, caller.signal);
+      // the claim's statement waits for the lock
+      const waiting = () =>
+        server.ctx.knex.raw(`SELECT 1 FROM pg_locks WHERE NOT granted AND relation = 'job_events'::regclass`);
+      while ((await waiting()).rows.length === 0) await sleep(10);
+      caller.abort();
+    } finally {
+      await blocker.commit();
+    }
     expect(await claiming).toBeNull();
     expect(await server.ctx.knex('jobs').where({ id: job.id }).first()).toMatchObject({
       status: 'pending',

@@ -247,20 +247,26 @@ export async function claimNextJob(ctx: AppContext, input: ClaimInput): Promise<
 
 /**
  * Releases jobs leased to a worker that will never hear of them (releaseJob: pending again at once,
- * the attempt given back). One that cannot be released is left to its lease's expiry, and logged.
+ * the attempt given back, claims waiting in line woken). One that cannot be released is left to its
+ * lease's expiry, and logged. Answers how many it released.
  */
-async function handBack(ctx: AppContext, jobs: ClaimedJobRow[]): Promise<void> {
+export async function handBack(ctx: AppContext, jobs: ClaimedJobRow[]): Promise<number> {
   const leased = jobs.filter((job) => job.status === 'running');
-  await Promise.all(
+  const released = await Promise.all(
     leased.map((job) =>
-      releaseJob(ctx, job.id, job.lease_token!).catch((err: unknown) =>
-        ctx.logger.error(
-          { err, jobId: job.id },
-          'a job leased to a worker that hung up could not be released',
-        ),
+      releaseJob(ctx, job.id, job.lease_token!).then(
+        () => true,
+        (err: unknown) => {
+          ctx.logger.error(
+            { err, jobId: job.id },
+            'a job leased to a worker that hung up could not be released',
+          );
+          return false;
+        },
       ),
     ),
   );
+  return released.filter(Boolean).length;
 }
 
 /**
@@ -291,8 +297,8 @@ export async function claimJobWithWait(
     const jobs = await claimJobs(ctx, input, max, callerGone);
     // It hung up while its claim ran: what it leased goes back to the queue now, not at lease expiry.
     if (callerGone.aborted) {
-      await handBack(ctx, jobs);
-      handOnWake(ctx, wake);
+      // a released job wakes the next claim in line itself
+      if ((await handBack(ctx, jobs)) === 0) handOnWake(ctx, wake);
       return null;
     }
     const best = jobs[0];

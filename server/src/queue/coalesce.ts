@@ -6,6 +6,7 @@
  * `maxBatch`, in order of arrival). A request whose key has no run in flight never waits: it runs at
  * once, alone. Runs of different keys (claims of other job types, say) go side by side.
  */
+
 /**
  * Whether the caller of a request went away (hung up before its answer): read, never listened to.
  * An AbortSignal is one; so is a plain flag (routes/workers.ts), which costs far less to make.

@@ -3,7 +3,7 @@ import type { AppContext } from '../context.js';
 import { badRequest, leaseLost } from '../errors.js';
 import { type BodyOf, pathParam, type Routes, type Schemas } from '../http.js';
 import { acknowledgeCancel } from '../queue/acknowledge-cancel.js';
-import { claimJobWithWait } from '../queue/claim.js';
+import { claimJobWithWait, handBack } from '../queue/claim.js';
 import type { CallerGone } from '../queue/coalesce.js';
 import { completeJob, completeJobs } from '../queue/complete.js';
 import { failJob } from '../queue/fail.js';
@@ -133,6 +133,15 @@ export const workerRoutes: Routes = {
         return;
       }
       const claimed = await claimAnswers(ctx, outcome.jobs);
+      // it hung up while its answer was built: what it would have been handed goes back at once
+      if (gone.aborted) {
+        const handedOut = new Set(claimed.map((job) => job.job_id));
+        await handBack(
+          ctx,
+          outcome.jobs.filter((job) => handedOut.has(job.id)),
+        );
+        return;
+      }
       // every job it leased could not run (and was failed): this worker gets the next ones
       if (claimed.length === 0) continue;
       // `jobs` only for workers that asked for a batch: older workers read `job` alone

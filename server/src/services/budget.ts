@@ -1,7 +1,8 @@
 /**
  * Budgets. A tenant's limit covers what its jobs have accrued plus what its live jobs (pending or
  * running) may still cost: each job reserves its estimate (at least MIN_RESERVATION_USD where worker
- * time is billed) when it is created, and the reservation stops counting once the job ends (only what it accrued stays spent).
+ * time is billed) when it is created, and the reservation stops counting once the job ends (only
+ * what it accrued stays spent).
  * Reservations are taken under a lock on the tenant's row, so concurrent creates see each other's.
  * Running jobs whose tenant went over the limit are stopped by the heartbeat (`queue/heartbeat.ts`).
  */

@@ -6,7 +6,7 @@ import type { Request, Response } from 'express';
 import type { AppContext } from '../../context.js';
 import { ApiError, knownErrorCode } from '../../errors.js';
 import { type BodyOf, type Routes, type Schemas, tenantOf } from '../../http.js';
-import { randomBytesPooled } from '../../ids.js';
+import { randomText } from '../../ids.js';
 import {
   type InferenceChunk,
   type InferenceInput,
@@ -111,7 +111,7 @@ async function answer(
   chunks: AsyncGenerator<InferenceChunk, void, undefined>,
 ): Promise<void> {
   const head = {
-    id: `${shape.idPrefix}${randomBytesPooled(12).toString('hex')}`,
+    id: `${shape.idPrefix}${randomText(12, 'hex')}`,
     created: Math.floor(Date.now() / 1000),
     model: body.model,
   };
