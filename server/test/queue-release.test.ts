@@ -64,6 +64,7 @@ describe.each(DATABASES)('releasing a job on %s', (db) => {
     expect(await outcomes(id)).toEqual(['released', 'released', 'released', 'retry', 'failed']);
     const events = await server.ctx.knex('job_events').where({ job_id: id, kind: 'released' }).orderBy('seq');
     expect(events.map((e) => e.payload.attempt)).toEqual([1, 2, 3]);
+    expect(events.map((e) => e.payload.by)).toEqual(['worker', 'worker', 'worker']);
     expect(events[2].payload.resume_checkpoint).toBe('checkpoint-7');
   });
 

@@ -254,7 +254,7 @@ export async function handBack(ctx: AppContext, jobs: ClaimedJobRow[]): Promise<
   const leased = jobs.filter((job) => job.status === 'running');
   const released = await Promise.all(
     leased.map((job) =>
-      releaseJob(ctx, job.id, job.lease_token!).then(
+      releaseJob(ctx, job.id, job.lease_token!, 'server').then(
         () => true,
         (err: unknown) => {
           ctx.logger.error(

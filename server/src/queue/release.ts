@@ -9,9 +9,16 @@ import type { JobRow } from './types.js';
 /**
  * A worker shutting down hands its job back: the job is `pending` again at once (no backoff: nothing
  * failed), resuming from its latest checkpoint, and the attempt is given back, so graceful shutdowns
- * never use up the job's retries. A job whose owner asked to cancel it ends `cancelled`.
+ * never use up the job's retries. A job whose owner asked to cancel it ends `cancelled`. `by`: who
+ * handed it back, as the event records it — the worker, or the server for a worker that never got
+ * the job (it hung up, or its claim's answer could not be built).
  */
-export async function releaseJob(ctx: AppContext, jobId: string, leaseToken: string): Promise<JobRow> {
+export async function releaseJob(
+  ctx: AppContext,
+  jobId: string,
+  leaseToken: string,
+  by: 'worker' | 'server' = 'worker',
+): Promise<JobRow> {
   leasedJobs.forget(ctx.knex, jobId, leaseToken); // this lease completes nothing now
   return ctx.knex.transaction(async (trx) => {
     const updated = await trx.raw(
@@ -42,7 +49,7 @@ export async function releaseJob(ctx: AppContext, jobId: string, leaseToken: str
     const released = job.status === 'pending';
     await endAttempt(trx, job, released ? 'released' : 'cancelled');
     await recordEvent(trx, job.id, released ? 'released' : 'cancelled', {
-      by: 'worker',
+      by,
       attempt: job.attempt,
       resume_checkpoint: job.resume_checkpoint,
     });

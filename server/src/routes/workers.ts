@@ -97,7 +97,7 @@ async function claimAnswers(ctx: AppContext, jobs: ClaimedJobRow[]): Promise<Sch
           });
           return null;
         }
-        await releaseJob(ctx, job.id, job.lease_token!).catch(() => {});
+        await releaseJob(ctx, job.id, job.lease_token!, 'server').catch(() => {});
         if (jobs.length === 1) throw err; // the claim's own error answer, logged there
         ctx.logger.error({ err, jobId: job.id }, 'a claimed job could not be handed out; it is queued again');
         return null;
