@@ -7,6 +7,12 @@
  *                                        LIMIT 1) RETURNING the job and a fresh lease token
  *   POST /v1/workers/jobs/{id}/complete  one UPDATE fenced by that lease token, storing the result
  *
+ * With `--records` it also writes what Tunery records of each job, in the same two statements: the
+ * attempt's row (inserted at the claim, closed at the completion), a `claimed` and a `completed`
+ * event, and the output's adapter and model rows (each table with Tunery's indexes on it). The rate
+ * of the toy over this one's is what those records cost; this one's over Tunery's, what the rest of
+ * Tunery does per job (its server: validation, registry, the claim's answer…).
+ *
  * Same paths, bearer token and body shapes as Tunery's worker protocol, so one client loop drives
  * both; no validation, no logging, no ORM. Enqueues `--jobs N` jobs (one INSERT) before it prints
  * `READY {url, token, pending: [ids], pid}`, answers `GET /counts` (jobs by status) for the exactly-once
@@ -58,7 +64,100 @@ const COMPLETE = {
           RETURNING status`,
 };
 
-const { values } = parseArgs({ options: { jobs: { type: 'string', default: '0' } } });
+/** What `--records` adds: the attempts, events, adapters and models of Tunery's schema, pared down. */
+const RECORDS_SCHEMA = `
+  ALTER TABLE toy_jobs ADD COLUMN tenant_id text NOT NULL DEFAULT 'default',
+    ADD COLUMN attempt int NOT NULL DEFAULT 0, ADD COLUMN event_seq int NOT NULL DEFAULT 0;
+  CREATE TABLE toy_attempts (
+    job_id text NOT NULL REFERENCES toy_jobs (id) ON DELETE CASCADE,
+    attempt int NOT NULL,
+    worker_id text NOT NULL,
+    lease_token text NOT NULL,
+    outcome text NOT NULL DEFAULT 'running',
+    started_at timestamptz NOT NULL DEFAULT now(),
+    ended_at timestamptz,
+    PRIMARY KEY (job_id, attempt)
+  );
+  CREATE TABLE toy_events (
+    job_id text NOT NULL REFERENCES toy_jobs (id) ON DELETE CASCADE,
+    seq int NOT NULL,
+    ts timestamptz NOT NULL,
+    kind text NOT NULL,
+    payload jsonb,
+    PRIMARY KEY (job_id, seq)
+  );
+  CREATE TABLE toy_adapters (
+    tenant_id text NOT NULL,
+    name text NOT NULL,
+    job_id text NOT NULL,
+    metrics jsonb,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, name)
+  );
+  CREATE INDEX ON toy_adapters (tenant_id, job_id);
+  CREATE TABLE toy_models (
+    id text PRIMARY KEY,
+    tenant_id text NOT NULL,
+    job_id text NOT NULL,
+    name text NOT NULL,
+    kind text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+  );
+  CREATE INDEX ON toy_models (tenant_id, created_at);
+  CREATE INDEX ON toy_models (tenant_id, job_id)`;
+
+const CLAIM_RECORDED = {
+  name: 'toy_claim_recorded',
+  text: `WITH claimed AS (
+           UPDATE toy_jobs SET status = 'running', lease_token = $2, worker_id = $3, claimed_at = now(),
+                  attempt = attempt + 1, event_seq = event_seq + 1
+            WHERE id = (SELECT id FROM toy_jobs WHERE status = 'pending' AND type = ANY($1::text[])
+                         ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+            RETURNING id, type, spec, lease_token, worker_id, attempt, event_seq
+         ),
+         attempt AS (
+           INSERT INTO toy_attempts (job_id, attempt, worker_id, lease_token)
+           SELECT id, attempt, worker_id, lease_token FROM claimed
+         ),
+         event AS (
+           INSERT INTO toy_events (job_id, seq, ts, kind, payload)
+           SELECT id, event_seq, now(), 'claimed', jsonb_build_object('attempt', attempt, 'worker_id', worker_id)
+           FROM claimed
+         )
+         SELECT id, type, spec, lease_token FROM claimed`,
+};
+const COMPLETE_RECORDED = {
+  name: 'toy_complete_recorded',
+  text: `WITH done AS (
+           UPDATE toy_jobs SET status = 'completed', result = $3, lease_token = NULL, completed_at = now(),
+                  event_seq = event_seq + 1
+            WHERE id = $1 AND lease_token = $2 AND status = 'running'
+            RETURNING id, tenant_id, attempt, event_seq, status
+         ),
+         adapter AS (
+           INSERT INTO toy_adapters (tenant_id, name, job_id, metrics) SELECT tenant_id, id, id, $3::jsonb FROM done
+         ),
+         model AS (
+           INSERT INTO toy_models (id, tenant_id, job_id, name, kind)
+           SELECT 'model_' || id, tenant_id, id, id, 'adapter' FROM done
+         ),
+         ended AS (
+           UPDATE toy_attempts SET outcome = 'completed', ended_at = now() FROM done
+           WHERE toy_attempts.job_id = done.id AND toy_attempts.attempt = done.attempt
+         ),
+         event AS (
+           INSERT INTO toy_events (job_id, seq, ts, kind, payload)
+           SELECT id, event_seq, now(), 'completed', jsonb_build_object('attempt', attempt) FROM done
+         )
+         SELECT status FROM done`,
+};
+
+const { values } = parseArgs({
+  options: { jobs: { type: 'string', default: '0' }, records: { type: 'boolean', default: false } },
+});
+const STATEMENTS = values.records
+  ? { claim: CLAIM_RECORDED, complete: COMPLETE_RECORDED }
+  : { claim: CLAIM, complete: COMPLETE };
 const jobCount = Number(values.jobs);
 const token = randomUUID();
 
@@ -83,7 +182,7 @@ async function readJson(req: IncomingMessage): Promise<Record<string, unknown>> 
 async function claim(pool: pg.Pool, body: Record<string, unknown>, res: ServerResponse) {
   const capabilities = body.capabilities as { job_types?: string[] } | undefined;
   const { rows } = await pool.query({
-    ...CLAIM,
+    ...STATEMENTS.claim,
     values: [capabilities?.job_types ?? [], randomUUID(), body.worker_id],
   });
   const job = rows[0] as { id: string; type: string; spec: unknown; lease_token: string } | undefined;
@@ -93,7 +192,7 @@ async function claim(pool: pg.Pool, body: Record<string, unknown>, res: ServerRe
 
 async function complete(pool: pg.Pool, jobId: string, body: Record<string, unknown>, res: ServerResponse) {
   const { rows } = await pool.query({
-    ...COMPLETE,
+    ...STATEMENTS.complete,
     values: [jobId, body.lease_token, JSON.stringify(body.result ?? null)],
   });
   if (rows.length === 0) return send(res, 409, error('lease_mismatch', 'not running under this lease'));
@@ -121,6 +220,7 @@ async function route(pool: pg.Pool, req: IncomingMessage, res: ServerResponse) {
 
 async function enqueue(pool: pg.Pool, n: number): Promise<string[]> {
   await pool.query(SCHEMA);
+  if (values.records) await pool.query(RECORDS_SCHEMA);
   const { rows } = await pool.query(
     `INSERT INTO toy_jobs (id, type, spec)
      SELECT 'toyjob_' || lpad(i::text, 6, '0'), 'finetune', $1::jsonb FROM generate_series(1, $2::int) AS i

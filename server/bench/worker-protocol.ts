@@ -10,8 +10,10 @@
  * On Postgres the same run adds its peers, each on its own scratch database on the same server and
  * each alone while it runs: the HTTP claim toy (serve-toy-queue.ts: node:http + pg, 2 prepared
  * statements per job), drained by the very same client loop once before Tunery and once after (the
- * row shows the mean), then graphile-worker 0.17 (drain-graphile.ts: no HTTP, a no-op task
- * in-process) at its defaults and batched, as a reference. The targets printed are issue 12's; a
+ * row shows the mean); as a reference, the same toy writing the records Tunery keeps of each job
+ * (`--records`: attempt, events, adapter and model rows), drained before and after too, which splits
+ * the gap into what those records cost and what the rest of Tunery costs; then graphile-worker 0.17
+ * (drain-graphile.ts: no HTTP, a no-op task in-process) at its defaults and batched, as a reference. The targets printed are issue 12's; a
  * ratio below one is printed, not a failure.
  */
 import { Agent, request } from 'node:http';
@@ -387,11 +389,41 @@ function graphileRow(
   };
 }
 
+/** A toy drained before and after Tunery, as one (meanOf). */
+type ToyDrains = Peer<Drained> & { rates?: number[] };
+
+/** The toy's figures in a row's notes: the rates it averages, its check, its CPU; or why it failed. */
+const toyNote = (name: string, toy: ToyDrains) =>
+  toy.result
+    ? `${name} (mean of ${toy.rates?.map((r) => formatNumber(r)).join(' and ')} jobs/s, drained before and after): ` +
+      `${toy.result.ok ? 'same check held' : toy.result.check}, ${cpuNote(toy.result)}`
+    : `${name} FAILED: ${toy.error}`;
+
+/** The reference row of the toy that writes Tunery's records (serve-toy-queue.ts `--records`). */
+function recordsToyRow(what: string, tunery: Drained, toy: ToyDrains, recorded: ToyDrains): Row {
+  const peer = recorded.result;
+  const cost = peer && toy.result ? ratio(peer.jobsPerSecond, toy.result.jobsPerSecond) : null;
+  return {
+    section: 2,
+    measurement: `${what} vs HTTP claim toy writing Tunery's records · jobs/s`,
+    tunery: tunery.jobsPerSecond,
+    peer: peer?.jobsPerSecond ?? null,
+    peerName: "HTTP claim toy + Tunery's records",
+    ratio: peer ? ratio(tunery.jobsPerSecond, peer.jobsPerSecond) : null,
+    notes:
+      'reference: the toy also writing what Tunery records of each job (attempt row, claimed and ' +
+      'completed events, adapter and model rows), in its same two statements' +
+      (cost == null ? '' : `; it runs at ${cost.toFixed(2)}× the plain toy (what the records cost)`) +
+      `; ${toyNote('it', recorded)}`,
+  };
+}
+
 function rowsFor(
   label: string,
   opts: QueueOptions,
   tunery: Drained,
-  toy?: Peer<Drained> & { rates?: number[] },
+  toy?: ToyDrains,
+  recordsToy?: ToyDrains,
   graphile?: Peer<GraphileResult>[],
 ): Row[] {
   const what = `worker claim→complete, ${label}`;
@@ -405,12 +437,7 @@ function rowsFor(
     ratio: peer ? ratio(pick(tunery), pick(peer)) : null,
     notes,
   });
-  const toyNote = !toy
-    ? ''
-    : peer
-      ? `; toy (mean of ${toy.rates?.map((r) => formatNumber(r)).join(' and ')} jobs/s, drained before and after): ` +
-        `${peer.ok ? 'same check held' : peer.check}, ${cpuNote(peer)}`
-      : `; toy FAILED: ${toy.error}`;
+
   const rate = ratio(tunery.jobsPerSecond, peer?.jobsPerSecond);
   const rateTarget =
     rate == null ? '' : `; target ≥ ${TARGET.toyRatio}× toy${rate >= TARGET.toyRatio ? ' met' : ': BELOW'}`;
@@ -423,10 +450,11 @@ function rowsFor(
       'jobs/s',
       (d) => d.jobsPerSecond,
       `${opts.pollers} pollers, ${opts.jobs} jobs timed after ${opts.warmupJobs} untimed (${warmupNote(tunery, peer)}); ` +
-        `${tunery.check}, ${cpuNote(tunery)}${toyNote}${rateTarget}`,
+        `${tunery.check}, ${cpuNote(tunery)}${toy ? `; ${toyNote('toy', toy)}` : ''}${rateTarget}`,
     ),
     line('claim p50 ms', (d) => d.claimP50, ''),
     line('claim p99 ms', (d) => d.claimP99, p99Target),
+    ...(toy && recordsToy ? [recordsToyRow(what, tunery, toy, recordsToy)] : []),
     ...(graphile ?? []).map((g, i) => graphileRow(what, tunery, GRAPHILE_VARIANTS[i]!, g)),
   ];
 }
@@ -442,25 +470,30 @@ export async function measureWorkerProtocol(
 ): Promise<Measured> {
   const jobs = String(opts.jobs + opts.warmupJobs);
   const postgres = db === 'postgres';
-  const drainToy = () =>
+  const drainToy = (records: boolean) =>
     attempt(() =>
-      withServed<ToyInfo, Drained>('serve-toy-queue.ts', ['--jobs', jobs], (info) =>
-        drain(toyQueue(info), opts),
+      withServed<ToyInfo, Drained>(
+        'serve-toy-queue.ts',
+        ['--jobs', jobs, ...(records ? ['--records'] : [])],
+        (info) => drain(toyQueue(info), opts),
       ),
     );
-  // The toy drains in seconds: once before Tunery and once after, so a drift in the machine's
+  // The toys drain in seconds: once before Tunery and once after, so a drift in the machine's
   // load (other work on it) shows as a spread instead of landing on one side.
-  const toyBefore = postgres ? await drainToy() : undefined;
+  const toyBefore = postgres ? await drainToy(false) : undefined;
+  const recordsToyBefore = postgres ? await drainToy(true) : undefined;
   const tunery = await withServed<TuneryInfo, Drained>(
     'serve-tunery.ts',
     ['--db', db, '--queue', jobs],
     (info) => drain(tuneryQueue(info), opts),
   );
-  if (!postgres || !toyBefore) {
+  if (!postgres || !toyBefore || !recordsToyBefore) {
     return { ok: tunery.ok, rows: rowsFor(label, opts, tunery), data: { ...opts, tunery: tunery.data } };
   }
-  const toyRuns = [toyBefore, await drainToy()];
+  const recordsToyRuns = [recordsToyBefore, await drainToy(true)];
+  const toyRuns = [toyBefore, await drainToy(false)];
   const toy = meanOf(toyRuns);
+  const recordsToy = meanOf(recordsToyRuns);
   const graphile: Peer<GraphileResult>[] = [];
   for (const variant of GRAPHILE_VARIANTS) {
     graphile.push(
@@ -475,14 +508,17 @@ export async function measureWorkerProtocol(
     );
   }
   const peersOk =
-    toy.result?.ok === true && graphile.every((g) => g.result !== undefined && graphileOk(g.result));
+    toy.result?.ok === true &&
+    recordsToy.result?.ok === true &&
+    graphile.every((g) => g.result !== undefined && graphileOk(g.result));
   return {
     ok: tunery.ok && peersOk,
-    rows: rowsFor(label, opts, tunery, toy, graphile),
+    rows: rowsFor(label, opts, tunery, toy, recordsToy, graphile),
     data: {
       ...opts,
       tunery: tunery.data,
       toy: toyRuns.map((run) => run.result?.data ?? { error: run.error }),
+      toy_with_records: recordsToyRuns.map((run) => run.result?.data ?? { error: run.error }),
       graphile: graphile.map((g) => g.result ?? { error: g.error }),
     },
   };
