@@ -10,6 +10,7 @@ import { paused } from './009_paused.js';
 import { servingBackend } from './010_serving_backend.js';
 import { oneRunnableIndex } from './011_one_runnable_index.js';
 import { leanJobIndexes } from './012_lean_job_indexes.js';
+import { outputLookupsByJob } from './013_output_lookups_by_job.js';
 
 export interface Migration {
   name: string;
@@ -30,4 +31,5 @@ export const migrations: Migration[] = [
   servingBackend,
   oneRunnableIndex,
   leanJobIndexes,
+  outputLookupsByJob,
 ];

@@ -70,6 +70,11 @@ const READ_FOR_COMPLETION: PreparedStatement = {
  * over jobs. (Over an adapter name that both register they can: Postgres then fails one statement,
  * and its completions go again alone, completeEach.) Answers the ids it completed; a job whose lease
  * moved on is left as it is.
+ *
+ * Rows of other tables are found by an id (the job's, the model's) and the tenant compared as
+ * `(… = …) IS TRUE`, a form no index matches: as a plain `=`, each table's (tenant_id, created_at)
+ * index matched it too, and a plan made while the table was small could read every row of the
+ * tenant for each job (013_output_lookups_by_job.ts).
  */
 const COMPLETE_JOBS: PreparedStatement = {
   name: 'tunery_complete_jobs',
@@ -92,7 +97,7 @@ const COMPLETE_JOBS: PreparedStatement = {
       FOR UPDATE OF jobs
     ),
     old_adapter AS (
-      SELECT a.job_id, a.name FROM adapters a JOIN fenced f ON a.tenant_id = f.tenant_id AND a.job_id = f.id
+      SELECT a.job_id, a.name FROM adapters a JOIN fenced f ON a.job_id = f.id AND (a.tenant_id = f.tenant_id) IS TRUE
     ),
     -- what the result does not say of the run, its progress does (registry.ts reportedMetrics)
     measured AS (
@@ -131,7 +136,7 @@ const COMPLETE_JOBS: PreparedStatement = {
       WHERE f.adapter_name IS NULL OR a.name IS NOT NULL
     ),
     old_model AS (
-      SELECT m.job_id, m.id FROM models m JOIN registrable r ON m.tenant_id = r.tenant_id AND m.job_id = r.id
+      SELECT m.job_id, m.id FROM models m JOIN registrable r ON m.job_id = r.id AND (m.tenant_id = r.tenant_id) IS TRUE
     ),
     new_model AS (
       INSERT INTO models (id, tenant_id, job_id, name, kind, base_model, params)
@@ -143,7 +148,7 @@ const COMPLETE_JOBS: PreparedStatement = {
     model AS (SELECT job_id, id FROM old_model UNION ALL SELECT job_id, id FROM new_model),
     scored AS (
       UPDATE models SET benchmark = r.benchmark FROM registrable r
-      WHERE r.benchmark IS NOT NULL AND models.tenant_id = r.tenant_id AND models.id = r.source_model_id
+      WHERE r.benchmark IS NOT NULL AND models.id = r.source_model_id AND (models.tenant_id = r.tenant_id) IS TRUE
     ),
     done AS (
       UPDATE jobs SET

@@ -55,15 +55,18 @@ export async function loadableOutputs(ctx: Pick<AppContext, 'knex'>, jobId: stri
  * The data files of job row `job` (an alias in the statement around it): its dataset's, its eval
  * dataset's (`config.eval_dataset_id`) and the files the server prepared for it alone (a
  * distillation's `prompts.jsonl`), as DataFileRow. The claim statement reads them for the jobs it
- * leases (no second round trip); DATA_FILES for any other job.
+ * leases (no second round trip); DATA_FILES for any other job. A dataset is found by its id, the
+ * tenant compared as `(… = …) IS TRUE`, which no index matches: as a plain `=`, the claim's cached
+ * plan could take the (tenant_id, created_at) index and read all of the tenant's datasets per job.
  */
 export const dataFilesOf = (job: string) => `
     SELECT 'dataset' AS source, f.id, f.name, f.size_bytes, f.sha256
-    FROM datasets d JOIN files f ON f.id = d.file_id WHERE d.id = ${job}.dataset_id AND d.tenant_id = ${job}.tenant_id
+    FROM datasets d JOIN files f ON f.id = d.file_id
+    WHERE d.id = ${job}.dataset_id AND (d.tenant_id = ${job}.tenant_id) IS TRUE
     UNION ALL
     SELECT 'eval_dataset', f.id, f.name, f.size_bytes, f.sha256
     FROM datasets d JOIN files f ON f.id = d.file_id
-    WHERE d.id = ${job}.config->>'eval_dataset_id' AND d.tenant_id = ${job}.tenant_id
+    WHERE d.id = ${job}.config->>'eval_dataset_id' AND (d.tenant_id = ${job}.tenant_id) IS TRUE
     UNION ALL
     SELECT '${JOB_INPUT}', f.id, f.name, f.size_bytes, f.sha256
     FROM files f WHERE f.owner_kind = '${JOB_INPUT}' AND f.owner_id = ${job}.id`;
