@@ -5,7 +5,8 @@
  *      Postgres when DATABASE_URL is set — on a scratch database created and dropped there);
  *   2. worker protocol: claim → complete per second with 16 pollers, exactly-once checked, the
  *      load generator's CPU per job; on Postgres beside a minimal HTTP claim toy (same client
- *      loop) and graphile-worker 0.17 (no HTTP, a reference); the same batched (max_jobs 32,
+ *      loop), the toy writing Tunery's records of each job and graphile-worker 0.17 (no HTTP)
+ *      as references; the same batched (max_jobs 32,
  *      batched completes); and the herd: 16 idle long-polls, then the whole batch enqueued in one
  *      transaction, claim attempts per job from the server's /metrics;
  *   3. SDK: tunery.training.jobs.retrieve vs raw fetch, per call;

@@ -11,7 +11,8 @@
  * attempt's row (inserted at the claim, closed at the completion), a `claimed` and a `completed`
  * event, and the output's adapter and model rows (each table with Tunery's indexes on it). The rate
  * of the toy over this one's is what those records cost; this one's over Tunery's, what the rest of
- * Tunery does per job (its server: validation, registry, the claim's answer…).
+ * Tunery costs per job: its server (validation, registry, the claim's answer…) and the reads its
+ * statements make besides (a job's earlier adapter and model, its dataset's files).
  *
  * Same paths, bearer token and body shapes as Tunery's worker protocol, so one client loop drives
  * both; no validation, no logging, no ORM. Enqueues `--jobs N` jobs (one INSERT) before it prints
@@ -94,7 +95,7 @@ const RECORDS_SCHEMA = `
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant_id, name)
   );
-  CREATE INDEX ON toy_adapters (tenant_id, job_id);
+  CREATE INDEX ON toy_adapters (job_id);
   CREATE TABLE toy_models (
     id text PRIMARY KEY,
     tenant_id text NOT NULL,
@@ -104,7 +105,7 @@ const RECORDS_SCHEMA = `
     created_at timestamptz NOT NULL DEFAULT now()
   );
   CREATE INDEX ON toy_models (tenant_id, created_at);
-  CREATE INDEX ON toy_models (tenant_id, job_id)`;
+  CREATE INDEX ON toy_models (job_id)`;
 
 const CLAIM_RECORDED = {
   name: 'toy_claim_recorded',

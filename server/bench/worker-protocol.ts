@@ -13,8 +13,8 @@
  * row shows the mean); as a reference, the same toy writing the records Tunery keeps of each job
  * (`--records`: attempt, events, adapter and model rows), drained before and after too, which splits
  * the gap into what those records cost and what the rest of Tunery costs; then graphile-worker 0.17
- * (drain-graphile.ts: no HTTP, a no-op task in-process) at its defaults and batched, as a reference. The targets printed are issue 12's; a
- * ratio below one is printed, not a failure.
+ * (drain-graphile.ts: no HTTP, a no-op task in-process) at its defaults and batched, as a reference.
+ * The targets printed are issue 12's; a ratio below one is printed, not a failure.
  */
 import { Agent, request } from 'node:http';
 import { withServed } from './children.js';
@@ -437,7 +437,6 @@ function rowsFor(
     ratio: peer ? ratio(pick(tunery), pick(peer)) : null,
     notes,
   });
-
   const rate = ratio(tunery.jobsPerSecond, peer?.jobsPerSecond);
   const rateTarget =
     rate == null ? '' : `; target ≥ ${TARGET.toyRatio}× toy${rate >= TARGET.toyRatio ? ' met' : ': BELOW'}`;

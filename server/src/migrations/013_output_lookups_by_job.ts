@@ -3,10 +3,10 @@ import type { Migration } from './index.js';
 
 /**
  * A completion looks up what its job registered before (its adapter, its model) by the job's id.
- * The indexes it had for that, (tenant_id, job_id), lead with the tenant, as does each table's
- * (tenant_id, created_at) list index, so both matched the lookup's tenant condition; a prepared
- * statement's plan, made while the table was small, could take the list index and then read every
- * model of the tenant on each completion (seen in a bench drain: up to 6,000 rows a job, Postgres's
+ * The indexes it had for that, (tenant_id, job_id), lead with the tenant, as do models' list index
+ * (tenant_id, created_at) and adapters' primary key (tenant_id, name), so those matched the lookup's
+ * tenant condition too; a prepared statement's plan, made while the table was small, could take
+ * models' list index and then read every model of the tenant on each completion (seen in a bench drain: up to 6,000 rows a job, Postgres's
  * CPU per job up by half). Job ids are unique across tenants: indexes on `job_id` alone serve the
  * lookups, and the queries compare the tenant in a form no index matches (complete.ts).
  */

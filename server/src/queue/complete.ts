@@ -72,9 +72,9 @@ const READ_FOR_COMPLETION: PreparedStatement = {
  * moved on is left as it is.
  *
  * Rows of other tables are found by an id (the job's, the model's) and the tenant compared as
- * `(… = …) IS TRUE`, a form no index matches: as a plain `=`, each table's (tenant_id, created_at)
- * index matched it too, and a plan made while the table was small could read every row of the
- * tenant for each job (013_output_lookups_by_job.ts).
+ * `(… = …) IS TRUE`, a form no index matches: as a plain `=`, every index that leads with the tenant
+ * (models' list index, adapters' primary key) matched it too, and a plan made while the table was
+ * small could read every row of the tenant for each job (013_output_lookups_by_job.ts).
  */
 const COMPLETE_JOBS: PreparedStatement = {
   name: 'tunery_complete_jobs',

@@ -17,7 +17,7 @@ export async function releaseJob(
   ctx: AppContext,
   jobId: string,
   leaseToken: string,
-  by: 'worker' | 'server' = 'worker',
+  by: 'worker' | 'server',
 ): Promise<JobRow> {
   leasedJobs.forget(ctx.knex, jobId, leaseToken); // this lease completes nothing now
   return ctx.knex.transaction(async (trx) => {

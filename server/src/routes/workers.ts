@@ -286,7 +286,7 @@ export const workerRoutes: Routes = {
 
   async releaseJob(req, res, ctx) {
     const body = req.body as BodyOf<'releaseJob'>;
-    const job = await releaseJob(ctx, jobIdOf(req), body.lease_token);
+    const job = await releaseJob(ctx, jobIdOf(req), body.lease_token, 'worker');
     res.json(transition(job) satisfies Schemas['TransitionResponse']);
   },
 
