@@ -504,6 +504,39 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
     expect((await server.api(`/v1/workers/files/${job.inputs[0]!.file_id}`)).status).toBe(401); // a user key
   });
 
+  // RFC 3339 allows these; PGlite read the first back as an invalid date, so every later read of
+  // the job's logs failed with a 500 (and it reads years 0–99 back as 19xx or 20xx).
+  it('refuses reported timestamps outside years 0100–9999 in UTC, and keeps the edges', async () => {
+    await clearQueue();
+    const id = await createFinetune(server);
+    const job = (await worker.claim())!;
+    const refused = [
+      await worker.logs(id, job.lease_token, [{ seq: 1, text: 'x', ts: '0001-01-01T00:00:00+15:59' }]),
+      await worker.metrics(id, job.lease_token, [
+        { step: 1, phase: 'train', loss: 1, ts: '9999-12-31T23:59:60-00:01' },
+      ]),
+      await worker.events(id, job.lease_token, {
+        events: [{ kind: 'x', ts: '9999-12-31T23:59:59.9999999Z' }],
+      }),
+    ];
+    const params = [];
+    for (const res of refused) {
+      expect(res.status).toBe(400);
+      params.push((await res.json()).error.param);
+    }
+    expect(params).toEqual(['lines.0.ts', 'points.0.ts', 'events.0.ts']);
+    const edges = [
+      { seq: 1, text: 'first', ts: '0100-01-01T00:00:00Z' },
+      { seq: 2, text: 'last', ts: '9999-12-31T23:59:59-00:00' },
+    ];
+    expect((await worker.logs(id, job.lease_token, edges)).status).toBe(200);
+    const page = await (await server.api(`/v1/training/jobs/${id}/logs`)).json();
+    expect(page.lines.map((l: { ts: string }) => l.ts)).toEqual([
+      '0100-01-01T00:00:00.000Z',
+      '9999-12-31T23:59:59.000Z',
+    ]);
+  });
+
   it('fences every write of a stale lease with 409 lease_lost and changes nothing', async () => {
     await clearQueue();
     const id = await createFinetune(server);
