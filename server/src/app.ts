@@ -12,6 +12,7 @@ import {
 import { BOUND_OPERATIONS, boundValidator } from './bound-validator.js';
 import type { AppContext } from './context.js';
 import { cors } from './cors.js';
+import { STORABLE_DATE_TIME } from './date-time.js';
 import { ApiError, type ValidatorError } from './errors.js';
 import { type Handler, wrap } from './http.js';
 import { jsonBody } from './json-body.js';
@@ -57,6 +58,7 @@ export function createApp(
       validateRequests: { allowUnknownQueryParameters: false, coerceTypes: false },
       validateResponses: { removeAdditional: false },
       validateFormats: true,
+      formats: { 'date-time': STORABLE_DATE_TIME },
       // Multipart files stream to disk after authentication (services/dataset-upload.ts).
       fileUploader: datasetUploadOptions(ctx),
       validateSecurity: {

@@ -19,6 +19,7 @@ import ajvFormats from 'ajv-formats';
 import type { NextFunction, Request, Response } from 'express';
 import { authenticateRequest, isSecurityScheme, type SecurityScheme } from './auth.js';
 import type { AppContext } from './context.js';
+import { STORABLE_DATE_TIME } from './date-time.js';
 import type { ValidatorError } from './errors.js';
 import { loadSpec, type SpecOperation } from './spec.js';
 
@@ -114,6 +115,7 @@ function ajvs() {
     });
     ajvFormats.default(ajv, { mode: 'fast' });
     ajv.addFormat('media-range', true);
+    ajv.addFormat('date-time', STORABLE_DATE_TIME);
     ajv.addSchema({ ...loadSpec(), $id: SPEC_ID });
     return ajv;
   };

@@ -105,6 +105,18 @@ describe.each(DATABASES)('admin keys API on %s', (db) => {
     expect(await errorOf(tenantWorker)).toMatchObject({ param: 'tenant_id' });
   });
 
+  // Postgres stores it (year 10000 in UTC); PGlite read it back as an invalid date, so the key's
+  // answer and every later listing of the tenant's keys failed with a 500.
+  it('refuses an expiry past year 9999 in UTC with 400, and keeps the last instant before it', async () => {
+    const beyond = await create({ tenant_id: 'acme', expires_at: '9999-12-31T23:59:59-00:01' });
+    expect(beyond.status).toBe(400);
+    expect(await errorOf(beyond)).toMatchObject({ code: 'invalid_request', param: 'expires_at' });
+    const { key } = await created({ tenant_id: 'acme', expires_at: '9999-12-31T23:59:59.999Z' });
+    expect(key.expires_at).toBe('9999-12-31T23:59:59.999Z');
+    const listed = (await (await list('?tenant_id=acme')).json()) as { keys: ApiKey[] };
+    expect(listed.keys.map((k) => k.id)).toContain(key.id);
+  });
+
   it('creates worker tokens that claim, and expire like keys', async () => {
     const { key, secret } = await created({ kind: 'worker', name: 'gpu-1' });
     expect(key).toMatchObject({ kind: 'worker', tenant_id: null, admin: false });

@@ -3,7 +3,6 @@ import type { AppContext } from '../context.js';
 import { badRequest } from '../errors.js';
 import { APPLY_PROGRESS, fenceMissError, TEACHER_TOKENS_COST } from './lease.js';
 import { DISTILLATION_PHASES, isKnownPhase, TRAINING_PHASES } from './phases.js';
-import { checkStorableTimestamp } from './timestamps.js';
 import type { ReportOutcome } from './types.js';
 
 export interface WorkerEventInput {
@@ -57,7 +56,6 @@ export async function reportEvents(
   if (report.phase && !isKnownPhase(report.phase)) {
     throw badRequest(`Unknown phase "${report.phase}".`, 'phase');
   }
-  for (const [i, e] of (report.events ?? []).entries()) checkStorableTimestamp(e.ts, `events.${i}.ts`);
   const events = eventsToStore(report);
   const result = await ctx.knex.raw(
     `

@@ -2228,13 +2228,13 @@ export interface components {
         TenantId: string;
         /**
          * Format: date-time
-         * @description RFC 3339 UTC timestamp.
+         * @description RFC 3339 UTC timestamp. One sent in must fall in years 0100–9999 once converted to UTC.
          * @example 2026-04-19T12:00:00Z
          */
         Timestamp: string;
         /**
          * Format: date-time
-         * @description RFC 3339 UTC timestamp, or null while it has not happened.
+         * @description RFC 3339 UTC timestamp, or null while it has not happened. One sent in must fall in years 0100–9999 once converted to UTC.
          */
         NullableTimestamp: string | null;
         /** @description The one error shape of every endpoint. */
@@ -4335,7 +4335,7 @@ export interface components {
             name?: string;
             /**
              * Format: date-time
-             * @description When the key stops working (in the future); omitted never.
+             * @description When the key stops working (in the future, and before year 10000 in UTC); omitted never.
              */
             expires_at?: string;
         };
