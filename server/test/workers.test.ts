@@ -3,7 +3,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { newId } from '../src/ids.js';
 import { enqueueJob } from '../src/queue/enqueue.js';
 import { leasedJobs } from '../src/queue/leased-jobs.js';
@@ -535,6 +535,32 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
       '0100-01-01T00:00:00.000Z',
       '9999-12-31T23:59:59.000Z',
     ]);
+  });
+
+  // Handed back instead, its attempt given back and runnable at once, such a job (of the highest
+  // priority) was claimed first again by every claim, each answered 500: no other job ran.
+  it('fails the attempt of a job whose claim answer cannot be built; the next claim gets the next job', async () => {
+    await clearQueue();
+    const unbuildable = await createFinetune(server, { priority: 90 });
+    const next = await createFinetune(server);
+    const box = server.ctx.secretBox;
+    const open = box.open.bind(box);
+    const fault = vi.spyOn(box, 'open').mockImplementation((jobId, sealed) => {
+      if (jobId === unbuildable) throw new Error('injected fault');
+      return open(jobId, sealed);
+    });
+    try {
+      await expect(worker.claim()).rejects.toThrow(/claim answered 500/);
+      expect((await worker.claim())?.job_id).toBe(next);
+    } finally {
+      fault.mockRestore();
+    }
+    const job = await (await server.api(`/v1/training/jobs/${unbuildable}`)).json();
+    expect(job).toMatchObject({ status: 'pending', attempt: 1 });
+    const timeline = await (await server.api(`/v1/training/jobs/${unbuildable}/events`)).json();
+    expect(timeline.events.map((e: { kind: string }) => e.kind)).toContain('retry');
+    const retry = timeline.events.find((e: { kind: string }) => e.kind === 'retry');
+    expect(retry.payload).toMatchObject({ attempt: 1, retryable: true, error: { code: 'claim_failed' } });
   });
 
   it('fences every write of a stale lease with 409 lease_lost and changes nothing', async () => {

@@ -10,8 +10,8 @@ import type { JobRow } from './types.js';
  * A worker shutting down hands its job back: the job is `pending` again at once (no backoff: nothing
  * failed), resuming from its latest checkpoint, and the attempt is given back, so graceful shutdowns
  * never use up the job's retries. A job whose owner asked to cancel it ends `cancelled`. `by`: who
- * handed it back, as the event records it — the worker, or the server for a worker that never got
- * the job (it hung up, or its claim's answer could not be built).
+ * handed it back, as the event records it — the worker, or the server for a worker that hung up
+ * before its claim was answered.
  */
 export async function releaseJob(
   ctx: AppContext,

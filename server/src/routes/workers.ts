@@ -77,11 +77,21 @@ const checkpointStep = (req: Request): number => {
   return step;
 };
 
+/** The failure recorded for a job whose claim answer could not be built (the cause is in the server's log). */
+const UNBUILT_CLAIM = {
+  code: 'claim_failed',
+  message: 'The server could not hand this job to a worker; its log says why.',
+  retryable: true,
+};
+
 /**
  * The claim answers of leased jobs, in order, built side by side (a batch's inputs are looked up at
  * once). A job whose input is gone can never run: it ends failed for its owner to see, and is left
- * out. A job whose answer could not be built otherwise (the database failed) is handed back to the
- * queue at once, so none stays leased unseen, and left out: the others of its batch still go out.
+ * out. A job whose answer could not be built otherwise (the database failed) fails this attempt,
+ * retryable, and is left out: the others of its batch still go out. Not handed back: a release gives
+ * the attempt back and makes the job runnable at once, so a job whose answer fails every time was
+ * claimed first again and again, ahead of every job behind it; failed, it waits out its backoff and
+ * ends failed when its attempts are spent.
  */
 async function claimAnswers(ctx: AppContext, jobs: ClaimedJobRow[]): Promise<Schemas['ClaimedJob'][]> {
   const answers = await Promise.all(
@@ -97,9 +107,10 @@ async function claimAnswers(ctx: AppContext, jobs: ClaimedJobRow[]): Promise<Sch
           });
           return null;
         }
-        await releaseJob(ctx, job.id, job.lease_token!, 'server').catch(() => {});
+        // should this fail too (the database is down), the lease expires and the sweeper retries the job
+        await failJob(ctx, job.id, job.lease_token!, UNBUILT_CLAIM).catch(() => {});
         if (jobs.length === 1) throw err; // the claim's own error answer, logged there
-        ctx.logger.error({ err, jobId: job.id }, 'a claimed job could not be handed out; it is queued again');
+        ctx.logger.error({ err, jobId: job.id }, 'a claimed job could not be handed out; its attempt failed');
         return null;
       }
     }),
