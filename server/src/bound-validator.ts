@@ -7,11 +7,12 @@
  * status's compiled schema.
  *
  * The two must answer alike: the Ajv options are the validator's own (OpenAPI 3.1 → JSON Schema
- * 2020-12, its formats, defaults filled into bodies, first error only) and failures are thrown in the
- * validator's error shape, so app.ts's error handler turns both into the same answer
- * (test/bound-validator.test.ts sends the same bad requests to both). An operation using a feature
- * this file does not implement (query or header parameters, non-string path parameters, a body
- * other than JSON, readOnly/writeOnly, discriminators) is refused at mount time, not half-validated.
+ * 2020-12, its formats with date-time.ts's in place of `date-time`, defaults filled into bodies,
+ * first error only) and failures are thrown in the validator's error shape, so app.ts's error
+ * handler turns both into the same answer (test/bound-validator.test.ts sends the same bad requests
+ * to both). An operation using a feature this file does not implement (query or header parameters,
+ * non-string path parameters, a body other than JSON, readOnly/writeOnly, discriminators) is refused
+ * at mount time, not half-validated.
  */
 
 import { Ajv2020, type ErrorObject, type ValidateFunction } from 'ajv/dist/2020.js';

@@ -20,6 +20,7 @@ server.json, its admin key in admin-key or TUNERY_ADMIN_KEY), else straight to t
 
 const TENANT = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
 const UNIT_MS = { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 } as const;
+const LAST_EXPIRY = Date.UTC(10_000, 0, 1);
 
 /** `90m`, `12h`, `30d` → the instant that long from now. */
 function expiryFrom(expiresIn: string | undefined): Date | undefined {
@@ -27,7 +28,10 @@ function expiryFrom(expiresIn: string | undefined): Date | undefined {
   const match = /^(\d+)([smhd])$/.exec(expiresIn);
   if (!match || Number(match[1]) === 0)
     throw new UsageError('--expires-in is a duration like 3600s, 90m, 12h or 30d.');
-  return new Date(Date.now() + Number(match[1]) * UNIT_MS[match[2] as keyof typeof UNIT_MS]);
+  const expiry = Date.now() + Number(match[1]) * UNIT_MS[match[2] as keyof typeof UNIT_MS];
+  // the API's date-time bound (date-time.ts), which a key made straight in the database skips
+  if (!(expiry < LAST_EXPIRY)) throw new UsageError('--expires-in reaches past the year 9999.');
+  return new Date(expiry);
 }
 
 class UsageError extends Error {}

@@ -3,18 +3,23 @@
  * in app.ts): RFC 3339 as ajv-formats' fast mode takes it, and an instant both databases store and
  * read back as sent, that is in years 0100–9999 in UTC. RFC 3339 allows `0001-01-01T00:00:00+15:59`,
  * which Postgres stores as 1 BC and PGlite reads back as an invalid date (every later read of a job's
- * logs answered 500); PGlite also reads years 0–99 back as 1900–1999 or 2000–2099.
+ * logs answered 500); PGlite also reads years 0–99 back as 1900–1999 or 2000–2099, and a year past
+ * 9999 came back as a date no answer could show (an API key's `expires_at` answered 500).
  */
 import type { FormatDefinition } from 'ajv';
+// ajv-formats' own module (the package has no `exports` map; both validators load this one copy).
 import { fastFormats } from 'ajv-formats/dist/formats.js';
 
-/** The parts of an RFC 3339 timestamp that ajv-formats' fast mode accepts (`rfc3339` below). */
-const RFC3339 =
-  /^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?(?:[Zz]|([+-])(\d{2})(?::?(\d{2}))?)$/;
+/** ajv-formats' fast `date-time`, which both validators used before. */
+const FAST_DATE_TIME = (fastFormats['date-time'] as { validate: RegExp }).validate;
+
+/** The fields of a timestamp FAST_DATE_TIME accepts (it accepts no other). */
+const DATE_TIME_FIELDS =
+  /^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:[Zz]|([+-])(\d{2})(?::?(\d{2}))?)$/;
 
 /**
- * Milliseconds since the epoch (fields past their range roll over); not Date.UTC, which reads years
- * 0–99 as 1900–1999.
+ * Milliseconds since the epoch (fields past their range roll over, as a leap second does in
+ * Postgres); not Date.UTC, which reads years 0–99 as 1900–1999.
  */
 function utcMillis(year: number, month = 1, day = 1, hours = 0, minutes = 0, seconds = 0): number {
   const date = new Date(0);
@@ -23,28 +28,38 @@ function utcMillis(year: number, month = 1, day = 1, hours = 0, minutes = 0, sec
   return date.getTime();
 }
 
-/** 0100-01-01T00:00:00Z and 10000-01-01T00:00:00Z, in microseconds. */
-const STORABLE = { from: utcMillis(100) * 1000, to: utcMillis(10_000) * 1000 };
+/** 0100-01-01T00:00:00Z and 10000-01-01T00:00:00Z, in milliseconds. */
+const STORABLE_MS = { from: utcMillis(100), to: utcMillis(10_000) };
 
-/**
- * Whether an RFC 3339 timestamp's UTC instant, in microseconds as Postgres stores it (a leap second
- * rolls over into the next minute), falls in years 0100–9999.
- */
-function inStorableYears(text: string): boolean {
-  const m = RFC3339.exec(text);
-  if (!m) return false;
-  const [, year, month, day, hours, minutes, seconds, fraction, sign, offsetHours, offsetMinutes] = m;
-  const millis = utcMillis(+year!, +month!, +day!, +hours!, +minutes!, +seconds!);
-  const offset = sign ? (sign === '-' ? -1 : 1) * (+offsetHours! * 60 + Number(offsetMinutes ?? 0)) : 0;
-  const micros = (millis - offset * 60_000) * 1000 + Math.round(Number(fraction ?? 0) * 1e6);
-  return micros >= STORABLE.from && micros < STORABLE.to;
+/** Microseconds of a fraction of a second, rounded as Postgres does (rint: half to even). */
+function fractionMicros(digits: string | undefined): number {
+  if (!digits) return 0;
+  const exact = Number(`0.${digits}`) * 1e6;
+  const rounded = Math.round(exact);
+  return rounded - exact === 0.5 && rounded % 2 !== 0 ? rounded - 1 : rounded;
 }
 
-/** ajv-formats' fast `date-time`, which both validators used before. */
-const rfc3339 = (fastFormats['date-time'] as { validate: RegExp }).validate;
+/**
+ * Whether a timestamp's UTC instant, to the microsecond as Postgres stores it, falls in years
+ * 0100–9999. Counted in whole milliseconds, which a double holds exactly (microseconds since the
+ * epoch do not: at year 9999 they are 32 apart), with the sub-millisecond rest always in [0, 1000).
+ */
+function inStorableYears(text: string): boolean {
+  const fields = DATE_TIME_FIELDS.exec(text);
+  if (!fields) return false;
+  const [, year, month, day, hours, minutes, seconds, fraction, sign, offsetHours, offsetMinutes] = fields;
+  // no offset or rollover moves an instant in these years out of the range
+  if (+year! > 100 && +year! < 9999) return true;
+  const offset = sign ? (sign === '-' ? -1 : 1) * (+offsetHours! * 60 + Number(offsetMinutes ?? 0)) : 0;
+  const millis =
+    utcMillis(+year!, +month!, +day!, +hours!, +minutes!, +seconds!) -
+    offset * 60_000 +
+    Math.floor(fractionMicros(fraction) / 1000);
+  return millis >= STORABLE_MS.from && millis < STORABLE_MS.to;
+}
 
 /** The `date-time` format both validators add, in place of ajv-formats' own. */
 export const STORABLE_DATE_TIME = {
   type: 'string',
-  validate: (text: string) => rfc3339.test(text) && inStorableYears(text),
+  validate: (text: string) => FAST_DATE_TIME.test(text) && inStorableYears(text),
 } satisfies FormatDefinition<string>;

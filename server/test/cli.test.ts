@@ -118,6 +118,8 @@ describe('tunery-server CLI on the embedded database', { timeout: 180_000 }, () 
     expect(expiring.code).toBe(0);
     expect(expiring.stderr).toMatch(/expires 20\d\d-/);
     expect((await cli(dataDir, ['keys', 'create', '--worker', '--expires-in', 'soon'])).code).toBe(2);
+    // the API refuses expiries past the year 9999; the database path must too
+    expect((await cli(dataDir, ['keys', 'create', '--worker', '--expires-in', '3000000d'])).code).toBe(2);
   });
 
   it('refuses a second server on the same directory with a clear message', async () => {

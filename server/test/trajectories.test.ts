@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { storableTimestamps } from '../src/migrations/014_storable_timestamps.js';
 import { maybeStartAutoTraining } from '../src/services/auto-training.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
 
@@ -74,6 +75,25 @@ describe.each(DATABASES)('trajectories on %s', (db) => {
     });
     const badTime = await record({ llm_calls: [], start_time: 'yesterday' });
     expect((await badTime.json()).error).toMatchObject({ code: 'invalid_request', param: 'start_time' });
+    // RFC 3339, but year 0 in UTC: neither database reads it back as sent
+    const yearZero = await record({ llm_calls: [], end_time: '0001-01-01T00:00:00+15:59' });
+    expect((await yearZero.json()).error).toMatchObject({ code: 'invalid_request', param: 'end_time' });
+  });
+
+  it('moves times stored outside years 0100–9999 (before they were refused) into them: migration 014', async () => {
+    const { id } = await (await record(trajectory(3))).json();
+    await server.ctx
+      .knex('trajectories')
+      .where({ id })
+      .update({ start_time: '0001-01-01T00:00:00+15:59', end_time: '10000-01-01T00:00:00Z' });
+    expect((await server.api(`/v1/trajectories/${id}`)).status).toBe(500);
+    await storableTimestamps.up(server.ctx.knex);
+    const got = await server.api(`/v1/trajectories/${id}`);
+    expect(got.status).toBe(200);
+    expect(await got.json()).toMatchObject({
+      start_time: '0100-01-01T00:00:00.000Z',
+      end_time: '9999-12-31T23:59:59.999Z',
+    });
   });
 
   it('is idempotent per key, and counts a trajectory once', async () => {

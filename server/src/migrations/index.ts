@@ -11,6 +11,7 @@ import { servingBackend } from './010_serving_backend.js';
 import { oneRunnableIndex } from './011_one_runnable_index.js';
 import { leanJobIndexes } from './012_lean_job_indexes.js';
 import { outputLookupsByJob } from './013_output_lookups_by_job.js';
+import { storableTimestamps } from './014_storable_timestamps.js';
 
 export interface Migration {
   name: string;
@@ -32,4 +33,5 @@ export const migrations: Migration[] = [
   oneRunnableIndex,
   leanJobIndexes,
   outputLookupsByJob,
+  storableTimestamps,
 ];

@@ -1,0 +1,40 @@
+import { describe, expect, it } from 'vitest';
+import { STORABLE_DATE_TIME } from '../src/date-time.js';
+
+const valid = (text: string) => STORABLE_DATE_TIME.validate(text);
+
+describe('the date-time format both validators use', () => {
+  it('takes RFC 3339 timestamps whose UTC instant falls in years 0100–9999, to the microsecond', () => {
+    const taken = [
+      '2026-04-19T12:00:00Z',
+      '2026-04-19t12:00:00.5z',
+      '2026-04-19T12:00:00+0530',
+      '2026-04-19T12:00:00-07',
+      '0100-01-01T00:00:00Z',
+      '0100-01-01T15:59:00+15:59',
+      '0099-12-31T23:59:60Z', // a leap second rolls over into 0100
+      '0099-12-31T23:59:59.9999995Z', // rounds up to 0100-01-01, as Postgres rounds it
+      '9999-12-31T23:59:59.999999Z',
+      '9999-12-31T23:59:59.9999994Z',
+      '9999-12-31T23:59:59-00:00',
+    ];
+    expect(taken.filter((text) => !valid(text))).toEqual([]);
+  });
+
+  it('refuses instants outside those years, whatever the offset, and what is not RFC 3339', () => {
+    const refused = [
+      '0001-01-01T00:00:00+15:59',
+      '0099-12-31T23:59:59.999999Z',
+      '0100-01-01T00:00:00.999999+00:01',
+      '10000-01-01T00:00:00Z',
+      '9999-12-31T23:59:60Z',
+      '9999-12-31T23:59:59.9999995Z',
+      '9999-12-31T23:59:59-00:01',
+      '9999-12-31T23:59:59.999999-00:01',
+      '2026-04-19 12:00:00Z',
+      '2026-04-19T12:00:00',
+      '2026-04-19',
+    ];
+    expect(refused.filter(valid)).toEqual([]);
+  });
+});
