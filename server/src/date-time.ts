@@ -13,7 +13,7 @@ import { fastFormats } from 'ajv-formats/dist/formats.js';
 /** ajv-formats' fast `date-time`, which both validators used before. */
 const FAST_DATE_TIME = (fastFormats['date-time'] as { validate: RegExp }).validate;
 
-/** The fields of a timestamp FAST_DATE_TIME accepts (it accepts no other). */
+/** The fields of a timestamp FAST_DATE_TIME accepts (it accepts no other: its first four are the year). */
 const DATE_TIME_FIELDS =
   /^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:[Zz]|([+-])(\d{2})(?::?(\d{2}))?)$/;
 
@@ -40,19 +40,21 @@ function fractionMicros(digits: string | undefined): number {
 }
 
 /**
- * Whether a timestamp's UTC instant, to the microsecond as Postgres stores it, falls in years
- * 0100–9999. Counted in whole milliseconds, which a double holds exactly (microseconds since the
- * epoch do not: at year 9999 they are 32 apart), with the sub-millisecond rest always in [0, 1000).
+ * Whether the UTC instant of a timestamp FAST_DATE_TIME took, to the microsecond as Postgres stores
+ * it, falls in years 0100–9999. Counted in whole milliseconds, which a double holds exactly
+ * (microseconds since the epoch do not: at year 9999 they are 32 apart), the sub-millisecond rest
+ * being in [0, 1000).
  */
 function inStorableYears(text: string): boolean {
+  // no offset or rollover moves an instant in these years out of the range
+  const year = Number(text.slice(0, 4));
+  if (year > 100 && year < 9999) return true;
   const fields = DATE_TIME_FIELDS.exec(text);
   if (!fields) return false;
-  const [, year, month, day, hours, minutes, seconds, fraction, sign, offsetHours, offsetMinutes] = fields;
-  // no offset or rollover moves an instant in these years out of the range
-  if (+year! > 100 && +year! < 9999) return true;
+  const [, , month, day, hours, minutes, seconds, fraction, sign, offsetHours, offsetMinutes] = fields;
   const offset = sign ? (sign === '-' ? -1 : 1) * (+offsetHours! * 60 + Number(offsetMinutes ?? 0)) : 0;
   const millis =
-    utcMillis(+year!, +month!, +day!, +hours!, +minutes!, +seconds!) -
+    utcMillis(year, +month!, +day!, +hours!, +minutes!, +seconds!) -
     offset * 60_000 +
     Math.floor(fractionMicros(fraction) / 1000);
   return millis >= STORABLE_MS.from && millis < STORABLE_MS.to;
