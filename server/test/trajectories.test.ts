@@ -80,7 +80,7 @@ describe.each(DATABASES)('trajectories on %s', (db) => {
     expect((await yearZero.json()).error).toMatchObject({ code: 'invalid_request', param: 'end_time' });
   });
 
-  it('moves times stored outside years 0100–9999 (before they were refused) into them: migration 014', async () => {
+  it('moves times stored outside years 0100–9999 (not refused before) into them: migration 014', async () => {
     const { id } = await (await record(trajectory(3))).json();
     await server.ctx
       .knex('trajectories')

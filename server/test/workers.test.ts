@@ -539,7 +539,7 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
 
   // Handed back instead, its attempt given back and runnable at once, such a job (of the highest
   // priority) was claimed first again by every claim, each answered 500: no other job ran.
-  it('fails the attempt of a job whose claim answer cannot be built; the next claim gets the next job', async () => {
+  it('fails the attempt of a job whose claim answer cannot be built, and hands out the next', async () => {
     await clearQueue();
     const unbuildable = await createFinetune(server, { priority: 90 });
     const next = await createFinetune(server);

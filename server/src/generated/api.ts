@@ -87,8 +87,9 @@ export interface paths {
          *     `training_error` (the worker's process crashed or died: see the `logs` endpoint),
          *     `invalid_config` (the worker cannot do what the config asks), `insufficient_credits` (the
          *     tenant's budget ran out; checkpoints are kept), `teacher_error` (the teacher endpoint kept
-         *     failing), `invalid_dataset`, `out_of_memory`. A cancelled or failed job keeps the adapter of
-         *     its last training checkpoint among its artifacts.
+         *     failing), `invalid_dataset`, `out_of_memory`, `claim_failed` (the server could not hand the
+         *     job to a worker, every attempt: its log says why). A cancelled or failed job keeps the
+         *     adapter of its last training checkpoint among its artifacts.
          */
         get: operations["getDistillationJob"];
         put?: never;

@@ -15,7 +15,7 @@ const CLIENT_TIMESTAMPS: [table: string, column: string][] = [
  * The spec's `date-time` now takes only instants in years 0100–9999 in UTC, in requests and in
  * answers (date-time.ts). A value stored before outside them would fail every answer that shows it
  * (a job's logs, a tenant's key list) with a 500: it is moved to the nearest instant inside, which
- * keeps its order among the others and, for a key's expiry, its meaning (long past, or never).
+ * keeps a key's expiry meaning what it did (long past, or never). A full scan of each table, once.
  */
 export const storableTimestamps: Migration = {
   name: '014_storable_timestamps',

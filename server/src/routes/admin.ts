@@ -24,6 +24,8 @@ function checkScope(scope: string | undefined, tenantId: string | undefined, par
 function futureDate(value: string | undefined): Date | undefined {
   if (value === undefined) return undefined;
   const at = new Date(value);
+  // RFC 3339 as the format's regex reads it allows month 13, a leap second, offset +99:99: no date here
+  if (Number.isNaN(at.getTime())) throw badRequest(`expires_at: ${value} is not a date.`, 'expires_at');
   if (at.getTime() <= Date.now()) throw badRequest('expires_at must be in the future.', 'expires_at');
   return at;
 }

@@ -77,21 +77,41 @@ const checkpointStep = (req: Request): number => {
   return step;
 };
 
-/** The failure recorded for a job whose claim answer could not be built (the cause is in the server's log). */
+/** The failure recorded for a job whose claim answer could not be built (the server's log says why). */
 const UNBUILT_CLAIM = {
   code: 'claim_failed',
-  message: 'The server could not hand this job to a worker; its log says why.',
+  message: "The server could not hand this job to a worker; the server's log says why.",
   retryable: true,
 };
 
 /**
+ * Ends the attempt of a job leased to a worker whose answer could not be built. A job whose input is
+ * gone can never run: it ends failed for its owner to see. Anything else (the database failed) fails
+ * the attempt, retryable. Not handed back: a release gives the attempt back and makes the job
+ * runnable at once, so a job whose answer fails every time was claimed first again and again, ahead
+ * of every job behind it; failed, it waits out its backoff and ends failed when its attempts are
+ * spent (a one-off failure costs the job an attempt, as a worker's crash would).
+ */
+async function failUnbuiltClaim(ctx: AppContext, job: ClaimedJobRow, err: unknown): Promise<void> {
+  if (err instanceof MissingJobInput) {
+    await failJob(ctx, job.id, job.lease_token!, {
+      code: 'invalid_config',
+      message: err.message,
+      retryable: false,
+    });
+    return;
+  }
+  ctx.logger.error({ err, jobId: job.id }, 'a claimed job could not be handed out; its attempt fails');
+  await failJob(ctx, job.id, job.lease_token!, UNBUILT_CLAIM).catch((failed: unknown) =>
+    ctx.logger.error({ err: failed, jobId: job.id }, 'nor could its attempt fail; its lease will expire'),
+  );
+}
+
+/**
  * The claim answers of leased jobs, in order, built side by side (a batch's inputs are looked up at
- * once). A job whose input is gone can never run: it ends failed for its owner to see, and is left
- * out. A job whose answer could not be built otherwise (the database failed) fails this attempt,
- * retryable, and is left out: the others of its batch still go out. Not handed back: a release gives
- * the attempt back and makes the job runnable at once, so a job whose answer fails every time was
- * claimed first again and again, ahead of every job behind it; failed, it waits out its backoff and
- * ends failed when its attempts are spent.
+ * once). A job whose answer could not be built fails its attempt (failUnbuiltClaim) and is left out:
+ * the others of its batch still go out. A claim of one job whose answer failed for a reason other
+ * than a missing input answers that error (500).
  */
 async function claimAnswers(ctx: AppContext, jobs: ClaimedJobRow[]): Promise<Schemas['ClaimedJob'][]> {
   const answers = await Promise.all(
@@ -99,18 +119,8 @@ async function claimAnswers(ctx: AppContext, jobs: ClaimedJobRow[]): Promise<Sch
       try {
         return await buildClaimedJob(ctx, job);
       } catch (err) {
-        if (err instanceof MissingJobInput) {
-          await failJob(ctx, job.id, job.lease_token!, {
-            code: 'invalid_config',
-            message: err.message,
-            retryable: false,
-          });
-          return null;
-        }
-        // should this fail too (the database is down), the lease expires and the sweeper retries the job
-        await failJob(ctx, job.id, job.lease_token!, UNBUILT_CLAIM).catch(() => {});
-        if (jobs.length === 1) throw err; // the claim's own error answer, logged there
-        ctx.logger.error({ err, jobId: job.id }, 'a claimed job could not be handed out; its attempt failed');
+        await failUnbuiltClaim(ctx, job, err);
+        if (jobs.length === 1 && !(err instanceof MissingJobInput)) throw err;
         return null;
       }
     }),
@@ -191,13 +201,9 @@ export const workerRoutes: Routes = {
       // each member downloads with its own token; rank 0's is the job's lease token
       claimed = await buildClaimedJob(ctx, { ...job, lease_token: body.member_token });
     } catch (err) {
-      if (!(err instanceof MissingJobInput)) throw err;
-      await failJob(ctx, job.id, job.lease_token!, {
-        code: 'invalid_config',
-        message: err.message,
-        retryable: false,
-      });
-      throw leaseLost(jobId);
+      // the gang's attempt ends for every member: the others hear 409 lease_lost on their heartbeats
+      await failUnbuiltClaim(ctx, job, err);
+      throw err instanceof MissingJobInput ? leaseLost(jobId) : err;
     }
     res.json({
       state: 'started',
