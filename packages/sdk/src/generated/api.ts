@@ -88,8 +88,8 @@ export interface paths {
          *     `invalid_config` (the worker cannot do what the config asks), `insufficient_credits` (the
          *     tenant's budget ran out; checkpoints are kept), `teacher_error` (the teacher endpoint kept
          *     failing), `invalid_dataset`, `out_of_memory`, `claim_failed` (the server could not hand the
-         *     job to a worker, every attempt: its log says why). A cancelled or failed job keeps the
-         *     adapter of its last training checkpoint among its artifacts.
+         *     job to a worker in any attempt: the server's log says why). A cancelled or failed job keeps
+         *     the adapter of its last training checkpoint among its artifacts.
          */
         get: operations["getDistillationJob"];
         put?: never;
