@@ -541,26 +541,45 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
   // priority) was claimed first again by every claim, each answered 500: no other job ran.
   it('fails the attempt of a job whose claim answer cannot be built, and hands out the next', async () => {
     await clearQueue();
-    const unbuildable = await createFinetune(server, { priority: 90 });
-    const next = await createFinetune(server);
+    const unbuildable = [
+      await createFinetune(server, { priority: 90 }),
+      await createFinetune(server, { priority: 80 }),
+    ];
+    const [next, last] = [await createFinetune(server), await createFinetune(server)];
     const box = server.ctx.secretBox;
     const open = box.open.bind(box);
     const fault = vi.spyOn(box, 'open').mockImplementation((jobId, sealed) => {
-      if (jobId === unbuildable) throw new Error('injected fault');
+      if (unbuildable.includes(jobId)) throw new Error('injected fault');
       return open(jobId, sealed);
     });
     try {
       await expect(worker.claim()).rejects.toThrow(/claim answered 500/);
-      expect((await worker.claim())?.job_id).toBe(next);
+      // a batch leaves the job out and hands out the others
+      const batch = await server.api('/v1/workers/claim', {
+        key: server.workerToken,
+        method: 'POST',
+        json: {
+          worker_id: 'worker-1',
+          capabilities: { job_types: ['finetune'], device: 'cpu' },
+          max_jobs: 2,
+          wait_seconds: 0,
+        },
+      });
+      expect(batch.status).toBe(200);
+      expect((await batch.json()).jobs.map((j: { job_id: string }) => j.job_id)).toEqual([next]);
+      expect((await worker.claim())?.job_id).toBe(last);
     } finally {
       fault.mockRestore();
     }
-    const job = await (await server.api(`/v1/training/jobs/${unbuildable}`)).json();
-    expect(job).toMatchObject({ status: 'pending', attempt: 1 });
-    const timeline = await (await server.api(`/v1/training/jobs/${unbuildable}/events`)).json();
-    expect(timeline.events.map((e: { kind: string }) => e.kind)).toContain('retry');
-    const retry = timeline.events.find((e: { kind: string }) => e.kind === 'retry');
-    expect(retry.payload).toMatchObject({ attempt: 1, retryable: true, error: { code: 'claim_failed' } });
+    for (const id of unbuildable) {
+      expect(await (await server.api(`/v1/training/jobs/${id}`)).json()).toMatchObject({
+        status: 'pending',
+        attempt: 1,
+      });
+      const timeline = await (await server.api(`/v1/training/jobs/${id}/events`)).json();
+      const retry = timeline.events.find((e: { kind: string }) => e.kind === 'retry');
+      expect(retry.payload).toMatchObject({ attempt: 1, retryable: true, error: { code: 'claim_failed' } });
+    }
   });
 
   it('fences every write of a stale lease with 409 lease_lost and changes nothing', async () => {
