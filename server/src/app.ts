@@ -165,8 +165,9 @@ function mountRoutes(
 /**
  * Postgres data exceptions caused by a value the client sent, which the spec's schemas allow: a NUL
  * (`\u0000`) in JSON or text (22P05, 22021), an integer past the column's range (22003, or 22P02
- * once JavaScript writes it as `1e+22`), a timestamp Postgres cannot hold (February 30, 24:00:01,
- * an offset beyond ±15:59: 22008, 22009).
+ * once JavaScript writes it as `1e+22`), a timestamp Postgres cannot hold (22008, 22009: February
+ * 30, an offset beyond ±15:59; the `date-time` format, date-time.ts, refuses those first, with the
+ * field's name, so these two are a backstop).
  */
 const CLIENT_DATA_SQLSTATES: Record<string, string> = {
   '22P05': 'Text may not contain the NUL character (\\u0000).',

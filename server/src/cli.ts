@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { parseArgs } from 'node:util';
 import { type Config, loadConfig } from './config.js';
+import { STORABLE_MS } from './date-time.js';
 import { migrate, openDatabase } from './db.js';
 import { type KeyClient, keyClient } from './key-client.js';
 import { startServer } from './server.js';
@@ -20,7 +21,6 @@ server.json, its admin key in admin-key or TUNERY_ADMIN_KEY), else straight to t
 
 const TENANT = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
 const UNIT_MS = { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 } as const;
-const LAST_EXPIRY = Date.UTC(10_000, 0, 1);
 
 /** `90m`, `12h`, `30d` → the instant that long from now. */
 function expiryFrom(expiresIn: string | undefined): Date | undefined {
@@ -30,7 +30,7 @@ function expiryFrom(expiresIn: string | undefined): Date | undefined {
     throw new UsageError('--expires-in is a duration like 3600s, 90m, 12h or 30d.');
   const expiry = Date.now() + Number(match[1]) * UNIT_MS[match[2] as keyof typeof UNIT_MS];
   // the API's date-time bound (date-time.ts), which a key made straight in the database skips
-  if (!(expiry < LAST_EXPIRY)) throw new UsageError('--expires-in reaches past the year 9999.');
+  if (!(expiry < STORABLE_MS.to)) throw new UsageError('--expires-in reaches past the year 9999.');
   return new Date(expiry);
 }
 

@@ -1,10 +1,13 @@
 /**
  * The spec's `date-time` format, in both validators (bound-validator.ts, and express-openapi-validator
- * in app.ts): RFC 3339 as ajv-formats' fast mode takes it, and an instant both databases store and
- * read back as sent, that is in years 0100–9999 in UTC. RFC 3339 allows `0001-01-01T00:00:00+15:59`,
- * which Postgres stores as 1 BC and PGlite reads back as an invalid date (every later read of a job's
- * logs answered 500); PGlite also reads years 0–99 back as 1900–1999 or 2000–2099, and a year past
- * 9999 came back as a date no answer could show (an API key's `expires_at` answered 500).
+ * in app.ts): an RFC 3339 timestamp that names a real instant (no February 30, no hour 24, no month
+ * 13) which both databases store and read back as sent: one in years 0100–9999 in UTC, with a UTC
+ * offset Postgres can hold (at most ±15:59). RFC 3339 allows `0001-01-01T00:00:00+15:59`, which
+ * Postgres stores as 1 BC and PGlite reads back as an invalid date (every later read of a job's logs
+ * answered 500); PGlite also reads years 0–99 back as 1900–1999 or 2000–2099, and a year past 9999
+ * came back as a date no answer could show (an API key's `expires_at` answered 500). A timestamp
+ * that is no date was refused by Postgres without naming its field, or, as an API key's expiry,
+ * read by JavaScript as another day (`2099-02-30` as March 2).
  */
 import type { FormatDefinition } from 'ajv';
 // ajv-formats' own module (the package has no `exports` map; both validators load this one copy).
@@ -28,8 +31,41 @@ function utcMillis(year: number, month = 1, day = 1, hours = 0, minutes = 0, sec
   return date.getTime();
 }
 
-/** 0100-01-01T00:00:00Z and 10000-01-01T00:00:00Z, in milliseconds. */
-const STORABLE_MS = { from: utcMillis(100), to: utcMillis(10_000) };
+/** 0100-01-01T00:00:00Z and 10000-01-01T00:00:00Z, in milliseconds: the storable instants' bounds. */
+export const STORABLE_MS = { from: utcMillis(100), to: utcMillis(10_000) };
+
+/** The largest UTC offset Postgres accepts, in minutes (±15:59). */
+const MAX_OFFSET_MINUTES = 15 * 60 + 59;
+
+/** The two-digit number at `at` (the regex has made sure both are digits). */
+const twoDigits = (text: string, at: number) =>
+  (text.charCodeAt(at) - 48) * 10 + text.charCodeAt(at + 1) - 48;
+
+const DAYS_IN_MONTH = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+const isLeapYear = (year: number) => year % 4 === 0 && (year % 100 !== 0 || year % 400 === 0);
+const daysInMonth = (year: number, month: number) =>
+  month === 2 && isLeapYear(year) ? 29 : DAYS_IN_MONTH[month - 1]!;
+
+/**
+ * Whether a timestamp FAST_DATE_TIME took names a real date and time with an offset Postgres
+ * takes: its regex lets through month 13, day 39, hour 29 and offset +99:99. Read by position (the
+ * regex fixes where each field is: the offset, when there is one, ends the text), as it runs for
+ * every timestamp of every request and answer. A leap second (`23:59:60`) is taken: Postgres rolls
+ * it over into the next minute.
+ */
+function isRealDateTime(text: string): boolean {
+  const year = Number(text.slice(0, 4));
+  const month = twoDigits(text, 5);
+  const day = twoDigits(text, 8);
+  if (month < 1 || month > 12 || day < 1 || day > daysInMonth(year, month) || twoDigits(text, 11) > 23)
+    return false;
+  const last = text.charCodeAt(text.length - 1);
+  if (last === 0x5a || last === 0x7a) return true; // Z or z: UTC
+  const sign = Math.max(text.lastIndexOf('+'), text.lastIndexOf('-'));
+  // +HH, +HHMM or +HH:MM
+  const minutes = text.length - sign === 3 ? 0 : twoDigits(text, text.length - 2);
+  return minutes <= 59 && twoDigits(text, sign + 1) * 60 + minutes <= MAX_OFFSET_MINUTES;
+}
 
 /** Microseconds of a fraction of a second, rounded as Postgres does (rint: half to even). */
 function fractionMicros(digits: string | undefined): number {
@@ -63,5 +99,5 @@ function inStorableYears(text: string): boolean {
 /** The `date-time` format both validators add, in place of ajv-formats' own. */
 export const STORABLE_DATE_TIME = {
   type: 'string',
-  validate: (text: string) => FAST_DATE_TIME.test(text) && inStorableYears(text),
+  validate: (text: string) => FAST_DATE_TIME.test(text) && isRealDateTime(text) && inStorableYears(text),
 } satisfies FormatDefinition<string>;

@@ -506,7 +506,7 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
 
   // RFC 3339 allows these; PGlite read the first back as an invalid date, so every later read of
   // the job's logs failed with a 500 (and it reads years 0–99 back as 19xx or 20xx).
-  it('refuses reported timestamps outside years 0100–9999 in UTC, and keeps the edges', async () => {
+  it('refuses reported timestamps outside years 0100–9999 in UTC or that are no real instant, and keeps the edges', async () => {
     await clearQueue();
     const id = await createFinetune(server);
     const job = (await worker.claim())!;
@@ -525,6 +525,12 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
       params.push((await res.json()).error.param);
     }
     expect(params).toEqual(['lines.0.ts', 'points.0.ts', 'events.0.ts']);
+    // no real instant: Postgres refused them without naming the field, or read 24:00 as the next day
+    for (const ts of ['2026-02-30T00:00:00Z', '2026-04-19T24:00:00Z', '2026-04-19T12:00:00+16:00']) {
+      const res = await worker.logs(id, job.lease_token, [{ seq: 1, text: 'x', ts }]);
+      expect(res.status).toBe(400);
+      expect((await res.json()).error.param).toBe('lines.0.ts');
+    }
     const edges = [
       { seq: 1, text: 'first', ts: '0100-01-01T00:00:00Z' },
       { seq: 2, text: 'last', ts: '9999-12-31T23:59:59-00:00' },
@@ -552,6 +558,7 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
       if (unbuildable.includes(jobId)) throw new Error('injected fault');
       return open(jobId, sealed);
     });
+    const logged = vi.spyOn(server.ctx.logger, 'error');
     try {
       await expect(worker.claim()).rejects.toThrow(/claim answered 500/);
       // a batch leaves the job out and hands out the others
@@ -568,8 +575,16 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
       expect(batch.status).toBe(200);
       expect((await batch.json()).jobs.map((j: { job_id: string }) => j.job_id)).toEqual([next]);
       expect((await worker.claim())?.job_id).toBe(last);
+      // each failure is logged once (a claim of one job logged it twice), with the job's id
+      const faults = logged.mock.calls
+        .map(([fields]) => (fields as { err?: Error }).err)
+        .filter((err) =>
+          [err?.message, (err?.cause as Error | undefined)?.message].includes('injected fault'),
+        );
+      expect(faults.map((err) => err?.message)).toEqual(unbuildable.map((id) => expect.stringContaining(id)));
     } finally {
       fault.mockRestore();
+      logged.mockRestore();
     }
     for (const id of unbuildable) {
       expect(await (await server.api(`/v1/training/jobs/${id}`)).json()).toMatchObject({

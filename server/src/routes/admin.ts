@@ -24,7 +24,7 @@ function checkScope(scope: string | undefined, tenantId: string | undefined, par
 function futureDate(value: string | undefined): Date | undefined {
   if (value === undefined) return undefined;
   const at = new Date(value);
-  // RFC 3339 as the format's regex reads it allows month 13, a leap second, offset +99:99: no date here
+  // the date-time format takes a leap second (23:59:60), which JavaScript reads as no date
   if (Number.isNaN(at.getTime())) throw badRequest(`expires_at: ${value} is not a date.`, 'expires_at');
   if (at.getTime() <= Date.now()) throw badRequest('expires_at must be in the future.', 'expires_at');
   return at;

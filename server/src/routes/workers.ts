@@ -90,7 +90,8 @@ const UNBUILT_CLAIM = {
  * the attempt, retryable. Not handed back: a release gives the attempt back and makes the job
  * runnable at once, so a job whose answer fails every time was claimed first again and again, ahead
  * of every job behind it; failed, it waits out its backoff and ends failed when its attempts are
- * spent (a one-off failure costs the job an attempt, as a worker's crash would).
+ * spent (a one-off failure costs the job an attempt, as a worker's crash would). Why the answer
+ * failed is the caller's to log (unbuiltClaimError), once.
  */
 async function failUnbuiltClaim(ctx: AppContext, job: ClaimedJobRow, err: unknown): Promise<void> {
   if (err instanceof MissingJobInput) {
@@ -101,11 +102,14 @@ async function failUnbuiltClaim(ctx: AppContext, job: ClaimedJobRow, err: unknow
     });
     return;
   }
-  ctx.logger.error({ err, jobId: job.id }, 'a claimed job could not be handed out; its attempt fails');
   await failJob(ctx, job.id, job.lease_token!, UNBUILT_CLAIM).catch((failed: unknown) =>
     ctx.logger.error({ err: failed, jobId: job.id }, 'nor could its attempt fail; its lease will expire'),
   );
 }
+
+/** What the log shows of a job whose claim answer could not be built: its id, and why (the cause). */
+const unbuiltClaimError = (job: ClaimedJobRow, cause: unknown) =>
+  new Error(`Job ${job.id} could not be handed to a worker; its attempt fails.`, { cause });
 
 /**
  * The claim answers of leased jobs, in order, built side by side (a batch's inputs are looked up at
@@ -120,7 +124,10 @@ async function claimAnswers(ctx: AppContext, jobs: ClaimedJobRow[]): Promise<Sch
         return await buildClaimedJob(ctx, job);
       } catch (err) {
         await failUnbuiltClaim(ctx, job, err);
-        if (jobs.length === 1 && !(err instanceof MissingJobInput)) throw err;
+        if (err instanceof MissingJobInput) return null;
+        // the error handler logs the 500 of a claim of one job
+        if (jobs.length === 1) throw unbuiltClaimError(job, err);
+        ctx.logger.error({ err: unbuiltClaimError(job, err) }, 'a batch claim left out a job');
         return null;
       }
     }),
@@ -203,7 +210,7 @@ export const workerRoutes: Routes = {
     } catch (err) {
       // the gang's attempt ends for every member: the others hear 409 lease_lost on their heartbeats
       await failUnbuiltClaim(ctx, job, err);
-      throw err instanceof MissingJobInput ? leaseLost(jobId) : err;
+      throw err instanceof MissingJobInput ? leaseLost(jobId) : unbuiltClaimError(job, err);
     }
     res.json({
       state: 'started',

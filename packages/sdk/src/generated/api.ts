@@ -2229,13 +2229,13 @@ export interface components {
         TenantId: string;
         /**
          * Format: date-time
-         * @description RFC 3339 UTC timestamp. One sent in must fall in years 0100–9999 once converted to UTC.
+         * @description RFC 3339 UTC timestamp. One sent in must be a real date and time (no February 30, no hour 24) with a UTC offset of at most ±15:59, and fall in years 0100–9999 once converted to UTC.
          * @example 2026-04-19T12:00:00Z
          */
         Timestamp: string;
         /**
          * Format: date-time
-         * @description RFC 3339 UTC timestamp, or null while it has not happened. One sent in must fall in years 0100–9999 once converted to UTC.
+         * @description RFC 3339 UTC timestamp, or null while it has not happened. One sent in must be a real date and time (no February 30, no hour 24) with a UTC offset of at most ±15:59, and fall in years 0100–9999 once converted to UTC.
          */
         NullableTimestamp: string | null;
         /** @description The one error shape of every endpoint. */
