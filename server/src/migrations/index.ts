@@ -12,6 +12,7 @@ import { oneRunnableIndex } from './011_one_runnable_index.js';
 import { leanJobIndexes } from './012_lean_job_indexes.js';
 import { outputLookupsByJob } from './013_output_lookups_by_job.js';
 import { storableTimestamps } from './014_storable_timestamps.js';
+import { runnableGangsIndex } from './015_runnable_gangs_index.js';
 
 export interface Migration {
   name: string;
@@ -34,4 +35,5 @@ export const migrations: Migration[] = [
   leanJobIndexes,
   outputLookupsByJob,
   storableTimestamps,
+  runnableGangsIndex,
 ];

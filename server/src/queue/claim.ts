@@ -69,6 +69,12 @@ export const MAX_CLAIM_BATCH = 32;
  * row as it is (`pending`) for the caller to join its gang; a gang job further down ends the batch
  * before it, so no job jumps ahead.
  *
+ * Jobs to lease are read `FOR UPDATE SKIP LOCKED`: concurrent claims skip the rows another claim is
+ * taking instead of queueing behind it. The best gang job is read without a lock: the one a worker
+ * should join is often locked just then by another worker joining it (joinGang), and skipping it
+ * sent this worker to a lesser gang, so two gangs competing for the same workers could split them
+ * again and again; joinGang waits for that lock instead.
+ *
  * `max` is written into the text, one named statement per batch size: with `LIMIT $n` Postgres
  * plans the statement anew on every call (about 1 ms, more than running it), since a plan for an
  * unknown limit looks dear; with a constant one it settles on one plan per connection. Whether the
@@ -76,41 +82,48 @@ export const MAX_CLAIM_BATCH = 32;
  * plan could not leave the gang test out and looked dearer than a plan made for the values, so
  * Postgres planned most claims anew (63% of them in a bench drain).
  */
-const claimStatement = (max: number, gang: boolean): PreparedStatement => ({
-  name: gang ? `tunery_claim_gang_jobs_${max}` : `tunery_claim_jobs_${max}`,
-  text: `
-    WITH next AS (
-      SELECT id, num_nodes, priority, run_at, created_at FROM jobs
-      WHERE status = 'pending'
-        -- backoff and scheduling use the database clock, never the server's
+const claimStatement = (max: number, gang: boolean): PreparedStatement => {
+  // the jobs these capabilities can run now (backoff and scheduling use the database clock, never the
+  // server's; a worker that lists no methods runs any; jobs without a method suit every worker)
+  const runnable = `status = 'pending'
         AND run_at <= now()
         AND type = ANY($1::text[])
-        -- a worker that lists no methods runs any; jobs without a method suit every worker
         AND (method IS NULL OR $2::boolean OR method = ANY($3::text[]))
-        AND (required_device IS NULL OR required_device = $4::text)
-        ${
-          gang
-            ? `-- a gang this worker is waiting in already is not offered again (a worker that can
-        -- join gangs claims alone: no other claim shares its statement)
-        AND (num_nodes = 1 OR NOT EXISTS (
-          SELECT 1 FROM job_gang_members m
-          WHERE m.job_id = jobs.id AND m.worker_id = ($5::text[])[1] AND m.rank IS NULL))`
-            : 'AND num_nodes = 1'
-        }
-      -- the order of the partial index jobs_runnable: read in order, no sort of every pending row
-      ORDER BY priority DESC, run_at, created_at
-      -- concurrent claimers skip rows another claim is taking instead of queueing behind it
+        AND (required_device IS NULL OR required_device = $4::text)`;
+  // the order of the partial indexes jobs_runnable and jobs_runnable_gangs: read in order, no sort
+  const best = 'ORDER BY priority DESC, run_at, created_at';
+  return {
+    name: gang ? `tunery_claim_gang_jobs_${max}` : `tunery_claim_jobs_${max}`,
+    text: `
+    WITH next AS (
+      SELECT id, priority, run_at, created_at FROM jobs
+      WHERE ${runnable} AND num_nodes = 1
+      ${best}
       FOR UPDATE SKIP LOCKED
       LIMIT ${max}
     ),
-    ranked AS (
-      SELECT id, num_nodes, row_number() OVER (ORDER BY priority DESC, run_at, created_at) AS rank FROM next
+    ${
+      gang
+        ? `best_gang AS (
+      SELECT id, priority, run_at, created_at FROM jobs
+      WHERE ${runnable} AND num_nodes > 1
+        -- a gang this worker is waiting in already is not offered again (a worker that can join
+        -- gangs claims alone: no other claim shares its statement)
+        AND NOT EXISTS (
+          SELECT 1 FROM job_gang_members m
+          WHERE m.job_id = jobs.id AND m.worker_id = ($5::text[])[1] AND m.rank IS NULL)
+      ${best}
+      LIMIT 1
     ),
-    first_gang AS (SELECT min(rank) AS rank FROM ranked WHERE num_nodes > 1),
-    leasable AS (
-      SELECT ranked.id, ranked.rank FROM ranked, first_gang
-      WHERE first_gang.rank IS NULL OR ranked.rank < first_gang.rank
-    ),
+    -- the jobs ahead of the best gang job (on a tie, the gang job goes first)
+    ahead AS (
+      SELECT next.* FROM next LEFT JOIN best_gang g ON true
+      WHERE g.id IS NULL OR next.priority > g.priority
+        OR (next.priority = g.priority AND (next.run_at, next.created_at) < (g.run_at, g.created_at))
+    ),`
+        : 'ahead AS (SELECT * FROM next),'
+    }
+    leasable AS (SELECT id, row_number() OVER (${best}) AS rank FROM ahead),
     claimed AS (
       UPDATE jobs SET
         ${startAttempt({ leaseToken: '($6::text[])[leasable.rank]', workerId: '($5::text[])[leasable.rank]', leaseSeconds: '$7::float8' })},
@@ -134,12 +147,18 @@ const claimStatement = (max: number, gang: boolean): PreparedStatement => ({
       SELECT rank, ${CLAIMED_COLUMNS.join(', ')},
         (SELECT COALESCE(jsonb_agg(files), '[]') FROM (${dataFilesOf('claimed')}) AS files) AS data_files
       FROM claimed
+      ${
+        gang
+          ? `-- the best gang job, when no job is ahead of it
       UNION ALL
       SELECT 0, ${CLAIMED_COLUMNS.map((c) => `jobs.${c}`).join(', ')}, NULL
-      FROM jobs JOIN ranked ON jobs.id = ranked.id WHERE ranked.rank = 1 AND ranked.num_nodes > 1
+      FROM jobs JOIN best_gang ON jobs.id = best_gang.id WHERE NOT EXISTS (SELECT 1 FROM leasable)`
+          : ''
+      }
     ) AS answer
     ORDER BY rank`,
-});
+  };
+};
 
 const statementsOfEachSize = (gang: boolean) =>
   Array.from({ length: MAX_CLAIM_BATCH }, (_, i) => claimStatement(i + 1, gang));
