@@ -52,6 +52,36 @@ export function postgresCpuMicros(): number | undefined {
   return total;
 }
 
+/** The machine's CPU time so far, all cores, in clock ticks: idle (waiting for I/O included) and in all. */
+function machineTicks(): { idle: number; total: number } | undefined {
+  try {
+    // the first line of /proc/stat: `cpu  user nice system idle iowait irq softirq steal …`
+    const ticks = readFileSync('/proc/stat', 'utf8')
+      .split('\n', 1)[0]!
+      .trim()
+      .split(/\s+/)
+      .slice(1)
+      .map(Number);
+    return { idle: ticks[3]! + ticks[4]!, total: ticks.reduce((sum, t) => sum + t, 0) };
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * The share of the machine's CPU left idle between now and `after()`, undefined without /proc. A
+ * drain that leaves much of it idle is bound by waiting (on a statement, a lock, an event loop), not
+ * by CPU: taking CPU off it then gains little.
+ */
+export function idleShareSince(): () => number | undefined {
+  const before = machineTicks();
+  return () => {
+    const after = machineTicks();
+    if (!before || !after || after.total === before.total) return undefined;
+    return (after.idle - before.idle) / (after.total - before.total);
+  };
+}
+
 /** CPU a reading function counted between now and `after()`, per `count` (µs each); undefined when unread. */
 export function cpuPer(read: () => number | undefined): (count: number) => number | undefined {
   const before = read();

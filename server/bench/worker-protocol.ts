@@ -4,8 +4,9 @@
  * the lease token, until a claim answers 204, after `warmupJobs` untimed jobs drained the same way
  * (a server's first thousand answers build its caches and compile its hot code: the rate is its
  * steady state's, and the warm-up's own rate is printed beside it). Reports the rate, claim latency
- * p50/p99, the CPU per job of the load generator, the server and Postgres (process-cpu.ts), and
- * checks that every job was claimed exactly once (client side) and ended `completed` (server side).
+ * p50/p99, the CPU per job of the load generator, the server and Postgres, the machine's idle share
+ * (process-cpu.ts), and checks that every job was claimed exactly once (client side) and ended
+ * `completed` (server side).
  *
  * On Postgres the same run adds its peers, each on its own scratch database on the same server and
  * each alone while it runs: the HTTP claim toy (serve-toy-queue.ts: node:http + pg, 2 prepared
@@ -19,7 +20,7 @@
 import { Agent, request } from 'node:http';
 import { withServed } from './children.js';
 import type { GraphileResult } from './drain-graphile.js';
-import { cpuPer, postgresCpuMicros, processCpuMicros } from './process-cpu.js';
+import { cpuPer, idleShareSince, postgresCpuMicros, processCpuMicros } from './process-cpu.js';
 import type { ToyInfo } from './serve-toy-queue.js';
 import type { TuneryInfo } from './serve-tunery.js';
 import { percentile, ratio } from './stats.js';
@@ -156,6 +157,8 @@ interface Drained {
   /** The server's process and (when it uses one) the Postgres server's: CPU per job; unread without /proc. */
   serverCpuMicrosPerJob?: number;
   postgresCpuMicrosPerJob?: number;
+  /** The share of the machine's CPU (all cores) left idle during the drain; unread without /proc. */
+  machineIdleShare?: number;
   /** One phrase: the exactly-once check's outcome. */
   check: string;
   ok: boolean;
@@ -228,6 +231,7 @@ async function drain(queue: HttpQueue, opts: QueueOptions): Promise<Drained> {
   const cpuBefore = process.cpuUsage();
   const serverCpu = cpuPer(() => processCpuMicros(queue.pid));
   const postgresCpu = cpuPer(postgresCpuMicros);
+  const idleShare = idleShareSince();
   const started = performance.now();
   await runPollers(pastDeadline);
   const seconds = (performance.now() - started) / 1000;
@@ -235,6 +239,7 @@ async function drain(queue: HttpQueue, opts: QueueOptions): Promise<Drained> {
   const timed = completed - warmedUp;
   const serverCpuMicrosPerJob = serverCpu(timed);
   const postgresCpuMicrosPerJob = queue.onPostgres ? postgresCpu(timed) : undefined;
+  const machineIdleShare = idleShare();
   agent.destroy();
   if (failure) throw failure;
 
@@ -266,6 +271,7 @@ async function drain(queue: HttpQueue, opts: QueueOptions): Promise<Drained> {
     clientCoreShare,
     serverCpuMicrosPerJob,
     postgresCpuMicrosPerJob,
+    machineIdleShare,
     check,
     ok,
     data: {
@@ -281,6 +287,7 @@ async function drain(queue: HttpQueue, opts: QueueOptions): Promise<Drained> {
       client_core_share: clientCoreShare,
       server_cpu_us_per_job: serverCpuMicrosPerJob ?? null,
       postgres_cpu_us_per_job: postgresCpuMicrosPerJob ?? null,
+      machine_idle_share: machineIdleShare ?? null,
       exactly_once: exactlyOnce,
       claimed_twice: twice,
       missing,
@@ -323,6 +330,7 @@ function meanOf(runs: Peer<Drained>[]): Peer<Drained> & { rates?: number[] } {
       clientCoreShare: mean((d) => d.clientCoreShare),
       serverCpuMicrosPerJob: meanOfKnown(drains.map((d) => d.serverCpuMicrosPerJob)),
       postgresCpuMicrosPerJob: meanOfKnown(drains.map((d) => d.postgresCpuMicrosPerJob)),
+      machineIdleShare: meanOfKnown(drains.map((d) => d.machineIdleShare)),
       check: notOk?.check ?? drains[0]!.check,
       ok: !notOk,
       data: {},
@@ -336,7 +344,10 @@ function meanOfKnown(values: (number | undefined)[]): number | undefined {
   return (values as number[]).reduce((sum, v) => sum + v, 0) / values.length;
 }
 
-/** CPU per job of each party: the load generator, and where read, the server and Postgres. */
+/**
+ * CPU per job of each party (the load generator, and where read, the server and Postgres), and how
+ * much of the machine was left idle.
+ */
 const cpuNote = (d: Drained) =>
   [
     `client ${Math.round(d.clientCpuMicrosPerJob)} µs CPU/job (${Math.round(d.clientCoreShare * 100)}% of a core)`,
@@ -344,6 +355,7 @@ const cpuNote = (d: Drained) =>
     ...(d.postgresCpuMicrosPerJob === undefined
       ? []
       : [`Postgres ${Math.round(d.postgresCpuMicrosPerJob)} µs`]),
+    ...(d.machineIdleShare === undefined ? [] : [`machine ${Math.round(d.machineIdleShare * 100)}% idle`]),
   ].join(', ');
 
 /** The warm-up's rates, which a steady-state rate leaves out. */
