@@ -76,23 +76,30 @@ function fractionMicros(digits: string | undefined): number {
 }
 
 /**
- * Whether the UTC instant of a timestamp FAST_DATE_TIME took, to the microsecond as Postgres stores
- * it, falls in years 0100–9999. Counted in whole milliseconds, which a double holds exactly
- * (microseconds since the epoch do not: at year 9999 they are 32 apart), the sub-millisecond rest
- * being in [0, 1000).
+ * The UTC instant of a timestamp the format took, in milliseconds since the epoch, as Postgres reads
+ * it: a leap second rolls over into the next minute, a fraction is rounded to the microsecond and then
+ * cut to the millisecond. Whole milliseconds are what a double holds exactly (microseconds since the
+ * epoch are not: at year 9999 they are 32 apart). Not `new Date(text)`, which reads an offset of hours
+ * alone (`+05`) and a leap second as no date. NaN for text the format refuses.
  */
+export function dateTimeMillis(text: string): number {
+  const fields = DATE_TIME_FIELDS.exec(text);
+  if (!fields) return Number.NaN;
+  const [, year, month, day, hours, minutes, seconds, fraction, sign, offsetHours, offsetMinutes] = fields;
+  const offset = sign ? (sign === '-' ? -1 : 1) * (+offsetHours! * 60 + Number(offsetMinutes ?? 0)) : 0;
+  return (
+    utcMillis(+year!, +month!, +day!, +hours!, +minutes!, +seconds!) -
+    offset * 60_000 +
+    Math.floor(fractionMicros(fraction) / 1000)
+  );
+}
+
+/** Whether the instant of a timestamp FAST_DATE_TIME took, to the microsecond, falls in years 0100–9999. */
 function inStorableYears(text: string): boolean {
   // no offset or rollover moves an instant in these years out of the range
   const year = Number(text.slice(0, 4));
   if (year > 100 && year < 9999) return true;
-  const fields = DATE_TIME_FIELDS.exec(text);
-  if (!fields) return false;
-  const [, , month, day, hours, minutes, seconds, fraction, sign, offsetHours, offsetMinutes] = fields;
-  const offset = sign ? (sign === '-' ? -1 : 1) * (+offsetHours! * 60 + Number(offsetMinutes ?? 0)) : 0;
-  const millis =
-    utcMillis(year, +month!, +day!, +hours!, +minutes!, +seconds!) -
-    offset * 60_000 +
-    Math.floor(fractionMicros(fraction) / 1000);
+  const millis = dateTimeMillis(text);
   return millis >= STORABLE_MS.from && millis < STORABLE_MS.to;
 }
 

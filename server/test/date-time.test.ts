@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { STORABLE_DATE_TIME } from '../src/date-time.js';
+import { dateTimeMillis, STORABLE_DATE_TIME } from '../src/date-time.js';
 
 const valid = (text: string) => STORABLE_DATE_TIME.validate(text);
 
@@ -69,5 +69,13 @@ describe('the date-time format both validators use', () => {
     ];
     expect(taken.filter((text) => !valid(text))).toEqual([]);
     expect(refused.filter(valid)).toEqual([]);
+  });
+
+  it('reads the instant as Postgres does: an offset of hours alone, a leap second rolled over', () => {
+    expect(dateTimeMillis('2026-04-19T12:00:00+05')).toBe(Date.UTC(2026, 3, 19, 7));
+    expect(dateTimeMillis('2026-04-19T12:00:00.5-0530')).toBe(Date.UTC(2026, 3, 19, 17, 30, 0, 500));
+    expect(dateTimeMillis('2026-12-31T23:59:60Z')).toBe(Date.UTC(2027, 0, 1));
+    expect(dateTimeMillis('0100-01-01T00:00:00Z')).toBe(-59011459200000);
+    expect(dateTimeMillis('2026-04-19')).toBeNaN();
   });
 });

@@ -4336,7 +4336,7 @@ export interface components {
             name?: string;
             /**
              * Format: date-time
-             * @description When the key stops working (in the future, and before year 10000 in UTC); omitted never.
+             * @description When the key stops working (in the future, a real date and time with a UTC offset of at most ±15:59, and before year 10000 in UTC); omitted never.
              */
             expires_at?: string;
         };

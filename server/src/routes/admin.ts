@@ -1,5 +1,6 @@
 import type { Request } from 'express';
 import { isOperator } from '../auth.js';
+import { dateTimeMillis } from '../date-time.js';
 import { badRequest, conflict, forbidden } from '../errors.js';
 import { type BodyOf, isAdmin, page, pathParam, type Routes, type Schemas, tenantOf } from '../http.js';
 import { createApiKey, listKeys, revokeApiKey } from '../services/api-keys.js';
@@ -23,10 +24,9 @@ function checkScope(scope: string | undefined, tenantId: string | undefined, par
 
 function futureDate(value: string | undefined): Date | undefined {
   if (value === undefined) return undefined;
-  const at = new Date(value);
-  // the date-time format takes a leap second (23:59:60), which JavaScript reads as no date
-  if (Number.isNaN(at.getTime())) throw badRequest(`expires_at: ${value} is not a date.`, 'expires_at');
-  if (at.getTime() <= Date.now()) throw badRequest('expires_at must be in the future.', 'expires_at');
+  // read as Postgres reads it (the date-time format took it); `new Date` reads `+05` as no date
+  const at = new Date(dateTimeMillis(value));
+  if (!(at.getTime() > Date.now())) throw badRequest('expires_at must be in the future.', 'expires_at');
   return at;
 }
 

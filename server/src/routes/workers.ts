@@ -91,7 +91,7 @@ const UNBUILT_CLAIM = {
  * runnable at once, so a job whose answer fails every time was claimed first again and again, ahead
  * of every job behind it; failed, it waits out its backoff and ends failed when its attempts are
  * spent (a one-off failure costs the job an attempt, as a worker's crash would). Why the answer
- * failed is the caller's to log (unbuiltClaimError), once.
+ * failed is the caller's to log, once.
  */
 async function failUnbuiltClaim(ctx: AppContext, job: ClaimedJobRow, err: unknown): Promise<void> {
   if (err instanceof MissingJobInput) {
@@ -107,17 +107,26 @@ async function failUnbuiltClaim(ctx: AppContext, job: ClaimedJobRow, err: unknow
   );
 }
 
-/** What the log shows of a job whose claim answer could not be built: its id, and why (the cause). */
-const unbuiltClaimError = (job: ClaimedJobRow, cause: unknown) =>
-  new Error(`Job ${job.id} could not be handed to a worker; its attempt fails.`, { cause });
+/**
+ * The error of a job whose claim answer could not be built, for the error handler to log with the
+ * 500 it answers: tagged with the job's id (pino logs an error's own fields, its code and detail
+ * from Postgres among them).
+ */
+function withJobId(err: unknown, job: ClaimedJobRow): unknown {
+  return err instanceof Error ? Object.assign(err, { jobId: job.id }) : err;
+}
 
 /**
  * The claim answers of leased jobs, in order, built side by side (a batch's inputs are looked up at
  * once). A job whose answer could not be built fails its attempt (failUnbuiltClaim) and is left out:
- * the others of its batch still go out. A claim of one job whose answer failed for a reason other
- * than a missing input answers that error (500).
+ * the others of its batch still go out. A claim of one job (`single`: not a batch claim that leased
+ * one) whose answer failed for a reason other than a missing input answers that error (500).
  */
-async function claimAnswers(ctx: AppContext, jobs: ClaimedJobRow[]): Promise<Schemas['ClaimedJob'][]> {
+async function claimAnswers(
+  ctx: AppContext,
+  jobs: ClaimedJobRow[],
+  single: boolean,
+): Promise<Schemas['ClaimedJob'][]> {
   const answers = await Promise.all(
     jobs.map(async (job) => {
       try {
@@ -125,9 +134,8 @@ async function claimAnswers(ctx: AppContext, jobs: ClaimedJobRow[]): Promise<Sch
       } catch (err) {
         await failUnbuiltClaim(ctx, job, err);
         if (err instanceof MissingJobInput) return null;
-        // the error handler logs the 500 of a claim of one job
-        if (jobs.length === 1) throw unbuiltClaimError(job, err);
-        ctx.logger.error({ err: unbuiltClaimError(job, err) }, 'a batch claim left out a job');
+        if (single) throw withJobId(err, job);
+        ctx.logger.error({ err, jobId: job.id }, 'a batch claim left out a job whose answer failed');
         return null;
       }
     }),
@@ -160,7 +168,7 @@ export const workerRoutes: Routes = {
         } satisfies Schemas['GangJoin']);
         return;
       }
-      const claimed = await claimAnswers(ctx, outcome.jobs);
+      const claimed = await claimAnswers(ctx, outcome.jobs, body.max_jobs === undefined);
       // it hung up while its answer was built: what it would have been handed goes back at once
       if (gone.aborted) {
         const handedOut = new Set(claimed.map((job) => job.job_id));
@@ -210,7 +218,7 @@ export const workerRoutes: Routes = {
     } catch (err) {
       // the gang's attempt ends for every member: the others hear 409 lease_lost on their heartbeats
       await failUnbuiltClaim(ctx, job, err);
-      throw err instanceof MissingJobInput ? leaseLost(jobId) : unbuiltClaimError(job, err);
+      throw err instanceof MissingJobInput ? leaseLost(jobId) : withJobId(err, job);
     }
     res.json({
       state: 'started',
