@@ -222,6 +222,58 @@ describe.each(DATABASES)('gang scheduling on %s', (db) => {
     expect((await w1.complete(id, k1.member_token, { loss_final: 0.1 })).status).toBe(200);
     expect(await jobOf(server, id)).toMatchObject({ status: 'completed', attempt: 2, retries: 1 });
   });
+  // The claim read jobs FOR UPDATE SKIP LOCKED, gang jobs too: a worker claiming while another joined
+  // the best gang (joinGang holds its row) was sent to a lesser gang, and competing gangs could split
+  // their workers again and again (the competing-gangs test took 5–12 s on a loaded machine, once 60).
+  it.runIf(db === 'postgres')('joins the best gang while another worker is joining it', async () => {
+    const lesser = await createFinetune(server, { num_nodes: 2, priority: 50 });
+    const best = await createFinetune(server, { num_nodes: 2, priority: 60 });
+    let release!: () => void;
+    const released = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    let holding!: (pid: number) => void;
+    const holder = new Promise<number>((resolve) => {
+      holding = resolve;
+    });
+    // as joinGang does, in a transaction of its own
+    const joining = server.ctx.knex.transaction(async (trx) => {
+      await trx.raw('SELECT id FROM jobs WHERE id = ? FOR UPDATE', [best]);
+      holding((await trx.raw('SELECT pg_backend_pid() AS pid')).rows[0].pid);
+      await released;
+    });
+    try {
+      const pid = await holder;
+      const [w1, w2] = [gangWorker(server, 1), gangWorker(server, 2)];
+      let settled = false;
+      const claim = w1.claimGang().finally(() => {
+        settled = true;
+      });
+      // until the claim waits for that transaction (or, as before, answered at once with the lesser gang)
+      const blocked = async () =>
+        Number(
+          (
+            await server.ctx.knex.raw(
+              'SELECT count(*) AS n FROM pg_stat_activity WHERE ? = ANY(pg_blocking_pids(pid))',
+              [pid],
+            )
+          ).rows[0].n,
+        ) > 0;
+      while (!settled && !(await blocked())) await sleep(10);
+      release();
+      const joined = (await claim)?.gang;
+      expect(joined?.job_id).toBe(best);
+      // the next worker completes that gang; its rank 0 ends the job
+      expect((await w2.claimGang())?.gang?.job_id).toBe(best);
+      expect((await jobOf(server, best)).status).toBe('running');
+      expect((await w1.complete(best, joined!.member_token, { loss_final: 1 })).status).toBe(200);
+    } finally {
+      release();
+      await joining;
+      await server.api(`/v1/training/jobs/${lesser}/cancel`, { method: 'POST' });
+    }
+    expect((await jobOf(server, lesser)).status).toBe('cancelled');
+  });
 });
 
 describe.each(DATABASES)('competing gangs on %s', (db) => {
@@ -231,55 +283,6 @@ describe.each(DATABASES)('competing gangs on %s', (db) => {
   });
   afterAll(async () => {
     await server?.stop();
-  });
-
-  // The claim read jobs FOR UPDATE SKIP LOCKED, gang jobs too: a worker claiming while another joined
-  // the best gang (joinGang holds its row) was sent to a lesser gang, and competing gangs could split
-  // their workers again and again (the test below took 5–12 s on a loaded machine, once 60).
-  it.runIf(db === 'postgres')('joins the best gang while another worker is joining it', async () => {
-    const lesser = await createFinetune(server, { num_nodes: 2, priority: 50 });
-    const best = await createFinetune(server, { num_nodes: 2, priority: 60 });
-    let release!: () => void;
-    const released = new Promise<void>((resolve) => {
-      release = resolve;
-    });
-    let holding!: () => void;
-    const held = new Promise<void>((resolve) => {
-      holding = resolve;
-    });
-    // as joinGang does, in a transaction of its own
-    const joining = server.ctx.knex.transaction(async (trx) => {
-      await trx.raw('SELECT id FROM jobs WHERE id = ? FOR UPDATE', [best]);
-      holding();
-      await released;
-    });
-    await held;
-    let settled = false;
-    const claim = gangWorker(server, 1)
-      .claimGang()
-      .finally(() => {
-        settled = true;
-      });
-    // until the claim waits for that row's lock (or, as before, answered at once with the lesser gang)
-    const waitingOnLock = async () =>
-      Number(
-        (
-          await server.ctx.knex.raw(
-            `SELECT count(*) AS n FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'`,
-          )
-        ).rows[0].n,
-      ) > 0;
-    while (!settled && !(await waitingOnLock())) await sleep(10);
-    release();
-    await joining;
-    expect((await claim)?.gang?.job_id).toBe(best);
-    // and the next worker completes that gang
-    expect((await gangWorker(server, 2).claimGang())?.gang?.job_id).toBe(best);
-    expect((await jobOf(server, best)).status).toBe('running');
-    // the next test's claims find no job of this one
-    const cancel = await server.api(`/v1/training/jobs/${lesser}/cancel`, { method: 'POST' });
-    expect((await cancel.json()).status).toBe('cancelled');
   });
 
   it('two gangs that split three workers between them do not deadlock: both complete', async () => {

@@ -82,6 +82,9 @@ export const MAX_CLAIM_BATCH = 32;
  * plan could not leave the gang test out and looked dearer than a plan made for the values, so
  * Postgres planned most claims anew (63% of them in a bench drain).
  */
+/** The smallest `integer` (a job's priority): no bound. */
+const INT4_MIN = -2_147_483_648;
+
 const claimStatement = (max: number, gang: boolean): PreparedStatement => {
   // the jobs these capabilities can run now (backoff and scheduling use the database clock, never the
   // server's; a worker that lists no methods runs any; jobs without a method suit every worker)
@@ -95,14 +98,7 @@ const claimStatement = (max: number, gang: boolean): PreparedStatement => {
   return {
     name: gang ? `tunery_claim_gang_jobs_${max}` : `tunery_claim_jobs_${max}`,
     text: `
-    WITH next AS (
-      SELECT id, priority, run_at, created_at FROM jobs
-      WHERE ${runnable} AND num_nodes = 1
-      ${best}
-      FOR UPDATE SKIP LOCKED
-      LIMIT ${max}
-    ),
-    ${
+    WITH ${
       gang
         ? `best_gang AS (
       SELECT id, priority, run_at, created_at FROM jobs
@@ -114,8 +110,26 @@ const claimStatement = (max: number, gang: boolean): PreparedStatement => {
           WHERE m.job_id = jobs.id AND m.worker_id = ($5::text[])[1] AND m.rank IS NULL)
       ${best}
       LIMIT 1
+    ),`
+        : ''
+    }
+    next AS (
+      SELECT id, priority, run_at, created_at FROM jobs
+      WHERE ${runnable} AND num_nodes = 1
+        ${
+          gang
+            ? `-- none of a lower priority than the best gang job is locked (the index scan stops there);
+        -- of the same priority, some behind it may be, and are released at once, not leased
+        AND priority >= COALESCE((SELECT priority FROM best_gang), ${INT4_MIN})`
+            : ''
+        }
+      ${best}
+      FOR UPDATE SKIP LOCKED
+      LIMIT ${max}
     ),
-    -- the jobs ahead of the best gang job (on a tie, the gang job goes first)
+    ${
+      gang
+        ? `-- the jobs ahead of the best gang job (on a tie, the gang job goes first)
     ahead AS (
       SELECT next.* FROM next LEFT JOIN best_gang g ON true
       WHERE g.id IS NULL OR next.priority > g.priority

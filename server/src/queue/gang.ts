@@ -65,6 +65,9 @@ export type GangWaitOutcome =
 
 const RECHECK_MS = 1000;
 
+/** How long a join waits for its gang job's row (another join holds it for milliseconds). */
+const JOIN_LOCK_TIMEOUT = '5s';
+
 /**
  * Joins the gang of `jobId` (a pending gang job the claim query offered), or returns null when the
  * job is no longer joinable (it started, was cancelled, or this worker is in it already).
@@ -77,6 +80,9 @@ export async function joinGang(
 ): Promise<GangJoin | null> {
   return ctx.knex.transaction(async (trx) => {
     // Blocking lock: joins of one gang queue up here, so the one that completes it sees every member.
+    // A join takes milliseconds; a row held longer (a stuck transaction) fails this claim (500)
+    // rather than holding it, and a pool connection, without end.
+    await trx.raw(`SET LOCAL lock_timeout = '${JOIN_LOCK_TIMEOUT}'`);
     const locked = await trx.raw(
       `SELECT * FROM jobs WHERE id = :jobId AND status = 'pending' AND num_nodes > 1 AND run_at <= now() FOR UPDATE`,
       { jobId },
@@ -85,9 +91,11 @@ export async function joinGang(
     if (!job) return null;
     const attempt = job.attempt + 1;
     // Members whose window passed without a word (their worker died while waiting) hold no slot.
+    // Windows are read and set at the statement's time, not the transaction's (now()): the wait for
+    // the lock must not shorten the joiner's window, nor hold other members' open.
     await trx.raw(
       `DELETE FROM job_gang_members
-       WHERE job_id = :jobId AND attempt = :attempt AND rank IS NULL AND expires_at < now()`,
+       WHERE job_id = :jobId AND attempt = :attempt AND rank IS NULL AND expires_at < statement_timestamp()`,
       { jobId, attempt },
     );
     const memberToken = newSecret('lease');
@@ -95,7 +103,7 @@ export async function joinGang(
       `
       INSERT INTO job_gang_members (job_id, attempt, worker_id, member_token, addr, port, expires_at)
       VALUES (:jobId, :attempt, :workerId, :memberToken, :addr, :port,
-              now() + make_interval(secs => :windowSeconds))
+              statement_timestamp() + make_interval(secs => :windowSeconds))
       ON CONFLICT (job_id, attempt, worker_id) DO NOTHING
       RETURNING expires_at`,
       {

@@ -108,12 +108,15 @@ async function failUnbuiltClaim(ctx: AppContext, job: ClaimedJobRow, err: unknow
 }
 
 /**
- * The error of a job whose claim answer could not be built, for the error handler to log with the
- * 500 it answers: tagged with the job's id (pino logs an error's own fields, its code and detail
- * from Postgres among them).
+ * What a claim throws for a job whose answer could not be built, for the error handler to answer
+ * (500, whatever the cause: app.ts maps the codes and statuses of the error it gets) and to log: the
+ * job's id as a field, the cause's message in its own and the cause's stack appended.
  */
-function withJobId(err: unknown, job: ClaimedJobRow): unknown {
-  return err instanceof Error ? Object.assign(err, { jobId: job.id }) : err;
+function unbuiltClaimError(job: ClaimedJobRow, cause: unknown): Error {
+  const why = cause instanceof Error ? cause.message : String(cause);
+  return Object.assign(new Error(`Job ${job.id} could not be handed to a worker: ${why}`, { cause }), {
+    jobId: job.id,
+  });
 }
 
 /**
@@ -134,7 +137,7 @@ async function claimAnswers(
       } catch (err) {
         await failUnbuiltClaim(ctx, job, err);
         if (err instanceof MissingJobInput) return null;
-        if (single) throw withJobId(err, job);
+        if (single) throw unbuiltClaimError(job, err);
         ctx.logger.error({ err, jobId: job.id }, 'a batch claim left out a job whose answer failed');
         return null;
       }
@@ -218,7 +221,7 @@ export const workerRoutes: Routes = {
     } catch (err) {
       // the gang's attempt ends for every member: the others hear 409 lease_lost on their heartbeats
       await failUnbuiltClaim(ctx, job, err);
-      throw err instanceof MissingJobInput ? leaseLost(jobId) : withJobId(err, job);
+      throw err instanceof MissingJobInput ? leaseLost(jobId) : unbuiltClaimError(job, err);
     }
     res.json({
       state: 'started',
