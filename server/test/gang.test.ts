@@ -243,7 +243,12 @@ describe.each(DATABASES)('gang scheduling on %s', (db) => {
       await released;
     });
     try {
-      const pid = await holder;
+      const pid = await Promise.race([
+        holder,
+        joining.then(() => {
+          throw new Error('the holding transaction ended before it held the row');
+        }),
+      ]);
       const [w1, w2] = [gangWorker(server, 1), gangWorker(server, 2)];
       let settled = false;
       const claim = w1.claimGang().finally(() => {

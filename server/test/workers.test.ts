@@ -585,7 +585,9 @@ describe.each(DATABASES)('worker protocol on %s', (db) => {
       // each failure is logged once (a claim of one job logged it twice), with the job's id
       const faults = logged.mock.calls
         .map(([fields]) => fields as { err?: Error & { jobId?: string }; jobId?: string })
-        .filter((fields) => fields.err?.message.endsWith('injected fault'))
+        .filter(({ err }) =>
+          [err?.message, (err?.cause as Error | undefined)?.message].includes('injected fault'),
+        )
         .map((fields) => fields.err?.jobId ?? fields.jobId);
       expect(faults).toEqual(unbuildable);
     } finally {

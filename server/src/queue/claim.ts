@@ -58,6 +58,9 @@ async function touchWorker(ctx: AppContext, input: ClaimInput): Promise<void> {
 /** The most jobs one claim may lease (the spec's `max_jobs` maximum). */
 export const MAX_CLAIM_BATCH = 32;
 
+/** The smallest `integer` (a job's priority): no bound. */
+const INT4_MIN = -2_147_483_648;
+
 /**
  * Up to `max` runnable jobs these capabilities can run, best first, leased in one statement: each
  * gets its attempt (worker `$5[n]` and lease token `$6[n]` for the n-th best: one worker's batch, or
@@ -82,9 +85,6 @@ export const MAX_CLAIM_BATCH = 32;
  * plan could not leave the gang test out and looked dearer than a plan made for the values, so
  * Postgres planned most claims anew (63% of them in a bench drain).
  */
-/** The smallest `integer` (a job's priority): no bound. */
-const INT4_MIN = -2_147_483_648;
-
 const claimStatement = (max: number, gang: boolean): PreparedStatement => {
   // the jobs these capabilities can run now (backoff and scheduling use the database clock, never the
   // server's; a worker that lists no methods runs any; jobs without a method suit every worker)
@@ -337,7 +337,11 @@ export async function claimJobWithWait(
     const best = jobs[0];
     if (best && best.num_nodes === 1) return { jobs };
     if (best && input.gang) {
-      const joined = await joinGang(ctx, best.id, input.workerId, input.gang);
+      // the join may wait for the job's row (another worker joining it), or fail after that wait
+      const joined = await joinGang(ctx, best.id, input.workerId, input.gang).catch((err: unknown) => {
+        handOnWake(ctx, wake);
+        throw err;
+      });
       if (joined) return { gang: joined };
       continue; // started or cancelled meanwhile: look again at once
     }

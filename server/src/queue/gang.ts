@@ -162,7 +162,7 @@ async function startGang(
   const ranks = members.map((m, rank) => ({ worker_id: m.worker_id, rank }));
   await trx.raw(
     `
-    UPDATE job_gang_members m SET rank = r.rank, expires_at = now() + make_interval(secs => :leaseSeconds)
+    UPDATE job_gang_members m SET rank = r.rank, expires_at = statement_timestamp() + make_interval(secs => :leaseSeconds)
     FROM jsonb_to_recordset(:ranks::jsonb) AS r(worker_id text, rank int)
     WHERE m.job_id = :jobId AND m.attempt = :attempt AND m.worker_id = r.worker_id`,
     { jobId: job.id, attempt, ranks: JSON.stringify(ranks), leaseSeconds: ctx.config.leaseSeconds },

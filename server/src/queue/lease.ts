@@ -7,16 +7,18 @@ export type Db = Knex | Knex.Transaction;
 /**
  * The columns a job's new attempt sets: running, leased to `workerId` with `leaseToken` for
  * `leaseSeconds`, billed from now. Each argument is the SQL that gives the value (a knex binding
- * such as `:workerId`, or a prepared statement's `$2`). The claim and a gang's start share it.
+ * such as `:workerId`, or a prepared statement's `$2`). The claim and a gang's start share it. "Now"
+ * is the statement's time, not the transaction's: a gang starts in the transaction of the join that
+ * completes it, after a wait for the job's row.
  */
 export const startAttempt = (sql: { leaseToken: string; workerId: string; leaseSeconds: string }) => `
   status = 'running',
   attempt = attempt + 1,
   lease_token = ${sql.leaseToken},
   lease_owner = ${sql.workerId},
-  lease_expires_at = now() + make_interval(secs => ${sql.leaseSeconds}),
-  started_at = COALESCE(started_at, now()),
-  billed_until = now(),
+  lease_expires_at = statement_timestamp() + make_interval(secs => ${sql.leaseSeconds}),
+  started_at = COALESCE(started_at, statement_timestamp()),
+  billed_until = statement_timestamp(),
   phase = CASE WHEN phase = 'queued' THEN 'initializing' ELSE phase END`;
 
 /** startAttempt with the knex bindings `:leaseToken`, `:workerId`, `:leaseSeconds`. */

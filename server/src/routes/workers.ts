@@ -109,15 +109,11 @@ async function failUnbuiltClaim(ctx: AppContext, job: ClaimedJobRow, err: unknow
 
 /**
  * What a claim throws for a job whose answer could not be built, for the error handler to answer
- * (500, whatever the cause: app.ts maps the codes and statuses of the error it gets) and to log: the
- * job's id as a field, the cause's message in its own and the cause's stack appended.
+ * (500, whatever the cause: app.ts maps the codes and statuses of the error it gets, and this one has
+ * none) and to log, with the job's id as a field (pino appends the cause's message and stack).
  */
-function unbuiltClaimError(job: ClaimedJobRow, cause: unknown): Error {
-  const why = cause instanceof Error ? cause.message : String(cause);
-  return Object.assign(new Error(`Job ${job.id} could not be handed to a worker: ${why}`, { cause }), {
-    jobId: job.id,
-  });
-}
+const unbuiltClaimError = (job: ClaimedJobRow, cause: unknown): Error =>
+  Object.assign(new Error(`Job ${job.id} could not be handed to a worker`, { cause }), { jobId: job.id });
 
 /**
  * The claim answers of leased jobs, in order, built side by side (a batch's inputs are looked up at
