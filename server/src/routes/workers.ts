@@ -119,7 +119,7 @@ const unbuiltClaimError = (job: ClaimedJobRow, cause: unknown): Error =>
  * The claim answers of leased jobs, in order, built side by side (a batch's inputs are looked up at
  * once). A job whose answer could not be built fails its attempt (failUnbuiltClaim) and is left out:
  * the others of its batch still go out. A claim of one job (`single`: not a batch claim that leased
- * one) whose answer failed for a reason other than a missing input answers that error (500).
+ * one) whose answer failed for a reason other than a missing input answers 500 (unbuiltClaimError).
  */
 async function claimAnswers(
   ctx: AppContext,
