@@ -3,10 +3,17 @@
  * or statistics from a quiet hour) makes Postgres think few jobs are pending; planned on that, a
  * claim reads and sorts every pending row (5 ms a claim at 2,000 pending). A burst is therefore
  * followed by an ANALYZE, and the claim reads the claim-order index, taking the first job that fits.
+ * Once those jobs are claimed, the statistics still say none runs: the statements that find a leased
+ * job by its id read that job alone all the same.
  */
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { CLAIM_STATEMENTS } from '../src/queue/claim.js';
+import { runPrepared } from '../src/prepared.js';
+import { CLAIM_STATEMENTS, claimJobs } from '../src/queue/claim.js';
+import { COMPLETE_JOBS } from '../src/queue/complete.js';
 import { type EnqueueInput, enqueueJob } from '../src/queue/enqueue.js';
+import { failJob } from '../src/queue/fail.js';
+import { heartbeatJob } from '../src/queue/heartbeat.js';
+import { reportLogs } from '../src/queue/report-logs.js';
 import { analyzing, BURST_JOBS } from '../src/queue/statistics.js';
 import { finetuneInput } from './fixtures.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
@@ -15,6 +22,9 @@ interface PlanNode {
   'Node Type': string;
   'Index Name'?: string;
   'Subplan Name'?: string;
+  'Relation Name'?: string;
+  'Actual Rows'?: number;
+  'Rows Removed by Filter'?: number;
   Plans?: PlanNode[];
 }
 
@@ -103,5 +113,98 @@ describe.each(DATABASES)('queue statistics on %s', (db) => {
         await trx.raw('DEALLOCATE claim_plan');
       }
     });
+  });
+
+  /** Each scan of `jobs` in a statement: the rows it read (kept or filtered out). */
+  interface JobsRead {
+    scan: string;
+    statement: string;
+    rows: number;
+  }
+  let explained = 0;
+
+  /** What the statements `action` runs through knex read of `jobs`, as EXPLAIN ANALYZE counts it. */
+  async function jobsRowsReadBy(action: () => Promise<unknown>): Promise<JobsRead[]> {
+    const knex = server.ctx.knex;
+    const statements: { sql: string; bindings: unknown[] }[] = [];
+    const listen = (query: { sql: string; bindings?: unknown[] }) =>
+      statements.push({ sql: query.sql, bindings: query.bindings ?? [] });
+    knex.on('query', listen);
+    try {
+      await action();
+    } finally {
+      knex.off('query', listen);
+    }
+    const touchingJobs = statements.filter(({ sql }) => /\bjobs\b/.test(sql));
+    expect(touchingJobs.length).toBeGreaterThan(0);
+    const read: JobsRead[] = [];
+    for (const { sql, bindings } of touchingJobs)
+      read.push(...(await explainedJobsReads({ name: `explain_${++explained}`, text: sql }, bindings)));
+    return read;
+  }
+
+  /**
+   * The scans of `jobs` in the statement's plan, run (EXPLAIN ANALYZE) and rolled back; `generic`:
+   * the plan Postgres keeps for a prepared statement, made for any values.
+   */
+  async function explainedJobsReads(
+    statement: { name: string; text: string },
+    values: unknown[],
+    { generic = false } = {},
+  ): Promise<JobsRead[]> {
+    const trx = await server.ctx.knex.transaction();
+    try {
+      if (generic) await trx.raw('SET LOCAL plan_cache_mode = force_generic_plan');
+      const [row] = await runPrepared<{ 'QUERY PLAN': [{ Plan: PlanNode }] }>(
+        trx,
+        { name: statement.name, text: `EXPLAIN (ANALYZE, FORMAT JSON) ${statement.text}` },
+        values,
+      );
+      return flatten(row!['QUERY PLAN'][0].Plan)
+        .filter((node) => node['Relation Name'] === 'jobs')
+        .map((node) => ({
+          scan: node['Index Name'] ? `${node['Node Type']} on ${node['Index Name']}` : node['Node Type'],
+          statement: statement.text,
+          rows: (node['Actual Rows'] ?? 0) + (node['Rows Removed by Filter'] ?? 0),
+        }));
+    } finally {
+      await trx.rollback();
+    }
+  }
+
+  it('finds a leased job by its id while the statistics say no job runs', async () => {
+    await enqueueInOne(Array.from({ length: 4 * BURST_JOBS }, () => finetuneInput()));
+    await jobsInStatistics();
+    const worker = { workerId: 'w1', capabilities: { job_types: ['finetune'], device: 'cpu' as const } };
+    const leased = [];
+    for (let i = 0; i < 4; i++) leased.push(...(await claimJobs(server.ctx, worker, 32)));
+    expect(leased).toHaveLength(128);
+    const [job, failing] = leased as [(typeof leased)[0], (typeof leased)[0]];
+    const lease = job.lease_token!;
+
+    const reads = [
+      ...(await jobsRowsReadBy(() => heartbeatJob(server.ctx, job.id, lease, { step: 1 }))),
+      ...(await jobsRowsReadBy(() =>
+        reportLogs(server.ctx, job.id, lease, [{ seq: 1, stream: 'stdout', text: 'step 1' }]),
+      )),
+      ...(await jobsRowsReadBy(() =>
+        failJob(server.ctx, failing.id, failing.lease_token!, {
+          code: 'oom',
+          message: 'out of memory',
+          retryable: true,
+        }),
+      )),
+      // the completion is a prepared statement (runPrepared)
+      ...(await explainedJobsReads(
+        { ...COMPLETE_JOBS, name: 'explain_complete' },
+        [JSON.stringify([{ job_id: job.id, lease_token: lease, result: { loss_final: 1 } }]), 0],
+        { generic: true },
+      )),
+    ];
+    expect(reads.length).toBeGreaterThan(0);
+    // Index scans only: the completion's update may read the whole table instead, which Postgres
+    // chooses for a table this small (it knows a table's size from its file, whatever the statistics)
+    const wide = reads.filter((read) => read.scan !== 'Seq Scan' && read.rows > 1);
+    expect(wide.map(({ scan, rows, statement }) => `${scan} read ${rows} rows in ${statement}`)).toEqual([]);
   });
 });

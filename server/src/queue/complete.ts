@@ -4,7 +4,7 @@ import { getOrCreate } from '../get-or-create.js';
 import { type PreparedStatement, runPrepared } from '../prepared.js';
 import { planJobOutputs } from '../services/registry.js';
 import { Coalescer } from './coalesce.js';
-import { billWorkerTime, type Db, fenceMissError, jobNotFound, pricePerSecond } from './lease.js';
+import { billWorkerTime, type Db, fenceMissError, isRunning, jobNotFound, pricePerSecond } from './lease.js';
 import { leasedJobs } from './leased-jobs.js';
 import { type JobRow, OUTPUT_SOURCE_COLUMNS, type OutputSourceRow } from './types.js';
 
@@ -76,7 +76,7 @@ const READ_FOR_COMPLETION: PreparedStatement = {
  * (models' list index, adapters' primary key) matched it too, and a plan made while the table was
  * small could read every row of the tenant for each job (013_output_lookups_by_job.ts).
  */
-const COMPLETE_JOBS: PreparedStatement = {
+export const COMPLETE_JOBS: PreparedStatement = {
   name: 'tunery_complete_jobs',
   text: `
     WITH input AS (
@@ -87,14 +87,18 @@ const COMPLETE_JOBS: PreparedStatement = {
         new_model_id text, model_kind text, model_name text, model_params bigint, benchmark jsonb)
     ),
     fenced AS (
-      SELECT jobs.id, jobs.tenant_id, jobs.base_model, jobs.model_id AS source_model_id,
-             jobs.current_loss, GREATEST(jobs.current_step, COALESCE(jobs.total_steps, 0)) AS steps_done,
-             input.*
-      FROM jobs JOIN input ON jobs.id = input.job_id
-      -- fencing: only the current attempt of a running job may complete it
-      WHERE jobs.lease_token = input.lease_token AND jobs.status = 'running'
-      ORDER BY jobs.id
-      FOR UPDATE OF jobs
+      SELECT job.*, input.*
+      FROM (SELECT * FROM input ORDER BY job_id) AS input
+      -- each job by its primary key, locked in id order: a subquery that locks is never made a join,
+      -- which Postgres could plan as a read of every running job (isRunning)
+      CROSS JOIN LATERAL (
+        SELECT id, tenant_id, base_model, model_id AS source_model_id,
+               current_loss, GREATEST(current_step, COALESCE(total_steps, 0)) AS steps_done
+        FROM jobs
+        -- fencing: only the current attempt of a running job may complete it
+        WHERE jobs.id = input.job_id AND jobs.lease_token = input.lease_token AND ${isRunning()}
+        FOR UPDATE
+      ) AS job
     ),
     old_adapter AS (
       SELECT a.job_id, a.name FROM adapters a JOIN fenced f ON a.job_id = f.id AND (a.tenant_id = f.tenant_id) IS TRUE

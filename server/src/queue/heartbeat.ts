@@ -2,7 +2,13 @@ import type { AppContext } from '../context.js';
 import { ApiError } from '../errors.js';
 import { isOverBudget } from '../services/budget.js';
 import { failJob } from './fail.js';
-import { APPLY_PROGRESS, BILL_WORKER_TIME_AND_TEACHER, fenceMissError, pricePerSecond } from './lease.js';
+import {
+  APPLY_PROGRESS,
+  BILL_WORKER_TIME_AND_TEACHER,
+  fenceMissError,
+  isRunning,
+  pricePerSecond,
+} from './lease.js';
 
 export interface HeartbeatAnswer {
   lease_expires_at: Date;
@@ -31,7 +37,7 @@ export async function heartbeatJob(
         ${BILL_WORKER_TIME_AND_TEACHER},
         updated_at = now()
       -- fencing: only the current attempt of a running job may extend its lease
-      WHERE id = :jobId AND lease_token = :leaseToken AND status = 'running'
+      WHERE id = :jobId AND lease_token = :leaseToken AND ${isRunning()}
       RETURNING lease_expires_at, cancel_requested, tenant_id, lease_owner
     ),
     -- a worker busy with a long job claims nothing, but it is there: its heartbeats say so

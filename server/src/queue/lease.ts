@@ -28,6 +28,16 @@ export const START_ATTEMPT = startAttempt({
   leaseSeconds: ':leaseSeconds',
 });
 
+/**
+ * SQL: the job row `alias` is running, for statements that find a job by its id (a fenced
+ * transition, a report). Written with `IS TRUE`, a form no partial index of running jobs is proven
+ * by, so the job is always read through the primary key. As `status = 'running'`, Postgres could take
+ * jobs_running_leases instead when its statistics are older than the running jobs (taken after a
+ * burst of jobs was enqueued, before they were claimed): it believed that index empty and read every
+ * running job for each heartbeat, report and completion.
+ */
+export const isRunning = (alias = 'jobs') => `(${alias}.status = 'running') IS TRUE`;
+
 /** The job a worker names does not exist at all: 404, not a fencing failure. */
 export const jobNotFound = (jobId: string) => notFound('job', jobId, 'job_id', 'job_not_found');
 

@@ -3,7 +3,7 @@ import type { AppContext } from '../context.js';
 import { ApiError, badRequest } from '../errors.js';
 import { newId } from '../ids.js';
 import type { PartWriter, StoredObject } from '../storage.js';
-import { type Db, fenceMissError } from './lease.js';
+import { type Db, fenceMissError, isRunning } from './lease.js';
 
 export type UploadKind = 'job_output' | 'checkpoint';
 
@@ -49,7 +49,7 @@ async function recordUpload(
         event_seq = event_seq + CASE WHEN :isCheckpoint THEN 1 ELSE 0 END,
         updated_at = now()
       -- fencing: a file from a stale attempt is not recorded
-      WHERE id = :jobId AND lease_token = :leaseToken AND status = 'running'
+      WHERE id = :jobId AND lease_token = :leaseToken AND ${isRunning()}
       RETURNING id, tenant_id, event_seq, attempt
     ), file AS (
       INSERT INTO files (id, tenant_id, owner_kind, owner_id, name, rel_path, size_bytes, sha256, step)
