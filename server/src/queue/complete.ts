@@ -4,7 +4,7 @@ import { getOrCreate } from '../get-or-create.js';
 import { type PreparedStatement, runPrepared } from '../prepared.js';
 import { planJobOutputs } from '../services/registry.js';
 import { Coalescer } from './coalesce.js';
-import { billWorkerTime, type Db, fenceMissError, isRunning, jobNotFound, pricePerSecond } from './lease.js';
+import { billWorkerTime, type Db, fenceMissError, jobNotFound, pricePerSecond } from './lease.js';
 import { leasedJobs } from './leased-jobs.js';
 import { type JobRow, OUTPUT_SOURCE_COLUMNS, type OutputSourceRow } from './types.js';
 
@@ -75,6 +75,15 @@ const READ_FOR_COMPLETION: PreparedStatement = {
  * `(… = …) IS TRUE`, a form no index matches: as a plain `=`, every index that leads with the tenant
  * (models' list index, adapters' primary key) matched it too, and a plan made while the table was
  * small could read every row of the tenant for each job (013_output_lookups_by_job.ts).
+ *
+ * Each job is read by its primary key in a lateral subquery that locks it (Postgres never turns one
+ * that locks into a join), and fenced by a single join condition, the lease token of a running job.
+ * As a join with the running jobs, the statement was planned on statistics older than them (taken
+ * before a burst of jobs was claimed) and read every running job, through a partial index it thought
+ * empty, for each batch. The single condition keeps the estimate at one job per completion, which the
+ * steps after it are planned on: Postgres cannot see into `$1` and takes it for a hundred rows, and
+ * planned for a hundred, those steps read the attempts, adapters and models whole. A completion whose
+ * lease is stale holds its job's row only for the statement's moment.
  */
 export const COMPLETE_JOBS: PreparedStatement = {
   name: 'tunery_complete_jobs',
@@ -87,18 +96,16 @@ export const COMPLETE_JOBS: PreparedStatement = {
         new_model_id text, model_kind text, model_name text, model_params bigint, benchmark jsonb)
     ),
     fenced AS (
-      SELECT job.*, input.*
+      SELECT job.id, job.tenant_id, job.base_model, job.source_model_id, job.current_loss, job.steps_done, input.*
       FROM (SELECT * FROM input ORDER BY job_id) AS input
-      -- each job by its primary key, locked in id order: a subquery that locks is never made a join,
-      -- which Postgres could plan as a read of every running job (isRunning)
-      CROSS JOIN LATERAL (
-        SELECT id, tenant_id, base_model, model_id AS source_model_id,
+      JOIN LATERAL (
+        SELECT id, status, lease_token, tenant_id, base_model, model_id AS source_model_id,
                current_loss, GREATEST(current_step, COALESCE(total_steps, 0)) AS steps_done
-        FROM jobs
-        -- fencing: only the current attempt of a running job may complete it
-        WHERE jobs.id = input.job_id AND jobs.lease_token = input.lease_token AND ${isRunning()}
+        FROM jobs WHERE jobs.id = input.job_id
         FOR UPDATE
       ) AS job
+        -- fencing: only the current attempt of a running job may complete it (one condition: see above)
+        ON CASE WHEN job.status = 'running' THEN job.lease_token END = input.lease_token
     ),
     old_adapter AS (
       SELECT a.job_id, a.name FROM adapters a JOIN fenced f ON a.job_id = f.id AND (a.tenant_id = f.tenant_id) IS TRUE

@@ -29,12 +29,12 @@ export const START_ATTEMPT = startAttempt({
 });
 
 /**
- * SQL: the job row `alias` is running, for statements that find a job by its id (a fenced
- * transition, a report). Written with `IS TRUE`, a form no partial index of running jobs is proven
+ * SQL: the job row `alias` is running, for statements that find a job by its id (a heartbeat, a
+ * report, a transition). Written with `IS TRUE`, a form no partial index of running jobs is proven
  * by, so the job is always read through the primary key. As `status = 'running'`, Postgres could take
  * jobs_running_leases instead when its statistics are older than the running jobs (taken after a
  * burst of jobs was enqueued, before they were claimed): it believed that index empty and read every
- * running job for each heartbeat, report and completion.
+ * running job for each statement (a completion avoids it otherwise: complete.ts).
  */
 export const isRunning = (alias = 'jobs') => `(${alias}.status = 'running') IS TRUE`;
 
