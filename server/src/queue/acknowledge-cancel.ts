@@ -2,7 +2,7 @@ import type { AppContext } from '../context.js';
 import { conflict } from '../errors.js';
 import { endAttempt, repeatOrFenceMiss } from './complete.js';
 import { recordEvent } from './events.js';
-import { BILL_WORKER_TIME, isRunning, pricePerSecond } from './lease.js';
+import { BILL_WORKER_TIME, pricePerSecond, runningSql } from './lease.js';
 import { leasedJobs } from './leased-jobs.js';
 import type { JobRow } from './types.js';
 
@@ -22,7 +22,7 @@ export async function acknowledgeCancel(ctx: AppContext, jobId: string, leaseTok
         finished_at = now(),
         updated_at = now()
       -- fencing, and only a cancel someone asked for: a worker giving up on its own must fail instead
-      WHERE id = :jobId AND lease_token = :leaseToken AND ${isRunning()} AND cancel_requested
+      WHERE id = :jobId AND lease_token = :leaseToken AND ${runningSql()} AND cancel_requested
       RETURNING *`,
       { jobId, leaseToken, pricePerSecond: pricePerSecond(ctx) },
     );

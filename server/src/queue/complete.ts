@@ -76,14 +76,15 @@ const READ_FOR_COMPLETION: PreparedStatement = {
  * (models' list index, adapters' primary key) matched it too, and a plan made while the table was
  * small could read every row of the tenant for each job (013_output_lookups_by_job.ts).
  *
- * Each job is read by its primary key in a lateral subquery that locks it (Postgres never turns one
- * that locks into a join), and fenced by a single join condition, the lease token of a running job.
- * As a join with the running jobs, the statement was planned on statistics older than them (taken
- * before a burst of jobs was claimed) and read every running job, through a partial index it thought
- * empty, for each batch. The single condition keeps the estimate at one job per completion, which the
- * steps after it are planned on: Postgres cannot see into `$1` and takes it for a hundred rows, and
- * planned for a hundred, those steps read the attempts, adapters and models whole. A completion whose
- * lease is stale holds its job's row only for the statement's moment.
+ * Each job is read by its id and lease token in a lateral subquery that locks it (Postgres never
+ * turns one that locks into a join; with no status in it, no partial index of running jobs fits, so
+ * it reads the primary key), and fenced by a single join condition, the lease token of a running
+ * job. As a join with the running jobs, the statement was planned on statistics older than them
+ * (taken before a burst of jobs was claimed) and read every running job, through a partial index it
+ * thought empty, for each batch. The single condition keeps the estimate at one job per completion,
+ * which the steps after it are planned on: Postgres cannot see into `$1` and takes it for a hundred
+ * rows, and planned for a hundred, those steps read the attempts, adapters and models whole. A
+ * completion sent again after its job ended locks that job's row until its statement ends.
  */
 export const COMPLETE_JOBS: PreparedStatement = {
   name: 'tunery_complete_jobs',
@@ -101,7 +102,7 @@ export const COMPLETE_JOBS: PreparedStatement = {
       JOIN LATERAL (
         SELECT id, status, lease_token, tenant_id, base_model, model_id AS source_model_id,
                current_loss, GREATEST(current_step, COALESCE(total_steps, 0)) AS steps_done
-        FROM jobs WHERE jobs.id = input.job_id
+        FROM jobs WHERE jobs.id = input.job_id AND jobs.lease_token = input.lease_token
         FOR UPDATE
       ) AS job
         -- fencing: only the current attempt of a running job may complete it (one condition: see above)

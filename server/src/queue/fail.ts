@@ -1,7 +1,7 @@
 import type { AppContext } from '../context.js';
 import { endAttempt, repeatOrFenceMiss } from './complete.js';
 import { recordEvent } from './events.js';
-import { BILL_WORKER_TIME, isRunning, pricePerSecond } from './lease.js';
+import { BILL_WORKER_TIME, pricePerSecond, runningSql } from './lease.js';
 import { leasedJobs } from './leased-jobs.js';
 import { notifyAfterCommit } from './notify.js';
 import type { JobRow } from './types.js';
@@ -40,7 +40,7 @@ export async function failJob(
             ELSE 'failed'
           END AS next_status
         FROM jobs
-        WHERE id = :jobId AND lease_token = :leaseToken AND ${isRunning()}
+        WHERE id = :jobId AND lease_token = :leaseToken AND ${runningSql()}
         -- Lock the row before deciding: without it, a cancel committing meanwhile is missed (the UPDATE
         -- re-checks its WHERE on the new row but keeps this snapshot's next_status) and the job goes
         -- back to pending with cancel_requested set. The lock waits for the cancel and reads its row.
@@ -68,7 +68,7 @@ export async function failJob(
         updated_at = now()
       FROM decision
       -- fencing: only the current attempt of a running job may fail it
-      WHERE jobs.id = decision.id AND jobs.lease_token = :leaseToken AND ${isRunning()}
+      WHERE jobs.id = decision.id AND jobs.lease_token = :leaseToken AND ${runningSql()}
       RETURNING jobs.*, jobs.run_at <= now() AS runnable_now`,
       {
         jobId,

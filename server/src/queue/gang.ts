@@ -19,7 +19,7 @@ import { leaseLost } from '../errors.js';
 import { newSecret } from '../ids.js';
 import type { CallerGone } from './coalesce.js';
 import { recordEvent } from './events.js';
-import { fenceMissError, isRunning, START_ATTEMPT } from './lease.js';
+import { fenceMissError, runningSql, START_ATTEMPT } from './lease.js';
 import { notifyGangAfterCommit, waitForGangStart } from './notify.js';
 import type { JobRow } from './types.js';
 
@@ -273,7 +273,7 @@ export async function heartbeatGangMember(
       FROM jobs j
       -- fencing: only a member of the job's current, running attempt
       WHERE m.job_id = :jobId AND m.member_token = :memberToken AND m.rank IS NOT NULL
-        AND j.id = m.job_id AND ${isRunning('j')} AND j.attempt = m.attempt
+        AND j.id = m.job_id AND ${runningSql('j')} AND j.attempt = m.attempt
       RETURNING m.expires_at, j.cancel_requested, m.worker_id
     ),
     seen AS (UPDATE workers SET last_seen_at = now() FROM beat WHERE workers.id = beat.worker_id)
@@ -290,7 +290,7 @@ export async function jobOfMemberToken(ctx: AppContext, memberToken: string): Pr
   const result = await ctx.knex.raw(
     `
     SELECT j.* FROM job_gang_members m JOIN jobs j ON j.id = m.job_id AND j.attempt = m.attempt
-    WHERE m.member_token = :memberToken AND m.rank IS NOT NULL AND ${isRunning('j')}`,
+    WHERE m.member_token = :memberToken AND m.rank IS NOT NULL AND ${runningSql('j')}`,
     { memberToken },
   );
   return (result.rows[0] as JobRow | undefined) ?? null;

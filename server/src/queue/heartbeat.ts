@@ -6,8 +6,8 @@ import {
   APPLY_PROGRESS,
   BILL_WORKER_TIME_AND_TEACHER,
   fenceMissError,
-  isRunning,
   pricePerSecond,
+  runningSql,
 } from './lease.js';
 
 export interface HeartbeatAnswer {
@@ -37,7 +37,7 @@ export async function heartbeatJob(
         ${BILL_WORKER_TIME_AND_TEACHER},
         updated_at = now()
       -- fencing: only the current attempt of a running job may extend its lease
-      WHERE id = :jobId AND lease_token = :leaseToken AND ${isRunning()}
+      WHERE id = :jobId AND lease_token = :leaseToken AND ${runningSql()}
       RETURNING lease_expires_at, cancel_requested, tenant_id, lease_owner
     ),
     -- a worker busy with a long job claims nothing, but it is there: its heartbeats say so

@@ -1,7 +1,7 @@
 import type { AppContext } from '../context.js';
 import { endAttempt, repeatOrFenceMiss } from './complete.js';
 import { recordEvent } from './events.js';
-import { BILL_WORKER_TIME, isRunning, pricePerSecond } from './lease.js';
+import { BILL_WORKER_TIME, pricePerSecond, runningSql } from './lease.js';
 import { leasedJobs } from './leased-jobs.js';
 import { notifyAfterCommit } from './notify.js';
 import type { JobRow } from './types.js';
@@ -40,7 +40,7 @@ export async function releaseJob(
         lease_expires_at = NULL,
         updated_at = now()
       -- fencing: only the current attempt of a running job may hand it back
-      WHERE id = :jobId AND lease_token = :leaseToken AND ${isRunning()}
+      WHERE id = :jobId AND lease_token = :leaseToken AND ${runningSql()}
       RETURNING *`,
       { jobId, leaseToken, pricePerSecond: pricePerSecond(ctx) },
     );

@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
 import type { AppContext } from '../context.js';
 import { badRequest } from '../errors.js';
-import { APPLY_PROGRESS, fenceMissError, isRunning, TEACHER_TOKENS_COST } from './lease.js';
+import { APPLY_PROGRESS, fenceMissError, runningSql, TEACHER_TOKENS_COST } from './lease.js';
 import { DISTILLATION_PHASES, isKnownPhase, TRAINING_PHASES } from './phases.js';
 import type { ReportOutcome } from './types.js';
 
@@ -72,7 +72,7 @@ export async function reportEvents(
         event_seq = event_seq + :count,
         updated_at = now()
       -- fencing: a stale attempt changes nothing
-      WHERE id = :jobId AND lease_token = :leaseToken AND ${isRunning()}
+      WHERE id = :jobId AND lease_token = :leaseToken AND ${runningSql()}
       RETURNING id, attempt, cancel_requested, event_seq - :count AS base_seq
     ), inserted AS (
       INSERT INTO job_events (job_id, seq, ts, kind, payload, dedupe_key)

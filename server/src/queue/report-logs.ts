@@ -1,5 +1,5 @@
 import type { AppContext } from '../context.js';
-import { fenceMissError, isRunning } from './lease.js';
+import { fenceMissError, runningSql } from './lease.js';
 import type { ReportOutcome } from './types.js';
 
 export interface LogLineInput {
@@ -34,7 +34,7 @@ export async function reportLogs(
         log_seq = GREATEST(log_seq, :maxSeq),
         updated_at = now()
       -- fencing: a stale attempt's lines are refused as a whole
-      WHERE id = :jobId AND lease_token = :leaseToken AND ${isRunning()}
+      WHERE id = :jobId AND lease_token = :leaseToken AND ${runningSql()}
       RETURNING id, cancel_requested
     ), inserted AS (
       INSERT INTO job_logs (job_id, seq, ts, stream, text)

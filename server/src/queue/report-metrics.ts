@@ -1,5 +1,5 @@
 import type { AppContext } from '../context.js';
-import { fenceMissError, isRunning } from './lease.js';
+import { fenceMissError, runningSql } from './lease.js';
 import type { ReportOutcome } from './types.js';
 
 export interface MetricPointInput {
@@ -36,7 +36,7 @@ export async function reportMetrics(
     WITH lease AS (
       UPDATE jobs SET metrics = metrics || :latest::jsonb, updated_at = now()
       -- fencing: a stale attempt's points are refused as a whole
-      WHERE id = :jobId AND lease_token = :leaseToken AND ${isRunning()}
+      WHERE id = :jobId AND lease_token = :leaseToken AND ${runningSql()}
       RETURNING id, cancel_requested
     ), inserted AS (
       INSERT INTO job_metrics (job_id, phase, step, ts, point)

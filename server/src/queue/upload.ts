@@ -3,7 +3,7 @@ import type { AppContext } from '../context.js';
 import { ApiError, badRequest } from '../errors.js';
 import { newId } from '../ids.js';
 import type { PartWriter, StoredObject } from '../storage.js';
-import { type Db, fenceMissError, isRunning } from './lease.js';
+import { type Db, fenceMissError, runningSql } from './lease.js';
 
 export type UploadKind = 'job_output' | 'checkpoint';
 
@@ -16,7 +16,8 @@ const folderOf = (kind: UploadKind) => (kind === 'checkpoint' ? 'checkpoints' : 
 export async function assertLeaseHeld(ctx: AppContext, jobId: string, leaseToken: string): Promise<void> {
   const row = await ctx
     .knex('jobs')
-    .where({ id: jobId, lease_token: leaseToken, status: 'running' })
+    .where({ id: jobId, lease_token: leaseToken })
+    .whereRaw(runningSql())
     .first('id');
   if (!row) throw await fenceMissError(ctx.knex, jobId);
 }
@@ -49,7 +50,7 @@ async function recordUpload(
         event_seq = event_seq + CASE WHEN :isCheckpoint THEN 1 ELSE 0 END,
         updated_at = now()
       -- fencing: a file from a stale attempt is not recorded
-      WHERE id = :jobId AND lease_token = :leaseToken AND ${isRunning()}
+      WHERE id = :jobId AND lease_token = :leaseToken AND ${runningSql()}
       RETURNING id, tenant_id, event_seq, attempt
     ), file AS (
       INSERT INTO files (id, tenant_id, owner_kind, owner_id, name, rel_path, size_bytes, sha256, step)
