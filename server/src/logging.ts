@@ -5,7 +5,7 @@
  * anything shaped like a Tunery secret or a bearer credential is masked (error messages and stacks
  * included).
  */
-import { type DestinationStream, type Logger, pino } from 'pino';
+import { type DestinationStream, type Logger, pino, stdSerializers } from 'pino';
 
 export const REDACTED = '[redacted]';
 
@@ -57,6 +57,9 @@ export function createLogger(level: string, destination?: DestinationStream): Lo
     {
       level,
       redact: { paths: REDACT_PATHS, censor: REDACTED },
+      // An error's cause is logged as an error of its own, with its own fields (a database error's
+      // code and detail), not only its message and stack appended to the error's.
+      serializers: { err: stdSerializers.errWithCause },
       formatters: { log: (object) => redactSecretFields(object) as Record<string, unknown> },
       hooks: { streamWrite: maskSecretText },
     },

@@ -54,6 +54,29 @@ describe('logger', () => {
     expect(JSON.parse(log.lines[0]!).body.tokens_processed).toBe(42);
     expect(log.text()).toContain('upstream refused Bearer [redacted]');
   });
+
+  it("logs an error's cause with its own fields, secrets masked", () => {
+    const log = capture();
+    const logger = createLogger('error', log.stream);
+    const lease = `lease_${'c4U5e6S7'.repeat(4)}`;
+    const cause = Object.assign(new Error(`duplicate key for ${lease}`), {
+      code: '23505',
+      detail: 'Key (tenant_id, name)=(default, tuned) already exists.',
+    });
+    logger.error(
+      { err: new Error('Job job_1 could not be handed to a worker', { cause }) },
+      'request failed',
+    );
+    const { err } = JSON.parse(log.lines[0]!);
+    expect(err.message).toBe('Job job_1 could not be handed to a worker');
+    expect(err.cause).toMatchObject({
+      type: 'Error',
+      message: `duplicate key for lease_${REDACTED}`,
+      code: '23505',
+      detail: 'Key (tenant_id, name)=(default, tuned) already exists.',
+    });
+    expect(log.text()).not.toContain(lease);
+  });
 });
 
 describe.each(DATABASES)('request logs on %s', (db) => {
