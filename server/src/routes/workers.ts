@@ -110,7 +110,7 @@ async function failUnbuiltClaim(ctx: AppContext, job: ClaimedJobRow, err: unknow
 /**
  * What a claim throws for a job whose answer could not be built, for the error handler to answer
  * (500, whatever the cause: app.ts maps the codes and statuses of the error it gets, and this one has
- * none) and to log, with the job's id as a field (the log has the cause as an error of its own: logging.ts).
+ * none) and to log, with the job's id as a field and the cause as an error of its own (logging.ts).
  */
 const unbuiltClaimError = (job: ClaimedJobRow, cause: unknown): Error =>
   Object.assign(new Error(`Job ${job.id} could not be handed to a worker`, { cause }), { jobId: job.id });
