@@ -279,6 +279,47 @@ describe.each(DATABASES)('gang scheduling on %s', (db) => {
     }
     expect((await jobOf(server, lesser)).status).toBe('cancelled');
   });
+
+  it.runIf(db === 'postgres')(
+    "answers 500 when the gang stays locked past the join's wait, then joins it",
+    async () => {
+      const gang = await createFinetune(server, { num_nodes: 2 });
+      let release!: () => void;
+      const released = new Promise<void>((resolve) => {
+        release = resolve;
+      });
+      let holding!: () => void;
+      const held = new Promise<void>((resolve) => {
+        holding = resolve;
+      });
+      // a transaction stuck while it holds the job's row
+      const stuck = server.ctx.knex.transaction(async (trx) => {
+        await trx.raw('SELECT id FROM jobs WHERE id = ? FOR UPDATE', [gang]);
+        holding();
+        await released;
+      });
+      try {
+        await held;
+        const w1 = gangWorker(server, 1);
+        const res = await server.api('/v1/workers/claim', {
+          key: server.workerToken,
+          method: 'POST',
+          json: { worker_id: w1.workerId, capabilities: CPU, wait_seconds: 0, gang: w1.address },
+        });
+        expect(res.status).toBe(500);
+        expect(((await res.json()) as { error: { code: string } }).error.code).toBe('internal_error');
+        release();
+        await stuck;
+        // nothing of the failed join stayed: the same worker joins once the row is free
+        expect((await w1.claimGang())?.gang?.job_id).toBe(gang);
+      } finally {
+        release();
+        await stuck;
+        await server.api(`/v1/training/jobs/${gang}/cancel`, { method: 'POST' });
+      }
+      expect((await jobOf(server, gang)).status).toBe('cancelled');
+    },
+  );
 });
 
 describe.each(DATABASES)('competing gangs on %s', (db) => {
