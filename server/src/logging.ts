@@ -19,9 +19,12 @@ const REDACT_PATHS = [
   'res.headers["set-cookie"]',
 ];
 
-/** Field names that hold a secret: `authorization`, `api_key`, `teacher_api_key`, `hf_token`, `lease_token`, … */
+/**
+ * Field names that hold a secret: `authorization`, `api_key`, `teacher_api_key`, `hf_token`,
+ * `lease_token`, …, and the values a failed statement was sent (`bindings`, on knex's errors).
+ */
 const SECRET_FIELD =
-  /^(authorization|proxy-authorization|cookie|set-cookie)$|(^|[_-])(api[_-]?key|token|secret|password)$/i;
+  /^(authorization|proxy-authorization|cookie|set-cookie|bindings)$|(^|[_-])(api[_-]?key|token|secret|password)$/i;
 
 /**
  * Secret-shaped text anywhere in a line: Tunery keys, worker tokens and lease tokens (`tk_`, `tw_`,
@@ -36,15 +39,19 @@ export function maskSecretText(line: string): string {
   );
 }
 
+/** The prototype of what pino's error serializers make of an error (its fields, its cause). */
+const SERIALIZED_ERROR = Object.getPrototypeOf(stdSerializers.errWithCause(new Error()));
+
 /**
- * A copy of a logged object with secret-named fields redacted. Only plain objects and arrays are
- * walked (requests, sockets and errors go through their serializers), to a bounded depth.
+ * A copy of a logged object with secret-named fields redacted. Only plain objects, arrays and
+ * serialized errors are walked (requests and sockets go through their serializers), to a bounded
+ * depth.
  */
 function redactSecretFields(value: unknown, depth = 0): unknown {
   if (depth > 8 || !value || typeof value !== 'object') return value;
   if (Array.isArray(value)) return value.map((item) => redactSecretFields(item, depth + 1));
   const proto = Object.getPrototypeOf(value);
-  if (proto !== Object.prototype && proto !== null) return value;
+  if (proto !== Object.prototype && proto !== null && proto !== SERIALIZED_ERROR) return value;
   const out: Record<string, unknown> = {};
   for (const [key, item] of Object.entries(value)) {
     out[key] = SECRET_FIELD.test(key) && item != null ? REDACTED : redactSecretFields(item, depth + 1);
@@ -58,8 +65,9 @@ export function createLogger(level: string, destination?: DestinationStream): Lo
       level,
       redact: { paths: REDACT_PATHS, censor: REDACTED },
       // An error's cause is logged as an error of its own, with its own fields (a database error's
-      // code and detail), not only its message and stack appended to the error's.
-      serializers: { err: stdSerializers.errWithCause },
+      // code and detail), not only its message and stack appended to the error's; the fields of
+      // both are redacted as a logged object's are (the formatter below sees errors unserialized).
+      serializers: { err: (err: Error) => redactSecretFields(stdSerializers.errWithCause(err)) },
       formatters: { log: (object) => redactSecretFields(object) as Record<string, unknown> },
       hooks: { streamWrite: maskSecretText },
     },

@@ -298,8 +298,15 @@ describe.each(DATABASES)('gang scheduling on %s', (db) => {
         holding();
         await released;
       });
+      // were the claim to wait for the row (no lock timeout), it goes free after a while: 202, not 500
+      const safety = setTimeout(() => release(), 15_000);
       try {
-        await held;
+        await Promise.race([
+          held,
+          stuck.then(() => {
+            throw new Error('the stuck transaction ended before it held the row');
+          }),
+        ]);
         const w1 = gangWorker(server, 1);
         const res = await server.api('/v1/workers/claim', {
           key: server.workerToken,
@@ -313,6 +320,7 @@ describe.each(DATABASES)('gang scheduling on %s', (db) => {
         // nothing of the failed join stayed: the same worker joins once the row is free
         expect((await w1.claimGang())?.gang?.job_id).toBe(gang);
       } finally {
+        clearTimeout(safety);
         release();
         await stuck;
         await server.api(`/v1/training/jobs/${gang}/cancel`, { method: 'POST' });

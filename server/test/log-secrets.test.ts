@@ -62,6 +62,10 @@ describe('logger', () => {
     const cause = Object.assign(new Error(`duplicate key for ${lease}`), {
       code: '23505',
       detail: 'Key (tenant_id, name)=(default, tuned) already exists.',
+      // what a client library's or knex's error may carry
+      config: { headers: { 'x-api-key': TEACHER_KEY } },
+      api_key: TEACHER_KEY,
+      bindings: [HF_TOKEN],
     });
     logger.error(
       { err: new Error('Job job_1 could not be handed to a worker', { cause }) },
@@ -75,7 +79,8 @@ describe('logger', () => {
       code: '23505',
       detail: 'Key (tenant_id, name)=(default, tuned) already exists.',
     });
-    expect(log.text()).not.toContain(lease);
+    for (const secret of [lease, TEACHER_KEY, HF_TOKEN]) expect(log.text()).not.toContain(secret);
+    expect(err.cause.api_key).toBe(REDACTED);
   });
 });
 
