@@ -53,6 +53,34 @@ function gangWorker(server: TestServer, n: number) {
   };
 }
 
+/**
+ * A transaction of its own that locks job `id`'s row (as joinGang does) and holds it until
+ * `release()`: `held` is its backend's pid once it holds the row, and fails if the transaction ended
+ * first; `done` is the transaction's end.
+ */
+function holdJobRow(server: TestServer, id: string) {
+  let release!: () => void;
+  const released = new Promise<void>((resolve) => {
+    release = resolve;
+  });
+  let holding!: (pid: number) => void;
+  const holder = new Promise<number>((resolve) => {
+    holding = resolve;
+  });
+  const done = server.ctx.knex.transaction(async (trx) => {
+    await trx.raw('SELECT id FROM jobs WHERE id = ? FOR UPDATE', [id]);
+    holding((await trx.raw('SELECT pg_backend_pid() AS pid')).rows[0].pid);
+    await released;
+  });
+  const held = Promise.race([
+    holder,
+    done.then((): number => {
+      throw new Error('the holding transaction ended before it held the row');
+    }),
+  ]);
+  return { held, release, done };
+}
+
 async function waitJson(res: Response): Promise<GangWait> {
   expect(res.status).toBe(200);
   return (await res.json()) as GangWait;
@@ -228,27 +256,10 @@ describe.each(DATABASES)('gang scheduling on %s', (db) => {
   it.runIf(db === 'postgres')('joins the best gang while another worker is joining it', async () => {
     const lesser = await createFinetune(server, { num_nodes: 2, priority: 50 });
     const best = await createFinetune(server, { num_nodes: 2, priority: 60 });
-    let release!: () => void;
-    const released = new Promise<void>((resolve) => {
-      release = resolve;
-    });
-    let holding!: (pid: number) => void;
-    const holder = new Promise<number>((resolve) => {
-      holding = resolve;
-    });
     // as joinGang does, in a transaction of its own
-    const joining = server.ctx.knex.transaction(async (trx) => {
-      await trx.raw('SELECT id FROM jobs WHERE id = ? FOR UPDATE', [best]);
-      holding((await trx.raw('SELECT pg_backend_pid() AS pid')).rows[0].pid);
-      await released;
-    });
+    const joining = holdJobRow(server, best);
     try {
-      const pid = await Promise.race([
-        holder,
-        joining.then(() => {
-          throw new Error('the holding transaction ended before it held the row');
-        }),
-      ]);
+      const pid = await joining.held;
       const [w1, w2] = [gangWorker(server, 1), gangWorker(server, 2)];
       let settled = false;
       const claim = w1.claimGang().finally(() => {
@@ -265,7 +276,7 @@ describe.each(DATABASES)('gang scheduling on %s', (db) => {
           ).rows[0].n,
         ) > 0;
       while (!settled && !(await blocked())) await sleep(10);
-      release();
+      joining.release();
       const joined = (await claim)?.gang;
       expect(joined?.job_id).toBe(best);
       // the next worker completes that gang; its rank 0 ends the job
@@ -273,8 +284,8 @@ describe.each(DATABASES)('gang scheduling on %s', (db) => {
       expect((await jobOf(server, best)).status).toBe('running');
       expect((await w1.complete(best, joined!.member_token, { loss_final: 1 })).status).toBe(200);
     } finally {
-      release();
-      await joining;
+      joining.release();
+      await joining.done;
       await server.api(`/v1/training/jobs/${lesser}/cancel`, { method: 'POST' });
     }
     expect((await jobOf(server, lesser)).status).toBe('cancelled');
@@ -284,29 +295,12 @@ describe.each(DATABASES)('gang scheduling on %s', (db) => {
     "answers 500 when the gang stays locked past the join's wait, then joins it",
     async () => {
       const gang = await createFinetune(server, { num_nodes: 2 });
-      let release!: () => void;
-      const released = new Promise<void>((resolve) => {
-        release = resolve;
-      });
-      let holding!: () => void;
-      const held = new Promise<void>((resolve) => {
-        holding = resolve;
-      });
       // a transaction stuck while it holds the job's row
-      const stuck = server.ctx.knex.transaction(async (trx) => {
-        await trx.raw('SELECT id FROM jobs WHERE id = ? FOR UPDATE', [gang]);
-        holding();
-        await released;
-      });
+      const stuck = holdJobRow(server, gang);
       // were the claim to wait for the row (no lock timeout), it goes free after a while: 202, not 500
-      const safety = setTimeout(() => release(), 15_000);
+      const safety = setTimeout(() => stuck.release(), 15_000);
       try {
-        await Promise.race([
-          held,
-          stuck.then(() => {
-            throw new Error('the stuck transaction ended before it held the row');
-          }),
-        ]);
+        await stuck.held;
         const w1 = gangWorker(server, 1);
         const res = await server.api('/v1/workers/claim', {
           key: server.workerToken,
@@ -315,14 +309,14 @@ describe.each(DATABASES)('gang scheduling on %s', (db) => {
         });
         expect(res.status).toBe(500);
         expect(((await res.json()) as { error: { code: string } }).error.code).toBe('internal_error');
-        release();
-        await stuck;
+        stuck.release();
+        await stuck.done;
         // nothing of the failed join stayed: the same worker joins once the row is free
         expect((await w1.claimGang())?.gang?.job_id).toBe(gang);
       } finally {
         clearTimeout(safety);
-        release();
-        await stuck;
+        stuck.release();
+        await stuck.done;
         await server.api(`/v1/training/jobs/${gang}/cancel`, { method: 'POST' });
       }
       expect((await jobOf(server, gang)).status).toBe('cancelled');

@@ -15,6 +15,7 @@ import { failJob } from '../src/queue/fail.js';
 import { heartbeatJob } from '../src/queue/heartbeat.js';
 import { reportLogs } from '../src/queue/report-logs.js';
 import { analyzing, BURST_JOBS } from '../src/queue/statistics.js';
+import type { ClaimedJobRow } from '../src/queue/types.js';
 import { finetuneInput } from './fixtures.js';
 import { DATABASES, startTestServer, type TestServer } from './harness.js';
 
@@ -128,7 +129,7 @@ describe.each(DATABASES)('queue statistics on %s', (db) => {
   let explained = 0;
 
   /** A job as a lease names it: its id and its attempt's token. */
-  type Lease = { id: string; lease_token: string | null };
+  type Lease = Pick<ClaimedJobRow, 'id' | 'lease_token'>;
 
   /**
    * The statements `action` runs through knex about job `ran` (captured), each then run again about
