@@ -261,6 +261,12 @@ try {
   scratch = await scratchDatabase('tunery_bench_toy');
   // Tunery's knex pool holds at most 10 connections (src/db.ts): the toy gets the same.
   pool = new pg.Pool({ connectionString: scratch.url, max: 10 });
+  // At shutdown the scratch database is dropped WITH (FORCE) while the pool's clients may still be
+  // closing: the backend's "terminating connection" then reaches an idle client as an error event,
+  // which is expected then. While serving, such an error is as fatal as it would be unheard.
+  pool.on('error', (err) => {
+    if (!stopping) throw err;
+  });
   const pending = await enqueue(pool, jobCount);
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   const { port } = server.address() as AddressInfo;
