@@ -29,15 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunery_worker.context import JobContext
 from tunery_worker.data import batches, build_dataset, load_records
 from tunery_worker.errors import InvalidConfig, InvalidDataset
 from tunery_worker.jobs import spec_fields as f
-from tunery_worker.jobs.model_source import base_for_adapter, load_source_model
-from tunery_worker.modeling import load_dtype, load_model_and_tokenizer, load_tokenizer, mean_token_loss
+from tunery_worker.jobs.model_source import load_source_model
+from tunery_worker.modeling import mean_token_loss
 from tunery_worker.text_metrics import distinct_bigram_ratio, token_f1
 
 
@@ -71,7 +70,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
 
     # --- setup: model (+ adapter), data ----------------------------------------------------------------
     ctx.set_phase("loading_model")
-    model, tokenizer = _load_model(ctx)
+    model, tokenizer = load_source_model(ctx)  # with an adapter input, merged into its base
     model.eval()
     started = time.perf_counter()
     ctx.set_phase("data_preparation")
@@ -141,19 +140,6 @@ def run(ctx: JobContext) -> dict[str, Any]:
     }
 
 
-def _load_model(ctx: JobContext) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase]:
-    """The `model` input or base model; with an `adapter` input, its base with the adapter applied."""
-    if "adapter" not in ctx.inputs:
-        return load_source_model(ctx)
-    adapter_dir = Path(ctx.inputs["adapter"])
-    base, tokenizer = load_model_and_tokenizer(
-        base_for_adapter(ctx, adapter_dir), device=ctx.device, dtype=load_dtype(ctx.device)
-    )
-    if (adapter_dir / "tokenizer_config.json").is_file():
-        tokenizer = load_tokenizer(adapter_dir)  # the adapter's job may have added tokens
-    return PeftModel.from_pretrained(base, adapter_dir), tokenizer
-
-
 def _prompt_and_reference(
     record: dict[str, Any], fmt: str, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[str, str]:
@@ -171,7 +157,7 @@ def _prompt_and_reference(
 
 @torch.no_grad()
 def _generate(
-    model: PreTrainedModel | PeftModel,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     add_special_tokens: bool,

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunery_worker.context import JobContext
 from tunery_worker.errors import InvalidConfig
-from tunery_worker.modeling import load_dtype, load_model_and_tokenizer
+from tunery_worker.modeling import load_dtype, load_model_and_tokenizer, load_tokenizer
 
 
 def model_source(ctx: JobContext) -> str:
@@ -42,10 +42,25 @@ def model_source(ctx: JobContext) -> str:
 def load_source_model(
     ctx: JobContext, dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The job's model, in `dtype` (default: 16-bit on CUDA, fp32 on CPU; see `load_dtype`)."""
-    return load_model_and_tokenizer(
-        model_source(ctx), device=ctx.device, dtype=dtype or load_dtype(ctx.device)
+    """The job's model, in `dtype` (default: 16-bit on CUDA, fp32 on CPU; see `load_dtype`).
+
+    With an `adapter` input (the job starts from an adapter model), its base with the adapter merged
+    in: the weights the adapter's own outputs came from. The spec's `hf_token` reaches the hub.
+    """
+    dtype = dtype or load_dtype(ctx.device)
+    token = ctx.spec.get("hf_token")  # read here only: the secret never enters a saved config
+    if "adapter" not in ctx.inputs:
+        return load_model_and_tokenizer(model_source(ctx), device=ctx.device, dtype=dtype, token=token)
+    from peft import PeftModel  # imported here: most jobs never start from an adapter
+
+    adapter_dir = Path(ctx.inputs["adapter"])
+    base, tokenizer = load_model_and_tokenizer(
+        base_for_adapter(ctx, adapter_dir), device=ctx.device, dtype=dtype, token=token
     )
+    if (adapter_dir / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer(adapter_dir)  # the adapter's job may have added tokens
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    return merged, tokenizer
 
 
 def base_for_adapter(ctx: JobContext, adapter_dir: Path) -> str:
