@@ -1,8 +1,9 @@
 import { chmodSync, mkdirSync } from 'node:fs';
 import { chmod, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
+import { PGlite } from '@electric-sql/pglite';
+import { createPgConfig } from '@electric-sql/pglite/node-postgres';
 import knexFactory, { type Knex } from 'knex';
-import ClientPgLite from 'knex-pglite';
 import type { Config } from './config.js';
 import { lockDatabaseDir } from './db-lock.js';
 import { migrations } from './migrations/index.js';
@@ -37,23 +38,25 @@ export function openDatabase(
     });
     return { knex, kind: 'postgres', close: () => knex.destroy() };
   }
-  let connection: object = {};
+  let dir: string | undefined;
   let release = () => {};
   if (!opts.inMemory) {
-    const dir = pgliteDir(config.dataDir);
+    dir = pgliteDir(config.dataDir);
     makePrivateDir(config.dataDir);
     release = lockDatabaseDir(pgliteLockFile(config.dataDir), dir);
     makePrivateDir(dir);
-    connection = { filename: dir };
   }
-  // PGlite is one connection; knex-pglite pins the pool to it, so queries queue up in order.
-  const knex = knexFactory({ client: ClientPgLite, dialect: 'postgres', connection });
+  const pglite = new PGlite(dir);
+  // PGlite is one connection: node-postgres speaks to it through PGlite's adapter, one client at a
+  // time, so queries queue up in order.
+  const knex = knexFactory({ client: 'pg', connection: createPgConfig(pglite), pool: { min: 1, max: 1 } });
   return {
     knex,
     kind: 'pglite',
     close: async () => {
       try {
         await knex.destroy();
+        await pglite.close();
       } finally {
         release();
       }

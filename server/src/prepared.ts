@@ -12,7 +12,6 @@ export interface PreparedStatement {
 
 /** What knex's client exposes to run a statement on its own connection (not in knex's types). */
 interface ConnectionClient {
-  config: { client?: unknown };
   acquireConnection(): Promise<unknown>;
   releaseConnection(connection: unknown): Promise<unknown>;
 }
@@ -23,9 +22,10 @@ interface QueryConnection {
 
 /**
  * Runs `statement` with `values` on `db` (a knex instance or a transaction, whose connection it
- * then uses) and answers its rows. On Postgres it is a named statement: node-postgres parses it
- * once per pooled connection and afterwards only binds and executes. PGlite has one in-process
- * connection and no named statements in its API; there the text runs as a plain parameterized query.
+ * then uses) and answers its rows, as a named statement: node-postgres parses it once per
+ * connection and afterwards only binds and executes. On embedded PGlite too, whose one connection
+ * node-postgres reaches through PGlite's adapter (db.ts): there, in WebAssembly, planning a claim
+ * or a completion anew cost more than running it.
  */
 export async function runPrepared<Row>(
   db: Knex | Knex.Transaction,
@@ -35,10 +35,7 @@ export async function runPrepared<Row>(
   const client = db.client as ConnectionClient;
   const connection = (await client.acquireConnection()) as QueryConnection;
   try {
-    const result =
-      client.config.client === 'pg'
-        ? await connection.query({ name: statement.name, text: statement.text, values })
-        : await connection.query(statement.text, values);
+    const result = await connection.query({ name: statement.name, text: statement.text, values });
     return result.rows as Row[];
   } finally {
     await client.releaseConnection(connection);
