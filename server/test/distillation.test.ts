@@ -96,7 +96,7 @@ describe.each(DATABASES)('distillation on %s', (db) => {
     const res = await create({
       name: 'inline',
       config: {
-        teacher_model: 'local/smollm2-360m-instruct',
+        teacher_model: 'openai/gpt-4o',
         teacher_api_key: 'sk-secret',
         student_model: 'smollm2-135m-instruct',
         prompts: ['one', 'two', 'three'],
@@ -111,9 +111,9 @@ describe.each(DATABASES)('distillation on %s', (db) => {
     expect(claimed).toMatchObject({ job_id: job.id, kind: 'distillation', type: 'distill' });
     expect(claimed.spec).toMatchObject({
       teacher: {
-        provider: 'local',
-        model: 'HuggingFaceTB/SmolLM2-360M-Instruct',
-        base_url: null,
+        provider: 'openai',
+        model: 'gpt-4o',
+        base_url: 'https://api.openai.com/v1',
         api_key: 'sk-secret',
       },
       student: { name: 'smollm2-135m-instruct', source: 'HuggingFaceTB/SmolLM2-135M-Instruct' },
@@ -235,6 +235,14 @@ describe.each(DATABASES)('distillation on %s', (db) => {
         'config.prompts',
       ],
       [{ config: { ...config, dataset_id: 'ds_missing' } }, 404, 'not_found', 'dataset_id'],
+      // fields that would be stored and never used: no GGUF written, no endpoint to send the key to
+      [{ config: { ...config, export_gguf: false } }, 400, 'invalid_config', 'config.quantization_types'],
+      [
+        { config: { ...config, teacher_model: 'local/smollm2-360m-instruct', teacher_api_key: 'sk-x' } },
+        400,
+        'invalid_config',
+        'config.teacher_api_key',
+      ],
       [{ ...SEED_REQUEST, tenant_id: 'other-tenant' }, 403, 'permission_denied', 'tenant_id'],
     ];
     for (const [body, status, code, param] of cases) {

@@ -63,6 +63,26 @@ describe.each(DATABASES)('fail fast on %s', (db) => {
         'training_config.max_steps',
       ],
       [
+        'merge + training_config.seed',
+        () => ({ type: 'merge', parent_job_id: parentJob, training_config: { seed: 7 } }),
+        'training_config.seed',
+      ],
+      [
+        'full finetune + lora_rank',
+        () => ({ ...model, dataset_id: datasetId, method: 'full', lora_rank: 8 }),
+        'lora_rank',
+      ],
+      [
+        'full finetune + hyperparams.lora_rank',
+        () => ({ ...model, dataset_id: datasetId, method: 'full', hyperparams: { lora_rank: 8 } }),
+        'hyperparams.lora_rank',
+      ],
+      [
+        'full finetune + a template with LoRA presets',
+        () => ({ ...model, dataset_id: datasetId, method: 'full', template: 'lora-default' }),
+        'template',
+      ],
+      [
         'merge + eval_split',
         () => ({ type: 'merge', parent_job_id: parentJob, eval_split: 0.1 }),
         'eval_split',
@@ -198,15 +218,32 @@ describe.each(DATABASES)('fail fast on %s', (db) => {
         type: 'merge',
         parent_job_id: parentJob,
         output_name: 'merged',
-        training_config: { seed: 7 },
         wandb_project: 'p',
       });
-      expect(merge.config).toMatchObject({ output_name: 'merged', seed: 7, wandb_project: 'p' });
+      expect(merge.config).toMatchObject({ output_name: 'merged', wandb_project: 'p' });
       const contract = await ok({
         type: 'contract',
+        training_config: { seed: 7 },
         hyperparams: { source_model_id: adapterModel, contraction_ratio: 0.5, num_layers_to_contract: 8 },
       });
-      expect(contract.config).toMatchObject({ contraction_ratio: 0.5, num_layers_to_contract: 8 });
+      expect(contract.config).toMatchObject({ contraction_ratio: 0.5, num_layers_to_contract: 8, seed: 7 });
+      const full = await ok({ ...model, dataset_id: datasetId, method: 'full', template: 'full-small' });
+      expect(full).toMatchObject({ method: 'full' });
+      // a template's seed reaches the spec of a type that reads it (the request's wins over it)
+      const template = await server.api('/v1/training/templates', {
+        method: 'POST',
+        json: { name: 'ff-seeded-contract', config: { type: 'contract', training_config: { seed: 11 } } },
+      });
+      expect(template.status, await template.clone().text()).toBe(201);
+      const hyperparams = {
+        source_model_id: adapterModel,
+        contraction_ratio: 0.5,
+        num_layers_to_contract: 8,
+      };
+      const seeded = await ok({ template: 'ff-seeded-contract', hyperparams });
+      expect(seeded.config).toMatchObject({ seed: 11 });
+      const chosen = await ok({ template: 'ff-seeded-contract', training_config: { seed: 3 }, hyperparams });
+      expect(chosen.config).toMatchObject({ seed: 3 });
       await ok({ type: 'benchmark', source_model_id: adapterModel, dataset_id: datasetId });
       await ok({
         type: 'train',

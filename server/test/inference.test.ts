@@ -182,6 +182,9 @@ describe.each(DATABASES)('inference on %s', (db) => {
       [{ tools: [] }, 'tools'],
       [{ n: 2 }, 'n'],
       [{ logprobs: true }, 'logprobs'],
+      // options of a stream, on a request that asks for none (OpenAI refuses it too)
+      [{ stream_options: { include_usage: true } }, 'stream_options'],
+      [{ stream: false, stream_options: { include_usage: true } }, 'stream_options'],
     ] as const) {
       const res = await chat({
         model: 'smollm2-135m-instruct',

@@ -365,8 +365,10 @@ export interface paths {
          *
          *     **Nothing is accepted and ignored.** A field the job's type does not act on is
          *     `400 invalid_config` naming it: only `finetune` takes `method`, `eval_split`, `eval_steps`,
-         *     `lora_config`, the flat settings, `distributed` and `num_nodes`; other types read only `seed`
-         *     from `training_config` and only their own `hyperparams` keys (`train`: `turns`, `cycles`,
+         *     `lora_config`, the flat settings, `distributed` and `num_nodes` (and `method: full` no LoRA
+         *     setting, the request's or its template's); `train`, `contract` and `benchmark` read only
+         *     `seed` from `training_config` (`merge` not even that), and every type only its own
+         *     `hyperparams` keys (`train`: `turns`, `cycles`,
          *     `steps_per_cycle`, `lr`, `seq_len`, `new_layers`; `contract`: `contraction_ratio`,
          *     `num_layers_to_contract`; `finetune`: `lora_rank`, `steps`, `lr`, `seq_len`; all but
          *     `benchmark`: `output_name`; all but `merge`: `source_model_id`). Only `merge` takes
@@ -2383,7 +2385,7 @@ export interface components {
              * @description Base URL of the OpenAI-compatible endpoint for provider-prefixed teachers (default the provider's public API). http(s) without credentials (`400 invalid_config` otherwise); not for `local/` teachers. Workers reach only public addresses, or the hosts their operator lists in `TUNERY_TEACHER_ALLOWED_HOSTS`, and follow no redirects.
              */
             teacher_base_url?: string;
-            /** @description Key for the teacher endpoint; stored for the worker, never returned. */
+            /** @description Key for the teacher endpoint; stored for the worker, never returned. Not for `local/` teachers (`400 invalid_config`). */
             teacher_api_key?: string;
             /** @description The student, a base-model catalog name, hub id or worker-local path, e.g. `llama-3.2-1b`. */
             student_model: string;
@@ -2440,7 +2442,7 @@ export interface components {
              * @default false
              */
             export_gguf: boolean;
-            /** @description Quantization flavors, e.g. `["q4_k_m", "q8_0"]`. */
+            /** @description Quantization flavors, e.g. `["q4_k_m", "q8_0"]`; only with `export_gguf: true` (`400 invalid_config` otherwise). */
             quantization_types?: components["schemas"]["QuantizationType"][];
         };
         /**
@@ -5102,7 +5104,7 @@ export interface components {
             n?: 1;
             /** @description Server-sent events. */
             stream?: boolean | null;
-            /** @description `include_usage`: a last chunk with the usage. */
+            /** @description `include_usage`: a last chunk with the usage. Only with `stream: true` (400 otherwise). */
             stream_options?: {
                 /** @description Send usage. */
                 include_usage?: boolean;

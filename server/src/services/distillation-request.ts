@@ -11,6 +11,7 @@ import { resolveBaseModel } from './catalog.js';
 import { type DatasetRow, estimateTokens, getDataset } from './datasets.js';
 import { estimateJobCostUsd, teacherUsdPerMillionTokens } from './estimate.js';
 import { JOB_INPUT } from './job-spec.js';
+import { refuseUnusedQuantization } from './training-request.js';
 
 export type DistillationJobCreate = BodyOf<'createDistillationJob'>;
 type DistillationConfig = Schemas['DistillationConfig'];
@@ -90,6 +91,12 @@ async function resolveTeacher(
       throw invalidConfig(
         'A local teacher runs on the worker: teacher_base_url applies to endpoint teachers only.',
         'config.teacher_base_url',
+      );
+    }
+    if (config.teacher_api_key) {
+      throw invalidConfig(
+        'A local teacher runs on the worker: teacher_api_key applies to endpoint teachers only.',
+        'config.teacher_api_key',
       );
     }
     const base = await withParam(
@@ -248,6 +255,7 @@ export async function planDistillationJob(
 ): Promise<DistillationPlan> {
   const { teacher_api_key, prompts: inlinePrompts, ...given } = body.config;
   const config = { ...DEFAULTS, ...given };
+  refuseUnusedQuantization(config, 'config.quantization_types');
   if (config.dataset_id && inlinePrompts) {
     throw invalidConfig('Give config.dataset_id or config.prompts, not both.', 'config.prompts');
   }

@@ -197,6 +197,19 @@ function mergeSettings(template: TemplateConfig, body: TrainingJobCreate) {
   return { lora: lora as LoraSettings, training: training as TrainingSettings };
 }
 
+/** A full fine-tune trains every weight: LoRA settings, the request's or its template's, would be ignored. */
+function refuseLoraSettings(body: TrainingJobCreate, template: TemplateConfig): void {
+  const fromRequest = requestSettings(body).find((s) => s.key.startsWith('lora.'));
+  const fromTemplate = templateSettings(template).find((s) => s.key.startsWith('lora.'));
+  const given = fromRequest?.param ?? (fromTemplate && 'template');
+  if (given) {
+    throw invalidConfig(
+      `method full trains every weight, so LoRA settings do not apply: leave ${given === 'template' ? "the template's LoRA presets" : given} out, or use method lora.`,
+      given,
+    );
+  }
+}
+
 /** Where the request set a training setting, for an error's `param` (the template's when not). */
 function settingParam(body: TrainingJobCreate, key: keyof TrainingSettings): string {
   const set = requestSettings(body).filter((s) => s.key === `training.${key}`);
@@ -539,9 +552,12 @@ function refuseFieldsTypeIgnores(type: JobType, body: TrainingJobCreate): void {
   }
   if (type !== 'finetune') {
     for (const [key, value] of Object.entries(body.training_config ?? {})) {
-      if (value === undefined || key === 'seed') continue;
+      // a merge draws no random numbers: it reads not even the seed
+      if (value === undefined || (key === 'seed' && type !== 'merge')) continue;
       throw invalidConfig(
-        `A ${type} job reads only seed from training_config, not ${key}.`,
+        type === 'merge'
+          ? `A merge job trains nothing and reads nothing from training_config, not ${key}.`
+          : `A ${type} job reads only seed from training_config, not ${key}.`,
         `training_config.${key}`,
       );
     }
@@ -725,13 +741,15 @@ function commonSpec(
   type: JobType,
   model: SpecModel,
   body: TrainingJobCreate,
+  template: TemplateConfig,
   outputName: string | undefined,
 ) {
   return defined({
     type,
     base_model: model,
-    // every spec names its seed and output (null: the worker picks `<job id>-<method>`)
-    seed: body.training_config?.seed ?? TRAINING_DEFAULTS.seed,
+    // every spec names its seed (the request's, else its template's) and output (null: the worker
+    // picks `<job id>-<method>`); a fine-tune's settings name it again (typeSpec)
+    seed: body.training_config?.seed ?? template.training_config?.seed ?? TRAINING_DEFAULTS.seed,
     output_name: outputName ?? null,
     run_name: body.run_name,
     template: body.template,
@@ -749,6 +767,7 @@ function typeSpec(
   format: string | null,
 ) {
   if (type === 'finetune') {
+    if (method === 'full') refuseLoraSettings(body, template);
     const { lora, training } = mergeSettings(template, body);
     const numNodes = body.num_nodes ?? 1;
     if (numNodes > 1 && body.distributed === false) {
@@ -845,7 +864,7 @@ export async function planTrainingJob(
   const stats = dataStats(data);
   const outputName = outputNameOf(body, hp);
   const config: Record<string, unknown> = {
-    ...commonSpec(type, resolved.model, body, outputName),
+    ...commonSpec(type, resolved.model, body, template, outputName),
     ...typeSpec(type, method, body, template, hp, stats.format),
   };
   // the worker evaluates on it (input `eval_dataset`) instead of holding part of the data out
@@ -898,21 +917,32 @@ export async function planTrainingJob(
 const GGUF_ARCHITECTURES = ['llama', 'qwen2'];
 
 /**
+ * `quantization_types` without `export_gguf` would be stored and never used (no GGUF is written),
+ * and `export_gguf` with none would fail on the worker: both refused, for merges and distillations.
+ */
+export function refuseUnusedQuantization(
+  options: { export_gguf?: boolean; quantization_types?: unknown[] },
+  param: string,
+): void {
+  if (options.quantization_types !== undefined && !options.export_gguf) {
+    throw invalidConfig('quantization_types applies only with export_gguf: true.', param);
+  }
+  if (options.export_gguf && options.quantization_types?.length === 0) {
+    throw invalidConfig(
+      'export_gguf needs at least one quantization type (leave quantization_types out for q4_k_m).',
+      param,
+    );
+  }
+}
+
+/**
  * The config of a merge job created from the merge endpoint (seed 001's `POST …/merge`). Options
  * the worker would refuse or skip are refused here: `quantization_types` without `export_gguf`, and
  * `export_gguf` for a base model whose architecture the exporter does not write.
  */
 export function mergeJobPlan(parent: JobRow, options: Schemas['MergeRequest']): TrainingJobPlan['job'] {
   const model = specModelOfJob(parent);
-  if (options.quantization_types !== undefined && !options.export_gguf) {
-    throw invalidConfig('quantization_types applies only with export_gguf: true.', 'quantization_types');
-  }
-  if (options.export_gguf && options.quantization_types?.length === 0) {
-    throw invalidConfig(
-      'export_gguf needs at least one quantization type (leave quantization_types out for q4_k_m).',
-      'quantization_types',
-    );
-  }
+  refuseUnusedQuantization(options, 'quantization_types');
   const architecture = builtinModelShape(model.source)?.architecture;
   if (options.export_gguf && architecture && !GGUF_ARCHITECTURES.includes(architecture)) {
     throw invalidConfig(

@@ -94,6 +94,15 @@ async function complete(
   body: Sampling & { model: string },
   input: InferenceInput,
 ): Promise<void> {
+  if (body.stream_options != null && !body.stream) {
+    // As OpenAI answers it: the options shape a stream, and there is none to shape.
+    throw new ApiError(
+      400,
+      'invalid_request',
+      'stream_options applies only with stream: true.',
+      'stream_options',
+    );
+  }
   const target = await resolveInferenceTarget(ctx, tenantOf(req), body.model);
   const chunks = runInference(ctx, tenantOf(req), target, input, paramsOf(body));
   try {
