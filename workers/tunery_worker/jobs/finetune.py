@@ -41,7 +41,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tunery_worker import data as datalib
 from tunery_worker.context import JobContext, JobStopped
 from tunery_worker.errors import InvalidConfig, InvalidDataset
-from tunery_worker.jobs.model_source import model_source
+from tunery_worker.jobs.model_source import merge_adapter, model_source, stack_adapters
 from tunery_worker.modeling import (
     CausalLMLoss,
     apply_fused_kernels,
@@ -383,17 +383,29 @@ class Finetune:
         )
 
     def _load_model(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The base model; when the job starts from an adapter model, with that adapter merged in
+        (save_outputs stacks it under the adapter this run trains)."""
         cfg = self.cfg
+        start_adapter = self.ctx.inputs.get("adapter")
+        if start_adapter is not None and cfg.method == "qlora":
+            raise InvalidConfig(
+                "a QLoRA run cannot start from an adapter model (its 4-bit base cannot take the adapter's "
+                "weights): use method lora, or merge the adapter first",
+                param="method",
+            )
         # Weights stay float32 (bf16 runs under autocast, keeping fp32 master weights), except QLoRA,
         # whose frozen base is 4-bit and whose other weights can be bf16 to save memory.
         dtype = torch.bfloat16 if cfg.method == "qlora" and cfg.use_bf16 else torch.float32
-        return load_model_and_tokenizer(
+        model, tokenizer = load_model_and_tokenizer(
             cfg.base_model,
             device=cfg.device,
             dtype=dtype,
             quantize_4bit=cfg.method == "qlora",
             token=self.ctx.spec.get("hf_token"),  # read here only: the secret never enters the saved config
         )
+        if start_adapter is None:
+            return model, tokenizer
+        return merge_adapter(model, Path(start_adapter)), tokenizer
 
     def _prepare_for_training(self) -> None:
         cfg, model = self.cfg, self.model
@@ -774,6 +786,10 @@ class Finetune:
         out.mkdir(parents=True, exist_ok=True)
         # One file, however large: outputs are flat names the server registers by name.
         self.model.save_pretrained(out, max_shard_size="1000GB")
+        if self.cfg.method != "full" and "adapter" in self.ctx.inputs:
+            # This run's adapter was trained over the start adapter merged into the base: the output is
+            # both, as one adapter over the base. (Checkpoints hold this run's own, for resuming.)
+            stack_adapters(Path(self.ctx.inputs["adapter"]), out)
         self.tokenizer.save_pretrained(out)
         (out / "training_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
         for path in sorted(p for p in out.iterdir() if p.is_file() and p.name != "README.md"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -51,16 +52,82 @@ def load_source_model(
     token = ctx.spec.get("hf_token")  # read here only: the secret never enters a saved config
     if "adapter" not in ctx.inputs:
         return load_model_and_tokenizer(model_source(ctx), device=ctx.device, dtype=dtype, token=token)
-    from peft import PeftModel  # imported here: most jobs never start from an adapter
-
     adapter_dir = Path(ctx.inputs["adapter"])
     base, tokenizer = load_model_and_tokenizer(
         base_for_adapter(ctx, adapter_dir), device=ctx.device, dtype=dtype, token=token
     )
     if (adapter_dir / "tokenizer_config.json").is_file():
         tokenizer = load_tokenizer(adapter_dir)  # the adapter's job may have added tokens
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    return merged, tokenizer
+    return merge_adapter(base, adapter_dir), tokenizer
+
+
+def merge_adapter(base: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
+    """`base` with the LoRA adapter in `adapter_dir` merged into its weights."""
+    from peft import PeftModel  # imported here: most jobs never start from an adapter
+
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()  # type: ignore[no-any-return]
+
+
+#: Adapter settings that `stack_adapters` cannot carry over (each changes what the factors compute).
+_UNSTACKABLE = ("use_rslora", "use_dora", "modules_to_save", "rank_pattern", "alpha_pattern")
+
+
+def stack_adapters(below: Path, above: Path) -> None:
+    """Rewrites the adapter in `above`, trained over `below` merged into the base, as one adapter
+    over the base itself, so it serves and merges like any other.
+
+    LoRA adds `alpha/r · B·A` to a weight. Two adapters side by side (A's rows stacked, B's columns,
+    each B scaled by its own alpha/r) are one adapter of rank r₁ + r₂ with scale 1 whose update is the
+    sum of theirs. A module only one of them adapts gets zero factors from the other.
+    """
+    from safetensors.torch import load_file, save_file
+
+    configs = [json.loads((d / "adapter_config.json").read_text()) for d in (below, above)]
+    for config in configs:
+        kept = [key for key in _UNSTACKABLE if config.get(key)]
+        if kept or config.get("bias", "none") != "none":
+            raise InvalidConfig(
+                f"cannot train on top of an adapter that uses {', '.join(kept) or 'bias'}",
+                param="source_model_id",
+            )
+    factors = [
+        _scaled_factors(load_file(d / "adapter_model.safetensors"), c)
+        for d, c in zip((below, above), configs, strict=True)
+    ]
+    ranks = [int(c["r"]) for c in configs]
+    modules = sorted(factors[0].keys() | factors[1].keys())
+    stacked: dict[str, torch.Tensor] = {}
+    for module in modules:
+        a_any, b_any = next(f[module] for f in factors if module in f)
+        a_parts, b_parts = [], []
+        for found, rank in zip(factors, ranks, strict=True):
+            a, b = found.get(module) or (
+                a_any.new_zeros(rank, a_any.shape[1]),
+                b_any.new_zeros(b_any.shape[0], rank),
+            )
+            a_parts.append(a.to(a_any.dtype))
+            b_parts.append(b.to(b_any.dtype))
+        stacked[f"{module}.lora_A.weight"] = torch.cat(a_parts, dim=0).contiguous()
+        stacked[f"{module}.lora_B.weight"] = torch.cat(b_parts, dim=1).contiguous()
+    save_file(stacked, str(above / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = configs[1]
+    if configs[0].get("target_modules") != config.get("target_modules"):
+        config["target_modules"] = sorted({module.rsplit(".", 1)[-1] for module in modules})
+    config.update(r=sum(ranks), lora_alpha=sum(ranks))
+    (above / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _scaled_factors(
+    weights: dict[str, torch.Tensor], config: dict[str, Any]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each adapted module's (A, alpha/r · B), by the module's name in the saved adapter."""
+    scale = float(config["lora_alpha"]) / float(config["r"])
+    suffix = ".lora_A.weight"
+    return {
+        key[: -len(suffix)]: (a, weights[key[: -len(suffix)] + ".lora_B.weight"] * scale)
+        for key, a in weights.items()
+        if key.endswith(suffix)
+    }
 
 
 def base_for_adapter(ctx: JobContext, adapter_dir: Path) -> str:
