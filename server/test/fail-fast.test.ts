@@ -83,6 +83,11 @@ describe.each(DATABASES)('fail fast on %s', (db) => {
         'template',
       ],
       [
+        'qlora finetune from an adapter model',
+        () => ({ source_model_id: adapterModel, dataset_id: datasetId, method: 'qlora' }),
+        'method',
+      ],
+      [
         'merge + eval_split',
         () => ({ type: 'merge', parent_job_id: parentJob, eval_split: 0.1 }),
         'eval_split',

@@ -355,7 +355,9 @@ export interface paths {
          *     default), `train` (grow a model, function-preserving), `contract` (prune layers), `merge`
          *     (merge a LoRA adapter into its base) or `benchmark`. The base model is named by
          *     `base_model` (catalog name, hub id or a path on the worker), `model_name` (alias),
-         *     `base_model_id` (catalog) or `source_model_id` (one of your output models); the data by
+         *     `base_model_id` (catalog) or `source_model_id` (one of your output models: a job that starts
+         *     from an adapter model works on its base with the adapter merged in, and a LoRA fine-tune's
+         *     output adapter then holds both, over that base); the data by
          *     `dataset_id`, `dataset_path` (a file you uploaded, by name or id, or a dataset file under the
          *     data directory) or inline `train_texts`; with none of them, a training run uses your newest
          *     dataset. Settings come flat (`num_epochs`, `lora_rank`, …), nested (`lora_config`,
@@ -379,8 +381,8 @@ export interface paths {
          *     `template` that presets a field the job's type does not act on (`param: template`).
          *
          *     **Checked at submission, not by a failed job later:** `method: qlora` with `backend`
-         *     `cpu`/`mlx` (`400 invalid_config`) or while no online worker with device `cuda` runs
-         *     qlora fine-tunes (`400 backend_unavailable`, `param: method`); `eval_split` > 0 on data of
+         *     `cpu`/`mlx` or from an adapter model (`400 invalid_config`) or while no online worker with
+         *     device `cuda` runs qlora fine-tunes (`400 backend_unavailable`, `param: method`); `eval_split` > 0 on data of
          *     fewer than 2 examples, and `eval_steps` > 0 without `eval_split` (nothing would be
          *     evaluated); a `max_seq_length` the request sets longer than the base model's context length
          *     (when its catalog entry gives one; a template's or the default is lowered to it); a

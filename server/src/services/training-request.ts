@@ -267,6 +267,8 @@ interface ResolvedModel {
   modelId: string | null;
   /** The longest sequence the model takes, when its catalog entry says (null: unknown). */
   contextLength?: number | null;
+  /** An adapter model: its files come as the job's `adapter` input, over its base. */
+  adapter?: boolean;
 }
 
 /** One of the tenant's output models; adapters bring their base model along. */
@@ -282,6 +284,7 @@ async function sourceModel(ctx: AppContext, tenantId: string, modelId: string): 
       model: { id: base?.id ?? null, name: row.base_model, source },
       params,
       modelId,
+      adapter: true,
     };
   }
   return { model: { id: null, name: row.name, source: null }, params, modelId };
@@ -875,6 +878,13 @@ export async function planTrainingJob(
       .first('id');
     if (!evalSet) throw notFound('dataset', body.eval_dataset_id, 'eval_dataset_id');
     config.eval_dataset_id = evalSet.id;
+  }
+  if (method === 'qlora' && resolved.adapter) {
+    // the worker merges a start adapter into its base, which a 4-bit base cannot take
+    throw invalidConfig(
+      'A QLoRA run cannot start from an adapter model: use method lora, or merge the adapter first.',
+      'method',
+    );
   }
   await checkMethodRunnable(ctx, method, requiredDevice);
   if (type === 'finetune') {
