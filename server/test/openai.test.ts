@@ -136,6 +136,21 @@ describe.each(DATABASES)('OpenAI-compatible routes on %s', (db) => {
     });
   });
 
+  it('refuses an upload with a form field it would not use, naming the field', async () => {
+    const form = new FormData();
+    form.append('purpose', 'fine-tune');
+    form.append('expires_after[anchor]', 'created_at');
+    const chat = [
+      { role: 'user', content: 'hi' },
+      { role: 'assistant', content: 'hello' },
+    ];
+    form.append('file', new Blob([`${JSON.stringify({ messages: chat })}\n`]), 'train.jsonl');
+    const res = await server.api('/openai/v1/files', { method: 'POST', body: form });
+    expect(res.status).toBe(400);
+    const { error } = (await res.json()) as { error: { param: string | null; message: string } };
+    expect(`${error.param} ${error.message}`).toContain('expires_after');
+  });
+
   it('refuses what it cannot honour, naming the field', async () => {
     const cases: [Record<string, unknown>, string][] = [
       [{ integrations: [{ type: 'wandb', wandb: { project: 'x' } }] }, 'integrations'],

@@ -4686,7 +4686,7 @@ export interface components {
                 code: string | null;
             };
         };
-        /** @description A fine-tune file upload. */
+        /** @description A fine-tune file upload. Other form fields (OpenAI's `expires_after`, say) are refused with 400; files do not expire. */
         OpenAIFileUpload: {
             /**
              * Format: binary
