@@ -35,7 +35,12 @@ describe.each(DATABASES)('OpenAI-compatible routes on %s', (db) => {
   const tuneryConfig = async (id: string) =>
     (
       (await (await server.api(`/v1/training/jobs/${id}`)).json()) as {
-        config: { training: Record<string, unknown>; seed: number; eval_dataset_id?: string };
+        config: {
+          training: Record<string, unknown>;
+          seed: number;
+          eval_dataset_id?: string;
+          output_name?: string;
+        };
       }
     ).config;
 
@@ -122,6 +127,8 @@ describe.each(DATABASES)('OpenAI-compatible routes on %s', (db) => {
     const config = await tuneryConfig(job.id);
     expect(config.training).toMatchObject({ num_epochs: 2, batch_size: 8, learning_rate: 1e-4 });
     expect(config.seed).toBe(11);
+    // the suffix names the output model too (its adapter), not only the run
+    expect(config.output_name).toBe('mapped');
 
     const auto = (await (
       await createJob({

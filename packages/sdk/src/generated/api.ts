@@ -4770,7 +4770,7 @@ export interface components {
             training_file: string;
             /** @description A file (dataset) of yours to evaluate on: the job reports its eval loss on it instead of holding out part of `training_file`. */
             validation_file?: string | null;
-            /** @description Names the run and the fine-tuned model. */
+            /** @description Names the run and the fine-tuned model's adapter (a name you already use gets the job id's last 8 characters appended); letters, digits, `.`, `_`, `-`. */
             suffix?: string | null;
             /** @description Training seed. */
             seed?: number | null;

@@ -59,7 +59,7 @@ function tuneryJobBody(body: Create): BodyOf<'createTrainingJob'> {
     base_model: body.model,
     dataset_id: body.training_file,
     ...(body.validation_file != null ? { eval_dataset_id: body.validation_file } : {}),
-    ...(body.suffix ? { run_name: body.suffix } : {}),
+    ...(body.suffix ? { run_name: body.suffix, output_name: body.suffix } : {}),
     training_config: {
       ...(chosen(hp.n_epochs) !== undefined ? { num_epochs: chosen(hp.n_epochs) } : {}),
       ...(chosen(hp.batch_size) !== undefined ? { batch_size: chosen(hp.batch_size) } : {}),
