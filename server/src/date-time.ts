@@ -3,9 +3,10 @@
  * in app.ts): an RFC 3339 timestamp that names a real instant (no February 30, no hour 24, no month
  * 13) which both databases store and read back as sent: one in years 0100–9999 in UTC, with a UTC
  * offset Postgres can hold (at most ±15:59). RFC 3339 allows `0001-01-01T00:00:00+15:59`, which
- * Postgres stores as 1 BC and PGlite reads back as an invalid date (every later read of a job's logs
- * answered 500); PGlite also reads years 0–99 back as 1900–1999 or 2000–2099, and a year past 9999
- * came back as a date no answer could show (an API key's `expires_at` answered 500). A timestamp
+ * Postgres stores as 1 BC and PGlite's own driver (before the server reached PGlite through
+ * node-postgres) read back as an invalid date (every later read of a job's logs answered 500); it
+ * also read years 0–99 back as 1900–1999 or 2000–2099, and a year past 9999 came back as a date no
+ * answer could show (an API key's `expires_at` answered 500). A timestamp
  * that is no date was refused by Postgres without naming its field, or, as an API key's expiry,
  * read by JavaScript as another day (`2099-02-30` as March 2).
  */

@@ -47,18 +47,27 @@ export function openDatabase(
     makePrivateDir(dir);
   }
   const pglite = new PGlite(dir);
+  const pgConfig = createPgConfig(pglite);
   // PGlite is one connection: node-postgres speaks to it through PGlite's adapter, one client at a
-  // time, so queries queue up in order.
-  const knex = knexFactory({ client: 'pg', connection: createPgConfig(pglite), pool: { min: 1, max: 1 } });
+  // time, so queries queue up in order. A database that fails to open fails the first query (the
+  // adapter alone would leave that failure unhandled and the query waiting).
+  const connection = async () => {
+    await pglite.waitReady;
+    return pgConfig;
+  };
+  const knex = knexFactory({ client: 'pg', connection, pool: { min: 1, max: 1 } });
   return {
     knex,
     kind: 'pglite',
     close: async () => {
       try {
         await knex.destroy();
-        await pglite.close();
       } finally {
-        release();
+        try {
+          await pglite.close();
+        } finally {
+          release();
+        }
       }
     },
   };

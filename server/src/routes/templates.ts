@@ -83,7 +83,7 @@ export const templateRoutes: Routes = {
     const tenantId = tenantOf(req);
     const name = pathParam(req, 'template_name');
     if (isBuiltinTemplate(name)) throw conflict(`"${name}" is a built-in template and cannot be deleted.`);
-    // `returning` gives rows on both drivers (a bare delete's count differs between pg and PGlite).
+    // `returning` answers the deleted rows, on either database.
     const deleted = await ctx
       .knex('templates')
       .where({ tenant_id: tenantId, name })
