@@ -595,6 +595,31 @@ describe.each(DATABASES)('distillation on %s', (db) => {
     }
   });
 
+  it('refuses a teacher key when resuming a job whose teacher is local', async () => {
+    await clearQueue();
+    const created = await create({
+      config: {
+        teacher_model: 'local/smollm2-360m-instruct',
+        student_model: 'smollm2-135m-instruct',
+        prompts: ['one', 'two'],
+        num_prompts: 2,
+        training_steps: 5,
+      },
+    });
+    expect(created.status).toBe(201);
+    const job = await created.json();
+    const worker = fakeWorker(server);
+    const token = (await worker.claim({ job_types: ['distill'], device: 'cpu' }))!.lease_token;
+    await server.api(`/v1/distillation/${job.id}/cancel`, { method: 'POST' });
+    await worker.cancelled(job.id, token);
+    const resumed = await server.api(`/v1/distillation/${job.id}/resume`, {
+      method: 'POST',
+      json: { teacher_api_key: 'sk-unused' },
+    });
+    expect(resumed.status).toBe(400);
+    expect((await resumed.json()).error).toMatchObject({ code: 'invalid_config', param: 'teacher_api_key' });
+  });
+
   it('keeps every phase in the timeline, including ones no poll saw', async () => {
     await clearQueue();
     const job = await (await create(SEED_REQUEST)).json();

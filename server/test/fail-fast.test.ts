@@ -88,6 +88,11 @@ describe.each(DATABASES)('fail fast on %s', (db) => {
         'method',
       ],
       [
+        'LoRA bias on a fine-tune from an adapter model',
+        () => ({ source_model_id: adapterModel, dataset_id: datasetId, lora_config: { bias: 'all' } }),
+        'lora_config.bias',
+      ],
+      [
         'merge + eval_split',
         () => ({ type: 'merge', parent_job_id: parentJob, eval_split: 0.1 }),
         'eval_split',

@@ -110,6 +110,12 @@ describe.each(DATABASES)('templates on %s', (db) => {
       code: 'invalid_config',
       param: 'config.lora_config',
     });
+    // a full fine-tune would ignore LoRA presets
+    const full = await create({ name: 'bad', config: { method: 'full', lora_config: { r: 4 } } });
+    expect((await full.json()).error).toMatchObject({
+      code: 'invalid_config',
+      param: 'config.lora_config.r',
+    });
     const agreeing = await create({
       name: 'agreeing',
       config: { hyperparams: { steps: 10 }, training_config: { max_steps: 10 } },

@@ -98,7 +98,7 @@ def random_adapter_of(base: Path, out: Path, r: int, targets: list[str] | str, s
 
 
 def test_stacked_adapters_compute_what_both_did(tmp_path: Path, tiny_llama: Path) -> None:
-    below = random_adapter_of(tiny_llama, tmp_path / "below", 4, ["q_proj", "v_proj"], seed=1)
+    below = random_adapter_of(tiny_llama, tmp_path / "below", 4, ["q_proj", "v_proj", "embed_tokens"], seed=1)
     above = random_adapter_of(tiny_llama, tmp_path / "above", 2, ["v_proj", "down_proj"], seed=2)
     base, _ = load_model_and_tokenizer(tiny_llama)
     expected = logits(PeftModel.from_pretrained(model_source.merge_adapter(base, below), str(above)))
@@ -107,7 +107,7 @@ def test_stacked_adapters_compute_what_both_did(tmp_path: Path, tiny_llama: Path
 
     stacked = json.loads((above / "adapter_config.json").read_text())
     assert (stacked["r"], stacked["lora_alpha"]) == (6, 6)
-    assert stacked["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+    assert stacked["target_modules"] == ["down_proj", "embed_tokens", "q_proj", "v_proj"]
     fresh, _ = load_model_and_tokenizer(tiny_llama)
     assert torch.allclose(logits(PeftModel.from_pretrained(fresh, str(above))), expected, atol=1e-4)
 

@@ -1,6 +1,6 @@
 import type { Request } from 'express';
 import type { AppContext } from '../context.js';
-import { notFound } from '../errors.js';
+import { invalidConfig, notFound } from '../errors.js';
 import {
   type BodyOf,
   checkTenantParam,
@@ -173,6 +173,14 @@ export const distillationRoutes: Routes = {
     const tenantId = checkTenantParam(req, req.query.tenant_id);
     const jobId = pathParam(req, 'job_id');
     const body = (req.body ?? {}) as Schemas['DistillationResumeRequest'];
+    if (body.teacher_api_key !== undefined) {
+      const { config } = await getJobRow(ctx, tenantId, jobId, 'distillation');
+      if ((config?.teacher as { provider?: string } | undefined)?.provider === 'local')
+        throw invalidConfig(
+          'This job has a local teacher, which runs on the worker: teacher_api_key applies to endpoint teachers only.',
+          'teacher_api_key',
+        );
+    }
     // a repeated resume (same idempotency key) answers the job instead of 409 not resumable
     await idempotent(ctx, req, `distillation_resume:${jobId}`, 'job', async () => {
       const secrets = body.teacher_api_key ? { teacher_api_key: body.teacher_api_key } : undefined;

@@ -93,7 +93,7 @@ async function resolveTeacher(
         'config.teacher_base_url',
       );
     }
-    if (config.teacher_api_key) {
+    if (config.teacher_api_key !== undefined) {
       throw invalidConfig(
         'A local teacher runs on the worker: teacher_api_key applies to endpoint teachers only.',
         'config.teacher_api_key',

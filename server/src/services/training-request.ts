@@ -210,6 +210,25 @@ function refuseLoraSettings(body: TrainingJobCreate, template: TemplateConfig): 
   }
 }
 
+/**
+ * A fine-tune from an adapter model trains over that adapter merged into its base, which a 4-bit
+ * (QLoRA) base cannot take; its output stacks both adapters' factors, which a bias term has none of.
+ */
+function refuseUnstackableStart(method: string | null, lora: LoraSettings | undefined): void {
+  if (method === 'qlora') {
+    throw invalidConfig(
+      'A QLoRA run cannot start from an adapter model: use method lora, or merge the adapter first.',
+      'method',
+    );
+  }
+  if (lora && lora.bias !== 'none') {
+    throw invalidConfig(
+      `A LoRA run that starts from an adapter model trains no bias terms (bias ${lora.bias}): leave bias out.`,
+      'lora_config.bias',
+    );
+  }
+}
+
 /** Where the request set a training setting, for an error's `param` (the template's when not). */
 function settingParam(body: TrainingJobCreate, key: keyof TrainingSettings): string {
   const set = requestSettings(body).filter((s) => s.key === `training.${key}`);
@@ -614,6 +633,7 @@ export function checkTemplateConfig(config: TemplateConfig): void {
   try {
     refuseConflictingSettings(templateSettings(config));
     refuseFieldsTypeIgnores(config.type ?? 'finetune', config as TrainingJobCreate);
+    if (config.method === 'full') refuseLoraSettings(config as TrainingJobCreate, {});
   } catch (err) {
     if (!(err instanceof ApiError)) throw err;
     throw new ApiError(err.status, err.code, err.message, err.param ? `config.${err.param}` : 'config');
@@ -879,13 +899,7 @@ export async function planTrainingJob(
     if (!evalSet) throw notFound('dataset', body.eval_dataset_id, 'eval_dataset_id');
     config.eval_dataset_id = evalSet.id;
   }
-  if (method === 'qlora' && resolved.adapter) {
-    // the worker merges a start adapter into its base, which a 4-bit base cannot take
-    throw invalidConfig(
-      'A QLoRA run cannot start from an adapter model: use method lora, or merge the adapter first.',
-      'method',
-    );
-  }
+  if (resolved.adapter) refuseUnstackableStart(method, config.lora as LoraSettings | undefined);
   await checkMethodRunnable(ctx, method, requiredDevice);
   if (type === 'finetune') {
     fitSeqLengthToModel(body, config.training as TrainingSettings, resolved);

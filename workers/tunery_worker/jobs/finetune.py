@@ -41,7 +41,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tunery_worker import data as datalib
 from tunery_worker.context import JobContext, JobStopped
 from tunery_worker.errors import InvalidConfig, InvalidDataset
-from tunery_worker.jobs.model_source import merge_adapter, model_source, stack_adapters
+from tunery_worker.jobs.model_source import check_stackable, merge_adapter, model_source, stack_adapters
 from tunery_worker.modeling import (
     CausalLMLoss,
     apply_fused_kernels,
@@ -387,12 +387,8 @@ class Finetune:
         (save_outputs stacks it under the adapter this run trains)."""
         cfg = self.cfg
         start_adapter = self.ctx.inputs.get("adapter")
-        if start_adapter is not None and cfg.method == "qlora":
-            raise InvalidConfig(
-                "a QLoRA run cannot start from an adapter model (its 4-bit base cannot take the adapter's "
-                "weights): use method lora, or merge the adapter first",
-                param="method",
-            )
+        if start_adapter is not None:
+            self._check_start_adapter(Path(start_adapter))
         # Weights stay float32 (bf16 runs under autocast, keeping fp32 master weights), except QLoRA,
         # whose frozen base is 4-bit and whose other weights can be bf16 to save memory.
         dtype = torch.bfloat16 if cfg.method == "qlora" and cfg.use_bf16 else torch.float32
@@ -406,6 +402,20 @@ class Finetune:
         if start_adapter is None:
             return model, tokenizer
         return merge_adapter(model, Path(start_adapter)), tokenizer
+
+    def _check_start_adapter(self, start: Path) -> None:
+        """Before any training: what save_outputs could not stack fails now, not at the end."""
+        if self.cfg.method == "qlora":
+            raise InvalidConfig(
+                "a QLoRA run cannot start from an adapter model (its 4-bit base cannot take the adapter's "
+                "weights): use method lora, or merge the adapter first",
+                param="method",
+            )
+        check_stackable(json.loads((start / "adapter_config.json").read_text()))
+        if self.cfg.method != "full" and self.cfg.lora.bias != "none":
+            raise InvalidConfig(
+                "a LoRA run that starts from an adapter model trains no bias terms", param="lora.bias"
+            )
 
     def _prepare_for_training(self) -> None:
         cfg, model = self.cfg, self.model

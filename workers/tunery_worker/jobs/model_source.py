@@ -84,50 +84,70 @@ def stack_adapters(below: Path, above: Path) -> None:
 
     configs = [json.loads((d / "adapter_config.json").read_text()) for d in (below, above)]
     for config in configs:
-        kept = [key for key in _UNSTACKABLE if config.get(key)]
-        if kept or config.get("bias", "none") != "none":
-            raise InvalidConfig(
-                f"cannot train on top of an adapter that uses {', '.join(kept) or 'bias'}",
-                param="source_model_id",
-            )
+        check_stackable(config)
     factors = [
         _scaled_factors(load_file(d / "adapter_model.safetensors"), c)
         for d, c in zip((below, above), configs, strict=True)
     ]
     ranks = [int(c["r"]) for c in configs]
-    modules = sorted(factors[0].keys() | factors[1].keys())
+    slots = sorted(factors[0].keys() | factors[1].keys())
     stacked: dict[str, torch.Tensor] = {}
-    for module in modules:
-        a_any, b_any = next(f[module] for f in factors if module in f)
+    for slot in slots:
+        module, (a_name, b_name) = slot
+        a_any, b_any = next(f[slot] for f in factors if slot in f)
         a_parts, b_parts = [], []
         for found, rank in zip(factors, ranks, strict=True):
-            a, b = found.get(module) or (
+            a, b = found.get(slot) or (
                 a_any.new_zeros(rank, a_any.shape[1]),
                 b_any.new_zeros(b_any.shape[0], rank),
             )
             a_parts.append(a.to(a_any.dtype))
             b_parts.append(b.to(b_any.dtype))
-        stacked[f"{module}.lora_A.weight"] = torch.cat(a_parts, dim=0).contiguous()
-        stacked[f"{module}.lora_B.weight"] = torch.cat(b_parts, dim=1).contiguous()
+        stacked[f"{module}.{a_name}"] = torch.cat(a_parts, dim=0).contiguous()
+        stacked[f"{module}.{b_name}"] = torch.cat(b_parts, dim=1).contiguous()
     save_file(stacked, str(above / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = configs[1]
     if configs[0].get("target_modules") != config.get("target_modules"):
-        config["target_modules"] = sorted({module.rsplit(".", 1)[-1] for module in modules})
+        config["target_modules"] = sorted({module.rsplit(".", 1)[-1] for module, _ in slots})
     config.update(r=sum(ranks), lora_alpha=sum(ranks))
     (above / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
+def check_stackable(config: dict[str, Any]) -> None:
+    """Refuses an adapter config whose adapter `stack_adapters` could not stack (InvalidConfig)."""
+    kept = [key for key in _UNSTACKABLE if config.get(key)]
+    if kept or config.get("bias", "none") != "none":
+        raise InvalidConfig(
+            f"cannot train on top of an adapter that uses {', '.join(kept) or 'bias'}",
+            param="source_model_id",
+        )
+
+
+#: The names of a saved LoRA module's two factors: linear layers' (A [r, in], B [out, r]) and
+#: embeddings' (A [r, vocab], B [dim, r]); both stack the same way.
+_FACTOR_NAMES = (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B"))
+
+
 def _scaled_factors(
     weights: dict[str, torch.Tensor], config: dict[str, Any]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each adapted module's (A, alpha/r · B), by the module's name in the saved adapter."""
+) -> dict[tuple[str, tuple[str, str]], tuple[torch.Tensor, torch.Tensor]]:
+    """Each adapted module's (A, alpha/r · B), by the module's name and its factors' names.
+
+    peft also saves a copy of an adapted embedding's own weights (`….base_layer.weight`): here that
+    is the base with the start adapter merged in, which the stacked adapter must not carry (loaded
+    over the base, it would add the start adapter twice), so it is left out. Any other tensor is
+    refused rather than dropped.
+    """
     scale = float(config["lora_alpha"]) / float(config["r"])
-    suffix = ".lora_A.weight"
-    return {
-        key[: -len(suffix)]: (a, weights[key[: -len(suffix)] + ".lora_B.weight"] * scale)
-        for key, a in weights.items()
-        if key.endswith(suffix)
-    }
+    found: dict[tuple[str, tuple[str, str]], tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        names = next((n for n in _FACTOR_NAMES if key.endswith("." + n[0])), None)
+        if names is not None:
+            module = key[: -len(names[0]) - 1]
+            found[(module, names)] = (tensor, weights[f"{module}.{names[1]}"] * scale)
+        elif not key.endswith((".base_layer.weight", *(f".{n[1]}" for n in _FACTOR_NAMES))):
+            raise InvalidConfig(f"cannot stack an adapter that saves {key}", param="source_model_id")
+    return found
 
 
 def base_for_adapter(ctx: JobContext, adapter_dir: Path) -> str:

@@ -357,7 +357,7 @@ export interface paths {
          *     `base_model` (catalog name, hub id or a path on the worker), `model_name` (alias),
          *     `base_model_id` (catalog) or `source_model_id` (one of your output models: a job that starts
          *     from an adapter model works on its base with the adapter merged in, and a LoRA fine-tune's
-         *     output adapter then holds both, over that base); the data by
+         *     output adapter then holds both, over that base, its rank the sum of theirs); the data by
          *     `dataset_id`, `dataset_path` (a file you uploaded, by name or id, or a dataset file under the
          *     data directory) or inline `train_texts`; with none of them, a training run uses your newest
          *     dataset. Settings come flat (`num_epochs`, `lora_rank`, …), nested (`lora_config`,
@@ -382,7 +382,8 @@ export interface paths {
          *
          *     **Checked at submission, not by a failed job later:** `method: qlora` with `backend`
          *     `cpu`/`mlx` or from an adapter model (`400 invalid_config`) or while no online worker with
-         *     device `cuda` runs qlora fine-tunes (`400 backend_unavailable`, `param: method`); `eval_split` > 0 on data of
+         *     device `cuda` runs qlora fine-tunes (`400 backend_unavailable`, `param: method`); a LoRA
+         *     `bias` other than `none` on a fine-tune from an adapter model; `eval_split` > 0 on data of
          *     fewer than 2 examples, and `eval_steps` > 0 without `eval_split` (nothing would be
          *     evaluated); a `max_seq_length` the request sets longer than the base model's context length
          *     (when its catalog entry gives one; a template's or the default is lowered to it); a
@@ -2444,7 +2445,7 @@ export interface components {
              * @default false
              */
             export_gguf?: boolean;
-            /** @description Quantization flavors, e.g. `["q4_k_m", "q8_0"]`; only with `export_gguf: true` (`400 invalid_config` otherwise). */
+            /** @description Quantization flavors, e.g. `["q4_k_m", "q8_0"]`; only with `export_gguf: true`, and then at least one (`400 invalid_config` otherwise). */
             quantization_types?: components["schemas"]["QuantizationType"][];
         };
         /**
@@ -2665,7 +2666,7 @@ export interface components {
         /** @description Which checkpoint a distillation resumes from. */
         DistillationResumeRequest: {
             checkpoint?: components["schemas"]["Name"];
-            /** @description Key of the teacher endpoint; a job's secrets are erased when it ends, so give it again. Never returned. */
+            /** @description Key of the teacher endpoint; a job's secrets are erased when it ends, so give it again. Never returned. Not for a job with a `local/` teacher (`400 invalid_config`). */
             teacher_api_key?: string;
         };
         /** @description One page of distillation jobs. */
