@@ -146,8 +146,11 @@ describe('drill: large, concurrent and slow uploads', () => {
       expect(dataset.size_bytes).toBeGreaterThan(89 * MB);
       expect(dataset.num_examples).toBeGreaterThan(200_000);
     }
+    // The uploads' own share (buffering them would add 540 MB), then the whole: the server starts
+    // at 400–465 MB of peak RSS on this machine (node-postgres over PGlite, migrated, validator
+    // loaded), and the uploads add 125–155 MB.
     expect(peak - before).toBeLessThan(200 * MB);
-    expect(peak).toBeLessThan(600 * MB);
+    expect(peak).toBeLessThan(650 * MB);
     expect(await filesUnder(join(server.dataDir, 'files', '.uploads'))).toEqual([]);
   });
 
