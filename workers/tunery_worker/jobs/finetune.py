@@ -411,8 +411,10 @@ class Finetune:
                 "weights): use method lora, or merge the adapter first",
                 param="method",
             )
+        if self.cfg.method == "full":
+            return  # merged in and trained whole: nothing to stack
         check_stackable(json.loads((start / "adapter_config.json").read_text()))
-        if self.cfg.method != "full" and self.cfg.lora.bias != "none":
+        if self.cfg.lora.bias != "none":
             raise InvalidConfig(
                 "a LoRA run that starts from an adapter model trains no bias terms", param="lora.bias"
             )
